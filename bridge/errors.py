@@ -1,0 +1,65 @@
+"""The one exception tree of zkbridge.
+
+Every error a dependency raises is translated at the adapter boundary into one
+of these, so the engine decides on retry versus stop by looking at
+``retriable`` alone, never at a library's exception types.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Root of every error zkbridge raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(BridgeError):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class CodecError(BridgeError):
+    """An event could not be encoded or decoded (malformed, unknown version)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class OversizedError(CodecError):
+    """A znode or an event is larger than ZooKeeper or Kafka accepts."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("oversized", detail)
+
+
+class ZooKeeperError(BridgeError):
+    """A ZooKeeper operation failed for a reason that may pass (connection loss)."""
+
+    retriable = True
+
+
+class VersionConflict(ZooKeeperError):
+    """A version check in a ``multi`` failed: someone wrote meanwhile; read again."""
+
+
+class FencedError(BridgeError):
+    """The epoch check failed: another bridge leads this region; stop writing."""
+
+
+class KafkaError(BridgeError):
+    """A Kafka operation failed for a reason that may pass (broker unreachable)."""
+
+    retriable = True
+
+
+class FatalKafkaError(BridgeError):
+    """A Kafka failure that retrying cannot cure (authorization, bad topic config)."""
+
+
+class MassDeleteError(BridgeError):
+    """A scan would announce deleting more than the configured share of a subtree."""

@@ -1,0 +1,140 @@
+"""Value types shared by every layer: events, per-znode metadata, vector clocks.
+
+All are frozen so that a value read from ZooKeeper or Kafka can be passed
+between tasks and threads without anyone changing it underneath.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+
+
+class Op(enum.StrEnum):
+    PUT = "put"
+    DELETE = "delete"
+    HEARTBEAT = "heartbeat"
+
+
+def content_hash(data: bytes | None) -> bytes:
+    """Digest of a znode's bytes; ``None`` (deleted) has the empty digest.
+
+    16 bytes of BLAKE2b: collisions are irrelevant at metadata scale and the
+    digest is part of every metadata record and conflict tie-break.
+    """
+    if data is None:
+        return b""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class VectorClock:
+    """Region → counter; absent regions count as zero. Entries kept sorted."""
+
+    entries: tuple[tuple[str, int], ...] = ()
+
+    @staticmethod
+    def of(mapping: Mapping[str, int]) -> VectorClock:
+        return VectorClock(tuple(sorted((r, c) for r, c in mapping.items() if c > 0)))
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.entries)
+
+    def get(self, region: str) -> int:
+        for r, c in self.entries:
+            if r == region:
+                return c
+        return 0
+
+    def incremented(self, region: str) -> VectorClock:
+        d = self.as_dict()
+        d[region] = d.get(region, 0) + 1
+        return VectorClock.of(d)
+
+    def __str__(self) -> str:
+        return "{" + ",".join(f"{r}:{c}" for r, c in self.entries) + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """What conflict rules compare: one version of one znode's content.
+
+    ``data_hash`` is ``content_hash`` of the content (empty for a delete).
+    """
+
+    vc: VectorClock
+    ts: int
+    writer: str
+    data_hash: bytes
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One replicated change (or heartbeat) as it travels on a topic."""
+
+    origin: str
+    subtree: str
+    path: str
+    op: Op
+    vc: VectorClock
+    ts: int
+    writer: str
+    data: bytes | None = None
+    v: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> bytes:
+        """Kafka record key: the relative path, so compaction keeps the latest."""
+        return self.path.encode()
+
+    def version(self) -> Version:
+        return Version(
+            vc=self.vc,
+            ts=self.ts,
+            writer=self.writer,
+            data_hash=content_hash(self.data if self.op is Op.PUT else None),
+            deleted=self.op is Op.DELETE,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMeta:
+    """The bridge's record of the last replicated state of one znode.
+
+    ``deleted`` marks a tombstone (kept so a stale put cannot resurrect the
+    node). ``placeholder`` marks a znode the bridge created only to hold
+    children: an absent parent, or a deleted node that still had live children.
+    """
+
+    vc: VectorClock
+    data_hash: bytes
+    deleted: bool
+    writer: str
+    ts: int
+    placeholder: bool = False
+
+    def version(self) -> Version:
+        return Version(
+            vc=self.vc, ts=self.ts, writer=self.writer, data_hash=self.data_hash,
+            deleted=self.deleted,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A record of one resolved conflict, for ``zkbridge conflicts``."""
+
+    subtree: str
+    path: str
+    local: Version
+    remote: Version
+    winner: str  # "local" or "remote"
+    rule: str
+    merged: VectorClock
+    at_ms: int = 0
+    extra: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,49 @@
+"""Pure conflict resolution: what to do with a remote version given the local one.
+
+The rule must be a total order that respects causality (a version written after
+seeing another sorts above it). Last-writer-wins on the hybrid-logical-clock
+stamp has that property, which is what makes the result independent of the
+order events arrive in, even when a region compares against a state that won
+an earlier conflict.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from bridge.clock import Order, compare, merge
+from bridge.model import VectorClock, Version
+
+RULE_LWW = "lww"
+
+
+class Action(enum.Enum):
+    SKIP = "skip"  # remote is dominated by or equal to local
+    APPLY = "apply"  # remote dominates local (or there is no local)
+    CONFLICT = "conflict"  # concurrent: ``winner`` says whose content stays
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    merged: VectorClock
+    remote_wins: bool
+    rule: str = ""
+
+
+def lww_key(v: Version) -> tuple[int, str, bytes, bool]:
+    return (v.ts, v.writer, v.data_hash, not v.deleted)
+
+
+def decide(local: Version | None, remote: Version) -> Decision:
+    """Decide for one path. ``local`` is None when the path has no metadata."""
+    if local is None:
+        return Decision(Action.APPLY, remote.vc, True)
+    order = compare(remote.vc, local.vc)
+    if order in (Order.EQUAL, Order.BEFORE):
+        return Decision(Action.SKIP, local.vc, False)
+    if order is Order.AFTER:
+        return Decision(Action.APPLY, remote.vc, True)
+    remote_wins = lww_key(remote) > lww_key(local)
+    return Decision(Action.CONFLICT, merge(local.vc, remote.vc), remote_wins, RULE_LWW)
