@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 from bridge.model import VectorClock
 
@@ -60,9 +61,9 @@ class HybridClock:
     resolves against a state that was itself the winner of an earlier conflict.
     """
 
-    def __init__(self, wall_ms: object = None) -> None:
+    def __init__(self, wall_ms: Callable[[], int] | None = None) -> None:
         self._last = 0
-        self._wall = wall_ms if callable(wall_ms) else (lambda: int(time.time() * 1000))
+        self._wall: Callable[[], int] = wall_ms or (lambda: int(time.time() * 1000))
 
     def now(self, after: int = 0) -> int:
         """A fresh timestamp above ``after`` and above every earlier one."""
