@@ -63,3 +63,9 @@ class FatalKafkaError(BridgeError):
 
 class MassDeleteError(BridgeError):
     """A scan would announce deleting more than the configured share of a subtree."""
+
+
+class MissingNode(ZooKeeperError):
+    """The znode does not exist (only the adapter's callers that expect it see this)."""
+
+    retriable = False

@@ -1,0 +1,52 @@
+"""Failpoints: named places where a test can make the bridge die on purpose.
+
+Set ``ZKBRIDGE_FAILPOINTS`` to a comma-separated list of ``name=crash@N``
+(die at the N-th hit) or ``name=crash~P`` (die with probability P at each hit,
+seeded by ``ZKBRIDGE_FAILPOINT_SEED``). Dying is SIGKILL to ourselves, the
+same abrupt end as an OOM kill or power loss: no cleanup runs. Unset in
+production, ``hit`` is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+AFTER_OUTBOX_WRITE = "after_outbox_write"
+AFTER_PUBLISH = "after_publish_before_outbox_delete"
+AFTER_APPLY = "after_apply_before_position"
+BEFORE_APPLY = "before_apply"
+
+_rules: dict[str, tuple[str, float]] = {}
+_hits: dict[str, int] = {}
+_rng = random.Random()
+
+
+def configure(spec: str | None, seed: str | None = None) -> None:
+    _rules.clear()
+    _hits.clear()
+    _rng.seed(seed)
+    for item in (spec or "").split(","):
+        name, _, rule = item.strip().partition("=")
+        if not name:
+            continue
+        if rule.startswith("crash@"):
+            _rules[name] = ("at", float(rule[6:]))
+        elif rule.startswith("crash~"):
+            _rules[name] = ("p", float(rule[6:]))
+        else:
+            raise ValueError(f"failpoint {name}: unknown rule {rule!r}")
+
+
+def hit(name: str) -> None:
+    rule = _rules.get(name)
+    if rule is None:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    kind, value = rule
+    if (kind == "at" and _hits[name] >= value) or (kind == "p" and _rng.random() < value):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+configure(os.environ.get("ZKBRIDGE_FAILPOINTS"), os.environ.get("ZKBRIDGE_FAILPOINT_SEED"))

@@ -1,0 +1,249 @@
+"""The Kafka adapter: the only module that imports aiokafka.
+
+Topic creation (compacted), publishing with acks=all, consuming manually
+assigned partitions from positions the caller supplies, and offset queries.
+aiokafka's exceptions are translated here into ``bridge.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaError as AioKafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
+from aiokafka.helpers import create_ssl_context
+
+from bridge.config import KafkaSettings
+from bridge.errors import FatalKafkaError, KafkaError
+
+log = structlog.get_logger("bridge.kafka")
+
+T = TypeVar("T")
+
+MAX_RECORD_BYTES = 1_048_576
+_FATAL = (AuthenticationFailedError, TopicAuthorizationFailedError, GroupAuthorizationFailedError)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def topic_name(prefix: str, subtree: str, region: str) -> str:
+    return f"{prefix}.{subtree}.{region}"
+
+
+async def _guard(what: str, coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except _FATAL as exc:
+        raise FatalKafkaError(f"{what}: {type(exc).__name__}: check kafka credentials and ACLs") from exc
+    except AioKafkaError as exc:
+        raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
+
+
+class Kafka:
+    """Producer, consumer and admin client for one bridge, sharing one config."""
+
+    def __init__(self, settings: KafkaSettings, *, client_id: str) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def _common(self) -> dict[str, Any]:
+        s = self.settings
+        opts: dict[str, Any] = {
+            "bootstrap_servers": s.bootstrap_servers,
+            "client_id": self.client_id,
+            "request_timeout_ms": int(s.request_timeout * 1000),
+            "security_protocol": s.security_protocol,
+        }
+        if s.ssl is not None:
+            opts["ssl_context"] = create_ssl_context(
+                cafile=s.ssl.cafile, certfile=s.ssl.certfile, keyfile=s.ssl.keyfile
+            )
+        elif s.security_protocol in ("SSL", "SASL_SSL"):
+            opts["ssl_context"] = create_ssl_context()
+        if s.sasl is not None:
+            opts["sasl_mechanism"] = s.sasl.mechanism
+            opts["sasl_plain_username"] = s.sasl.username
+            opts["sasl_plain_password"] = s.sasl.password
+        return opts
+
+    # -- admin ---------------------------------------------------------
+    async def ensure_topics(self, names: Iterable[str]) -> list[str]:
+        """Create missing topics, compacted, one partition (keeps each origin's order)."""
+        admin = AIOKafkaAdminClient(**self._common())
+        created = []
+        try:
+            await _guard("connect admin", admin.start())
+            existing = set(await _guard("list topics", admin.list_topics()))
+            for name in names:
+                if name in existing:
+                    continue
+                rf = self.settings.replication_factor
+                topic = NewTopic(
+                    name=name,
+                    num_partitions=1,
+                    replication_factor=rf,
+                    # aiokafka only lets -1 (broker default) through with an
+                    # assignment mapping present; an empty one assigns nothing.
+                    replica_assignments={} if rf == -1 else None,
+                    topic_configs={"cleanup.policy": "compact"},
+                )
+                try:
+                    await _guard(f"create topic {name}", admin.create_topics([topic]))
+                    created.append(name)
+                except KafkaError as exc:
+                    if not isinstance(exc.__cause__, TopicAlreadyExistsError):
+                        raise
+        finally:
+            await admin.close()
+        return created
+
+    async def delete_topics(self, names: Sequence[str]) -> None:
+        admin = AIOKafkaAdminClient(**self._common())
+        try:
+            await _guard("connect admin", admin.start())
+            await _guard("delete topics", admin.delete_topics(list(names)))
+        finally:
+            await admin.close()
+
+    # -- producer ------------------------------------------------------
+    async def start_producer(self) -> None:
+        producer = AIOKafkaProducer(
+            **self._common(),
+            acks="all",
+            enable_idempotence=self.settings.enable_idempotence,
+            max_request_size=MAX_RECORD_BYTES + 65536,
+            linger_ms=2,
+        )
+        try:
+            await _guard("connect producer", producer.start())
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def send_all(
+        self, records: Sequence[tuple[str, bytes, bytes]]
+    ) -> dict[tuple[str, int], int]:
+        """Send (topic, key, value) records; wait for all acks.
+
+        Returns, per partition written, the offset after the last record acked.
+        """
+        if self._producer is None:
+            raise KafkaError("producer not started")
+        producer = self._producer
+
+        async def send() -> dict[tuple[str, int], int]:
+            futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
+            acked = await asyncio.gather(*futures)
+            ends: dict[tuple[str, int], int] = {}
+            for md in acked:
+                key = (md.topic, md.partition)
+                ends[key] = max(ends.get(key, 0), md.offset + 1)
+            return ends
+
+        return await _guard("publish", send())
+
+    # -- consumer ------------------------------------------------------
+    async def start_consumer(self, group_id: str | None) -> None:
+        consumer = AIOKafkaConsumer(
+            **self._common(),
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=2 * MAX_RECORD_BYTES,
+            fetch_max_bytes=8 * MAX_RECORD_BYTES,
+        )
+        try:
+            await _guard("connect consumer", consumer.start())
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+
+    def _need_consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise KafkaError("consumer not started")
+        return self._consumer
+
+    async def partitions(self, topic: str) -> list[int]:
+        consumer = self._need_consumer()
+        parts = await _guard(f"partitions of {topic}", _partitions(consumer, topic))
+        return sorted(parts)
+
+    async def assign(self, positions: dict[tuple[str, int], int | None]) -> None:
+        """Assign partitions and seek to each stored position (None: from the start)."""
+        consumer = self._need_consumer()
+        tps = {TopicPartition(t, p): off for (t, p), off in positions.items()}
+        consumer.assign(list(tps))
+        for tp, off in tps.items():
+            if off is None:
+                await _guard("seek", consumer.seek_to_beginning(tp))
+            else:
+                consumer.seek(tp, off)
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[Record]:
+        consumer = self._need_consumer()
+        batches = await _guard(
+            "fetch", consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        )
+        out = []
+        for tp, msgs in batches.items():
+            for m in msgs:
+                out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp))
+        return out
+
+    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Mirror applied positions into the consumer group, for external lag tools."""
+        consumer = self._need_consumer()
+        await _guard(
+            "commit", consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+        )
+
+    async def end_offsets(self, tps: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        consumer = self._need_consumer()
+        res = await _guard(
+            "end offsets", consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
+        )
+        return {(tp.topic, tp.partition): off for tp, off in res.items()}
+
+    async def stop(self) -> None:
+        for closer in (self._producer, self._consumer):
+            if closer is not None:
+                try:
+                    await closer.stop()
+                except Exception as exc:  # shutting down: report, don't mask the cause
+                    log.warning("kafka_stop_failed", error=str(exc))
+        self._producer = self._consumer = None
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        # Metadata may be stale right after topic creation; topics() refreshes it.
+        await consumer.topics()
+        parts = consumer.partitions_for_topic(topic)
+    return set(parts or {0})
+
