@@ -1,0 +1,1048 @@
+"""Configuration loading: every rule yields its exact problem line, all problems at once,
+and the JSON schema accepts and rejects the same documents as the loader."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from bridge.config import (
+    SECTION_KEYS,
+    KafkaSettings,
+    MassDeleteSettings,
+    Settings,
+    SubtreeSettings,
+    ZooKeeperSettings,
+    describe,
+    load_settings,
+    parse_settings,
+)
+from bridge.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads((ROOT / "schemas" / "config.schema.json").read_text())
+EXAMPLES = sorted((ROOT / "schemas" / "examples").glob("region-*.yaml"))
+
+DELETE = object()
+
+
+def base() -> dict[str, Any]:
+    return {
+        "region": "us-east",
+        "zookeeper": {"hosts": "127.0.0.1:2181"},
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
+        "peers": ["eu-west", "ap-south"],
+        "subtrees": [{"name": "critical", "path": "/critical"}],
+    }
+
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def edit(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``doc`` with each ``a.b[0].c`` key path set (or removed with DELETE)."""
+    doc = copy.deepcopy(doc)
+    for key_path, value in changes.items():
+        steps: list[str | int] = [
+            name if name else int(index) for name, index in _STEP.findall(key_path)
+        ]
+        target: Any = doc
+        for step in steps[:-1]:
+            if isinstance(step, str) and step not in target:
+                target[step] = {}
+            target = target[step]
+        if value is DELETE:
+            del target[steps[-1]]
+        else:
+            target[steps[-1]] = value
+    return doc
+
+
+def mk(**changes: Any) -> dict[str, Any]:
+    """Base document with changes; ``a__b__0__c`` in a keyword stands for ``a.b[0].c``."""
+    return edit(
+        base(),
+        {re.sub(r"__(\d+)", r"[\1]", k).replace("__", "."): v for k, v in changes.items()},
+    )
+
+
+def problems(
+    doc: object, env: dict[str, str] | None = None, base_dir: Path = Path("/nonexistent")
+) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(doc, base_dir, env or {})
+    assert str(info.value) == "; ".join(info.value.problems)
+    return info.value.problems
+
+
+def parse(doc: object, env: dict[str, str] | None = None, base_dir: Path = ROOT) -> Settings:
+    return parse_settings(doc, base_dir, env or {})
+
+
+# --------------------------------------------------------------------------- good documents
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_load(path: Path) -> None:
+    settings = load_settings(path, env={})
+    region = path.stem.removeprefix("region-")
+    assert settings.region == region
+    assert settings.source == str(path)
+    assert settings.subtree("critical").path == "/critical"
+    assert set(settings.peers) == {"us-east", "eu-west", "ap-south"} - {region}
+    assert f"publishes to zkbridge.critical.{region}" in describe(settings)
+
+
+def test_examples_are_one_federation() -> None:
+    regions = {load_settings(p, env={}).region for p in EXAMPLES}
+    assert regions == {"us-east", "eu-west", "ap-south"}
+    hosts = {load_settings(p, env={}).zookeeper.hosts for p in EXAMPLES}
+    assert len(hosts) == 3  # each region has its own ensemble
+
+
+def test_minimal_document_gets_defaults() -> None:
+    settings = parse(base())
+    assert settings == Settings(
+        region="us-east",
+        zookeeper=ZooKeeperSettings(hosts="127.0.0.1:2181"),
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9092"),
+        peers=("eu-west", "ap-south"),
+        subtrees=(SubtreeSettings(name="critical", path="/critical"),),
+    )
+    assert settings.state_path == "/zkbridge"
+    assert settings.kafka.topic_prefix == "zkbridge"
+    assert settings.mass_delete == MassDeleteSettings(0.5, 20)
+    assert settings.source == ""
+
+
+def test_full_document_values() -> None:
+    doc = mk(
+        zookeeper__session_timeout=20,
+        zookeeper__connect_timeout=2.5,
+        kafka__topic_prefix="prod_zk-bridge.v1",
+        kafka__enable_idempotence=False,
+        kafka__replication_factor=3,
+        kafka__request_timeout=10,
+        state_path="/ops/zkbridge",
+        heartbeat_interval=0.5,
+        max_data_bytes=1,
+        mass_delete={"max_ratio": 1, "min_nodes": 0},
+        metrics={"listen": "[::1]:9464"},
+        log={"format": "json", "level": "debug"},
+        peers=[],
+    )
+    doc["subtrees"] = [
+        {"name": "critical", "path": "/critical", "exclude": ["/tmp", "/locks/a"]},
+        {"name": "flags_2", "path": "/zookeeperish/flags"},
+    ]
+    s = parse(doc)
+    assert s.zookeeper.session_timeout == 20.0
+    assert isinstance(s.zookeeper.session_timeout, float)
+    assert s.zookeeper.connect_timeout == 2.5
+    assert s.kafka.topic_prefix == "prod_zk-bridge.v1"
+    assert s.kafka.enable_idempotence is False
+    assert s.kafka.replication_factor == 3
+    assert s.kafka.request_timeout == 10.0
+    assert s.peers == ()
+    assert s.subtrees[0].exclude == ("/tmp", "/locks/a")
+    assert s.subtree("flags_2").path == "/zookeeperish/flags"
+    assert s.state_path == "/ops/zkbridge"
+    assert s.heartbeat_interval == 0.5
+    assert s.max_data_bytes == 1
+    assert s.mass_delete == MassDeleteSettings(1.0, 0)
+    assert s.metrics_listen == "[::1]:9464"
+    assert (s.log_format, s.log_level) == ("json", "debug")
+
+
+def test_settings_are_frozen_with_tuples() -> None:
+    s = parse(base())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.region = "eu-west"  # type: ignore[misc]
+    assert isinstance(s.peers, tuple)
+    assert isinstance(s.subtrees, tuple)
+    assert isinstance(s.subtrees[0].exclude, tuple)
+
+
+def test_subtree_lookup() -> None:
+    s = parse(base())
+    assert s.subtree("critical").name == "critical"
+    with pytest.raises(KeyError):
+        s.subtree("missing")
+
+
+def test_hosts_accept_lists_ipv6_and_default_ports() -> None:
+    s = parse(mk(zookeeper__hosts="zk1:2181,zk2,[::1]:2181", kafka__bootstrap_servers="k1"))
+    assert s.zookeeper.hosts == "zk1:2181,zk2,[::1]:2181"
+
+
+def test_describe_summarises_without_secrets() -> None:
+    doc = mk(
+        kafka__security_protocol="SASL_PLAINTEXT",
+        kafka__sasl={"mechanism": "PLAIN", "username": "bridge", "password": "hunter2"},
+        kafka__topic_prefix="fed",
+    )
+    doc["subtrees"][0]["exclude"] = ["/tmp"]
+    text = describe(parse(doc))
+    assert "region us-east" in text
+    assert "peers: eu-west, ap-south" in text
+    assert "critical at /critical (excluding /tmp)" in text
+    assert "publishes to fed.critical.us-east" in text
+    assert "consumes fed.critical.eu-west, fed.critical.ap-south" in text
+    assert "hunter2" not in text
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_empty_mapping_reports_every_required_key() -> None:
+    assert problems({}) == [
+        "region: required",
+        "zookeeper: required",
+        "kafka: required",
+        "peers: required",
+        "subtrees: required",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "line"),
+    [
+        ("zookeeper.hosts", "zookeeper.hosts: required"),
+        ("kafka.bootstrap_servers", "kafka.bootstrap_servers: required"),
+        ("subtrees[0].name", "subtrees[0].name: required"),
+        ("subtrees[0].path", "subtrees[0].path: required"),
+    ],
+)
+def test_nested_required_keys(key: str, line: str) -> None:
+    assert problems(edit(base(), {key: DELETE})) == [line]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "colour",
+        "zookeeper.sesion_timeout",
+        "zookeeper.auth.user",
+        "kafka.foo",
+        "kafka.ssl.ca_file",
+        "kafka.sasl.pass",
+        "subtrees[0].excludes",
+        "mass_delete.ratio",
+        "metrics.port",
+        "log.lvl",
+    ],
+)
+def test_unknown_keys_at_every_level(key: str) -> None:
+    # Give the enclosing blocks valid content so the unknown key is the only problem.
+    doc = mk(
+        zookeeper__auth={"credential": "u:p"},
+        kafka__security_protocol="SASL_SSL",
+        kafka__ssl={},
+        kafka__sasl={"mechanism": "PLAIN", "username": "u", "password": "p"},
+        mass_delete={},
+        metrics={},
+        log={},
+    )
+    assert problems(edit(doc, {key: 1})) == [f"{key}: unknown key"]
+
+
+def test_non_string_key_is_unknown() -> None:
+    doc: dict[Any, Any] = base()
+    doc[True] = 1  # YAML 1.1 reads a bare ``on:`` or ``yes:`` key as true
+    assert problems(doc) == ["True: unknown key"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"region": 5}, "region: must be a string"),
+        ({"region": None}, "region: must be a string"),
+        ({"heartbeat_interval": "5"}, "heartbeat_interval: must be a number"),
+        ({"heartbeat_interval": True}, "heartbeat_interval: must be a number"),
+        ({"zookeeper.session_timeout": False}, "zookeeper.session_timeout: must be a number"),
+        (
+            {"zookeeper.session_timeout": float("inf")},
+            "zookeeper.session_timeout: must be a finite number",
+        ),
+        ({"max_data_bytes": 1.5}, "max_data_bytes: must be an integer"),
+        ({"kafka.replication_factor": True}, "kafka.replication_factor: must be an integer"),
+        ({"kafka.enable_idempotence": "yes"}, "kafka.enable_idempotence: must be a boolean"),
+        ({"kafka.enable_idempotence": 1}, "kafka.enable_idempotence: must be a boolean"),
+        ({"zookeeper": ["127.0.0.1:2181"]}, "zookeeper: must be a mapping"),
+        ({"kafka": None}, "kafka: must be a mapping"),
+        ({"mass_delete": 0.5}, "mass_delete: must be a mapping"),
+        ({"peers": "eu-west"}, "peers: must be a list"),
+        ({"peers[0]": 1}, "peers[0]: must be a string"),
+        ({"subtrees": {"name": "critical"}}, "subtrees: must be a list"),
+        ({"subtrees[0]": "/critical"}, "subtrees[0]: must be a mapping"),
+        ({"subtrees[0].exclude": "/tmp"}, "subtrees[0].exclude: must be a list"),
+        ({"subtrees[0].exclude": [7]}, "subtrees[0].exclude[0]: must be a string"),
+        ({"zookeeper.hosts": ""}, "zookeeper.hosts: must not be empty"),
+        ({"metrics": {"listen": 9464}}, "metrics.listen: must be a string"),
+    ],
+)
+def test_wrong_types(changes: dict[str, Any], line: str) -> None:
+    assert problems(edit(base(), changes)) == [line]
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"zookeeper.session_timeout": 0}, "zookeeper.session_timeout: must be greater than 0"),
+        ({"zookeeper.session_timeout": -1}, "zookeeper.session_timeout: must be greater than 0"),
+        ({"zookeeper.session_timeout": 600.5}, "zookeeper.session_timeout: must be at most 600"),
+        ({"zookeeper.connect_timeout": 0}, "zookeeper.connect_timeout: must be greater than 0"),
+        ({"kafka.request_timeout": -3}, "kafka.request_timeout: must be greater than 0"),
+        ({"heartbeat_interval": 0}, "heartbeat_interval: must be greater than 0"),
+        ({"max_data_bytes": 0}, "max_data_bytes: must be at least 1"),
+        ({"max_data_bytes": 1_000_001}, "max_data_bytes: must be at most 1000000"),
+        ({"mass_delete": {"max_ratio": 0}}, "mass_delete.max_ratio: must be greater than 0"),
+        ({"mass_delete": {"max_ratio": 1.01}}, "mass_delete.max_ratio: must be at most 1"),
+        ({"mass_delete": {"min_nodes": -1}}, "mass_delete.min_nodes: must be at least 0"),
+        (
+            {"kafka.replication_factor": 0},
+            "kafka.replication_factor: must be -1 (broker default) or at least 1",
+        ),
+        (
+            {"kafka.replication_factor": -2},
+            "kafka.replication_factor: must be -1 (broker default) or at least 1",
+        ),
+    ],
+)
+def test_numeric_ranges(changes: dict[str, Any], line: str) -> None:
+    assert problems(edit(base(), changes)) == [line]
+
+
+def test_numeric_bounds_are_inclusive_where_documented() -> None:
+    s = parse(mk(zookeeper__session_timeout=600, mass_delete={"max_ratio": 1}))
+    assert s.zookeeper.session_timeout == 600.0
+    assert s.mass_delete.max_ratio == 1.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        ({"conflict_policy": "first-wins"}, "conflict_policy: must be one of lww"),
+        ({"log": {"format": "text"}}, "log.format: must be one of auto, json, console"),
+        ({"log": {"level": "INFO"}}, "log.level: must be one of debug, info, warning, error"),
+        (
+            {"kafka.security_protocol": "TLS"},
+            "kafka.security_protocol: must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+        ),
+        (
+            {"zookeeper.auth": {"scheme": "sasl", "credential": "u:p"}},
+            "zookeeper.auth.scheme: must be one of digest",
+        ),
+    ],
+)
+def test_enumerations(changes: dict[str, Any], line: str) -> None:
+    assert problems(edit(base(), changes)) == [line]
+
+
+# --------------------------------------------------------------------------- names
+
+
+REGION_RULE = "must be 1-32 characters of a-z, 0-9 or '-'"
+
+
+@pytest.mark.parametrize("value", ["US-East", "us_east", "a" * 33, "us east"])
+def test_region_pattern(value: str) -> None:
+    assert problems(mk(region=value)) == [f"region: {REGION_RULE}"]
+
+
+def test_region_of_32_characters_is_fine() -> None:
+    assert parse(mk(region="a" * 32)).region == "a" * 32
+
+
+def test_peer_pattern() -> None:
+    assert problems(mk(peers=["eu-west", "EU"])) == [f"peers[1]: {REGION_RULE}"]
+
+
+def test_peers_unique() -> None:
+    assert problems(mk(peers=["eu-west", "ap-south", "eu-west"])) == [
+        "peers[2]: duplicate of peers[0]"
+    ]
+
+
+def test_peers_exclude_own_region() -> None:
+    assert problems(mk(peers=["eu-west", "us-east"])) == [
+        "peers[1]: must not be this bridge's own region us-east"
+    ]
+
+
+def test_peers_may_be_empty() -> None:
+    assert parse(mk(peers=[])).peers == ()
+
+
+def test_subtrees_not_empty() -> None:
+    assert problems(mk(subtrees=[])) == ["subtrees: must not be empty"]
+
+
+@pytest.mark.parametrize("value", ["Critical", "crit.ical", "a b", "é"])
+def test_subtree_name_pattern(value: str) -> None:
+    assert problems(mk(subtrees__0__name=value)) == [
+        "subtrees[0].name: must use only a-z, 0-9, '_' or '-'"
+    ]
+
+
+def test_subtree_names_unique() -> None:
+    doc = mk()
+    doc["subtrees"].append({"name": "critical", "path": "/other"})
+    assert problems(doc) == ["subtrees[1].name: duplicate of subtrees[0].name"]
+
+
+@pytest.mark.parametrize("value", [".zkbridge", "zk bridge", "zk/bridge", "zk:b"])
+def test_topic_prefix_pattern(value: str) -> None:
+    assert problems(mk(kafka__topic_prefix=value)) == [
+        "kafka.topic_prefix: must use only A-Z, a-z, 0-9, '.', '_' or '-' and not start with '.'"
+    ]
+
+
+def test_topic_name_length_limit() -> None:
+    name = "n" * 240
+    doc = mk(kafka__topic_prefix="zkbridge")
+    doc["subtrees"][0]["name"] = name
+    topic = f"zkbridge.{name}.ap-south"  # the longest of the region and its peers
+    assert problems(doc) == [
+        f"subtrees[0].name: topic {topic} is longer than Kafka's limit of 249 characters"
+    ]
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+HOSTS_RULE = "must be a comma-separated list of host or host:port (no spaces, no chroot)"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("zk1:2181, zk2:2181", HOSTS_RULE),
+        ("zk1:2181,", HOSTS_RULE),
+        ("zk1:2181/chroot", HOSTS_RULE),
+        ("zk1:port", HOSTS_RULE),
+        ("zk1:70000", "port 70000 is out of range 1-65535"),
+        ("zk1:0", "port 0 is out of range 1-65535"),
+    ],
+)
+def test_host_lists(value: str, message: str) -> None:
+    assert problems(mk(zookeeper__hosts=value)) == [f"zookeeper.hosts: {message}"]
+    assert problems(mk(kafka__bootstrap_servers=value)) == [f"kafka.bootstrap_servers: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("9464", "must be host:port"),
+        (":9464", "must be host:port"),
+        ("localhost", "must be host:port"),
+        ("127.0.0.1:65536", "port 65536 is out of range 1-65535"),
+    ],
+)
+def test_metrics_listen(value: str, message: str) -> None:
+    assert problems(mk(metrics={"listen": value})) == [f"metrics.listen: {message}"]
+
+
+def test_metrics_block_without_listen_means_no_endpoint() -> None:
+    assert parse(mk(metrics={})).metrics_listen is None
+
+
+# --------------------------------------------------------------------------- paths
+
+
+PATH_CASES = [
+    ("critical", "must be absolute"),
+    ("", "must not be empty"),
+    ("/", "must not be /"),
+    ("/critical/", "must not end with '/'"),
+    ("/a//b", "must not contain '//'"),
+    ("/a/./b", "must not contain '.' or '..' components"),
+    ("/a/..", "must not contain '.' or '..' components"),
+    ("/a\x00b", "must not contain NUL or other characters ZooKeeper rejects"),
+    ("/a\x07b", "must not contain NUL or other characters ZooKeeper rejects"),
+]
+MOUNT_CASES = [
+    *PATH_CASES,
+    ("/zookeeper", "must not be /zookeeper or below it (reserved by ZooKeeper)"),
+    ("/zookeeper/quota", "must not be /zookeeper or below it (reserved by ZooKeeper)"),
+]
+
+
+@pytest.mark.parametrize(("value", "message"), MOUNT_CASES)
+def test_mount_path_rules(value: str, message: str) -> None:
+    assert problems(mk(subtrees__0__path=value)) == [f"subtrees[0].path: {message}"]
+
+
+@pytest.mark.parametrize(("value", "message"), MOUNT_CASES)
+def test_state_path_rules(value: str, message: str) -> None:
+    assert problems(mk(state_path=value)) == [f"state_path: {message}"]
+
+
+@pytest.mark.parametrize(("value", "message"), PATH_CASES)
+def test_exclude_rules(value: str, message: str) -> None:
+    assert problems(mk(subtrees__0__exclude=["/ok", value])) == [
+        f"subtrees[0].exclude[1]: {message}"
+    ]
+
+
+def test_exclude_is_relative_to_the_mount_so_zookeeper_is_allowed() -> None:
+    assert parse(mk(subtrees__0__exclude=["/zookeeper"])).subtrees[0].exclude == ("/zookeeper",)
+
+
+def test_excludes_unique() -> None:
+    assert problems(mk(subtrees__0__exclude=["/tmp", "/locks", "/tmp"])) == [
+        "subtrees[0].exclude[2]: duplicate of subtrees[0].exclude[0]"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("/critical", "/critical"),
+        ("/critical", "/critical/sub"),
+        ("/critical/sub", "/critical"),
+    ],
+)
+def test_mounts_must_not_overlap(first: str, second: str) -> None:
+    doc = mk(subtrees__0__path=first)
+    doc["subtrees"].append({"name": "other", "path": second})
+    assert problems(doc) == [f"subtrees[1].path: {second} overlaps subtrees[0].path {first}"]
+
+
+def test_sibling_prefix_is_not_overlap() -> None:
+    doc = mk()
+    doc["subtrees"].append({"name": "other", "path": "/criticality"})
+    assert len(parse(doc).subtrees) == 2
+
+
+def test_every_overlap_is_reported() -> None:
+    doc = mk()
+    doc["subtrees"] += [
+        {"name": "a", "path": "/critical/a"},
+        {"name": "b", "path": "/critical/a/b"},
+    ]
+    assert problems(doc) == [
+        "subtrees[1].path: /critical/a overlaps subtrees[0].path /critical",
+        "subtrees[2].path: /critical/a/b overlaps subtrees[0].path /critical",
+        "subtrees[2].path: /critical/a/b overlaps subtrees[1].path /critical/a",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mount", "state_path"),
+    [
+        ("/zkbridge", "/zkbridge"),
+        ("/zkbridge/data", "/zkbridge"),
+        ("/ops", "/ops/zkbridge"),
+    ],
+)
+def test_mount_must_not_overlap_state_path(mount: str, state_path: str) -> None:
+    doc = mk(subtrees__0__path=mount, state_path=state_path)
+    assert problems(doc) == [f"subtrees[0].path: {mount} overlaps state_path {state_path}"]
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_zookeeper_credential_inline() -> None:
+    auth = parse(mk(zookeeper__auth={"credential": "bridge:s3cret"})).zookeeper.auth
+    assert auth is not None
+    assert (auth.scheme, auth.credential) == ("digest", "bridge:s3cret")
+
+
+def test_credential_file_relative_to_config_dir_and_newline_stripped(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "zk.secret").write_text("bridge:s3cret\n")
+    (tmp_path / "kafka.pw").write_text("pw with spaces \r\n")
+    doc = mk(
+        zookeeper__auth={"scheme": "digest", "credential_file": "secrets/zk.secret"},
+        kafka__security_protocol="SASL_SSL",
+        kafka__sasl={"mechanism": "SCRAM-SHA-512", "username": "u", "password_file": "kafka.pw"},
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    s = load_settings(config, env={})
+    assert s.zookeeper.auth is not None
+    assert s.zookeeper.auth.credential == "bridge:s3cret"
+    assert s.kafka.sasl is not None
+    assert s.kafka.sasl.password == "pw with spaces "
+
+
+def test_absolute_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("p4ss")
+    doc = mk(
+        kafka__security_protocol="SASL_PLAINTEXT",
+        kafka__sasl={"mechanism": "PLAIN", "username": "u", "password_file": str(secret)},
+    )
+    sasl = parse(doc, base_dir=Path("/elsewhere")).kafka.sasl
+    assert sasl is not None
+    assert sasl.password == "p4ss"
+
+
+def test_secrets_from_environment() -> None:
+    doc = mk(
+        zookeeper__auth={"credential_env": "ZKB_ZK"},
+        kafka__security_protocol="SASL_SSL",
+        kafka__sasl={"mechanism": "SCRAM-SHA-256", "username": "u", "password_env": "ZKB_PW"},
+    )
+    s = parse(doc, env={"ZKB_ZK": "bridge:zz", "ZKB_PW": "kafka-pw"})
+    assert s.zookeeper.auth is not None
+    assert s.zookeeper.auth.credential == "bridge:zz"
+    assert s.kafka.sasl is not None
+    assert s.kafka.sasl.password == "kafka-pw"
+
+
+def test_load_settings_defaults_to_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZKB_TEST_ZK_AUTH", "bridge:from-env")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(mk(zookeeper__auth={"credential_env": "ZKB_TEST_ZK_AUTH"})))
+    auth = load_settings(str(config)).zookeeper.auth
+    assert auth is not None
+    assert auth.credential == "bridge:from-env"
+
+
+@pytest.mark.parametrize(
+    ("auth", "env", "line"),
+    [
+        (
+            {"scheme": "digest"},
+            {},
+            "zookeeper.auth: one of credential, credential_file, credential_env is required",
+        ),
+        (
+            {"credential": "u:p", "credential_env": "X"},
+            {"X": "u:p"},
+            "zookeeper.auth: only one of credential, credential_file, credential_env may be set,"
+            " got credential, credential_env",
+        ),
+        (
+            {"credential_env": "ZKB_ZK"},
+            {},
+            "zookeeper.auth.credential_env: environment variable ZKB_ZK is not set",
+        ),
+        (
+            {"credential_env": "ZKB_ZK"},
+            {"ZKB_ZK": ""},
+            "zookeeper.auth.credential_env: environment variable ZKB_ZK is empty",
+        ),
+        (
+            {"credential_env": "1BAD-NAME"},
+            {},
+            "zookeeper.auth.credential_env: must be an environment variable name",
+        ),
+        (
+            {"credential_file": "/nonexistent/zk.secret"},
+            {},
+            "zookeeper.auth.credential_file: cannot read /nonexistent/zk.secret:"
+            " No such file or directory",
+        ),
+        ({"credential": 1234}, {}, "zookeeper.auth.credential: must be a string"),
+        ({"credential": ""}, {}, "zookeeper.auth.credential: must not be empty"),
+    ],
+)
+def test_zookeeper_secret_problems(auth: dict[str, Any], env: dict[str, str], line: str) -> None:
+    assert problems(mk(zookeeper__auth=auth), env=env) == [line]
+
+
+def test_empty_secret_file(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    doc = mk(zookeeper__auth={"credential_file": "empty"})
+    assert problems(doc, base_dir=tmp_path) == [
+        f"zookeeper.auth.credential_file: {tmp_path / 'empty'} is empty"
+    ]
+
+
+def test_sasl_password_env_unset() -> None:
+    doc = mk(
+        kafka__security_protocol="SASL_SSL",
+        kafka__sasl={"mechanism": "PLAIN", "username": "u", "password_env": "ZKB_PW"},
+    )
+    assert problems(doc) == ["kafka.sasl.password_env: environment variable ZKB_PW is not set"]
+
+
+def test_sasl_password_sources() -> None:
+    doc = mk(
+        kafka__security_protocol="SASL_SSL",
+        kafka__sasl={"mechanism": "PLAIN", "username": "u"},
+    )
+    assert problems(doc) == ["kafka.sasl: one of password, password_file, password_env is required"]
+    doc["kafka"]["sasl"].update(password="a", password_file="b", password_env="C")
+    assert problems(doc) == [
+        "kafka.sasl: only one of password, password_file, password_env may be set,"
+        " got password, password_file, password_env"
+    ]
+
+
+def test_secret_values_never_in_messages_or_repr(tmp_path: Path) -> None:
+    (tmp_path / "zk").write_text("nocolonsecret\n")
+    doc = mk(
+        zookeeper__auth={"credential_file": "zk"},
+        kafka__security_protocol="SASL_SSL",
+        kafka__sasl={"mechanism": "MD5", "username": "u", "password": "hunter2"},
+    )
+    lines = problems(doc, base_dir=tmp_path)
+    assert lines == [
+        "zookeeper.auth.credential_file: a digest credential must have the form user:password",
+        "kafka.sasl.mechanism: must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+    ]
+    assert not any("nocolonsecret" in line or "hunter2" in line for line in lines)
+    ok = mk(
+        zookeeper__auth={"credential": "u:zksecret"},
+        kafka__security_protocol="SASL_SSL",
+        kafka__sasl={"mechanism": "PLAIN", "username": "u", "password": "hunter2"},
+    )
+    text = repr(parse(ok))
+    assert "zksecret" not in text
+    assert "hunter2" not in text
+
+
+# --------------------------------------------------------------------------- kafka security
+
+
+def test_sasl_protocol_requires_sasl_block() -> None:
+    assert problems(mk(kafka__security_protocol="SASL_SSL")) == [
+        "kafka.sasl: required when security_protocol is SASL_SSL"
+    ]
+    assert problems(mk(kafka__security_protocol="SASL_PLAINTEXT")) == [
+        "kafka.sasl: required when security_protocol is SASL_PLAINTEXT"
+    ]
+
+
+@pytest.mark.parametrize("protocol", [DELETE, "PLAINTEXT", "SSL"])
+def test_sasl_block_needs_sasl_protocol(protocol: object) -> None:
+    doc = mk(kafka__sasl={"mechanism": "PLAIN", "username": "u", "password": "p"})
+    doc = edit(doc, {"kafka.security_protocol": protocol}) if protocol is not DELETE else doc
+    assert problems(doc) == [
+        "kafka.sasl: only allowed with security_protocol SASL_PLAINTEXT or SASL_SSL"
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SASL_PLAINTEXT"])
+def test_ssl_block_needs_tls_protocol(protocol: str) -> None:
+    doc = mk(kafka__security_protocol=protocol, kafka__ssl={})
+    if protocol == "SASL_PLAINTEXT":
+        doc["kafka"]["sasl"] = {"mechanism": "PLAIN", "username": "u", "password": "p"}
+    assert problems(doc) == ["kafka.ssl: only allowed with security_protocol SSL or SASL_SSL"]
+
+
+def test_ssl_files_resolved_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("ca")
+    (tmp_path / "client.pem").write_text("cert")
+    doc = mk(
+        kafka__security_protocol="SSL", kafka__ssl={"cafile": "ca.pem", "certfile": "client.pem"}
+    )
+    ssl = parse(doc, base_dir=tmp_path).kafka.ssl
+    assert ssl is not None
+    assert (ssl.cafile, ssl.certfile, ssl.keyfile) == (
+        str(tmp_path / "ca.pem"),
+        str(tmp_path / "client.pem"),
+        None,
+    )
+    bad = mk(kafka__security_protocol="SSL", kafka__ssl={"cafile": "missing.pem"})
+    assert problems(bad, base_dir=tmp_path) == [
+        f"kafka.ssl.cafile: cannot read {tmp_path / 'missing.pem'}: No such file or directory"
+    ]
+
+
+def test_ssl_keyfile_requires_certfile(tmp_path: Path) -> None:
+    (tmp_path / "key.pem").write_text("key")
+    doc = mk(kafka__security_protocol="SSL", kafka__ssl={"keyfile": "key.pem"})
+    assert problems(doc, base_dir=tmp_path) == ["kafka.ssl.keyfile: requires certfile"]
+
+
+# --------------------------------------------------------------------------- all at once
+
+
+def test_every_problem_reported_at_once() -> None:
+    doc = {
+        "region": "US",
+        "zookeeper": {"hosts": "zk1:2181", "sesion_timeout": 5},
+        "kafka": {"security_protocol": "SASL_SSL", "topic_prefix": ".x"},
+        "peers": ["us-east", "us-east"],
+        "subtrees": [
+            {"name": "critical", "path": "critical"},
+            {"name": "critical", "path": "/a", "exclude": ["tmp"]},
+            {"name": "b", "path": "/a/b"},
+        ],
+        "heartbeat_interval": True,
+        "mass_delete": {"max_ratio": 2},
+        "log": {"level": "trace"},
+    }
+    assert problems(doc, env={}) == [
+        f"region: {REGION_RULE}",
+        "zookeeper.sesion_timeout: unknown key",
+        "kafka.bootstrap_servers: required",
+        "kafka.topic_prefix: must use only A-Z, a-z, 0-9, '.', '_' or '-' and not start with '.'",
+        "kafka.sasl: required when security_protocol is SASL_SSL",
+        "peers[1]: duplicate of peers[0]",
+        "subtrees[0].path: must be absolute",
+        "subtrees[1].name: duplicate of subtrees[0].name",
+        "subtrees[1].exclude[0]: must be absolute",
+        "subtrees[2].path: /a/b overlaps subtrees[1].path /a",
+        "heartbeat_interval: must be a number",
+        "mass_delete.max_ratio: must be at most 1",
+        "log.level: must be one of debug, info, warning, error",
+    ]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings("/nonexistent/config.yaml")
+    assert info.value.problems == [
+        "/nonexistent/config.yaml: cannot read: No such file or directory"
+    ]
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    assert info.value.problems == [f"{tmp_path}: cannot read: Is a directory"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_invalid_yaml_names_line_and_column_without_content(tmp_path: Path) -> None:
+    path = write(tmp_path, "region: us-east\nzookeeper:\n  hosts: [a\n  password: hunter2\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: invalid YAML at line 4, column ")
+    assert "hunter2" not in line
+
+
+def test_tab_indentation_is_invalid_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "region: us-east\nzookeeper:\n\thosts: zk\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [
+        f"{path}: invalid YAML at line 3, column 1:"
+        " found character '\\t' that cannot start any token"
+    ]
+
+
+def test_python_tags_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "region: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: invalid YAML at line 1, column 9: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [("", "an empty document"), ("- a\n- b\n", "a list"), ("just text\n", "a str")],
+)
+def test_document_must_be_a_mapping(tmp_path: Path, text: str, what: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [f"{path}: must be a mapping of settings, got {what}"]
+
+
+def test_parse_settings_non_mapping() -> None:
+    assert problems(["region"]) == ["config: must be a mapping of settings, got a list"]
+
+
+def test_duplicate_keys_reported_with_other_problems(tmp_path: Path) -> None:
+    text = yaml.safe_dump(mk(region="us-east", heartbeat_interval=0), sort_keys=False)
+    path = write(tmp_path, text + "region: us-east\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    line_no = text.count("\n") + 1
+    assert info.value.problems == [
+        f"{path}: duplicate key region at line {line_no}, column 1",
+        "heartbeat_interval: must be greater than 0",
+    ]
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "region: us-east\n"
+        "zookeeper:\n  <<: {hosts: 'zk0:2181', session_timeout: 3}\n  hosts: 'zk1:2181'\n"
+        "kafka: {bootstrap_servers: 'k:9092'}\npeers: []\n"
+        "subtrees: [{name: a, path: /a}]\n",
+    )
+    s = load_settings(path, env={})
+    assert s.zookeeper.hosts == "zk1:2181"
+    assert s.zookeeper.session_timeout == 3.0
+
+
+# --------------------------------------------------------------------------- JSON schema
+
+
+def schema_node(section: str) -> dict[str, Any]:
+    node: dict[str, Any] = SCHEMA
+    for part in filter(None, section.split(".")):
+        node = node["properties"][part.removesuffix("[]")]
+        if part.endswith("[]"):
+            node = node["items"]
+    return node
+
+
+def schema_objects(node: dict[str, Any], where: str = "#") -> list[tuple[str, dict[str, Any]]]:
+    """Every object schema reachable through ``properties`` and ``items``."""
+    found = [(where, node)] if "properties" in node else []
+    for name, prop in node.get("properties", {}).items():
+        found += schema_objects(prop, f"{where}/properties/{name}")
+    if "items" in node:
+        found += schema_objects(node["items"], f"{where}/items")
+    return found
+
+
+def test_schema_is_valid_draft_2020_12() -> None:
+    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("section", sorted(SECTION_KEYS))
+def test_schema_keys_match_loader_keys(section: str) -> None:
+    node = schema_node(section)
+    assert set(node["properties"]) == SECTION_KEYS[section]
+    assert node["additionalProperties"] is False
+
+
+def test_schema_has_no_objects_the_loader_does_not_know() -> None:
+    assert len(schema_objects(SCHEMA)) == len(SECTION_KEYS)
+
+
+def test_schema_closed_and_documented_everywhere() -> None:
+    for where, node in schema_objects(SCHEMA):
+        assert node.get("additionalProperties") is False, where
+        for name, prop in node["properties"].items():
+            assert prop.get("description"), f"{where}/properties/{name}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate_against_schema(path: Path) -> None:
+    jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)
+
+
+def test_full_document_validates_against_schema() -> None:
+    doc = mk(
+        zookeeper__session_timeout=600,
+        zookeeper__connect_timeout=1.5,
+        zookeeper__auth={"scheme": "digest", "credential_env": "ZK"},
+        kafka__topic_prefix="a.b_c-d",
+        kafka__enable_idempotence=False,
+        kafka__replication_factor=-1,
+        kafka__security_protocol="SASL_SSL",
+        kafka__ssl={"cafile": "ca.pem"},
+        kafka__sasl={"mechanism": "SCRAM-SHA-512", "username": "u", "password_file": "pw"},
+        kafka__request_timeout=30,
+        subtrees__0__exclude=["/tmp"],
+        state_path="/zkbridge",
+        heartbeat_interval=5,
+        conflict_policy="lww",
+        max_data_bytes=1_000_000,
+        mass_delete={"max_ratio": 1, "min_nodes": 0},
+        metrics={"listen": "0.0.0.0:9464"},
+        log={"format": "console", "level": "warning"},
+    )
+    jsonschema.validate(doc, SCHEMA)
+
+
+BAD_DOCUMENTS = [
+    ({"region": DELETE}, "region: required"),
+    ({"zookeeper.hosts": DELETE}, "zookeeper.hosts: required"),
+    ({"kafka.bootstrap_servers": DELETE}, "kafka.bootstrap_servers: required"),
+    ({"peers": DELETE}, "peers: required"),
+    ({"subtrees": DELETE}, "subtrees: required"),
+    ({"subtrees[0].path": DELETE}, "subtrees[0].path: required"),
+    ({"zookeeper.sesion_timeout": 5}, "zookeeper.sesion_timeout: unknown key"),
+    ({"subtrees[0].mount": "/x"}, "subtrees[0].mount: unknown key"),
+    ({"region": "US-EAST"}, f"region: {REGION_RULE}"),
+    ({"peers": ["eu-west", "eu-west"]}, "peers[1]: duplicate of peers[0]"),
+    ({"peers": ["EU"]}, f"peers[0]: {REGION_RULE}"),
+    ({"subtrees": []}, "subtrees: must not be empty"),
+    ({"subtrees[0].name": "Crit"}, "subtrees[0].name: must use only a-z, 0-9, '_' or '-'"),
+    ({"subtrees[0].path": "critical"}, "subtrees[0].path: must be absolute"),
+    ({"subtrees[0].path": "/"}, "subtrees[0].path: must not be /"),
+    ({"subtrees[0].path": "/a/"}, "subtrees[0].path: must not end with '/'"),
+    ({"subtrees[0].path": "/a//b"}, "subtrees[0].path: must not contain '//'"),
+    ({"subtrees[0].path": "/a/../b"}, "subtrees[0].path: must not contain '.' or '..' components"),
+    (
+        {"subtrees[0].path": "/zookeeper/x"},
+        "subtrees[0].path: must not be /zookeeper or below it (reserved by ZooKeeper)",
+    ),
+    (
+        {"subtrees[0].path": "/a\x00"},
+        "subtrees[0].path: must not contain NUL or other characters ZooKeeper rejects",
+    ),
+    ({"subtrees[0].exclude": ["tmp"]}, "subtrees[0].exclude[0]: must be absolute"),
+    ({"state_path": "/zk/"}, "state_path: must not end with '/'"),
+    ({"heartbeat_interval": True}, "heartbeat_interval: must be a number"),
+    ({"heartbeat_interval": 0}, "heartbeat_interval: must be greater than 0"),
+    ({"zookeeper.session_timeout": 601}, "zookeeper.session_timeout: must be at most 600"),
+    ({"max_data_bytes": 2_000_000}, "max_data_bytes: must be at most 1000000"),
+    ({"mass_delete": {"max_ratio": 0}}, "mass_delete.max_ratio: must be greater than 0"),
+    ({"mass_delete": {"min_nodes": -1}}, "mass_delete.min_nodes: must be at least 0"),
+    (
+        {"kafka.replication_factor": 0},
+        "kafka.replication_factor: must be -1 (broker default) or at least 1",
+    ),
+    ({"kafka.enable_idempotence": "yes"}, "kafka.enable_idempotence: must be a boolean"),
+    (
+        {"kafka.topic_prefix": ".zk"},
+        "kafka.topic_prefix: must use only A-Z, a-z, 0-9, '.', '_' or '-' and not start with '.'",
+    ),
+    ({"zookeeper.hosts": "zk1, zk2"}, f"zookeeper.hosts: {HOSTS_RULE}"),
+    ({"metrics": {"listen": "9464"}}, "metrics.listen: must be host:port"),
+    ({"conflict_policy": "manual"}, "conflict_policy: must be one of lww"),
+    ({"log": {"format": "text"}}, "log.format: must be one of auto, json, console"),
+    (
+        {"kafka.security_protocol": "SASL_SSL"},
+        "kafka.sasl: required when security_protocol is SASL_SSL",
+    ),
+    (
+        {"kafka.sasl": {"mechanism": "PLAIN", "username": "u", "password": "p"}},
+        "kafka.sasl: only allowed with security_protocol SASL_PLAINTEXT or SASL_SSL",
+    ),
+    ({"kafka.ssl": {}}, "kafka.ssl: only allowed with security_protocol SSL or SASL_SSL"),
+    (
+        {"kafka.security_protocol": "SSL", "kafka.ssl": {"keyfile": "/dev/null"}},
+        "kafka.ssl.keyfile: requires certfile",
+    ),
+    (
+        {"zookeeper.auth": {}},
+        "zookeeper.auth: one of credential, credential_file, credential_env is required",
+    ),
+    (
+        {"zookeeper.auth": {"credential": "u:p", "credential_file": "/x"}},
+        "zookeeper.auth: only one of credential, credential_file, credential_env may be set,"
+        " got credential, credential_file",
+    ),
+    (
+        {
+            "kafka.security_protocol": "SASL_SSL",
+            "kafka.sasl": {"mechanism": "GSSAPI", "username": "u", "password": "p"},
+        },
+        "kafka.sasl.mechanism: must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "line"), BAD_DOCUMENTS, ids=[b[1] for b in BAD_DOCUMENTS])
+def test_bad_documents_rejected_by_schema_and_loader(changes: dict[str, Any], line: str) -> None:
+    doc = edit(base(), changes)
+    errors = list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
+    assert errors, f"schema accepted a document the loader rejects with {line!r}"
+    assert problems(doc) == [line]
