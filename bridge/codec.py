@@ -1,0 +1,438 @@
+"""Bytes ⇄ values for everything zkbridge stores or sends: events, metadata, positions, conflicts.
+
+Events arrive from other regions, so ``decode`` treats its input as hostile:
+size is bounded before unpacking, msgpack's own limits bound every container,
+every field is type- and range-checked, and a failure is always a
+``CodecError`` whose ``reason`` is a short stable slug (used as a metric label)
+and whose detail never quotes payload bytes. The wire format is documented in
+``schemas/README.md`` and pinned by the golden vectors in ``schemas/vectors``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from bridge.errors import CodecError, OversizedError
+from bridge.model import SCHEMA_VERSION, Conflict, Event, NodeMeta, Op, VectorClock, Version
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_EVENT_BYTES",
+    "REASONS",
+    "check_size",
+    "decode",
+    "decode_conflict",
+    "decode_meta",
+    "decode_positions",
+    "encode",
+    "encode_conflict",
+    "encode_meta",
+    "encode_positions",
+    "normalise_path",
+]
+
+# Kafka's default max.message.bytes is 1 MiB including record overhead, and
+# ZooKeeper's jute.maxbuffer is about 1 MiB for the znode plus its metadata
+# write in the same ``multi``: 1,000,000 leaves headroom for both.
+MAX_EVENT_BYTES = 1_000_000
+# Decoding is slightly more tolerant than encoding so that a peer with a
+# marginally different limit is not rejected for a few bytes of envelope.
+DEFAULT_MAX_BYTES = 1_048_576
+
+MALFORMED = "malformed"
+UNKNOWN_VERSION = "unknown_version"
+BAD_FIELD = "bad_field"
+BAD_PATH = "bad_path"
+OVERSIZED = "oversized"
+REASONS = frozenset({MALFORMED, UNKNOWN_VERSION, BAD_FIELD, BAD_PATH, OVERSIZED})
+
+MAX_INT64 = 2**63 - 1
+MAX_TOP_LEVEL_KEYS = 64
+MAX_VC_ENTRIES = 256
+# No legitimate string in an event (path, region, subtree) comes near this;
+# bounding it keeps a hostile record from smuggling large text past the checks.
+MAX_STR_LEN = 65_536
+MAX_HASH_LEN = 64
+MAX_PARTITIONS = 65_536
+
+_REGION = re.compile(r"[a-z0-9-]{1,32}")
+_SUBTREE = re.compile(r"[a-z0-9_-]+")
+# The characters ZooKeeper's PathUtils.validatePath refuses. Java
+# checks UTF-16 units, so every code point above U+FFFF (a surrogate pair
+# there) is refused too: a path ZooKeeper cannot create must be refused here,
+# not half-applied later.
+_BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\U0010ffff]")
+
+_OPS = {op.value: op for op in Op}
+_EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data")
+
+
+# ---------------------------------------------------------------- unpacking
+
+
+def _unpack(
+    raw: bytes, *, max_bytes: int, int_keys: bool = False, max_map_len: int = MAX_VC_ENTRIES
+) -> object:
+    """msgpack → Python with every container bounded; errors become ``malformed``."""
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise CodecError(MALFORMED, f"expected bytes, got {type(raw).__name__}")
+    if len(raw) > max_bytes:
+        raise OversizedError(f"{len(raw)} bytes exceeds limit {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            use_list=True,
+            strict_map_key=not int_keys,
+            max_str_len=min(MAX_STR_LEN, max_bytes),
+            max_bin_len=max_bytes,
+            max_array_len=MAX_TOP_LEVEL_KEYS,
+            max_map_len=max_map_len,
+            max_ext_len=0,
+        )
+    # The boundary with the library: whatever it raises on hostile input
+    # (ExtraData, FormatError, StackError, UnicodeDecodeError, ValueError on a
+    # limit) means the same thing to us, and must never escape as itself.
+    except Exception as exc:
+        raise CodecError(MALFORMED, type(exc).__name__) from exc
+
+
+def _pack(obj: object) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _require(m: Mapping[str, object], key: str) -> object:
+    if key not in m:
+        raise CodecError(BAD_FIELD, f"{key}: missing")
+    return m[key]
+
+
+def _int(m: Mapping[str, object], key: str, lo: int, hi: int = MAX_INT64) -> int:
+    value = _require(m, key)
+    # bool is an int in Python but never a valid counter or timestamp.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CodecError(BAD_FIELD, f"{key}: expected int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise CodecError(BAD_FIELD, f"{key}: out of range [{lo}, {hi}]")
+    return value
+
+
+def _str(m: Mapping[str, object], key: str) -> str:
+    value = _require(m, key)
+    if not isinstance(value, str):
+        raise CodecError(BAD_FIELD, f"{key}: expected str, got {type(value).__name__}")
+    return value
+
+
+def _bool(m: Mapping[str, object], key: str) -> bool:
+    value = _require(m, key)
+    if not isinstance(value, bool):
+        raise CodecError(BAD_FIELD, f"{key}: expected bool, got {type(value).__name__}")
+    return value
+
+
+def _bytes(m: Mapping[str, object], key: str) -> bytes:
+    value = _require(m, key)
+    if not isinstance(value, bytes):
+        raise CodecError(BAD_FIELD, f"{key}: expected bin, got {type(value).__name__}")
+    return value
+
+
+def _region(m: Mapping[str, object], key: str) -> str:
+    value = _str(m, key)
+    if not _REGION.fullmatch(value):
+        raise CodecError(BAD_FIELD, f"{key}: not a region name [a-z0-9-]{{1,32}}")
+    return value
+
+
+def _vc(value: object, key: str, *, min_counter: int, check_regions: bool) -> VectorClock:
+    if not isinstance(value, dict):
+        raise CodecError(BAD_FIELD, f"{key}: expected map, got {type(value).__name__}")
+    if len(value) > MAX_VC_ENTRIES:
+        raise CodecError(BAD_FIELD, f"{key}: more than {MAX_VC_ENTRIES} entries")
+    for region, counter in value.items():
+        if not isinstance(region, str) or (check_regions and not _REGION.fullmatch(region)):
+            raise CodecError(BAD_FIELD, f"{key}: entry is not a region name")
+        if not isinstance(counter, int) or isinstance(counter, bool):
+            raise CodecError(BAD_FIELD, f"{key}: counter is not an int")
+        if not min_counter <= counter <= MAX_INT64:
+            raise CodecError(BAD_FIELD, f"{key}: counter out of range [{min_counter}, 2**63-1]")
+    return VectorClock.of(value)
+
+
+def _map(obj: object, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise CodecError(MALFORMED, f"{what} is not a map")
+    if any(not isinstance(k, str) for k in obj):
+        raise CodecError(MALFORMED, f"{what} has a non-string key")
+    return obj
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, bool | int | float | str | bytes)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def normalise_path(path: object) -> str:
+    """Return ``path`` if it is a normalised relative path, else raise ``bad_path``.
+
+    Nothing is rewritten: ZooKeeper paths are compared byte for byte, so a
+    path that is not already in normal form is refused rather than guessed
+    at (``/a/../b`` must never become ``/b`` and land outside what the
+    publisher meant). ``/`` passes here; callers decide whether the root is
+    acceptable for their operation.
+    """
+    if not isinstance(path, str):
+        raise CodecError(BAD_PATH, f"expected str, got {type(path).__name__}")
+    if not path.startswith("/"):
+        raise CodecError(BAD_PATH, "does not start with /")
+    if path == "/":
+        return path
+    if path.endswith("/"):
+        raise CodecError(BAD_PATH, "trailing /")
+    if _BAD_PATH_CHAR.search(path):
+        raise CodecError(BAD_PATH, "control or reserved character")
+    for component in path[1:].split("/"):
+        if component == "":
+            raise CodecError(BAD_PATH, "empty component")
+        if component in (".", ".."):
+            raise CodecError(BAD_PATH, "relative component")
+    return path
+
+
+# ---------------------------------------------------------------- events
+
+
+def _event_from_map(m: Mapping[str, object]) -> Event:
+    # Version first: a future major may change any other field, and its
+    # events must be reported as unknown_version, not as a field error.
+    v = _require(m, "v")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise CodecError(UNKNOWN_VERSION, f"v is {type(v).__name__}, not an int")
+    if v != SCHEMA_VERSION:
+        raise CodecError(UNKNOWN_VERSION, f"v={v}" if -1000 < v < 1000 else "v out of range")
+
+    op_name = _str(m, "op")
+    op = _OPS.get(op_name)
+    if op is None:
+        raise CodecError(BAD_FIELD, "op: not put, delete or heartbeat")
+    origin = _region(m, "origin")
+    subtree = _str(m, "subtree")
+    if not _SUBTREE.fullmatch(subtree):
+        raise CodecError(BAD_FIELD, "subtree: not a subtree name [a-z0-9_-]+")
+    path = normalise_path(_require(m, "path"))
+    if op is Op.HEARTBEAT and path != "/":
+        raise CodecError(BAD_PATH, "heartbeat path must be /")
+    if op is not Op.HEARTBEAT and path == "/":
+        # The mount point itself belongs to each region's configuration.
+        raise CodecError(BAD_PATH, "the mount root is not replicated")
+    writer = _region(m, "writer")
+    vc = _vc(_require(m, "vc"), "vc", min_counter=1, check_regions=True)
+    if op is not Op.HEARTBEAT and not vc.entries:
+        raise CodecError(BAD_FIELD, "vc: empty")
+    ts = _int(m, "ts", 0)
+    data: bytes | None = None
+    if op is Op.PUT:
+        data = _bytes(m, "data")
+    elif "data" in m:
+        raise CodecError(BAD_FIELD, f"data: not allowed for op={op.value}")
+
+    for key, value in m.items():
+        if key in _EVENT_KEYS:
+            continue
+        # Unknown keys are later minor additions; they may be scalars or flat
+        # lists, never nested containers, so no field costs more than one pass.
+        if not (
+            _is_scalar(value) or (isinstance(value, list) and all(_is_scalar(x) for x in value))
+        ):
+            raise CodecError(BAD_FIELD, "an unknown field holds a nested container")
+
+    return Event(
+        origin=origin,
+        subtree=subtree,
+        path=path,
+        op=op,
+        vc=vc,
+        ts=ts,
+        writer=writer,
+        data=data,
+        v=v,
+    )
+
+
+def _event_to_map(event: Event) -> dict[str, object]:
+    m: dict[str, object] = {
+        "v": event.v,
+        "origin": event.origin,
+        "subtree": event.subtree,
+        "path": event.path,
+        "op": str(event.op),
+        "vc": event.vc.as_dict(),
+        "ts": event.ts,
+        "writer": event.writer,
+    }
+    if event.data is not None:
+        m["data"] = bytes(event.data)
+    return m
+
+
+def encode(event: Event) -> bytes:
+    """The msgpack value of ``event``'s Kafka record.
+
+    The event is validated with the decoder's own rules first, so this region
+    never publishes a record its peers would refuse.
+    """
+    m = _event_to_map(event)
+    _event_from_map(m)
+    return _pack(m)
+
+
+def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:
+    """Parse one Kafka record value; raise ``CodecError`` for anything unacceptable."""
+    m = _map(_unpack(raw, max_bytes=max_bytes), "event")
+    if len(m) > MAX_TOP_LEVEL_KEYS:
+        raise CodecError(MALFORMED, f"more than {MAX_TOP_LEVEL_KEYS} keys")
+    return _event_from_map(m)
+
+
+def check_size(event: Event, max_data_bytes: int) -> None:
+    """Raise ``OversizedError`` if ``event`` cannot be written to ZooKeeper or Kafka.
+
+    Called before anything is written, so an oversized znode is reported
+    rather than half-applied.
+    """
+    if event.data is not None and len(event.data) > max_data_bytes:
+        raise OversizedError(f"data {len(event.data)} bytes exceeds limit {max_data_bytes}")
+    size = len(encode(event))
+    if size > MAX_EVENT_BYTES:
+        raise OversizedError(f"event {size} bytes exceeds limit {MAX_EVENT_BYTES}")
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def encode_meta(meta: NodeMeta) -> bytes:
+    return _pack(
+        {
+            "vc": meta.vc.as_dict(),
+            "h": bytes(meta.data_hash),
+            "d": meta.deleted,
+            "w": meta.writer,
+            "ts": meta.ts,
+            "ph": meta.placeholder,
+        }
+    )
+
+
+def decode_meta(raw: bytes) -> NodeMeta | None:
+    """Parse a metadata znode; empty bytes mean a hierarchy-only node (``None``)."""
+    if len(raw) == 0:
+        return None
+    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "metadata")
+    data_hash = _bytes(m, "h")
+    if len(data_hash) > MAX_HASH_LEN:
+        raise CodecError(BAD_FIELD, f"h: longer than {MAX_HASH_LEN} bytes")
+    return NodeMeta(
+        # Our own ensemble wrote this, so region names are not re-policed, but a
+        # placeholder may legitimately have an empty clock and writer.
+        vc=_vc(_require(m, "vc"), "vc", min_counter=0, check_regions=False),
+        data_hash=data_hash,
+        deleted=_bool(m, "d"),
+        writer=_str(m, "w"),
+        ts=_int(m, "ts", 0),
+        # Absent in records written before placeholders existed.
+        placeholder=_bool(m, "ph") if "ph" in m else False,
+    )
+
+
+# ---------------------------------------------------------------- positions
+
+
+def encode_positions(d: Mapping[int, int]) -> bytes:
+    """Partition → next offset to consume."""
+    for partition, offset in d.items():
+        if partition < 0 or offset < 0:
+            raise CodecError(BAD_FIELD, "positions: negative partition or offset")
+    return _pack({int(p): int(o) for p, o in sorted(d.items())})
+
+
+def decode_positions(raw: bytes) -> dict[int, int]:
+    if len(raw) == 0:
+        return {}
+    obj = _unpack(raw, max_bytes=DEFAULT_MAX_BYTES, int_keys=True, max_map_len=MAX_PARTITIONS)
+    if not isinstance(obj, dict):
+        raise CodecError(MALFORMED, "positions is not a map")
+    out: dict[int, int] = {}
+    for partition, offset in obj.items():
+        for value in (partition, offset):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CodecError(BAD_FIELD, "positions: entries must be ints >= 0")
+        out[partition] = offset
+    return out
+
+
+# ---------------------------------------------------------------- conflicts
+
+
+def _version_to_map(v: Version) -> dict[str, object]:
+    return {"vc": v.vc.as_dict(), "ts": v.ts, "w": v.writer, "h": v.data_hash.hex(), "d": v.deleted}
+
+
+def _version_from_map(obj: object, key: str) -> Version:
+    m = _map(obj, key)
+    h = _str(m, "h")
+    try:
+        data_hash = bytes.fromhex(h)
+    except ValueError as exc:
+        raise CodecError(BAD_FIELD, f"{key}.h: not hex") from exc
+    return Version(
+        vc=_vc(_require(m, "vc"), f"{key}.vc", min_counter=0, check_regions=False),
+        ts=_int(m, "ts", 0),
+        writer=_str(m, "w"),
+        data_hash=data_hash,
+        deleted=_bool(m, "d"),
+    )
+
+
+def encode_conflict(c: Conflict) -> bytes:
+    return _pack(
+        {
+            "subtree": c.subtree,
+            "path": c.path,
+            "local": _version_to_map(c.local),
+            "remote": _version_to_map(c.remote),
+            "winner": c.winner,
+            "rule": c.rule,
+            "merged": c.merged.as_dict(),
+            "at_ms": c.at_ms,
+            "extra": dict(c.extra),
+        }
+    )
+
+
+def decode_conflict(raw: bytes) -> Conflict:
+    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "conflict")
+    extra = _map(m.get("extra", {}), "extra")
+    if any(not isinstance(v, str) for v in extra.values()):
+        raise CodecError(BAD_FIELD, "extra: values must be strings")
+    return Conflict(
+        subtree=_str(m, "subtree"),
+        path=_str(m, "path"),
+        local=_version_from_map(_require(m, "local"), "local"),
+        remote=_version_from_map(_require(m, "remote"), "remote"),
+        winner=_str(m, "winner"),
+        rule=_str(m, "rule"),
+        merged=_vc(_require(m, "merged"), "merged", min_counter=0, check_regions=False),
+        at_ms=_int(m, "at_ms", 0),
+        extra=dict(extra),
+    )
