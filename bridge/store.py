@@ -292,18 +292,48 @@ class SubtreeStore:
         return [SetData(path, codec.encode_meta(meta), local.meta_version)]
 
     async def _cleanup_ops(self, rel: str, *, removing_self: bool) -> list[ZkOp]:
-        """Delete tombstoned placeholder ancestors that the removal of ``rel`` leaves empty."""
+        """Delete tombstoned placeholder ancestors that the removal of ``rel`` leaves empty.
+
+        The first ancestor kept gets a version check on its metadata: if it
+        becomes a tombstone concurrently, this multi fails and the retry sees
+        it, so an emptied placeholder is never left behind by a race.
+        """
         ops: list[ZkOp] = []
         gone = 1 if removing_self else 0
         for anc in ancestors(rel):
             a = await self.read(anc)
-            if a.node is None or a.meta is None or not a.meta.deleted or a.node.data != b"":
+            qualifies = (
+                a.node is not None
+                and a.meta is not None
+                and a.meta.deleted
+                and a.node.data == b""
+                and a.node.stat.num_children - gone <= 0
+            )
+            if not qualifies:
+                if a.meta_version is not None:
+                    ops.append(Check(self.layout.meta(anc), a.meta_version))
                 break
-            if a.node.stat.num_children - gone > 0:
-                break
+            assert a.node is not None
             ops.append(Delete(self.layout.znode(anc), a.node.stat.version))
             gone = 1
         return ops
+
+    async def collapse(self, rel: str) -> None:
+        """Remove a tombstoned placeholder that has no children left (after a race)."""
+        for _ in range(RETRIES):
+            local = await self.read(rel)
+            if classify(local.node, local.meta) is not Change.MAYBE_PLACEHOLDER:
+                return
+            if await self.live_meta_children(rel):
+                return  # children deleted locally but not captured yet: capture handles it
+            assert local.node is not None
+            ops: list[ZkOp] = [Delete(self.layout.znode(rel), local.node.stat.version)]
+            ops.extend(await self._cleanup_ops(rel, removing_self=True))
+            try:
+                await self.zk.multi(ops)
+                return
+            except VersionConflict:
+                continue
 
     # -- apply ---------------------------------------------------------
     async def apply(self, event: Event) -> tuple[Outcome, list[Captured]]:
@@ -316,7 +346,9 @@ class SubtreeStore:
             return Outcome.OVERSIZED, []
         captured: list[Captured] = []
         for _ in range(RETRIES):
-            local = await self.read(rel)
+            # Watch what we are about to write: a local change right after our
+            # write must be seen, whatever the parent's child watch reports.
+            local = await self.read(rel, watch=True)
             change = classify(local.node, local.meta)
             if change is Change.IGNORE:
                 return Outcome.EPHEMERAL, captured
@@ -371,6 +403,10 @@ class SubtreeStore:
                 Create(self.layout.conflicts + "/c-", codec.encode_conflict(record), sequential=True)
             )
         await self.zk.multi(ops)
+        if event.op is Op.DELETE and local.node is not None and local.node.stat.num_children:
+            # Left a placeholder because children existed when read; if they
+            # went meanwhile, their cleanup may have missed it.
+            await self.collapse(local.rel)
         return outcome
 
     async def _content_ops(self, local: Local, event: Event, meta: NodeMeta) -> list[ZkOp]:
