@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import uuid
@@ -26,7 +27,7 @@ import structlog
 from bridge import codec, failpoints
 from bridge.clock import HybridClock
 from bridge.config import Settings
-from bridge.errors import BridgeError, CodecError
+from bridge.errors import BridgeError, CodecError, VersionConflict
 from bridge.kafka import Kafka, Record, topic_name
 from bridge.model import Event, Op, VectorClock
 from bridge.scan import Scanner
@@ -174,7 +175,9 @@ class Bridge:
         s = self.settings
         await self._retry("connect to ZooKeeper", self.zk.start)
         epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
-        log.info("epoch_taken", epoch=epoch, identity=self.identity)
+        log.info("epoch_taken", epoch=epoch, identity=self.identity,
+                 session=f"{self.zk.session_id or 0:#x}")
+        await self._register_member()
         fresh = await self._incarnation()
         for store in self.stores.values():
             await store.setup()
@@ -200,6 +203,20 @@ class Bridge:
             for part in await self.kafka.partitions(topic):
                 positions[(topic, part)] = peer.positions.get(part)
         await self.kafka.assign(positions)
+
+    @property
+    def member_path(self) -> str:
+        return f"{self.settings.state_path}/members/{self.identity}"
+
+    async def _register_member(self) -> None:
+        """An ephemeral znode per running bridge: who is alive, seen by status and tests."""
+        await self.zk.ensure_path(f"{self.settings.state_path}/members")
+        try:
+            await self.zk.create(self.member_path, json.dumps(
+                {"identity": self.identity, "region": self.region,
+                 "session": f"{self.zk.session_id or 0:#x}"}).encode(), ephemeral=True)
+        except VersionConflict:
+            pass  # still there from this same session
 
     async def _incarnation(self) -> bool:
         """Mark this ensemble's state; True when it was missing (new or wiped ensemble)."""
@@ -292,6 +309,7 @@ class Bridge:
         while True:
             await self._rescan.wait()
             self._rescan.clear()
+            await self._retry("register member", self._register_member)
             for name in self.stores:
                 await self._retry(f"rescan {name}", lambda n=name: self._scan(n))  # type: ignore[misc]
 

@@ -110,12 +110,21 @@ class Kafka:
                     replica_assignments={} if rf == -1 else None,
                     topic_configs={"cleanup.policy": "compact"},
                 )
-                try:
-                    await _guard(f"create topic {name}", admin.create_topics([topic]))
-                    created.append(name)
-                except KafkaError as exc:
-                    if not isinstance(exc.__cause__, TopicAlreadyExistsError):
-                        raise
+                resp = await _guard(f"create topic {name}", admin.create_topics([topic]))
+                for err in resp.topic_errors:
+                    # The admin client reports per-topic failures in the response
+                    # instead of raising; 36 is TOPIC_ALREADY_EXISTS (a racing peer).
+                    code = err[1]
+                    if code == TopicAlreadyExistsError.errno:
+                        continue
+                    if code:
+                        message = err[2] if len(err) > 2 else ""
+                        raise FatalKafkaError(
+                            f"cannot create topic {name}: error {code} {message}; check "
+                            "kafka.replication_factor and the broker's topic ACLs, or create "
+                            "it yourself with cleanup.policy=compact"
+                        )
+                created.append(name)
         finally:
             await admin.close()
         return created

@@ -1,0 +1,348 @@
+"""Faults are features: crashes at every step, restarts, expiry, bad records, new regions."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Callable, Iterator
+
+import msgpack
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from kazoo.client import KazooClient
+from kazoo.exceptions import NodeExistsError
+
+from bridge import codec
+from bridge.model import Event, Op, VectorClock
+from tests.harness.procs import wait_for
+from tests.harness.proxy import TcpProxy
+from tests.integration.federation import Federation
+
+
+class Stream:
+    """A steady stream of writes by one region's application; remembers the last values."""
+
+    def __init__(self, client: KazooClient, base: str, tag: str, keys: int = 40) -> None:
+        self.client, self.base, self.tag, self.keys = client, base, tag, keys
+        self.last: dict[str, bytes] = {}
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.client.ensure_path(self.base)
+            i = 0
+            while not self._stop.is_set():
+                rel = f"/{self.tag}-{i % self.keys}"
+                value = f"{self.tag}:{i}".encode()
+                try:
+                    self.client.create(self.base + rel, value)
+                except NodeExistsError:
+                    self.client.set(self.base + rel, value)
+                self.last[rel] = value
+                self.count += 1
+                i += 1
+                self._stop.wait(0.002)
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert self.error is None, self.error
+
+
+def assert_nothing_lost(fed: Federation, streams: list[tuple[str, Stream]]) -> None:
+    """Each stream is the only writer of its keys: every region ends with its last values."""
+    for region, stream in streams:
+        mount_rel = stream.base[len(fed[region].mount):]
+        for name in fed.regions:
+            tree = fed.tree(name)
+            for rel, value in stream.last.items():
+                assert tree.get(mount_rel + rel) == value, (name, rel, tree.get(mount_rel + rel))
+
+
+def test_sigkill_at_random_moments_loses_nothing(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    rnd = random.Random(7)
+    r1, r2 = fed["r1"], fed["r2"]
+    with Stream(r1.client, r1.path("/s1"), "a") as s1, Stream(r2.client, r2.path("/s2"), "b") as s2:
+        for _ in range(4):
+            target = rnd.choice(["r1", "r2", "r3"])
+            start = s1.count + s2.count
+            wait_for(lambda st=start: s1.count + s2.count > st + rnd.randint(20, 200), 30)
+            fed.kill(target)
+            mark = s1.count + s2.count
+            wait_for(lambda m=mark: s1.count + s2.count > m + 50, 30)
+            fed.start(target)
+    fed.wait_converged(timeout=120)
+    assert_nothing_lost(fed, [("r1", s1), ("r2", s2)])
+    fed.assert_clean_logs()
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    ["after_outbox_write", "after_publish_before_outbox_delete", "after_apply_before_position",
+     "before_apply"],
+)
+def test_crash_at_failpoint_then_restart(federation: Federation, failpoint: str) -> None:
+    fed = federation
+    fed.start("r1")
+    fed.start("r3")
+    # r2 dies at the failpoint on its 5th passage, while events flow both ways.
+    fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": f"{failpoint}=crash@5"})
+    r1, r2 = fed["r1"], fed["r2"]
+    with Stream(r1.client, r1.path("/s1"), "a", keys=20) as s1, \
+            Stream(r2.client, r2.path("/s2"), "b", keys=20) as s2:
+        proc = r2.proc
+        assert proc is not None
+        wait_for(lambda: proc.poll() is not None, 60, message=f"{failpoint} never fired")
+        assert proc.returncode == -9
+        r2.proc = None
+        fed.start("r2")
+        wait_for(lambda: s1.count > 300 and s2.count > 300, 60)
+    fed.wait_converged(timeout=120)
+    assert_nothing_lost(fed, [("r1", s1), ("r2", s2)])
+    fed.assert_clean_logs()
+
+
+def test_writes_made_while_bridge_is_down_are_announced(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r2 = fed["r2"]
+    r2.client.create(r2.path("/existing"), b"1")
+    fed.wait_converged()
+    assert fed.stop("r2") == 0  # SIGTERM drains and exits 0
+    r2.client.create(r2.path("/offline/new"), b"made while down", makepath=True)
+    r2.client.set(r2.path("/existing"), b"2")
+    fed.start("r2")
+    fed.wait_converged()
+    assert fed.tree("r1")["/offline/new"] == b"made while down"
+    assert fed.tree("r3")["/existing"] == b"2"
+    fed.assert_clean_logs()
+
+
+def test_new_empty_region_bootstraps_from_topics(make_federation: Callable[..., Federation]
+                                                 ) -> None:
+    fed = make_federation(spare=True)
+    for name in ("r1", "r2", "r3"):
+        fed.write_config(name, peers=[p for p in ("r1", "r2", "r3") if p != name])
+    for name in ("r1", "r2", "r3"):
+        fed.start(name)
+    for name in ("r1", "r2", "r3"):
+        r = fed[name]
+        for i in range(30):
+            r.client.create(r.path(f"/{name}/n{i}"), f"{name}{i}".encode(), makepath=True)
+    r1 = fed["r1"]
+    r1.client.delete(r1.path("/r1/n0"))
+    fed.wait_converged(["r1", "r2", "r3"])
+    fed.start("r4")
+    fed.wait_converged(["r1", "r2", "r3", "r4"])
+    assert "/r1/n0" not in fed.tree("r4")
+    assert len(fed.tree("r4")) == 3 + 90 - 1
+    fed.assert_clean_logs()
+
+
+def test_wiped_region_is_rebuilt_including_its_own_writes(
+    federation: Federation, zk_servers: object
+) -> None:
+    fed = federation
+    fed.start_all()
+    r3 = fed["r3"]
+    r3.client.create(r3.path("/mine"), b"written in r3")
+    fed["r1"].client.create(fed["r1"].path("/theirs"), b"written in r1")
+    fed.wait_converged()
+    fed.stop("r3")
+    r3.server.wipe()  # the ensemble comes back empty, as after a lost disk
+    r3.client.restart()  # a client that saw later zxids is refused by the wiped server
+    wait_for(lambda: r3.client.connected and r3.client.exists("/") is not None, 30)
+    r3.client.ensure_path(r3.mount)
+    fed.start("r3")
+    fed.wait_converged()
+    assert fed.tree("r3")["/mine"] == b"written in r3"
+    fed.assert_clean_logs()
+
+
+@pytest.fixture
+def zk_proxy(federation: Federation) -> Iterator[TcpProxy]:
+    host, port = federation["r1"].server.hosts.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port), name="r1-zk").start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def test_session_expiry_rescans_and_misses_nothing(federation: Federation,
+                                                    zk_proxy: TcpProxy) -> None:
+    fed = federation
+    r1 = fed["r1"]
+    r1.hosts = zk_proxy.address
+    fed.write_config("r1", zookeeper={"session_timeout": 2})
+    fed.start_all()
+    members = f"{fed.state_path}/members"
+    wait_for(lambda: r1.client.get_children(members), 10)
+    zk_proxy.cut()
+    # Changes made while the bridge cannot see its ensemble.
+    r1.client.create(r1.path("/during-cut"), b"x")
+    r1.client.create(r1.path("/tree/deep/er"), b"y", makepath=True)
+    # The server expires the bridge's session: its member znode disappears.
+    wait_for(lambda: not r1.client.get_children(members), 30,
+             message="bridge session never expired")
+    zk_proxy.restore()
+    fed.wait_converged()
+    assert fed.tree("r2")["/tree/deep/er"] == b"y"
+    sessions = [e for e in fed.events("r1") if e.get("event") == "zookeeper_session"]
+    assert any(e.get("new_session") for e in sessions), sessions
+    wait_for(lambda: r1.client.get_children(members), 30, message="member not re-registered")
+    fed.assert_clean_logs()
+
+
+def test_oversized_znode_is_reported_and_skipped(federation: Federation) -> None:
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, max_data_bytes=1000)
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/big"), b"x" * 5000)
+    r1.client.create(r1.path("/small"), b"ok")
+    wait_for(lambda: r2.client.exists(r2.path("/small")), 30)
+    wait_for(lambda: fed.count_events("r1", "znode_oversized") >= 1, 30)
+    assert not r2.client.exists(r2.path("/big"))
+    # Shrunk below the limit, it is replicated after all.
+    r1.client.set(r1.path("/big"), b"now small")
+    wait_for(lambda: r2.client.exists(r2.path("/big")), 30)
+    fed.wait_converged()
+    fed.assert_clean_logs(allowed={"znode_oversized"})
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            for key, value in records:
+                await producer.send_and_wait(topic, value=value, key=key)
+        finally:
+            await producer.stop()
+
+    asyncio.run(go())
+
+
+def test_malformed_records_are_counted_and_skipped(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    topic = f"{fed.prefix}.{fed.subtree}.r1"
+    good = dict(v=1, origin="r1", subtree=fed.subtree, path="/x", op="put", data=b"d",
+                vc={"r1": 1}, ts=1, writer="r1")
+    bad = [
+        b"\xc1garbage",
+        msgpack.packb({**good, "v": 2}),
+        msgpack.packb({**good, "path": "/../../escape"}),
+        msgpack.packb({**good, "origin": "r3"}),  # r3 may not speak on r1's topic
+        msgpack.packb({**good, "subtree": "other"}),
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({**good, "data": b"z" * 2_000_000})[:1_000_000],
+    ]
+    _produce(fed.broker.bootstrap, topic, [(b"/x", b) for b in bad])
+    # The partition keeps flowing: a real change published after the garbage arrives.
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/after-garbage"), b"fine")
+    wait_for(lambda: r2.client.exists(r2.path("/after-garbage")), 30)
+    wait_for(lambda: fed.count_events("r2", "event_rejected") >= len(bad), 30)
+    rejected = [e for e in fed.events("r2") if e.get("event") == "event_rejected"]
+    reasons = {e["reason"] for e in rejected}
+    assert {"malformed", "unknown_version", "bad_path", "unknown_origin",
+            "wrong_subtree"} <= reasons
+    assert not r2.client.exists(r2.path("/x")) and not r2.client.exists("/escape")
+    fed.wait_converged()
+    fed.assert_clean_logs(allowed={"event_rejected"})
+
+
+def _count_records(bootstrap: str, topics: list[str]) -> Counter_t:
+    async def go() -> Counter_t:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        counts: Counter_t = {}
+        try:
+            tps = [TopicPartition(t, 0) for t in topics]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            pos = {tp: 0 for tp in tps}
+            while any(pos[tp] < ends[tp] for tp in tps):
+                batch = await consumer.getmany(timeout_ms=1000)
+                for tp, msgs in batch.items():
+                    for m in msgs:
+                        pos[tp] = m.offset + 1
+                        op = codec.decode(m.value).op.value
+                        counts[op] = counts.get(op, 0) + 1
+        finally:
+            await consumer.stop()
+        return counts
+
+    return asyncio.run(go())
+
+
+Counter_t = dict[str, int]
+
+
+def test_no_echo_records_at_most_local_writes(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    writes = 0
+    for name in fed.regions:
+        r = fed[name]
+        for i in range(40):
+            r.client.create(r.path(f"/{name}-{i}"), b"v")
+            writes += 1
+        for i in range(10):
+            r.client.set(r.path(f"/{name}-{i}"), b"v2")
+            r.client.delete(r.path(f"/{name}-{i + 20}"))
+            writes += 2
+    fed.wait_converged()
+    topics = [f"{fed.prefix}.{fed.subtree}.{n}" for n in fed.regions]
+    counts = _count_records(fed.broker.bootstrap, topics)
+    changes = counts.get("put", 0) + counts.get("delete", 0)
+    assert 0 < changes <= writes, counts
+    assert counts.get("heartbeat", 0) > 0
+    fed.assert_clean_logs()
+
+
+def test_mass_delete_breaker_stops_and_can_be_overridden(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(40):
+        r1.client.create(r1.path(f"/m{i}"), b"v")
+    fed.wait_converged()
+    fed.stop("r1")
+    for i in range(35):
+        r1.client.delete(r1.path(f"/m{i}"))
+    fed.start("r1", wait=False)
+    proc = fed["r1"].proc
+    assert proc is not None
+    wait_for(lambda: proc.poll() is not None, 60, message="breaker did not stop the bridge")
+    assert proc.returncode == 1
+    assert fed.count_events("r1", "mass_delete_refused") == 1
+    assert len(fed.tree("r2")) == 40  # nothing was announced
+    fed["r1"].proc = None
+    fed.start("r1", args=["--allow-mass-delete"])
+    fed.wait_converged()
+    assert len(fed.tree("r3")) == 5
+    fed.assert_clean_logs(allowed={"mass_delete_refused"})
+
+
+def test_event_roundtrip_helper_is_consistent() -> None:
+    # Guards the helper above: the real codec agrees with the hand-built map.
+    e = Event(origin="r1", subtree="critical", path="/x", op=Op.PUT, vc=VectorClock.of({"r1": 1}),
+              ts=1, writer="r1", data=b"d")
+    assert codec.decode(codec.encode(e)) == e
