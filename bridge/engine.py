@@ -211,12 +211,11 @@ class Bridge:
     async def _register_member(self) -> None:
         """An ephemeral znode per running bridge: who is alive, seen by status and tests."""
         await self.zk.ensure_path(f"{self.settings.state_path}/members")
-        try:
-            await self.zk.create(self.member_path, json.dumps(
-                {"identity": self.identity, "region": self.region,
-                 "session": f"{self.zk.session_id or 0:#x}"}).encode(), ephemeral=True)
-        except VersionConflict:
-            pass  # still there from this same session
+        member = {"identity": self.identity, "region": self.region,
+                  "session": f"{self.zk.session_id or 0:#x}"}
+        # Already there when this same session registered it before a reconnect.
+        with contextlib.suppress(VersionConflict):
+            await self.zk.create(self.member_path, json.dumps(member).encode(), ephemeral=True)
 
     async def _incarnation(self) -> bool:
         """Mark this ensemble's state; True when it was missing (new or wiped ensemble)."""
@@ -331,7 +330,7 @@ class Bridge:
             pending.discard((kind, rel))
             if kind is Watch.CHILDREN:
                 changed = await self._retry(
-                    f"list {rel}", lambda: self.scanners[name].children_changed(rel)
+                    f"list {rel}", lambda r=rel: self.scanners[name].children_changed(r)  # type: ignore[misc]
                 )
                 for child in changed:
                     self._schedule(name, Watch.DATA, child)

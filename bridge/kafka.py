@@ -18,9 +18,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     AuthenticationFailedError,
     GroupAuthorizationFailedError,
-    KafkaError as AioKafkaError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
+)
+from aiokafka.errors import (
+    KafkaError as AioKafkaError,
 )
 from aiokafka.helpers import create_ssl_context
 
@@ -53,7 +55,9 @@ async def _guard(what: str, coro: Awaitable[T]) -> T:
     try:
         return await coro
     except _FATAL as exc:
-        raise FatalKafkaError(f"{what}: {type(exc).__name__}: check kafka credentials and ACLs") from exc
+        raise FatalKafkaError(
+            f"{what}: {type(exc).__name__}: check kafka credentials and ACLs"
+        ) from exc
     except AioKafkaError as exc:
         raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
     except (OSError, TimeoutError) as exc:

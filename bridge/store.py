@@ -399,9 +399,8 @@ class SubtreeStore:
                 merged=decision.merged,
                 at_ms=int(time.time() * 1000),
             )
-            ops.append(
-                Create(self.layout.conflicts + "/c-", codec.encode_conflict(record), sequential=True)
-            )
+            conflict_path = self.layout.conflicts + "/c-"
+            ops.append(Create(conflict_path, codec.encode_conflict(record), sequential=True))
         await self.zk.multi(ops)
         if event.op is Op.DELETE and local.node is not None and local.node.stat.num_children:
             # Left a placeholder because children existed when read; if they

@@ -10,6 +10,7 @@ translated here into ``bridge.errors``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -282,13 +283,12 @@ class ZooKeeper:
         cur = ""
         for part in parts:
             cur += "/" + part
-            try:
+            # NodeExists (VersionConflict here): someone, or an earlier run, made it.
+            with contextlib.suppress(VersionConflict):
                 await self._await(
                     self._call(self._client.create_async, cur, b"", what=f"create {cur}"),
                     f"create {cur}",
                 )
-            except VersionConflict:
-                pass  # NodeExists: someone (or an earlier run) made it
 
     async def set_data(self, path: str, data: bytes, version: int = -1) -> Stat:
         stat = await self._await(
@@ -307,13 +307,11 @@ class ZooKeeper:
         return created
 
     async def delete(self, path: str, version: int = -1) -> None:
-        try:
+        with contextlib.suppress(MissingNode):
             await self._await(
                 self._call(self._client.delete_async, path, version, what=f"delete {path}"),
                 f"delete {path}",
             )
-        except MissingNode:
-            pass
 
     async def multi(self, ops: Sequence[Op], *, fenced: bool = True) -> list[Any]:
         """Commit ``ops`` atomically, behind the epoch check when ``fenced``.

@@ -159,6 +159,7 @@ class Broker:
             "--storage-engine",
             "memory://tansu/",
         ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(f"==== {time.strftime('%H:%M:%S')} starting tansu on {listen}\n")
         t0 = time.monotonic()
