@@ -1,4 +1,4 @@
-"""Command line: ``zkbridge run | check-config | verify``.
+"""Command line: ``zkbridge run | check-config | verify | lag | status | conflicts | resync``.
 
 Exit status: 0 success, 1 problems found (bad config, differences, fatal
 error), 2 usage errors or an unreachable server. Expected failures print one
@@ -44,7 +44,94 @@ def _parser() -> argparse.ArgumentParser:
                      help="one region's config; give two or more")
     ver.add_argument("--meta", action="store_true", help="also compare metadata vector clocks")
     ver.add_argument("--json", action="store_true", help="machine-readable output")
+    lag = sub.add_parser("lag", help="how far behind each peer this region is (works offline)")
+    lag.add_argument("-c", "--config", required=True, metavar="FILE")
+    lag.add_argument("--json", action="store_true", help="machine-readable output")
+    lag.add_argument("--max-seconds", type=float, metavar="N",
+                     help="exit 1 when any lag or heartbeat age exceeds N seconds")
+    lag.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+
+    st = sub.add_parser("status", help="leader, health, positions, counters, recent errors")
+    st.add_argument("-c", "--config", required=True, metavar="FILE")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cf = sub.add_parser("conflicts", help="recent conflicts: path, both versions, winner, rule")
+    cf.add_argument("-c", "--config", required=True, metavar="FILE")
+    cf.add_argument("--limit", type=int, default=20, metavar="N")
+    cf.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rs = sub.add_parser("resync", help="re-announce this region's full state (after topic loss)")
+    rs.add_argument("-c", "--config", required=True, metavar="FILE")
     return p
+
+
+def _unreachable(command: str, exc: BaseException) -> int:
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        reason = "timed out reaching ZooKeeper or Kafka"
+    print(f"zkbridge {command}: cannot reach the servers: {reason}", file=sys.stderr)
+    return 2
+
+
+def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float) -> int:
+    from bridge.lag import run_measure, table, worst_seconds
+
+    settings = _load(path)
+    try:
+        rows = run_measure(settings, timeout)
+    except (BridgeError, TimeoutError, OSError) as exc:
+        return _unreachable("lag", exc)
+    if as_json:
+        print(json.dumps({"region": settings.region, "rows": [r.as_dict() for r in rows]},
+                         indent=2))
+    else:
+        print(table(rows))
+    if max_seconds is not None and worst_seconds(rows) > max_seconds:
+        if not as_json:
+            print(f"lag above {max_seconds:g}s", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(path: str, as_json: bool) -> int:
+    from bridge.report import read_overview, render_status
+
+    settings = _load(path)
+    try:
+        overview = asyncio.run(asyncio.wait_for(read_overview(settings), 30))
+    except (BridgeError, TimeoutError, OSError) as exc:
+        return _unreachable("status", exc)
+    print(json.dumps(overview, indent=2) if as_json else render_status(overview))
+    return 0
+
+
+def _conflicts(path: str, limit: int, as_json: bool) -> int:
+    from bridge.report import conflict_dict, read_conflicts, render_conflicts
+
+    settings = _load(path)
+    try:
+        found = asyncio.run(asyncio.wait_for(read_conflicts(settings, limit), 30))
+    except (BridgeError, TimeoutError, OSError) as exc:
+        return _unreachable("conflicts", exc)
+    if as_json:
+        print(json.dumps([conflict_dict(c) for c in found], indent=2))
+    else:
+        print(render_conflicts(found))
+    return 0
+
+
+def _resync(path: str) -> int:
+    from bridge.resync import resync
+
+    settings = _load(path)
+    try:
+        counts = asyncio.run(resync(settings, progress=lambda m: print(m, file=sys.stderr)))
+    except (BridgeError, OSError) as exc:
+        return _unreachable("resync", exc)
+    print(f"re-announced {counts['published']} records from {settings.region}"
+          + (f"; {counts['uncaptured']} local changes not yet captured (the bridge announces "
+             "them)" if counts["uncaptured"] else ""))
+    return 0
 
 
 def _load(path: str) -> Settings:
@@ -99,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.config)
         if args.command == "verify":
             return _verify(args.config, args.meta, args.json)
+        if args.command == "lag":
+            return _lag(args.config, args.json, args.max_seconds, args.timeout)
+        if args.command == "status":
+            return _status(args.config, args.json)
+        if args.command == "conflicts":
+            return _conflicts(args.config, args.limit, args.json)
+        if args.command == "resync":
+            return _resync(args.config)
         if args.command == "run":
             from bridge.daemon import run
 

@@ -16,10 +16,11 @@ import contextlib
 import json
 import os
 import socket
+import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import structlog
@@ -27,12 +28,14 @@ import structlog
 from bridge import codec, failpoints
 from bridge.clock import HybridClock
 from bridge.config import Settings
-from bridge.errors import BridgeError, CodecError, VersionConflict
+from bridge.errors import BridgeError, CodecError, FencedError, VersionConflict
 from bridge.kafka import Kafka, Record, topic_name
 from bridge.model import Event, Op, VectorClock
 from bridge.scan import Scanner
+from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
 from bridge.store import Captured, Layout, Outcome, SubtreeStore
-from bridge.zk import Watch, ZooKeeper, gather_limited
+from bridge.zk import Create, SetData, Watch, ZooKeeper, gather_limited
+from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.engine")
 
@@ -103,7 +106,18 @@ class Bridge:
         self._work: dict[str, asyncio.Queue[tuple[Watch, str]]] = {}
         self._pending: dict[str, set[tuple[Watch, str]]] = {}
         self._rescan = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._caught_up = asyncio.Event()
         self._stop = asyncio.Event()
+        self.role = "starting"
+        self.epoch = 0
+        self.started_ms = int(time.time() * 1000)
+        self.errors: deque[dict[str, object]] = deque(maxlen=20)
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._candidate = ""
+        self._queued: Counter[str] = Counter()
+        self.scan_seconds: dict[str, float] = {}  # outbox entries not yet acked, per subtree
+        self.on_role: Callable[[str], None] = lambda role: None
         self._fatal: BaseException | None = None
         self.ready = asyncio.Event()
         for st in settings.subtrees:
@@ -131,8 +145,71 @@ class Bridge:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def election_path(self) -> str:
+        return f"{self.settings.state_path}/election"
+
     async def run(self) -> None:
-        """Run until ``stop()`` or a fatal error (re-raised)."""
+        """Run until ``stop()`` or a fatal error (re-raised).
+
+        Standby until elected; then lead until stopped, fenced, or the
+        session is lost, and go back to standby.
+        """
+        try:
+            await self._retry("connect to ZooKeeper", self.zk.start)
+            self.zk.on_watch(self._on_watch)
+            self.zk.on_session(self._on_session)
+            await self._register_member()
+            while not self._stop.is_set() and self._fatal is None:
+                self.role = "standby"
+                log.info("standby", identity=self.identity)
+                self.on_role(self.role)
+                elected = asyncio.create_task(self._elect())
+                stopping = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({elected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not elected.done():
+                    elected.cancel()
+                    break
+                elected.result()
+                await self._lead()
+        finally:
+            await self.kafka.stop()
+            await self.zk.stop()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _elect(self) -> None:
+        """Wait until this bridge's candidate znode is the oldest in the election."""
+        self._candidate = ""
+        while not await self._retry("election", self._election_step):
+            pass
+
+    async def _election_step(self) -> bool:
+        """One look at the election: True when we lead; otherwise wait for our predecessor.
+
+        Retriable as a whole: the candidate name survives a retry, and a
+        candidate lost with an expired session is simply created again.
+        """
+        await self.zk.ensure_path(self.election_path)
+        names = await self.zk.children(self.election_path) or []
+        if not self._candidate or self._candidate not in names:
+            created = await self.zk.create(f"{self.election_path}/n-", self.identity.encode(),
+                                           ephemeral=True, sequence=True)
+            self._candidate = created.rsplit("/", 1)[1]
+            return False
+        ordered = sorted(names, key=lambda n: n.rsplit("-", 1)[-1])
+        index = ordered.index(self._candidate)
+        if index == 0:
+            return True
+        await self.zk.wait_deleted(f"{self.election_path}/{ordered[index - 1]}")
+        return False
+
+    async def _lead(self) -> None:
+        """One leadership term: take the epoch, run both pipelines until it ends."""
+        self._lost.clear()
+        self.kafka = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}")
+        tasks: list[asyncio.Task[None]] = []
         try:
             await self._start()
             tasks = [
@@ -140,31 +217,65 @@ class Bridge:
                 asyncio.create_task(self._guarded("consumer", self._consumer)),
                 asyncio.create_task(self._guarded("heartbeat", self._heartbeats)),
                 asyncio.create_task(self._guarded("rescan", self._rescanner)),
+                asyncio.create_task(self._guarded("status", self._status_writer)),
             ]
             tasks += [
                 asyncio.create_task(self._guarded(f"capture[{n}]", self._capture_worker, n))
                 for n in self.stores
             ]
+            self.role = "leader"
+            # Ready means caught up: serving the latest state, not replaying a backlog.
+            waits = {asyncio.ensure_future(self._caught_up.wait()),
+                     asyncio.ensure_future(self._stop.wait()),
+                     asyncio.ensure_future(self._lost.wait())}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
             self.ready.set()
             log.info("bridge_ready", region=self.region, subtrees=list(self.stores),
-                     peers=list(self.settings.peers))
-            await self._stop.wait()
+                     peers=list(self.settings.peers), epoch=self.epoch)
+            self.on_role(self.role)
+            ended = {asyncio.ensure_future(self._stop.wait()),
+                     asyncio.ensure_future(self._lost.wait())}
+            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+            for end in ended:
+                end.cancel()
+        except FencedError as exc:
+            self._lost.set()
+            log.warning("leadership_lost", reason=str(exc))
+        finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self._fatal is None:
+            if self._lost.is_set():
+                log.warning("leadership_lost", epoch=self.epoch,
+                            action="stopped publishing and applying; standing by")
+                self.zk.fence = None
+            elif self._fatal is None:
                 await self._drain_outbox()
-        finally:
             await self.kafka.stop()
-            await self.zk.stop()
-        if self._fatal is not None:
-            raise self._fatal
+            self._reset_term()
+
+    def _reset_term(self) -> None:
+        """Forget in-memory work of a term: the next leader reads it back from ZooKeeper."""
+        self._outgoing = asyncio.Queue()
+        self._queued.clear()
+        self._caught_up.clear()
+        for name in self.stores:
+            self._work[name] = asyncio.Queue()
+            self._pending[name] = set()
+            self.scanners[name].reset()
+        self.ready.clear()
 
     async def _guarded(self, name: str, fn: Callable[..., Awaitable[None]], *args: str) -> None:
         try:
             await fn(*args)
         except asyncio.CancelledError:
             raise
+        except FencedError as exc:
+            # Another bridge leads now: step down, never write again this term.
+            log.warning("fenced", task=name, error=str(exc))
+            self._lost.set()
         except BaseException as exc:
             log.error("task_failed", task=name, error=str(exc), error_type=type(exc).__name__,
                       exc_info=not isinstance(exc, BridgeError))
@@ -173,16 +284,12 @@ class Bridge:
 
     async def _start(self) -> None:
         s = self.settings
-        await self._retry("connect to ZooKeeper", self.zk.start)
-        epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
-        log.info("epoch_taken", epoch=epoch, identity=self.identity,
+        self.epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
+        log.info("epoch_taken", epoch=self.epoch, identity=self.identity,
                  session=f"{self.zk.session_id or 0:#x}")
-        await self._register_member()
         fresh = await self._incarnation()
         for store in self.stores.values():
             await store.setup()
-        self.zk.on_watch(self._on_watch)
-        self.zk.on_session(self._on_session)
         own = [self.topic(n, self.region) for n in self.stores]
         created = await self._retry("create topics", lambda: self.kafka.ensure_topics(
             own + list(self.peers)))
@@ -241,6 +348,7 @@ class Bridge:
                 if not exc.retriable or self._stop.is_set():
                     raise
                 self.stats["retries"] += 1
+                self.note_error(what, str(exc))
                 log.warning("retrying", what=what, error=str(exc), delay=round(delay, 2))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -300,15 +408,57 @@ class Bridge:
 
     def _on_session(self, state: str, new_session: bool) -> None:
         log.info("zookeeper_session", state=state, new_session=new_session)
+        if state == "LOST" and self.role == "leader":
+            # The session held our candidate znode: someone else may lead now.
+            self._lost.set()
+        if state == "CONNECTED" and new_session:
+            # The ephemeral member znode died with the old session.
+            self._background(self._retry("register member", self._register_member))
         if state == "CONNECTED" and self.ready.is_set():
             # Watches may have been lost and nothing was delivered while away.
             self._rescan.set()
+
+    def reload(self, new: Settings) -> tuple[list[str], list[str]]:
+        """Apply what can change without a restart; return (applied, needs restart) keys."""
+        old = self.settings
+        restart = [k for k in ("region", "zookeeper", "kafka", "peers", "state_path",
+                               "max_data_bytes", "metrics_listen")
+                   if getattr(old, k) != getattr(new, k)]
+        if [(s.name, s.path) for s in old.subtrees] != [(s.name, s.path) for s in new.subtrees]:
+            restart.append("subtrees")
+        applied = [k for k in ("heartbeat_interval", "conflict_policy", "mass_delete",
+                               "log_format", "log_level") if getattr(old, k) != getattr(new, k)]
+        subtrees = old.subtrees
+        if "subtrees" not in restart:
+            subtrees = new.subtrees
+            for st_old, st_new in zip(old.subtrees, new.subtrees, strict=True):
+                if st_old.exclude != st_new.exclude:
+                    applied.append(f"subtrees[{st_new.name}].exclude")
+                    self.stores[st_new.name].exclude = tuple(st_new.exclude)
+                    # Newly included paths were never watched: look at everything again.
+                    self._rescan.set()
+        for scanner in self.scanners.values():
+            scanner.mass_delete = new.mass_delete
+        self.settings = replace(
+            old, heartbeat_interval=new.heartbeat_interval, conflict_policy=new.conflict_policy,
+            mass_delete=new.mass_delete, log_format=new.log_format, log_level=new.log_level,
+            subtrees=subtrees,
+        )
+        return applied, restart
+
+    def _background(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # keep a reference until done, or it may be collected
+        task.add_done_callback(self._tasks.discard)
+
+    def note_error(self, what: str, error: str) -> None:
+        """Remember a recent problem for ``zkbridge status``."""
+        self.errors.append({"at_ms": int(time.time() * 1000), "what": what, "error": error})
 
     async def _rescanner(self) -> None:
         while True:
             await self._rescan.wait()
             self._rescan.clear()
-            await self._retry("register member", self._register_member)
             for name in self.stores:
                 await self._retry(f"rescan {name}", lambda n=name: self._scan(n))  # type: ignore[misc]
 
@@ -317,7 +467,8 @@ class Bridge:
         result = await self._retry(
             f"scan {name}", lambda: scanner.scan(allow_mass_delete=self.allow_mass_delete)
         )
-        self.stats["scans"] += 1
+        self.stats[f"scans:{name}"] += 1
+        self.scan_seconds[name] = result.seconds
         log.info("scan_done", subtree=name, znodes=result.znodes, changes=len(result.changed),
                  seconds=round(result.seconds, 3))
         for rel in result.changed:
@@ -352,7 +503,7 @@ class Bridge:
 
     def _published_locally(self, name: str, captured: list[Captured]) -> None:
         for c in captured:
-            self.stats["captured"] += 1
+            self.stats[f"captured:{name}"] += 1
             failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
             self._enqueue_outbox(name, c.outbox_path, c.payload)
 
@@ -364,6 +515,7 @@ class Bridge:
         self._outgoing.put_nowait(
             Outgoing(self.topic(subtree, self.region), key, payload, path, subtree)
         )
+        self._queued[subtree] += 1
 
     async def _publisher(self) -> None:
         while True:
@@ -376,7 +528,9 @@ class Bridge:
         ends = await self._retry(
             "publish", lambda: self.kafka.send_all([(o.topic, o.key, o.payload) for o in batch])
         )
-        self.stats["published"] += len(batch)
+        for o in batch:
+            self._queued[o.subtree] -= 1
+            self.stats[f"published:{o.subtree}"] += 1
         failpoints.hit(failpoints.AFTER_PUBLISH)
         await self._retry("outbox delete", lambda: gather_limited(
             [self.zk.delete(o.outbox_path) for o in batch], 64))
@@ -397,6 +551,45 @@ class Bridge:
             except (TimeoutError, BridgeError) as exc:
                 log.warning("drain_incomplete", left=len(batch), error=str(exc),
                             hint="kept in the outbox; published at next start")
+
+    # -- status --------------------------------------------------------------
+    def status(self) -> Status:
+        peers = tuple(
+            PeerStatus(
+                subtree=p.subtree, peer=p.peer, topic=p.topic, positions=dict(p.positions),
+                highwater=self.kafka.highwater(p.topic, p.positions),
+                last_heartbeat_ms=p.last_heartbeat_ms, last_event_ms=p.last_event_ms,
+            )
+            for p in self.peers.values()
+        )
+        errors = tuple(self.errors)
+        return Status(
+            region=self.region, identity=self.identity, epoch=self.epoch, role=self.role,
+            health=health(errors, peers, self.settings.heartbeat_interval),
+            started_ms=self.started_ms, updated_ms=now_ms(), counters=dict(self.stats),
+            outbox={n: self._queued[n] for n in self.stores},
+            oversized={n: sorted(st.oversized) for n, st in self.stores.items()},
+            peers=peers, errors=errors,
+        )
+
+    @property
+    def status_path(self) -> str:
+        return f"{self.settings.state_path}/status"
+
+    async def _status_writer(self) -> None:
+        while True:
+            record = self.status().encode()
+            stat = await self._retry("status", lambda: self.zk.exists(self.status_path))
+            op: ZkOp = (SetData(self.status_path, record, stat.version) if stat
+                        else Create(self.status_path, record))
+            try:
+                await self.zk.multi([op])
+            except VersionConflict:
+                pass  # a racing write of our own; the next round wins
+            except BridgeError as exc:
+                if not exc.retriable:
+                    raise
+            await asyncio.sleep(STATUS_INTERVAL)
 
     # -- heartbeats --------------------------------------------------------
     async def _heartbeats(self) -> None:
@@ -431,6 +624,7 @@ class Bridge:
                 "fetch", lambda: self.kafka.fetch(500, FETCH_MAX_RECORDS)
             )
             if not records:
+                self._caught_up.set()  # a fetch found nothing new: all that was there is applied
                 continue
             touched: dict[str, dict[int, int]] = {}
 
@@ -487,7 +681,8 @@ class Bridge:
         else:
             detail = f"origin={event.origin} subtree={event.subtree}"
         if reason:
-            self.stats[f"rejected.{reason}"] += 1
+            self.stats[f"rejected:{reason}"] += 1
+            self.note_error(f"event rejected ({reason})", f"{rec.topic}@{rec.offset}")
             log.warning("event_rejected", reason=reason, topic=rec.topic,
                         partition=rec.partition, offset=rec.offset, detail=detail)
             return None
@@ -501,13 +696,13 @@ class Bridge:
                 f"apply {event.path}", lambda: store.apply(event)
             )
         self._published_locally(name, captured)
-        self.stats[f"apply.{outcome.value}"] += 1
+        self.stats[f"applied:{name}:{outcome.value}"] += 1
         if outcome in (Outcome.CONFLICT_LOCAL, Outcome.CONFLICT_REMOTE):
-            self.stats["conflicts"] += 1
+            self.stats[f"conflicts:{name}"] += 1
             log.info("conflict_resolved", subtree=name, path=event.path,
                      winner="remote" if outcome is Outcome.CONFLICT_REMOTE else "local",
                      remote_writer=event.writer)
-            if self.stats["conflicts"] % 100 == 0:
+            if self.stats[f"conflicts:{name}"] % 100 == 0:
                 await self._retry("trim conflicts", lambda: store.trim_conflicts(CONFLICTS_KEPT))
         elif outcome is Outcome.OVERSIZED:
             log.warning("event_oversized", subtree=name, path=event.path,

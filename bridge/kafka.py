@@ -228,6 +228,37 @@ class Kafka:
                 out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp))
         return out
 
+    async def timestamps_at(
+        self, offsets: dict[tuple[str, int], int], within: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """Timestamp (ms) of the record at each offset: how old the oldest unapplied event is."""
+        consumer = self._need_consumer()
+        tps = {TopicPartition(t, p): o for (t, p), o in offsets.items()}
+        consumer.assign(list(tps))
+        for tp, off in tps.items():
+            consumer.seek(tp, off)
+        found: dict[tuple[str, int], int] = {}
+        deadline = asyncio.get_running_loop().time() + within
+        while len(found) < len(tps) and asyncio.get_running_loop().time() < deadline:
+            batch = await _guard("fetch", consumer.getmany(timeout_ms=500, max_records=len(tps)))
+            for tp, msgs in batch.items():
+                if msgs and (tp.topic, tp.partition) not in found:
+                    found[(tp.topic, tp.partition)] = msgs[0].timestamp
+                    consumer.pause(tp)
+        return found
+
+    def highwater(self, topic: str, positions: dict[int, int]) -> dict[int, int]:
+        """End offsets seen by the last fetch (no request); the position where unknown."""
+        out = dict(positions)
+        if self._consumer is None:
+            return out
+        for tp in self._consumer.assignment():
+            if tp.topic == topic:
+                hw = self._consumer.highwater(tp)
+                if hw is not None:
+                    out[tp.partition] = hw
+        return out
+
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         """Mirror applied positions into the consumer group, for external lag tools."""
         consumer = self._need_consumer()

@@ -470,12 +470,10 @@ class SubtreeStore:
         return out
 
     async def outbox_depth(self) -> int:
-        stat = await self.zk.exists(self.layout.outbox)
-        return stat.num_children if stat else 0
+        return await outbox_depth(self.zk, self.layout)
 
     async def read_positions(self, peer: str) -> dict[int, int]:
-        node = await self.zk.get(f"{self.layout.positions}/{peer}")
-        return codec.decode_positions(node.data) if node and node.data else {}
+        return await read_positions(self.zk, self.layout, peer)
 
     async def write_positions(self, peer: str, positions: dict[int, int]) -> None:
         path = f"{self.layout.positions}/{peer}"
@@ -498,3 +496,15 @@ class SubtreeStore:
                 out.append(codec.decode_conflict(node.data))
         return out
 
+
+
+async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
+    """Local changes recorded but not yet acknowledged by Kafka."""
+    stat = await zk.exists(layout.outbox)
+    return stat.num_children if stat else 0
+
+
+async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:
+    """Next offset to apply per partition of ``peer``'s topic (empty: from the start)."""
+    node = await zk.get(f"{layout.positions}/{peer}")
+    return codec.decode_positions(node.data) if node and node.data else {}

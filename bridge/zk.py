@@ -297,14 +297,40 @@ class ZooKeeper:
         )
         return _stat(stat)
 
-    async def create(self, path: str, data: bytes = b"", *, ephemeral: bool = False) -> str:
+    async def create(
+        self, path: str, data: bytes = b"", *, ephemeral: bool = False, sequence: bool = False
+    ) -> str:
         created: str = await self._await(
             self._call(
-                self._client.create_async, path, data, None, ephemeral, what=f"create {path}"
+                self._client.create_async, path, data, None, ephemeral, sequence,
+                what=f"create {path}",
             ),
             f"create {path}",
         )
         return created
+
+    async def wait_deleted(self, path: str, recheck: float = 2.0) -> None:
+        """Return once ``path`` does not exist.
+
+        A private one-shot watch wakes us; the periodic re-check covers a
+        session lost meanwhile, when ZooKeeper drops the watch silently.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        while True:
+            fired = asyncio.Event()
+
+            def wake(_event: Any, fired: asyncio.Event = fired) -> None:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(fired.set)
+
+            stat = await self._await(
+                self._call(self._client.exists_async, path, wake, what=f"exists {path}"),
+                f"exists {path}",
+            )
+            if stat is None:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fired.wait(), recheck)
 
     async def delete(self, path: str, version: int = -1) -> None:
         with contextlib.suppress(MissingNode):

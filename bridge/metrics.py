@@ -1,0 +1,166 @@
+"""Prometheus metrics and the health endpoint, served from the bridge's own loop.
+
+Metrics are collected at scrape time from the bridge's counters and peer
+state (no second set of books). ``/healthz`` answers 200 while the process is
+serving (leader or standby) and connected to ZooKeeper, 503 otherwise, with a
+small JSON body saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bridge.status import now_ms
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.metrics")
+
+
+def lag_of(bridge: Bridge) -> list[tuple[str, str, int, float]]:
+    """(subtree, peer, events behind, seconds behind) from what the consumer last saw."""
+    out = []
+    now = now_ms()
+    for p in bridge.peers.values():
+        hw = bridge.kafka.highwater(p.topic, p.positions)
+        behind = sum(max(0, hw.get(part, 0) - p.positions.get(part, 0)) for part in hw)
+        # Behind: the newest applied event is at least this old. Caught up: the
+        # peer's last heartbeat tells how fresh our view of it is.
+        ref = p.last_event_ms if behind else max(p.last_heartbeat_ms, p.last_event_ms)
+        seconds = (now - ref) / 1000 if ref else 0.0
+        out.append((p.subtree, p.peer, behind, max(0.0, seconds)))
+    return out
+
+
+class BridgeCollector(Collector):
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.bridge
+        region = b.region
+        up = GaugeMetricFamily("zkbridge_up", "1 while the bridge process serves",
+                               labels=["region"])
+        up.add_metric([region], 1)
+        yield up
+        leader = GaugeMetricFamily("zkbridge_leader", "1 on the region's active bridge",
+                                   labels=["region"])
+        leader.add_metric([region], 1 if b.role == "leader" else 0)
+        yield leader
+        lag_e = GaugeMetricFamily("zkbridge_lag_events", "peer events not applied yet",
+                                  labels=["subtree", "peer"])
+        lag_s = GaugeMetricFamily("zkbridge_lag_seconds", "how far behind a peer, in seconds",
+                                  labels=["subtree", "peer"])
+        hb = GaugeMetricFamily("zkbridge_heartbeat_age_seconds",
+                               "age of the last heartbeat applied from a peer",
+                               labels=["subtree", "peer"])
+        now = now_ms()
+        for subtree, peer, events, seconds in lag_of(b):
+            lag_e.add_metric([subtree, peer], events)
+            lag_s.add_metric([subtree, peer], seconds)
+        for p in b.peers.values():
+            if p.last_heartbeat_ms:
+                hb.add_metric([p.subtree, p.peer], (now - p.last_heartbeat_ms) / 1000)
+        yield from (lag_e, lag_s, hb)
+        outbox = GaugeMetricFamily("zkbridge_outbox_depth", "local changes not yet acked by Kafka",
+                                   labels=["subtree"])
+        for name in b.stores:
+            outbox.add_metric([name], b._queued[name])
+        yield outbox
+        scan = GaugeMetricFamily("zkbridge_scan_seconds", "duration of the last full scan",
+                                 labels=["subtree"])
+        for name, secs in b.scan_seconds.items():
+            scan.add_metric([name], secs)
+        yield scan
+        families = {
+            "published": CounterMetricFamily("zkbridge_published", "events published",
+                                             labels=["subtree"]),
+            "captured": CounterMetricFamily("zkbridge_captured", "local changes captured",
+                                            labels=["subtree"]),
+            "applied": CounterMetricFamily("zkbridge_applied", "remote events processed",
+                                           labels=["subtree", "outcome"]),
+            "conflicts": CounterMetricFamily("zkbridge_conflicts", "conflicts resolved",
+                                             labels=["subtree"]),
+            "rejected": CounterMetricFamily("zkbridge_rejected", "records refused",
+                                            labels=["reason"]),
+            "scans": CounterMetricFamily("zkbridge_scans", "full scans", labels=["subtree"]),
+        }
+        for key, value in b.stats.items():
+            kind, _, rest = key.partition(":")
+            fam = families.get(kind)
+            if fam is not None and rest:
+                fam.add_metric(rest.split(":"), value)
+        for kind in ("published", "applied", "conflicts"):
+            # Always present, so alerts and dashboards never see "no data" at 0.
+            for name in b.stores:
+                if not any(k.startswith(f"{kind}:{name}") for k in b.stats):
+                    families[kind].add_metric(
+                        [name, "applied"] if kind == "applied" else [name], 0)
+        yield from families.values()
+        retries = CounterMetricFamily("zkbridge_retries", "retried operations")
+        retries.add_metric([], b.stats["retries"])
+        yield retries
+
+
+def healthz(bridge: Bridge) -> tuple[int, dict[str, object]]:
+    connected = bridge.zk.connected
+    serving = bridge.role in ("leader", "standby")
+    body: dict[str, object] = {"role": bridge.role, "zookeeper_connected": connected,
+                               "region": bridge.region}
+    return (200 if connected and serving else 503), body
+
+
+class MetricsServer:
+    """A tiny HTTP/1.0 server: ``GET /metrics`` and ``GET /healthz``, nothing else."""
+
+    def __init__(self, bridge: Bridge, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]") or "0.0.0.0", int(port)
+        self.bridge = bridge
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(BridgeCollector(bridge))
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        log.info("metrics_listening", address=f"{self.host}:{self.port}")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
+            if path == "/metrics":
+                status, ctype, body = 200, "text/plain; version=0.0.4", generate_latest(
+                    self.registry)
+            elif path == "/healthz":
+                status, doc = healthz(self.bridge)
+                ctype, body = "application/json", json.dumps(doc).encode()
+            else:
+                status, ctype, body = 404, "text/plain", b"try /metrics or /healthz\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()

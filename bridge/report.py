@@ -1,0 +1,129 @@
+"""Read-only views for operators: ``zkbridge status`` and ``zkbridge conflicts``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from bridge import codec
+from bridge.config import Settings
+from bridge.lag import read_status
+from bridge.model import Conflict, Version
+from bridge.status import now_ms
+from bridge.store import Layout, outbox_depth, read_positions
+from bridge.zk import ZooKeeper
+
+
+async def read_overview(settings: Settings) -> dict[str, Any]:
+    zk = ZooKeeper(settings.zookeeper, read_only=True)
+    await zk.start()
+    try:
+        state = settings.state_path
+        status = await read_status(zk, settings)
+        members = []
+        for name in await zk.children(f"{state}/members") or []:
+            node = await zk.get(f"{state}/members/{name}")
+            if node is not None:
+                members.append(json.loads(node.data or b"{}"))
+        candidates = sorted(await zk.children(f"{state}/election") or [],
+                            key=lambda n: n.rsplit("-", 1)[-1])
+        leader = None
+        if candidates:
+            node = await zk.get(f"{state}/election/{candidates[0]}")
+            leader = node.data.decode() if node else None
+        epoch = await zk.exists(f"{state}/epoch")
+        subtrees = {}
+        for st in settings.subtrees:
+            layout = Layout(state, st.name, st.path)
+            subtrees[st.name] = {
+                "mount": st.path,
+                "outbox": await outbox_depth(zk, layout),
+                "positions": {p: await read_positions(zk, layout, p) for p in settings.peers},
+            }
+        age = (now_ms() - status.updated_ms) / 1000 if status else None
+        return {
+            "region": settings.region,
+            "leader": leader,
+            "epoch": epoch.version if epoch else None,
+            "bridges": [{"identity": m.get("identity"),
+                         "role": "leader" if m.get("identity") == leader else "standby"}
+                        for m in members],
+            "status_age_seconds": age,
+            "health": (status.health if status and age is not None and age < 30
+                       else "unknown (no fresh status record: is a bridge running?)"),
+            "counters": dict(status.counters) if status else {},
+            "oversized": dict(status.oversized) if status else {},
+            "recent_errors": list(status.errors) if status else [],
+            "subtrees": subtrees,
+        }
+    finally:
+        await zk.stop()
+
+
+def render_status(o: dict[str, Any]) -> str:
+    lines = [f"region   {o['region']}",
+             f"leader   {o['leader'] or 'none'} (epoch {o['epoch']})",
+             f"health   {o['health']}"]
+    if o["status_age_seconds"] is not None:
+        lines.append(f"status   written {o['status_age_seconds']:.1f}s ago")
+    lines.append("bridges  " + (", ".join(f"{b['identity']} ({b['role']})" for b in o["bridges"])
+                                or "none running"))
+    for name, st in o["subtrees"].items():
+        lines.append(f"subtree  {name} at {st['mount']}: outbox {st['outbox']}")
+        for peer, pos in st["positions"].items():
+            shown = ", ".join(f"p{p}@{off}" for p, off in sorted(pos.items())) or "not started"
+            lines.append(f"  from {peer}: applied up to {shown}")
+    if o["counters"]:
+        lines.append("counters " + ", ".join(f"{k}={v}" for k, v in sorted(o["counters"].items())))
+    for name, paths in o["oversized"].items():
+        if paths:
+            lines.append(f"oversized in {name}: {', '.join(paths[:10])}")
+    if o["recent_errors"]:
+        lines.append("recent errors:")
+        for e in o["recent_errors"][-10:]:
+            when = time.strftime("%H:%M:%S", time.gmtime(int(e.get("at_ms", 0)) / 1000))
+            lines.append(f"  {when}Z {e.get('what')}: {e.get('error')}")
+    return "\n".join(lines)
+
+
+async def read_conflicts(settings: Settings, limit: int) -> list[Conflict]:
+    zk = ZooKeeper(settings.zookeeper, read_only=True)
+    await zk.start()
+    try:
+        out: list[Conflict] = []
+        for st in settings.subtrees:
+            layout = Layout(settings.state_path, st.name, st.path)
+            names = sorted(await zk.children(layout.conflicts) or [])[-limit:]
+            for name in names:
+                node = await zk.get(f"{layout.conflicts}/{name}")
+                if node is not None:
+                    out.append(codec.decode_conflict(node.data))
+        return sorted(out, key=lambda c: c.at_ms, reverse=True)[:limit]
+    finally:
+        await zk.stop()
+
+
+def _version(v: Version) -> dict[str, Any]:
+    return {"writer": v.writer, "ts": v.ts, "vc": v.vc.as_dict(), "deleted": v.deleted,
+            "hash": v.data_hash.hex()}
+
+
+def conflict_dict(c: Conflict) -> dict[str, Any]:
+    return {"subtree": c.subtree, "path": c.path, "at_ms": c.at_ms, "winner": c.winner,
+            "rule": c.rule, "local": _version(c.local), "remote": _version(c.remote),
+            "merged": c.merged.as_dict()}
+
+
+def render_conflicts(found: list[Conflict]) -> str:
+    if not found:
+        return "no conflicts recorded"
+    lines = []
+    for c in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.at_ms / 1000))
+        win = c.local if c.winner == "local" else c.remote
+        lines.append(f"{when}Z {c.subtree}:{c.path}  winner {c.winner} ({win.writer}) by {c.rule}")
+        for side, v in (("local ", c.local), ("remote", c.remote)):
+            what = "delete" if v.deleted else f"put #{v.data_hash.hex()[:8]}"
+            lines.append(f"    {side} {v.writer:10} {what:14} ts={v.ts} vc={v.vc}")
+    return "\n".join(lines)

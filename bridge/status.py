@@ -1,0 +1,107 @@
+"""The status record: what the leading bridge tells operators about itself.
+
+The leader rewrites ``<state>/status`` every few seconds (behind the epoch
+check), so ``zkbridge status`` and ``zkbridge lag`` work from any host, with
+the bridge running or not; the record's age says how fresh it is.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUS_INTERVAL = 2.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    subtree: str
+    peer: str
+    topic: str
+    positions: Mapping[int, int]
+    highwater: Mapping[int, int]
+    last_heartbeat_ms: int
+    last_event_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    region: str
+    identity: str
+    epoch: int
+    role: str
+    health: str
+    started_ms: int
+    updated_ms: int
+    counters: Mapping[str, int]
+    outbox: Mapping[str, int]
+    oversized: Mapping[str, list[str]]
+    peers: tuple[PeerStatus, ...]
+    errors: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+    def encode(self) -> bytes:
+        doc = {
+            "region": self.region, "identity": self.identity, "epoch": self.epoch,
+            "role": self.role, "health": self.health, "started_ms": self.started_ms,
+            "updated_ms": self.updated_ms, "counters": dict(self.counters),
+            "outbox": dict(self.outbox), "oversized": dict(self.oversized),
+            "peers": [
+                {"subtree": p.subtree, "peer": p.peer, "topic": p.topic,
+                 "positions": {str(k): v for k, v in p.positions.items()},
+                 "highwater": {str(k): v for k, v in p.highwater.items()},
+                 "last_heartbeat_ms": p.last_heartbeat_ms, "last_event_ms": p.last_event_ms}
+                for p in self.peers
+            ],
+            "errors": list(self.errors),
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> Status | None:
+        """Parse a stored record; None when absent or unreadable (an older or damaged one)."""
+        try:
+            d = json.loads(raw)
+            return Status(
+                region=d["region"], identity=d["identity"], epoch=int(d["epoch"]),
+                role=d["role"], health=d["health"], started_ms=int(d["started_ms"]),
+                updated_ms=int(d["updated_ms"]), counters=d["counters"], outbox=d["outbox"],
+                oversized=d.get("oversized", {}),
+                peers=tuple(
+                    PeerStatus(
+                        subtree=p["subtree"], peer=p["peer"], topic=p["topic"],
+                        positions={int(k): int(v) for k, v in p["positions"].items()},
+                        highwater={int(k): int(v) for k, v in p["highwater"].items()},
+                        last_heartbeat_ms=int(p["last_heartbeat_ms"]),
+                        last_event_ms=int(p["last_event_ms"]),
+                    )
+                    for p in d["peers"]
+                ),
+                errors=tuple(d.get("errors", [])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def peer(self, subtree: str, peer: str) -> PeerStatus | None:
+        for p in self.peers:
+            if p.subtree == subtree and p.peer == peer:
+                return p
+        return None
+
+
+def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
+           heartbeat_interval: float, now: int | None = None) -> str:
+    """``ok``, or ``degraded`` with a recent error or a peer silent for 10 heartbeats."""
+    t = now or now_ms()
+    if any(t - int(e.get("at_ms", 0)) < 60_000 for e in errors):
+        return "degraded"
+    silent_ms = 10 * heartbeat_interval * 1000
+    if any(p.last_heartbeat_ms and t - p.last_heartbeat_ms > silent_ms for p in peers):
+        return "degraded"
+    return "ok"
