@@ -181,6 +181,10 @@ def _verify(paths: Sequence[str], meta: bool, as_json: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":
+        from bridge import log as logsetup
+
+        logsetup.quiet()
     try:
         if args.command == "check-config":
             return _check_config(args.config)

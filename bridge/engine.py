@@ -161,9 +161,7 @@ class Bridge:
             self.zk.on_session(self._on_session)
             await self._register_member()
             while not self._stop.is_set() and self._fatal is None:
-                self.role = "standby"
-                log.info("standby", identity=self.identity)
-                self.on_role(self.role)
+                self.role = "candidate"
                 elected = asyncio.create_task(self._elect())
                 stopping = asyncio.create_task(self._stop.wait())
                 await asyncio.wait({elected, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -202,6 +200,11 @@ class Bridge:
         index = ordered.index(self._candidate)
         if index == 0:
             return True
+        if self.role != "standby":
+            # Another bridge leads this region: we are serving, as its standby.
+            self.role = "standby"
+            log.info("standby", identity=self.identity, leader_candidate=ordered[0])
+            self.on_role(self.role)
         await self.zk.wait_deleted(f"{self.election_path}/{ordered[index - 1]}")
         return False
 

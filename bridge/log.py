@@ -41,3 +41,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+def quiet() -> None:
+    """For one-shot commands: their output is the answer; libraries must not add to it."""
+    configure("console", "error")
+    logging.getLogger().setLevel(logging.CRITICAL)

@@ -115,7 +115,7 @@ class BridgeCollector(Collector):
 
 def healthz(bridge: Bridge) -> tuple[int, dict[str, object]]:
     connected = bridge.zk.connected
-    serving = bridge.role in ("leader", "standby")
+    serving = bridge.role in ("leader", "standby", "candidate")
     body: dict[str, object] = {"role": bridge.role, "zookeeper_connected": connected,
                                "region": bridge.region}
     return (200 if connected and serving else 503), body

@@ -1,0 +1,304 @@
+"""The operator's surface: lag, status, conflicts, resync, metrics, HA, systemd notify, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bridge.config import load_settings
+from bridge.errors import FencedError
+from bridge.zk import Create, ZooKeeper
+from tests.harness import procs
+from tests.harness.procs import free_port, wait_for
+from tests.integration.federation import REPO, Federation
+from tests.integration.test_faults import Stream, assert_nothing_lost
+
+
+def lag_json(fed: Federation, name: str) -> list[dict[str, object]]:
+    out = fed.cli("lag", "-c", str(fed[name].config_path), "--json")
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)["rows"]
+    return rows
+
+
+def test_lag_grows_while_stopped_and_returns_to_zero(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/warm"), b"w")
+    fed.wait_converged()
+    assert fed.stop("r2") == 0
+    for i in range(1000):
+        r1.client.create_async(r1.path(f"/n{i:04d}"), b"v")
+    wait_for(lambda: r1.client.get_children(r1.path("/")) and
+             len(r1.client.get_children(r1.mount)) >= 1001, 30)
+    # r1 publishes all of them while r2 is down.
+    wait_for(lambda: next(r for r in lag_json(fed, "r2") if r["peer"] == "r1")
+             ["events_behind"] >= 1000, 60, message="r1's 1000 events never showed as lag")
+    first = next(r for r in lag_json(fed, "r2") if r["peer"] == "r1")
+    assert 1000 <= int(first["events_behind"]) <= 1100  # heartbeats are records too
+    wait_for(lambda: float(next(r for r in lag_json(fed, "r2") if r["peer"] == "r1")
+                           ["seconds_behind"]) > float(first["seconds_behind"]) + 1, 30,
+             message="seconds behind did not grow")
+    table = fed.cli("lag", "-c", str(r2.config_path))
+    assert table.returncode == 0 and "EVENTS BEHIND" in table.stdout
+    print(table.stdout)  # the note quotes a real table
+    over = fed.cli("lag", "-c", str(r2.config_path), "--max-seconds", "1")
+    assert over.returncode == 1, over.stdout + over.stderr
+    fed.start("r2")
+    wait_for(lambda: all(int(r["events_behind"]) == 0 for r in lag_json(fed, "r2")), 60)
+    wait_for(lambda: fed.cli("lag", "-c", str(r2.config_path), "--max-seconds", "10")
+             .returncode == 0, 30, message="lag alert did not clear")
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def test_lag_exits_2_when_servers_are_unreachable(federation: Federation, tmp_path: Path
+                                                  ) -> None:
+    fed = federation
+    doc = fed.config_doc("r1")
+    doc["zookeeper"] = {"hosts": f"127.0.0.1:{free_port()}", "connect_timeout": 2}
+    cfg = tmp_path / "unreachable.yaml"
+    cfg.write_text(json.dumps(doc))
+    out = fed.cli("lag", "-c", str(cfg))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot reach" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def test_metrics_move_and_match_the_cli(federation: Federation) -> None:
+    fed = federation
+    port = free_port()
+    fed.write_config("r2", metrics={"listen": f"127.0.0.1:{port}"})
+    fed.start_all()
+    r1 = fed["r1"]
+    before = scrape(port)
+    for i in range(200):
+        r1.client.create(r1.path(f"/m{i}"), b"x")
+    fed["r2"].client.create(fed["r2"].path("/from-r2"), b"y")
+    fed.wait_converged()
+    after = scrape(port)
+    key = 'zkbridge_applied_total{outcome="applied",subtree="critical"}'
+    assert after[key] >= before.get(key, 0) + 200
+    assert after['zkbridge_published_total{subtree="critical"}'] >= 1
+    assert after['zkbridge_leader{region="r2"}'] == 1
+    assert 'zkbridge_scan_seconds{subtree="critical"}' in after
+    # The gauges agree with `zkbridge lag` once caught up.
+    wait_for(lambda: scrape(port)['zkbridge_lag_events{peer="r1",subtree="critical"}'] == 0, 30)
+    cli = {r["peer"]: r for r in lag_json(fed, "r2")}
+    assert cli["r1"]["events_behind"] == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+        assert json.loads(resp.read())["role"] == "leader"
+    print("\n".join(f"{k} {v:g}" for k, v in sorted(after.items()) if "critical" in k))
+    fed.assert_clean_logs()
+
+
+def test_status_and_conflicts_commands(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    barrier = threading.Barrier(2)
+
+    def write(r: object, value: bytes) -> None:
+        barrier.wait()
+        for i in range(30):
+            r.client.create(r.path(f"/c{i}"), value)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=write, args=(r, r.name.encode())) for r in (r1, r2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fed.wait_converged()
+    out = fed.cli("conflicts", "-c", str(r1.config_path), "--json", "--limit", "100")
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found and all(c["winner"] in ("local", "remote") and c["rule"] == "lww"
+                         for c in found)
+    assert {c["path"] for c in found} <= {f"/c{i}" for i in range(30)}
+    text = fed.cli("conflicts", "-c", str(r1.config_path))
+    assert "winner" in text.stdout
+    wait_for(lambda: json.loads(fed.cli("status", "-c", str(r1.config_path), "--json").stdout)
+             ["health"] == "ok", 30)
+    status = json.loads(fed.cli("status", "-c", str(r1.config_path), "--json").stdout)
+    assert status["leader"] and status["epoch"] >= 1
+    assert status["bridges"][0]["role"] == "leader"
+    human = fed.cli("status", "-c", str(r1.config_path))
+    assert "leader" in human.stdout and "from r2" in human.stdout
+    fed.assert_clean_logs()
+
+
+def _delete_topic(bootstrap: str, topic: str) -> None:
+    async def go() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([topic])
+        finally:
+            await admin.close()
+
+    asyncio.run(go())
+
+
+def test_resync_restores_convergence_after_topic_loss(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    fed.stop("r2")
+    for i in range(20):
+        r1.client.create(r1.path(f"/lost{i}"), b"v")
+    wait_for(lambda: len(fed.tree("r3")) == 20, 30)
+    # r1's topic is lost before r2 read it: r2 can never see those writes...
+    fed.stop("r1")
+    _delete_topic(fed.broker.bootstrap, f"{fed.prefix}.{fed.subtree}.r1")
+    fed.start("r1")
+    fed.start("r2")
+    assert fed.differences(["r1", "r2"], meta=False)
+    # ...until r1 re-announces its state. Twice: receivers must not mind.
+    for _ in range(2):
+        out = fed.cli("resync", "-c", str(r1.config_path))
+        assert out.returncode == 0, out.stderr
+        assert "re-announced" in out.stdout
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def _spawn_second(fed: Federation, name: str, tag: str) -> tuple[object, Path]:
+    r = fed[name]
+    log = fed.tmp / f"bridge-{name}-{tag}.log"
+    proc = procs.spawn([sys.executable, "-m", "bridge", "run", "-c", str(r.config_path)], log,
+                       env={"PYTHONPATH": str(REPO)}, cwd=REPO)
+    return proc, log
+
+
+def test_standby_takes_over_when_leader_is_killed(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    standby, log = _spawn_second(fed, "r1", "standby")
+    try:
+        wait_for(lambda: '"standby"' in log.read_text(), 30)
+        members = f"{fed.state_path}/members"
+        r1 = fed["r1"]
+        wait_for(lambda: len(r1.client.get_children(members)) == 2, 30)
+        status = json.loads(fed.cli("status", "-c", str(r1.config_path), "--json").stdout)
+        assert sorted(b["role"] for b in status["bridges"]) == ["leader", "standby"]
+        with Stream(r1.client, r1.path("/ha"), "ha", keys=30) as stream:
+            wait_for(lambda: stream.count > 100, 30)
+            killed_at = time.monotonic()
+            fed.kill("r1")  # the leader
+            wait_for(lambda: '"bridge_ready"' in log.read_text(), 30,
+                     message="standby never took over")
+            took = time.monotonic() - killed_at
+            wait_for(lambda: stream.count > 400, 30)
+        # Session timeout is 4 s; election and catch-up come on top.
+        assert took < 4 + 8, took
+        print(f"standby took over {took:.1f}s after the leader was killed")
+        fed.wait_converged()
+        assert_nothing_lost(fed, [("r1", stream)])
+    finally:
+        procs.stop(standby)  # type: ignore[arg-type]
+    assert "Traceback" not in log.read_text()
+
+
+def test_deposed_leader_cannot_write(federation: Federation) -> None:
+    fed = federation
+    settings = load_settings(fed.write_config("r1"))
+
+    async def go() -> None:
+        old, new = ZooKeeper(settings.zookeeper), ZooKeeper(settings.zookeeper)
+        await old.start()
+        await new.start()
+        try:
+            epoch = f"{fed.state_path}/epoch"
+            await old.take_epoch(epoch, b"old")
+            await old.multi([Create(f"{fed.state_path}/by-old-1")])
+            await new.take_epoch(epoch, b"new")  # a new term begins
+            with pytest.raises(FencedError):
+                await old.multi([Create(f"{fed.state_path}/by-old-2")])
+            await new.multi([Create(f"{fed.state_path}/by-new")])
+            assert await new.exists(f"{fed.state_path}/by-old-2") is None
+        finally:
+            await old.stop()
+            await new.stop()
+
+    fed["r1"].client.ensure_path(fed.state_path)
+    asyncio.run(go())
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+
+
+def test_sd_notify_ready_watchdog_stopping_and_reload(
+    federation: Federation, notify_socket: tuple[socket.socket, str]
+) -> None:
+    fed = federation
+    sock, path = notify_socket
+    received: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except TimeoutError:
+                return received
+
+    fed.write_config("r1", subtrees=[{"name": fed.subtree, "path": fed["r1"].mount,
+                                      "exclude": ["/private"]}])
+    fed.start("r2")
+    r1 = fed.start("r1", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}, wait=False)
+    wait_for(lambda: any("READY=1" in m for m in drain()), 60, message="no READY=1")
+    assert fed.count_events("r1", "bridge_ready") == 1  # READY only once caught up
+    wait_for(lambda: sum("WATCHDOG=1" in m for m in drain()) >= 3, 10, message="no WATCHDOG=1")
+    # Excluded: not replicated.
+    r1.client.create(r1.path("/private/x"), b"secret", makepath=True)
+    r1.client.create(r1.path("/public"), b"p")
+    r2 = fed["r2"]
+    wait_for(lambda: r2.client.exists(r2.path("/public")), 30)
+    assert not r2.client.exists(r2.path("/private/x"))
+    # Reload without restart: the exclude goes, the subtree is rescanned.
+    pid = r1.proc.pid  # type: ignore[union-attr]
+    fed.write_config("r1", subtrees=[{"name": fed.subtree, "path": r1.mount}])
+    os.kill(pid, signal.SIGHUP)
+    wait_for(lambda: r2.client.exists(r2.path("/private/x")), 30,
+             message="reloaded exclude list not applied")
+    reloaded = [e for e in fed.events("r1") if e.get("event") == "reloaded"]
+    assert reloaded and any("exclude" in k for k in reloaded[0]["applied"])
+    assert reloaded[0]["needs_restart"] == []
+    assert any("RELOADING=1" in m for m in drain())
+    assert r1.proc is not None and r1.proc.poll() is None and r1.proc.pid == pid
+    assert fed.stop("r1") == 0
+    wait_for(lambda: any("STOPPING=1" in m for m in drain()), 10, message="no STOPPING=1")
+    fed.assert_clean_logs()
