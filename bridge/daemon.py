@@ -17,6 +17,8 @@ from bridge.notify import Notifier
 
 log = structlog.get_logger("bridge.daemon")
 
+MASS_DELETE_EXIT = 3  # scripts/zkbridge@.service: RestartPreventExitStatus=3
+
 
 class Daemon:
     def __init__(self, settings: Settings, allow_mass_delete: bool) -> None:
@@ -87,8 +89,9 @@ class Daemon:
         try:
             await self.bridge.run()
         except MassDeleteError as exc:
+            # A distinct status: restarting cannot help, the operator must decide.
             log.error("mass_delete_refused", error=str(exc))
-            return 1
+            return MASS_DELETE_EXIT
         except BridgeError as exc:
             log.error("bridge_stopped", error=str(exc), error_type=type(exc).__name__,
                       hint="see the error; systemd restarts the service")

@@ -256,6 +256,9 @@ class Bridge:
                 self.zk.fence = None
             elif self._fatal is None:
                 await self._drain_outbox()
+                # Leave a fresh record behind: `lag` and `status` read it while we are down.
+                with contextlib.suppress(BridgeError):
+                    await self._write_status()
             await self.kafka.stop()
             self._reset_term()
 
@@ -579,16 +582,18 @@ class Bridge:
     def status_path(self) -> str:
         return f"{self.settings.state_path}/status"
 
+    async def _write_status(self) -> None:
+        record = self.status().encode()
+        stat = await self.zk.exists(self.status_path)
+        op: ZkOp = (SetData(self.status_path, record, stat.version) if stat
+                    else Create(self.status_path, record))
+        with contextlib.suppress(VersionConflict):  # a racing write of our own
+            await self.zk.multi([op])
+
     async def _status_writer(self) -> None:
         while True:
-            record = self.status().encode()
-            stat = await self._retry("status", lambda: self.zk.exists(self.status_path))
-            op: ZkOp = (SetData(self.status_path, record, stat.version) if stat
-                        else Create(self.status_path, record))
             try:
-                await self.zk.multi([op])
-            except VersionConflict:
-                pass  # a racing write of our own; the next round wins
+                await self._write_status()
             except BridgeError as exc:
                 if not exc.retriable:
                     raise

@@ -26,8 +26,10 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
-from bridge.config import KafkaSettings
+from bridge.config import KafkaSettings, topic_name
 from bridge.errors import FatalKafkaError, KafkaError
+
+__all__ = ["Kafka", "Record", "topic_name"]
 
 log = structlog.get_logger("bridge.kafka")
 
@@ -45,10 +47,6 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
-
-
-def topic_name(prefix: str, subtree: str, region: str) -> str:
-    return f"{prefix}.{subtree}.{region}"
 
 
 async def _guard(what: str, coro: Awaitable[T]) -> T:

@@ -49,6 +49,11 @@ def ancestors(rel: str) -> list[str]:
     return out
 
 
+def is_excluded(rel: str, exclude: Sequence[str]) -> bool:
+    """Is ``rel`` one of the excluded paths or below one?"""
+    return any(rel == x or rel.startswith(x + "/") for x in exclude)
+
+
 def join(rel: str, name: str) -> str:
     return f"/{name}" if rel == "/" else f"{rel}/{name}"
 
@@ -173,7 +178,7 @@ class SubtreeStore:
         self.oversized: dict[str, int] = {}  # rel → size, for status and metrics
 
     def excluded(self, rel: str) -> bool:
-        return any(rel == x or rel.startswith(x + "/") for x in self.exclude)
+        return is_excluded(rel, self.exclude)
 
     async def setup(self) -> None:
         lay = self.layout

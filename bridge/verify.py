@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from bridge import codec
 from bridge.config import Settings
 from bridge.model import NodeMeta
-from bridge.store import Layout, join
+from bridge.store import Layout, is_excluded, join
 from bridge.zk import ZooKeeper, gather_limited
 
 CONCURRENCY = 64
@@ -22,10 +22,6 @@ class Difference:
     detail: str  # one line: which regions differ and how
 
 
-def _excluded(rel: str, exclude: Sequence[str]) -> bool:
-    return any(rel == x or rel.startswith(x + "/") for x in exclude)
-
-
 async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = ()) -> dict[str, bytes]:
     """Every persistent znode below ``mount`` (the mount itself excluded): rel path → bytes."""
     out: dict[str, bytes] = {}
@@ -34,7 +30,7 @@ async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = ()) -> d
 
         async def list_one(rel: str) -> list[str]:
             names = await zk.children(mount if rel == "/" else mount + rel) or []
-            return [join(rel, n) for n in names if not _excluded(join(rel, n), exclude)]
+            return [join(rel, n) for n in names if not is_excluded(join(rel, n), exclude)]
 
         rels = [r for names in await gather_limited([list_one(r) for r in level], CONCURRENCY)
                 for r in names]

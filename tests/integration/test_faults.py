@@ -331,7 +331,7 @@ def test_mass_delete_breaker_stops_and_can_be_overridden(federation: Federation)
     proc = fed["r1"].proc
     assert proc is not None
     wait_for(lambda: proc.poll() is not None, 60, message="breaker did not stop the bridge")
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # not restarted by systemd: the operator decides
     assert fed.count_events("r1", "mass_delete_refused") == 1
     assert len(fed.tree("r2")) == 40  # nothing was announced
     fed["r1"].proc = None
