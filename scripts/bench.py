@@ -1,0 +1,1092 @@
+"""zkbridge speed, measured: the raw ceilings and the bridge's end-to-end rates, in one run.
+
+Started by ``scripts/bench`` (which installs what is missing first). Everything
+runs on loopback in a temporary directory and is stopped on exit, failure or
+Ctrl-C. Speed is measured here and not in the tests because numbers on a
+shared 2-core machine are only meaningful next to ceilings measured on the same
+servers in the same run: every bridge rate is printed with its ratio to the
+relevant raw rate.
+
+1. Raw rates: kazoo against one standalone ZooKeeper (sync create, pipelined
+   set_data, pipelined 2-op multi, pipelined get) and aiokafka against tansu
+   (produce and consume of 264-byte records, acks=all, no idempotence).
+2. zkbridge with two regions (two ZooKeeper servers, one broker, two
+   ``python -m bridge run``): initial scan and catch-up of a pre-populated
+   tree, steady-state throughput, single-write latency, a conflict storm, and
+   the bridge's memory after the scan.
+
+    scripts/bench                  the full run (about 3-4 minutes)
+    scripts/bench --quick          smaller counts (about 1 minute)
+    scripts/bench --json out.json  also write the numbers
+    scripts/bench --profile DIR    run both bridges under cProfile (slower!)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bridge.config import load_settings  # noqa: E402
+from bridge.verify import verify  # noqa: E402
+from tests.harness import procs  # noqa: E402  (the same server management the tests use)
+from tests.harness.broker import Broker  # noqa: E402
+from tests.harness.zookeeper import ZooKeeperServer, start_all  # noqa: E402
+
+REGIONS = ("region-a", "region-b")
+MOUNT = "/critical"
+RAW_ROOT = "/rawbench"
+WINDOW = 2000  # requests in flight for the pipelined raw rates
+RECORD_BYTES = 264
+VALUE_BYTES = 64
+# Quoted from DESIGN.md section 4 (measured once, not in this run): references
+# for readers, never used as a ratio's denominator.
+ZKSHELL_MIRROR_10K_S = 19.0
+TREECACHE_10K_MB = 80.0
+
+BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
+if not sys.stdout.isatty():
+    BOLD = DIM = RESET = ""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much work each measurement does; the raw counts aim at 2-5 s each."""
+
+    raw_create: int
+    raw_set: int
+    raw_multi: int
+    raw_get: int
+    raw_records: int
+    dirs: int
+    leaves: int
+    steady: int
+    latency_writes: int
+    latency_gap_s: float
+    conflict_paths: int
+
+
+FULL = Scale(
+    raw_create=4000, raw_set=20_000, raw_multi=20_000, raw_get=30_000, raw_records=240_000,
+    dirs=100, leaves=100, steady=5000, latency_writes=200, latency_gap_s=0.02,
+    conflict_paths=1000,
+)
+QUICK = Scale(
+    raw_create=1000, raw_set=5000, raw_multi=5000, raw_get=8000, raw_records=60_000,
+    dirs=10, leaves=100, steady=1000, latency_writes=100, latency_gap_s=0.02,
+    conflict_paths=300,
+)
+
+
+class BenchError(RuntimeError):
+    """A measurement could not complete (timeout, a process died)."""
+
+
+# --------------------------------------------------------------------------- output
+
+_T0 = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"{DIM}[{time.monotonic() - _T0:6.1f}s]{RESET} {text}", flush=True)
+
+
+def step(text: str) -> None:
+    print(f"\n{BOLD}▶ {text}{RESET}", flush=True)
+
+
+@dataclass
+class Row:
+    metric: str
+    value: float | None
+    unit: str
+    ratio: str = ""  # to the raw rate measured in this run
+    note: str = ""
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = ("metric", "value", "unit", "vs raw (same run)", "note")
+    cells = [head] + [(r.metric, fmt(r.value), r.unit, r.ratio, r.note) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    lines = []
+    for n, c in enumerate(cells):
+        line = (f"{c[0]:<{widths[0]}}  {c[1]:>{widths[1]}}  {c[2]:<{widths[2]}}  "
+                f"{c[3]:<{widths[3]}}  {c[4]}")
+        lines.append(line.rstrip())
+        if n == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def ratio(value: float | None, raw: float | None, name: str) -> str:
+    if not value or not raw:
+        return ""
+    return f"{value / raw:.3f}x {name}"
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least pct% of values at or below."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))  # ceil without floats drifting
+    return ordered[int(rank) - 1]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields after the command name (which may hold spaces): state is
+            # first, utime and stime are the 12th and 13th.
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def zk_requests(server: ZooKeeperServer) -> int:
+    """Packets the server has received so far (requests and pings), from ``mntr``."""
+    for line in server.four_letter("mntr").splitlines():
+        if line.startswith("zk_packets_received"):
+            return int(line.split()[1])
+    return 0
+
+
+def foreign_servers(ours: set[int]) -> int:
+    """Servers and bridges on this machine that this run did not start (they skew numbers)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in ours:
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"QuorumPeerMain" in cmd or b"tansu broker" in cmd or b"bridge run" in cmd:
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- ZooKeeper helpers
+
+
+def value(tag: str, n: int) -> bytes:
+    return f"{tag}-{n:06d}".encode().ljust(VALUE_BYTES, b".")
+
+
+def pipelined(issue: Callable[[int], Any], n: int, window: int = WINDOW) -> float:
+    """Issue ``n`` kazoo async requests with at most ``window`` unanswered; return seconds."""
+    inflight: deque[Any] = deque()
+    t0 = time.perf_counter()
+    for i in range(n):
+        inflight.append(issue(i))
+        if len(inflight) >= window:
+            inflight.popleft().get(timeout=60)  # raises the request's error, if any
+    while inflight:
+        inflight.popleft().get(timeout=60)
+    return time.perf_counter() - t0
+
+
+class Watcher:
+    """The latest value of chosen paths in one region, refreshed by one-shot data watches.
+
+    A watch fires on the server's change notification and the re-read arms the
+    next one, so a value is seen about one round trip after it is committed,
+    without polling thousands of paths. ``expect`` records when each path
+    first shows the value it is waiting for.
+    """
+
+    def __init__(self, client: KazooClient, paths: Sequence[str]) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._closed = False
+        self.values: dict[str, bytes | None] = {}
+        self.expected: dict[str, bytes] = {}
+        self.seen_at: dict[str, float] = {}
+        self.done = threading.Event()
+        self.armed = threading.Event()
+        self.reads = 0  # requests sent, so callers can tell the bench's load from the bridge's
+        self._unarmed = len(paths)
+        if not paths:
+            self.armed.set()
+        for p in paths:
+            self._read(p)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def expect(self, wanted: Mapping[str, bytes]) -> None:
+        with self._lock:
+            self.expected.update(wanted)
+            for p, v in wanted.items():
+                self.seen_at.pop(p, None)
+                if self.values.get(p) == v:
+                    self.seen_at[p] = time.monotonic()
+            self._check_done()
+
+    @property
+    def remaining(self) -> int:
+        with self._lock:
+            return len(self.expected) - len(self.seen_at)
+
+    def _check_done(self) -> None:
+        if len(self.seen_at) >= len(self.expected):
+            self.done.set()
+        else:
+            self.done.clear()
+
+    def _read(self, path: str) -> None:
+        if self._closed:
+            return
+        self.reads += 1
+        ar = self._client.get_async(path, watch=lambda _ev, p=path: self._read(p))
+        ar.rawlink(lambda res, p=path: self._got(p, res))
+
+    def _got(self, path: str, res: Any) -> None:
+        now = time.monotonic()
+        data: bytes | None
+        try:
+            data = res.get_nowait()[0]
+        except NoNodeError:
+            # No data watch is left on a missing node: an exists watch fires on creation.
+            data = None
+            if not self._closed:
+                self.reads += 1
+                ar = self._client.exists_async(path, watch=lambda _ev, p=path: self._read(p))
+                ar.rawlink(lambda r, p=path: self._read(p) if r.successful() and r.value else None)
+        except Exception:
+            # Connection trouble: ask again rather than lose the path for the run.
+            self._read(path)
+            return
+        with self._lock:
+            if path not in self.values:
+                self._unarmed -= 1
+                if self._unarmed == 0:
+                    self.armed.set()
+            self.values[path] = data
+            want = self.expected.get(path)
+            if want is not None and data == want and path not in self.seen_at:
+                self.seen_at[path] = now
+                self._check_done()
+
+
+def wait_event(
+    event: threading.Event,
+    timeout: float,
+    what: str,
+    progress: Callable[[], str] | None = None,
+    every: float = 3.0,
+) -> None:
+    """Wait for ``event``, printing ``progress()`` every few seconds; BenchError at the deadline."""
+    end = time.monotonic() + timeout
+    while not event.wait(min(every, max(0.0, end - time.monotonic()))):
+        if time.monotonic() >= end:
+            raise BenchError(f"{what}: not done after {timeout:.0f} s"
+                             + (f" ({progress()})" if progress else ""))
+        if progress:
+            say(f"  … {progress()}")
+
+
+def poll(
+    pred: Callable[[], bool],
+    timeout: float,
+    what: str,
+    progress: Callable[[], str] | None = None,
+    interval: float = 0.01,
+    every: float = 3.0,
+) -> float:
+    """Poll ``pred`` until true; return the monotonic time it was first seen true."""
+    end = time.monotonic() + timeout
+    next_report = time.monotonic() + every
+    while True:
+        if pred():
+            return time.monotonic()
+        now = time.monotonic()
+        if now >= end:
+            raise BenchError(f"{what}: not done after {timeout:.0f} s"
+                             + (f" ({progress()})" if progress else ""))
+        if progress and now >= next_report:
+            say(f"  … {progress()}")
+            next_report = now + every
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+@dataclass
+class Region:
+    name: str
+    server: ZooKeeperServer
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    client: KazooClient | None = None
+
+    @property
+    def zk(self) -> KazooClient:
+        assert self.client is not None
+        return self.client
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """This bridge's JSON log lines for one event name (other lines are skipped)."""
+        out: list[dict[str, Any]] = []
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return out
+        needle = f'"{event}"'
+        for line in text.splitlines():
+            if needle in line and line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    doc = json.loads(line)
+                    if doc.get("event") == event:
+                        out.append(doc)
+        return out
+
+
+def log_time(doc: dict[str, Any]) -> float:
+    return dt.datetime.fromisoformat(str(doc["timestamp"])).timestamp()
+
+
+@dataclass
+class Results:
+    raw: dict[str, float] = field(default_factory=dict)
+    bridge: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, workdir: Path, scale: Scale, profile_dir: Path | None) -> None:
+        self.dir = workdir
+        self.scale = scale
+        self.profile_dir = profile_dir
+        self.broker = Broker(base_dir=workdir / "broker")
+        self.regions = {
+            r: Region(
+                r,
+                ZooKeeperServer(r, base_dir=workdir / f"zk-{r}"),
+                workdir / f"{r}.yaml",
+                workdir / f"bridge-{r}.log",
+            )
+            for r in REGIONS
+        }
+        self.a, self.b = (self.regions[r] for r in REGIONS)
+        self.res = Results()
+        self._watchers: list[Watcher] = []
+
+    # -- lifecycle -------------------------------------------------------
+    def up(self) -> None:
+        step("Starting two ZooKeeper servers and the broker (tansu, memory only)")
+        start_all(r.server for r in self.regions.values())
+        self.broker.start()
+        for r in self.regions.values():
+            c = KazooClient(hosts=r.server.hosts, timeout=30)
+            c.start(timeout=30)
+            r.client = c
+            self._write_config(r)
+            say(f"{r.name}: ZooKeeper {r.server.hosts} (pid {r.server.pid})")
+        say(f"kafka: {self.broker.bootstrap} (pid {self.broker.pid})")
+        others = foreign_servers(self.pids())
+        if others:
+            say(f"note: {others} ZooKeeper/tansu/bridge processes not started by this run are "
+                "running on this machine; they share the CPU and skew every number below")
+        self.res.bridge["foreign_processes"] = others
+        self.res.bridge["loadavg_start"] = os.getloadavg()
+
+    def pids(self) -> set[int]:
+        out = {os.getpid()}
+        for r in self.regions.values():
+            if r.server.pid:
+                out.add(r.server.pid)
+            if r.proc is not None:
+                out.add(r.proc.pid)
+        if self.broker.pid:
+            out.add(self.broker.pid)
+        return out
+
+    def _write_config(self, r: Region) -> None:
+        doc = {
+            "region": r.name,
+            "zookeeper": {"hosts": r.server.hosts},
+            "kafka": {"bootstrap_servers": self.broker.bootstrap, "enable_idempotence": False},
+            "peers": [p for p in REGIONS if p != r.name],
+            "subtrees": [{"name": "critical", "path": MOUNT}],
+            "log": {"format": "json"},
+        }
+        r.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def start_bridge(self, r: Region) -> None:
+        argv = [sys.executable]
+        if self.profile_dir is not None:
+            # The daemon stops cleanly on SIGTERM, so cProfile gets to write its file.
+            argv += ["-m", "cProfile", "-o", str(self.profile_dir / f"{r.name}.prof")]
+        argv += ["-m", "bridge", "run", "-c", str(r.config)]
+        r.proc = procs.spawn(argv, r.log, env={"PYTHONPATH": str(REPO)}, cwd=REPO)
+
+    def check_bridges(self) -> None:
+        for r in self.regions.values():
+            if r.proc is not None and r.proc.poll() is not None:
+                raise BenchError(f"bridge {r.name} exited with {r.proc.returncode}; log "
+                                 f"{r.log}:\n{procs.log_tail(r.log)}")
+
+    def down(self) -> None:
+        for w in self._watchers:
+            w.close()
+        for r in self.regions.values():
+            if r.client is not None:
+                with contextlib.suppress(Exception):
+                    r.client.stop()
+                    r.client.close()
+        for r in self.regions.values():
+            if r.proc is not None:
+                procs.stop(r.proc, signal.SIGTERM, deadline=30 if self.profile_dir else 10)
+        self.broker.close()
+        for r in self.regions.values():
+            r.server.close()
+
+    def watcher(self, client: KazooClient, paths: Sequence[str]) -> Watcher:
+        w = Watcher(client, paths)
+        self._watchers.append(w)
+        wait_event(w.armed, 60, "arming watches")
+        return w
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Record wall time and the CPU each server and bridge spent, to show who was busy."""
+        who = {f"zk-{r.name[-1]}": r.server.pid for r in self.regions.values()}
+        who["tansu"] = self.broker.pid
+        who |= {f"bridge-{r.name[-1]}": r.proc.pid if r.proc else None
+                for r in self.regions.values()}
+        who["bench"] = os.getpid()
+        before = {k: cpu_seconds(p) for k, p in who.items() if p}
+        packets = {f"zk-{r.name[-1]}": zk_requests(r.server) for r in self.regions.values()}
+        t0 = time.monotonic()
+        yield
+        wall = time.monotonic() - t0
+        requests = {k: zk_requests(r.server) - packets[k]
+                    for k, r in zip(packets, self.regions.values(), strict=True)}
+        # A bridge started inside the phase has no "before": it used all of its CPU here.
+        who |= {f"bridge-{r.name[-1]}": r.proc.pid if r.proc else None
+                for r in self.regions.values()}
+        cpu = {k: round(cpu_seconds(p) - before.get(k, 0.0), 2) for k, p in who.items() if p}
+        self.res.phases[name] = {"wall_s": round(wall, 2), "cpu_s": cpu,
+                                 "zk_requests": requests}
+        busy = ", ".join(f"{k} {v / wall:.0%}" for k, v in cpu.items() if wall > 0)
+        say(f"  cpu during {name} ({wall:.1f} s wall, % of one core): {busy}; ZooKeeper "
+            "requests: " + ", ".join(f"{k} {v:,}" for k, v in requests.items()))
+
+    # -- 1. raw rates ----------------------------------------------------
+    def raw_zookeeper(self) -> None:
+        s, zk = self.scale, self.a.zk
+        step(f"Raw ZooKeeper rates (kazoo, one standalone server {self.a.server.hosts})")
+        zk.ensure_path(RAW_ROOT)
+        zk.create(f"{RAW_ROOT}-epoch", b"e")
+        epoch_stat = zk.exists(f"{RAW_ROOT}-epoch")
+        paths = [f"{RAW_ROOT}/n{i:06d}" for i in range(s.raw_create)]
+        data = value("raw", 0)
+
+        with self.phase("raw_create"):
+            say(f"sync create x {s.raw_create:,} (one at a time)…")
+            t0 = time.perf_counter()
+            for p in paths:
+                zk.create(p, data)
+            secs = time.perf_counter() - t0
+        self.res.raw["zk_sync_create_per_s"] = s.raw_create / secs
+        say(f"  {s.raw_create / secs:,.0f} creates/s")
+
+        n = len(paths)
+        with self.phase("raw_set"):
+            say(f"async set_data x {s.raw_set:,} ({WINDOW} in flight)…")
+            secs = pipelined(lambda i: zk.set_async(paths[i % n], data), s.raw_set)
+        self.res.raw["zk_async_set_per_s"] = s.raw_set / secs
+        say(f"  {s.raw_set / secs:,.0f} set_data/s")
+
+        assert epoch_stat is not None
+        version = epoch_stat.version
+
+        def multi(i: int) -> Any:
+            # The bridge's shape: a fence check on an epoch znode plus the write.
+            t = zk.transaction()
+            t.check(f"{RAW_ROOT}-epoch", version)
+            t.set_data(paths[i % n], data)
+            return t.commit_async()
+
+        with self.phase("raw_multi"):
+            say(f"async 2-op multi (check + set_data) x {s.raw_multi:,} ({WINDOW} in flight)…")
+            secs = pipelined(multi, s.raw_multi)
+        self.res.raw["zk_async_multi_per_s"] = s.raw_multi / secs
+        say(f"  {s.raw_multi / secs:,.0f} multi/s")
+
+        with self.phase("raw_get"):
+            say(f"async get x {s.raw_get:,} ({WINDOW} in flight)…")
+            secs = pipelined(lambda i: zk.get_async(paths[i % n]), s.raw_get)
+        self.res.raw["zk_async_get_per_s"] = s.raw_get / secs
+        say(f"  {s.raw_get / secs:,.0f} get/s")
+
+        # Leave the server as the bridge benchmarks expect it: only their data.
+        pipelined(lambda i: zk.delete_async(paths[i]), n)
+        zk.delete(RAW_ROOT)
+        zk.delete(f"{RAW_ROOT}-epoch")
+
+    def raw_kafka(self) -> None:
+        n = self.scale.raw_records
+        step(f"Raw Kafka rates (aiokafka against tansu {self.broker.bootstrap})")
+        say(f"produce x {n:,} records of {RECORD_BYTES} B (acks=all, idempotence off), "
+            f"then consume them…")
+        with self.phase("raw_kafka"):
+            produce_s, consume_s = asyncio.run(_kafka_rates(self.broker.bootstrap, n))
+        self.res.raw["kafka_produce_per_s"] = n / produce_s
+        self.res.raw["kafka_consume_per_s"] = n / consume_s
+        say(f"  {n / produce_s:,.0f} produced/s, {n / consume_s:,.0f} consumed/s")
+        samples = 20
+        say(f"produce → consume latency x {samples}, one record at a time, with the consumer "
+            "settings the bridge uses (fetch_max_wait_ms left at aiokafka's 500)…")
+        ms = asyncio.run(_kafka_latency(self.broker.bootstrap, samples, self.scale.latency_gap_s))
+        self.res.raw["kafka_latency_p50_ms"] = percentile(ms, 50)
+        self.res.raw["kafka_latency_max_ms"] = max(ms)
+        say(f"  p50 {percentile(ms, 50):.1f} ms, max {max(ms):.1f} ms")
+
+    # -- 2a. initial scan and catch-up ------------------------------------
+    def catch_up(self) -> None:
+        s, a, b = self.scale, self.a, self.b
+        total = s.dirs + s.dirs * s.leaves
+        step(f"Initial scan and catch-up: {total:,} znodes in {a.name} before its bridge starts")
+        dirs = [f"{MOUNT}/d{d:03d}" for d in range(s.dirs)]
+        a.zk.ensure_path(MOUNT)
+        pipelined(lambda i: a.zk.create_async(dirs[i], b""), len(dirs))
+        leaves = [f"{d}/l{i:03d}" for d in dirs for i in range(s.leaves)]
+        secs = pipelined(lambda i: a.zk.create_async(leaves[i], value("v0", i)), len(leaves))
+        say(f"{a.name}: created {s.dirs} dirs x {s.leaves} leaves of {VALUE_BYTES} B "
+            f"({len(leaves) / secs:,.0f} creates/s pipelined)")
+
+        # Polling must not load B's server much: list the mount, then only the
+        # directories that exist and are not yet complete.
+        complete: set[str] = set()
+        seen = {"n": 0, "requests": 0}
+
+        def count_b() -> int:
+            seen["requests"] += 1
+            try:
+                names = set(b.zk.get_children(MOUNT))
+            except NoNodeError:
+                return 0
+            todo = [d for d in dirs if d not in complete and d.rsplit("/", 1)[1] in names]
+            ars = [(d, b.zk.get_children_async(d)) for d in todo]
+            seen["requests"] += len(todo)
+            n = len(complete) * (1 + s.leaves)
+            for d, ar in ars:
+                with contextlib.suppress(NoNodeError):
+                    kids = len(ar.get(timeout=30))
+                    n += 1 + kids
+                    if kids >= s.leaves:
+                        complete.add(d)
+            return n
+
+        def done() -> bool:
+            self.check_bridges()
+            seen["n"] = count_b()
+            return seen["n"] >= total
+
+        def progress() -> str:
+            stage = ("scanning" if not a.log_events("scan_done") else
+                     "capturing" if not a.log_events("bridge_ready") else "publishing/applying")
+            return f"{b.name} holds {seen['n']:,}/{total:,}; {a.name} bridge: {stage}"
+
+        with self.phase("catch_up"):
+            say("starting both bridges; waiting until region-b holds every znode…")
+            wall0, t0 = time.time(), time.monotonic()
+            self.start_bridge(a)
+            self.start_bridge(b)
+            t_done = poll(done, 900, "catch-up", progress, interval=0.2)
+        elapsed = t_done - t0
+        poll(lambda: all(r.log_events("bridge_ready") for r in (a, b)), 60, "bridges ready")
+        scan = a.log_events("scan_done")[0]
+        ready = a.log_events("bridge_ready")[0]
+        first = a.log_events("epoch_taken")[0]
+        capture_s = log_time(ready) - log_time(scan)
+        bridge = self.res.bridge
+        bridge["catch_up_znodes"] = total
+        bridge["catch_up_s"] = elapsed
+        bridge["catch_up_per_s"] = total / elapsed
+        bridge["scan_s"] = float(scan["seconds"])
+        bridge["scan_znodes"] = int(scan["znodes"])
+        bridge["startup_to_epoch_s"] = log_time(first) - wall0
+        bridge["startup_capture_s"] = capture_s
+        bridge["rss_a_after_scan_mb"] = rss_mb(a.proc.pid) if a.proc else None
+        bridge["rss_b_after_catch_up_mb"] = rss_mb(b.proc.pid) if b.proc else None
+        # The bridges' own requests: the bench's polling of B is taken out.
+        req = self.res.phases["catch_up"]["zk_requests"]
+        bridge["catch_up_zk_requests_per_znode"] = {
+            "zk-a": round(req["zk-a"] / total, 1),
+            "zk-b": round((req["zk-b"] - seen["requests"]) / total, 1),
+        }
+        say(f"{b.name} holds all {total:,} after {elapsed:.1f} s "
+            f"({total / elapsed:,.0f} znodes/s end to end)")
+        say(f"{a.name}: process start → epoch taken {bridge['startup_to_epoch_s']:.1f} s; "
+            f"scan {bridge['scan_s']:.2f} s for {bridge['scan_znodes']:,} znodes; then "
+            f"{capture_s:.1f} s capturing them before bridge_ready (publishing starts after)")
+        say(f"{a.name} bridge RSS {fmt(bridge['rss_a_after_scan_mb'])} MB after the scan; "
+            "ZooKeeper requests per replicated znode, the bridges' own: " + ", ".join(
+                f"{k} {v}" for k, v in bridge["catch_up_zk_requests_per_znode"].items()))
+
+    # -- 2b. steady state ------------------------------------------------
+    def leaves(self, first_dir: int, count: int) -> list[str]:
+        s = self.scale
+        out = [f"{MOUNT}/d{d:03d}/l{i:03d}" for d in range(first_dir, s.dirs)
+               for i in range(s.leaves)]
+        if len(out) < count:
+            raise BenchError(f"only {len(out)} leaves from d{first_dir:03d}; need {count}")
+        return out[:count]
+
+    def steady(self) -> None:
+        n, a, b = self.scale.steady, self.a, self.b
+        step(f"Steady state: {n:,} updates to existing znodes in {a.name}, as fast as async set")
+        paths = self.leaves(0, n)
+        w = self.watcher(b.zk, paths)
+        want = {p: value("v1", i) for i, p in enumerate(paths)}
+        w.expect(want)
+        reads_before = w.reads
+        with self.phase("steady"):
+            t0 = time.monotonic()
+            write_s = pipelined(lambda i: a.zk.set_async(paths[i], want[paths[i]]), n)
+            say(f"{a.name}: {n:,} updates written in {write_s:.2f} s "
+                f"({n / write_s:,.0f}/s); waiting for {b.name}…")
+            wait_event(w.done, 600, "steady-state replication",
+                       lambda: f"{b.name} shows {n - w.remaining:,}/{n:,} final values")
+            elapsed = max(w.seen_at.values()) - t0
+        w.close()
+        self.res.bridge["steady_updates"] = n
+        self.res.bridge["steady_s"] = elapsed
+        self.res.bridge["steady_per_s"] = n / elapsed
+        self.res.bridge["steady_write_per_s"] = n / write_s
+        # The bridges' own requests: the bench's sets in A and watch re-reads in B taken out.
+        req = self.res.phases["steady"]["zk_requests"]
+        self.res.bridge["steady_zk_requests_per_update"] = {
+            "zk-a": round((req["zk-a"] - n) / n, 1),
+            "zk-b": round((req["zk-b"] - (w.reads - reads_before)) / n, 1),
+        }
+        say(f"{b.name} shows all {n:,} final values after {elapsed:.2f} s "
+            f"({n / elapsed:,.0f} updates/s end to end); the bridges' ZooKeeper requests "
+            "per update: "
+            + ", ".join(f"{k} {v}" for k, v in
+                        self.res.bridge["steady_zk_requests_per_update"].items()))
+
+    # -- 2c. latency -----------------------------------------------------
+    def latency(self) -> None:
+        s, a, b = self.scale, self.a, self.b
+        n, gap = s.latency_writes, s.latency_gap_s
+        step(f"Latency: {n} single writes in {a.name}, {gap * 1000:.0f} ms apart, "
+             f"each timed until visible in {b.name}")
+        # Distinct paths: a later write to the same path could hide an earlier one.
+        paths = self.leaves(s.dirs // 2, n)
+        w = self.watcher(b.zk, paths)
+        started: dict[str, float] = {}
+        with self.phase("latency"):
+            t0 = time.monotonic()
+            for i, p in enumerate(paths):
+                pause = t0 + i * gap - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                data = value("v2", i)
+                w.expect({p: data})
+                started[p] = time.monotonic()
+                a.zk.set(p, data)
+            wait_event(w.done, 120, "latency writes",
+                       lambda: f"{n - w.remaining}/{n} visible in {b.name}")
+        w.close()
+        ms = [(w.seen_at[p] - started[p]) * 1000 for p in paths]
+        lat = {f"p{q}": percentile(ms, q) for q in (50, 95, 99)}
+        lat["max"] = max(ms)
+        lat["mean"] = statistics.fmean(ms)
+        self.res.bridge["latency_ms"] = lat
+        say("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items()))
+
+    # -- 2d. conflict storm ----------------------------------------------
+    def conflicts(self) -> None:
+        s, a, b = self.scale, self.a, self.b
+        n = s.conflict_paths
+        step(f"Conflict storm: {n:,} paths written concurrently in {a.name} and {b.name}")
+        paths = self.leaves(s.dirs // 2 + s.latency_writes // s.leaves + 1, n)
+        wa, wb = self.watcher(a.zk, paths), self.watcher(b.zk, paths)
+        val_a = {p: value("ca", i) for i, p in enumerate(paths)}
+        val_b = {p: value("cb", i) for i, p in enumerate(paths)}
+        before = sum(len(r.log_events("conflict_resolved")) for r in (a, b))
+        go = threading.Barrier(3)
+        t_start: dict[str, float] = {}
+        errors: list[BaseException] = []
+
+        def write(r: Region, vals: dict[str, bytes]) -> None:
+            try:
+                go.wait()
+                t_start[r.name] = time.monotonic()
+                pipelined(lambda i: r.zk.set_async(paths[i], vals[paths[i]]), n)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def converged() -> bool:
+            self.check_bridges()
+            va, vb = wa.values, wb.values
+            return all(va.get(p) == vb.get(p) and va.get(p) in (val_a[p], val_b[p])
+                       for p in paths)
+
+        def differing() -> str:
+            va, vb = wa.values, wb.values
+            return f"{sum(va.get(p) != vb.get(p) for p in paths):,}/{n:,} paths still differ"
+
+        settings = [load_settings(r.config) for r in (a, b)]
+        with self.phase("conflicts"):
+            threads = [threading.Thread(target=write, args=(r, v))
+                       for r, v in ((a, val_a), (b, val_b))]
+            for t in threads:
+                t.start()
+            go.wait()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            t0 = min(t_start.values())
+            t_conv = poll(converged, 600, "conflict storm", differing, interval=0.02)
+            say(f"values identical in both regions after {t_conv - t0:.2f} s; "
+                "running verify (meta=True)…")
+            diffs: list[Any] = []
+            verify_s = 0.0
+            for _ in range(60):
+                v0 = time.monotonic()
+                diffs = asyncio.run(verify(settings, meta=True))
+                verify_s = time.monotonic() - v0
+                if not diffs:
+                    break
+                say(f"  … verify: {len(diffs)} differences, e.g. {diffs[0].path} "
+                    f"{diffs[0].detail}; again")
+                time.sleep(0.5)
+            else:
+                raise BenchError(f"verify still reports {len(diffs)} differences")
+            t_verified = time.monotonic()
+        wa.close()
+        wb.close()
+        events = 2 * n
+        resolved = sum(len(r.log_events("conflict_resolved")) for r in (a, b)) - before
+        self.res.bridge |= {
+            "conflict_events": events,
+            "conflict_converged_s": t_conv - t0,
+            "conflict_per_s": events / (t_conv - t0),
+            "conflict_verified_s": t_verified - t0,
+            "conflict_verify_pass_s": verify_s,
+            "conflicts_logged": resolved,
+        }
+        say(f"verify identical {t_verified - t0:.2f} s after the first write (its last "
+            f"pass took {verify_s:.2f} s); {resolved:,} conflict_resolved log lines")
+
+    # -- summary ---------------------------------------------------------
+    def summarise(self) -> list[Row]:
+        raw, br = self.res.raw, self.res.bridge
+        rows = [
+            Row("raw: ZooKeeper sync create", raw.get("zk_sync_create_per_s"), "ops/s",
+                note="kazoo, one at a time"),
+            Row("raw: ZooKeeper async set_data", raw.get("zk_async_set_per_s"), "ops/s",
+                note=f"{WINDOW} in flight"),
+            Row("raw: ZooKeeper async 2-op multi", raw.get("zk_async_multi_per_s"), "ops/s",
+                note="check + set_data"),
+            Row("raw: ZooKeeper async get", raw.get("zk_async_get_per_s"), "ops/s"),
+            Row("raw: Kafka produce (tansu)", raw.get("kafka_produce_per_s"), "records/s",
+                note=f"{RECORD_BYTES} B, acks=all"),
+            Row("raw: Kafka consume (tansu)", raw.get("kafka_consume_per_s"), "records/s"),
+            Row("raw: Kafka produce→consume p50", raw.get("kafka_latency_p50_ms"), "ms",
+                note="one record at a time; aiokafka default fetch_max_wait_ms=500"),
+        ]
+        multi, get_, set_ = (raw.get(k) for k in ("zk_async_multi_per_s", "zk_async_get_per_s",
+                                                   "zk_async_set_per_s"))
+        if "catch_up_s" in br:
+            zn = br["catch_up_znodes"]
+            rows += [
+                Row(f"catch-up: {zn:,} znodes A→B, end to end", br["catch_up_per_s"], "znodes/s",
+                    ratio(br["catch_up_per_s"], multi, "multi"),
+                    f"{br['catch_up_s']:.1f} s from bridge start; zk-shell mirror ≈"
+                    f"{10_000 / ZKSHELL_MIRROR_10K_S:.0f}/s (quoted, not measured here)"),
+                Row("catch-up: wall time", br["catch_up_s"], "s",
+                    note=f"quoted zk-shell mirror of 10k: ≈{ZKSHELL_MIRROR_10K_S:.0f} s"),
+                Row("scan: A's scan_done seconds", br["scan_s"], "s",
+                    ratio(br["scan_znodes"] / br["scan_s"] if br["scan_s"] else None, get_,
+                          "get"),
+                    f"{br['scan_znodes']:,} znodes; reads + watches only"),
+                Row("scan → ready: A's startup capture", br["startup_capture_s"], "s",
+                    ratio(br["scan_znodes"] / br["startup_capture_s"]
+                          if br["startup_capture_s"] > 0 else None, multi, "multi"),
+                    "scan_done → bridge_ready, before any publish"),
+                Row("bridge A RSS after the scan", br["rss_a_after_scan_mb"], "MB",
+                    note=f"quoted: kazoo TreeCache ≈{TREECACHE_10K_MB:.0f} MB on 10k"),
+                Row("catch-up: ZooKeeper requests/znode A", br[
+                    "catch_up_zk_requests_per_znode"]["zk-a"], "req",
+                    note="packets A's server received from bridge A (mntr)"),
+                Row("catch-up: ZooKeeper requests/znode B", br[
+                    "catch_up_zk_requests_per_znode"]["zk-b"], "req",
+                    note="from bridge B; the bench's polling taken out"),
+            ]
+        if "steady_s" in br:
+            rows += [
+                Row(f"steady: {br['steady_updates']:,} updates A→B", br["steady_per_s"],
+                    "updates/s",
+                    ratio(br["steady_per_s"], set_, "set_data") + ", "
+                    + ratio(br["steady_per_s"], multi, "multi"),
+                    f"{br['steady_s']:.2f} s until B shows all final values"),
+                Row("steady: ZooKeeper requests/update A", br[
+                    "steady_zk_requests_per_update"]["zk-a"], "req",
+                    note="from bridge A; the bench's own set taken out"),
+                Row("steady: ZooKeeper requests/update B", br[
+                    "steady_zk_requests_per_update"]["zk-b"], "req",
+                    note="from bridge B; the bench's watch re-reads taken out"),
+            ]
+        if "latency_ms" in br:
+            lat = br["latency_ms"]
+            rows += [Row(f"latency A→B {k}", lat[k], "ms",
+                         ratio(lat[k], raw.get("kafka_latency_p50_ms"), "Kafka p50")
+                         if k == "p50" else "",
+                         "set() call in A → seen in B (data watch)" if k == "p50" else "")
+                     for k in ("p50", "p95", "p99", "max")]
+        if "conflict_per_s" in br:
+            rows += [
+                Row(f"conflict storm: {br['conflict_events']:,} writes on "
+                    f"{br['conflict_events'] // 2:,} paths", br["conflict_per_s"], "events/s",
+                    ratio(br["conflict_per_s"], multi, "multi"),
+                    f"{br['conflict_converged_s']:.2f} s to identical values"),
+                Row("conflict storm: until verify identical", br["conflict_verified_s"], "s",
+                    note=f"incl. one verify --meta pass of {br['conflict_verify_pass_s']:.1f} s;"
+                         f" {br['conflicts_logged']:,} conflicts logged"),
+            ]
+        return rows
+
+
+async def _kafka_rates(bootstrap: str, n: int) -> tuple[float, float]:
+    # aiokafka is imported here so that --help stays quick.
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    topic = "bench.raw"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    # The bridge's producer settings (bridge/kafka.py), so the ceiling is comparable.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=False, linger_ms=2)
+    await producer.start()
+    payload = bytes(range(256)) + b"12345678"
+    assert len(payload) == RECORD_BYTES
+    try:
+        await (await producer.send(topic, payload))  # metadata and connection: not timed
+        t0 = time.perf_counter()
+        futures = []
+        for _ in range(n - 1):
+            futures.append(await producer.send(topic, payload))
+            if len(futures) >= 20_000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+        produce_s = time.perf_counter() - t0
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=2 * 1_048_576,
+                                fetch_max_bytes=8 * 1_048_576)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        got = 0
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + 120
+        while got < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            got += sum(len(msgs) for msgs in batches.values())
+            if time.monotonic() > deadline:
+                raise BenchError(f"consumed only {got:,}/{n:,} records in 120 s")
+        consume_s = time.perf_counter() - t0
+    finally:
+        await consumer.stop()
+    return produce_s, consume_s
+
+
+async def _kafka_latency(bootstrap: str, samples: int, gap: float) -> list[float]:
+    """Milliseconds from send() to the record arriving at a waiting consumer, one at a time."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    topic = "bench.latency"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=False, linger_ms=2)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await producer.start()
+    await consumer.start()
+    out = []
+    try:
+        await (await producer.send(topic, b"warm-up"))
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        payload = bytes(RECORD_BYTES)
+        for _ in range(samples):
+            await asyncio.sleep(gap)
+            t0 = time.perf_counter()
+            await producer.send(topic, payload)
+            while not await consumer.getmany(tp, timeout_ms=5000):
+                if time.perf_counter() - t0 > 30:
+                    raise BenchError("a produced record did not arrive within 30 s")
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return out
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(type(obj).__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller counts: about one minute")
+    ap.add_argument("--json", metavar="FILE", type=Path, help="also write the numbers as JSON")
+    ap.add_argument("--dirs", type=int, metavar="N",
+                    help="directories of 100 leaves for the catch-up tree (default 100, "
+                         "quick 10); the later steps need at least 50 (quick 10)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work directory (configs, server and bridge logs)")
+    ap.add_argument("--profile", metavar="DIR", type=Path,
+                    help="run both bridges under cProfile, writing DIR/<region>.prof "
+                         "(slows the bridges: for finding bottlenecks, not for numbers)")
+    args = ap.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    if args.dirs:
+        scale = replace(scale, dirs=args.dirs)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.profile = args.profile.resolve()
+    workdir = Path(tempfile.mkdtemp(prefix="zkbridge-bench-"))
+    bench = Bench(workdir, scale, args.profile)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    failed: str | None = None
+    say(f"zkbridge bench ({'quick' if args.quick else 'full'}), work directory {workdir}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    try:
+        bench.up()
+        bench.raw_zookeeper()
+        bench.raw_kafka()
+        bench.catch_up()
+        bench.steady()
+        bench.latency()
+        bench.conflicts()
+    except KeyboardInterrupt:
+        failed = "interrupted"
+    except (BenchError, AssertionError) as exc:
+        failed = str(exc)
+    except Exception as exc:
+        failed = f"{type(exc).__name__}: {exc}"
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        step("Stopping everything")
+        bench.res.bridge["loadavg_end"] = os.getloadavg()
+        bench.down()
+        keep = args.keep or failed is not None
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        say("stopped" + (f"; logs kept in {workdir}" if keep else ""))
+    total = time.monotonic() - started
+    rows = bench.summarise()
+    step(f"Results ({'quick' if args.quick else 'full'} run, {total:.0f} s in all)")
+    print(table(rows))
+    if bench.res.bridge.get("foreign_processes"):
+        print(f"\nnote: {bench.res.bridge['foreign_processes']} server/bridge processes from "
+              "outside this run shared the machine; compare ratios rather than absolute rates.")
+    if args.json:
+        doc = {
+            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if args.quick else "full",
+            "scale": asdict(scale),
+            "total_s": round(total, 1),
+            "failed": failed,
+            "raw": bench.res.raw,
+            "bridge": bench.res.bridge,
+            "phases": bench.res.phases,
+            "rows": [asdict(r) for r in rows],
+            "references_quoted_not_measured": {
+                "zkshell_mirror_10k_s": ZKSHELL_MIRROR_10K_S,
+                "treecache_10k_mb": TREECACHE_10K_MB,
+            },
+        }
+        args.json.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+        print(f"\nwrote {args.json}")
+    if failed:
+        print(f"\nbench failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
