@@ -108,6 +108,7 @@ class Bridge:
         self._rescan = asyncio.Event()
         self._lost = asyncio.Event()
         self._caught_up = asyncio.Event()
+        self._catch_up_to: dict[tuple[str, int], int] = {}
         self._stop = asyncio.Event()
         self.role = "starting"
         self.epoch = 0
@@ -316,6 +317,11 @@ class Bridge:
             for part in await self.kafka.partitions(topic):
                 positions[(topic, part)] = peer.positions.get(part)
         await self.kafka.assign(positions)
+        # Caught up = applied what the peers had published when this term began
+        # (an empty fetch is not a usable signal: heartbeats never stop).
+        self._catch_up_to = await self._retry(
+            "end offsets", lambda: self.kafka.end_offsets(list(positions)))
+        self._check_caught_up()
 
     @property
     def member_path(self) -> str:
@@ -632,7 +638,6 @@ class Bridge:
                 "fetch", lambda: self.kafka.fetch(500, FETCH_MAX_RECORDS)
             )
             if not records:
-                self._caught_up.set()  # a fetch found nothing new: all that was there is applied
                 continue
             touched: dict[str, dict[int, int]] = {}
 
@@ -654,6 +659,15 @@ class Bridge:
                 parts = touched.setdefault(rec.topic, {})
                 parts[rec.partition] = max(parts.get(rec.partition, 0), rec.offset + 1)
             await self._store_positions(touched)
+            self._check_caught_up()
+
+    def _check_caught_up(self) -> None:
+        if self._caught_up.is_set():
+            return
+        for (topic, part), end in self._catch_up_to.items():
+            if self.peers[topic].positions.get(part, 0) < end:
+                return
+        self._caught_up.set()
 
     async def _store_positions(self, touched: dict[str, dict[int, int]]) -> None:
         commit: dict[tuple[str, int], int] = {}
