@@ -42,6 +42,7 @@ log = structlog.get_logger("bridge.engine")
 T = TypeVar("T")
 
 APPLY_CONCURRENCY = 32
+CAPTURE_CONCURRENCY = 16
 FETCH_MAX_RECORDS = 1000
 CONFLICTS_KEPT = 1000
 
@@ -109,6 +110,8 @@ class Bridge:
         self._lost = asyncio.Event()
         self._caught_up = asyncio.Event()
         self._catch_up_to: dict[tuple[str, int], int] = {}
+        self._own_ends: dict[str, dict[int, int]] = {}
+        self._own_written = 0.0
         self._stop = asyncio.Event()
         self.role = "starting"
         self.epoch = 0
@@ -161,6 +164,7 @@ class Bridge:
             self.zk.on_watch(self._on_watch)
             self.zk.on_session(self._on_session)
             await self._register_member()
+            self._background(self._connection_watchdog())
             while not self._stop.is_set() and self._fatal is None:
                 self.role = "candidate"
                 elected = asyncio.create_task(self._elect())
@@ -216,16 +220,24 @@ class Bridge:
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._start()
+            # Publishing runs while the startup scan captures, so peers see
+            # changes as they are found rather than after the whole scan.
             tasks = [
                 asyncio.create_task(self._guarded("publisher", self._publisher)),
-                asyncio.create_task(self._guarded("consumer", self._consumer)),
                 asyncio.create_task(self._guarded("heartbeat", self._heartbeats)),
-                asyncio.create_task(self._guarded("rescan", self._rescanner)),
                 asyncio.create_task(self._guarded("status", self._status_writer)),
             ]
             tasks += [
                 asyncio.create_task(self._guarded(f"capture[{n}]", self._capture_worker, n))
                 for n in self.stores
+            ]
+            # Applying starts after the scan, so the mass-delete breaker sees
+            # local deletions before any remote event could announce them.
+            for name in self.stores:
+                await self._scan(name)
+            tasks += [
+                asyncio.create_task(self._guarded("consumer", self._consumer)),
+                asyncio.create_task(self._guarded("rescan", self._rescanner)),
             ]
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
@@ -307,8 +319,6 @@ class Bridge:
         for store in self.stores.values():
             for path, payload in await store.pending_outbox():
                 self._enqueue_outbox(store.layout.name, path, payload)
-        for name in self.stores:
-            await self._scan(name)
         await self._retry("start consumer", lambda: self.kafka.start_consumer(
             f"{s.kafka.topic_prefix}.{self.region}"))
         positions: dict[tuple[str, int], int | None] = {}
@@ -458,6 +468,35 @@ class Bridge:
         )
         return applied, restart
 
+    async def _connection_watchdog(self) -> None:
+        """Restart the ZooKeeper client after a disconnection that does not heal.
+
+        kazoo reconnects by itself through ordinary outages; what it cannot get
+        past is an ensemble that lost its data (wiped, restored from an old
+        backup), which refuses a client that has seen later transactions.
+        """
+        limit = max(15.0, 3 * self.settings.zookeeper.session_timeout)
+        down_since: float | None = None
+        while not self._stop.is_set():
+            await asyncio.sleep(1.0)
+            if self.zk.connected:
+                down_since = None
+                continue
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since < limit:
+                continue
+            log.warning("zookeeper_client_restart", disconnected_for=round(now - down_since, 1),
+                        hint="the ensemble may have been wiped or restored; reconnecting afresh")
+            self.note_error("zookeeper", f"disconnected for {now - down_since:.0f}s; restarted")
+            if self.role == "leader":
+                self._lost.set()
+            try:
+                await self.zk.restart()
+            except Exception as exc:  # the next round tries again
+                log.warning("zookeeper_client_restart_failed", error=str(exc))
+            down_since = None
+
     def _background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # keep a reference until done, or it may be collected
@@ -483,8 +522,8 @@ class Bridge:
         self.scan_seconds[name] = result.seconds
         log.info("scan_done", subtree=name, znodes=result.znodes, changes=len(result.changed),
                  seconds=round(result.seconds, 3))
-        for rel in result.changed:
-            await self._capture(name, rel)
+        await gather_limited([self._capture(name, rel) for rel in result.changed],
+                             CAPTURE_CONCURRENCY)
 
     async def _capture_worker(self, name: str) -> None:
         queue, pending = self._work[name], self._pending[name]
@@ -505,6 +544,8 @@ class Bridge:
         async with self.locks.hold((name, rel)):
             captured = await self._retry(f"capture {rel}", lambda: store.capture(rel))
         self._published_locally(name, captured)
+        if self.scanners[name].watched(rel):
+            return
         present = await self._retry(f"exists {rel}", lambda: store.zk.exists(
             store.layout.znode(rel)))
         if present is not None and not present.ephemeral:
@@ -548,9 +589,19 @@ class Bridge:
             [self.zk.delete(o.outbox_path) for o in batch], 64))
         for (topic, part), end in ends.items():
             subtree = next(o.subtree for o in batch if o.topic == topic)
+            self._own_ends.setdefault(subtree, {})[part] = end
+        # The own-topic position only bounds a replay after a wipe: once a
+        # second is plenty, and saves a ZooKeeper write per small batch.
+        if time.monotonic() - self._own_written >= 1.0 or self._outgoing.empty():
+            await self._write_own_positions()
+
+    async def _write_own_positions(self) -> None:
+        self._own_written = time.monotonic()
+        for subtree, parts in list(self._own_ends.items()):
             store = self.stores[subtree]
-            await self._retry("store publish position", lambda s=store, p=part, e=end:
-                              s.write_positions(self.region, {p: e}))  # type: ignore[misc]
+            await self._retry("store publish position", lambda s=store, p=dict(parts):
+                              s.write_positions(self.region, p))  # type: ignore[misc]
+        self._own_ends.clear()
 
     async def _drain_outbox(self, deadline: float = 10.0) -> None:
         """On shutdown, publish what is queued; what is left stays in the outbox."""

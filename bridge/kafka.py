@@ -185,6 +185,9 @@ class Kafka:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=2 * MAX_RECORD_BYTES,
+            # Upper bound on an idle fetch's wait. Kafka answers as soon as data
+            # arrives anyway; some compatible brokers only answer on this timer.
+            fetch_max_wait_ms=100,
             fetch_max_bytes=8 * MAX_RECORD_BYTES,
         )
         try:

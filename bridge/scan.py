@@ -55,6 +55,10 @@ class Scanner:
         self._children[rel] = new
         return [join(rel, n) for n in sorted(new ^ old) if not self.store.excluded(join(rel, n))]
 
+    def watched(self, rel: str) -> bool:
+        """Is a child watch known to be armed on ``rel``?"""
+        return rel in self._children
+
     async def ensure_watched(self, rel: str) -> list[str]:
         """After capturing a present znode: make sure its children are watched too."""
         if rel in self._children:

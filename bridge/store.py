@@ -176,6 +176,7 @@ class SubtreeStore:
         self.max_data_bytes = max_data_bytes
         self.exclude = tuple(exclude)
         self.oversized: dict[str, int] = {}  # rel → size, for status and metrics
+        self._meta_dirs: set[str] = set()
 
     def excluded(self, rel: str) -> bool:
         return is_excluded(rel, self.exclude)
@@ -222,6 +223,7 @@ class SubtreeStore:
             try:
                 return await self._capture(local)
             except VersionConflict:
+                self._meta_dirs.clear()
                 continue
         raise VersionConflict(f"capture {rel}: kept changing, will retry later")
 
@@ -292,7 +294,12 @@ class SubtreeStore:
     async def _meta_ops(self, local: Local, meta: NodeMeta) -> list[ZkOp]:
         path = self.layout.meta(local.rel)
         if local.meta_version is None:
-            await self.zk.ensure_path(self.layout.meta(parent(local.rel)))
+            # Metadata nodes are never deleted (tombstones stay), so a parent
+            # seen once stays; the cache is dropped whenever a multi fails.
+            meta_parent = self.layout.meta(parent(local.rel))
+            if meta_parent not in self._meta_dirs:
+                await self.zk.ensure_path(meta_parent)
+                self._meta_dirs.add(meta_parent)
             return [Create(path, codec.encode_meta(meta))]
         return [SetData(path, codec.encode_meta(meta), local.meta_version)]
 
@@ -366,6 +373,7 @@ class SubtreeStore:
             try:
                 return await self._apply(local, event), captured
             except VersionConflict:
+                self._meta_dirs.clear()
                 continue
         raise VersionConflict(f"apply {rel}: kept changing, will retry")
 

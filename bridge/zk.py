@@ -172,6 +172,15 @@ class ZooKeeper:
         finally:
             await asyncio.to_thread(self._client.close)
 
+    async def restart(self) -> None:
+        """Drop the session and connect afresh.
+
+        A client that has seen zxids newer than what a restored or wiped
+        ensemble holds is refused by it forever; only a new client state
+        (kazoo's restart resets the last zxid seen) gets back in.
+        """
+        await asyncio.to_thread(self._client.restart)
+
     @property
     def connected(self) -> bool:
         return bool(self._client.connected)
@@ -278,16 +287,22 @@ class ZooKeeper:
 
     # -- writes --------------------------------------------------------
     async def ensure_path(self, path: str) -> None:
-        """Create ``path`` and its ancestors if missing (set-up, not replication)."""
-        parts = [p for p in path.split("/") if p]
-        cur = ""
-        for part in parts:
-            cur += "/" + part
-            # NodeExists (VersionConflict here): someone, or an earlier run, made it.
+        """Create ``path`` and its ancestors if missing.
+
+        Looks up from the deepest level first: in the common case (the
+        parent exists) this is one or two requests, not one per level.
+        """
+        missing: list[str] = []
+        cur = path
+        while cur and cur != "/" and await self.exists(cur) is None:
+            missing.append(cur)
+            cur = cur.rsplit("/", 1)[0]
+        for p in reversed(missing):
+            # NodeExists (VersionConflict here): someone made it meanwhile.
             with contextlib.suppress(VersionConflict):
                 await self._await(
-                    self._call(self._client.create_async, cur, b"", what=f"create {cur}"),
-                    f"create {cur}",
+                    self._call(self._client.create_async, p, b"", what=f"create {p}"),
+                    f"create {p}",
                 )
 
     async def set_data(self, path: str, data: bytes, version: int = -1) -> Stat:

@@ -171,6 +171,24 @@ def test_wiped_region_is_rebuilt_including_its_own_writes(
     fed.assert_clean_logs()
 
 
+def test_ensemble_wiped_under_a_running_bridge_is_rebuilt(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r3 = fed["r3"]
+    r3.client.create(r3.path("/mine"), b"written in r3")
+    fed["r1"].client.create(fed["r1"].path("/theirs"), b"written in r1")
+    fed.wait_converged()
+    r3.server.wipe()  # the bridge keeps running against an ensemble with no data
+    r3.client.restart()
+    r3.client.ensure_path(r3.mount)
+    wait_for(lambda: fed.count_events("r3", "zookeeper_client_restart") >= 1, 60,
+             message="bridge never reconnected to the wiped ensemble")
+    fed.wait_converged(timeout=120)
+    assert fed.tree("r3")["/mine"] == b"written in r3"
+    assert fed.tree("r3")["/theirs"] == b"written in r1"
+    fed.assert_clean_logs()
+
+
 @pytest.fixture
 def zk_proxy(federation: Federation) -> Iterator[TcpProxy]:
     host, port = federation["r1"].server.hosts.rsplit(":", 1)
