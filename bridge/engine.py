@@ -227,9 +227,12 @@ class Bridge:
                 asyncio.create_task(self._guarded("heartbeat", self._heartbeats)),
                 asyncio.create_task(self._guarded("status", self._status_writer)),
             ]
+            # Several workers per subtree: captures of different paths overlap
+            # their ZooKeeper round trips; the per-path lock keeps each path serial.
             tasks += [
                 asyncio.create_task(self._guarded(f"capture[{n}]", self._capture_worker, n))
                 for n in self.stores
+                for _ in range(CAPTURE_CONCURRENCY)
             ]
             # Applying starts after the scan, so the mass-delete breaker sees
             # local deletions before any remote event could announce them.
