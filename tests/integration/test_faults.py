@@ -151,42 +151,41 @@ def test_new_empty_region_bootstraps_from_topics(make_federation: Callable[..., 
     fed.assert_clean_logs()
 
 
-def test_wiped_region_is_rebuilt_including_its_own_writes(
-    federation: Federation, zk_servers: object
-) -> None:
-    fed = federation
+def _seed_then_wipe_r3(fed: Federation, *, bridge_running: bool) -> None:
+    """Writes from r3 itself and from r1, converged; then r3's ensemble loses everything."""
     fed.start_all()
     r3 = fed["r3"]
     r3.client.create(r3.path("/mine"), b"written in r3")
     fed["r1"].client.create(fed["r1"].path("/theirs"), b"written in r1")
     fed.wait_converged()
-    fed.stop("r3")
+    if not bridge_running:
+        fed.stop("r3")
     r3.server.wipe()  # the ensemble comes back empty, as after a lost disk
     r3.client.restart()  # a client that saw later zxids is refused by the wiped server
     wait_for(lambda: r3.client.connected and r3.client.exists("/") is not None, 30)
     r3.client.ensure_path(r3.mount)
-    fed.start("r3")
-    fed.wait_converged()
-    assert fed.tree("r3")["/mine"] == b"written in r3"
+
+
+def _assert_rebuilt(fed: Federation) -> None:
+    fed.wait_converged(timeout=120)
+    tree = fed.tree("r3")
+    assert tree["/mine"] == b"written in r3"  # only r3's own topic still had it
+    assert tree["/theirs"] == b"written in r1"
     fed.assert_clean_logs()
+
+
+def test_wiped_region_is_rebuilt_including_its_own_writes(federation: Federation) -> None:
+    _seed_then_wipe_r3(federation, bridge_running=False)
+    federation.start("r3")
+    _assert_rebuilt(federation)
 
 
 def test_ensemble_wiped_under_a_running_bridge_is_rebuilt(federation: Federation) -> None:
     fed = federation
-    fed.start_all()
-    r3 = fed["r3"]
-    r3.client.create(r3.path("/mine"), b"written in r3")
-    fed["r1"].client.create(fed["r1"].path("/theirs"), b"written in r1")
-    fed.wait_converged()
-    r3.server.wipe()  # the bridge keeps running against an ensemble with no data
-    r3.client.restart()
-    r3.client.ensure_path(r3.mount)
+    _seed_then_wipe_r3(fed, bridge_running=True)
     wait_for(lambda: fed.count_events("r3", "zookeeper_client_restart") >= 1, 60,
              message="bridge never reconnected to the wiped ensemble")
-    fed.wait_converged(timeout=120)
-    assert fed.tree("r3")["/mine"] == b"written in r3"
-    assert fed.tree("r3")["/theirs"] == b"written in r1"
-    fed.assert_clean_logs()
+    _assert_rebuilt(fed)
 
 
 @pytest.fixture
