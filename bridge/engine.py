@@ -28,6 +28,7 @@ import structlog
 from bridge import codec, failpoints
 from bridge.clock import HybridClock
 from bridge.config import Settings
+from bridge.election import Election
 from bridge.errors import BridgeError, CodecError, FencedError, VersionConflict
 from bridge.kafka import Kafka, Record, topic_name
 from bridge.model import Event, Op, VectorClock
@@ -118,7 +119,8 @@ class Bridge:
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
         self._tasks: set[asyncio.Future[None]] = set()
-        self._candidate = ""
+        self.election = Election(self.zk, f"{settings.state_path}/election", self.identity,
+                                 retry=self._retry, on_standby=self._standing_by)
         self._queued: Counter[str] = Counter()
         self.scan_seconds: dict[str, float] = {}  # outbox entries not yet acked, per subtree
         self.on_role: Callable[[str], None] = lambda role: None
@@ -149,10 +151,6 @@ class Bridge:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def election_path(self) -> str:
-        return f"{self.settings.state_path}/election"
-
     async def run(self) -> None:
         """Run until ``stop()`` or a fatal error (re-raised).
 
@@ -167,7 +165,7 @@ class Bridge:
             self._background(self._connection_watchdog())
             while not self._stop.is_set() and self._fatal is None:
                 self.role = "candidate"
-                elected = asyncio.create_task(self._elect())
+                elected = asyncio.create_task(self.election.wait())
                 stopping = asyncio.create_task(self._stop.wait())
                 await asyncio.wait({elected, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
@@ -182,36 +180,11 @@ class Bridge:
         if self._fatal is not None:
             raise self._fatal
 
-    async def _elect(self) -> None:
-        """Wait until this bridge's candidate znode is the oldest in the election."""
-        self._candidate = ""
-        while not await self._retry("election", self._election_step):
-            pass
-
-    async def _election_step(self) -> bool:
-        """One look at the election: True when we lead; otherwise wait for our predecessor.
-
-        Retriable as a whole: the candidate name survives a retry, and a
-        candidate lost with an expired session is simply created again.
-        """
-        await self.zk.ensure_path(self.election_path)
-        names = await self.zk.children(self.election_path) or []
-        if not self._candidate or self._candidate not in names:
-            created = await self.zk.create(f"{self.election_path}/n-", self.identity.encode(),
-                                           ephemeral=True, sequence=True)
-            self._candidate = created.rsplit("/", 1)[1]
-            return False
-        ordered = sorted(names, key=lambda n: n.rsplit("-", 1)[-1])
-        index = ordered.index(self._candidate)
-        if index == 0:
-            return True
+    def _standing_by(self, leader: str) -> None:
         if self.role != "standby":
-            # Another bridge leads this region: we are serving, as its standby.
             self.role = "standby"
-            log.info("standby", identity=self.identity, leader_candidate=ordered[0])
+            log.info("standby", identity=self.identity, leader_candidate=leader)
             self.on_role(self.role)
-        await self.zk.wait_deleted(f"{self.election_path}/{ordered[index - 1]}")
-        return False
 
     async def _lead(self) -> None:
         """One leadership term: take the epoch, run both pipelines until it ends."""

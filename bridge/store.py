@@ -500,16 +500,6 @@ class SubtreeStore:
         for name in names[: max(0, len(names) - keep)]:
             await self.zk.delete(f"{self.layout.conflicts}/{name}")
 
-    async def recent_conflicts(self, limit: int) -> list[Conflict]:
-        names = sorted(await self.zk.children(self.layout.conflicts) or [])[-limit:]
-        out = []
-        for name in reversed(names):
-            node = await self.zk.get(f"{self.layout.conflicts}/{name}")
-            if node is not None:
-                out.append(codec.decode_conflict(node.data))
-        return out
-
-
 
 async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
     """Local changes recorded but not yet acknowledged by Kafka."""
