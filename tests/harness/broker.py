@@ -19,9 +19,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from tests.harness import procs
+from tests.harness.managed import Managed
 from tests.harness.proxy import TcpProxy
 
 EXTERNAL_ENV = "ZKBRIDGE_TEST_KAFKA"
@@ -58,7 +58,7 @@ def metadata_ok(bootstrap: str, timeout: float = 2.0) -> bool:
     return asyncio.run(_fetch_metadata(bootstrap, timeout)) > 0
 
 
-class Broker:
+class Broker(Managed):
     """A Kafka endpoint for tests.
 
     Managed (default): a tansu process on 127.0.0.1 with its log in `base_dir`;
@@ -219,17 +219,6 @@ class Broker:
             self.proxy.stop()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> Broker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         kind = "tansu" if self.managed else "external"

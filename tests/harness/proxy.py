@@ -13,8 +13,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from tests.harness.managed import Managed
 
 if TYPE_CHECKING:
     from tests.harness.zookeeper import ZooKeeperServer
@@ -103,7 +104,7 @@ class _Conn:
         self.proxy._conns.discard(self)
 
 
-class TcpProxy:
+class TcpProxy(Managed):
     """Listens on 127.0.0.1:`listen_port` (free port by default), forwards to target.
 
     - `cut()`: reset every open connection; new ones are accepted and then
@@ -194,15 +195,7 @@ class TcpProxy:
         self._thread = None
         self._loop = None
 
-    def __enter__(self) -> TcpProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
         self.stop()
 
     # -- addresses ---------------------------------------------------------

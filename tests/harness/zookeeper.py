@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from kazoo.client import KazooClient
 
 from tests.harness import procs
+from tests.harness.managed import Managed
 
 JAVA_DIR = Path("/usr/share/java")
 CONF_DIR = Path("/etc/zookeeper/conf")
@@ -34,7 +34,7 @@ class ZooKeeperError(RuntimeError):
     """The server did not start or stop as asked; the message holds its log tail."""
 
 
-class ZooKeeperServer:
+class ZooKeeperServer(Managed):
     """A standalone server on 127.0.0.1 with its config, data and log under `base_dir`.
 
     The client port is chosen once, so `restart()` and `wipe()` come back at the
@@ -206,17 +206,6 @@ class ZooKeeperServer:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> ZooKeeperServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ZooKeeperServer({self.name!r}, {self.hosts}, pid={self.pid})"
