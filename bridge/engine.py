@@ -294,7 +294,12 @@ class Bridge:
         await self._replay_own_topics(fresh)
         for store in self.stores.values():
             for path, payload in await store.pending_outbox():
-                self._enqueue_outbox(store.layout.name, path, payload)
+                # Left by an earlier run: only the stored payload knows its key.
+                try:
+                    key = codec.decode(payload).key
+                except CodecError:
+                    key = b"/"
+                self._enqueue_outbox(store.layout.name, path, payload, key)
         await self._retry("start consumer", lambda: self.kafka.start_consumer(
             f"{s.kafka.topic_prefix}.{self.region}"))
         positions: dict[tuple[str, int], int | None] = {}
@@ -534,17 +539,17 @@ class Bridge:
         for c in captured:
             self.stats[f"captured:{name}"] += 1
             failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
-            self._enqueue_outbox(name, c.outbox_path, c.payload)
+            self._enqueue_outbox(name, c.outbox_path, c.payload, c.event.key)
 
-    def _enqueue_outbox(self, subtree: str, path: str, payload: bytes) -> None:
-        try:
-            key = codec.decode(payload).key
-        except CodecError:
-            key = b"/"
+    def _enqueue_outbox(self, subtree: str, path: str, payload: bytes, key: bytes) -> None:
         self._outgoing.put_nowait(
             Outgoing(self.topic(subtree, self.region), key, payload, path, subtree)
         )
         self._queued[subtree] += 1
+
+    def backlog(self, subtree: str) -> int:
+        """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
+        return self._queued[subtree]
 
     async def _publisher(self) -> None:
         while True:
@@ -606,7 +611,7 @@ class Bridge:
             region=self.region, identity=self.identity, epoch=self.epoch, role=self.role,
             health=health(errors, peers, self.settings.heartbeat_interval),
             started_ms=self.started_ms, updated_ms=now_ms(), counters=dict(self.stats),
-            outbox={n: self._queued[n] for n in self.stores},
+            outbox={n: self.backlog(n) for n in self.stores},
             oversized={n: sorted(st.oversized) for n, st in self.stores.items()},
             peers=peers, errors=errors,
         )

@@ -76,7 +76,7 @@ class BridgeCollector(Collector):
         outbox = GaugeMetricFamily("zkbridge_outbox_depth", "local changes not yet acked by Kafka",
                                    labels=["subtree"])
         for name in b.stores:
-            outbox.add_metric([name], b._queued[name])
+            outbox.add_metric([name], b.backlog(name))
         yield outbox
         scan = GaugeMetricFamily("zkbridge_scan_seconds", "duration of the last full scan",
                                  labels=["subtree"])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from bridge import codec
 from bridge.config import Settings
 from bridge.model import NodeMeta
 from bridge.store import Layout, is_excluded, join
-from bridge.zk import ZooKeeper, gather_limited
+from bridge.zk import Node, ZooKeeper, gather_limited
 
 CONCURRENCY = 64
 
@@ -22,50 +22,43 @@ class Difference:
     detail: str  # one line: which regions differ and how
 
 
-async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = ()) -> dict[str, bytes]:
-    """Every persistent znode below ``mount`` (the mount itself excluded): rel path → bytes."""
-    out: dict[str, bytes] = {}
+async def _walk(
+    zk: ZooKeeper, path_of: Callable[[str], str], exclude: Sequence[str] = ()
+) -> AsyncIterator[tuple[str, Node]]:
+    """Every node below ``path_of("/")``, level by level, reads pipelined: (rel path, node)."""
     level = ["/"]
     while level:
 
         async def list_one(rel: str) -> list[str]:
-            names = await zk.children(mount if rel == "/" else mount + rel) or []
+            names = await zk.children(path_of(rel)) or []
             return [join(rel, n) for n in names if not is_excluded(join(rel, n), exclude)]
 
         rels = [r for names in await gather_limited([list_one(r) for r in level], CONCURRENCY)
                 for r in names]
-        nodes = await gather_limited([zk.get(mount + r) for r in rels], CONCURRENCY)
+        nodes = await gather_limited([zk.get(path_of(r)) for r in rels], CONCURRENCY)
         level = []
         for rel, node in zip(rels, nodes, strict=True):
-            if node is None or node.stat.ephemeral:
+            if node is None:
                 continue
-            out[rel] = node.data
+            yield rel, node
             if node.stat.num_children:
                 level.append(rel)
-    return out
+
+
+async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = ()) -> dict[str, bytes]:
+    """Every persistent znode below ``mount`` (the mount itself excluded): rel path → bytes."""
+    return {rel: node.data
+            async for rel, node in _walk(zk, lambda r: mount if r == "/" else mount + r, exclude)
+            if not node.stat.ephemeral}
 
 
 async def read_meta(zk: ZooKeeper, layout: Layout) -> dict[str, NodeMeta]:
     """Every metadata record of a subtree: rel path → NodeMeta."""
     out: dict[str, NodeMeta] = {}
-    level = ["/"]
-    while level:
-
-        async def list_one(rel: str) -> list[str]:
-            return [join(rel, n) for n in await zk.children(layout.meta(rel)) or []]
-
-        rels = [r for names in await gather_limited([list_one(r) for r in level], CONCURRENCY)
-                for r in names]
-        nodes = await gather_limited([zk.get(layout.meta(r)) for r in rels], CONCURRENCY)
-        level = []
-        for rel, node in zip(rels, nodes, strict=True):
-            if node is None:
-                continue
-            meta = codec.decode_meta(node.data)
-            if meta is not None:
-                out[rel] = meta
-            if node.stat.num_children:
-                level.append(rel)
+    async for rel, node in _walk(zk, layout.meta):
+        meta = codec.decode_meta(node.data)
+        if meta is not None:
+            out[rel] = meta
     return out
 
 
