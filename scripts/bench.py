@@ -906,22 +906,31 @@ class Bench:
         return rows
 
 
-async def _kafka_rates(bootstrap: str, n: int) -> tuple[float, float]:
+async def _raw_topic_and_producer(bootstrap: str, topic: str) -> Any:
+    """A one-partition topic and a started producer with the bridge's settings
+    (bridge/kafka.py: acks=all, linger 2 ms), so the raw ceiling is comparable."""
     # aiokafka is imported here so that --help stays quick.
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    topic = "bench.raw"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
     finally:
         await admin.close()
-    # The bridge's producer settings (bridge/kafka.py), so the ceiling is comparable.
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                 enable_idempotence=False, linger_ms=2)
     await producer.start()
+    return producer
+
+
+async def _kafka_rates(bootstrap: str, n: int) -> tuple[float, float]:
+    # aiokafka is imported here so that --help stays quick.
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic = "bench.raw"
+    producer = await _raw_topic_and_producer(bootstrap, topic)
     payload = bytes(range(256)) + b"12345678"
     assert len(payload) == RECORD_BYTES
     try:
@@ -962,21 +971,12 @@ async def _kafka_rates(bootstrap: str, n: int) -> tuple[float, float]:
 
 async def _kafka_latency(bootstrap: str, samples: int, gap: float) -> list[float]:
     """Milliseconds from send() to the record arriving at a waiting consumer, one at a time."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = "bench.latency"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=False, linger_ms=2)
+    producer = await _raw_topic_and_producer(bootstrap, topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
-    await producer.start()
     await consumer.start()
     out = []
     try:

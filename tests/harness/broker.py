@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from tests.harness import procs
-from tests.harness.managed import Managed
+from tests.harness.managed import ServerProcess
 from tests.harness.proxy import TcpProxy
 
 EXTERNAL_ENV = "ZKBRIDGE_TEST_KAFKA"
@@ -58,7 +57,7 @@ def metadata_ok(bootstrap: str, timeout: float = 2.0) -> bool:
     return asyncio.run(_fetch_metadata(bootstrap, timeout)) > 0
 
 
-class Broker(Managed):
+class Broker(ServerProcess):
     """A Kafka endpoint for tests.
 
     Managed (default): a tansu process on 127.0.0.1 with its log in `base_dir`;
@@ -131,14 +130,8 @@ class Broker(Managed):
         return f"127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def running(self) -> bool:
-        if not self.managed:
-            return True
-        return self._proc is not None and self._proc.poll() is None
+        return super().running if self.managed else True
 
     def start(self) -> Broker:
         if not self.managed:
@@ -194,17 +187,6 @@ class Broker(Managed):
             f"no Kafka metadata from {self.bootstrap} after {self.start_timeout:.0f}s "
             f"(last error: {last!r}); log {self.log_path}:\n{procs.log_tail(self.log_path)}"
         )
-
-    def stop(self, deadline: float = 10.0) -> None:
-        """SIGTERM, SIGKILL after `deadline`. tansu keeps nothing: topics are gone."""
-        if self._proc is not None:
-            procs.stop(self._proc, signal.SIGTERM, deadline)
-            self._proc = None
-
-    def kill(self) -> None:
-        if self._proc is not None:
-            procs.kill9(self._proc)
-            self._proc = None
 
     def restart(self) -> None:
         """Stop and start on the same port. With tansu this is also a wipe of all topics."""

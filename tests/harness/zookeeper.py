@@ -15,7 +15,7 @@ from pathlib import Path
 from kazoo.client import KazooClient
 
 from tests.harness import procs
-from tests.harness.managed import Managed
+from tests.harness.managed import ServerProcess
 
 JAVA_DIR = Path("/usr/share/java")
 CONF_DIR = Path("/etc/zookeeper/conf")
@@ -34,7 +34,7 @@ class ZooKeeperError(RuntimeError):
     """The server did not start or stop as asked; the message holds its log tail."""
 
 
-class ZooKeeperServer(Managed):
+class ZooKeeperServer(ServerProcess):
     """A standalone server on 127.0.0.1 with its config, data and log under `base_dir`.
 
     The client port is chosen once, so `restart()` and `wipe()` come back at the
@@ -68,14 +68,6 @@ class ZooKeeperServer(Managed):
     @property
     def hosts(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def _write_config(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -168,18 +160,6 @@ class ZooKeeperServer(Managed):
         self.spawn()
         self.wait_ready()
         return self
-
-    def stop(self, deadline: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `deadline` seconds. Data stays on disk."""
-        if self._proc is not None:
-            procs.stop(self._proc, signal.SIGTERM, deadline)
-            self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, data stays on disk (ZooKeeper syncs its log before acking)."""
-        if self._proc is not None:
-            procs.kill9(self._proc)
-            self._proc = None
 
     def freeze(self) -> None:
         """SIGSTOP: the server hangs with its sockets open, like a stuck machine."""
