@@ -591,7 +591,8 @@ class Bridge:
             batch.append(self._outgoing.get_nowait())
         if batch:
             try:
-                await asyncio.wait_for(self._publish(batch), deadline)
+                async with asyncio.timeout(deadline):
+                    await self._publish(batch)
             except (TimeoutError, BridgeError) as exc:
                 log.warning("drain_incomplete", left=len(batch), error=str(exc),
                             hint="kept in the outbox; published at next start")

@@ -237,7 +237,12 @@ class ZooKeeper:
 
         async_result.rawlink(done)
         try:
-            return await asyncio.wait_for(fut, timeout=max(self._settings.session_timeout, 5.0))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+            # a cancellation that arrives as the future completes, and at session
+            # loss every pending future completes at once (a task that ignored
+            # its cancellation kept a deposed leader's term alive).
+            async with asyncio.timeout(max(self._settings.session_timeout, 5.0)):
+                return await fut
         except TimeoutError as exc:
             raise ZooKeeperError(f"{what}: no answer from ZooKeeper") from exc
 
@@ -345,7 +350,8 @@ class ZooKeeper:
             if stat is None:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fired.wait(), recheck)
+                async with asyncio.timeout(recheck):
+                    await fired.wait()
 
     async def delete(self, path: str, version: int = -1) -> None:
         with contextlib.suppress(MissingNode):
