@@ -69,3 +69,19 @@ class MissingNode(ZooKeeperError):
     """The znode does not exist (only the adapter's callers that expect it see this)."""
 
     retriable = False
+
+
+class NoPermission(ZooKeeperError):
+    """The bridge's identity may not read or write a znode (ZooKeeper's NoAuth).
+
+    Not retriable: waiting does not grant a permission. Callers treat it as a
+    condition of that one path (held back and reported), never of the stream.
+    """
+
+    retriable = False
+
+
+class ClockSkewError(BridgeError):
+    """A peer's event is stamped further ahead of our wall clock than allowed."""
+
+    retriable = True

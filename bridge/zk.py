@@ -19,23 +19,46 @@ from typing import Any, TypeVar
 import structlog
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    EXCEPTIONS,
     BadVersionError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
     OperationTimeoutError,
     RolledBackError,
     SessionExpiredError,
+    UnimplementedError,
     ZookeeperError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.connection import ConnectionHandler
+from kazoo.protocol.serialization import (
+    GetChildren,
+    GetData,
+    MultiHeader,
+    ZnodeStat,
+    int_struct,
+    multiheader_struct,
+    read_buffer,
+    read_string,
+    stat_struct,
+    write_string,
+)
+from kazoo.protocol.serialization import Watch as WatchMessage
 from kazoo.protocol.states import EventType, WatchedEvent
 from kazoo.retry import KazooRetry
 
 from bridge.config import ZooKeeperSettings
-from bridge.errors import FencedError, MissingNode, VersionConflict, ZooKeeperError
+from bridge.errors import (
+    FencedError,
+    MissingNode,
+    NoPermission,
+    VersionConflict,
+    ZooKeeperError,
+)
 
 log = structlog.get_logger("bridge.zk")
 
@@ -50,6 +73,8 @@ class Stat:
     ephemeral: bool
     czxid: int
     mzxid: int
+    pzxid: int = 0
+    aversion: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +121,14 @@ class Watch(enum.Enum):
 WatchCallback = Callable[[Watch, str, bool], None]
 """(kind, absolute path, deleted) — always called on the event loop."""
 
+TreeCallback = Callable[[str], None]
+"""(absolute path) of a change below a recursively watched root — on the event loop."""
+
 SessionCallback = Callable[[str, bool], None]
 """(state name, new session?) — always called on the event loop."""
+
+
+EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
 
 
 def _stat(s: Any) -> Stat:
@@ -108,12 +139,16 @@ def _stat(s: Any) -> Stat:
         ephemeral=bool(s.ephemeralOwner),
         czxid=s.czxid,
         mzxid=s.mzxid,
+        pzxid=s.pzxid,
+        aversion=s.aversion,
     )
 
 
 def _translate(exc: BaseException, what: str) -> BaseException:
     if isinstance(exc, NoNodeError):
         return MissingNode(what)
+    if isinstance(exc, NoAuthError):
+        return NoPermission(f"{what}: not allowed by the znode's ACL")
     if isinstance(exc, BadVersionError | NodeExistsError | NotEmptyError):
         return VersionConflict(f"{what}: {type(exc).__name__}")
     if isinstance(exc, ConnectionLoss | SessionExpiredError | OperationTimeoutError):
@@ -126,6 +161,115 @@ def _translate(exc: BaseException, what: str) -> BaseException:
     return exc
 
 
+
+# --------------------------------------------------------------------------
+# Request types kazoo 2.11 lacks, written on its own protocol classes: the
+# read-only multi (ZooKeeper >= 3.6, opcode 22) and addWatch (>= 3.6, opcode
+# 106). Only new request types are added; kazoo's behaviour is unchanged.
+
+PERSISTENT_RECURSIVE = 1
+
+
+class _MultiRead:
+    """Many getData/getChildren in one request, answered at one zxid.
+
+    The server runs it as one request in its commit processor, which never
+    interleaves a read with a write being applied, so the reply is a
+    snapshot: see ``tests/integration/test_zk_protocol.py``. Each op fails on
+    its own (an error result in its slot); the others still answer.
+    """
+
+    type = 22
+
+    def __init__(self, ops: Sequence[tuple[str, str]]) -> None:
+        self.ops = list(ops)
+
+    def serialize(self) -> bytearray:
+        b = bytearray()
+        for kind, path in self.ops:
+            req = GetData(path, None) if kind == "data" else GetChildren(path, None)
+            b.extend(MultiHeader(req.type, False, -1).serialize() + req.serialize())
+        return b + multiheader_struct.pack(-1, True, -1)
+
+    @classmethod
+    def deserialize(cls, raw: bytes, offset: int) -> list[Any]:
+        results: list[Any] = []
+        header, offset = MultiHeader.deserialize(raw, offset)
+        while not header.done:
+            if header.type == GetData.type:
+                data, offset = read_buffer(raw, offset)
+                stat = ZnodeStat._make(stat_struct.unpack_from(raw, offset))
+                offset += stat_struct.size
+                results.append((data, stat))
+            elif header.type == GetChildren.type:
+                count = int_struct.unpack_from(raw, offset)[0]
+                offset += int_struct.size
+                names = []
+                for _ in range(max(count, 0)):
+                    name, offset = read_string(raw, offset)
+                    names.append(name)
+                results.append(names)
+            else:  # -1: an error result for this op alone
+                err = int_struct.unpack_from(raw, offset)[0]
+                offset += int_struct.size
+                results.append(EXCEPTIONS[err]())
+            header, offset = MultiHeader.deserialize(raw, offset)
+        return results
+
+
+class _AddWatch:
+    type = 106
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self.mode = mode
+
+    def serialize(self) -> bytearray:
+        return bytearray(write_string(self.path) + int_struct.pack(self.mode))
+
+    @classmethod
+    def deserialize(cls, raw: bytes, offset: int) -> bool:
+        return True
+
+
+class _Connection(ConnectionHandler):  # type: ignore[misc]
+    """kazoo's connection, plus delivery of persistent recursive watch events.
+
+    kazoo looks up one-shot watchers by exact path and drops anything else;
+    events of a persistent recursive watch name descendants, so they are
+    offered to ``on_persistent`` first. One-shot watchers still run as before.
+    """
+
+    on_persistent: Callable[[int, str], None] | None = None
+
+    def _read_watch_event(self, buffer: bytes, offset: int) -> None:
+        cb = self.on_persistent
+        if cb is not None:
+            event, _ = WatchMessage.deserialize(buffer, offset)
+            cb(event.type, event.path)
+        super()._read_watch_event(buffer, offset)
+
+
+class _Client(KazooClient):  # type: ignore[misc]
+    """KazooClient with the two request types above; nothing else differs."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._connection = _Connection(
+            self, self._conn_retry.copy(), logger=self.logger,
+            sasl_options=kwargs.get("sasl_options"),
+        )
+
+    def multi_read_async(self, ops: Sequence[tuple[str, str]]) -> Any:
+        result = self.handler.async_result()
+        self._call(_MultiRead(ops), result)
+        return result
+
+    def add_watch_async(self, path: str, mode: int) -> Any:
+        result = self.handler.async_result()
+        self._call(_AddWatch(path, mode), result)
+        return result
+
 class ZooKeeper:
     """One session with one region's ensemble.
 
@@ -136,7 +280,7 @@ class ZooKeeper:
 
     def __init__(self, settings: ZooKeeperSettings, *, read_only: bool = False) -> None:
         auth = [(settings.auth.scheme, settings.auth.credential)] if settings.auth else None
-        self._client = KazooClient(
+        self._client = _Client(
             hosts=settings.hosts,
             timeout=settings.session_timeout,
             # Reconnect forever: the daemon decides when an outage is fatal.
@@ -149,6 +293,11 @@ class ZooKeeper:
         self._session_cbs: list[SessionCallback] = []
         self._session_id: int | None = None
         self._watch_cb: WatchCallback | None = None
+        self._tree_cb: TreeCallback | None = None
+        self._tree_roots: tuple[str, ...] = ()
+        self._client._connection.on_persistent = self._persistent_event
+        # Tests set this to stand in for a server older than 3.6.
+        self.refuse_add_watch = False
         self.fence: Check | None = None
 
     # -- lifecycle -----------------------------------------------------
@@ -209,6 +358,17 @@ class ZooKeeper:
             for cb in self._session_cbs:
                 loop.call_soon_threadsafe(cb, str(state), new_session)
         return False
+
+    def on_tree(self, cb: TreeCallback) -> None:
+        self._tree_cb = cb
+
+    def _persistent_event(self, kind: int, path: str) -> None:
+        # kazoo's connection thread; persistent events carry no "child" kind.
+        loop, cb = self._loop, self._tree_cb
+        if loop is None or cb is None or loop.is_closed() or kind == EventType_CHILD:
+            return
+        if any(path == r or path.startswith(r + "/") for r in self._tree_roots):
+            loop.call_soon_threadsafe(cb, path)
 
     def _kazoo_watch(self, event: WatchedEvent) -> None:
         loop, cb = self._loop, self._watch_cb
@@ -286,6 +446,56 @@ class ZooKeeper:
         except MissingNode:
             return None
         return list(names)
+
+    async def read_many(self, ops: Sequence[tuple[str, str]]) -> list[Any]:
+        """Read many znodes (``("data", path)``) and listings (``("children", path)``) at once.
+
+        One request, one consistent snapshot. Per op: a ``Node`` or a list of
+        names; ``None`` if the znode does not exist; a ``NoPermission``
+        instance where the ACL forbids reading (a per-path condition).
+        """
+        if not ops:
+            return []
+        raw = await self._await(
+            self._call(self._client.multi_read_async, list(ops), what="multiRead"),
+            f"multiRead of {len(ops)}",
+        )
+        out: list[Any] = []
+        for (_kind, path), res in zip(ops, raw, strict=True):
+            if isinstance(res, NoNodeError):
+                out.append(None)
+            elif isinstance(res, NoAuthError):
+                out.append(NoPermission(f"read {path}: not allowed by the znode's ACL"))
+            elif isinstance(res, Exception):
+                raise ZooKeeperError(f"read {path}: {type(res).__name__}")
+            elif isinstance(res, tuple):
+                out.append(Node(res[0] or b"", _stat(res[1])))
+            else:
+                out.append(list(res))
+        return out
+
+    async def add_recursive_watch(self, path: str) -> bool:
+        """One persistent recursive watch on ``path``; False if the server lacks addWatch.
+
+        Events for ``path`` and everything below reach the ``on_tree``
+        callback until the session ends or the connection drops (kazoo does
+        not restore persistent watches on reconnect: callers re-add and rescan).
+        """
+        if self.refuse_add_watch:
+            return False
+        try:
+            await self._await(
+                self._call(self._client.add_watch_async, path, PERSISTENT_RECURSIVE,
+                           what=f"addWatch {path}"),
+                f"addWatch {path}",
+            )
+        except ZooKeeperError as exc:
+            if isinstance(exc.__cause__, UnimplementedError) or "Unimplemented" in str(exc):
+                return False
+            raise
+        if path not in self._tree_roots:
+            self._tree_roots = (*self._tree_roots, path)
+        return True
 
     async def sync(self, path: str) -> None:
         await self._await(self._call(self._client.sync_async, path, what="sync"), "sync")

@@ -1,0 +1,145 @@
+"""The request types zk.py adds to kazoo (multiRead, addWatch), against a real server.
+
+Batch closure rests on two server facts checked here: a read-only multi is
+answered as one snapshot (never half before and half after a write), and a
+persistent recursive watch reports every change below its root, in order,
+before the reply to any later request on the same session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from bridge.config import ZooKeeperSettings
+from bridge.errors import NoPermission
+from bridge.zk import Node, ZooKeeper
+from tests.conftest import ZkServers
+from tests.harness.zookeeper import KazooFactory
+
+pytestmark = pytest.mark.integration
+
+
+def _adapter(zk_servers: ZkServers) -> ZooKeeper:
+    return ZooKeeper(ZooKeeperSettings(hosts=zk_servers.regions[0].hosts, session_timeout=10))
+
+
+def test_multi_read_returns_data_listings_and_per_op_errors(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    from kazoo.security import make_digest_acl
+
+    client = zk()
+    root = f"/{token}"
+    client.create(f"{root}/a", b"A", makepath=True)
+    client.create(f"{root}/b", b"", makepath=True)
+    secret_acl = [make_digest_acl("alice", "s3cret", all=True)]
+    client.create(f"{root}/secret", b"hidden", acl=secret_acl)
+
+    async def run() -> list[object]:
+        adapter = _adapter(zk_servers)
+        await adapter.start()
+        try:
+            return await adapter.read_many([
+                ("data", f"{root}/a"), ("data", f"{root}/missing"),
+                ("children", root), ("data", f"{root}/secret"), ("data", f"{root}/b"),
+            ])
+        finally:
+            await adapter.stop()
+
+    a, missing, names, secret, b = asyncio.run(run())
+    assert isinstance(a, Node) and a.data == b"A" and a.stat.version == 0
+    assert missing is None
+    assert sorted(names) == ["a", "b", "secret"]  # type: ignore[arg-type]
+    assert isinstance(secret, NoPermission)
+    assert isinstance(b, Node) and b.data == b""
+
+
+def test_multi_read_is_one_snapshot_under_concurrent_multis(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    """A writer bumps two znodes together in one multi; no read may see them differ."""
+    writer = zk()
+    root = f"/{token}"
+    writer.create(f"{root}/x", b"0", makepath=True)
+    writer.create(f"{root}/y", b"0")
+    stop = threading.Event()
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            t = writer.transaction()
+            t.set_data(f"{root}/x", str(n).encode())
+            t.set_data(f"{root}/y", str(n).encode())
+            t.commit()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+
+    async def read() -> tuple[int, int]:
+        adapter = _adapter(zk_servers)
+        await adapter.start()
+        torn = reads = 0
+        try:
+            for _ in range(1500):
+                x, y = await adapter.read_many([("data", f"{root}/x"), ("data", f"{root}/y")])
+                reads += 1
+                torn += x.data != y.data
+        finally:
+            await adapter.stop()
+        return torn, reads
+
+    try:
+        torn, reads = asyncio.run(read())
+    finally:
+        stop.set()
+        thread.join()
+    assert reads == 1500
+    assert torn == 0
+    assert int(writer.get(f"{root}/x")[0]) > 100  # the writer really raced the reads
+
+
+def test_recursive_watch_reports_every_change_before_a_later_reply(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    app = zk()
+    root = f"/{token}"
+    app.create(root, b"")
+
+    async def run() -> tuple[list[str], bool]:
+        adapter = _adapter(zk_servers)
+        seen: list[str] = []
+        adapter.on_tree(seen.append)
+        await adapter.start()
+        try:
+            ok = await adapter.add_recursive_watch(root)
+            # Writes by another session; one read on ours afterwards must
+            # find every notification already delivered (FIFO per session).
+            await asyncio.to_thread(app.create, f"{root}/a/b/c", b"1", makepath=True)
+            await asyncio.to_thread(app.set, f"{root}/a", b"2")
+            await asyncio.to_thread(app.delete, f"{root}/a/b/c")
+            await adapter.read_many([("data", root)])
+            await asyncio.sleep(0)  # callbacks are queued with call_soon_threadsafe
+            return seen, ok
+        finally:
+            await adapter.stop()
+
+    seen, ok = asyncio.run(run())
+    assert ok
+    assert seen == [f"{root}/a", f"{root}/a/b", f"{root}/a/b/c", f"{root}/a", f"{root}/a/b/c"]
+
+
+def test_refused_add_watch_is_reported_as_unsupported(zk_servers: ZkServers, token: str) -> None:
+    async def run() -> bool:
+        adapter = _adapter(zk_servers)
+        adapter.refuse_add_watch = True
+        await adapter.start()
+        try:
+            return await adapter.add_recursive_watch(f"/{token}")
+        finally:
+            await adapter.stop()
+
+    assert asyncio.run(run()) is False
