@@ -189,7 +189,8 @@ class _MultiRead:
         for kind, path in self.ops:
             req = GetData(path, None) if kind == "data" else GetChildren(path, None)
             b.extend(MultiHeader(req.type, False, -1).serialize() + req.serialize())
-        return b + multiheader_struct.pack(-1, True, -1)
+        b.extend(multiheader_struct.pack(-1, True, -1))
+        return b
 
     @classmethod
     def deserialize(cls, raw: bytes, offset: int) -> list[Any]:
