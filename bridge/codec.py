@@ -27,10 +27,12 @@ __all__ = [
     "decode",
     "decode_conflict",
     "decode_meta",
+    "decode_outbox",
     "decode_positions",
     "encode",
     "encode_conflict",
     "encode_meta",
+    "encode_outbox",
     "encode_positions",
     "normalise_path",
 ]
@@ -68,14 +70,18 @@ _SUBTREE = re.compile(r"[a-z0-9_-]+")
 _BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\U0010ffff]")
 
 _OPS = {op.value: op for op in Op}
-_EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data")
+_EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
+               "batch", "batch_index", "batch_size")
+# A batch is bounded by ZooKeeper's request size long before this.
+MAX_BATCH_SIZE = 100_000
 
 
 # ---------------------------------------------------------------- unpacking
 
 
 def _unpack(
-    raw: bytes, *, max_bytes: int, int_keys: bool = False, max_map_len: int = MAX_VC_ENTRIES
+    raw: bytes, *, max_bytes: int, int_keys: bool = False, max_map_len: int = MAX_VC_ENTRIES,
+    max_array_len: int = MAX_TOP_LEVEL_KEYS,
 ) -> object:
     """msgpack → Python with every container bounded; errors become ``malformed``."""
     if not isinstance(raw, bytes | bytearray | memoryview):
@@ -90,7 +96,7 @@ def _unpack(
             strict_map_key=not int_keys,
             max_str_len=min(MAX_STR_LEN, max_bytes),
             max_bin_len=max_bytes,
-            max_array_len=MAX_TOP_LEVEL_KEYS,
+            max_array_len=max_array_len,
             max_map_len=max_map_len,
             max_ext_len=0,
         )
@@ -247,6 +253,17 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
     elif "data" in m:
         raise CodecError(BAD_FIELD, f"data: not allowed for op={op.value}")
 
+    batch: int | None = None
+    batch_index, batch_size = 0, 1
+    if "batch" in m:
+        if op is Op.HEARTBEAT:
+            raise CodecError(BAD_FIELD, "batch: not allowed for a heartbeat")
+        batch = _int(m, "batch", 0)
+        batch_size = _int(m, "batch_size", 1, MAX_BATCH_SIZE)
+        batch_index = _int(m, "batch_index", 0, batch_size - 1)
+    elif "batch_index" in m or "batch_size" in m:
+        raise CodecError(BAD_FIELD, "batch_index/batch_size without batch")
+
     for key, value in m.items():
         if key in _EVENT_KEYS:
             continue
@@ -267,6 +284,9 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         writer=writer,
         data=data,
         v=v,
+        batch=batch,
+        batch_index=batch_index,
+        batch_size=batch_size,
     )
 
 
@@ -283,6 +303,10 @@ def _event_to_map(event: Event) -> dict[str, object]:
     }
     if event.data is not None:
         m["data"] = bytes(event.data)
+    if event.batch is not None:
+        m["batch"] = event.batch
+        m["batch_index"] = event.batch_index
+        m["batch_size"] = event.batch_size
     return m
 
 
@@ -316,6 +340,25 @@ def check_size(event: Event, max_data_bytes: int) -> None:
     size = len(encode(event))
     if size > MAX_EVENT_BYTES:
         raise OversizedError(f"event {size} bytes exceeds limit {MAX_EVENT_BYTES}")
+
+
+# ---------------------------------------------------------------- outbox
+
+
+def encode_outbox(payloads: list[bytes]) -> bytes:
+    """One outbox entry: the encoded events of one batch, in publish order."""
+    return _pack([bytes(p) for p in payloads])
+
+
+def decode_outbox(raw: bytes) -> list[bytes]:
+    """The payloads of an outbox entry; an entry written before 1.1 holds one event."""
+    obj = _unpack(raw, max_bytes=DEFAULT_MAX_BYTES + 65_536, max_map_len=MAX_TOP_LEVEL_KEYS,
+                  max_array_len=MAX_BATCH_SIZE)
+    if isinstance(obj, dict):
+        return [bytes(raw)]
+    if isinstance(obj, list) and all(isinstance(p, bytes) for p in obj):
+        return list(obj)
+    raise CodecError(MALFORMED, "outbox entry is neither an event nor a list of events")
 
 
 # ---------------------------------------------------------------- metadata

@@ -1,12 +1,11 @@
-"""The two replication pipelines of one region's bridge, and their supervision.
+"""Leadership and supervision of one region's bridge.
 
-Outbound: watches and scans → capture (metadata + outbox, one multi) →
-publisher (Kafka, acks=all) → outbox entry removed.
-Inbound: peer topics → decode and contain → apply (content + metadata, one
-multi) → positions stored in ZooKeeper → mirrored to the consumer group.
-
-Work on one path is serialised by a per-path lock; retriable errors back off
-and retry, everything else stops the bridge (systemd restarts it).
+The replication work itself lives in ``outbound`` (watch → closed batch →
+outbox → publish) and ``inbound`` (fetch → complete batch → one ``multi``
+with the position). This module wins a term, starts both pipelines for it,
+ends the term on session loss or a fenced write, and retries what may pass.
+Retriable errors back off and retry; everything else stops the bridge
+(systemd restarts it).
 """
 
 from __future__ import annotations
@@ -19,75 +18,32 @@ import socket
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 import structlog
 
-from bridge import codec, failpoints
-from bridge.clock import HybridClock
+from bridge import codec
+from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings
 from bridge.election import Election
-from bridge.errors import BridgeError, CodecError, FencedError, VersionConflict
+from bridge.errors import BridgeError, FencedError, VersionConflict
+from bridge.inbound import FETCH_MAX_RECORDS, Inbound, decode_record
 from bridge.kafka import Kafka, Record, topic_name
-from bridge.model import Event, Op, VectorClock
+from bridge.model import Event
+from bridge.outbound import Outbound
 from bridge.scan import Scanner
 from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
-from bridge.store import Captured, Layout, Outcome, SubtreeStore
-from bridge.zk import Create, SetData, Watch, ZooKeeper, gather_limited
+from bridge.store import Layout, SubtreeStore
+from bridge.zk import Create, SetData, Watch, ZooKeeper
 from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.engine")
 
 T = TypeVar("T")
 
-APPLY_CONCURRENCY = 32
-CAPTURE_CONCURRENCY = 16
-FETCH_MAX_RECORDS = 1000
-CONFLICTS_KEPT = 1000
-
-
-class PathLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-
-@dataclass
-class PeerState:
-    """What the inbound pipeline knows about one (subtree, peer) stream."""
-
-    subtree: str
-    peer: str
-    topic: str
-    positions: dict[int, int] = field(default_factory=dict)
-    last_heartbeat_ms: int = 0
-    last_event_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    topic: str
-    key: bytes
-    payload: bytes
-    outbox_path: str
-    subtree: str
+DEFAULT_MAX_CLOCK_SKEW = 60.0
 
 
 class Bridge:
@@ -100,29 +56,24 @@ class Bridge:
         self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{self.region}")
         self.clock = HybridClock()
         self.stats: Counter[str] = Counter()
-        self.locks = PathLocks()
         self.stores: dict[str, SubtreeStore] = {}
         self.scanners: dict[str, Scanner] = {}
-        self.peers: dict[str, PeerState] = {}  # by topic
-        self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue()
-        self._work: dict[str, asyncio.Queue[tuple[Watch, str]]] = {}
-        self._pending: dict[str, set[tuple[Watch, str]]] = {}
+        # One lock per subtree: its captures and applies never overlap.
+        self.locks: dict[str, asyncio.Lock] = {}
         self._rescan = asyncio.Event()
         self._lost = asyncio.Event()
-        self._caught_up = asyncio.Event()
-        self._catch_up_to: dict[tuple[str, int], int] = {}
-        self._own_ends: dict[str, dict[int, int]] = {}
-        self._own_written = 0.0
         self._stop = asyncio.Event()
+        self.tree_watch = True  # False: the server lacks addWatch, per-node watches instead
+        self._watched: dict[str, dict[str, set[str]]] = {}  # fallback: rel → children seen
+        self.waiting: dict[str, str] = {}  # peer → why its stream waits (clock skew)
         self.role = "starting"
         self.epoch = 0
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
         self._tasks: set[asyncio.Future[None]] = set()
         self.election = Election(self.zk, f"{settings.state_path}/election", self.identity,
-                                 retry=self._retry, on_standby=self._standing_by)
-        self._queued: Counter[str] = Counter()
-        self.scan_seconds: dict[str, float] = {}  # outbox entries not yet acked, per subtree
+                                 retry=self.retry, on_standby=self._standing_by)
+        self.scan_seconds: dict[str, float] = {}
         self.on_role: Callable[[str], None] = lambda role: None
         self._fatal: BaseException | None = None
         self.ready = asyncio.Event()
@@ -138,11 +89,11 @@ class Bridge:
             )
             self.stores[st.name] = store
             self.scanners[st.name] = Scanner(store, settings.mass_delete)
-            self._work[st.name] = asyncio.Queue()
-            self._pending[st.name] = set()
-            for peer in settings.peers:
-                topic = self.topic(st.name, peer)
-                self.peers[topic] = PeerState(st.name, peer, topic)
+            self.locks[st.name] = asyncio.Lock()
+            self._watched[st.name] = {}
+        self.outbound = Outbound(self)
+        self.inbound = Inbound(self)
+        self.peers = self.inbound.peers
 
     def topic(self, subtree: str, region: str) -> str:
         return topic_name(self.settings.kafka.topic_prefix, subtree, region)
@@ -158,11 +109,12 @@ class Bridge:
         session is lost, and go back to standby.
         """
         try:
-            await self._retry("connect to ZooKeeper", self.zk.start)
+            await self.retry("connect to ZooKeeper", self.zk.start)
             self.zk.on_watch(self._on_watch)
+            self.zk.on_tree(self._on_tree)
             self.zk.on_session(self._on_session)
             await self._register_member()
-            self._background(self._connection_watchdog())
+            self.background(self._connection_watchdog())
             while not self._stop.is_set() and self._fatal is None:
                 self.role = "candidate"
                 elected = asyncio.create_task(self.election.wait())
@@ -196,28 +148,27 @@ class Bridge:
             # Publishing runs while the startup scan captures, so peers see
             # changes as they are found rather than after the whole scan.
             tasks = [
-                asyncio.create_task(self._guarded("publisher", self._publisher)),
-                asyncio.create_task(self._guarded("heartbeat", self._heartbeats)),
+                asyncio.create_task(self._guarded("publisher", self.outbound.publisher)),
+                asyncio.create_task(self._guarded(
+                    "heartbeat", self.outbound.heartbeats,
+                    lambda: self.settings.heartbeat_interval)),
                 asyncio.create_task(self._guarded("status", self._status_writer)),
             ]
-            # Several workers per subtree: captures of different paths overlap
-            # their ZooKeeper round trips; the per-path lock keeps each path serial.
+            # Applying starts after the start-up scan (in _start), so the
+            # mass-delete breaker sees local deletions before any remote event.
+            tasks += [asyncio.create_task(self._guarded(f"capture[{n}]",
+                                                        self.outbound.capture_loop, n))
+                      for n in self.stores]
+            tasks += [asyncio.create_task(self._guarded(f"apply[{n}]",
+                                                        self.inbound.apply_loop, n))
+                      for n in self.stores]
             tasks += [
-                asyncio.create_task(self._guarded(f"capture[{n}]", self._capture_worker, n))
-                for n in self.stores
-                for _ in range(CAPTURE_CONCURRENCY)
-            ]
-            # Applying starts after the scan, so the mass-delete breaker sees
-            # local deletions before any remote event could announce them.
-            for name in self.stores:
-                await self._scan(name)
-            tasks += [
-                asyncio.create_task(self._guarded("consumer", self._consumer)),
+                asyncio.create_task(self._guarded("fetcher", self.inbound.fetcher)),
                 asyncio.create_task(self._guarded("rescan", self._rescanner)),
             ]
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
-            waits = {asyncio.ensure_future(self._caught_up.wait()),
+            waits = {asyncio.ensure_future(self.inbound.caught_up.wait()),
                      asyncio.ensure_future(self._stop.wait()),
                      asyncio.ensure_future(self._lost.wait())}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -244,7 +195,7 @@ class Bridge:
                             action="stopped publishing and applying; standing by")
                 self.zk.fence = None
             elif self._fatal is None:
-                await self._drain_outbox()
+                await self.outbound.drain()
                 # Leave a fresh record behind: `lag` and `status` read it while we are down.
                 with contextlib.suppress(BridgeError):
                     await self._write_status()
@@ -253,16 +204,14 @@ class Bridge:
 
     def _reset_term(self) -> None:
         """Forget in-memory work of a term: the next leader reads it back from ZooKeeper."""
-        self._outgoing = asyncio.Queue()
-        self._queued.clear()
-        self._caught_up.clear()
+        self.outbound.reset()
+        self.inbound.reset()
         for name in self.stores:
-            self._work[name] = asyncio.Queue()
-            self._pending[name] = set()
-            self.scanners[name].reset()
+            self._watched[name].clear()
+            self.stores[name].metas.clear()
         self.ready.clear()
 
-    async def _guarded(self, name: str, fn: Callable[..., Awaitable[None]], *args: str) -> None:
+    async def _guarded(self, name: str, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         try:
             await fn(*args)
         except asyncio.CancelledError:
@@ -286,33 +235,33 @@ class Bridge:
         for store in self.stores.values():
             await store.setup()
         own = [self.topic(n, self.region) for n in self.stores]
-        created = await self._retry("create topics", lambda: self.kafka.ensure_topics(
+        created = await self.retry("create topics", lambda: self.kafka.ensure_topics(
             own + list(self.peers)))
         if created:
             log.info("topics_created", topics=created)
-        await self._retry("start producer", self.kafka.start_producer)
-        await self._replay_own_topics(fresh)
+        await self.retry("start producer", self.kafka.start_producer)
         for store in self.stores.values():
-            for path, payload in await store.pending_outbox():
-                # Left by an earlier run: only the stored payload knows its key.
-                try:
-                    key = codec.decode(payload).key
-                except CodecError:
-                    key = b"/"
-                self._enqueue_outbox(store.layout.name, path, payload, key)
-        await self._retry("start consumer", lambda: self.kafka.start_consumer(
+            # Left by an earlier term: published first, whole batches, in order.
+            pending = await self.retry("read outbox", store.pending_outbox)
+            self.outbound.enqueue_pending(store.layout.name, pending)
+            if pending:
+                for _path, payloads in pending:
+                    for payload in payloads:
+                        # New batch ids must sort after the ones still pending.
+                        with contextlib.suppress(BridgeError):
+                            self.clock.observe(codec.decode(payload).ts)
+        for name in self.stores:
+            await self._scan(name)
+        await self._replay_own_topics(fresh)
+        await self.retry("start consumer", lambda: self.kafka.start_consumer(
             f"{s.kafka.topic_prefix}.{self.region}"))
-        positions: dict[tuple[str, int], int | None] = {}
-        for topic, peer in self.peers.items():
-            peer.positions = await self.stores[peer.subtree].read_positions(peer.peer)
-            for part in await self.kafka.partitions(topic):
-                positions[(topic, part)] = peer.positions.get(part)
+        positions = await self.retry("read positions", self.inbound.start)
         await self.kafka.assign(positions)
         # Caught up = applied what the peers had published when this term began
         # (an empty fetch is not a usable signal: heartbeats never stop).
-        self._catch_up_to = await self._retry(
+        self.inbound.catch_up_to = await self.retry(
             "end offsets", lambda: self.kafka.end_offsets(list(positions)))
-        self._check_caught_up()
+        self.inbound.check_caught_up()
 
     @property
     def member_path(self) -> str:
@@ -341,7 +290,7 @@ class Bridge:
                     hint="new or wiped ensemble: rebuilding from the topics")
         return True
 
-    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Retry retriable failures with capped exponential backoff until stopped."""
         delay = 0.1
         while True:
@@ -366,7 +315,7 @@ class Bridge:
         the end offset seen now; everything already held is skipped as equal.
         """
         reader = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}-replay")
-        await self._retry("start replay consumer", lambda: reader.start_consumer(None))
+        await self.retry("start replay consumer", lambda: reader.start_consumer(None))
         try:
             for name, store in self.stores.items():
                 topic = self.topic(name, self.region)
@@ -381,33 +330,18 @@ class Bridge:
                          events=sum(e - start[tp] for tp, e in todo.items()))
                 await reader.assign({tp: start[tp] for tp in todo})
                 done: dict[tuple[str, int], int] = {}
+                records: list[Record] = []
                 while any(done.get(tp, start[tp]) < end for tp, end in todo.items()):
                     for rec in await reader.fetch(500, FETCH_MAX_RECORDS):
                         done[(rec.topic, rec.partition)] = rec.offset + 1
-                        event = self._decode(rec, name, self.region)
-                        if event is not None and event.op is not Op.HEARTBEAT:
-                            await self._apply(store, event)
+                        records.append(rec)
+                    if len(records) >= FETCH_MAX_RECORDS:
+                        await self.inbound.replay(store, records)
+                        records = []
+                await self.inbound.replay(store, records)
                 await store.write_positions(self.region, {p: o for (_, p), o in done.items()})
         finally:
             await reader.stop()
-
-    # -- outbound --------------------------------------------------------
-    def _on_watch(self, kind: Watch, path: str, deleted: bool) -> None:
-        for name, store in self.stores.items():
-            rel = store.layout.rel_of(path)
-            if rel is None:
-                continue
-            if deleted:
-                self.scanners[name].forget(rel)
-            self._schedule(name, kind, rel)
-            return
-
-    def _schedule(self, subtree: str, kind: Watch, rel: str) -> None:
-        item = (kind, rel)
-        if item in self._pending[subtree]:
-            return  # already queued: one capture sees the latest state anyway
-        self._pending[subtree].add(item)
-        self._work[subtree].put_nowait(item)
 
     def _on_session(self, state: str, new_session: bool) -> None:
         log.info("zookeeper_session", state=state, new_session=new_session)
@@ -416,7 +350,7 @@ class Bridge:
             self._lost.set()
         if state == "CONNECTED" and new_session:
             # The ephemeral member znode died with the old session.
-            self._background(self._retry("register member", self._register_member))
+            self.background(self.retry("register member", self._register_member))
         if state == "CONNECTED" and self.ready.is_set():
             # Watches may have been lost and nothing was delivered while away.
             self._rescan.set()
@@ -478,7 +412,7 @@ class Bridge:
                 log.warning("zookeeper_client_restart_failed", error=str(exc))
             down_since = None
 
-    def _background(self, coro: Awaitable[None]) -> None:
+    def background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # keep a reference until done, or it may be collected
         task.add_done_callback(self._tasks.discard)
@@ -492,110 +426,133 @@ class Bridge:
             await self._rescan.wait()
             self._rescan.clear()
             for name in self.stores:
-                await self._retry(f"rescan {name}", lambda n=name: self._scan(n))  # type: ignore[misc]
+                await self.retry(f"rescan {name}", lambda n=name: self._scan(n))  # type: ignore[misc]
 
     async def _scan(self, name: str) -> None:
-        scanner = self.scanners[name]
-        result = await self._retry(
-            f"scan {name}", lambda: scanner.scan(allow_mass_delete=self.allow_mass_delete)
-        )
-        self.stats[f"scans:{name}"] += 1
-        self.scan_seconds[name] = result.seconds
-        log.info("scan_done", subtree=name, znodes=result.znodes, changes=len(result.changed),
-                 seconds=round(result.seconds, 3))
-        await gather_limited([self._capture(name, rel) for rel in result.changed],
-                             CAPTURE_CONCURRENCY)
+        """Watch the mount, read everything, capture what changed unseen (one batch or more).
 
-    async def _capture_worker(self, name: str) -> None:
-        queue, pending = self._work[name], self._pending[name]
-        while True:
-            kind, rel = await queue.get()
-            pending.discard((kind, rel))
-            if kind is Watch.CHILDREN:
-                changed = await self._retry(
-                    f"list {rel}", lambda r=rel: self.scanners[name].children_changed(r)  # type: ignore[misc]
-                )
-                for child in changed:
-                    self._schedule(name, Watch.DATA, child)
-            else:
-                await self._capture(name, rel)
+        The watch goes first, so a change during the scan is either read by
+        it or notified after; the subtree's lock keeps applies out while the
+        metadata cache is rebuilt.
+        """
+        store, scanner = self.stores[name], self.scanners[name]
+        if self.tree_watch:
+            self.tree_watch = await self.retry(
+                f"watch {name}", lambda: self.zk.add_recursive_watch(store.layout.mount))
+            if not self.tree_watch:
+                log.warning("persistent_watch_unsupported", subtree=name,
+                            hint="ZooKeeper < 3.6: falling back to a watch per znode")
+        async with self.locks[name]:
+            result = await self.retry(
+                f"scan {name}", lambda: scanner.scan(allow_mass_delete=self.allow_mass_delete))
+            self.stats[f"scans:{name}"] += 1
+            self.scan_seconds[name] = result.seconds
+            log.info("scan_done", subtree=name, znodes=result.znodes,
+                     changes=len(result.changed), seconds=round(result.seconds, 3))
+            if not self.tree_watch:
+                self._watched[name].clear()
+                await self._arm(name, ["/", *result.present])
+            await self.outbound.flush(name, set(result.changed))
+            if store.held_events:
+                # Held back for want of permission: tried again at every scan.
+                events = list(store.held_events.values())
+                for e in events:
+                    store.held_back.pop(e.path, None)
+                store.held_events.clear()
+                applied = await self.inbound.apply_events(store, events, peer=None,
+                                                          positions=None)
+                self.inbound.record(store, applied)
 
-    async def _capture(self, name: str, rel: str) -> None:
-        store = self.stores[name]
-        async with self.locks.hold((name, rel)):
-            captured = await self._retry(f"capture {rel}", lambda: store.capture(rel))
-        self._published_locally(name, captured)
-        if self.scanners[name].watched(rel):
+    # -- change notification -------------------------------------------------
+    def _subtree_of(self, path: str) -> tuple[str, str] | None:
+        for name, store in self.stores.items():
+            rel = store.layout.rel_of(path)
+            if rel is not None:
+                return name, rel
+        return None
+
+    def _on_tree(self, path: str) -> None:
+        found = self._subtree_of(path)
+        if found is not None and found[1] != "/" and not self.stores[found[0]].excluded(found[1]):
+            self.outbound.mark(*found)
+
+    def _on_watch(self, kind: Watch, path: str, deleted: bool) -> None:
+        """Fallback one-shot watches (no addWatch): where to look, then re-armed."""
+        if self.tree_watch:
             return
-        present = await self._retry(f"exists {rel}", lambda: store.zk.exists(
-            store.layout.znode(rel)))
-        if present is not None and not present.ephemeral:
-            for child in await self._retry(
-                f"watch {rel}", lambda: self.scanners[name].ensure_watched(rel)
-            ):
-                self._schedule(name, Watch.DATA, child)
+        found = self._subtree_of(path)
+        if found is None:
+            return
+        name, rel = found
+        if kind is Watch.CHILDREN:
+            self.background(self._relist(name, rel))
+        elif rel != "/":
+            self.outbound.mark(name, rel)
 
-    def _published_locally(self, name: str, captured: list[Captured]) -> None:
-        for c in captured:
-            self.stats[f"captured:{name}"] += 1
-            failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
-            self._enqueue_outbox(name, c.outbox_path, c.payload, c.event.key)
+    async def _relist(self, name: str, rel: str) -> None:
+        with contextlib.suppress(BridgeError):
+            async with self.locks[name]:
+                self._watched[name].pop(rel, None)
+                await self._arm(name, [rel])
 
-    def _enqueue_outbox(self, subtree: str, path: str, payload: bytes, key: bytes) -> None:
-        self._outgoing.put_nowait(
-            Outgoing(self.topic(subtree, self.region), key, payload, path, subtree)
-        )
-        self._queued[subtree] += 1
+    async def after_capture(self, name: str, rels: set[str]) -> None:
+        if not self.tree_watch:
+            await self._arm(name, sorted(rels))
+
+    async def _arm(self, name: str, rels: list[str]) -> None:
+        """Per-node watches: data on each, children on each present one (new children marked)."""
+        store, seen = self.stores[name], self._watched[name]
+        for rel in rels:
+            path = store.layout.znode(rel)
+            stat = await self.zk.exists(path, watch=True)
+            if stat is None or stat.ephemeral:
+                seen.pop(rel, None)
+                continue
+            if rel in seen:
+                continue
+            names = await self.zk.children(path, watch=True) or []
+            seen[rel] = set(names)
+            for child in names:
+                child_rel = f"/{child}" if rel == "/" else f"{rel}/{child}"
+                if child_rel not in seen and not store.excluded(child_rel):
+                    self.outbound.mark(name, child_rel)
+
+    # -- inbound helpers -----------------------------------------------------
+    def decode(self, rec: Record, subtree: str, origin: str) -> Event | None:
+        """Decode and contain one record: anything off is counted, logged and skipped."""
+        event, reason, detail = decode_record(rec, subtree, origin)
+        if reason:
+            self.stats[f"rejected:{reason}"] += 1
+            self.note_error(f"event rejected ({reason})", f"{rec.topic}@{rec.offset}")
+            log.warning("event_rejected", reason=reason, topic=rec.topic,
+                        partition=rec.partition, offset=rec.offset, detail=detail)
+        return event
+
+    async def clock_guard(self, peer: str, events: list[Event]) -> None:
+        """Hold a peer's stream while its events are stamped too far ahead of our clock.
+
+        Neither applied (it would drag this region's clock, and every later
+        write here, into the future) nor skipped (that would diverge): the
+        stream waits, loudly, until the wall clock catches up.
+        """
+        bound_ms = 1000 * float(getattr(self.settings, "max_clock_skew", DEFAULT_MAX_CLOCK_SKEW))
+        newest = max((hlc_to_ms(e.ts) for e in events), default=0)
+        while (ahead := newest - int(time.time() * 1000)) > bound_ms:
+            if peer not in self.waiting:
+                self.stats["clock_skew_waits"] += 1
+                log.error("clock_skew_wait", peer=peer, ahead_seconds=round(ahead / 1000, 1),
+                          max_clock_skew=bound_ms / 1000,
+                          hint="the peer's clock (or a record) is ahead of ours; its stream "
+                               "waits until our wall clock catches up")
+            self.waiting[peer] = f"waiting: events stamped {ahead / 1000:.0f}s ahead"
+            self.note_error(f"peer {peer}", self.waiting[peer])
+            await asyncio.sleep(1.0)
+        if self.waiting.pop(peer, None) is not None:
+            log.info("clock_skew_cleared", peer=peer)
 
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
-        return self._queued[subtree]
-
-    async def _publisher(self) -> None:
-        while True:
-            batch = [await self._outgoing.get()]
-            while not self._outgoing.empty() and len(batch) < 500:
-                batch.append(self._outgoing.get_nowait())
-            await self._publish(batch)
-
-    async def _publish(self, batch: list[Outgoing]) -> None:
-        ends = await self._retry(
-            "publish", lambda: self.kafka.send_all([(o.topic, o.key, o.payload) for o in batch])
-        )
-        for o in batch:
-            self._queued[o.subtree] -= 1
-            self.stats[f"published:{o.subtree}"] += 1
-        failpoints.hit(failpoints.AFTER_PUBLISH)
-        await self._retry("outbox delete", lambda: gather_limited(
-            [self.zk.delete(o.outbox_path) for o in batch], 64))
-        for (topic, part), end in ends.items():
-            subtree = next(o.subtree for o in batch if o.topic == topic)
-            self._own_ends.setdefault(subtree, {})[part] = end
-        # The own-topic position only bounds a replay after a wipe: once a
-        # second is plenty, and saves a ZooKeeper write per small batch.
-        if time.monotonic() - self._own_written >= 1.0 or self._outgoing.empty():
-            await self._write_own_positions()
-
-    async def _write_own_positions(self) -> None:
-        self._own_written = time.monotonic()
-        for subtree, parts in list(self._own_ends.items()):
-            store = self.stores[subtree]
-            await self._retry("store publish position", lambda s=store, p=dict(parts):
-                              s.write_positions(self.region, p))  # type: ignore[misc]
-        self._own_ends.clear()
-
-    async def _drain_outbox(self, deadline: float = 10.0) -> None:
-        """On shutdown, publish what is queued; what is left stays in the outbox."""
-        batch: list[Outgoing] = []
-        while not self._outgoing.empty():
-            batch.append(self._outgoing.get_nowait())
-        if batch:
-            try:
-                async with asyncio.timeout(deadline):
-                    await self._publish(batch)
-            except (TimeoutError, BridgeError) as exc:
-                log.warning("drain_incomplete", left=len(batch), error=str(exc),
-                            hint="kept in the outbox; published at next start")
+        return self.outbound.queued[subtree]
 
     # -- status --------------------------------------------------------------
     def status(self) -> Status:
@@ -614,6 +571,8 @@ class Bridge:
             started_ms=self.started_ms, updated_ms=now_ms(), counters=dict(self.stats),
             outbox={n: self.backlog(n) for n in self.stores},
             oversized={n: sorted(st.oversized) for n, st in self.stores.items()},
+            held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
+                       for n, st in self.stores.items()},
             peers=peers, errors=errors,
         )
 
@@ -637,129 +596,4 @@ class Bridge:
                 if not exc.retriable:
                     raise
             await asyncio.sleep(STATUS_INTERVAL)
-
-    # -- heartbeats --------------------------------------------------------
-    async def _heartbeats(self) -> None:
-        interval = self.settings.heartbeat_interval
-        while True:
-            records = []
-            for name in self.stores:
-                hb = Event(
-                    origin=self.region,
-                    subtree=name,
-                    path="/",
-                    op=Op.HEARTBEAT,
-                    vc=VectorClock(),
-                    ts=self.clock.now(),
-                    writer=self.region,
-                )
-                records.append((self.topic(name, self.region), hb.key, codec.encode(hb)))
-            try:
-                await self.kafka.send_all(records)
-                self.stats["heartbeats_sent"] += len(records)
-            except BridgeError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("heartbeat_failed", error=str(exc))
-            await asyncio.sleep(interval)
-
-    # -- inbound -----------------------------------------------------------
-    async def _consumer(self) -> None:
-        sem = asyncio.Semaphore(APPLY_CONCURRENCY)
-        while True:
-            records = await self._retry(
-                "fetch", lambda: self.kafka.fetch(500, FETCH_MAX_RECORDS)
-            )
-            if not records:
-                continue
-            touched: dict[str, dict[int, int]] = {}
-
-            async def one(rec: Record) -> None:
-                peer = self.peers[rec.topic]
-                event = self._decode(rec, peer.subtree, peer.peer)
-                if event is None:
-                    return
-                if event.op is Op.HEARTBEAT:
-                    peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
-                    return
-                peer.last_event_ms = rec.timestamp_ms
-                async with sem:
-                    await self._apply(self.stores[peer.subtree], event)
-
-            await asyncio.gather(*(one(r) for r in records))
-            failpoints.hit(failpoints.AFTER_APPLY)
-            for rec in records:
-                parts = touched.setdefault(rec.topic, {})
-                parts[rec.partition] = max(parts.get(rec.partition, 0), rec.offset + 1)
-            await self._store_positions(touched)
-            self._check_caught_up()
-
-    def _check_caught_up(self) -> None:
-        if self._caught_up.is_set():
-            return
-        for (topic, part), end in self._catch_up_to.items():
-            if self.peers[topic].positions.get(part, 0) < end:
-                return
-        self._caught_up.set()
-
-    async def _store_positions(self, touched: dict[str, dict[int, int]]) -> None:
-        commit: dict[tuple[str, int], int] = {}
-        for topic, parts in touched.items():
-            peer = self.peers[topic]
-            peer.positions.update(parts)
-            store = self.stores[peer.subtree]
-            await self._retry("store positions", lambda s=store, p=peer:
-                              s.write_positions(p.peer, dict(p.positions)))  # type: ignore[misc]
-            commit.update({(topic, p): o for p, o in parts.items()})
-        try:
-            await self.kafka.commit(commit)
-        except BridgeError as exc:
-            # Only a mirror for external tools: the positions in ZooKeeper rule.
-            self.stats["group_commit_failed"] += 1
-            log.debug("group_commit_failed", error=str(exc))
-
-    def _decode(self, rec: Record, subtree: str, origin: str) -> Event | None:
-        """Decode and contain one record: anything off is counted, logged and skipped."""
-        reason = ""
-        event = None
-        try:
-            if rec.value is None:
-                raise CodecError("malformed", "null value (tombstone)")
-            event = codec.decode(rec.value)
-            if event.origin != origin:
-                reason = "unknown_origin"
-            elif event.subtree != subtree:
-                reason = "wrong_subtree"
-        except CodecError as exc:
-            reason = exc.reason
-            detail = str(exc)
-        else:
-            detail = f"origin={event.origin} subtree={event.subtree}"
-        if reason:
-            self.stats[f"rejected:{reason}"] += 1
-            self.note_error(f"event rejected ({reason})", f"{rec.topic}@{rec.offset}")
-            log.warning("event_rejected", reason=reason, topic=rec.topic,
-                        partition=rec.partition, offset=rec.offset, detail=detail)
-            return None
-        return event
-
-    async def _apply(self, store: SubtreeStore, event: Event) -> None:
-        failpoints.hit(failpoints.BEFORE_APPLY)
-        name = store.layout.name
-        async with self.locks.hold((name, event.path)):
-            outcome, captured = await self._retry(
-                f"apply {event.path}", lambda: store.apply(event)
-            )
-        self._published_locally(name, captured)
-        self.stats[f"applied:{name}:{outcome.value}"] += 1
-        if outcome in (Outcome.CONFLICT_LOCAL, Outcome.CONFLICT_REMOTE):
-            self.stats[f"conflicts:{name}"] += 1
-            log.info("conflict_resolved", subtree=name, path=event.path,
-                     winner="remote" if outcome is Outcome.CONFLICT_REMOTE else "local",
-                     remote_writer=event.writer)
-            if self.stats[f"conflicts:{name}"] % 100 == 0:
-                await self._retry("trim conflicts", lambda: store.trim_conflicts(CONFLICTS_KEPT))
-        elif outcome is Outcome.OVERSIZED:
-            log.warning("event_oversized", subtree=name, path=event.path,
-                        size=len(event.data or b""))
 

@@ -80,6 +80,10 @@ class NoPermission(ZooKeeperError):
 
     retriable = False
 
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
 
 class ClockSkewError(BridgeError):
     """A peer's event is stamped further ahead of our wall clock than allowed."""

@@ -86,6 +86,13 @@ class Event:
     writer: str
     data: bytes | None = None
     v: int = SCHEMA_VERSION
+    # Schema 1.1: the origin's batch this event belongs to (None: a batch of
+    # its own, as senders before 1.1 and `zkbridge resync` publish), its
+    # place in it and the batch's length. A receiver applies a batch only
+    # once it holds all of it.
+    batch: int | None = None
+    batch_index: int = 0
+    batch_size: int = 1
 
     @property
     def key(self) -> bytes:

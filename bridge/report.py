@@ -54,6 +54,7 @@ async def read_overview(settings: Settings) -> dict[str, Any]:
                        else "unknown (no fresh status record: is a bridge running?)"),
             "counters": dict(status.counters) if status else {},
             "oversized": dict(status.oversized) if status else {},
+            "held_back": dict(status.held_back) if status else {},
             "recent_errors": list(status.errors) if status else [],
             "subtrees": subtrees,
         }
@@ -76,6 +77,9 @@ def render_status(o: dict[str, Any]) -> str:
             lines.append(f"  from {peer}: applied up to {shown}")
     if o["counters"]:
         lines.append("counters " + ", ".join(f"{k}={v}" for k, v in sorted(o["counters"].items())))
+    for name, paths in o["held_back"].items():
+        if paths:
+            lines.append(f"held back in {name} (no permission): {', '.join(paths[:10])}")
     for name, paths in o["oversized"].items():
         if paths:
             lines.append(f"oversized in {name}: {', '.join(paths[:10])}")

@@ -1,109 +1,111 @@
-"""Change detection for one subtree: watch bookkeeping and full scans.
+"""Full scans of one subtree: what changed while nobody watched, and the metadata cache.
 
-ZooKeeper watches are one-shot and nothing is delivered while disconnected,
-so watches only tell *where* to look; the full scan (after ``sync``) on start
-and after every reconnect is what guarantees no change is missed. The scan
-also arms a data watch and a child watch on every znode it visits.
+Nothing is delivered while disconnected and a persistent watch does not
+survive a reconnect, so watches only tell *where* to look; the full scan
+(after ``sync``) at the start of every term and after every reconnect is what
+guarantees no change is missed. It reads the znodes and the metadata mirror
+level by level with many reads per request (``multiRead``), and leaves the
+store's metadata cache filled for the term.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from bridge.config import MassDeleteSettings
-from bridge.errors import MassDeleteError
-from bridge.store import Change, Local, SubtreeStore, classify, join
-from bridge.zk import gather_limited
+from bridge.errors import MassDeleteError, NoPermission
+from bridge.store import Change, MetaEntry, SubtreeStore, classify, join
+from bridge.zk import Node, gather_limited
 
 log = structlog.get_logger("bridge.scan")
 
-CONCURRENCY = 64
+CHUNK = 250  # reads per request
+CONCURRENCY = 4  # requests in flight
 
 
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    changed: tuple[str, ...]  # paths whose local change must be captured, parents first
+    changed: tuple[str, ...]  # paths whose local change must be captured
     znodes: int
     replicated: int  # live metadata records
     deletes: int
     seconds: float
+    present: tuple[str, ...] = ()  # every replicated znode found (for per-node watches)
 
 
 class Scanner:
     def __init__(self, store: SubtreeStore, mass_delete: MassDeleteSettings) -> None:
         self.store = store
         self.mass_delete = mass_delete
-        self._children: dict[str, set[str]] = {}  # rel → znode child names, while watched
 
-    def forget(self, rel: str) -> None:
-        self._children.pop(rel, None)
-
-    def reset(self) -> None:
-        self._children.clear()
-
-    async def children_changed(self, rel: str) -> list[str]:
-        """A child watch fired (or must be armed): re-arm it, return children that came or went."""
-        names = await self.store.zk.children(self.store.layout.znode(rel), watch=True)
-        if names is None:
-            self._children.pop(rel, None)
-            return []
-        new = set(names)
-        old = self._children.get(rel, set())
-        self._children[rel] = new
-        return [join(rel, n) for n in sorted(new ^ old) if not self.store.excluded(join(rel, n))]
-
-    def watched(self, rel: str) -> bool:
-        """Is a child watch known to be armed on ``rel``?"""
-        return rel in self._children
-
-    async def ensure_watched(self, rel: str) -> list[str]:
-        """After capturing a present znode: make sure its children are watched too."""
-        if rel in self._children:
-            return []
-        return await self.children_changed(rel)
+    async def _read(self, ops: list[tuple[str, str]]) -> list[Any]:
+        chunks = [ops[i : i + CHUNK] for i in range(0, len(ops), CHUNK)]
+        parts = await gather_limited([self.store.zk.read_many(c) for c in chunks], CONCURRENCY)
+        return [r for part in parts for r in part]
 
     async def scan(self, *, allow_mass_delete: bool = False) -> ScanResult:
         started = time.monotonic()
-        store = self.store
-        self.reset()
-        await store.zk.sync(store.layout.mount)
+        store, lay = self.store, self.store.layout
+        await store.zk.sync(lay.mount)
+        store.metas = {"/": MetaEntry(None, 0)}
         changed: list[str] = []
+        present: list[str] = []
         znodes = replicated = deletes = 0
-        level = ["/"]
+        # (rel, list its znode children?, list its metadata children?)
+        level: list[tuple[str, bool, bool]] = [("/", True, True)]
         while level:
-            listings = await gather_limited([self._list(rel) for rel in level], CONCURRENCY)
-            rels = sorted({r for names in listings for r in names})
-            reads: list[Local] = await gather_limited(
-                [store.read(r, watch=True) for r in rels], CONCURRENCY
-            )
+            ops = [op for rel, zkids, mkids in level
+                   for op in ((("children", lay.znode(rel)),) if zkids else ())
+                   + ((("children", lay.meta(rel)),) if mkids else ())]
+            listings = iter(await self._read(ops))
+            rels: set[str] = set()
+            for rel, zkids, mkids in level:
+                for want in (zkids, mkids):
+                    if not want:
+                        continue
+                    names = next(listings)
+                    if isinstance(names, NoPermission):
+                        store._hold(rel, "read")
+                    elif names:
+                        rels.update(join(rel, n) for n in names)
+            todo = sorted(r for r in rels if not store.excluded(r))
+            reads = await self._read([op for r in todo for op in (
+                ("data", lay.znode(r)), ("data", lay.meta(r)))])
             level = []
-            for local in reads:
-                change = classify(local.node, local.meta)
-                if local.node is not None and change is not Change.IGNORE:
+            for i, rel in enumerate(todo):
+                node, mnode = reads[2 * i], reads[2 * i + 1]
+                store.load_meta(rel, mnode if isinstance(mnode, Node) else None)
+                if isinstance(node, NoPermission):
+                    store._hold(rel, "read")
+                    continue
+                meta = store.meta(rel)
+                change = classify(node, meta)
+                if node is not None and change is not Change.IGNORE:
                     znodes += 1
-                if local.meta is not None and not local.meta.deleted:
+                    present.append(rel)
+                if meta is not None and not meta.deleted:
                     replicated += 1
                 if change in (Change.PUT, Change.DELETE, Change.MAYBE_PLACEHOLDER):
-                    changed.append(local.rel)
+                    changed.append(rel)
                 if change is Change.DELETE:
                     deletes += 1
-                if (local.node is not None and change is not Change.IGNORE) or local.meta_children:
-                    level.append(local.rel)
-        result = ScanResult(tuple(changed), znodes, replicated, deletes, time.monotonic() - started)
+                zkids = node is not None and change is not Change.IGNORE and (
+                    node.stat.num_children > 0)
+                mkids = isinstance(mnode, Node) and mnode.stat.num_children > 0
+                if zkids or mkids:
+                    level.append((rel, zkids, mkids))
+        # Held back for reading: looked at again by every scan.
+        for rel in [r for r, what in store.held_back.items() if what == "read"]:
+            if rel not in changed:
+                changed.append(rel)
+        result = ScanResult(tuple(changed), znodes, replicated, deletes,
+                            time.monotonic() - started, tuple(present))
         self._breaker(result, allow_mass_delete)
         return result
-
-    async def _list(self, rel: str) -> list[str]:
-        zk, lay = self.store.zk, self.store.layout
-        znames = await zk.children(lay.znode(rel), watch=True)
-        if znames is not None:
-            self._children[rel] = set(znames)
-        mnames = await zk.children(lay.meta(rel)) or []
-        names = set(znames or []) | set(mnames)
-        return [join(rel, n) for n in names if not self.store.excluded(join(rel, n))]
 
     def _breaker(self, result: ScanResult, allow: bool) -> None:
         md = self.mass_delete

@@ -45,6 +45,7 @@ class Status:
     oversized: Mapping[str, list[str]]
     peers: tuple[PeerStatus, ...]
     errors: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    held_back: Mapping[str, list[str]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         doc = {
@@ -52,6 +53,7 @@ class Status:
             "role": self.role, "health": self.health, "started_ms": self.started_ms,
             "updated_ms": self.updated_ms, "counters": dict(self.counters),
             "outbox": dict(self.outbox), "oversized": dict(self.oversized),
+            "held_back": dict(self.held_back),
             "peers": [
                 {"subtree": p.subtree, "peer": p.peer, "topic": p.topic,
                  "positions": {str(k): v for k, v in p.positions.items()},
@@ -73,6 +75,7 @@ class Status:
                 role=d["role"], health=d["health"], started_ms=int(d["started_ms"]),
                 updated_ms=int(d["updated_ms"]), counters=d["counters"], outbox=d["outbox"],
                 oversized=d.get("oversized", {}),
+                held_back=d.get("held_back", {}),
                 peers=tuple(
                     PeerStatus(
                         subtree=p["subtree"], peer=p["peer"], topic=p["topic"],

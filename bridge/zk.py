@@ -571,6 +571,14 @@ class ZooKeeper:
                 f"delete {path}",
             )
 
+    async def delete_many(self, paths: Sequence[str]) -> None:
+        """Delete znodes (already gone is fine): one request in the common case."""
+        try:
+            await self.multi([Delete(p) for p in paths], fenced=False)
+        except VersionConflict:
+            for p in paths:
+                await self.delete(p)
+
     async def multi(self, ops: Sequence[Op], *, fenced: bool = True) -> list[Any]:
         """Commit ``ops`` atomically, behind the epoch check when ``fenced``.
 
@@ -606,6 +614,9 @@ class ZooKeeper:
                     f"epoch {self.fence.path if self.fence else ''} moved: another bridge "
                     "now leads this region"
                 )
+            if isinstance(err, NoAuthError):
+                raise NoPermission(f"{type(op).__name__} {op.path}: not allowed by the ACL",
+                                   path=op.path)
             raise VersionConflict(f"multi failed at {type(op).__name__} {op.path}: "
                                   f"{type(err).__name__}")
         return list(results)

@@ -1,0 +1,265 @@
+"""The inbound pipeline: fetch → complete batch → resolve → one ``multi`` with the position.
+
+Ordering invariant: each peer's topic is read in offset order and its
+batches are applied in that order, one complete batch (or several
+consecutive ones of the same peer) per ``multi``, and that ``multi`` also
+stores the peer's new position. So a reader here sees only states the origin
+had at batch boundaries, a restart resumes exactly after the last batch
+applied (never inside one, never twice), and nothing of a batch is applied
+before all of it has arrived. Fetching runs ahead of applying; applies of one
+subtree never overlap each other or a capture (the subtree's lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge import codec, failpoints
+from bridge.batching import MAX_BATCH_EVENTS, Assembler, Complete
+from bridge.errors import BridgeError, CodecError
+from bridge.kafka import Record
+from bridge.model import Event, Op
+from bridge.store import Applied, LocalChanges, Outcome, SubtreeStore
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.inbound")
+
+FETCH_MAX_RECORDS = 2000
+CONFLICTS_KEPT = 1000
+QUEUE_BATCHES = 64  # complete batches fetched ahead of applying, per subtree
+IDLE_POSITION_SECONDS = 2.0  # positions advanced only by heartbeats are stored this often
+
+
+@dataclass
+class PeerState:
+    """What the inbound pipeline knows about one (subtree, peer) stream."""
+
+    subtree: str
+    peer: str
+    topic: str
+    positions: dict[int, int] = field(default_factory=dict)
+    assemblers: dict[int, Assembler] = field(default_factory=dict)
+    last_heartbeat_ms: int = 0
+    last_event_ms: int = 0
+    last_applied_ms: int = 0
+    stored_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A complete batch waiting to be applied, with the position after it."""
+
+    peer: PeerState
+    partition: int
+    batch: Complete
+    timestamp_ms: int
+
+
+class Inbound:
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.peers: dict[str, PeerState] = {}  # by topic
+        self.queues: dict[str, asyncio.Queue[Ready]] = {}
+        self.pending: dict[str, int] = {}  # batches fetched and not yet applied
+        self.caught_up = asyncio.Event()
+        self.catch_up_to: dict[tuple[str, int], int] = {}
+        for name in bridge.stores:
+            self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
+            self.pending[name] = 0
+            for peer in bridge.settings.peers:
+                topic = bridge.topic(name, peer)
+                self.peers[topic] = PeerState(name, peer, topic)
+
+    def reset(self) -> None:
+        self.caught_up.clear()
+        for name in self.queues:
+            self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
+            self.pending[name] = 0
+
+    async def start(self) -> dict[tuple[str, int], int | None]:
+        """Read stored positions; returns where to assign each partition."""
+        positions: dict[tuple[str, int], int | None] = {}
+        for topic, peer in self.peers.items():
+            peer.positions = await self.bridge.stores[peer.subtree].read_positions(peer.peer)
+            peer.assemblers = {}
+            for part in await self.bridge.kafka.partitions(topic):
+                positions[(topic, part)] = peer.positions.get(part)
+                peer.assemblers[part] = Assembler(peer.positions.get(part, 0))
+        return positions
+
+    # -- fetch -----------------------------------------------------------------
+    async def fetcher(self) -> None:
+        b = self.bridge
+        while True:
+            records = await b.retry("fetch", lambda: b.kafka.fetch(100, FETCH_MAX_RECORDS))
+            for rec in records:
+                await self._take(rec)
+            await self._idle_positions()
+            self.check_caught_up()
+
+    async def _take(self, rec: Record) -> None:
+        peer = self.peers[rec.topic]
+        asm = peer.assemblers.setdefault(rec.partition, Assembler(rec.offset))
+        event = self.bridge.decode(rec, peer.subtree, peer.peer)
+        if event is not None and event.op is Op.HEARTBEAT:
+            peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
+            asm.skip(rec.offset)
+            return
+        dropped = asm.dropped
+        done = asm.feed(rec.offset, event)
+        if asm.dropped > dropped:
+            self.bridge.stats["incomplete_batch_records"] += asm.dropped - dropped
+            log.warning("incomplete_batch_dropped", topic=rec.topic, offset=rec.offset,
+                        records=asm.dropped - dropped,
+                        hint="the origin republishes the whole batch from its outbox")
+            asm.dropped = dropped = 0
+        if done is not None:
+            peer.last_event_ms = rec.timestamp_ms
+            self.pending[peer.subtree] += 1
+            await self.queues[peer.subtree].put(Ready(peer, rec.partition, done, rec.timestamp_ms))
+
+    async def _idle_positions(self) -> None:
+        """Store positions moved only by heartbeats or skipped records, now and then."""
+        now = time.monotonic()
+        for peer in self.peers.values():
+            if now - peer.stored_at < IDLE_POSITION_SECONDS:
+                continue
+            resume = {p: a.resume_offset for p, a in peer.assemblers.items()}
+            # Only when nothing fetched waits to be applied: the stored
+            # position must never jump over a batch not yet applied.
+            if self.pending[peer.subtree] or all(
+                    resume[p] <= peer.positions.get(p, 0) for p in resume):
+                continue
+            store = self.bridge.stores[peer.subtree]
+            async with self.bridge.locks[peer.subtree]:
+                if self.pending[peer.subtree]:
+                    continue
+                new = {**peer.positions, **resume}
+                await self.bridge.retry("store positions", lambda s=store, p=peer, n=new:
+                                        s.write_positions(p.peer, n))  # type: ignore[misc]
+                peer.positions = new
+                peer.stored_at = now
+
+    def check_caught_up(self) -> None:
+        if self.caught_up.is_set():
+            return
+        for (topic, part), end in self.catch_up_to.items():
+            peer = self.peers[topic]
+            done = peer.positions.get(part, 0)
+            asm = peer.assemblers.get(part)
+            if asm is not None and not self.pending[peer.subtree]:
+                done = max(done, asm.resume_offset)  # the rest were heartbeats
+            if done < end:
+                return
+        self.caught_up.set()
+
+    # -- apply -----------------------------------------------------------------
+    async def apply_loop(self, name: str) -> None:
+        queue = self.queues[name]
+        while True:
+            first = await queue.get()
+            group = [first]
+            # Consecutive batches of the same peer commit together: still a
+            # batch boundary of that origin, one round trip instead of many.
+            count = len(first.batch.events)
+            while (not queue.empty() and count < MAX_BATCH_EVENTS
+                   and queue._queue[0].peer is first.peer  # type: ignore[attr-defined]
+                   and queue._queue[0].partition == first.partition):  # type: ignore[attr-defined]
+                nxt = queue.get_nowait()
+                group.append(nxt)
+                count += len(nxt.batch.events)
+            try:
+                await self.apply_group(name, group)
+            finally:
+                self.pending[name] -= len(group)
+            self.check_caught_up()
+
+    async def apply_group(self, name: str, group: list[Ready]) -> None:
+        b = self.bridge
+        store = b.stores[name]
+        peer, part = group[0].peer, group[0].partition
+        events = [e for r in group for e in r.batch.events]
+        failpoints.hit(failpoints.BEFORE_APPLY)
+        await b.clock_guard(peer.peer, events)
+        positions = {**peer.positions, part: group[-1].batch.end_offset}
+        async with b.locks[name]:
+            applied = await self.apply_events(store, events, peer=peer.peer, positions=positions)
+        failpoints.hit(failpoints.AFTER_APPLY)
+        peer.positions = positions
+        peer.stored_at = time.monotonic()
+        peer.last_applied_ms = int(time.time() * 1000)
+        self.record(store, applied)
+
+    async def apply_events(self, store: SubtreeStore, events: list[Event], *,
+                           peer: str | None, positions: dict[int, int] | None) -> Applied:
+        """Apply under the subtree's lock (held by the caller), capturing local changes first."""
+        b = self.bridge
+        name = store.layout.name
+        extra = [store.position_op(peer, positions)] if peer and positions is not None else []
+        await b.outbound.flush(name)
+        while True:
+            try:
+                applied = await b.retry(f"apply {name}", lambda: store.apply(events, extra))
+            except LocalChanges as exc:
+                # Never apply over a local write nobody has seen: announce it first.
+                await b.outbound.flush(name, set(exc.rels))
+                continue
+            if extra:
+                store.position_written(peer or "")
+            return applied
+
+    def record(self, store: SubtreeStore, applied: Applied) -> None:
+        b = self.bridge
+        name = store.layout.name
+        for event, outcome in applied.outcomes:
+            b.stats[f"applied:{name}:{outcome.value}"] += 1
+            if outcome is Outcome.OVERSIZED:
+                log.warning("event_oversized", subtree=name, path=event.path,
+                            size=len(event.data or b""))
+        for c in applied.conflicts:
+            b.stats[f"conflicts:{name}"] += 1
+            log.info("conflict_resolved", subtree=name, path=c.path, winner=c.winner,
+                     remote_writer=c.remote.writer, rule=c.rule)
+            if b.stats[f"conflicts:{name}"] % 100 == 0:
+                b.background(b.retry("trim conflicts",
+                                     lambda: store.trim_conflicts(CONFLICTS_KEPT)))
+
+    async def replay(self, store: SubtreeStore, records: list[Record]) -> None:
+        """Apply records of this region's own topic (rebuild after a wipe), batch by batch."""
+        asm = Assembler(records[0].offset if records else 0)
+        for rec in records:
+            event = self.bridge.decode(rec, store.layout.name, self.bridge.region)
+            if event is not None and event.op is Op.HEARTBEAT:
+                asm.skip(rec.offset)
+                continue
+            done = asm.feed(rec.offset, event)
+            if done is not None and done.events:
+                async with self.bridge.locks[store.layout.name]:
+                    applied = await self.apply_events(store, list(done.events), peer=None,
+                                                      positions=None)
+                self.record(store, applied)
+
+
+def decode_record(rec: Record, subtree: str, origin: str) -> tuple[Event | None, str, str]:
+    """Decode and contain one record: (event, rejection reason or "", detail)."""
+    try:
+        if rec.value is None:
+            raise CodecError("malformed", "null value (tombstone)")
+        event = codec.decode(rec.value)
+    except CodecError as exc:
+        return None, exc.reason, str(exc)
+    if event.origin != origin:
+        return None, "unknown_origin", f"origin={event.origin}"
+    if event.subtree != subtree:
+        return None, "wrong_subtree", f"subtree={event.subtree}"
+    return event, "", ""
+
+
+__all__ = ["BridgeError", "Inbound", "PeerState", "decode_record"]

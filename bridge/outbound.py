@@ -1,0 +1,195 @@
+"""The outbound pipeline: watch → closed batch → outbox → publish, in order.
+
+Ordering invariant: for each subtree, batches are captured one at a time
+(under the subtree's lock, which apply shares), committed to the outbox in
+that order, and published in that order by a single publisher; heartbeats go
+through the same queue so no other record lands inside a batch. A batch
+leaves the outbox only after Kafka acknowledged every record of it, so a
+restart republishes whole batches, in order, never a part of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge import codec, failpoints
+from bridge.errors import BridgeError
+from bridge.model import Event, Op, VectorClock
+from bridge.store import CapturedBatch, SubtreeStore
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.outbound")
+
+PUBLISH_MAX_RECORDS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One unit for the publisher: a batch's records and its outbox entry (None: heartbeat)."""
+
+    subtree: str
+    records: tuple[tuple[bytes, bytes], ...]  # (key, value)
+    outbox_path: str | None
+
+
+class Outbound:
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.dirty: dict[str, set[str]] = {n: set() for n in bridge.stores}
+        self.wake: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
+        self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
+        self._own_ends: dict[str, dict[int, int]] = {}
+        self._own_written = 0.0
+        self._deletes: set[asyncio.Task[None]] = set()
+
+    def reset(self) -> None:
+        self.queue = asyncio.Queue()
+        for name in self.dirty:
+            self.dirty[name].clear()
+            self.queued[name] = 0
+
+    # -- capture -------------------------------------------------------------
+    def mark(self, subtree: str, rel: str) -> None:
+        """A watch says ``rel`` may have changed (called on the event loop)."""
+        self.dirty[subtree].add(rel)
+        self.wake[subtree].set()
+
+    async def capture_loop(self, name: str) -> None:
+        while True:
+            await self.wake[name].wait()
+            self.wake[name].clear()
+            async with self.bridge.locks[name]:
+                await self.flush(name)
+
+    async def flush(self, name: str, extra: set[str] | None = None) -> None:
+        """Capture every pending local change of ``name`` (caller holds its lock)."""
+        store = self.bridge.stores[name]
+        rels = self.dirty[name] | (extra or set())
+        self.dirty[name] = set()
+        if not rels:
+            return
+        try:
+            batches = await self.bridge.retry(f"capture {name}", lambda: store.capture(rels))
+        except BaseException:
+            self.dirty[name] |= rels  # not captured: the next attempt reads them again
+            raise
+        await self.bridge.after_capture(name, rels)
+        for batch in batches:
+            self.captured(store, batch)
+
+    def captured(self, store: SubtreeStore, batch: CapturedBatch) -> None:
+        name = store.layout.name
+        self.bridge.stats[f"captured:{name}"] += len(batch.events)
+        failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
+        self.enqueue(name, batch.outbox_path,
+                     [(e.key, p) for e, p in zip(batch.events, batch.payloads, strict=True)])
+
+    def enqueue(self, subtree: str, outbox_path: str | None,
+                records: list[tuple[bytes, bytes]]) -> None:
+        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path))
+        if outbox_path is not None:
+            self.queued[subtree] += len(records)
+
+    def enqueue_pending(self, subtree: str, entries: list[tuple[str, list[bytes]]]) -> None:
+        """Outbox entries of an earlier term: published first, in their order."""
+        for path, payloads in entries:
+            records = []
+            for payload in payloads:
+                try:
+                    key = codec.decode(payload).key
+                except BridgeError:
+                    key = b"/"
+                records.append((key, payload))
+            self.enqueue(subtree, path, records)
+
+    # -- publish ---------------------------------------------------------------
+    async def publisher(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            size = len(batch[0].records)
+            while not self.queue.empty() and size < PUBLISH_MAX_RECORDS:
+                nxt = self.queue.get_nowait()
+                batch.append(nxt)
+                size += len(nxt.records)
+            await self.publish(batch)
+
+    async def publish(self, units: list[Outgoing]) -> None:
+        b = self.bridge
+        records = [(b.topic(u.subtree, b.region), k, v) for u in units for k, v in u.records]
+        ends = await b.retry("publish", lambda: b.kafka.send_all(records))
+        for u in units:
+            if u.outbox_path is None:
+                b.stats["heartbeats_sent"] += 1
+                continue
+            self.queued[u.subtree] -= len(u.records)
+            b.stats[f"published:{u.subtree}"] += len(u.records)
+        failpoints.hit(failpoints.AFTER_PUBLISH)
+        paths = [u.outbox_path for u in units if u.outbox_path is not None]
+        if paths:
+            # Acknowledged entries go while the next batch is already published.
+            task = asyncio.ensure_future(self._delete(paths))
+            self._deletes.add(task)
+            task.add_done_callback(self._deletes.discard)
+        for (topic, part), end in ends.items():
+            subtree = next(u.subtree for u in units if b.topic(u.subtree, b.region) == topic)
+            self._own_ends.setdefault(subtree, {})[part] = end
+        # The own-topic position only bounds a replay after a wipe: once a
+        # second is plenty, and saves a ZooKeeper write per small batch.
+        if time.monotonic() - self._own_written >= 1.0 or self.queue.empty():
+            await self._write_own_positions()
+
+    async def _delete(self, paths: list[str]) -> None:
+        b = self.bridge
+        with contextlib.suppress(BridgeError, asyncio.CancelledError):
+            await b.retry("outbox delete", lambda: b.zk.delete_many(paths))
+
+    async def settle(self) -> None:
+        """Wait for outbox deletes in flight (end of term)."""
+        if self._deletes:
+            await asyncio.gather(*self._deletes, return_exceptions=True)
+
+    async def _write_own_positions(self) -> None:
+        self._own_written = time.monotonic()
+        for subtree, parts in list(self._own_ends.items()):
+            store = self.bridge.stores[subtree]
+            await self.bridge.retry("store publish position", lambda s=store, p=dict(parts):
+                                    s.write_positions(self.bridge.region, p))  # type: ignore[misc]
+        self._own_ends.clear()
+
+    async def drain(self, deadline: float = 10.0) -> None:
+        """On shutdown, publish what is queued; what is left stays in the outbox."""
+        units: list[Outgoing] = []
+        while not self.queue.empty():
+            units.append(self.queue.get_nowait())
+        units = [u for u in units if u.outbox_path is not None]
+        if units:
+            try:
+                async with asyncio.timeout(deadline):
+                    await self.publish(units)
+                    await self.settle()
+            except (TimeoutError, BridgeError) as exc:
+                log.warning("drain_incomplete", left=len(units), error=str(exc),
+                            hint="kept in the outbox; published at next start")
+
+    # -- heartbeats --------------------------------------------------------
+    async def heartbeats(self, interval: Callable[[], float],
+                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        b = self.bridge
+        while True:
+            # Idle or nearly: a backlog already tells peers we are alive.
+            for name in b.stores if self.queue.qsize() < 10 else ():
+                hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
+                           vc=VectorClock(), ts=b.clock.now(), writer=b.region)
+                # Through the publisher's queue: never inside another batch's records.
+                self.enqueue(name, None, [(hb.key, codec.encode(hb))])
+            await sleep(interval())
