@@ -34,7 +34,7 @@ log = structlog.get_logger("bridge.inbound")
 FETCH_MAX_RECORDS = 2000
 CONFLICTS_KEPT = 1000
 QUEUE_BATCHES = 64  # complete batches fetched ahead of applying, per subtree
-IDLE_POSITION_SECONDS = 2.0  # positions advanced only by heartbeats are stored this often
+IDLE_POSITION_SECONDS = 0.2  # heartbeat-only progress is stored at most this often
 
 
 @dataclass
