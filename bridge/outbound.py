@@ -78,12 +78,25 @@ class Outbound:
         self.dirty[name] = set()
         if not rels:
             return
+        taken: set[str] = set(rels)
+
+        def notified() -> set[str]:
+            new, self.dirty[name] = self.dirty[name], set()
+            taken.update(new)
+            return new
+
+        def requeue(left: set[str]) -> None:
+            self.dirty[name] |= left
+            self.wake[name].set()
+
+        store.requeue = requeue
         try:
-            batches = await self.bridge.retry(f"capture {name}", lambda: store.capture(rels))
+            batches = await self.bridge.retry(f"capture {name}",
+                                              lambda: store.capture(rels, notified))
         except BaseException:
-            self.dirty[name] |= rels  # not captured: the next attempt reads them again
+            self.dirty[name] |= taken  # not captured: the next attempt reads them again
             raise
-        await self.bridge.after_capture(name, rels)
+        await self.bridge.after_capture(name, taken)
         for batch in batches:
             self.captured(store, batch)
 

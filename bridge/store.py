@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -36,6 +36,7 @@ from bridge.zk import Op as ZkOp
 log = structlog.get_logger("bridge.store")
 
 RETRIES = 20
+CLOSURE_ROUNDS = 50
 
 
 def parent(rel: str) -> str:
@@ -226,10 +227,15 @@ class SubtreeStore:
         self.held_back: dict[str, str] = {}
         self.held_events: dict[str, Event] = {}  # remote events waiting for permission
         self.metas: dict[str, MetaEntry] = {}
+        # Where paths go back when a batch had to be cut before closing.
+        self.requeue: Callable[[set[str]], None] = lambda rels: None
         self._position_versions: dict[str, int] = {}
 
     def excluded(self, rel: str) -> bool:
         return is_excluded(rel, self.exclude)
+
+    def _replicable(self, rel: str) -> bool:
+        return rel != "/" and not self.excluded(rel)
 
     async def setup(self) -> None:
         lay = self.layout
@@ -311,16 +317,32 @@ class SubtreeStore:
         self.metas.update(plan.metas)
 
     # -- capture ---------------------------------------------------------------
-    async def capture(self, rels: Iterable[str]) -> list[CapturedBatch]:
+    async def capture(self, rels: Iterable[str],
+                      notified: Callable[[], set[str]] = set) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
-        The znodes are read in one ``multiRead``, a snapshot at one zxid: with
-        every change notified before that reply in ``rels``, the batch holds
-        every change of the subtree up to the highest zxid it contains.
+        Closure: the znodes are read in one ``multiRead``, a snapshot at one
+        zxid Z. A change is notified before the reply to a later read on the
+        same session exactly when its zxid is at most Z, so the paths
+        ``notified()`` reports once the reply is in are the ones that changed
+        up to Z without being read: read everything again with them, until a
+        read brings no new path (a bounded fixpoint; a path already read is
+        covered, whatever its notification says). Paths left over when the
+        bound is hit are returned to ``notified``'s owner via ``requeue``.
         """
-        todo = {r for r in rels if r != "/" and not self.excluded(r)}
-        for _ in range(RETRIES):
+        todo = {r for r in rels if self._replicable(r)}
+        rounds = 0
+        for _ in range(RETRIES + CLOSURE_ROUNDS):
             reads = await self._read(todo)
+            new = {r for r in notified() if self._replicable(r)} - set(reads)
+            if new and rounds < CLOSURE_ROUNDS:
+                rounds += 1
+                todo |= new
+                continue
+            if new:
+                log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
+                            hint="the application writes new paths faster than one read")
+                self.requeue(new)
             try:
                 return await self._capture(reads)
             except _NeedRead as more:
@@ -382,6 +404,9 @@ class SubtreeStore:
         payloads = [codec.encode(e) for e in stamped]
         out: list[CapturedBatch] = []
         chunks = batching.split([len(p) for p in payloads])
+        if len(chunks) > 1:
+            log.info("batch_split", subtree=self.layout.name, events=len(events),
+                     pieces=len(chunks), bytes=sum(len(p) for p in payloads))
         for n, chunk in enumerate(chunks):
             plan = _Plan()
             for i in chunk:

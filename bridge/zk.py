@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -297,8 +298,8 @@ class ZooKeeper:
         self._tree_cb: TreeCallback | None = None
         self._tree_roots: tuple[str, ...] = ()
         self._client._connection.on_persistent = self._persistent_event
-        # Tests set this to stand in for a server older than 3.6.
-        self.refuse_add_watch = False
+        # Stands in for a server older than 3.6 (tests of the per-node fallback).
+        self.refuse_add_watch = os.environ.get("ZKBRIDGE_REFUSE_ADDWATCH") == "1"
         self.fence: Check | None = None
 
     # -- lifecycle -----------------------------------------------------

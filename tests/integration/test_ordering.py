@@ -1,0 +1,223 @@
+"""The ordered log, end to end: origin order across paths, atomic batches, exactly-once apply.
+
+A reader in another region may only ever see states the origin had at batch
+boundaries: never a pointer before the data it points at, never a step back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
+
+from bridge.config import ZooKeeperSettings
+from bridge.zk import Node, ZooKeeper
+from tests.harness.procs import wait_for
+from tests.integration.federation import Federation
+
+pytestmark = pytest.mark.integration
+
+
+class PointerReader:
+    """Polls ``/ptr`` in one region, then looks up the record it names (as applications do)."""
+
+    def __init__(self, client: KazooClient, mount: str) -> None:
+        self.client, self.mount = client, mount
+        self.reads = self.dangling = self.backwards = 0
+        self.last = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    n = int(self.client.get(f"{self.mount}/ptr")[0])
+                except NoNodeError:
+                    time.sleep(0.001)
+                    continue
+                self.reads += 1
+                if n < self.last:
+                    self.backwards += 1
+                self.last = max(self.last, n)
+                if self.client.exists(f"{self.mount}/data/d{n}") is None:
+                    self.dangling += 1
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def __enter__(self) -> PointerReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.error is not None:
+            raise self.error
+
+
+def _pointer_run(fed: Federation, iterations: int,
+                 during: Callable[[int], None] = lambda i: None) -> PointerReader:
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.ensure_path(r1.path("/data"))
+    with PointerReader(r2.client, r2.mount) as reader:
+        for i in range(1, iterations + 1):
+            r1.client.create(r1.path(f"/data/d{i}"), str(i).encode())
+            if r1.client.exists(r1.path("/ptr")) is None:
+                r1.client.create(r1.path("/ptr"), str(i).encode())
+            else:
+                r1.client.set(r1.path("/ptr"), str(i).encode())
+            during(i)
+        wait_for(lambda: reader.last == iterations, 90, message="reader never saw the last ptr")
+    return reader
+
+
+def test_pointer_pattern_never_dangles_nor_goes_back(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    reader = _pointer_run(fed, 600)
+    print(f"pointer pattern: {reader.reads} reads, {reader.dangling} dangling, "
+          f"{reader.backwards} backwards")
+    assert reader.reads > 100
+    assert reader.dangling == 0
+    assert reader.backwards == 0
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def test_pointer_pattern_holds_while_the_receiver_is_killed(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+
+    def kill_and_restart(i: int) -> None:
+        if i in (150, 350):
+            fed.kill("r2")
+        if i in (200, 400):
+            fed.start("r2", wait=False)
+
+    reader = _pointer_run(fed, 500, kill_and_restart)
+    print(f"pointer pattern with kills: {reader.reads} reads, {reader.dangling} dangling, "
+          f"{reader.backwards} backwards")
+    assert reader.dangling == 0
+    assert reader.backwards == 0
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def test_an_application_multi_arrives_whole(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    paths = [f"/m/k{i}" for i in range(10)]
+    for p in paths:
+        r1.client.create(r1.path(p), b"0", makepath=True)
+    fed.wait_converged(["r1", "r2"])
+    rounds = 150
+    torn = reads = 0
+    stop = threading.Event()
+
+    async def poll() -> None:
+        nonlocal torn, reads
+        zk = ZooKeeper(ZooKeeperSettings(hosts=r2.hosts))
+        await zk.start()
+        try:
+            while not stop.is_set():
+                nodes = await zk.read_many([("data", r2.path(p)) for p in paths])
+                values = {n.data for n in nodes if isinstance(n, Node)}
+                reads += 1
+                torn += len(values) > 1
+                await asyncio.sleep(0.001)
+        finally:
+            await zk.stop()
+
+    thread = threading.Thread(target=lambda: asyncio.run(poll()))
+    thread.start()
+    try:
+        for k in range(1, rounds + 1):
+            t = r1.client.transaction()
+            for p in paths:
+                t.set_data(r1.path(p), str(k).encode())
+            assert all(r is True or not isinstance(r, Exception) for r in t.commit())
+        wait_for(lambda: r2.client.get(r2.path(paths[-1]))[0] == str(rounds).encode(), 60)
+    finally:
+        stop.set()
+        thread.join(10)
+    print(f"application multi: {reads} snapshot reads in r2, {torn} torn")
+    assert reads > 50
+    assert torn == 0
+    fed.assert_clean_logs()
+
+
+def test_exactly_once_apply_across_a_crash_after_the_multi(federation: Federation) -> None:
+    fed = federation
+    fed.start("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    for i in range(30):
+        r1.client.create(r1.path(f"/x{i}"), b"v")
+    # r2 dies right after its first apply multi committed (content and position).
+    fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "after_apply_before_position=crash@1"},
+              wait=False)
+    proc = r2.proc
+    assert proc is not None
+    wait_for(lambda: proc.poll() is not None, 60, message="failpoint never fired")
+    r2.proc = None
+    before = {}
+    for i in range(30):
+        stat = r2.client.exists(r2.path(f"/x{i}"))
+        if stat is not None:
+            before[i] = stat.mzxid
+    assert before, "the first batch was not applied before the crash"
+    fed.start("r2")
+    fed.wait_converged(["r1", "r2"])
+    after = {i: r2.client.exists(r2.path(f"/x{i}")).mzxid for i in before}
+    assert after == before  # nothing applied twice
+    skipped = [e for e in fed.events("r2")[-2000:] if e.get("event") == "conflict_resolved"]
+    assert not skipped
+    fed.assert_clean_logs()
+
+
+def test_a_batch_over_a_megabyte_is_split_in_order(federation: Federation) -> None:
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.start("r2")
+    r1.client.ensure_path(r1.path("/data"))
+    # Written while r1's bridge is down: its start-up scan captures them as one
+    # change set of about 1.5 MB, more than one ZooKeeper request carries.
+    big = b"z" * 300_000
+    for i in range(1, 6):
+        r1.client.create(r1.path(f"/data/d{i}"), big + str(i).encode())
+    r1.client.create(r1.path("/ptr"), b"5")
+    with PointerReader(r2.client, r2.mount) as reader:
+        fed.start("r1")
+        wait_for(lambda: reader.last == 5, 60, message="ptr never arrived")
+    assert reader.dangling == 0
+    assert fed.count_events("r1", "batch_split") >= 1
+    fed.wait_converged(["r1", "r2"])
+    fed.assert_clean_logs()
+
+
+def test_per_node_watches_when_the_server_refuses_add_watch(federation: Federation) -> None:
+    fed = federation
+    for name in fed.regions:
+        fed.start(name, env={"ZKBRIDGE_REFUSE_ADDWATCH": "1"}, wait=False)
+    for name in fed.regions:
+        fed.wait_ready(name)
+    assert fed.count_events("r1", "persistent_watch_unsupported") >= 1
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/a/b/c"), b"1", makepath=True)
+    r2.client.create(r2.path("/z"), b"2")
+    fed.wait_converged()
+    r1.client.set(r1.path("/a/b"), b"changed")
+    r1.client.create(r1.path("/a/b/d"), b"new")
+    r2.client.delete(r2.path("/z"))
+    fed.wait_converged()
+    r2.client.delete(r2.path("/a"), recursive=True)
+    fed.wait_converged()
+    assert fed.tree("r1") == {}
+    fed.assert_clean_logs()
