@@ -24,7 +24,8 @@ import msgpack
 
 HERE = Path(__file__).resolve().parent
 TS = 1_718_000_000_000 << 16  # 2024-06-10 in the hybrid logical clock's layout
-EVENT_FIELDS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data")
+EVENT_FIELDS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
+                "batch", "batch_index", "batch_size")
 
 
 def event_map(**fields: Any) -> dict[str, Any]:
@@ -75,6 +76,11 @@ VALID: dict[str, tuple[str, dict[str, Any], bool]] = {
         event_map(op="delete", vc={"us-east": 4}, data=None),
         True,
     ),
+    "put-batched": (
+        "schema 1.1: the second of three events of one closed batch",
+        event_map(batch=TS + 7, batch_index=1, batch_size=3),
+        True,
+    ),
     "heartbeat": (
         "heartbeat: path / (the Kafka key is also /), empty clock, no data",
         event_map(path="/", op="heartbeat", vc={}, data=None),
@@ -108,6 +114,18 @@ INVALID: dict[str, tuple[str, bytes, str, dict[str, Any]]] = {
         "v=2: an unknown major version is rejected, not guessed",
         msgpack.packb(event_map(v=2)),
         "unknown_version",
+        {"schema_rejects": True},
+    ),
+    "batch-index-out-of-range": (
+        "schema 1.1: batch_index must be below batch_size",
+        msgpack.packb(event_map(batch=1, batch_index=3, batch_size=3)),
+        "bad_field",
+        {"schema_rejects": False},
+    ),
+    "batch-index-without-batch": (
+        "schema 1.1: batch_index and batch_size only come with batch",
+        msgpack.packb(event_map(batch_index=0, batch_size=1)),
+        "bad_field",
         {"schema_rejects": True},
     ),
     "v-string": (

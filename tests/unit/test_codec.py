@@ -49,6 +49,9 @@ def event_from_json(d: dict[str, Any]) -> Event:
         writer=d["writer"],
         data=base64.b64decode(d["data"]) if "data" in d else None,
         v=d["v"],
+        batch=d.get("batch"),
+        batch_index=d.get("batch_index", 0),
+        batch_size=d.get("batch_size", 1),
     )
 
 
