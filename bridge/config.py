@@ -222,19 +222,23 @@ def _with_rules(
     def validate(
         cls: type, data: Any, handler: Callable[[Any], Any], info: ValidationInfo
     ) -> Any:
-        errors: list[InitErrorDetails] = []
-        try:
-            result = handler(data)
-        except ValidationError as exc:
-            errors = _converted(exc)
-            result = None
-        if isinstance(data, Mapping):
-            errors += [_problem(loc, message) for loc, message in rules(data, info)]
-        if errors:
-            raise ValidationError.from_exception_data("settings", errors)
-        return result
+        if not isinstance(data, Mapping):
+            return handler(data)
+        return _validate_reporting(handler, data, list(rules(data, info)))
 
     return model_validator(mode="wrap")(validate)
+
+
+def _validate_reporting(handler: Callable[[Any], Any], data: Any, problems: list[Problem]) -> Any:
+    """``handler(data)``, raising its problems and ``problems`` together."""
+    errors = [_problem(loc, message) for loc, message in problems]
+    try:
+        result = handler(data)
+    except ValidationError as exc:
+        errors = _converted(exc) + errors
+    if errors:
+        raise ValidationError.from_exception_data("settings", errors)
+    return result
 
 
 def _converted(exc: ValidationError) -> list[InitErrorDetails]:
@@ -253,54 +257,53 @@ def _problem(loc: Loc, message: str) -> InitErrorDetails:
     return InitErrorDetails(type=error, loc=loc, input=None)
 
 
-def _secret_rules(
-    data: Mapping[str, Any], info: ValidationInfo, stem: str, resolved: dict[str, str]
-) -> Iterator[Problem]:
-    """Exactly one of ``stem`` / ``stem_file`` / ``stem_env``; read the file or variable.
+class _Unusable(Exception):
+    def __init__(self, loc: Loc, message: str) -> None:
+        super().__init__(message)
+        self.problem = (loc, message)
 
-    The value read goes into ``resolved`` for the caller. Messages name keys,
-    paths and variable names only: never the secret.
+
+def _read_secret(data: Mapping[str, Any], info: ValidationInfo, stem: str) -> tuple[str, str]:
+    """(key, secret) from the one of ``stem`` / ``stem_file`` / ``stem_env`` that is set.
+
+    The secret is "" when that key's own type is violated (its field reports
+    that). Messages name keys, paths and variable names only: never the secret.
     """
     names = (stem, f"{stem}_file", f"{stem}_env")
     present = [name for name in names if data.get(name) is not None]
     if not present:
-        yield (), f"one of {', '.join(names)} is required"
-        return
+        raise _Unusable((), f"one of {', '.join(names)} is required")
     if len(present) > 1:
-        yield (), f"only one of {', '.join(names)} may be set, got {', '.join(present)}"
-        return
+        raise _Unusable((), f"only one of {', '.join(names)} may be set, got {', '.join(present)}")
     (name,) = present
     value = data[name]
-    if name == stem or not _valid(EnvName if name.endswith("_env") else Text, value):
-        return  # the field's own type reports what is wrong with it
-    if name.endswith("_file"):
-        path = _base_dir(info) / value
-        try:
-            secret = path.read_bytes().decode("utf-8")
-        except OSError as exc:
-            yield (name,), f"cannot read {path}: {exc.strerror or exc}"
-            return
-        except UnicodeDecodeError:
-            yield (name,), f"{path} is not UTF-8 text"
-            return
-        except ValueError:  # NUL in the path
-            yield (name,), "must not contain NUL"
-            return
-        # Editors and ``echo`` add a final newline that is not part of the secret.
-        secret = secret.removesuffix("\n").removesuffix("\r")
-        if not secret:
-            yield (name,), f"{path} is empty"
-            return
-    else:
+    if name == stem:
+        return name, value if isinstance(value, str) else ""
+    if name.endswith("_env"):
         env = _env(info)
+        if not _valid(EnvName, value):
+            return name, ""
         if value not in env:
-            yield (name,), f"environment variable {value} is not set"
-            return
-        secret = env[value]
-        if not secret:
-            yield (name,), f"environment variable {value} is empty"
-            return
-    resolved[name] = secret
+            raise _Unusable((name,), f"environment variable {value} is not set")
+        if not env[value]:
+            raise _Unusable((name,), f"environment variable {value} is empty")
+        return name, env[value]
+    if not _valid(Text, value):
+        return name, ""
+    path = _base_dir(info) / value
+    try:
+        secret = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise _Unusable((name,), f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _Unusable((name,), f"{path} is not UTF-8 text") from None
+    except ValueError:  # NUL in the path
+        raise _Unusable((name,), "must not contain NUL") from None
+    # Editors and ``echo`` add a final newline that is not part of the secret.
+    secret = secret.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise _Unusable((name,), f"{path} is empty")
+    return name, secret
 
 
 def _context(info: ValidationInfo) -> Mapping[str, Any]:
@@ -317,31 +320,28 @@ def _env(info: ValidationInfo) -> Mapping[str, str]:
 
 
 def _resolving_secret(stem: str, check: Callable[[str], str | None] | None = None) -> Any:
-    """A model validator that resolves the secret ``stem`` into its field, then validates."""
+    """A model validator putting the secret read for ``stem`` into that field.
+
+    ``check`` judges the secret itself; its message names the key it came from.
+    """
 
     def validate(
         cls: type, data: Any, handler: Callable[[Any], Any], info: ValidationInfo
     ) -> Any:
         if not isinstance(data, Mapping):
             return handler(data)
-        resolved: dict[str, str] = {}
-        problems = list(_secret_rules(data, info, stem, resolved))
-        if not problems and check is not None:
-            secret = next(iter(resolved.values()), data.get(stem))
-            message = check(secret) if isinstance(secret, str) and secret else None
-            if message:
-                source = next(iter(resolved), stem)
-                problems.append(((source,), message))
-        if resolved:
-            data = {**data, stem: next(iter(resolved.values()))}
-        errors: list[InitErrorDetails] = [_problem(loc, m) for loc, m in problems]
+        problems: list[Problem] = []
         try:
-            result = handler(data)
-        except ValidationError as exc:
-            errors = _converted(exc) + errors
-        if errors:
-            raise ValidationError.from_exception_data("settings", errors)
-        return result
+            source, secret = _read_secret(data, info, stem)
+        except _Unusable as exc:
+            problems.append(exc.problem)
+        else:
+            message = check(secret) if check and secret else None
+            if message:
+                problems.append(((source,), message))
+            if secret:
+                data = {**data, stem: secret}
+        return _validate_reporting(handler, data, problems)
 
     return model_validator(mode="wrap")(validate)
 

@@ -121,6 +121,13 @@ def test_minimal_document_gets_defaults() -> None:
     assert settings.state_path == "/zkbridge"
     assert settings.kafka.topic_prefix == "zkbridge"
     assert settings.mass_delete == MassDeleteSettings(0.5, 20)
+    assert settings.max_clock_skew == 60.0
+    assert settings.subtrees[0].acl == "copy"
+    assert (settings.metrics_listen, settings.log_format, settings.log_level) == (
+        None,
+        "auto",
+        "info",
+    )
     assert settings.source == ""
 
 
@@ -134,6 +141,7 @@ def test_full_document_values() -> None:
         kafka__request_timeout=10,
         state_path="/ops/zkbridge",
         heartbeat_interval=0.5,
+        max_clock_skew=2,
         max_data_bytes=1,
         mass_delete={"max_ratio": 1, "min_nodes": 0},
         metrics={"listen": "[::1]:9464"},
@@ -142,7 +150,7 @@ def test_full_document_values() -> None:
     )
     doc["subtrees"] = [
         {"name": "critical", "path": "/critical", "exclude": ["/tmp", "/locks/a"]},
-        {"name": "flags_2", "path": "/zookeeperish/flags"},
+        {"name": "flags_2", "path": "/zookeeperish/flags", "acl": "open"},
     ]
     s = parse(doc)
     assert s.zookeeper.session_timeout == 20.0
@@ -157,6 +165,9 @@ def test_full_document_values() -> None:
     assert s.subtree("flags_2").path == "/zookeeperish/flags"
     assert s.state_path == "/ops/zkbridge"
     assert s.heartbeat_interval == 0.5
+    assert s.max_clock_skew == 2.0
+    assert isinstance(s.max_clock_skew, float)
+    assert [st.acl for st in s.subtrees] == ["copy", "open"]
     assert s.max_data_bytes == 1
     assert s.mass_delete == MassDeleteSettings(1.0, 0)
     assert s.metrics_listen == "[::1]:9464"
@@ -170,6 +181,20 @@ def test_settings_are_frozen_with_tuples() -> None:
     assert isinstance(s.peers, tuple)
     assert isinstance(s.subtrees, tuple)
     assert isinstance(s.subtrees[0].exclude, tuple)
+
+
+def test_replace_keeps_the_flat_names_the_engine_uses() -> None:
+    # Bridge.reload builds the running settings this way on SIGHUP.
+    old = parse(mk(log={"format": "json"}, metrics={"listen": "127.0.0.1:9464"}))
+    new = dataclasses.replace(old, log_level="debug", max_clock_skew=5.0)
+    assert (new.log_format, new.log_level, new.max_clock_skew) == ("json", "debug", 5.0)
+    assert new.metrics_listen == "127.0.0.1:9464"
+    assert dataclasses.replace(new, log_level="info", max_clock_skew=60.0) == old
+
+
+@pytest.mark.parametrize("key", ["log_format", "log_level", "metrics_listen", "source"])
+def test_runtime_names_are_not_document_keys(key: str) -> None:
+    assert problems(mk(**{key: "json"})) == [f"{key}: unknown key"]
 
 
 def test_subtree_lookup() -> None:
@@ -268,6 +293,9 @@ def test_non_string_key_is_unknown() -> None:
         ({"region": None}, "region: must be a string"),
         ({"heartbeat_interval": "5"}, "heartbeat_interval: must be a number"),
         ({"heartbeat_interval": True}, "heartbeat_interval: must be a number"),
+        ({"max_clock_skew": "60s"}, "max_clock_skew: must be a number"),
+        ({"max_clock_skew": float("nan")}, "max_clock_skew: must be a finite number"),
+        ({"subtrees[0].acl": None}, "subtrees[0].acl: must be one of copy, open"),
         ({"zookeeper.session_timeout": False}, "zookeeper.session_timeout: must be a number"),
         (
             {"zookeeper.session_timeout": float("inf")},
@@ -303,6 +331,8 @@ def test_wrong_types(changes: dict[str, Any], line: str) -> None:
         ({"zookeeper.connect_timeout": 0}, "zookeeper.connect_timeout: must be greater than 0"),
         ({"kafka.request_timeout": -3}, "kafka.request_timeout: must be greater than 0"),
         ({"heartbeat_interval": 0}, "heartbeat_interval: must be greater than 0"),
+        ({"max_clock_skew": 0}, "max_clock_skew: must be greater than 0"),
+        ({"max_clock_skew": -0.5}, "max_clock_skew: must be greater than 0"),
         ({"max_data_bytes": 0}, "max_data_bytes: must be at least 1"),
         ({"max_data_bytes": 1_000_001}, "max_data_bytes: must be at most 1000000"),
         ({"mass_delete": {"max_ratio": 0}}, "mass_delete.max_ratio: must be greater than 0"),
@@ -332,6 +362,7 @@ def test_numeric_bounds_are_inclusive_where_documented() -> None:
     ("changes", "line"),
     [
         ({"conflict_policy": "first-wins"}, "conflict_policy: must be one of lww"),
+        ({"subtrees[0].acl": "none"}, "subtrees[0].acl: must be one of copy, open"),
         ({"log": {"format": "text"}}, "log.format: must be one of auto, json, console"),
         ({"log": {"level": "INFO"}}, "log.level: must be one of debug, info, warning, error"),
         (
@@ -774,9 +805,10 @@ def test_every_problem_reported_at_once() -> None:
         "subtrees": [
             {"name": "critical", "path": "critical"},
             {"name": "critical", "path": "/a", "exclude": ["tmp"]},
-            {"name": "b", "path": "/a/b"},
+            {"name": "b", "path": "/a/b", "acl": "closed"},
         ],
         "heartbeat_interval": True,
+        "max_clock_skew": 0,
         "mass_delete": {"max_ratio": 2},
         "log": {"level": "trace"},
     }
@@ -791,7 +823,9 @@ def test_every_problem_reported_at_once() -> None:
         "subtrees[1].name: duplicate of subtrees[0].name",
         "subtrees[1].exclude[0]: must be absolute",
         "subtrees[2].path: /a/b overlaps subtrees[1].path /a",
+        "subtrees[2].acl: must be one of copy, open",
         "heartbeat_interval: must be a number",
+        "max_clock_skew: must be greater than 0",
         "mass_delete.max_ratio: must be at most 1",
         "log.level: must be one of debug, info, warning, error",
     ]
@@ -968,6 +1002,13 @@ def described(prop: dict[str, Any]) -> bool:
         for r in refs
         if "$ref" in r
     )
+
+
+def test_configdoc_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert configdoc.main(["--check"]) == 0
+    assert capsys.readouterr().out == ""  # nothing stale, so nothing rewritten or listed
+    assert configdoc.main([]) == 0
+    assert json.loads(capsys.readouterr().out) == SCHEMA
 
 
 def test_schema_is_valid_draft_2020_12() -> None:
