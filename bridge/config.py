@@ -137,7 +137,7 @@ _LISTEN = re.compile(rf"{_HOST}:([0-9]{{1,5}})")
 _ZNODE_BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\uffff]")
 
 Text = Annotated[str, StringConstraints(strict=True, min_length=1)]
-Seconds = Annotated[float, Field(strict=True, gt=0)]
+Positive = Annotated[float, Field(strict=True, gt=0)]
 Count = Annotated[int, Field(strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 Region = Annotated[
@@ -165,7 +165,8 @@ ZnodePath = Annotated[Text, AfterValidator(_znode_path)]
 MountPath = Annotated[Text, AfterValidator(_mount_path)]
 ReadableFile = Annotated[Text, AfterValidator(_readable_file)]
 
-_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=False)
+# Descriptions are the attribute docstrings below each field.
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 def _valid(kind: Any, value: object) -> bool:
@@ -352,11 +353,16 @@ def _digest_form(credential: str) -> str | None:
 
 # --------------------------------------------------------------------------- settings
 
-def _no_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)  # a secret has no default; the placeholder "" is not one
+LIVE: dict[str, Any] = {"x-reload": "live"}  # a reload (SIGHUP) applies it; else: restart
 
 
-_SECRET_FILE = "a relative path is resolved against this configuration file's directory"
+def _secret(stem: str) -> Any:
+    """The field a secret resolves into: out of repr (settings reach log lines), no default."""
+
+    def no_default(schema: dict[str, Any]) -> None:
+        schema.pop("default", None)  # "" only stands in until the secret is read
+
+    return Field(default="", repr=False, json_schema_extra=no_default)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -364,28 +370,17 @@ class ZooKeeperAuth:
     """Authenticate the session (addauth).
     Exactly one of credential, credential_file, credential_env."""
 
-    scheme: Literal["digest"] = Field(
-        default="digest", description="ZooKeeper auth scheme; only digest is supported."
-    )
-    # Resolved from the inline value, file or environment; kept out of repr
-    # because settings end up in log lines.
-    credential: Text = Field(
-        default="",
-        repr=False,
-        description="The digest credential, user:password inline. Prefer credential_file or"
-        " credential_env so the secret does not sit in this file.",
-        json_schema_extra=_no_default,
-    )
-    credential_file: Text | None = Field(
-        default=None,
-        description=f"File holding the digest credential, user:password; {_SECRET_FILE}."
-        " One trailing newline is ignored.",
-    )
-    credential_env: EnvName | None = Field(
-        default=None,
-        description="Name of the environment variable holding the digest credential,"
-        " user:password; it must be set and non-empty.",
-    )
+    scheme: Literal["digest"] = "digest"
+    """ZooKeeper auth scheme; only digest is supported."""
+    credential: Text = _secret("credential")
+    """The digest credential, user:password, inline. Prefer credential_file or credential_env
+    so the secret does not sit in this file."""
+    credential_file: Text | None = None
+    """File holding the digest credential; a relative path is resolved against this
+    configuration file's directory. One trailing newline is ignored."""
+    credential_env: EnvName | None = None
+    """Name of the environment variable holding the digest credential; it must be set and
+    non-empty."""
 
     _resolve = _resolving_secret("credential", _digest_form)
 
@@ -394,19 +389,14 @@ class ZooKeeperAuth:
 class ZooKeeperSettings:
     """The local ZooKeeper ensemble (never a remote region's)."""
 
-    hosts: HostList = Field(
-        description='Comma-separated host or host:port list, no spaces and no chroot,'
-        ' e.g. "zk1:2181,zk2:2181".'
-    )
-    session_timeout: Seconds = Field(
-        default=10.0,
-        le=MAX_SESSION_TIMEOUT,
-        description="ZooKeeper session timeout in seconds, at most 600; also how long a standby"
-        " waits before taking over. The server may negotiate it into its own bounds.",
-    )
-    connect_timeout: Seconds = Field(
-        default=15.0, description="Seconds to wait for the first connection to the ensemble."
-    )
+    hosts: HostList
+    """Comma-separated host or host:port list, no spaces and no chroot, e.g.
+    "zk1:2181,zk2:2181"."""
+    session_timeout: Annotated[Positive, Field(le=MAX_SESSION_TIMEOUT)] = 10.0
+    """Session timeout in seconds, at most 600; also how long a standby waits before taking
+    over. The server may negotiate it into its own bounds."""
+    connect_timeout: Positive = 15.0
+    """Seconds to wait for the first connection to the ensemble."""
     auth: ZooKeeperAuth | None = None
 
 
@@ -414,27 +404,19 @@ class ZooKeeperSettings:
 class KafkaSasl:
     """SASL login; exactly one of password, password_file, password_env."""
 
-    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        description="SASL mechanism."
-    )
-    username: Text = Field(description="SASL user name.")
-    password: Text = Field(
-        default="",
-        repr=False,
-        description="The SASL password inline. Prefer password_file or password_env so the"
-        " secret does not sit in this file.",
-        json_schema_extra=_no_default,
-    )
-    password_file: Text | None = Field(
-        default=None,
-        description=f"File holding the SASL password; {_SECRET_FILE}."
-        " One trailing newline is ignored.",
-    )
-    password_env: EnvName | None = Field(
-        default=None,
-        description="Name of the environment variable holding the SASL password;"
-        " it must be set and non-empty.",
-    )
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    """SASL mechanism."""
+    username: Text
+    """SASL user name."""
+    password: Text = _secret("password")
+    """The SASL password inline. Prefer password_file or password_env so the secret does not
+    sit in this file."""
+    password_file: Text | None = None
+    """File holding the SASL password; a relative path is resolved against this
+    configuration file's directory. One trailing newline is ignored."""
+    password_env: EnvName | None = None
+    """Name of the environment variable holding the SASL password; it must be set and
+    non-empty."""
 
     _resolve = _resolving_secret("password")
 
@@ -449,15 +431,12 @@ class KafkaSsl:
     """TLS files; relative paths are resolved against this configuration file's directory
     and must be readable."""
 
-    cafile: ReadableFile | None = Field(
-        default=None, description="CA bundle (PEM) to verify the brokers; system CAs when absent."
-    )
-    certfile: ReadableFile | None = Field(
-        default=None, description="Client certificate (PEM) for mutual TLS; may also hold the key."
-    )
-    keyfile: ReadableFile | None = Field(
-        default=None, description="Private key (PEM) of certfile; requires certfile."
-    )
+    cafile: ReadableFile | None = None
+    """CA bundle (PEM) to verify the brokers; system CAs when absent."""
+    certfile: ReadableFile | None = None
+    """Client certificate (PEM) for mutual TLS; may also hold the key."""
+    keyfile: ReadableFile | None = None
+    """Private key (PEM) of certfile; requires certfile."""
 
     _rules = _with_rules(_ssl_rules)
 
@@ -466,8 +445,8 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
 def _kafka_rules(data: Mapping[str, Any], info: ValidationInfo) -> Iterator[Problem]:
-    protocol = data.get("security_protocol", "PLAINTEXT")
-    if not _valid(SecurityProtocol, protocol):
+    protocol = _text_if(SecurityProtocol, data.get("security_protocol", "PLAINTEXT"))
+    if protocol is None:
         return  # the pairing cannot be judged without a protocol
     uses_sasl = protocol.startswith("SASL_")
     has_sasl = data.get("sasl") is not None
@@ -483,36 +462,27 @@ def _kafka_rules(data: Mapping[str, Any], info: ValidationInfo) -> Iterator[Prob
 class KafkaSettings:
     """The Kafka cluster carrying the federation's events."""
 
-    bootstrap_servers: HostList = Field(
-        description='Comma-separated host:port list of brokers, e.g. "k1:9092,k2:9092".'
-    )
-    topic_prefix: TopicPrefix = Field(
-        default="zkbridge",
-        description="First part of every topic name <prefix>.<subtree>.<region>;"
-        " A-Z, a-z, 0-9, '.', '_' or '-', not starting with '.'. The same in every region.",
-    )
-    enable_idempotence: Flag = Field(
-        default=True,
-        description="Use the idempotent producer; turn off only for brokers without"
-        " InitProducerId support (the test broker).",
-    )
-    replication_factor: Annotated[Count, AfterValidator(_replication_factor)] = Field(
-        default=-1,
-        description="Replication factor for topics the bridge creates; -1 uses the broker"
-        " default.",
-        json_schema_extra={"minimum": -1, "not": {"const": 0}},
-    )
-    security_protocol: SecurityProtocol = Field(
-        default="PLAINTEXT",
-        description="How to talk to the brokers. SASL_* requires the sasl block; ssl is only"
-        " allowed with SSL or SASL_SSL.",
-    )
+    bootstrap_servers: HostList
+    """Comma-separated host:port list of brokers, e.g. "k1:9092,k2:9092"."""
+    topic_prefix: TopicPrefix = "zkbridge"
+    """First part of every topic name <prefix>.<subtree>.<region>; A-Z, a-z, 0-9, '.', '_'
+    or '-', not starting with '.'. The same in every region."""
+    enable_idempotence: Flag = True
+    """Use the idempotent producer; turn off only for brokers without InitProducerId support
+    (the test broker)."""
+    replication_factor: Annotated[
+        Count,
+        AfterValidator(_replication_factor),
+        Field(json_schema_extra={"minimum": -1, "not": {"const": 0}}),
+    ] = -1
+    """Replication factor for topics the bridge creates; -1 uses the broker default."""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    """How to talk to the brokers. SASL_* requires the sasl block; ssl is only allowed with
+    SSL or SASL_SSL."""
     sasl: KafkaSasl | None = None
     ssl: KafkaSsl | None = None
-    request_timeout: Seconds = Field(
-        default=30.0,
-        description="Seconds a single Kafka request may take before it counts as failed.",
-    )
+    request_timeout: Positive = 30.0
+    """Seconds a single Kafka request may take before it counts as failed."""
 
     _rules = _with_rules(_kafka_rules)
 
@@ -521,30 +491,20 @@ class KafkaSettings:
 class SubtreeSettings:
     """One replicated subtree."""
 
-    name: SubtreeName = Field(
-        description="Subtree name: a-z, 0-9, '_' or '-', unique, the same in every region"
-        " (part of the topic name)."
-    )
-    path: MountPath = Field(
-        description="Local mount point: absolute, normalised (no trailing '/', no '//', no '.'"
-        " or '..'), not '/', not under /zookeeper. May differ per region. Mounts must not"
-        " overlap each other or state_path."
-    )
-    exclude: tuple[ZnodePath, ...] = Field(
-        default=(),
-        description="Paths relative to the mount, written absolute-looking and normalised"
-        " (e.g. /tmp), whose whole subtree is neither published nor applied."
-        " Applies on reload (the subtree is rescanned).",
-        json_schema_extra={"x-reload": "live"},
-    )
-    acl: Literal["copy", "open"] = Field(
-        default="copy",
-        description="copy: each znode's ACL travels in its event and is applied in the"
-        " receiving region, plus an entry for the bridge's own identity so it can keep"
-        " managing the znode. open: ACLs are not replicated, copies are created"
-        " world-accessible, and a znode whose ACL is not world-readable and -writable at its"
-        " origin is held back (never widened).",
-    )
+    name: SubtreeName
+    """a-z, 0-9, '_' or '-', unique, the same in every region (part of the topic name)."""
+    path: MountPath
+    """Local mount point: absolute, normalised (no trailing '/', no '//', no '.' or '..'),
+    not '/', not under /zookeeper. May differ per region. Mounts must not overlap each
+    other or state_path."""
+    exclude: tuple[ZnodePath, ...] = Field(default=(), json_schema_extra=LIVE)
+    """Paths relative to the mount, written absolute-looking and normalised (e.g. /tmp),
+    whose whole subtree is neither published nor applied. A reload rescans the subtree."""
+    acl: Literal["copy", "open"] = "copy"
+    """copy: each znode's ACL travels in its event and is applied in the receiving region,
+    plus an entry for the bridge's own identity so it can keep managing the znode. open:
+    ACLs are not replicated, copies are created world-accessible, and a znode whose ACL is
+    not world-readable and -writable at its origin is held back (never widened)."""
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -552,40 +512,29 @@ class MassDeleteSettings:
     """Guard against announcing the deletion of most of a subtree (e.g. after pointing at an
     empty ensemble)."""
 
-    max_ratio: Seconds = Field(
-        default=0.5,
-        le=1,
-        description="A scan that would announce deleting more than this share of a subtree's"
-        " znodes stops, in (0, 1].",
-    )
-    min_nodes: Count = Field(
-        default=20,
-        ge=0,
-        description="... but only when at least this many deletions are involved.",
-    )
+    max_ratio: Annotated[Positive, Field(le=1)] = 0.5
+    """A scan that would announce deleting more than this share of a subtree stops, in
+    (0, 1]."""
+    min_nodes: Annotated[Count, Field(ge=0)] = 20
+    """... but only when at least this many deletions are involved."""
 
 
 @dataclass(frozen=True, config=_CONFIG)
 class MetricsSettings:
     """Prometheus metrics endpoint."""
 
-    listen: Annotated[Text, AfterValidator(_listen)] | None = Field(
-        default=None,
-        description="host:port to serve /metrics (Prometheus) and /healthz on; no endpoint"
-        " when absent.",
-    )
+    listen: Annotated[Text, AfterValidator(_listen)] | None = None
+    """host:port to serve /metrics (Prometheus) and /healthz on; no endpoint when absent."""
 
 
 @dataclass(frozen=True, config=_CONFIG)
 class LogSettings:
     """Logging."""
 
-    format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="auto: console on a terminal, JSON otherwise."
-    )
-    level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Lowest level logged."
-    )
+    format: Literal["auto", "json", "console"] = "auto"
+    """auto: console on a terminal, JSON otherwise."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
 
 
 def _settings_rules(data: Mapping[str, Any], info: ValidationInfo) -> Iterator[Problem]:
@@ -663,61 +612,39 @@ class Settings:
     """One region's zkbridge configuration, read by every zkbridge command (-c FILE).
     Unknown keys are rejected."""
 
-    region: Region = Field(
-        description="This bridge's region: 1-32 characters of a-z, 0-9 or '-', unique in the"
-        " federation. Used in topic names and vector clocks, so it must never change."
-    )
-    # Sections are described by their class; Field() keeps them required after region's.
-    zookeeper: ZooKeeperSettings = Field()
-    kafka: KafkaSettings = Field()
-    peers: tuple[Region, ...] = Field(
-        description="Regions whose events this bridge applies; may be empty, must not contain"
-        " region itself.",
-        json_schema_extra={"uniqueItems": True},
-    )
-    subtrees: tuple[SubtreeSettings, ...] = Field(
-        description="The replicated subtrees; at least one. Mounts must not overlap each other"
-        " or state_path.",
-        json_schema_extra={"minItems": 1},
-    )
-    state_path: MountPath = Field(
-        default="/zkbridge",
-        description="Where the bridge keeps its own state (metadata, outbox, positions,"
-        " election, status) in the local ensemble; same path rules as a mount and disjoint"
-        " from every mount.",
-    )
-    heartbeat_interval: Seconds = Field(
-        default=5.0,
-        description="Seconds between heartbeats this bridge publishes per subtree (they drive"
-        " lag reporting).",
-        json_schema_extra={"x-reload": "live"},
-    )
-    max_clock_skew: Seconds = Field(
-        default=60.0,
-        description="Seconds. A peer event stamped further ahead of the local wall clock than"
-        " this waits (loudly) instead of being applied, and the bridge's hybrid clock never"
-        " runs further than this ahead of its wall clock.",
-        json_schema_extra={"x-reload": "live"},
-    )
-    conflict_policy: Literal["lww"] = Field(
-        default="lww",
-        description="How concurrent writes are resolved; only lww (last writer wins on the"
-        " hybrid logical clock) exists.",
-        json_schema_extra={"x-reload": "live"},
-    )
-    max_data_bytes: Count = Field(
-        default=MAX_DATA_BYTES,
-        ge=1,
-        le=MAX_DATA_BYTES,
-        description="Largest znode payload replicated, in bytes (ZooKeeper's default"
-        " jute.maxbuffer at most); larger znodes are reported and not replicated.",
-    )
+    region: Region
+    """This bridge's region: 1-32 characters of a-z, 0-9 or '-', unique in the federation.
+    Used in topic names and vector clocks, so it must never change."""
+    zookeeper: ZooKeeperSettings
+    kafka: KafkaSettings
+    peers: tuple[Region, ...] = Field(json_schema_extra={"uniqueItems": True})
+    """Regions whose events this bridge applies; may be empty, must not contain region
+    itself."""
+    subtrees: tuple[SubtreeSettings, ...] = Field(json_schema_extra={"minItems": 1})
+    """The replicated subtrees; at least one. Mounts must not overlap each other or
+    state_path."""
+    state_path: MountPath = "/zkbridge"
+    """Where the bridge keeps its own state (metadata, outbox, positions, election, status)
+    in the local ensemble; same path rules as a mount and disjoint from every mount."""
+    heartbeat_interval: Positive = Field(default=5.0, json_schema_extra=LIVE)
+    """Seconds between heartbeats this bridge publishes per subtree (they drive lag
+    reporting)."""
+    max_clock_skew: Positive = Field(default=60.0, json_schema_extra=LIVE)
+    """Seconds. A peer event stamped further ahead of the local wall clock than this waits
+    (loudly) instead of being applied, and the bridge's hybrid clock never runs further
+    than this ahead of its wall clock."""
+    conflict_policy: Literal["lww"] = Field(default="lww", json_schema_extra=LIVE)
+    """How concurrent writes are resolved; only lww (last writer wins on the hybrid logical
+    clock) exists."""
+    max_data_bytes: Annotated[Count, Field(ge=1, le=MAX_DATA_BYTES)] = MAX_DATA_BYTES
+    """Largest znode payload replicated, in bytes (at most ZooKeeper's default
+    jute.maxbuffer); larger znodes are reported and not replicated."""
     mass_delete: MassDeleteSettings = Field(
-        default_factory=MassDeleteSettings, json_schema_extra={"x-reload": "live"}
+        default_factory=MassDeleteSettings, json_schema_extra=LIVE
     )
     # The document's sections; the rest of the code reads them flattened below.
     metrics: InitVar[MetricsSettings | None] = None
-    log: InitVar[LogSettings | None] = Field(default=None, json_schema_extra={"x-reload": "live"})
+    log: InitVar[LogSettings | None] = Field(default=None, json_schema_extra=LIVE)
     # Set from those sections, never keys of the document (the rules refuse them).
     metrics_listen: SkipJsonSchema[str | None] = None
     log_format: SkipJsonSchema[str] = "auto"

@@ -29,7 +29,7 @@ TABLE_END = "<!-- end of config table -->"
 
 def schema() -> dict[str, Any]:
     """The JSON schema (draft 2020-12) of one region's configuration file."""
-    generated = _without_titles(TypeAdapter(Settings).json_schema())
+    generated = _tidy(TypeAdapter(Settings).json_schema())
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://zkbridge.invalid/schemas/config.schema.json",
@@ -47,12 +47,19 @@ def schema_text() -> str:
     return json.dumps(schema(), indent=2, ensure_ascii=False) + "\n"
 
 
-def _without_titles(node: Any) -> Any:
-    # pydantic titles each property after its name ("Session Timeout"): noise next to the key.
+def _tidy(node: Any) -> Any:
+    """Docstrings as one-line descriptions; no titles.
+
+    pydantic titles each property after its name ("Session Timeout"): noise next to the key.
+    """
     if isinstance(node, dict):
-        return {k: _without_titles(v) for k, v in node.items() if k != "title"}
+        return {
+            k: " ".join(v.split()) if k == "description" else _tidy(v)
+            for k, v in node.items()
+            if k != "title"
+        }
     if isinstance(node, list):
-        return [_without_titles(v) for v in node]
+        return [_tidy(v) for v in node]
     return node
 
 
