@@ -152,6 +152,7 @@ def test_full_document_values() -> None:
         {"name": "critical", "path": "/critical", "exclude": ["/tmp", "/locks/a"]},
         {"name": "flags_2", "path": "/zookeeperish/flags", "acl": "open"},
     ]
+    jsonschema.validate(doc, SCHEMA)
     s = parse(doc)
     assert s.zookeeper.session_timeout == 20.0
     assert isinstance(s.zookeeper.session_timeout, float)
@@ -626,6 +627,7 @@ def test_secrets_from_environment() -> None:
         kafka__security_protocol="SASL_SSL",
         kafka__sasl={"mechanism": "SCRAM-SHA-256", "username": "u", "password_env": "ZKB_PW"},
     )
+    jsonschema.validate(doc, SCHEMA)
     s = parse(doc, env={"ZKB_ZK": "bridge:zz", "ZKB_PW": "kafka-pw"})
     assert s.zookeeper.auth is not None
     assert s.zookeeper.auth.credential == "bridge:zz"
@@ -774,6 +776,7 @@ def test_ssl_files_resolved_and_checked(tmp_path: Path) -> None:
     doc = mk(
         kafka__security_protocol="SSL", kafka__ssl={"cafile": "ca.pem", "certfile": "client.pem"}
     )
+    jsonschema.validate(doc, SCHEMA)
     ssl = parse(doc, base_dir=tmp_path).kafka.ssl
     assert ssl is not None
     assert (ssl.cafile, ssl.certfile, ssl.keyfile) == (
@@ -1029,133 +1032,33 @@ def test_examples_validate_against_schema(path: Path) -> None:
     jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)
 
 
-def test_full_document_validates_against_schema() -> None:
-    doc = mk(
-        zookeeper__session_timeout=600,
-        zookeeper__connect_timeout=1.5,
-        zookeeper__auth={"scheme": "digest", "credential_env": "ZK"},
-        kafka__topic_prefix="a.b_c-d",
-        kafka__enable_idempotence=False,
-        kafka__replication_factor=-1,
-        kafka__security_protocol="SASL_SSL",
-        kafka__ssl={"cafile": "ca.pem"},
-        kafka__sasl={"mechanism": "SCRAM-SHA-512", "username": "u", "password_file": "pw"},
-        kafka__request_timeout=30,
-        subtrees__0__exclude=["/tmp"],
-        subtrees__0__acl="open",
-        state_path="/zkbridge",
-        heartbeat_interval=5,
-        max_clock_skew=0.25,
-        conflict_policy="lww",
-        max_data_bytes=1_000_000,
-        mass_delete={"max_ratio": 1, "min_nodes": 0},
-        metrics={"listen": "0.0.0.0:9464"},
-        log={"format": "console", "level": "warning"},
-    )
-    jsonschema.validate(doc, SCHEMA)
-
-
-# Every line the loader must print for a document with one mistake; ``True`` where the
-# schema, generated from the same classes, can express the rule and rejects it too.
-BAD_DOCUMENTS: list[tuple[dict[str, Any], str, bool]] = [
-    ({"region": DELETE}, "region: required", True),
-    ({"zookeeper.hosts": DELETE}, "zookeeper.hosts: required", True),
-    ({"kafka.bootstrap_servers": DELETE}, "kafka.bootstrap_servers: required", True),
-    ({"peers": DELETE}, "peers: required", True),
-    ({"subtrees": DELETE}, "subtrees: required", True),
-    ({"subtrees[0].path": DELETE}, "subtrees[0].path: required", True),
-    ({"zookeeper.sesion_timeout": 5}, "zookeeper.sesion_timeout: unknown key", True),
-    ({"subtrees[0].mount": "/x"}, "subtrees[0].mount: unknown key", True),
-    ({"region": "US-EAST"}, f"region: {REGION_RULE}", True),
-    ({"peers": ["eu-west", "eu-west"]}, "peers[1]: duplicate of peers[0]", True),
-    ({"peers": ["EU"]}, f"peers[0]: {REGION_RULE}", True),
-    ({"subtrees": []}, "subtrees: must not be empty", True),
-    ({"subtrees[0].name": "Crit"}, "subtrees[0].name: must use only a-z, 0-9, '_' or '-'", True),
-    ({"subtrees[0].path": "critical"}, "subtrees[0].path: must be absolute", False),
-    ({"subtrees[0].path": "/"}, "subtrees[0].path: must not be /", False),
-    ({"subtrees[0].path": "/a/"}, "subtrees[0].path: must not end with '/'", False),
-    ({"subtrees[0].path": "/a//b"}, "subtrees[0].path: must not contain '//'", False),
-    (
-        {"subtrees[0].path": "/a/../b"},
-        "subtrees[0].path: must not contain '.' or '..' components",
-        False,
-    ),
-    (
-        {"subtrees[0].path": "/zookeeper/x"},
-        "subtrees[0].path: must not be /zookeeper or below it (reserved by ZooKeeper)",
-        False,
-    ),
-    (
-        {"subtrees[0].path": "/a\x00"},
-        "subtrees[0].path: must not contain NUL or other characters ZooKeeper rejects",
-        False,
-    ),
-    ({"subtrees[0].exclude": ["tmp"]}, "subtrees[0].exclude[0]: must be absolute", False),
-    ({"state_path": "/zk/"}, "state_path: must not end with '/'", False),
-    ({"heartbeat_interval": True}, "heartbeat_interval: must be a number", True),
-    ({"heartbeat_interval": 0}, "heartbeat_interval: must be greater than 0", True),
-    ({"zookeeper.session_timeout": 601}, "zookeeper.session_timeout: must be at most 600", True),
-    ({"max_data_bytes": 2_000_000}, "max_data_bytes: must be at most 1000000", True),
-    ({"mass_delete": {"max_ratio": 0}}, "mass_delete.max_ratio: must be greater than 0", True),
-    ({"mass_delete": {"min_nodes": -1}}, "mass_delete.min_nodes: must be at least 0", True),
-    (
-        {"kafka.replication_factor": 0},
-        "kafka.replication_factor: must be -1 (broker default) or at least 1",
-        True,
-    ),
-    ({"kafka.enable_idempotence": "yes"}, "kafka.enable_idempotence: must be a boolean", True),
-    (
-        {"kafka.topic_prefix": ".zk"},
-        "kafka.topic_prefix: must use only A-Z, a-z, 0-9, '.', '_' or '-' and not start with '.'",
-        True,
-    ),
-    ({"zookeeper.hosts": "zk1, zk2"}, f"zookeeper.hosts: {HOSTS_RULE}", False),
-    ({"metrics": {"listen": "9464"}}, "metrics.listen: must be host:port", False),
-    ({"conflict_policy": "manual"}, "conflict_policy: must be one of lww", True),
-    ({"log": {"format": "text"}}, "log.format: must be one of auto, json, console", True),
-    (
-        {"kafka.security_protocol": "SASL_SSL"},
-        "kafka.sasl: required when security_protocol is SASL_SSL",
-        False,
-    ),
-    (
-        {"kafka.sasl": {"mechanism": "PLAIN", "username": "u", "password": "p"}},
-        "kafka.sasl: only allowed with security_protocol SASL_PLAINTEXT or SASL_SSL",
-        False,
-    ),
-    ({"kafka.ssl": {}}, "kafka.ssl: only allowed with security_protocol SSL or SASL_SSL", False),
-    (
-        {"kafka.security_protocol": "SSL", "kafka.ssl": {"keyfile": "/dev/null"}},
-        "kafka.ssl.keyfile: requires certfile",
-        False,
-    ),
-    (
-        {"zookeeper.auth": {}},
-        "zookeeper.auth: one of credential, credential_file, credential_env is required",
-        False,
-    ),
-    (
-        {"zookeeper.auth": {"credential": "u:p", "credential_file": "/x"}},
-        "zookeeper.auth: only one of credential, credential_file, credential_env may be set,"
-        " got credential, credential_file",
-        False,
-    ),
-    (
-        {
-            "kafka.security_protocol": "SASL_SSL",
-            "kafka.sasl": {"mechanism": "GSSAPI", "username": "u", "password": "p"},
-        },
-        "kafka.sasl.mechanism: must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
-        True,
-    ),
+# One document per kind of constraint the settings classes carry into the schema (the
+# loader's exact lines for these are checked above); rules across keys stay loader-only.
+SCHEMA_REJECTS: list[dict[str, Any]] = [
+    {"region": DELETE},
+    {"subtrees[0].path": DELETE},
+    {"zookeeper.sesion_timeout": 5},
+    {"subtrees[0].mount": "/x"},
+    {"region": "US-EAST"},
+    {"peers": ["eu-west", "eu-west"]},
+    {"subtrees": []},
+    {"subtrees[0].name": "Crit"},
+    {"subtrees[0].acl": "none"},
+    {"heartbeat_interval": True},
+    {"max_clock_skew": 0},
+    {"zookeeper.session_timeout": 601},
+    {"max_data_bytes": 2_000_000},
+    {"mass_delete": {"min_nodes": -1}},
+    {"kafka.replication_factor": 0},
+    {"kafka.enable_idempotence": "yes"},
+    {"kafka.topic_prefix": ".zk"},
+    {"zookeeper.auth": {"credential_env": "1BAD"}},
+    {"log": {"format": "text"}},
 ]
 
 
-@pytest.mark.parametrize(
-    ("changes", "line", "schema_rejects"), BAD_DOCUMENTS, ids=[b[1] for b in BAD_DOCUMENTS]
-)
-def test_bad_documents(changes: dict[str, Any], line: str, schema_rejects: bool) -> None:
+@pytest.mark.parametrize("changes", SCHEMA_REJECTS, ids=lambda c: ",".join(c))
+def test_schema_rejects_what_the_fields_constrain(changes: dict[str, Any]) -> None:
     doc = edit(base(), changes)
-    assert problems(doc) == [line]
-    errors = list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
-    assert bool(errors) == schema_rejects
+    assert problems(doc, env={})
+    assert list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
