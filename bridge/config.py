@@ -857,6 +857,52 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
     return _settings(doc, Path(label).parent, env, problems, label=label, source=label)
 
 
+# Runtime names and the document section they are read from.
+_FLATTENED = {"metrics_listen": "metrics", "log_format": "log", "log_level": "log"}
+
+
+def _live(kind: Any, name: str) -> bool:
+    return kind.__pydantic_fields__[_FLATTENED.get(name, name)].json_schema_extra is LIVE
+
+
+def reloaded(old: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """What a reload (SIGHUP) from ``old`` to ``new`` does, by the fields marked ``LIVE``.
+
+    Returns the running settings (live keys from ``new``, every other from
+    ``old``), the changed keys applied and the changed keys left for a restart.
+    A subtree's live keys apply only while no subtree changed otherwise.
+    """
+    applied: list[str] = []
+    restart: list[str] = []
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        after = getattr(new, f.name)
+        if f.name in ("subtrees", "source") or getattr(old, f.name) == after:
+            continue
+        if _live(Settings, f.name):
+            applied.append(f.name)
+            changes[f.name] = after
+        else:
+            restart.append(f.name)
+    names = [f.name for f in dataclasses.fields(SubtreeSettings)]
+    fixed = [n for n in names if not _live(SubtreeSettings, n)]
+
+    def identity(settings: Settings) -> list[list[object]]:
+        return [[getattr(st, n) for n in fixed] for st in settings.subtrees]
+
+    if identity(old) != identity(new):
+        restart.append("subtrees")
+    else:
+        changes["subtrees"] = new.subtrees
+        applied += [
+            f"subtrees[{b.name}].{n}"
+            for a, b in zip(old.subtrees, new.subtrees, strict=True)
+            for n in names
+            if n not in fixed and getattr(a, n) != getattr(b, n)
+        ]
+    return dataclasses.replace(old, **changes), applied, restart
+
+
 def describe(settings: Settings) -> str:
     """A short human summary for ``zkbridge check-config`` (never shows secrets)."""
     kafka = settings.kafka

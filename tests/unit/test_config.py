@@ -25,6 +25,7 @@ from bridge.config import (
     describe,
     load_settings,
     parse_settings,
+    reloaded,
 )
 from bridge.errors import ConfigError
 
@@ -196,6 +197,48 @@ def test_replace_keeps_the_flat_names_the_engine_uses() -> None:
 @pytest.mark.parametrize("key", ["log_format", "log_level", "metrics_listen", "source"])
 def test_runtime_names_are_not_document_keys(key: str) -> None:
     assert problems(mk(**{key: "json"})) == [f"{key}: unknown key"]
+
+
+def test_reload_applies_live_keys_and_keeps_the_rest() -> None:
+    old = parse(base())
+    assert reloaded(old, parse(base())) == (old, [], [])
+    new = parse(
+        mk(
+            heartbeat_interval=1,
+            max_clock_skew=5,
+            log={"level": "debug"},
+            mass_delete={"min_nodes": 3},
+            subtrees__0__exclude=["/tmp"],
+        )
+    )
+    running, applied, restart = reloaded(old, new)
+    assert running == new
+    assert applied == [
+        "heartbeat_interval",
+        "max_clock_skew",
+        "mass_delete",
+        "log_level",
+        "subtrees[critical].exclude",
+    ]
+    assert restart == []
+
+
+def test_reload_leaves_restart_keys_alone() -> None:
+    old = parse(base())
+    new = parse(
+        mk(
+            region="us-west",
+            zookeeper__session_timeout=3,
+            metrics={"listen": "127.0.0.1:9464"},
+            subtrees__0__acl="open",
+            subtrees__0__exclude=["/tmp"],
+            conflict_policy="lww",
+        ),
+    )
+    running, applied, restart = reloaded(old, new)
+    assert running == old
+    assert applied == []
+    assert restart == ["region", "zookeeper", "metrics_listen", "subtrees"]
 
 
 def test_subtree_lookup() -> None:
