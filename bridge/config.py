@@ -356,7 +356,7 @@ def _digest_form(credential: str) -> str | None:
 LIVE: dict[str, Any] = {"x-reload": "live"}  # a reload (SIGHUP) applies it; else: restart
 
 
-def _secret(stem: str) -> Any:
+def _secret() -> Any:
     """The field a secret resolves into: out of repr (settings reach log lines), no default."""
 
     def no_default(schema: dict[str, Any]) -> None:
@@ -372,7 +372,7 @@ class ZooKeeperAuth:
 
     scheme: Literal["digest"] = "digest"
     """ZooKeeper auth scheme; only digest is supported."""
-    credential: Text = _secret("credential")
+    credential: Text = _secret()
     """The digest credential, user:password, inline. Prefer credential_file or credential_env
     so the secret does not sit in this file."""
     credential_file: Text | None = None
@@ -408,7 +408,7 @@ class KafkaSasl:
     """SASL mechanism."""
     username: Text
     """SASL user name."""
-    password: Text = _secret("password")
+    password: Text = _secret()
     """The SASL password inline. Prefer password_file or password_env so the secret does not
     sit in this file."""
     password_file: Text | None = None
