@@ -926,6 +926,17 @@ def test_readme_table_has_one_row_per_key() -> None:
     assert all(meaning for _, _, meaning in rows.values())
 
 
+def test_full_example_shows_every_key_with_a_default() -> None:
+    doc = yaml.safe_load((ROOT / "schemas" / "examples" / "region-us-east.yaml").read_text())
+    for key, (default, _, _) in table_rows().items():
+        *sections, name = key.replace("[]", ".0").split(".")
+        node = doc
+        for part in sections:  # optional sections (auth, ssl, sasl) are only comments there
+            node = node.get(part) if isinstance(node, dict) else node[int(part)]
+        if node is not None and default not in ("required", "—"):
+            assert name in node, f"{key} missing in the example"
+
+
 def test_table_shows_defaults_and_reload_behaviour() -> None:
     rows = table_rows()
     assert rows["region"][0] == "required"
