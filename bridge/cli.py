@@ -98,7 +98,7 @@ def _status(path: str, as_json: bool) -> int:
 
     settings = _load(path)
     try:
-        overview = asyncio.run(asyncio.wait_for(read_overview(settings), 30))
+        overview = asyncio.run(asyncio.wait_for(read_overview(settings, path), 30))
     except (BridgeError, TimeoutError, OSError) as exc:
         return _unreachable("status", exc)
     print(json.dumps(overview, indent=2) if as_json else render_status(overview))

@@ -149,7 +149,20 @@ def test_status_and_conflicts_commands(federation: Federation) -> None:
     assert status["bridges"][0]["role"] == "leader"
     human = fed.cli("status", "-c", str(r1.config_path))
     assert "leader" in human.stdout and "from r2" in human.stdout
+    # The verdict comes first: healthy while converged...
+    assert human.stdout.splitlines()[0].startswith("HEALTHY: "), human.stdout
+    assert status["verdict"]["healthy"] is True
+    assert {p["peer"] for p in status["peers"]} == {"r2", "r3"}
+    assert all(p["events_behind"] == 0 for p in status["peers"])
+    print(human.stdout)
     fed.assert_clean_logs()
+    # ...and with the bridge stopped, what is wrong and where to look.
+    fed.stop("r1")
+    down = fed.cli("status", "-c", str(r1.config_path))
+    assert down.returncode == 0, down.stderr
+    first = down.stdout.splitlines()[0]
+    assert first.startswith("DOWN: no bridge is leading in r1"), down.stdout
+    assert "systemctl status zkbridge@r1" in first
 
 
 def _delete_topic(bootstrap: str, topic: str) -> None:
