@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     lag.add_argument("--json", action="store_true", help="machine-readable output")
     lag.add_argument("--max-seconds", type=float, metavar="N",
                      help="exit 1 when any lag or heartbeat age exceeds N seconds")
+    lag.add_argument("--watch", type=_positive, nargs="?", const=2.0, metavar="SECONDS",
+                     help="re-measure every SECONDS (default 2) with each row's trend; "
+                          "in place on a terminal, one table per interval otherwise; Ctrl-C "
+                          "quits")
     lag.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
 
     st = sub.add_parser("status", help="leader, health, positions, counters, recent errors")
@@ -65,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
 def _unreachable(command: str, exc: BaseException) -> int:
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError):
@@ -73,10 +87,27 @@ def _unreachable(command: str, exc: BaseException) -> int:
     return 2
 
 
-def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float) -> int:
+def _lag_watch(settings: Settings, every: float, as_json: bool, max_seconds: float | None,
+               timeout: float) -> int:
+    from bridge.lagwatch import watch
+
+    try:
+        asyncio.run(watch(settings, every, out=sys.stdout, terminal=sys.stdout.isatty(),
+                          json_lines=as_json, max_seconds=max_seconds, sample_timeout=timeout))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a watch ends
+    except (BridgeError, TimeoutError, OSError) as exc:
+        return _unreachable("lag", exc)
+    return 0
+
+
+def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float,
+         every: float | None) -> int:
     from bridge.lag import run_measure, table, worst_seconds
 
     settings = _load(path)
+    if every is not None:
+        return _lag_watch(settings, every, as_json, max_seconds, timeout)
     try:
         rows = run_measure(settings, timeout)
     except (BridgeError, TimeoutError, OSError) as exc:
@@ -191,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args.config, args.meta, args.json)
         if args.command == "lag":
-            return _lag(args.config, args.json, args.max_seconds, args.timeout)
+            return _lag(args.config, args.json, args.max_seconds, args.timeout, args.watch)
         if args.command == "status":
             return _status(args.config, args.json)
         if args.command == "conflicts":
