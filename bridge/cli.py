@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("resync", help="re-announce this region's full state (after topic loss)")
     rs.add_argument("-c", "--config", required=True, metavar="FILE")
+    rs.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -151,14 +152,19 @@ def _conflicts(path: str, limit: int, as_json: bool) -> int:
     return 0
 
 
-def _resync(path: str) -> int:
+def _resync(path: str, as_json: bool) -> int:
+    from bridge.progress import Progress
     from bridge.resync import resync
 
     settings = _load(path)
     try:
-        counts = asyncio.run(resync(settings, progress=lambda m: print(m, file=sys.stderr)))
+        with Progress(sys.stderr) as progress:
+            counts = asyncio.run(resync(settings, progress))
     except (BridgeError, OSError) as exc:
         return _unreachable("resync", exc)
+    if as_json:
+        print(json.dumps({"region": settings.region, **counts}, indent=2))
+        return 0
     print(f"re-announced {counts['published']} records from {settings.region}"
           + (f"; {counts['uncaptured']} local changes not yet captured (the bridge announces "
              "them)" if counts["uncaptured"] else ""))
@@ -186,10 +192,12 @@ def _verify(paths: Sequence[str], meta: bool, as_json: bool) -> int:
         print("zkbridge verify: give at least two configs (-c A.yaml -c B.yaml)", file=sys.stderr)
         return 2
     configs = [_load(p) for p in paths]
+    from bridge.progress import Progress
     from bridge.verify import verify
 
     try:
-        diffs = asyncio.run(verify(configs, meta=meta))
+        with Progress(sys.stderr) as progress:
+            diffs = asyncio.run(verify(configs, meta=meta, progress=progress))
     except BridgeError as exc:
         print(f"zkbridge verify: {exc}", file=sys.stderr)
         return 2
@@ -228,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "conflicts":
             return _conflicts(args.config, args.limit, args.json)
         if args.command == "resync":
-            return _resync(args.config)
+            return _resync(args.config, args.json)
         if args.command == "run":
             from bridge.daemon import run
 

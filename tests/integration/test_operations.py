@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import signal
 import socket
 import struct
@@ -97,10 +98,9 @@ class Reader:
         self._thread.join(10)
 
 
-def _watch(fed: Federation, name: str, *extra: str, tty: bool
-           ) -> tuple[subprocess.Popen[bytes], Reader]:
-    argv = [sys.executable, "-m", "bridge", "lag", "-c", str(fed[name].config_path),
-            "--watch", "0.5", *extra]
+def _spawn_cli(args: list[str], *, tty: bool) -> tuple[subprocess.Popen[bytes], Reader]:
+    """``zkbridge ARGS`` with its output on a pipe, or on a 150x30 pseudo-terminal."""
+    argv = [sys.executable, "-m", "bridge", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm-256color"}
     if not tty:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -112,6 +112,12 @@ def _watch(fed: Federation, name: str, *extra: str, tty: bool
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env)
     os.close(slave)
     return proc, Reader(lambda: os.read(master, 65536))
+
+
+def _watch(fed: Federation, name: str, *extra: str, tty: bool
+           ) -> tuple[subprocess.Popen[bytes], Reader]:
+    return _spawn_cli(["lag", "-c", str(fed[name].config_path), "--watch", "0.5", *extra],
+                      tty=tty)
 
 
 def _interrupt(proc: subprocess.Popen[bytes], reader: Reader) -> int:
@@ -177,6 +183,53 @@ def test_lag_watch_on_a_terminal_and_in_a_pipe(federation: Federation) -> None:
         for p in started:
             if p.poll() is None:
                 procs.stop(p)
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def _no_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def _finish(proc: subprocess.Popen[bytes], reader: Reader, timeout: float = 120) -> int:
+    try:
+        rc = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            procs.stop(proc)
+    reader.join()
+    return rc
+
+
+def test_verify_and_resync_show_progress_only_on_a_terminal(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(1500):
+        r1.client.create_async(r1.path(f"/p{i:04d}"), b"v")
+    fed.wait_converged(timeout=120)
+    configs = [a for r in ("r1", "r2", "r3") for a in ("-c", str(fed[r].config_path))]
+    # A terminal: bars with counts, rate and time left, then the result.
+    proc, screen = _spawn_cli(["verify", "--meta", *configs], tty=True)
+    assert _finish(proc, screen) == 0, screen.text
+    text = _no_ansi(screen.text)
+    assert "identical: r1, r2, r3" in text
+    for region in ("r1", "r2", "r3"):
+        assert f"{region} critical" in text and f"{region} critical metadata" in text
+    # The first region's size is the others' estimate, so theirs end at N/N.
+    assert re.search(r"r2 critical\s.*\s1500/1500\s", text), text[-3000:]
+    assert "znodes/s" in text and "left" in text
+    # Not a terminal: just the result.
+    out = fed.cli("verify", "--meta", *configs)
+    assert out.returncode == 0 and out.stdout == "identical: r1, r2, r3\n" and not out.stderr
+    proc, screen = _spawn_cli(["resync", "-c", str(r1.config_path)], tty=True)
+    assert _finish(proc, screen) == 0, screen.text
+    text = _no_ansi(screen.text)
+    assert re.search(r"re-announcing on \S+\s.*\s1500/1500\s", text), text[-3000:]
+    assert "re-announced 1500 records from r1" in text
+    out = fed.cli("resync", "-c", str(r1.config_path), "--json")
+    assert out.returncode == 0 and not out.stderr, out.stderr
+    assert json.loads(out.stdout) == {"region": "r1", "published": 1500, "uncaptured": 0}
     fed.wait_converged()
     fed.assert_clean_logs()
 
