@@ -154,6 +154,7 @@ def test_lag_watch_on_a_terminal_and_in_a_pipe(federation: Federation) -> None:
         r1_rows = [line for t in tables for line in t.splitlines() if " r1 " in line]
         assert any("falling behind" in line for line in r1_rows), out.text
         assert not any("catching up" in line for line in r1_rows), out.text
+        print(tables[-1])  # the README quotes a real one
         # ...or one JSON document per line.
         proc, out = _watch(fed, "r2", "--json", tty=False)
         started.append(proc)
