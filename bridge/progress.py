@@ -69,7 +69,7 @@ class Progress:
                 MofNCompleteColumn(),
                 RateColumn(),
                 TimeElapsedColumn(),
-                TextColumn("left"),
+                TextColumn("eta"),
                 TimeRemainingColumn(),
                 console=Console(file=stream),
                 transient=False,
