@@ -194,7 +194,7 @@ class Demo:
         step("Replication lag: ap-south's bridge stops, us-east keeps writing")
         procs.stop(self.bridges["ap-south"])
         info("ap-south  bridge stopped (its ZooKeeper still serves its applications)")
-        burst = 200
+        burst = 100
         for i in range(burst):
             us.create_async(f"/critical/burst/n{i:03d}", b"v", makepath=True)
         took = wait_until(lambda: len(eu.get_children("/critical/burst")
