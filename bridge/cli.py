@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     lag.add_argument("--json", action="store_true", help="machine-readable output")
     lag.add_argument("--max-seconds", type=float, metavar="N",
                      help="exit 1 when any lag or heartbeat age exceeds N seconds")
+    lag.add_argument("--watch", type=_positive, nargs="?", const=2.0, metavar="SECONDS",
+                     help="re-measure every SECONDS (default 2) with each row's trend; "
+                          "in place on a terminal, one table per interval otherwise; Ctrl-C "
+                          "quits")
     lag.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
 
     st = sub.add_parser("status", help="leader, health, positions, counters, recent errors")
@@ -62,7 +67,18 @@ def _parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("resync", help="re-announce this region's full state (after topic loss)")
     rs.add_argument("-c", "--config", required=True, metavar="FILE")
+    rs.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
+    return value
 
 
 def _unreachable(command: str, exc: BaseException) -> int:
@@ -73,10 +89,27 @@ def _unreachable(command: str, exc: BaseException) -> int:
     return 2
 
 
-def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float) -> int:
+def _lag_watch(settings: Settings, every: float, as_json: bool, max_seconds: float | None,
+               timeout: float) -> int:
+    from bridge.lagwatch import watch
+
+    try:
+        asyncio.run(watch(settings, every, out=sys.stdout, terminal=sys.stdout.isatty(),
+                          json_lines=as_json, max_seconds=max_seconds, sample_timeout=timeout))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a watch ends
+    except (BridgeError, TimeoutError, OSError) as exc:
+        return _unreachable("lag", exc)
+    return 0
+
+
+def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float,
+         every: float | None) -> int:
     from bridge.lag import run_measure, table, worst_seconds
 
     settings = _load(path)
+    if every is not None:
+        return _lag_watch(settings, every, as_json, max_seconds, timeout)
     try:
         rows = run_measure(settings, timeout)
     except (BridgeError, TimeoutError, OSError) as exc:
@@ -98,7 +131,7 @@ def _status(path: str, as_json: bool) -> int:
 
     settings = _load(path)
     try:
-        overview = asyncio.run(asyncio.wait_for(read_overview(settings), 30))
+        overview = asyncio.run(asyncio.wait_for(read_overview(settings, path), 30))
     except (BridgeError, TimeoutError, OSError) as exc:
         return _unreachable("status", exc)
     print(json.dumps(overview, indent=2) if as_json else render_status(overview))
@@ -120,14 +153,19 @@ def _conflicts(path: str, limit: int, as_json: bool) -> int:
     return 0
 
 
-def _resync(path: str) -> int:
+def _resync(path: str, as_json: bool) -> int:
+    from bridge.progress import Progress
     from bridge.resync import resync
 
     settings = _load(path)
     try:
-        counts = asyncio.run(resync(settings, progress=lambda m: print(m, file=sys.stderr)))
+        with Progress(sys.stderr) as progress:
+            counts = asyncio.run(resync(settings, progress))
     except (BridgeError, OSError) as exc:
         return _unreachable("resync", exc)
+    if as_json:
+        print(json.dumps({"region": settings.region, **counts}, indent=2))
+        return 0
     print(f"re-announced {counts['published']} records from {settings.region}"
           + (f"; {counts['uncaptured']} local changes not yet captured (the bridge announces "
              "them)" if counts["uncaptured"] else ""))
@@ -155,10 +193,12 @@ def _verify(paths: Sequence[str], meta: bool, as_json: bool) -> int:
         print("zkbridge verify: give at least two configs (-c A.yaml -c B.yaml)", file=sys.stderr)
         return 2
     configs = [_load(p) for p in paths]
+    from bridge.progress import Progress
     from bridge.verify import verify
 
     try:
-        diffs = asyncio.run(verify(configs, meta=meta))
+        with Progress(sys.stderr) as progress:
+            diffs = asyncio.run(verify(configs, meta=meta, progress=progress))
     except BridgeError as exc:
         print(f"zkbridge verify: {exc}", file=sys.stderr)
         return 2
@@ -191,13 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args.config, args.meta, args.json)
         if args.command == "lag":
-            return _lag(args.config, args.json, args.max_seconds, args.timeout)
+            return _lag(args.config, args.json, args.max_seconds, args.timeout, args.watch)
         if args.command == "status":
             return _status(args.config, args.json)
         if args.command == "conflicts":
             return _conflicts(args.config, args.limit, args.json)
         if args.command == "resync":
-            return _resync(args.config)
+            return _resync(args.config, args.json)
         if args.command == "run":
             from bridge.daemon import run
 

@@ -35,13 +35,35 @@ async def read_status(zk: ZooKeeper, settings: Settings) -> Status | None:
     return Status.decode(node.data) if node and node.data else None
 
 
-async def measure(settings: Settings) -> list[LagRow]:
-    zk = ZooKeeper(settings.zookeeper, read_only=True)
-    kafka = Kafka(settings.kafka, client_id=f"zkbridge-{settings.region}-lag")
-    await zk.start()
-    try:
+class LagProbe:
+    """Connected once, sampled many times (``lag --watch`` re-measures every few seconds)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.zk = ZooKeeper(settings.zookeeper, read_only=True)
+        self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{settings.region}-lag")
+
+    async def __aenter__(self) -> LagProbe:
+        await self.zk.start()
+        try:
+            await self.kafka.start_consumer(None)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self.kafka.stop()
+        finally:
+            await self.zk.stop()
+
+    async def sample(self) -> list[LagRow]:
+        settings, zk, kafka = self.settings, self.zk, self.kafka
         status = await read_status(zk, settings)
-        await kafka.start_consumer(None)
         rows = []
         now = now_ms()
         for st in settings.subtrees:
@@ -66,9 +88,11 @@ async def measure(settings: Settings) -> list[LagRow]:
                     seconds = hb_age
                 rows.append(LagRow(st.name, peer, sum(behind.values()), seconds, hb_age, outbox))
         return rows
-    finally:
-        await kafka.stop()
-        await zk.stop()
+
+
+async def measure(settings: Settings) -> list[LagRow]:
+    async with LagProbe(settings) as probe:
+        return await probe.sample()
 
 
 def worst_seconds(rows: list[LagRow]) -> float:
@@ -76,14 +100,21 @@ def worst_seconds(rows: list[LagRow]) -> float:
     return max(values, default=0.0)
 
 
-def table(rows: list[LagRow]) -> str:
-    head = ("SUBTREE", "PEER", "EVENTS BEHIND", "SECONDS BEHIND", "HEARTBEAT AGE", "OUTBOX")
+HEADINGS = ("SUBTREE", "PEER", "EVENTS BEHIND", "SECONDS BEHIND", "HEARTBEAT AGE", "OUTBOX")
 
+
+def cells(r: LagRow) -> tuple[str, ...]:
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    body = [(r.subtree, r.peer, str(r.events_behind), fmt(r.seconds_behind),
-             fmt(r.heartbeat_age), str(r.outbox)) for r in rows]
+    return (r.subtree, r.peer, str(r.events_behind), fmt(r.seconds_behind),
+            fmt(r.heartbeat_age), str(r.outbox))
+
+
+def table(rows: list[LagRow], extra: tuple[str, list[str]] | None = None) -> str:
+    """Plain aligned columns; ``extra`` appends one more (heading, one cell per row)."""
+    head = HEADINGS + ((extra[0],) if extra else ())
+    body = [cells(r) + ((extra[1][i],) if extra else ()) for i, r in enumerate(rows)]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in (head, *body))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -26,6 +27,52 @@ if TYPE_CHECKING:
     from bridge.engine import Bridge
 
 log = structlog.get_logger("bridge.metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    name: str
+    kind: Literal["gauge", "counter"]
+    help: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        """The series name a scrape sees (the client library suffixes counters)."""
+        return f"{self.name}_total" if self.kind == "counter" else self.name
+
+
+# Every family the collector exports, and nothing else: it builds them only
+# through family(), and the dashboard and alert tests read this table.
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    Spec("zkbridge_up", "gauge", "1 while the bridge process serves", ("region",)),
+    Spec("zkbridge_leader", "gauge", "1 on the region's active bridge", ("region",)),
+    Spec("zkbridge_lag_events", "gauge", "peer events not applied yet", ("subtree", "peer")),
+    Spec("zkbridge_lag_seconds", "gauge", "how far behind a peer, in seconds",
+         ("subtree", "peer")),
+    Spec("zkbridge_heartbeat_age_seconds", "gauge",
+         "age of the last heartbeat applied from a peer", ("subtree", "peer")),
+    Spec("zkbridge_outbox_depth", "gauge", "local changes not yet acked by Kafka", ("subtree",)),
+    Spec("zkbridge_scan_seconds", "gauge", "duration of the last full scan", ("subtree",)),
+    Spec("zkbridge_published", "counter", "events published", ("subtree",)),
+    Spec("zkbridge_captured", "counter", "local changes captured", ("subtree",)),
+    Spec("zkbridge_applied", "counter", "remote events processed", ("subtree", "outcome")),
+    Spec("zkbridge_conflicts", "counter", "conflicts resolved", ("subtree",)),
+    Spec("zkbridge_rejected", "counter", "records refused", ("reason",)),
+    Spec("zkbridge_scans", "counter", "full scans", ("subtree",)),
+    Spec("zkbridge_retries", "counter", "retried operations"),
+)}
+
+
+def family(name: str) -> GaugeMetricFamily | CounterMetricFamily:
+    spec = SPECS[name]
+    cls = GaugeMetricFamily if spec.kind == "gauge" else CounterMetricFamily
+    return cls(spec.name, spec.help, labels=list(spec.labels))
+
+
+def exported() -> dict[str, frozenset[str]]:
+    """Series name → its labels, as a scrape of the bridge shows them."""
+    return {s.exported: frozenset(s.labels) for s in SPECS.values()}
 
 
 def lag_of(bridge: Bridge) -> list[tuple[str, str, int, float]]:
@@ -50,21 +97,15 @@ class BridgeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         b = self.bridge
         region = b.region
-        up = GaugeMetricFamily("zkbridge_up", "1 while the bridge process serves",
-                               labels=["region"])
+        up = family("zkbridge_up")
         up.add_metric([region], 1)
         yield up
-        leader = GaugeMetricFamily("zkbridge_leader", "1 on the region's active bridge",
-                                   labels=["region"])
+        leader = family("zkbridge_leader")
         leader.add_metric([region], 1 if b.role == "leader" else 0)
         yield leader
-        lag_e = GaugeMetricFamily("zkbridge_lag_events", "peer events not applied yet",
-                                  labels=["subtree", "peer"])
-        lag_s = GaugeMetricFamily("zkbridge_lag_seconds", "how far behind a peer, in seconds",
-                                  labels=["subtree", "peer"])
-        hb = GaugeMetricFamily("zkbridge_heartbeat_age_seconds",
-                               "age of the last heartbeat applied from a peer",
-                               labels=["subtree", "peer"])
+        lag_e = family("zkbridge_lag_events")
+        lag_s = family("zkbridge_lag_seconds")
+        hb = family("zkbridge_heartbeat_age_seconds")
         now = now_ms()
         for subtree, peer, events, seconds in lag_of(b):
             lag_e.add_metric([subtree, peer], events)
@@ -73,29 +114,16 @@ class BridgeCollector(Collector):
             if p.last_heartbeat_ms:
                 hb.add_metric([p.subtree, p.peer], (now - p.last_heartbeat_ms) / 1000)
         yield from (lag_e, lag_s, hb)
-        outbox = GaugeMetricFamily("zkbridge_outbox_depth", "local changes not yet acked by Kafka",
-                                   labels=["subtree"])
+        outbox = family("zkbridge_outbox_depth")
         for name in b.stores:
             outbox.add_metric([name], b.backlog(name))
         yield outbox
-        scan = GaugeMetricFamily("zkbridge_scan_seconds", "duration of the last full scan",
-                                 labels=["subtree"])
+        scan = family("zkbridge_scan_seconds")
         for name, secs in b.scan_seconds.items():
             scan.add_metric([name], secs)
         yield scan
-        families = {
-            "published": CounterMetricFamily("zkbridge_published", "events published",
-                                             labels=["subtree"]),
-            "captured": CounterMetricFamily("zkbridge_captured", "local changes captured",
-                                            labels=["subtree"]),
-            "applied": CounterMetricFamily("zkbridge_applied", "remote events processed",
-                                           labels=["subtree", "outcome"]),
-            "conflicts": CounterMetricFamily("zkbridge_conflicts", "conflicts resolved",
-                                             labels=["subtree"]),
-            "rejected": CounterMetricFamily("zkbridge_rejected", "records refused",
-                                            labels=["reason"]),
-            "scans": CounterMetricFamily("zkbridge_scans", "full scans", labels=["subtree"]),
-        }
+        families = {kind: family(f"zkbridge_{kind}") for kind in
+                    ("published", "captured", "applied", "conflicts", "rejected", "scans")}
         for key, value in b.stats.items():
             kind, _, rest = key.partition(":")
             fam = families.get(kind)
@@ -108,7 +136,7 @@ class BridgeCollector(Collector):
                     families[kind].add_metric(
                         [name, "applied"] if kind == "applied" else [name], 0)
         yield from families.values()
-        retries = CounterMetricFamily("zkbridge_retries", "retried operations")
+        retries = family("zkbridge_retries")
         retries.add_metric([], b.stats["retries"])
         yield retries
 

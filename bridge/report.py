@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from bridge import codec
 from bridge.config import Settings
 from bridge.lag import read_status
 from bridge.model import Conflict, Version
-from bridge.status import now_ms
+from bridge.status import Status, now_ms
 from bridge.store import Layout, outbox_depth, read_positions
+from bridge.verdict import STALE_RECORD_S, events_behind, judge
 from bridge.zk import ZooKeeper
 
 
-async def read_overview(settings: Settings) -> dict[str, Any]:
+async def read_overview(settings: Settings, config: str = "FILE") -> dict[str, Any]:
+    """Everything ``status`` shows; ``config`` is the path quoted in suggested commands."""
     zk = ZooKeeper(settings.zookeeper, read_only=True)
     await zk.start()
     try:
@@ -33,7 +36,7 @@ async def read_overview(settings: Settings) -> dict[str, Any]:
             node = await zk.get(f"{state}/election/{candidates[0]}")
             leader = node.data.decode() if node else None
         epoch = await zk.exists(f"{state}/epoch")
-        subtrees = {}
+        subtrees: dict[str, dict[str, Any]] = {}
         for st in settings.subtrees:
             layout = Layout(state, st.name, st.path)
             subtrees[st.name] = {
@@ -41,29 +44,57 @@ async def read_overview(settings: Settings) -> dict[str, Any]:
                 "outbox": await outbox_depth(zk, layout),
                 "positions": {p: await read_positions(zk, layout, p) for p in settings.peers},
             }
-        age = (now_ms() - status.updated_ms) / 1000 if status else None
+        now = now_ms()
+        age = (now - status.updated_ms) / 1000 if status else None
+        fresh = status is not None and age is not None and age < STALE_RECORD_S
+        verdict = judge(
+            region=settings.region, config=config, leader=leader,
+            status=status, outbox={n: st["outbox"] for n, st in subtrees.items()},
+            heartbeat_interval=settings.heartbeat_interval, now_ms=now,
+            unit=f"zkbridge@{Path(config).stem}",
+        )
         return {
             "region": settings.region,
+            "verdict": verdict.as_dict(),
             "leader": leader,
             "epoch": epoch.version if epoch else None,
             "bridges": [{"identity": m.get("identity"),
                          "role": "leader" if m.get("identity") == leader else "standby"}
                         for m in members],
             "status_age_seconds": age,
-            "health": (status.health if status and age is not None and age < 30
+            "health": (status.health if status and fresh
                        else "unknown (no fresh status record: is a bridge running?)"),
             "counters": dict(status.counters) if status else {},
             "oversized": dict(status.oversized) if status else {},
             "held_back": dict(status.held_back) if status else {},
             "recent_errors": list(status.errors) if status else [],
             "subtrees": subtrees,
+            "peers": _peers(status, now) if fresh else [],
         }
     finally:
         await zk.stop()
 
 
+def _peers(status: Status | None, now: int) -> list[dict[str, Any]]:
+    """Per (subtree, peer), from the leader's record: what it had applied and when."""
+
+    def age(at_ms: int) -> float | None:
+        return round((now - at_ms) / 1000, 1) if at_ms else None
+
+    return [{"subtree": p.subtree, "peer": p.peer, "events_behind": events_behind(p),
+             "last_applied_seconds": age(p.last_applied_ms),
+             "last_event_seconds": age(p.last_event_ms),
+             "heartbeat_age_seconds": age(p.last_heartbeat_ms)}
+            for p in (status.peers if status else ())]
+
+
+def _ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds:.1f}s ago"
+
+
 def render_status(o: dict[str, Any]) -> str:
-    lines = [f"region   {o['region']}",
+    lines = [o["verdict"]["line"], "",
+             f"region   {o['region']}",
              f"leader   {o['leader'] or 'none'} (epoch {o['epoch']})",
              f"health   {o['health']}"]
     if o["status_age_seconds"] is not None:
@@ -72,11 +103,21 @@ def render_status(o: dict[str, Any]) -> str:
                                 or "none running"))
     for name, st in o["subtrees"].items():
         lines.append(f"subtree  {name} at {st['mount']}: outbox {st['outbox']}")
+        live = {p["peer"]: p for p in o["peers"] if p["subtree"] == name}
         for peer, pos in st["positions"].items():
             shown = ", ".join(f"p{p}@{off}" for p, off in sorted(pos.items())) or "not started"
-            lines.append(f"  from {peer}: applied up to {shown}")
+            line = f"  from {peer}: applied up to {shown}"
+            if peer in live:
+                p = live[peer]
+                applied = ("not reported" if p["last_applied_seconds"] is None
+                           else _ago(p["last_applied_seconds"]))
+                line += (f"; {p['events_behind']} behind; last batch applied {applied}; "
+                         f"heartbeat {_ago(p['heartbeat_age_seconds'])}")
+            lines.append(line)
     if o["counters"]:
         lines.append("counters " + ", ".join(f"{k}={v}" for k, v in sorted(o["counters"].items())))
+    for problem in o["verdict"]["problems"][1:]:
+        lines.append(f"also     {problem['kind']}: {problem['text']} -> {problem['look']}")
     for name, paths in o["held_back"].items():
         if paths:
             lines.append(f"held back in {name} (no permission): {', '.join(paths[:10])}")

@@ -8,12 +8,11 @@ so a resync is idempotent and cannot move anything backwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from bridge import codec
 from bridge.config import Settings
 from bridge.kafka import Kafka, topic_name
 from bridge.model import Event, Op, content_hash
+from bridge.progress import QUIET, Progress
 from bridge.store import Layout
 from bridge.verify import read_meta
 from bridge.zk import ZooKeeper, gather_limited
@@ -21,8 +20,7 @@ from bridge.zk import ZooKeeper, gather_limited
 BATCH = 500
 
 
-async def resync(settings: Settings, progress: Callable[[str], None] = lambda _: None
-                 ) -> dict[str, int]:
+async def resync(settings: Settings, progress: Progress = QUIET) -> dict[str, int]:
     """Publish everything; returns counts (published, skipped as not yet captured)."""
     zk = ZooKeeper(settings.zookeeper, read_only=True)
     kafka = Kafka(settings.kafka, client_id=f"zkbridge-{settings.region}-resync")
@@ -35,9 +33,11 @@ async def resync(settings: Settings, progress: Callable[[str], None] = lambda _:
         await kafka.start_producer()
         for st, topic in zip(settings.subtrees, topics, strict=True):
             layout = Layout(settings.state_path, st.name, st.path)
-            metas = await read_meta(zk, layout)
+            reading = progress.task(f"{st.name}: reading metadata")
+            metas = await read_meta(zk, layout, reading.advance)
+            reading.done()
             rels = sorted(metas)
-            progress(f"{st.name}: {len(rels)} records to re-announce on {topic}")
+            sending = progress.task(f"{st.name}: re-announcing on {topic}", len(rels))
             for i in range(0, len(rels), BATCH):
                 chunk = rels[i : i + BATCH]
                 nodes = await gather_limited([zk.get(layout.znode(r)) for r in chunk], 64)
@@ -57,7 +57,7 @@ async def resync(settings: Settings, progress: Callable[[str], None] = lambda _:
                     records.append((topic, event.key, codec.encode(event)))
                 await kafka.send_all(records)
                 counts["published"] += len(records)
-                progress(f"{st.name}: {min(i + BATCH, len(rels))}/{len(rels)}")
+                sending.advance(len(chunk))
         return counts
     finally:
         await kafka.stop()

@@ -29,6 +29,9 @@ class PeerStatus:
     highwater: Mapping[int, int]
     last_heartbeat_ms: int
     last_event_ms: int
+    # Wall time the bridge last stored positions after applying a batch from
+    # this peer (heartbeat-only batches too); 0 = not reported (older bridge).
+    last_applied_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,8 @@ class Status:
                 {"subtree": p.subtree, "peer": p.peer, "topic": p.topic,
                  "positions": {str(k): v for k, v in p.positions.items()},
                  "highwater": {str(k): v for k, v in p.highwater.items()},
-                 "last_heartbeat_ms": p.last_heartbeat_ms, "last_event_ms": p.last_event_ms}
+                 "last_heartbeat_ms": p.last_heartbeat_ms, "last_event_ms": p.last_event_ms,
+                 "last_applied_ms": p.last_applied_ms}
                 for p in self.peers
             ],
             "errors": list(self.errors),
@@ -83,6 +87,7 @@ class Status:
                         highwater={int(k): int(v) for k, v in p["highwater"].items()},
                         last_heartbeat_ms=int(p["last_heartbeat_ms"]),
                         last_event_ms=int(p["last_event_ms"]),
+                        last_applied_ms=int(p.get("last_applied_ms", 0)),
                     )
                     for p in d["peers"]
                 ),

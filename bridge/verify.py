@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from bridge import codec
 from bridge.config import Settings
 from bridge.model import NodeMeta
+from bridge.progress import QUIET, Progress, Task
 from bridge.store import Layout, is_excluded, join
 from bridge.zk import Node, ZooKeeper, gather_limited
 
@@ -22,10 +23,24 @@ class Difference:
     detail: str  # one line: which regions differ and how
 
 
+def _ignore(_: int) -> None:
+    pass
+
+
 async def _walk(
-    zk: ZooKeeper, path_of: Callable[[str], str], exclude: Sequence[str] = ()
+    zk: ZooKeeper, path_of: Callable[[str], str], exclude: Sequence[str] = (),
+    tick: Callable[[int], None] = _ignore,
 ) -> AsyncIterator[tuple[str, Node]]:
-    """Every node below ``path_of("/")``, level by level, reads pipelined: (rel path, node)."""
+    """Every node below ``path_of("/")``, level by level, reads pipelined: (rel path, node).
+
+    ``tick(1)`` as each node arrives, for progress bars.
+    """
+
+    async def get(rel: str) -> Node | None:
+        node = await zk.get(path_of(rel))
+        tick(1)
+        return node
+
     level = ["/"]
     while level:
 
@@ -35,7 +50,7 @@ async def _walk(
 
         rels = [r for names in await gather_limited([list_one(r) for r in level], CONCURRENCY)
                 for r in names]
-        nodes = await gather_limited([zk.get(path_of(r)) for r in rels], CONCURRENCY)
+        nodes = await gather_limited([get(r) for r in rels], CONCURRENCY)
         level = []
         for rel, node in zip(rels, nodes, strict=True):
             if node is None:
@@ -45,17 +60,20 @@ async def _walk(
                 level.append(rel)
 
 
-async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = ()) -> dict[str, bytes]:
+async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = (),
+                    tick: Callable[[int], None] = _ignore) -> dict[str, bytes]:
     """Every persistent znode below ``mount`` (the mount itself excluded): rel path → bytes."""
     return {rel: node.data
-            async for rel, node in _walk(zk, lambda r: mount if r == "/" else mount + r, exclude)
+            async for rel, node in _walk(zk, lambda r: mount if r == "/" else mount + r, exclude,
+                                         tick)
             if not node.stat.ephemeral}
 
 
-async def read_meta(zk: ZooKeeper, layout: Layout) -> dict[str, NodeMeta]:
+async def read_meta(zk: ZooKeeper, layout: Layout,
+                    tick: Callable[[int], None] = _ignore) -> dict[str, NodeMeta]:
     """Every metadata record of a subtree: rel path → NodeMeta."""
     out: dict[str, NodeMeta] = {}
-    async for rel, node in _walk(zk, layout.meta):
+    async for rel, node in _walk(zk, layout.meta, tick=tick):
         meta = codec.decode_meta(node.data)
         if meta is not None:
             out[rel] = meta
@@ -99,26 +117,43 @@ def compare_meta(subtree: str, metas: dict[str, dict[str, NodeMeta]]) -> list[Di
     return diffs
 
 
-async def verify(configs: Sequence[Settings], *, meta: bool = False) -> list[Difference]:
-    """Compare every subtree that all configs share; returns the differences."""
+async def verify(configs: Sequence[Settings], *, meta: bool = False,
+                 progress: Progress = QUIET) -> list[Difference]:
+    """Compare every subtree that all configs share; returns the differences.
+
+    Regions are read one after the other (one walk at a time per ensemble);
+    the first region's size is the estimate that gives the others a time left.
+    """
     names = set.intersection(*({s.name for s in c.subtrees} for c in configs))
     clients = [ZooKeeper(c.zookeeper, read_only=True) for c in configs]
     try:
         await asyncio.gather(*(z.start() for z in clients))
         diffs: list[Difference] = []
         for name in sorted(names):
-            trees, metas = {}, {}
+            trees: dict[str, dict[str, bytes]] = {}
+            metas: dict[str, dict[str, NodeMeta]] = {}
             for cfg, zk in zip(configs, clients, strict=True):
                 st = cfg.subtree(name)
+                estimate = max((len(t) for t in trees.values()), default=None)
+                task = progress.task(f"{cfg.region} {name}", estimate)
                 await zk.sync(st.path)
-                trees[cfg.region] = await read_tree(zk, st.path, st.exclude)
+                trees[cfg.region] = await read_tree(zk, st.path, st.exclude, task.advance)
+                task.done()
                 if meta:
+                    task = _meta_task(progress, cfg.region, name, metas)
                     metas[cfg.region] = await read_meta(
-                        zk, Layout(cfg.state_path, name, st.path)
+                        zk, Layout(cfg.state_path, name, st.path), task.advance
                     )
+                    task.done()
             diffs += compare_trees(name, trees)
             if meta:
                 diffs += compare_meta(name, metas)
         return diffs
     finally:
         await asyncio.gather(*(z.stop() for z in clients), return_exceptions=True)
+
+
+def _meta_task(progress: Progress, region: str, name: str,
+               metas: dict[str, dict[str, NodeMeta]]) -> Task:
+    estimate = max((len(m) for m in metas.values()), default=None)
+    return progress.task(f"{region} {name} metadata", estimate)

@@ -1,4 +1,4 @@
-"""The newcomer's tour: three regions, real servers, replication and a conflict, narrated.
+"""The newcomer's tour: three regions, real servers, replication, a conflict, lag, narrated.
 
 Started by ``scripts/demo`` (which installs what is missing first). Everything
 runs on loopback in a temporary directory and is stopped on exit or Ctrl-C.
@@ -67,19 +67,38 @@ class Demo:
             self.configs[r] = self._config(r)
         step("Starting one `zkbridge run` per region")
         for r in REGIONS:
-            self.bridges[r] = procs.spawn(
-                [sys.executable, "-m", "bridge", "run", "-c", str(self.configs[r])],
-                self.dir / f"bridge-{r}.log",
-                env={"PYTHONPATH": str(REPO)},
-                cwd=REPO,
-            )
+            self._start_bridge(r)
         for r in REGIONS:
-            wait_until(lambda r=r: "bridge_ready" in self._log(r), 60)
+            self._wait_ready(r, 1)
             info(f"{r:9} bridge ready   (config {self.configs[r]}, log {self.dir}/bridge-{r}.log)")
         for r, s in self.servers.items():
             c = KazooClient(hosts=s.hosts)
             c.start(timeout=15)
             self.clients[r] = c
+
+    def _start_bridge(self, region: str) -> None:
+        self.bridges[region] = procs.spawn(
+            [sys.executable, "-m", "bridge", "run", "-c", str(self.configs[region])],
+            self.dir / f"bridge-{region}.log",
+            env={"PYTHONPATH": str(REPO)},
+            cwd=REPO,
+        )
+
+    def _wait_ready(self, region: str, starts: int) -> float:
+        """Until the region's bridge has logged ``bridge_ready`` for its n-th start."""
+        return wait_until(lambda: self._log(region).count('"bridge_ready"') >= starts, 60)
+
+    def zkbridge(self, *args: str, show: str | None = None,
+                 keep: Callable[[str], bool] = lambda _: True) -> int:
+        """Run and print a zkbridge command the way an operator would type it."""
+        out = subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
+                             text=True, cwd=REPO)
+        typed = show or " ".join(a if not a.endswith(".yaml") else Path(a).name for a in args)
+        print(f"  {DIM}${RESET} zkbridge {typed}", flush=True)
+        for line in (out.stdout + out.stderr).splitlines():
+            if keep(line):
+                info("  " + line)
+        return out.returncode
 
     def _config(self, region: str) -> Path:
         doc = {
@@ -143,6 +162,16 @@ class Demo:
              f"concurrent, and every region applied the same rule (last writer wins on the "
              f"hybrid timestamp). Conflicts logged: {len(conflicts)}.")
 
+        self.lag_tour()
+        step("zkbridge conflicts: the conflict just made, both versions and the winner")
+        self.zkbridge("conflicts", "-c", str(self.configs["eu-west"]), "--limit", "1")
+        info("local = eu-west's own write, remote = us-east's; every region recorded the same "
+             "winner by the same rule (lww).")
+
+        step("zkbridge status: one region at a glance, verdict first")
+        self.zkbridge("status", "-c", str(self.configs["us-east"]),
+                      keep=lambda line: not line.startswith("counters "))
+
         step("A delete in ap-south")
         ap.delete("/critical/services", recursive=True)
         for region in ("us-east", "eu-west"):
@@ -159,6 +188,43 @@ class Demo:
         for line in (out.stdout + out.stderr).splitlines():
             info("  " + line)
         info(f"exit status {out.returncode} ({'identical' if out.returncode == 0 else 'differ'})")
+
+    def lag_tour(self) -> None:
+        us, eu = self.clients["us-east"], self.clients["eu-west"]
+        step("Replication lag: ap-south's bridge stops, us-east keeps writing")
+        procs.stop(self.bridges["ap-south"])
+        info("ap-south  bridge stopped (its ZooKeeper still serves its applications)")
+        burst = 100
+        for i in range(burst):
+            us.create_async(f"/critical/burst/n{i:03d}", b"v", makepath=True)
+        took = wait_until(lambda: len(eu.get_children("/critical/burst")
+                                      if eu.exists("/critical/burst") else []) == burst, 60)
+        info(f"us-east   wrote {burst} znodes under /critical/burst; eu-west has them all "
+             f"{DIM}(+{took * 1000:.0f} ms){RESET}, ap-south none")
+        cfg = str(self.configs["ap-south"])
+
+        def behind_for(seconds: float) -> bool:
+            out = subprocess.run([sys.executable, "-m", "bridge", "lag", "-c", cfg, "--json"],
+                                 capture_output=True, text=True, cwd=REPO)
+            rows = json.loads(out.stdout)["rows"] if out.returncode == 0 else []
+            return any(r["peer"] == "us-east" and (r["seconds_behind"] or 0) > seconds
+                       for r in rows)
+
+        wait_until(lambda: behind_for(3), 30)
+        rc = self.zkbridge("lag", "-c", cfg, "--max-seconds", "3")
+        info(f"exit status {rc}: what a cron job or a monitoring check alerts on. It works with "
+             "the bridge stopped: positions come from ap-south's ZooKeeper, end offsets from "
+             "Kafka.")
+
+        step("ap-south's bridge restarts and catches up from Kafka")
+        t0 = time.monotonic()
+        self._start_bridge("ap-south")
+        self._wait_ready("ap-south", 2)
+        info(f"{GREEN}✓{RESET} ap-south  ready after {time.monotonic() - t0:.1f} s "
+             f"(READY only once caught up)")
+        rc = self.zkbridge("lag", "-c", cfg, "--max-seconds", "3")
+        info(f"exit status {rc}: the alert clears. `zkbridge lag --watch` shows this live, with "
+             "each row's trend.")
 
     def down(self) -> None:
         for c in self.clients.values():

@@ -65,3 +65,12 @@ def test_good_config_exits_0_and_describes(tmp_path: Path) -> None:
 def test_usage_errors_exit_2() -> None:
     assert zkbridge().returncode == 2
     assert zkbridge("verify", "-c", "only-one.yaml").returncode != 0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_lag_watch_needs_a_positive_interval(tmp_path: Path, value: str) -> None:
+    cfg = tmp_path / "r1.yaml"
+    cfg.write_text(GOOD)
+    out = zkbridge("lag", "-c", str(cfg), "--watch", value)
+    assert out.returncode == 2
+    assert "argument --watch:" in out.stderr and "Traceback" not in out.stderr

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
 import socket
+import struct
+import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +67,170 @@ def test_lag_grows_while_stopped_and_returns_to_zero(federation: Federation) -> 
     wait_for(lambda: all(int(r["events_behind"]) == 0 for r in lag_json(fed, "r2")), 60)
     wait_for(lambda: fed.cli("lag", "-c", str(r2.config_path), "--max-seconds", "10")
              .returncode == 0, 30, message="lag alert did not clear")
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+class Reader:
+    """Collects a child's output on a thread, so a test can wait on it with a deadline."""
+
+    def __init__(self, read: Callable[[], bytes]) -> None:
+        self.data = bytearray()
+        self._read = read
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                chunk = self._read()
+            except OSError:  # the pty's other side closed
+                return
+            if not chunk:
+                return
+            self.data += chunk
+
+    @property
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+def _spawn_cli(args: list[str], *, tty: bool) -> tuple[subprocess.Popen[bytes], Reader]:
+    """``zkbridge ARGS`` with its output on a pipe, or on a 150x30 pseudo-terminal."""
+    argv = [sys.executable, "-m", "bridge", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm-256color"}
+    if not tty:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                cwd=REPO, env=env)
+        assert proc.stdout is not None
+        return proc, Reader(proc.stdout.read1)  # type: ignore[attr-defined]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 150, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env)
+    os.close(slave)
+    return proc, Reader(lambda: os.read(master, 65536))
+
+
+def _watch(fed: Federation, name: str, *extra: str, tty: bool
+           ) -> tuple[subprocess.Popen[bytes], Reader]:
+    return _spawn_cli(["lag", "-c", str(fed[name].config_path), "--watch", "0.5", *extra],
+                      tty=tty)
+
+
+def _interrupt(proc: subprocess.Popen[bytes], reader: Reader) -> int:
+    """Ctrl-C as a terminal sends it; the exit status."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            procs.stop(proc)
+    reader.join()
+    return rc
+
+
+def test_lag_watch_on_a_terminal_and_in_a_pipe(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    assert fed.stop("r2") == 0
+    for i in range(1500):
+        r1.client.create_async(r1.path(f"/w{i:04d}"), b"v")
+    wait_for(lambda: next(r for r in lag_json(fed, "r2") if r["peer"] == "r1")
+             ["events_behind"] >= 1500, 60, message="r1's events never showed as lag")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        # Not a terminal: one stamped table per interval, whole history kept.
+        proc, out = _watch(fed, "r2", tty=False)
+        started.append(proc)
+        wait_for(lambda: out.text.count("\n# ") >= 5, 30, message=lambda: out.text)
+        assert _interrupt(proc, out) == 0, out.text
+        tables = [t for t in out.text.split("\n\n") if t.strip()]
+        assert len(tables) >= 5 and "Traceback" not in out.text
+        assert all(t.startswith("# ") and "TREND" in t for t in tables), out.text
+        r1_rows = [line for t in tables for line in t.splitlines() if " r1 " in line]
+        assert any("falling behind" in line for line in r1_rows), out.text
+        assert not any("catching up" in line for line in r1_rows), out.text
+        print(tables[-1])  # the README quotes a real one
+        # ...or one JSON document per line.
+        proc, out = _watch(fed, "r2", "--json", tty=False)
+        started.append(proc)
+        wait_for(lambda: out.text.count("\n") >= 2, 30, message=lambda: out.text)
+        assert _interrupt(proc, out) == 0, out.text
+        docs = [json.loads(line) for line in out.text.splitlines()]
+        assert {r["peer"] for r in docs[-1]["rows"]} == {"r1", "r3"}
+        assert all(r["trend"] for d in docs for r in d["rows"])
+        # A terminal: redrawn in place while r2 catches up.
+        proc, screen = _watch(fed, "r2", "--max-seconds", "5", tty=True)
+        started.append(proc)
+        wait_for(lambda: "falling behind" in screen.text, 30, message=lambda: screen.text)
+        fed.start("r2")
+        wait_for(lambda: "keeping up with every peer" in screen.text, 60,
+                 message=lambda: screen.text[-3000:])
+        assert _interrupt(proc, screen) == 0, screen.text[-3000:]
+        raw = screen.text
+        assert "catching up (" in raw, "the catch-up was never shown with its rate"
+        assert "above 5s: r1" in raw
+        assert "\x1b[1A" in raw and "\x1b[2K" in raw, "not redrawn in place"
+        assert raw.count("zkbridge lag  r2") >= 5
+        assert raw.rstrip().endswith("\x1b[?25h") or "\x1b[?25h" in raw[-200:], \
+            "cursor not restored on Ctrl-C"
+        assert "Traceback" not in raw and "KeyboardInterrupt" not in raw
+        print(raw[raw.rfind("zkbridge lag  r2"):])
+    finally:
+        for p in started:
+            if p.poll() is None:
+                procs.stop(p)
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def _no_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def _finish(proc: subprocess.Popen[bytes], reader: Reader, timeout: float = 120) -> int:
+    try:
+        rc = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            procs.stop(proc)
+    reader.join()
+    return rc
+
+
+def test_verify_and_resync_show_progress_only_on_a_terminal(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(1500):
+        r1.client.create_async(r1.path(f"/p{i:04d}"), b"v")
+    fed.wait_converged(timeout=120)
+    configs = [a for r in ("r1", "r2", "r3") for a in ("-c", str(fed[r].config_path))]
+    # A terminal: bars with counts, rate and time left, then the result.
+    proc, screen = _spawn_cli(["verify", "--meta", *configs], tty=True)
+    assert _finish(proc, screen) == 0, screen.text
+    text = _no_ansi(screen.text)
+    assert "identical: r1, r2, r3" in text
+    for region in ("r1", "r2", "r3"):
+        assert f"{region} critical" in text and f"{region} critical metadata" in text
+    # The first region's size is the others' estimate, so theirs end at N/N.
+    assert re.search(r"r2 critical\s.*\s1500/1500\s", text), text[-3000:]
+    assert "znodes/s" in text and "eta" in text
+    # Not a terminal: just the result.
+    out = fed.cli("verify", "--meta", *configs)
+    assert out.returncode == 0 and out.stdout == "identical: r1, r2, r3\n" and not out.stderr
+    proc, screen = _spawn_cli(["resync", "-c", str(r1.config_path)], tty=True)
+    assert _finish(proc, screen) == 0, screen.text
+    text = _no_ansi(screen.text)
+    assert re.search(r"re-announcing on \S+\s.*\s1500/1500\s", text), text[-3000:]
+    assert "re-announced 1500 records from r1" in text
+    out = fed.cli("resync", "-c", str(r1.config_path), "--json")
+    assert out.returncode == 0 and not out.stderr, out.stderr
+    assert json.loads(out.stdout) == {"region": "r1", "published": 1500, "uncaptured": 0}
     fed.wait_converged()
     fed.assert_clean_logs()
 
@@ -149,7 +319,20 @@ def test_status_and_conflicts_commands(federation: Federation) -> None:
     assert status["bridges"][0]["role"] == "leader"
     human = fed.cli("status", "-c", str(r1.config_path))
     assert "leader" in human.stdout and "from r2" in human.stdout
+    # The verdict comes first: healthy while converged...
+    assert human.stdout.splitlines()[0].startswith("HEALTHY: "), human.stdout
+    assert status["verdict"]["healthy"] is True
+    assert {p["peer"] for p in status["peers"]} == {"r2", "r3"}
+    assert all(p["events_behind"] == 0 for p in status["peers"])
+    print(human.stdout)
     fed.assert_clean_logs()
+    # ...and with the bridge stopped, what is wrong and where to look.
+    fed.stop("r1")
+    down = fed.cli("status", "-c", str(r1.config_path))
+    assert down.returncode == 0, down.stderr
+    first = down.stdout.splitlines()[0]
+    assert first.startswith("DOWN: no bridge is leading in r1"), down.stdout
+    assert "systemctl status zkbridge@r1" in first
 
 
 def _delete_topic(bootstrap: str, topic: str) -> None:

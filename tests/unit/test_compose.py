@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from bridge.config import Settings, load_settings
+from bridge.metrics import exported
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -35,20 +36,8 @@ ALL_CONFIGS = "/etc/zkbridge/all"
 ZK_CLIENT_PORT = 2181
 
 # What the daemon exports, with each series' labels (the scrape adds region,
-# job and instance to all of them).
-METRICS: dict[str, frozenset[str]] = {
-    "zkbridge_lag_events": frozenset({"subtree", "peer"}),
-    "zkbridge_lag_seconds": frozenset({"subtree", "peer"}),
-    "zkbridge_heartbeat_age_seconds": frozenset({"subtree", "peer"}),
-    "zkbridge_outbox_depth": frozenset({"subtree"}),
-    "zkbridge_published_total": frozenset({"subtree"}),
-    "zkbridge_applied_total": frozenset({"subtree", "outcome"}),
-    "zkbridge_rejected_total": frozenset({"reason"}),
-    "zkbridge_conflicts_total": frozenset({"subtree"}),
-    "zkbridge_scan_seconds": frozenset({"subtree"}),
-    "zkbridge_leader": frozenset(),
-    "zkbridge_up": frozenset(),
-}
+# job and instance to all of them): read from the collector's own table.
+METRICS: dict[str, frozenset[str]] = exported()
 # Prometheus' own per-target series: the only way to alert on a bridge that
 # is down, since a dead bridge exports nothing.
 PROMETHEUS_SERIES: dict[str, frozenset[str]] = {"up": frozenset()}
@@ -136,7 +125,7 @@ def _listeners(value: str) -> dict[str, tuple[str, int]]:
 
 def test_every_region_has_its_zookeeper_and_bridge(services: dict[str, dict[str, Any]]) -> None:
     expected = {f"zk-{r}" for r in REGIONS} | {f"bridge-{r}" for r in REGIONS}
-    assert expected | {"kafka", "prometheus"} == set(services)
+    assert expected | {"kafka", "prometheus", "grafana"} == set(services)
     for r in REGIONS:
         assert services[f"zk-{r}"]["image"] == "zookeeper:3.8"
     assert services["kafka"]["image"] == "apache/kafka:3.8.0"

@@ -1,0 +1,140 @@
+"""The one line at the top of ``zkbridge status``: healthy, or what is wrong and where to look.
+
+Pure: it judges what ``status`` already read (the leader's status record, the
+election, the outbox) at a given instant, so the rules are unit-tested
+without servers. Problems come out worst first; the first one is the verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from bridge.status import STATUS_INTERVAL, PeerStatus, Status
+
+# The leader rewrites the record every STATUS_INTERVAL: this many missed
+# rewrites means it is stuck, gone, or cut off from its ensemble.
+STALE_RECORD_S = 15 * STATUS_INTERVAL
+# A peer heartbeats every heartbeat_interval; this many missed means silent
+# (the same threshold as the record's own ``health``).
+SILENT_HEARTBEATS = 10
+# Events waiting while nothing was applied for this long: the inbound pipeline
+# is stuck rather than busy.
+STUCK_APPLY_S = 30.0
+# Fewer waiting events are traffic in flight between two fetches, not a backlog.
+BACKLOG_EVENTS = 100
+RECENT_ERROR_S = 60.0
+OUTBOX_HIGH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: str  # a short upper-case tag: DOWN, STALE, STUCK, SILENT, ...
+    text: str  # what is wrong, with the numbers
+    look: str  # the command to run next
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    healthy: bool
+    line: str
+    problems: tuple[Problem, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"healthy": self.healthy, "line": self.line,
+                "problems": [{"kind": p.kind, "text": p.text, "look": p.look}
+                             for p in self.problems]}
+
+
+def events_behind(p: PeerStatus) -> int:
+    """Records the leader's consumer had seen on the peer's topic but not applied."""
+    return sum(max(0, end - p.positions.get(part, 0)) for part, end in p.highwater.items())
+
+
+def _age(now_ms: int, at_ms: int) -> float | None:
+    return (now_ms - at_ms) / 1000 if at_ms else None
+
+
+def judge(
+    *,
+    region: str,
+    config: str,
+    leader: str | None,
+    status: Status | None,
+    outbox: Mapping[str, int],
+    heartbeat_interval: float,
+    now_ms: int,
+    unit: str,
+) -> Verdict:
+    """Problems worst first. ``config`` and ``unit`` go into the suggested commands."""
+    logs = f"journalctl -u {unit} -n 100"
+    lag = f"zkbridge lag -c {config} --watch"
+    problems: list[Problem] = []
+    age = _age(now_ms, status.updated_ms) if status else None
+    fresh = status is not None and age is not None and age < STALE_RECORD_S
+    if leader is None:
+        problems.append(Problem(
+            "DOWN", f"no bridge is leading in {region}: nothing is captured or applied",
+            f"systemctl status {unit}; {logs}"))
+    elif not fresh:
+        shown = "never written" if age is None else f"{age:.0f}s old"
+        problems.append(Problem(
+            "STALE", f"leader {leader} is not reporting (status record {shown}): "
+            "stuck, or cut off from ZooKeeper", logs))
+    peers = status.peers if status and fresh else ()
+    problems += _peer_problems(peers, heartbeat_interval, now_ms, lag)
+    if status is not None and fresh:
+        recent = [e for e in status.errors
+                  if now_ms - int(e.get("at_ms", 0)) < RECENT_ERROR_S * 1000]
+        if recent:
+            last = recent[-1]
+            problems.append(Problem(
+                "ERRORS", f"{len(recent)} error(s) in the last minute, latest "
+                f"{last.get('what')}: {last.get('error')}", logs))
+        oversized = sum(len(v) for v in status.oversized.values())
+        if oversized:
+            problems.append(Problem(
+                "OVERSIZED", f"{oversized} znode(s) too large to replicate (listed below)",
+                f"zkbridge status -c {config} --json"))
+    for subtree, depth in sorted(outbox.items()):
+        if depth > OUTBOX_HIGH:
+            problems.append(Problem(
+                "OUTBOX", f"{depth} local changes in {subtree} not yet published: "
+                "Kafka slow or unreachable from here", lag))
+    if problems:
+        first = problems[0]
+        more = f" (+{len(problems) - 1} more below)" if len(problems) > 1 else ""
+        return Verdict(False, f"{first.kind}: {first.text}{more} -> {first.look}",
+                       tuple(problems))
+    return Verdict(True, _healthy_line(leader, peers, now_ms), ())
+
+
+def _peer_problems(peers: Sequence[PeerStatus], heartbeat_interval: float, now_ms: int,
+                   lag: str) -> list[Problem]:
+    stuck, silent, catching = [], [], []
+    for p in peers:
+        behind = events_behind(p)
+        applied = _age(now_ms, p.last_applied_ms)
+        heartbeat = _age(now_ms, p.last_heartbeat_ms)
+        name = f"{p.peer} ({p.subtree})"
+        if behind and applied is not None and applied > STUCK_APPLY_S:
+            stuck.append(Problem(
+                "STUCK", f"{behind} events from {name} waiting, nothing applied for "
+                f"{applied:.0f}s", lag))
+        elif behind >= BACKLOG_EVENTS:
+            catching.append(Problem("BEHIND", f"{behind} events from {name} not applied yet",
+                                    lag))
+        if heartbeat is not None and heartbeat > SILENT_HEARTBEATS * heartbeat_interval:
+            silent.append(Problem(
+                "SILENT", f"no heartbeat from {name} for {heartbeat:.0f}s: its bridge or "
+                "its link to Kafka is down", f"zkbridge status in {p.peer}; {lag}"))
+    return stuck + silent + catching
+
+
+def _healthy_line(leader: str | None, peers: Sequence[PeerStatus], now_ms: int) -> str:
+    if not peers:
+        return f"HEALTHY: {leader} leads; no peers to apply from"
+    names = sorted({p.peer for p in peers})
+    heartbeats = [a for p in peers if (a := _age(now_ms, p.last_heartbeat_ms)) is not None]
+    newest = f", oldest heartbeat {max(heartbeats):.1f}s" if heartbeats else ""
+    return f"HEALTHY: {leader} leads, caught up with {', '.join(names)}{newest}"

@@ -1,0 +1,122 @@
+"""The verdict line of ``zkbridge status`` and the status record's new field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from bridge.status import PeerStatus, Status
+from bridge.verdict import BACKLOG_EVENTS, STALE_RECORD_S, STUCK_APPLY_S, judge
+
+NOW = 1_800_000_000_000
+
+
+def peer(name: str = "eu-west", *, behind: int = 0, applied_s: float | None = 0.5,
+         heartbeat_s: float | None = 1.0) -> PeerStatus:
+    return PeerStatus(
+        subtree="critical", peer=name, topic=f"zkbridge.critical.{name}",
+        positions={0: 500}, highwater={0: 500 + behind},
+        last_heartbeat_ms=0 if heartbeat_s is None else NOW - int(heartbeat_s * 1000),
+        last_event_ms=NOW - 5000,
+        last_applied_ms=0 if applied_s is None else NOW - int(applied_s * 1000),
+    )
+
+
+def record(*peers: PeerStatus, age_s: float = 1.0, **kw: Any) -> Status:
+    base = Status(region="us-east", identity="host:1", epoch=3, role="leader", health="ok",
+                  started_ms=NOW - 60_000, updated_ms=NOW - int(age_s * 1000), counters={},
+                  outbox={"critical": 0}, oversized={"critical": []}, peers=peers)
+    return replace(base, **kw)
+
+
+def verdict(status: Status | None, *, leader: str | None = "host:1",
+            outbox: int = 0) -> Any:
+    return judge(region="us-east", config="/etc/zkbridge/us-east.yaml", leader=leader,
+                 status=status, outbox={"critical": outbox}, heartbeat_interval=5.0,
+                 now_ms=NOW, unit="zkbridge@us-east")
+
+
+def test_healthy_names_the_leader_and_the_peers() -> None:
+    v = verdict(record(peer("eu-west"), peer("ap-south", heartbeat_s=2.5)))
+    assert v.healthy and not v.problems
+    assert v.line == ("HEALTHY: host:1 leads, caught up with ap-south, eu-west, "
+                      "oldest heartbeat 2.5s")
+
+
+def test_no_leader_is_down_and_points_at_the_service() -> None:
+    v = verdict(None, leader=None)
+    assert not v.healthy and v.problems[0].kind == "DOWN"
+    assert "systemctl status zkbridge@us-east" in v.line
+
+
+def test_a_leader_that_stopped_writing_its_record_is_stale() -> None:
+    v = verdict(record(peer(), age_s=STALE_RECORD_S + 5))
+    assert [p.kind for p in v.problems] == ["STALE"]
+    assert "35s old" in v.line and "journalctl -u zkbridge@us-east" in v.line
+    # The peers of a stale record are not judged: its numbers are old.
+    assert verdict(record(peer(behind=5000, applied_s=600), age_s=99)).problems[0].kind == "STALE"
+
+
+def test_waiting_events_with_nothing_applied_is_stuck() -> None:
+    v = verdict(record(peer(behind=3, applied_s=STUCK_APPLY_S + 10)))
+    assert v.problems[0].kind == "STUCK"
+    assert "3 events from eu-west (critical) waiting, nothing applied for 40s" in v.line
+    assert v.line.endswith("-> zkbridge lag -c /etc/zkbridge/us-east.yaml --watch")
+
+
+def test_a_backlog_being_applied_is_behind_but_a_few_in_flight_are_not() -> None:
+    assert verdict(record(peer(behind=BACKLOG_EVENTS - 1, applied_s=0.2))).healthy
+    v = verdict(record(peer(behind=BACKLOG_EVENTS + 400, applied_s=0.2)))
+    assert v.problems[0].kind == "BEHIND" and "500 events" in v.line
+
+
+def test_unknown_last_applied_never_claims_stuck() -> None:
+    v = verdict(record(peer(behind=5, applied_s=None)))
+    assert v.healthy, v.line
+
+
+def test_silent_peer_after_ten_heartbeats() -> None:
+    assert verdict(record(peer(heartbeat_s=49))).healthy
+    v = verdict(record(peer(heartbeat_s=51)))
+    assert v.problems[0].kind == "SILENT" and "no heartbeat from eu-west" in v.line
+
+
+def test_worst_problem_first_and_the_rest_counted() -> None:
+    errors = ({"at_ms": NOW - 5000, "what": "apply", "error": "boom"},
+              {"at_ms": NOW - 3_600_000, "what": "old", "error": "gone"})
+    v = verdict(record(peer(heartbeat_s=300), errors=errors), outbox=5000)
+    assert [p.kind for p in v.problems] == ["SILENT", "ERRORS", "OUTBOX"]
+    assert v.line.startswith("SILENT: ") and "(+2 more below)" in v.line
+    assert "1 error(s) in the last minute, latest apply: boom" in v.problems[1].text
+
+
+def test_oversized_znodes_are_a_problem() -> None:
+    v = verdict(record(peer(), oversized={"critical": ["/big", "/bigger"]}))
+    assert v.problems[0].kind == "OVERSIZED" and "2 znode(s)" in v.line
+
+
+def test_last_applied_round_trips_and_old_records_still_read() -> None:
+    st = record(peer(applied_s=2.0))
+    back = Status.decode(st.encode())
+    assert back is not None and back.peers[0].last_applied_ms == NOW - 2000
+    doc = json.loads(st.encode())
+    del doc["peers"][0]["last_applied_ms"]
+    old = Status.decode(json.dumps(doc).encode())
+    assert old is not None and old.peers[0].last_applied_ms == 0
+
+
+@pytest.mark.parametrize("kind", ["DOWN", "STALE", "STUCK", "SILENT", "OUTBOX"])
+def test_every_problem_suggests_a_command(kind: str) -> None:
+    cases = {
+        "DOWN": verdict(None, leader=None),
+        "STALE": verdict(None),
+        "STUCK": verdict(record(peer(behind=1, applied_s=99))),
+        "SILENT": verdict(record(peer(heartbeat_s=999))),
+        "OUTBOX": verdict(record(peer()), outbox=10_000),
+    }
+    v = cases[kind]
+    assert v.problems[0].kind == kind
+    assert v.problems[0].look.split()[0] in {"zkbridge", "systemctl", "journalctl"}
