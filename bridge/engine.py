@@ -19,14 +19,13 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import TypeVar
 
 import structlog
 
 from bridge import codec
 from bridge.clock import HybridClock, hlc_to_ms
-from bridge.config import Settings
+from bridge.config import Settings, reloaded
 from bridge.election import Election
 from bridge.errors import BridgeError, FencedError, VersionConflict
 from bridge.inbound import FETCH_MAX_RECORDS, Inbound, decode_record
@@ -43,7 +42,6 @@ log = structlog.get_logger("bridge.engine")
 
 T = TypeVar("T")
 
-DEFAULT_MAX_CLOCK_SKEW = 60.0
 
 
 class Bridge:
@@ -357,30 +355,18 @@ class Bridge:
 
     def reload(self, new: Settings) -> tuple[list[str], list[str]]:
         """Apply what can change without a restart; return (applied, needs restart) keys."""
-        old = self.settings
-        restart = [k for k in ("region", "zookeeper", "kafka", "peers", "state_path",
-                               "max_data_bytes", "metrics_listen")
-                   if getattr(old, k) != getattr(new, k)]
-        if [(s.name, s.path) for s in old.subtrees] != [(s.name, s.path) for s in new.subtrees]:
-            restart.append("subtrees")
-        applied = [k for k in ("heartbeat_interval", "conflict_policy", "mass_delete",
-                               "log_format", "log_level") if getattr(old, k) != getattr(new, k)]
-        subtrees = old.subtrees
-        if "subtrees" not in restart:
-            subtrees = new.subtrees
-            for st_old, st_new in zip(old.subtrees, new.subtrees, strict=True):
-                if st_old.exclude != st_new.exclude:
-                    applied.append(f"subtrees[{st_new.name}].exclude")
-                    self.stores[st_new.name].exclude = tuple(st_new.exclude)
-                    # Newly included paths were never watched: look at everything again.
-                    self._rescan.set()
+        self.settings, applied, restart = reloaded(self.settings, new)
+        for st in self.settings.subtrees:
+            store = self.stores[st.name]
+            if store.exclude != tuple(st.exclude):
+                store.exclude = tuple(st.exclude)
+                # Newly included paths were never watched: look at everything again.
+                self._rescan.set()
         for scanner in self.scanners.values():
-            scanner.mass_delete = new.mass_delete
-        self.settings = replace(
-            old, heartbeat_interval=new.heartbeat_interval, conflict_policy=new.conflict_policy,
-            mass_delete=new.mass_delete, log_format=new.log_format, log_level=new.log_level,
-            subtrees=subtrees,
-        )
+            scanner.mass_delete = self.settings.mass_delete
+        # Paths held back for want of permission are tried again (an ACL may have changed).
+        if any(st.held_back for st in self.stores.values()):
+            self._rescan.set()
         return applied, restart
 
     async def _connection_watchdog(self) -> None:
@@ -535,7 +521,7 @@ class Bridge:
         write here, into the future) nor skipped (that would diverge): the
         stream waits, loudly, until the wall clock catches up.
         """
-        bound_ms = 1000 * float(getattr(self.settings, "max_clock_skew", DEFAULT_MAX_CLOCK_SKEW))
+        bound_ms = 1000 * self.settings.max_clock_skew
         newest = max((hlc_to_ms(e.ts) for e in events), default=0)
         while (ahead := newest - int(time.time() * 1000)) > bound_ms:
             if peer not in self.waiting:
