@@ -547,6 +547,7 @@ class Bridge:
                 subtree=p.subtree, peer=p.peer, topic=p.topic, positions=dict(p.positions),
                 highwater=self.kafka.highwater(p.topic, p.positions),
                 last_heartbeat_ms=p.last_heartbeat_ms, last_event_ms=p.last_event_ms,
+                last_applied_ms=p.last_applied_ms,
             )
             for p in self.peers.values()
         )
