@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge import codec, failpoints
-from bridge.batching import MAX_BATCH_EVENTS, Assembler, Complete
+from bridge.batching import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, Assembler, Complete
 from bridge.errors import BridgeError, CodecError
 from bridge.kafka import Record
 from bridge.model import Event, Op
@@ -60,6 +60,11 @@ class Ready:
     partition: int
     batch: Complete
     timestamp_ms: int
+
+
+def weight(ready: Ready) -> int:
+    """About what a batch adds to the apply ``multi``: content, paths, metadata."""
+    return sum(len(e.data or b"") + 2 * len(e.path) + 128 for e in ready.batch.events)
 
 
 class Inbound:
@@ -168,13 +173,17 @@ class Inbound:
             group = [first]
             # Consecutive batches of the same peer commit together: still a
             # batch boundary of that origin, one round trip instead of many.
-            count = len(first.batch.events)
-            while (not queue.empty() and count < MAX_BATCH_EVENTS
-                   and queue._queue[0].peer is first.peer  # type: ignore[attr-defined]
-                   and queue._queue[0].partition == first.partition):  # type: ignore[attr-defined]
-                nxt = queue.get_nowait()
-                group.append(nxt)
-                count += len(nxt.batch.events)
+            # Bounded like a sender's batch: ZooKeeper drops the connection of
+            # a request above jute.maxbuffer, and would for ever.
+            count, size = len(first.batch.events), weight(first)
+            while not queue.empty():
+                nxt: Ready = queue._queue[0]  # type: ignore[attr-defined]
+                if (nxt.peer is not first.peer or nxt.partition != first.partition
+                        or count + len(nxt.batch.events) > MAX_BATCH_EVENTS
+                        or size + weight(nxt) > MAX_BATCH_BYTES):
+                    break
+                group.append(queue.get_nowait())
+                count, size = count + len(nxt.batch.events), size + weight(nxt)
             try:
                 await self.apply_group(name, group)
             finally:
