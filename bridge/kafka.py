@@ -8,6 +8,7 @@ aiokafka's exceptions are translated here into ``bridge.errors``.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,9 +16,12 @@ from typing import Any, TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
 )
@@ -36,7 +40,13 @@ log = structlog.get_logger("bridge.kafka")
 T = TypeVar("T")
 
 MAX_RECORD_BYTES = 1_048_576
-_FATAL = (AuthenticationFailedError, TopicAuthorizationFailedError, GroupAuthorizationFailedError)
+_FATAL = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +64,8 @@ async def _guard(what: str, coro: Awaitable[T]) -> T:
         return await coro
     except _FATAL as exc:
         raise FatalKafkaError(
-            f"{what}: {type(exc).__name__}: check kafka credentials and ACLs"
+            f"{what}: {type(exc).__name__}: refused by the broker; check kafka.sasl "
+            "credentials and the ACLs of this region's principal"
         ) from exc
     except AioKafkaError as exc:
         raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
@@ -70,6 +81,7 @@ class Kafka:
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._secure_ok = False
 
     def _common(self) -> dict[str, Any]:
         s = self.settings
@@ -91,9 +103,57 @@ class Kafka:
             opts["sasl_plain_password"] = s.sasl.password
         return opts
 
+    async def _check_security(self) -> None:
+        """Fail at once on a broker we must not or cannot talk to (untrusted TLS, bad SASL).
+
+        aiokafka's bootstrap logs such a cause and then raises the same retriable
+        "Unable to bootstrap" it raises for a broker that is merely down, so one
+        connection made here first tells the two apart. Unreachable brokers stay
+        retriable.
+        """
+        if self._secure_ok or self.settings.security_protocol == "PLAINTEXT":
+            return
+        opts = self._common()
+        first = self.settings.bootstrap_servers.split(",")[0].strip()
+        host, _, port = first.rpartition(":")
+        try:
+            conn = await create_conn(
+                host.strip("[]"),
+                int(port),
+                client_id=self.client_id,
+                request_timeout_ms=opts["request_timeout_ms"],
+                ssl_context=opts.get("ssl_context"),
+                security_protocol=opts["security_protocol"],
+                sasl_mechanism=opts.get("sasl_mechanism", "PLAIN"),
+                sasl_plain_username=opts.get("sasl_plain_username"),
+                sasl_plain_password=opts.get("sasl_plain_password"),
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise FatalKafkaError(
+                f"TLS to {first}: the broker's certificate is not trusted "
+                f"({exc.verify_message}); check kafka.ssl.cafile"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise FatalKafkaError(
+                f"TLS to {first}: handshake failed ({exc.reason or exc}); check "
+                "kafka.security_protocol and kafka.ssl"
+            ) from exc
+        except _FATAL as exc:
+            user = self.settings.sasl.username if self.settings.sasl else "?"
+            raise FatalKafkaError(
+                f"SASL to {first}: authentication of {user!r} failed ({type(exc).__name__}); "
+                "check kafka.sasl.username, kafka.sasl.password and kafka.sasl.mechanism"
+            ) from exc
+        except (AioKafkaError, OSError, TimeoutError) as exc:
+            # Down or unreachable: the caller retries; the real clients say more.
+            raise KafkaError(f"connect {first}: {type(exc).__name__} {exc}") from exc
+        conn.close()
+        self._secure_ok = True
+
     # -- admin ---------------------------------------------------------
     async def ensure_topics(self, names: Iterable[str]) -> list[str]:
         """Create missing topics, compacted, one partition (keeps each origin's order)."""
+        await self._check_security()
         admin = AIOKafkaAdminClient(**self._common())
         created = []
         try:
@@ -141,6 +201,7 @@ class Kafka:
 
     # -- producer ------------------------------------------------------
     async def start_producer(self) -> None:
+        await self._check_security()
         producer = AIOKafkaProducer(
             **self._common(),
             acks="all",
@@ -150,6 +211,23 @@ class Kafka:
         )
         try:
             await _guard("connect producer", producer.start())
+        except KafkaError as exc:
+            await producer.stop()
+            cause = exc.__cause__
+            if (
+                self.settings.enable_idempotence
+                and isinstance(cause, AioKafkaError)
+                and not cause.retriable
+            ):
+                # The broker answered, and refused: with idempotence on, the
+                # only request start() makes after metadata is InitProducerId.
+                # Retrying gets the same answer forever.
+                raise FatalKafkaError(
+                    f"connect producer: the broker refused InitProducerId "
+                    f"({type(cause).__name__}), so it does not support idempotent "
+                    "producers; set kafka.enable_idempotence: false for this broker"
+                ) from exc
+            raise
         except BaseException:
             await producer.stop()
             raise
@@ -179,6 +257,7 @@ class Kafka:
 
     # -- consumer ------------------------------------------------------
     async def start_consumer(self, group_id: str | None) -> None:
+        await self._check_security()
         consumer = AIOKafkaConsumer(
             **self._common(),
             group_id=group_id,
