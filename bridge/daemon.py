@@ -27,8 +27,8 @@ MASS_DELETE_EXIT = 3  # scripts/zkbridge@.service: RestartPreventExitStatus=3
 # STOP_GRACE to drain and close; then its task is cancelled (ZooKeeper writes
 # are single multis, so nothing is half-written, and whatever was not acked
 # stays in the outbox); at STOP_DEADLINE the process exits regardless.
-STOP_GRACE = 1.0
-STOP_DEADLINE = 1.8
+STOP_GRACE = 0.6
+STOP_DEADLINE = 1.5
 
 
 class Daemon:
@@ -125,6 +125,10 @@ class Daemon:
             log.error("mass_delete_refused", error=str(exc))
             return MASS_DELETE_EXIT
         except BridgeError as exc:
+            if self._stopping and exc.retriable:
+                # Asked to stop while retrying: the retry's last failure is not the story.
+                log.info("bridge_stopped_while_retrying", error=str(exc))
+                return 0
             log.error("bridge_stopped", error=str(exc), error_type=type(exc).__name__,
                       hint="see the error; systemd restarts the service")
             return 1

@@ -21,9 +21,12 @@ from aiokafka.errors import (
     AuthenticationFailedError,
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    InvalidProducerEpoch,
+    OutOfOrderSequenceNumber,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
+    UnknownProducerId,
 )
 from aiokafka.errors import (
     KafkaError as AioKafkaError,
@@ -40,6 +43,11 @@ log = structlog.get_logger("bridge.kafka")
 T = TypeVar("T")
 
 MAX_RECORD_BYTES = 1_048_576
+STOP_TIMEOUT = 0.4
+# The broker no longer knows this idempotent producer's sequence (it restarted
+# and lost the tail of a log, or expired the producer's state): that producer
+# can never send again; a new one (new producer id) can.
+_PRODUCER_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
 _FATAL = (
     AuthenticationFailedError,
     SaslAuthenticationFailed,
@@ -82,6 +90,8 @@ class Kafka:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._secure_ok = False
+        self._producer_lock = asyncio.Lock()
+        self._producer_started = False
 
     def _common(self) -> dict[str, Any]:
         s = self.settings
@@ -232,6 +242,7 @@ class Kafka:
             await producer.stop()
             raise
         self._producer = producer
+        self._producer_started = True
 
     async def send_all(
         self, records: Sequence[tuple[str, bytes, bytes]]
@@ -240,9 +251,7 @@ class Kafka:
 
         Returns, per partition written, the offset after the last record acked.
         """
-        if self._producer is None:
-            raise KafkaError("producer not started")
-        producer = self._producer
+        producer = await self._live_producer()
 
         async def send() -> dict[tuple[str, int], int]:
             futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
@@ -253,7 +262,37 @@ class Kafka:
                 ends[key] = max(ends.get(key, 0), md.offset + 1)
             return ends
 
-        return await _guard("publish", send())
+        try:
+            return await _guard("publish", send())
+        except KafkaError as exc:
+            if isinstance(exc.__cause__, _PRODUCER_LOST):
+                await self._drop_producer(producer, type(exc.__cause__).__name__)
+            raise
+
+    async def _live_producer(self) -> AIOKafkaProducer:
+        async with self._producer_lock:
+            if self._producer is None:
+                if not self._producer_started:
+                    raise KafkaError("producer not started")
+                await self.start_producer()
+            assert self._producer is not None
+            return self._producer
+
+    async def _drop_producer(self, producer: AIOKafkaProducer, reason: str) -> None:
+        """Forget a producer the broker no longer accepts; the next send starts a new one."""
+        broken: Any = producer
+        async with self._producer_lock:
+            if self._producer is not producer:
+                return  # a concurrent sender already replaced it
+            self._producer = None
+        log.warning("producer_reset", reason=reason,
+                    hint="the broker lost this producer's state (restart, lost log); "
+                         "unacked changes stay in the outbox and go out with a new producer")
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await broken.stop()
+        except Exception as exc:  # it is broken anyway
+            log.debug("producer_stop_failed", error=str(exc))
 
     # -- consumer ------------------------------------------------------
     async def start_consumer(self, group_id: str | None) -> None:
@@ -354,13 +393,27 @@ class Kafka:
         return {(tp.topic, tp.partition): off for tp, off in res.items()}
 
     async def stop(self) -> None:
-        for closer in (self._producer, self._consumer):
-            if closer is not None:
-                try:
+        """Close both clients, each within STOP_TIMEOUT seconds.
+
+        Nothing is lost by not waiting longer: every change that matters was
+        acked before its outbox entry went, and a producer's flush against an
+        unreachable broker would otherwise hold a stopping process for a
+        whole request timeout.
+        """
+
+        async def close(what: str, closer: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
                     await closer.stop()
-                except Exception as exc:  # shutting down: report, don't mask the cause
-                    log.warning("kafka_stop_failed", error=str(exc))
+            except TimeoutError:
+                log.warning("kafka_stop_timeout", client=what, timeout_s=STOP_TIMEOUT)
+            except Exception as exc:  # shutting down: report, don't mask the cause
+                log.warning("kafka_stop_failed", client=what, error=str(exc))
+
+        closers = [close(what, c) for what, c in
+                   (("producer", self._producer), ("consumer", self._consumer)) if c is not None]
         self._producer = self._consumer = None
+        await asyncio.gather(*closers)
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

@@ -72,17 +72,24 @@ def _records(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | Non
     """Every record left in partition 0 of `topic`, as (key, value), from the start."""
 
     async def go() -> list[tuple[bytes | None, bytes | None]]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
         await consumer.start()
         try:
             tp = TopicPartition(topic, 0)
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
-            await consumer.seek_to_beginning(tp)
+            consumer.seek(tp, 0)
             out: list[tuple[bytes | None, bytes | None]] = []
-            while await consumer.position(tp) < end:
+            last = -1
+            # Compaction leaves gaps in the offsets: stop at the last offset, not a count.
+            while last < end - 1:
                 batch = await consumer.getmany(tp, timeout_ms=1000)
-                out += [(m.key, m.value) for m in batch.get(tp, [])]
+                for m in batch.get(tp, []):
+                    out.append((m.key, m.value))
+                    last = m.offset
+                if not batch and await consumer.position(tp) >= end:
+                    break
             return out
         finally:
             await consumer.stop()
@@ -346,11 +353,14 @@ def test_sigterm_in_a_retry_loop_ends_the_process_within_2s(
     assert proxy is not None
     proxy.cut()  # Kafka unreachable (connections blackholed) from the start
     fed.start("r1", wait=False)
-    wait_for(lambda: fed.count_events("r1", "retrying") >= 2, 60,
+    # Each attempt waits out the request timeout: SIGTERM lands in the middle of one.
+    wait_for(lambda: fed.count_events("r1", "retrying") >= 1, 60,
              message="the bridge never entered its retry loop")
     took = _sigterm_seconds(fed, "r1")
     harness_report(f"SIGTERM in a Kafka retry loop: exited after {took:.2f}s")
     assert took < 2.0
+    assert fed.count_events("r1", "bridge_stopped_cleanly") == 1
+    fed.assert_clean_logs()
 
 
 def test_sigterm_while_kafka_is_cut_keeps_unpublished_changes_in_the_outbox(
