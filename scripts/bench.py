@@ -1075,7 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("stopped" + (f"; logs kept in {workdir}" if keep else ""))
     total = time.monotonic() - started
     rows = bench.summarise()
-    step(f"Results ({'quick' if args.quick else 'full'} run on {args.broker}, {total:.0f} s in all)")
+    mode = "quick" if args.quick else "full"
+    step(f"Results ({mode} run on {args.broker}, {total:.0f} s in all)")
     print(table(rows))
     if bench.res.bridge.get("foreign_processes"):
         print(f"\nnote: {bench.res.bridge['foreign_processes']} server/bridge processes from "
