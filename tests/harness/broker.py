@@ -208,7 +208,10 @@ class Broker(ServerProcess):
         return self
 
     def _launch(self) -> subprocess.Popen[bytes]:
-        raise BrokerError(f"cannot start an external Kafka ({self.bootstrap})")
+        raise BrokerError(
+            "Broker() only waits for an external Kafka (external_bootstrap=); "
+            "start KafkaBroker or TansuBroker, or use make_broker()"
+        )
 
     def _wait_ready(self) -> None:
         end = time.monotonic() + self.start_timeout
