@@ -479,10 +479,15 @@ class KafkaBroker(Broker):
 
 
 def _kafka_uuid() -> str:
-    # What `kafka-storage random-uuid` prints: 16 random bytes, URL-safe base64, no padding.
+    # What `kafka-storage random-uuid` prints: 16 random bytes, URL-safe base64,
+    # no padding, and (like Kafka's own) never starting with "-", which the
+    # storage tool's argument parser would take for an option.
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def make_broker(kind: str, *, proxied: bool = False, base_dir: Path | None = None) -> Broker:
