@@ -281,6 +281,28 @@ def test_broker_restart_keeps_data_nothing_reannounced_nothing_lost(
     fed.assert_clean_logs()
 
 
+def test_broker_crash_loses_nothing(federation: Federation, harness_report: Report) -> None:
+    fed = federation
+    _kafka_only(fed.broker)
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    for i in range(10):
+        r1.client.create(r1.path(f"/before{i}"), b"b")
+    fed.wait_converged()
+    fed.broker.kill()  # SIGKILL: no controlled shutdown, logs recovered at start
+    for i in range(5):
+        r2.client.create(r2.path(f"/during{i}"), b"d")
+    time.sleep(2)
+    fed.broker.start()
+    for i in range(5):
+        r1.client.create(r1.path(f"/after{i}"), b"a")
+    fed.wait_converged(timeout=120)
+    assert len(fed.tree("r3")) == 20
+    resets = sum(fed.count_events(n, "producer_reset") for n in fed.regions)
+    harness_report(f"Kafka SIGKILL + restart: converged, {resets} producer resets")
+    fed.assert_clean_logs()
+
+
 @pytest.fixture
 def own_kafka(tmp_path: Path, harness_report: Report) -> Iterator[KafkaBroker]:
     broker = KafkaBroker(tmp_path / "kafka")
