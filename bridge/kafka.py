@@ -124,41 +124,47 @@ class Kafka:
         if self._secure_ok or self.settings.security_protocol == "PLAINTEXT":
             return
         opts = self._common()
-        first = self.settings.bootstrap_servers.split(",")[0].strip()
-        host, _, port = first.rpartition(":")
-        try:
-            conn = await create_conn(
-                host.strip("[]"),
-                int(port),
-                client_id=self.client_id,
-                request_timeout_ms=opts["request_timeout_ms"],
-                ssl_context=opts.get("ssl_context"),
-                security_protocol=opts["security_protocol"],
-                sasl_mechanism=opts.get("sasl_mechanism", "PLAIN"),
-                sasl_plain_username=opts.get("sasl_plain_username"),
-                sasl_plain_password=opts.get("sasl_plain_password"),
-            )
-        except ssl.SSLCertVerificationError as exc:
-            raise FatalKafkaError(
-                f"TLS to {first}: the broker's certificate is not trusted "
-                f"({exc.verify_message}); check kafka.ssl.cafile"
-            ) from exc
-        except ssl.SSLError as exc:
-            raise FatalKafkaError(
-                f"TLS to {first}: handshake failed ({exc.reason or exc}); check "
-                "kafka.security_protocol and kafka.ssl"
-            ) from exc
-        except _FATAL as exc:
-            user = self.settings.sasl.username if self.settings.sasl else "?"
-            raise FatalKafkaError(
-                f"SASL to {first}: authentication of {user!r} failed ({type(exc).__name__}); "
-                "check kafka.sasl.username, kafka.sasl.password and kafka.sasl.mechanism"
-            ) from exc
-        except (AioKafkaError, OSError, TimeoutError) as exc:
-            # Down or unreachable: the caller retries; the real clients say more.
-            raise KafkaError(f"connect {first}: {type(exc).__name__} {exc}") from exc
-        conn.close()
-        self._secure_ok = True
+        unreachable: list[str] = []
+        # The first server that answers decides; only if none does is it retriable.
+        for server in (s.strip() for s in self.settings.bootstrap_servers.split(",")):
+            host, _, port = server.rpartition(":")
+            try:
+                conn = await create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    client_id=self.client_id,
+                    request_timeout_ms=opts["request_timeout_ms"],
+                    ssl_context=opts.get("ssl_context"),
+                    security_protocol=opts["security_protocol"],
+                    sasl_mechanism=opts.get("sasl_mechanism", "PLAIN"),
+                    sasl_plain_username=opts.get("sasl_plain_username"),
+                    sasl_plain_password=opts.get("sasl_plain_password"),
+                )
+            except ssl.SSLCertVerificationError as exc:
+                raise FatalKafkaError(
+                    f"TLS to {server}: the broker's certificate is not trusted "
+                    f"({exc.verify_message}); check kafka.ssl.cafile"
+                ) from exc
+            except ssl.SSLError as exc:
+                raise FatalKafkaError(
+                    f"TLS to {server}: handshake failed ({exc.reason or exc}); check "
+                    "kafka.security_protocol and kafka.ssl"
+                ) from exc
+            except _FATAL as exc:
+                user = self.settings.sasl.username if self.settings.sasl else "?"
+                raise FatalKafkaError(
+                    f"SASL to {server}: authentication of {user!r} failed "
+                    f"({type(exc).__name__}); check kafka.sasl.username, "
+                    "kafka.sasl.password and kafka.sasl.mechanism"
+                ) from exc
+            except (AioKafkaError, OSError, TimeoutError) as exc:
+                unreachable.append(f"{server}: {type(exc).__name__} {exc}")
+                continue
+            conn.close()
+            self._secure_ok = True
+            return
+        # Down or unreachable: the caller retries.
+        raise KafkaError("connect: " + "; ".join(unreachable))
 
     # -- admin ---------------------------------------------------------
     async def ensure_topics(self, names: Iterable[str]) -> list[str]:
