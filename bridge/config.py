@@ -469,7 +469,8 @@ class KafkaSettings:
     or '-', not starting with '.'. The same in every region."""
     enable_idempotence: Flag = True
     """Use the idempotent producer; turn off only for brokers without InitProducerId support
-    (the test broker)."""
+    (tansu, the demo's broker): against such a broker the bridge stops at once with an error
+    naming this key."""
     replication_factor: Annotated[
         Count,
         AfterValidator(_replication_factor),

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
 
 import structlog
@@ -18,6 +22,13 @@ from bridge.notify import Notifier
 log = structlog.get_logger("bridge.daemon")
 
 MASS_DELETE_EXIT = 3  # scripts/zkbridge@.service: RestartPreventExitStatus=3
+# A stop must end the process within 2 s whatever it is waiting for (a retry
+# loop against an unreachable Kafka, a client's own timeouts). The bridge gets
+# STOP_GRACE to drain and close; then its task is cancelled (ZooKeeper writes
+# are single multis, so nothing is half-written, and whatever was not acked
+# stays in the outbox); at STOP_DEADLINE the process exits regardless.
+STOP_GRACE = 0.6
+STOP_DEADLINE = 1.5
 
 
 class Daemon:
@@ -27,6 +38,8 @@ class Daemon:
         self.notifier = Notifier()
         self.bridge.on_role = self._on_role
         self._ready_sent = False
+        self._run_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def _on_role(self, role: str) -> None:
         text = f"{role} in region {self.settings.region}"
@@ -41,10 +54,25 @@ class Daemon:
     def _stop(self, sig: signal.Signals) -> Callable[[], None]:
         def stop() -> None:
             log.info("signal_received", signal=sig.name, action="draining and stopping")
+            if self._stopping:
+                return
+            self._stopping = True
             self.notifier.stopping()
             self.bridge.stop()
+            loop = asyncio.get_running_loop()
+            loop.call_later(STOP_GRACE, self._cancel_run)
+            # A thread, not the loop: the loop itself may be what is stuck.
+            deadline = threading.Timer(STOP_DEADLINE, _exit_now)
+            deadline.daemon = True
+            deadline.start()
 
         return stop
+
+    def _cancel_run(self) -> None:
+        if self._run_task is not None and not self._run_task.done():
+            log.warning("stop_grace_exceeded", grace_s=STOP_GRACE,
+                        action="cancelling; unpublished changes stay in the outbox")
+            self._run_task.cancel()
 
     def _reload(self) -> None:
         self.notifier.reloading()
@@ -86,13 +114,21 @@ class Daemon:
         dog = None
         if self.notifier.watchdog_interval:
             dog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
+        self._run_task = asyncio.ensure_future(self.bridge.run())
         try:
-            await self.bridge.run()
+            await self._run_task
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
         except MassDeleteError as exc:
             # A distinct status: restarting cannot help, the operator must decide.
             log.error("mass_delete_refused", error=str(exc))
             return MASS_DELETE_EXIT
         except BridgeError as exc:
+            if self._stopping and exc.retriable:
+                # Asked to stop while retrying: the retry's last failure is not the story.
+                log.info("bridge_stopped_while_retrying", error=str(exc))
+                return 0
             log.error("bridge_stopped", error=str(exc), error_type=type(exc).__name__,
                       hint="see the error; systemd restarts the service")
             return 1
@@ -103,6 +139,15 @@ class Daemon:
                 await metrics.stop()
         log.info("bridge_stopped_cleanly")
         return 0
+
+
+def _exit_now() -> None:
+    log.warning("stop_deadline_exceeded", deadline_s=STOP_DEADLINE,
+                action="exiting now; unpublished changes stay in the outbox")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def run(settings: Settings, *, allow_mass_delete: bool = False) -> int:

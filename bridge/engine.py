@@ -125,10 +125,21 @@ class Bridge:
                 elected.result()
                 await self._lead()
         finally:
-            await self.kafka.stop()
-            await self.zk.stop()
+            # The daemon cancels run() when a stop outlasts its grace; the
+            # clients must still close in order (kazoo cannot close a client
+            # whose stop is still running in a thread).
+            closing = asyncio.ensure_future(self._close_clients())
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing
+                raise
         if self._fatal is not None:
             raise self._fatal
+
+    async def _close_clients(self) -> None:
+        await self.kafka.stop()
+        await self.zk.stop()
 
     def _standing_by(self, leader: str) -> None:
         if self.role != "standby":

@@ -8,6 +8,7 @@ aiokafka's exceptions are translated here into ``bridge.errors``.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,11 +16,17 @@ from typing import Any, TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    InvalidProducerEpoch,
+    OutOfOrderSequenceNumber,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
+    UnknownProducerId,
 )
 from aiokafka.errors import (
     KafkaError as AioKafkaError,
@@ -36,7 +43,18 @@ log = structlog.get_logger("bridge.kafka")
 T = TypeVar("T")
 
 MAX_RECORD_BYTES = 1_048_576
-_FATAL = (AuthenticationFailedError, TopicAuthorizationFailedError, GroupAuthorizationFailedError)
+STOP_TIMEOUT = 0.4
+# The broker no longer knows this idempotent producer's sequence (it restarted
+# and lost the tail of a log, or expired the producer's state): that producer
+# can never send again; a new one (new producer id) can.
+_PRODUCER_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
+_FATAL = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +72,8 @@ async def _guard(what: str, coro: Awaitable[T]) -> T:
         return await coro
     except _FATAL as exc:
         raise FatalKafkaError(
-            f"{what}: {type(exc).__name__}: check kafka credentials and ACLs"
+            f"{what}: {type(exc).__name__}: refused by the broker; check kafka.sasl "
+            "credentials and the ACLs of this region's principal"
         ) from exc
     except AioKafkaError as exc:
         raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
@@ -70,6 +89,9 @@ class Kafka:
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._secure_ok = False
+        self._producer_lock = asyncio.Lock()
+        self._producer_started = False
 
     def _common(self) -> dict[str, Any]:
         s = self.settings
@@ -91,9 +113,63 @@ class Kafka:
             opts["sasl_plain_password"] = s.sasl.password
         return opts
 
+    async def _check_security(self) -> None:
+        """Fail at once on a broker we must not or cannot talk to (untrusted TLS, bad SASL).
+
+        aiokafka's bootstrap logs such a cause and then raises the same retriable
+        "Unable to bootstrap" it raises for a broker that is merely down, so one
+        connection made here first tells the two apart. Unreachable brokers stay
+        retriable.
+        """
+        if self._secure_ok or self.settings.security_protocol == "PLAINTEXT":
+            return
+        opts = self._common()
+        unreachable: list[str] = []
+        # The first server that answers decides; only if none does is it retriable.
+        for server in (s.strip() for s in self.settings.bootstrap_servers.split(",")):
+            host, _, port = server.rpartition(":")
+            try:
+                conn = await create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    client_id=self.client_id,
+                    request_timeout_ms=opts["request_timeout_ms"],
+                    ssl_context=opts.get("ssl_context"),
+                    security_protocol=opts["security_protocol"],
+                    sasl_mechanism=opts.get("sasl_mechanism", "PLAIN"),
+                    sasl_plain_username=opts.get("sasl_plain_username"),
+                    sasl_plain_password=opts.get("sasl_plain_password"),
+                )
+            except ssl.SSLCertVerificationError as exc:
+                raise FatalKafkaError(
+                    f"TLS to {server}: the broker's certificate is not trusted "
+                    f"({exc.verify_message}); check kafka.ssl.cafile"
+                ) from exc
+            except ssl.SSLError as exc:
+                raise FatalKafkaError(
+                    f"TLS to {server}: handshake failed ({exc.reason or exc}); check "
+                    "kafka.security_protocol and kafka.ssl"
+                ) from exc
+            except _FATAL as exc:
+                user = self.settings.sasl.username if self.settings.sasl else "?"
+                raise FatalKafkaError(
+                    f"SASL to {server}: authentication of {user!r} failed "
+                    f"({type(exc).__name__}); check kafka.sasl.username, "
+                    "kafka.sasl.password and kafka.sasl.mechanism"
+                ) from exc
+            except (AioKafkaError, OSError, TimeoutError) as exc:
+                unreachable.append(f"{server}: {type(exc).__name__} {exc}")
+                continue
+            conn.close()
+            self._secure_ok = True
+            return
+        # Down or unreachable: the caller retries.
+        raise KafkaError("connect: " + "; ".join(unreachable))
+
     # -- admin ---------------------------------------------------------
     async def ensure_topics(self, names: Iterable[str]) -> list[str]:
         """Create missing topics, compacted, one partition (keeps each origin's order)."""
+        await self._check_security()
         admin = AIOKafkaAdminClient(**self._common())
         created = []
         try:
@@ -141,6 +217,7 @@ class Kafka:
 
     # -- producer ------------------------------------------------------
     async def start_producer(self) -> None:
+        await self._check_security()
         producer = AIOKafkaProducer(
             **self._common(),
             acks="all",
@@ -150,10 +227,28 @@ class Kafka:
         )
         try:
             await _guard("connect producer", producer.start())
+        except KafkaError as exc:
+            await producer.stop()
+            cause = exc.__cause__
+            if (
+                self.settings.enable_idempotence
+                and isinstance(cause, AioKafkaError)
+                and not cause.retriable
+            ):
+                # The broker answered, and refused: with idempotence on, the
+                # only request start() makes after metadata is InitProducerId.
+                # Retrying gets the same answer forever.
+                raise FatalKafkaError(
+                    f"connect producer: the broker refused InitProducerId "
+                    f"({type(cause).__name__}), so it does not support idempotent "
+                    "producers; set kafka.enable_idempotence: false for this broker"
+                ) from exc
+            raise
         except BaseException:
             await producer.stop()
             raise
         self._producer = producer
+        self._producer_started = True
 
     async def send_all(
         self, records: Sequence[tuple[str, bytes, bytes]]
@@ -162,9 +257,7 @@ class Kafka:
 
         Returns, per partition written, the offset after the last record acked.
         """
-        if self._producer is None:
-            raise KafkaError("producer not started")
-        producer = self._producer
+        producer = await self._live_producer()
 
         async def send() -> dict[tuple[str, int], int]:
             futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
@@ -175,10 +268,41 @@ class Kafka:
                 ends[key] = max(ends.get(key, 0), md.offset + 1)
             return ends
 
-        return await _guard("publish", send())
+        try:
+            return await _guard("publish", send())
+        except KafkaError as exc:
+            if isinstance(exc.__cause__, _PRODUCER_LOST):
+                await self._drop_producer(producer, type(exc.__cause__).__name__)
+            raise
+
+    async def _live_producer(self) -> AIOKafkaProducer:
+        async with self._producer_lock:
+            if self._producer is None:
+                if not self._producer_started:
+                    raise KafkaError("producer not started")
+                await self.start_producer()
+            assert self._producer is not None
+            return self._producer
+
+    async def _drop_producer(self, producer: AIOKafkaProducer, reason: str) -> None:
+        """Forget a producer the broker no longer accepts; the next send starts a new one."""
+        broken: Any = producer
+        async with self._producer_lock:
+            if self._producer is not producer:
+                return  # a concurrent sender already replaced it
+            self._producer = None
+        log.warning("producer_reset", reason=reason,
+                    hint="the broker lost this producer's state (restart, lost log); "
+                         "unacked changes stay in the outbox and go out with a new producer")
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await broken.stop()
+        except Exception as exc:  # it is broken anyway
+            log.debug("producer_stop_failed", error=str(exc))
 
     # -- consumer ------------------------------------------------------
     async def start_consumer(self, group_id: str | None) -> None:
+        await self._check_security()
         consumer = AIOKafkaConsumer(
             **self._common(),
             group_id=group_id,
@@ -275,13 +399,27 @@ class Kafka:
         return {(tp.topic, tp.partition): off for tp, off in res.items()}
 
     async def stop(self) -> None:
-        for closer in (self._producer, self._consumer):
-            if closer is not None:
-                try:
+        """Close both clients, each within STOP_TIMEOUT seconds.
+
+        Nothing is lost by not waiting longer: every change that matters was
+        acked before its outbox entry went, and a producer's flush against an
+        unreachable broker would otherwise hold a stopping process for a
+        whole request timeout.
+        """
+
+        async def close(what: str, closer: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
                     await closer.stop()
-                except Exception as exc:  # shutting down: report, don't mask the cause
-                    log.warning("kafka_stop_failed", error=str(exc))
+            except TimeoutError:
+                log.warning("kafka_stop_timeout", client=what, timeout_s=STOP_TIMEOUT)
+            except Exception as exc:  # shutting down: report, don't mask the cause
+                log.warning("kafka_stop_failed", client=what, error=str(exc))
+
+        closers = [close(what, c) for what, c in
+                   (("producer", self._producer), ("consumer", self._consumer)) if c is not None]
         self._producer = self._consumer = None
+        await asyncio.gather(*closers)
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

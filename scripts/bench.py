@@ -8,8 +8,9 @@ servers in the same run: every bridge rate is printed with its ratio to the
 relevant raw rate.
 
 1. Raw rates: kazoo against one standalone ZooKeeper (sync create, pipelined
-   set_data, pipelined 2-op multi, pipelined get) and aiokafka against tansu
-   (produce and consume of 264-byte records, acks=all, no idempotence).
+   set_data, pipelined 2-op multi, pipelined get) and aiokafka against the
+   broker (produce and consume of 264-byte records, acks=all, idempotence as
+   the bridge uses it there: on for Apache Kafka, off for tansu).
 2. zkbridge with two regions (two ZooKeeper servers, one broker, two
    ``python -m bridge run``): initial scan and catch-up of a pre-populated
    tree, steady-state throughput, single-write latency, a conflict storm, and
@@ -17,6 +18,7 @@ relevant raw rate.
 
     scripts/bench                  the full run (about 3-4 minutes)
     scripts/bench --quick          smaller counts (about 1 minute)
+    scripts/bench --broker kafka   Apache Kafka (KRaft) instead of tansu
     scripts/bench --json out.json  also write the numbers
     scripts/bench --profile DIR    run both bridges under cProfile (slower!)
 """
@@ -53,7 +55,7 @@ sys.path.insert(0, str(REPO))
 from bridge.config import load_settings  # noqa: E402
 from bridge.verify import verify  # noqa: E402
 from tests.harness import procs  # noqa: E402  (the same server management the tests use)
-from tests.harness.broker import Broker  # noqa: E402
+from tests.harness.broker import make_broker  # noqa: E402
 from tests.harness.zookeeper import ZooKeeperServer, start_all  # noqa: E402
 
 REGIONS = ("region-a", "region-b")
@@ -210,7 +212,8 @@ def foreign_servers(ours: set[int]) -> int:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"QuorumPeerMain" in cmd or b"tansu broker" in cmd or b"bridge run" in cmd:
+        if (b"QuorumPeerMain" in cmd or b"tansu broker" in cmd or b"kafka.Kafka" in cmd
+                or b"bridge run" in cmd):
             count += 1
     return count
 
@@ -406,11 +409,14 @@ class Results:
 
 
 class Bench:
-    def __init__(self, workdir: Path, scale: Scale, profile_dir: Path | None) -> None:
+    def __init__(self, workdir: Path, scale: Scale, profile_dir: Path | None,
+                 broker: str = "tansu") -> None:
         self.dir = workdir
         self.scale = scale
         self.profile_dir = profile_dir
-        self.broker = Broker(base_dir=workdir / "broker")
+        self.broker = make_broker(broker, base_dir=workdir / "broker")
+        self.kind = self.broker.kind
+        self.idempotence = self.broker.supports_idempotence
         self.regions = {
             r: Region(
                 r,
@@ -426,7 +432,8 @@ class Bench:
 
     # -- lifecycle -------------------------------------------------------
     def up(self) -> None:
-        step("Starting two ZooKeeper servers and the broker (tansu, memory only)")
+        what = "tansu, memory only" if self.kind == "tansu" else "Apache Kafka, KRaft"
+        step(f"Starting two ZooKeeper servers and the broker ({what})")
         start_all(r.server for r in self.regions.values())
         self.broker.start()
         for r in self.regions.values():
@@ -438,7 +445,7 @@ class Bench:
         say(f"kafka: {self.broker.bootstrap} (pid {self.broker.pid})")
         others = foreign_servers(self.pids())
         if others:
-            say(f"note: {others} ZooKeeper/tansu/bridge processes not started by this run are "
+            say(f"note: {others} ZooKeeper/broker/bridge processes not started by this run are "
                 "running on this machine; they share the CPU and skew every number below")
         self.res.bridge["foreign_processes"] = others
         self.res.bridge["loadavg_start"] = os.getloadavg()
@@ -458,7 +465,8 @@ class Bench:
         doc = {
             "region": r.name,
             "zookeeper": {"hosts": r.server.hosts},
-            "kafka": {"bootstrap_servers": self.broker.bootstrap, "enable_idempotence": False},
+            "kafka": {"bootstrap_servers": self.broker.bootstrap,
+                      "enable_idempotence": self.idempotence},
             "peers": [p for p in REGIONS if p != r.name],
             "subtrees": [{"name": "critical", "path": MOUNT}],
             "log": {"format": "json"},
@@ -504,7 +512,7 @@ class Bench:
     def phase(self, name: str) -> Iterator[None]:
         """Record wall time and the CPU each server and bridge spent, to show who was busy."""
         who = {f"zk-{r.name[-1]}": r.server.pid for r in self.regions.values()}
-        who["tansu"] = self.broker.pid
+        who[self.kind] = self.broker.pid
         who |= {f"bridge-{r.name[-1]}": r.proc.pid if r.proc else None
                 for r in self.regions.values()}
         who["bench"] = os.getpid()
@@ -580,18 +588,21 @@ class Bench:
 
     def raw_kafka(self) -> None:
         n = self.scale.raw_records
-        step(f"Raw Kafka rates (aiokafka against tansu {self.broker.bootstrap})")
-        say(f"produce x {n:,} records of {RECORD_BYTES} B (acks=all, idempotence off), "
+        step(f"Raw Kafka rates (aiokafka against {self.kind} {self.broker.bootstrap})")
+        idem = "on" if self.idempotence else "off"
+        say(f"produce x {n:,} records of {RECORD_BYTES} B (acks=all, idempotence {idem}), "
             f"then consume them…")
         with self.phase("raw_kafka"):
-            produce_s, consume_s = asyncio.run(_kafka_rates(self.broker.bootstrap, n))
+            produce_s, consume_s = asyncio.run(
+                _kafka_rates(self.broker.bootstrap, n, self.idempotence))
         self.res.raw["kafka_produce_per_s"] = n / produce_s
         self.res.raw["kafka_consume_per_s"] = n / consume_s
         say(f"  {n / produce_s:,.0f} produced/s, {n / consume_s:,.0f} consumed/s")
         samples = 20
         say(f"produce → consume latency x {samples}, one record at a time, with the consumer "
             "settings the bridge uses (fetch_max_wait_ms left at aiokafka's 500)…")
-        ms = asyncio.run(_kafka_latency(self.broker.bootstrap, samples, self.scale.latency_gap_s))
+        ms = asyncio.run(_kafka_latency(self.broker.bootstrap, samples, self.scale.latency_gap_s,
+                                        self.idempotence))
         self.res.raw["kafka_latency_p50_ms"] = percentile(ms, 50)
         self.res.raw["kafka_latency_max_ms"] = max(ms)
         say(f"  p50 {percentile(ms, 50):.1f} ms, max {max(ms):.1f} ms")
@@ -838,9 +849,9 @@ class Bench:
             Row("raw: ZooKeeper async 2-op multi", raw.get("zk_async_multi_per_s"), "ops/s",
                 note="check + set_data"),
             Row("raw: ZooKeeper async get", raw.get("zk_async_get_per_s"), "ops/s"),
-            Row("raw: Kafka produce (tansu)", raw.get("kafka_produce_per_s"), "records/s",
+            Row(f"raw: Kafka produce ({self.kind})", raw.get("kafka_produce_per_s"), "records/s",
                 note=f"{RECORD_BYTES} B, acks=all"),
-            Row("raw: Kafka consume (tansu)", raw.get("kafka_consume_per_s"), "records/s"),
+            Row(f"raw: Kafka consume ({self.kind})", raw.get("kafka_consume_per_s"), "records/s"),
             Row("raw: Kafka produce→consume p50", raw.get("kafka_latency_p50_ms"), "ms",
                 note="one record at a time; aiokafka default fetch_max_wait_ms=500"),
         ]
@@ -906,7 +917,7 @@ class Bench:
         return rows
 
 
-async def _raw_topic_and_producer(bootstrap: str, topic: str) -> Any:
+async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool) -> Any:
     """A one-partition topic and a started producer with the bridge's settings
     (bridge/kafka.py: acks=all, linger 2 ms), so the raw ceiling is comparable."""
     # aiokafka is imported here so that --help stays quick.
@@ -920,17 +931,17 @@ async def _raw_topic_and_producer(bootstrap: str, topic: str) -> Any:
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=False, linger_ms=2)
+                                enable_idempotence=idempotence, linger_ms=2)
     await producer.start()
     return producer
 
 
-async def _kafka_rates(bootstrap: str, n: int) -> tuple[float, float]:
+async def _kafka_rates(bootstrap: str, n: int, idempotence: bool) -> tuple[float, float]:
     # aiokafka is imported here so that --help stays quick.
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = "bench.raw"
-    producer = await _raw_topic_and_producer(bootstrap, topic)
+    producer = await _raw_topic_and_producer(bootstrap, topic, idempotence)
     payload = bytes(range(256)) + b"12345678"
     assert len(payload) == RECORD_BYTES
     try:
@@ -969,12 +980,13 @@ async def _kafka_rates(bootstrap: str, n: int) -> tuple[float, float]:
     return produce_s, consume_s
 
 
-async def _kafka_latency(bootstrap: str, samples: int, gap: float) -> list[float]:
+async def _kafka_latency(bootstrap: str, samples: int, gap: float, idempotence: bool
+                         ) -> list[float]:
     """Milliseconds from send() to the record arriving at a waiting consumer, one at a time."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = "bench.latency"
-    producer = await _raw_topic_and_producer(bootstrap, topic)
+    producer = await _raw_topic_and_producer(bootstrap, topic, idempotence)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
@@ -1010,6 +1022,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts: about one minute")
     ap.add_argument("--json", metavar="FILE", type=Path, help="also write the numbers as JSON")
+    ap.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                    help="tansu (memory only, default) or Apache Kafka (KRaft, from the jars "
+                         "scripts/bootstrap resolves)")
     ap.add_argument("--dirs", type=int, metavar="N",
                     help="directories of 100 leaves for the catch-up tree (default 100, "
                          "quick 10); the later steps need at least 50 (quick 10)")
@@ -1026,11 +1041,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
         args.profile = args.profile.resolve()
     workdir = Path(tempfile.mkdtemp(prefix="zkbridge-bench-"))
-    bench = Bench(workdir, scale, args.profile)
+    bench = Bench(workdir, scale, args.profile, args.broker)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
     failed: str | None = None
-    say(f"zkbridge bench ({'quick' if args.quick else 'full'}), work directory {workdir}, "
+    say(f"zkbridge bench ({'quick' if args.quick else 'full'}, broker {args.broker}), "
+        f"work directory {workdir}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     try:
         bench.up()
@@ -1059,7 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("stopped" + (f"; logs kept in {workdir}" if keep else ""))
     total = time.monotonic() - started
     rows = bench.summarise()
-    step(f"Results ({'quick' if args.quick else 'full'} run, {total:.0f} s in all)")
+    mode = "quick" if args.quick else "full"
+    step(f"Results ({mode} run on {args.broker}, {total:.0f} s in all)")
     print(table(rows))
     if bench.res.bridge.get("foreign_processes"):
         print(f"\nnote: {bench.res.bridge['foreign_processes']} server/bridge processes from "
@@ -1068,6 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = {
             "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "mode": "quick" if args.quick else "full",
+            "broker": args.broker,
             "scale": asdict(scale),
             "total_s": round(total, 1),
             "failed": failed,

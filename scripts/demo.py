@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.harness import procs  # noqa: E402  (the same server management the tests use)
-from tests.harness.broker import Broker  # noqa: E402
+from tests.harness.broker import TansuBroker  # noqa: E402
 from tests.harness.zookeeper import ZooKeeperServer, start_all  # noqa: E402
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -51,7 +51,7 @@ class Demo:
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
         self.servers = {r: ZooKeeperServer(r, base_dir=workdir / f"zk-{r}") for r in REGIONS}
-        self.broker = Broker(base_dir=workdir / "broker")
+        self.broker = TansuBroker(base_dir=workdir / "broker")
         self.bridges: dict[str, subprocess.Popen[bytes]] = {}
         self.clients: dict[str, KazooClient] = {}
         self.configs: dict[str, Path] = {}

@@ -2,8 +2,10 @@
 
 Server fixtures are session-scoped and lazy: only tests that ask for them (in
 practice, tests/integration) start JVMs or tansu, so `pytest tests/unit` stays
-server-free. Tests share the servers and isolate themselves with the
-`namespace` fixture (own znode root, own topic prefix) instead of restarting.
+server-free. `broker` is Apache Kafka (ZKBRIDGE_TEST_BROKER=tansu runs the
+suite on tansu instead); `tansu` is always tansu, for its smoke subset.
+Tests share the servers and isolate themselves with the `namespace` fixture
+(own znode root, own topic prefix) instead of restarting.
 """
 
 from __future__ import annotations
@@ -77,15 +79,17 @@ def zk_servers(harness_report: Callable[[str], None]) -> Iterator[ZkServers]:
             s.close()
 
 
-def _start_broker(proxied: bool, report: Callable[[str], None]) -> Broker:
-    broker = Broker.from_env(proxied=proxied)
+def _start_broker(
+    proxied: bool, report: Callable[[str], None], kind: str | None = None
+) -> Broker:
+    broker = Broker.from_env(proxied=proxied, kind=kind)
     try:
         broker.start()
     except BaseException:
         broker.close()
         raise
     if broker.managed:
-        report(f"tansu start (proxied={proxied}): {broker.startup_seconds:.2f}s")
+        report(f"{broker.kind} start (proxied={proxied}): {broker.startup_seconds:.2f}s")
     else:
         report(f"external Kafka at {broker.bootstrap}")
     return broker
@@ -93,7 +97,7 @@ def _start_broker(proxied: bool, report: Callable[[str], None]) -> Broker:
 
 @pytest.fixture(scope="session")
 def broker(harness_report: Callable[[str], None]) -> Iterator[Broker]:
-    """tansu on a free port, or the real Kafka named by ZKBRIDGE_TEST_KAFKA."""
+    """Apache Kafka on a free port (or tansu, or the Kafka named by ZKBRIDGE_TEST_KAFKA)."""
     b = _start_broker(False, harness_report)
     try:
         yield b
@@ -102,8 +106,18 @@ def broker(harness_report: Callable[[str], None]) -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="session")
+def tansu(harness_report: Callable[[str], None]) -> Iterator[Broker]:
+    """tansu whatever the suite's broker: the demo's broker, for the smoke subset."""
+    b = _start_broker(False, harness_report, kind="tansu")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(scope="session")
 def proxied_broker(harness_report: Callable[[str], None]) -> Iterator[Broker]:
-    """A second tansu reached only through `proxied_broker.proxy` (cut it to lose Kafka).
+    """A second broker reached only through `proxied_broker.proxy` (cut it to lose Kafka).
 
     Skipped with an external Kafka: its advertised listeners bypass any proxy.
     """
@@ -126,7 +140,7 @@ def _heal_shared_servers(request: pytest.FixtureRequest) -> Iterator[None]:
     if "zk_servers" in names:
         fleet: ZkServers = request.getfixturevalue("zk_servers")
         fleet.heal()
-    for name in ("broker", "proxied_broker"):
+    for name in ("broker", "proxied_broker", "tansu"):
         if name in names:
             b: Broker = request.getfixturevalue(name)
             if b.proxy is not None:

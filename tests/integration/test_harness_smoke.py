@@ -331,7 +331,7 @@ def test_topic_admin(broker: Broker, namespace: Namespace) -> None:
             # tansu takes any replication factor on one broker; Kafka refuses it.
             many = namespace.topic("rf3")
             resp = await admin.create_topics([NewTopic(many, 1, 3)])
-            expected = 0 if broker.managed else INVALID_REPLICATION_FACTOR
+            expected = 0 if broker.kind == "tansu" else INVALID_REPLICATION_FACTOR
             assert resp.topic_errors[0][1] == expected
 
             assert name in await admin.list_topics()
@@ -412,10 +412,14 @@ def test_produce_and_consume_with_manual_assignment(broker: Broker, namespace: N
     run(scenario())
 
 
+@pytest.mark.parametrize("which", ["broker", "tansu"])
 def test_idempotent_producer_support_matches_the_flag(
-    broker: Broker, namespace: Namespace, harness_report: Report
+    which: str, request: pytest.FixtureRequest, namespace: Namespace, harness_report: Report
 ) -> None:
+    broker: Broker = request.getfixturevalue(which)
     topic = namespace.topic("idem")
+    if broker.kind != "tansu":
+        _create(broker.bootstrap, topic)
 
     async def scenario() -> str:
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=True)
@@ -435,13 +439,25 @@ def test_idempotent_producer_support_matches_the_flag(
     else:
         # tansu 0.6: InitProducerId fails at start(), quickly, not a hang.
         assert outcome.startswith(f"{UnknownError.__module__}.UnknownError"), outcome
-    harness_report(f"idempotent producer: {outcome} ({time.monotonic() - t0:.2f}s)")
+    harness_report(
+        f"idempotent producer on {broker.kind}: {outcome} ({time.monotonic() - t0:.2f}s)"
+    )
 
 
-def test_tansu_specifics(broker: Broker, namespace: Namespace, harness_report: Report) -> None:
+def _create(bootstrap: str, topic: str) -> None:
+    async def go() -> None:
+        admin = await _admin(bootstrap)
+        try:
+            await admin.create_topics([NewTopic(topic, 1, 1)])
+        finally:
+            await admin.close()
+
+    run(go())
+
+
+def test_tansu_specifics(tansu: Broker, namespace: Namespace, harness_report: Report) -> None:
     """What tansu does that real Kafka (default config) does not: guard code against both."""
-    if not broker.managed:
-        pytest.skip("tansu-only behaviour")
+    broker = tansu
     topic = namespace.topic("tansu")
     tp = TopicPartition(topic, 0)
     auto_partitions: list[int] = []
@@ -479,7 +495,11 @@ def test_tansu_specifics(broker: Broker, namespace: Namespace, harness_report: R
     harness_report(f"tansu auto-creates topics on produce with {auto_partitions[0]} partitions")
 
 
-def test_broker_restart_loses_topics(broker: Broker, namespace: Namespace) -> None:
+@pytest.mark.parametrize("which", ["broker", "tansu"])
+def test_broker_restart_keeps_topics_on_kafka_and_loses_them_on_tansu(
+    which: str, request: pytest.FixtureRequest, namespace: Namespace
+) -> None:
+    broker: Broker = request.getfixturevalue(which)
     if not broker.managed:
         pytest.skip("cannot restart an external Kafka")
     topic = namespace.topic("restart")
@@ -504,7 +524,8 @@ def test_broker_restart_loses_topics(broker: Broker, namespace: Namespace) -> No
     assert old_pid is not None
     broker.restart()
     assert not _pid_alive(old_pid)
-    assert topic not in run(topics())
+    # tansu keeps everything in memory; Kafka's log dirs survive a restart.
+    assert (topic in run(topics())) == (broker.kind != "tansu")
 
 
 def test_proxied_broker_survives_a_cut(proxied_broker: Broker, namespace: Namespace) -> None:

@@ -1,0 +1,66 @@
+"""Throwaway TLS material for the secured Kafka listeners, made with openssl at test time.
+
+A CA, a server certificate for 127.0.0.1 (and localhost) signed by it, the
+PKCS#12 keystore Kafka reads, and a second, unrelated CA that a client can be
+wrongly told to trust.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class TlsError(RuntimeError):
+    """openssl failed; the message holds its output."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    keystore: Path
+    keystore_password: str
+    other_ca_cert: Path
+    """A CA that signed nothing of the broker's: trusting it must fail the handshake."""
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    if done.returncode != 0:
+        raise TlsError(f"openssl {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+
+
+def _ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+             "-out", str(cert), "-days", "2", "-subj", f"/CN=zkbridge test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    return key, cert
+
+
+def make_tls(directory: Path, keystore_password: str = "keystore-pass") -> TlsFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _ca(directory, "ca")
+    _, other_ca = _ca(directory, "other-ca")
+    key, csr, cert = (directory / n for n in ("server.key", "server.csr", "server.pem"))
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+             "-subj", "/CN=127.0.0.1", cwd=directory)
+    ext = directory / "server.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "extendedKeyUsage=serverAuth\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+    )
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+             cwd=directory)
+    keystore = directory / "server.p12"
+    _openssl("pkcs12", "-export", "-in", str(cert), "-inkey", str(key),
+             "-certfile", str(ca_cert), "-name", "broker", "-out", str(keystore),
+             "-passout", f"pass:{keystore_password}", cwd=directory)
+    return TlsFiles(ca_cert, cert, key, keystore, keystore_password, other_ca)
