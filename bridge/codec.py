@@ -71,7 +71,8 @@ _BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\U0010ffff]
 
 _OPS = {op.value: op for op in Op}
 _EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
-               "batch", "batch_index", "batch_size")
+               "batch", "batch_index", "batch_size", "acl")
+_ACL_ENTRY = re.compile(r"(0|[1-9][0-9]?):[a-z0-9]{1,32}:[^\x00-\x1f]{0,1024}")
 # A batch is bounded by ZooKeeper's request size long before this.
 MAX_BATCH_SIZE = 100_000
 
@@ -263,6 +264,15 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         batch_index = _int(m, "batch_index", 0, batch_size - 1)
     elif "batch_index" in m or "batch_size" in m:
         raise CodecError(BAD_FIELD, "batch_index/batch_size without batch")
+    acl: tuple[str, ...] | None = None
+    if "acl" in m:
+        raw_acl = m["acl"]
+        if op is not Op.PUT:
+            raise CodecError(BAD_FIELD, "acl: only for op=put")
+        if not isinstance(raw_acl, list) or not all(
+                isinstance(x, str) and _ACL_ENTRY.fullmatch(x) for x in raw_acl):
+            raise CodecError(BAD_FIELD, "acl: expected a list of perms:scheme:id strings")
+        acl = tuple(raw_acl)
 
     for key, value in m.items():
         if key in _EVENT_KEYS:
@@ -287,6 +297,7 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         batch=batch,
         batch_index=batch_index,
         batch_size=batch_size,
+        acl=acl,
     )
 
 
@@ -307,6 +318,8 @@ def _event_to_map(event: Event) -> dict[str, object]:
         m["batch"] = event.batch
         m["batch_index"] = event.batch_index
         m["batch_size"] = event.batch_size
+    if event.acl is not None:
+        m["acl"] = list(event.acl)
     return m
 
 

@@ -24,6 +24,7 @@ from typing import TypeVar
 import structlog
 
 from bridge import codec
+from bridge.acl import AclPolicy
 from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
 from bridge.election import Election
@@ -35,7 +36,7 @@ from bridge.outbound import Outbound
 from bridge.scan import Scanner
 from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
 from bridge.store import Layout, SubtreeStore
-from bridge.zk import Create, SetData, Watch, ZooKeeper
+from bridge.zk import Create, SetData, Watch, ZooKeeper, own_acl
 from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.engine")
@@ -84,6 +85,7 @@ class Bridge:
                 clock=self.clock,
                 max_data_bytes=settings.max_data_bytes,
                 exclude=st.exclude,
+                acl=AclPolicy(st.acl, own_acl(settings.zookeeper)),
             )
             self.stores[st.name] = store
             self.scanners[st.name] = Scanner(store, settings.mass_delete)

@@ -93,6 +93,9 @@ class Event:
     batch: int | None = None
     batch_index: int = 0
     batch_size: int = 1
+    # Schema 1.1, puts under `acl: copy`: the znode's ACL at the origin, one
+    # "perms:scheme:id" string per entry (flat, so 1.0 receivers ignore it).
+    acl: tuple[str, ...] | None = None
 
     @property
     def key(self) -> bytes:

@@ -69,7 +69,7 @@ class Scanner:
                         continue
                     names = next(listings)
                     if isinstance(names, NoPermission):
-                        store._hold(rel, "read")
+                        store.hold(rel, "read")
                     elif names:
                         rels.update(join(rel, n) for n in names)
             todo = sorted(r for r in rels if not store.excluded(r))
@@ -80,7 +80,7 @@ class Scanner:
                 node, mnode = reads[2 * i], reads[2 * i + 1]
                 store.load_meta(rel, mnode if isinstance(mnode, Node) else None)
                 if isinstance(node, NoPermission):
-                    store._hold(rel, "read")
+                    store.hold(rel, "read")
                     continue
                 meta = store.meta(rel)
                 change = classify(node, meta)

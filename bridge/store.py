@@ -18,6 +18,7 @@ again, the batch is planned afresh, never reordered.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from bridge import batching, codec
+from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict
 from bridge.model import Conflict, Event, NodeMeta, Op, VectorClock, content_hash
@@ -196,6 +198,7 @@ class _View:
 class _Plan:
     ops: list[ZkOp] = field(default_factory=list)
     metas: dict[str, MetaEntry] = field(default_factory=dict)  # overlay on the cache
+    acls: list[tuple[str, tuple[str, ...] | None]] = field(default_factory=list)  # set after
 
 
 def _view(node: Node | None) -> _View | None:
@@ -215,8 +218,10 @@ class SubtreeStore:
         clock: HybridClock,
         max_data_bytes: int,
         exclude: Sequence[str] = (),
+        acl: AclPolicy | None = None,
     ) -> None:
         self.zk = zk
+        self.acl = acl or AclPolicy("copy", None)
         self.layout = layout
         self.region = region
         self.clock = clock
@@ -278,7 +283,7 @@ class SubtreeStore:
             out.update(zip(part, nodes, strict=True))
         return out
 
-    def _hold(self, rel: str, what: str) -> None:
+    def hold(self, rel: str, what: str) -> None:
         if self.held_back.get(rel) != what:
             log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
                         hint="the bridge's ZooKeeper identity lacks permission; it is retried "
@@ -356,7 +361,7 @@ class SubtreeStore:
         cleanup: list[str] = []  # tombstoned placeholders left empty by local deletes
         for rel, node in reads.items():
             if isinstance(node, NoPermission):
-                self._hold(rel, "read")
+                self.hold(rel, "read")
                 continue
             if self.held_back.pop(rel, None) == "read":
                 log.info("znode_released", subtree=self.layout.name, path=rel)
@@ -391,14 +396,29 @@ class SubtreeStore:
         if need:
             raise _NeedRead(need)
         views = {r: _view(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
+        carried = await asyncio.gather(*(
+            self.acl.announce(self.zk, self.layout.znode(rel), rel, node.stat.aversion)
+            for _, op, rel, node in changes if node is not None))
+        acls = dict(zip([rel for _, _, rel, node in changes if node is not None], carried,
+                        strict=True))
         events: list[Event] = []
         for _, op, rel, node in changes:
+            if acls.get(rel) == HOLD:
+                # Narrower than `acl: open` may publish: never widened elsewhere.
+                self.hold(rel, HOLD)
+                continue
+            if self.held_back.get(rel) == HOLD:
+                del self.held_back[rel]
             prev = self.meta(rel)
             vc = (prev.vc if prev else VectorClock()).incremented(self.region)
             ts = self.clock.now(after=prev.ts if prev else 0)
             data = node.data if node is not None else None
+            acl = acls.get(rel)
             events.append(Event(origin=self.region, subtree=self.layout.name, path=rel, op=op,
-                                vc=vc, ts=ts, writer=self.region, data=data))
+                                vc=vc, ts=ts, writer=self.region, data=data,
+                                acl=acl if isinstance(acl, tuple) else None))
+        if not events and not cleanup:
+            return []
         batch_id = self.clock.now()
         stamped = batching.stamp(events, batch_id)
         payloads = [codec.encode(e) for e in stamped]
@@ -495,12 +515,17 @@ class SubtreeStore:
                 rel = self.layout.rel_of(exc.path or "")
                 if rel is None:
                     raise
-                self._hold(rel, "write")
+                self.hold(rel, "write")
                 continue
             except VersionConflict:
                 await self.refresh_meta(set(plan.metas) | wanted)
                 continue
             self._commit(plan)
+            for rel, carried in plan.acls:
+                try:
+                    await self.acl.converge(self.zk, self.layout.znode(rel), rel, carried)
+                except NoPermission:
+                    self.hold(rel, "write")
             for e, outcome in result.outcomes:
                 if (outcome is not Outcome.HELD_BACK
                         and self.held_events.pop(e.path, None) is not None):
@@ -537,7 +562,7 @@ class SubtreeStore:
         if rel in self.oversized:  # a local version too large to announce stays put
             return Outcome.OVERSIZED, None
         if isinstance(reads.get(rel), NoPermission) or self.held_back.get(rel) == "write":
-            self._hold(rel, self.held_back.get(rel, "read"))
+            self.hold(rel, self.held_back.get(rel, "read"))
             self.held_events[rel] = event
             return Outcome.HELD_BACK, None
         if rel not in views:
@@ -571,9 +596,11 @@ class SubtreeStore:
                 plan.ops.append(SetData(znode, data, view.version))
                 view.version += 1
                 view.empty = data == b""
+                if event.acl is not None:
+                    plan.acls.append((rel, event.acl))
             else:
                 self._parents(plan, views, rel)
-                plan.ops.append(Create(znode, data))
+                plan.ops.append(Create(znode, data, acl=self.acl.for_create(event.acl)))
                 views[rel] = _View(0, 0, data == b"")
                 self._child_count(views, rel, +1)
         elif view is not None:

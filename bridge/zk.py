@@ -51,6 +51,7 @@ from kazoo.protocol.serialization import (
 from kazoo.protocol.serialization import Watch as WatchMessage
 from kazoo.protocol.states import EventType, WatchedEvent
 from kazoo.retry import KazooRetry
+from kazoo.security import ACL, Id, make_digest_acl
 
 from bridge.config import ZooKeeperSettings
 from bridge.errors import (
@@ -96,6 +97,7 @@ class Create:
     path: str
     data: bytes = b""
     sequential: bool = False
+    acl: tuple[str, ...] | None = None  # "perms:scheme:id" entries; None: open to all
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,29 @@ SessionCallback = Callable[[str, bool], None]
 
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
+WORLD_ALL = ("31:world:anyone",)
+
+
+def acl_text(acl: Any) -> str:
+    return f"{acl.perms}:{acl.id.scheme}:{acl.id.id}"
+
+
+def _acls(entries: Sequence[str] | None) -> list[ACL] | None:
+    if entries is None:
+        return None
+    out = []
+    for entry in entries:
+        perms, scheme, ident = entry.split(":", 2)
+        out.append(ACL(int(perms), Id(scheme, ident)))
+    return out
+
+
+def own_acl(settings: ZooKeeperSettings) -> str | None:
+    """The ACL entry that lets this bridge's identity keep managing what it writes."""
+    if settings.auth is None or settings.auth.scheme != "digest":
+        return None
+    user, _, password = settings.auth.credential.partition(":")
+    return acl_text(make_digest_acl(user, password, all=True))
 
 
 def _stat(s: Any) -> Stat:
@@ -499,6 +524,24 @@ class ZooKeeper:
             self._tree_roots = (*self._tree_roots, path)
         return True
 
+    async def get_acls(self, path: str) -> tuple[tuple[str, ...], int] | None:
+        """The znode's ACL as "perms:scheme:id" entries, with its aversion; None if absent."""
+        try:
+            acls, stat = await self._await(
+                self._call(self._client.get_acls_async, path, what=f"getACL {path}"),
+                f"getACL {path}",
+            )
+        except MissingNode:
+            return None
+        return tuple(acl_text(a) for a in acls), stat.aversion
+
+    async def set_acls(self, path: str, entries: Sequence[str], version: int = -1) -> None:
+        await self._await(
+            self._call(self._client.set_acls_async, path, _acls(entries), version,
+                       what=f"setACL {path}"),
+            f"setACL {path}",
+        )
+
     async def sync(self, path: str) -> None:
         await self._await(self._call(self._client.sync_async, path, what="sync"), "sync")
 
@@ -597,7 +640,7 @@ class ZooKeeper:
             if isinstance(op, Check):
                 t.check(op.path, op.version)
             elif isinstance(op, Create):
-                t.create(op.path, op.data, sequence=op.sequential)
+                t.create(op.path, op.data, acl=_acls(op.acl), sequence=op.sequential)
             elif isinstance(op, SetData):
                 t.set_data(op.path, op.data, op.version)
             else:

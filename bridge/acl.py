@@ -1,0 +1,81 @@
+"""How ZooKeeper ACLs cross regions, per subtree (``subtrees[].acl``).
+
+``copy`` (the default): a put carries the znode's ACL from its origin and the
+receiving region applies the same entries, plus one for the bridge's own
+identity so it can keep managing the copy. Access is never widened: a
+znode readable only by ``alice`` at its origin is readable only by ``alice``
+(and the bridge) everywhere.
+
+``open``: ACLs are not replicated and copies are world-accessible, so a
+znode whose ACL is narrower than world-readable-and-writable at its origin is
+held back instead of being published: widening it would leak it.
+
+ZooKeeper cannot set an ACL inside a ``multi`` and a ``setACL`` fires no
+watch, so an ACL travels with the next change of the znode's content (or a
+resync); a receiver sets it right after the ``multi`` that wrote the content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bridge.zk import WORLD_ALL, ZooKeeper
+
+HOLD = "acl"  # held-back reason: the ACL is narrower than the policy may publish
+
+# ZooKeeper's permission bits: READ 1, WRITE 2, CREATE 4, DELETE 8, ADMIN 16.
+_OPEN_ENOUGH = 1 | 2 | 4 | 8
+
+
+def _world_open(entries: tuple[str, ...]) -> bool:
+    for entry in entries:
+        perms, scheme, ident = entry.split(":", 2)
+        if scheme == "world" and ident == "anyone" and int(perms) & _OPEN_ENOUGH == _OPEN_ENOUGH:
+            return True
+    return False
+
+
+@dataclass
+class AclPolicy:
+    policy: str  # "copy" or "open"
+    own: str | None  # this bridge's own ACL entry (digest auth), if it has an identity
+    # rel → (aversion, entries): ACLs already read, so each is read once per change.
+    _seen: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+
+    async def announce(self, zk: ZooKeeper, path: str, rel: str,
+                       aversion: int) -> tuple[str, ...] | str | None:
+        """What a captured put carries: entries, ``None`` (world-open), or ``HOLD``."""
+        seen = self._seen.get(rel)
+        if seen is None or seen[0] != aversion:
+            got = await zk.get_acls(path)
+            if got is None:
+                return None  # gone meanwhile: the next batch announces the delete
+            entries, version = got
+            self._seen[rel] = (version, entries)
+        else:
+            entries = seen[1]
+        mine = tuple(e for e in entries if e != self.own)
+        if self.policy == "open":
+            return None if _world_open(entries) else HOLD
+        return None if mine in ((), WORLD_ALL) else mine
+
+    def for_create(self, carried: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """The ACL a copy is created with (``None``: open, as before ACLs travelled)."""
+        if self.policy != "copy" or carried is None:
+            return None
+        return carried if self.own is None or self.own in carried else (*carried, self.own)
+
+    async def converge(self, zk: ZooKeeper, path: str, rel: str,
+                       carried: tuple[str, ...] | None) -> None:
+        """After an update applied content: give the copy the origin's ACL if it differs."""
+        want = self.for_create(carried)
+        if want is None:
+            return
+        got = await zk.get_acls(path)
+        if got is None or set(got[0]) == set(want):
+            return
+        await zk.set_acls(path, want, got[1])  # NoPermission: the caller holds the path back
+        self._seen.pop(rel, None)
+
+    def forget(self, rel: str) -> None:
+        self._seen.pop(rel, None)
