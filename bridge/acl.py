@@ -4,7 +4,10 @@
 receiving region applies the same entries, plus one for the bridge's own
 identity so it can keep managing the copy. Access is never widened: a
 znode readable only by ``alice`` at its origin is readable only by ``alice``
-(and the bridge) everywhere.
+(and the bridge) everywhere. ZooKeeper (>= 3.6) shows a digest entry's hash
+only to identities with ADMIN on the znode, so a protected znode is copied
+only where the bridge's identity holds ADMIN on it (or is a super user);
+otherwise it is held back and reported, never copied with a broken ACL.
 
 ``open``: ACLs are not replicated and copies are world-accessible, so a
 znode whose ACL is narrower than world-readable-and-writable at its origin is
@@ -35,6 +38,11 @@ def _world_open(entries: tuple[str, ...]) -> bool:
     return False
 
 
+def _redacted(entry: str) -> bool:
+    _, scheme, ident = entry.split(":", 2)
+    return scheme == "digest" and ident.endswith(":x")
+
+
 @dataclass
 class AclPolicy:
     policy: str  # "copy" or "open"
@@ -57,6 +65,11 @@ class AclPolicy:
         mine = tuple(e for e in entries if e != self.own)
         if self.policy == "open":
             return None if _world_open(entries) else HOLD
+        if any(_redacted(e) for e in mine):
+            # ZooKeeper >= 3.6 shows digest hashes only to identities with
+            # ADMIN on the znode; a copy made from "user:x" would lock its
+            # owner out everywhere else.
+            return HOLD
         return None if mine in ((), WORLD_ALL) else mine
 
     def for_create(self, carried: tuple[str, ...] | None) -> tuple[str, ...] | None:

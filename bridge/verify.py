@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from bridge import codec
 from bridge.config import Settings
+from bridge.errors import NoPermission
 from bridge.model import NodeMeta
 from bridge.progress import QUIET, Progress, Task
 from bridge.store import Layout, is_excluded, join
-from bridge.zk import Node, ZooKeeper, gather_limited
+from bridge.zk import Node, Stat, ZooKeeper, gather_limited
 
 CONCURRENCY = 64
 
@@ -21,6 +22,10 @@ class Difference:
     subtree: str
     path: str
     detail: str  # one line: which regions differ and how
+
+
+# Stands for a znode the verifying identity may not read (never real content).
+UNREADABLE = b"\x00zkbridge: not readable\x00"
 
 
 def _ignore(_: int) -> None:
@@ -37,7 +42,11 @@ async def _walk(
     """
 
     async def get(rel: str) -> Node | None:
-        node = await zk.get(path_of(rel))
+        try:
+            node = await zk.get(path_of(rel))
+        except NoPermission:
+            # Named as a difference, never a crash: the path is held back somewhere.
+            node = Node(UNREADABLE, Stat(0, 0, 0, False, 0, 0))
         tick(1)
         return node
 
@@ -45,7 +54,10 @@ async def _walk(
     while level:
 
         async def list_one(rel: str) -> list[str]:
-            names = await zk.children(path_of(rel)) or []
+            try:
+                names = await zk.children(path_of(rel)) or []
+            except NoPermission:
+                names = []
             return [join(rel, n) for n in names if not is_excluded(join(rel, n), exclude)]
 
         rels = [r for names in await gather_limited([list_one(r) for r in level], CONCURRENCY)
@@ -83,6 +95,8 @@ async def read_meta(zk: ZooKeeper, layout: Layout,
 def _show(data: bytes | None) -> str:
     if data is None:
         return "absent"
+    if data == UNREADABLE:
+        return "not readable by this identity (ACL)"
     preview = data[:24]
     text = preview.decode("utf-8", "backslashreplace") if preview.isascii() else preview.hex()
     more = "…" if len(data) > 24 else ""

@@ -1,0 +1,181 @@
+"""Protected znodes (issue 8): ACLs never stall replication, and replicate by a documented rule.
+
+Real digest auth on real servers: an application user ``alice``, and a
+bridge identity ``bridge`` where a test gives the bridges one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
+
+from tests.harness.procs import wait_for
+from tests.integration.federation import Federation
+
+pytestmark = pytest.mark.integration
+
+ALICE_PW = "alice-Pw-7f3q"
+BRIDGE_PW = "bridge-Pw-k2x9"
+ALICE = make_digest_acl("alice", ALICE_PW, all=True)
+
+
+def _alice(fed: Federation, name: str) -> KazooClient:
+    client = KazooClient(hosts=fed[name].hosts, auth_data=[("digest", f"alice:{ALICE_PW}")])
+    client.start(timeout=15)
+    return client
+
+
+def _status(fed: Federation, name: str) -> dict[str, object]:
+    out = fed.cli("status", "-c", str(fed[name].config_path), "--json")
+    assert out.returncode in (0, 1), out.stderr
+    doc: dict[str, object] = json.loads(out.stdout)
+    return doc
+
+
+def _no_secret_anywhere(fed: Federation) -> None:
+    for name, r in fed.regions.items():
+        text = r.log_path.read_text(errors="replace") if r.log_path.exists() else ""
+        status = fed.cli("status", "-c", str(r.config_path), "--json").stdout
+        for secret in (ALICE_PW, BRIDGE_PW):
+            assert secret not in text, f"{name}: a password in the bridge log"
+            assert secret not in status, f"{name}: a password in status"
+
+
+def test_unreadable_znodes_are_held_back_and_never_stall_the_rest(federation: Federation) -> None:
+    fed = federation
+    alice = _alice(fed, "r1")
+    try:
+        for i in range(40):
+            alice.create(fed["r1"].path(f"/secret{i}"), b"hidden", acl=[ALICE])
+        for i in range(5):
+            alice.create(fed["r1"].path(f"/public{i}"), b"open", acl=OPEN_ACL_UNSAFE)
+    finally:
+        alice.stop()
+        alice.close()
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    # Created after the protected ones, it still arrives promptly.
+    r1.client.create(r1.path("/late"), b"after")
+    wait_for(lambda: r2.client.exists(r2.path("/late")) is not None, 15,
+             message="a public znode was stalled behind protected ones")
+    for i in range(5):
+        assert r2.client.get(r2.path(f"/public{i}"))[0] == b"open"
+    assert r2.client.exists(r2.path("/secret0")) is None  # nothing leaked
+
+    def listed() -> bool:
+        held = _status(fed, "r1").get("held_back", {})
+        return isinstance(held, dict) and len(held.get("critical", [])) == 40
+
+    wait_for(listed, 20, message="status does not list the 40 held-back znodes")
+    # verify names them too, instead of failing on them.
+    out = fed.cli("verify", "-c", str(r1.config_path), "-c", str(r2.config_path))
+    assert out.returncode == 1 and "not readable" in out.stdout, out.stdout + out.stderr
+    held = [e for e in fed.events("r1") if e.get("event") == "znode_held_back"]
+    assert len(held) == 40  # reported once each, not retried in a loop
+    fed.assert_clean_logs()
+    _no_secret_anywhere(fed)
+
+
+def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
+    federation: Federation,
+) -> None:
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    alice = _alice(fed, "r2")
+    try:
+        # Readable by all, writable only by alice, in the receiving region.
+        acl = [ALICE, make_digest_acl("anyone", "x", read=True)]
+        acl[1] = acl[1]._replace(id=acl[1].id._replace(scheme="world", id="anyone"))
+        alice.create(r2.path("/locked"), b"r2-own", acl=acl)
+    finally:
+        alice.stop()
+        alice.close()
+    fed.start_all()
+    # r1 writes the same path: r2's bridge may not write it (nor read its ACL,
+    # so r2 does not announce it either).
+    r1.client.create(r1.path("/locked"), b"from-r1")
+    for i in range(20):
+        r1.client.create(r1.path(f"/after{i}"), b"x")
+    wait_for(lambda: r2.client.exists(r2.path("/after19")) is not None, 20,
+             message="later batches of r1 were blocked by a znode r2 may not write")
+    assert r2.client.get(r2.path("/locked"))[0] == b"r2-own"
+
+    def listed() -> bool:
+        held = _status(fed, "r2").get("held_back", {})
+        return isinstance(held, dict) and any("/locked" in p for p in held.get("critical", []))
+
+    wait_for(listed, 20, message="status does not list /locked as held back")
+    fed.assert_clean_logs()
+
+
+def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federation) -> None:
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}})
+    bridge_acl = make_digest_acl("bridge", BRIDGE_PW, all=True)
+    alice = _alice(fed, "r1")
+    try:
+        alice.create(fed["r1"].path("/tenant/secret"), b"tenant-data", makepath=True,
+                     acl=[ALICE, bridge_acl])
+    finally:
+        alice.stop()
+        alice.close()
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    wait_for(lambda: r2.client.exists(r2.path("/tenant/secret")) is not None, 20,
+             message="the protected znode never arrived")
+    owner = _alice(fed, "r1")
+    reader = _alice(fed, "r2")
+    try:
+        # Seen by alice, who holds ADMIN: real digests, not redacted ones.
+        origin = sorted(map(str, owner.get_acls(r1.path("/tenant/secret"))[0]))
+        copy = sorted(map(str, reader.get_acls(r2.path("/tenant/secret"))[0]))
+        assert copy == origin and ":x'" not in "".join(copy)
+        with pytest.raises(NoAuthError):
+            r2.client.get(r2.path("/tenant/secret"))  # unauthenticated: no access
+        assert reader.get(r2.path("/tenant/secret"))[0] == b"tenant-data"
+        # An update travels too, and the bridge can still manage its copy.
+        writer = _alice(fed, "r1")
+        try:
+            writer.set(r1.path("/tenant/secret"), b"v2")
+        finally:
+            writer.stop()
+            writer.close()
+        wait_for(lambda: reader.get(r2.path("/tenant/secret"))[0] == b"v2", 20)
+    finally:
+        for c in (owner, reader):
+            c.stop()
+            c.close()
+    fed.assert_clean_logs()
+    _no_secret_anywhere(fed)
+
+
+def test_open_policy_holds_back_what_it_would_widen(federation: Federation) -> None:
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}},
+                         subtrees=[{"name": fed.subtree, "path": fed[name].mount,
+                                    "acl": "open"}])
+    bridge_acl = make_digest_acl("bridge", BRIDGE_PW, all=True)
+    alice = _alice(fed, "r1")
+    try:
+        alice.create(fed["r1"].path("/narrow"), b"tenant", acl=[ALICE, bridge_acl])
+    finally:
+        alice.stop()
+        alice.close()
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/wide"), b"everyone")
+    wait_for(lambda: r2.client.exists(r2.path("/wide")) is not None, 20)
+    assert r2.client.exists(r2.path("/narrow")) is None  # never widened into r2
+
+    def listed() -> bool:
+        held = _status(fed, "r1").get("held_back", {})
+        return isinstance(held, dict) and any("/narrow" in p for p in held.get("critical", []))
+
+    wait_for(listed, 20, message="status does not list /narrow as held back")
+    fed.assert_clean_logs()
