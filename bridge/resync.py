@@ -11,9 +11,9 @@ from __future__ import annotations
 from bridge import codec
 from bridge.config import Settings
 from bridge.kafka import Kafka, topic_name
+from bridge.layout import Layout
 from bridge.model import Event, Op, content_hash
 from bridge.progress import QUIET, Progress
-from bridge.store import Layout
 from bridge.verify import read_meta
 from bridge.zk import ZooKeeper, gather_limited
 

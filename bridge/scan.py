@@ -18,7 +18,9 @@ import structlog
 
 from bridge.config import MassDeleteSettings
 from bridge.errors import MassDeleteError, NoPermission
-from bridge.store import Change, MetaEntry, SubtreeStore, classify, join
+from bridge.layout import Change, classify, join
+from bridge.plan import MetaEntry
+from bridge.store import SubtreeStore
 from bridge.zk import Node, gather_limited
 
 log = structlog.get_logger("bridge.scan")

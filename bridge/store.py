@@ -19,10 +19,7 @@ again, the batch is planned afresh, never reordered.
 from __future__ import annotations
 
 import asyncio
-import enum
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -30,10 +27,25 @@ from bridge import batching, codec
 from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict
-from bridge.model import Conflict, Event, NodeMeta, Op, VectorClock, content_hash
-from bridge.resolve import Action, decide
-from bridge.zk import Create, Delete, Node, SetData, ZooKeeper
+from bridge.layout import Change, Layout, ancestors, classify, is_excluded, join, parent
+from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
+from bridge.plan import (
+    Applied,
+    CapturedBatch,
+    LocalChanges,
+    MetaEntry,
+    NeedRead,
+    Outcome,
+    Plan,
+    Planner,
+    view_of,
+)
+from bridge.zk import Create, Node, SetData, ZooKeeper
 from bridge.zk import Op as ZkOp
+
+__all__ = ["Applied", "CapturedBatch", "Change", "Layout", "LocalChanges", "MetaEntry",
+           "Outcome", "SubtreeStore", "classify", "is_excluded", "join", "outbox_depth",
+           "read_positions"]
 
 log = structlog.get_logger("bridge.store")
 
@@ -41,174 +53,7 @@ RETRIES = 20
 CLOSURE_ROUNDS = 50
 
 
-def parent(rel: str) -> str:
-    return rel.rsplit("/", 1)[0] or "/"
-
-
-def ancestors(rel: str) -> list[str]:
-    """Proper ancestors below the mount, nearest first (``/a/b/c`` → ``/a/b``, ``/a``)."""
-    out = []
-    cur = parent(rel)
-    while cur != "/":
-        out.append(cur)
-        cur = parent(cur)
-    return out
-
-
-def is_excluded(rel: str, exclude: Sequence[str]) -> bool:
-    """Is ``rel`` one of the excluded paths or below one?"""
-    return any(rel == x or rel.startswith(x + "/") for x in exclude)
-
-
-def join(rel: str, name: str) -> str:
-    return f"/{name}" if rel == "/" else f"{rel}/{name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """Where one subtree's znodes and state live."""
-
-    state_path: str
-    name: str
-    mount: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.state_path}/subtrees/{self.name}"
-
-    @property
-    def meta_root(self) -> str:
-        return f"{self.base}/meta"
-
-    @property
-    def outbox(self) -> str:
-        return f"{self.base}/outbox"
-
-    @property
-    def positions(self) -> str:
-        return f"{self.base}/positions"
-
-    @property
-    def conflicts(self) -> str:
-        return f"{self.base}/conflicts"
-
-    def znode(self, rel: str) -> str:
-        return self.mount if rel == "/" else self.mount + rel
-
-    def meta(self, rel: str) -> str:
-        return self.meta_root if rel == "/" else self.meta_root + rel
-
-    def rel_of(self, path: str) -> str | None:
-        if path == self.mount:
-            return "/"
-        if path.startswith(self.mount + "/"):
-            return path[len(self.mount) :]
-        return None
-
-
-class Change(enum.Enum):
-    NONE = "none"  # znode and metadata agree
-    PUT = "put"
-    DELETE = "delete"
-    IGNORE = "ignore"  # ephemeral: never replicated
-    MAYBE_PLACEHOLDER = "maybe-placeholder"  # empty childless node over a tombstone
-
-
-def classify(node: Node | None, meta: NodeMeta | None) -> Change:
-    """Has the application changed this znode since the bridge last recorded it?"""
-    if node is not None and node.stat.ephemeral:
-        return Change.IGNORE
-    if meta is None:
-        return Change.PUT if node is not None else Change.NONE
-    if not meta.deleted:
-        if node is None:
-            return Change.DELETE
-        return Change.NONE if content_hash(node.data) == meta.data_hash else Change.PUT
-    if node is None:
-        return Change.NONE
-    if node.data == b"":
-        # A deleted node kept only to hold live children is a placeholder; once
-        # childless it is either a leftover (children deleted, not yet captured)
-        # or a genuine re-creation: the caller must look at the children's metadata.
-        return Change.NONE if node.stat.num_children > 0 else Change.MAYBE_PLACEHOLDER
-    return Change.PUT
-
-
-class Outcome(enum.Enum):
-    APPLIED = "applied"
-    CONFLICT_REMOTE = "conflict_remote_won"
-    CONFLICT_LOCAL = "conflict_local_won"
-    SKIPPED = "skipped"  # dominated or duplicate
-    EPHEMERAL = "ephemeral"
-    OVERSIZED = "oversized"
-    EXCLUDED = "excluded"
-    HELD_BACK = "held_back"  # the bridge may not write the znode (ACL)
-
-
-@dataclass(frozen=True, slots=True)
-class CapturedBatch:
-    """A committed closed batch of local changes: its events and the outbox entry holding them."""
-
-    events: tuple[Event, ...]
-    payloads: tuple[bytes, ...]
-    outbox_path: str
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What applying one batch did, event by event (conflicts as records)."""
-
-    outcomes: tuple[tuple[Event, Outcome], ...]
-    conflicts: tuple[Conflict, ...] = ()
-
-
-@dataclass(slots=True)
-class MetaEntry:
-    """A metadata znode as last written or read: ``meta`` None for a bare directory."""
-
-    meta: NodeMeta | None
-    version: int
-
-
-class LocalChanges(Exception):
-    """Apply found local changes nobody announced yet: capture them first."""
-
-    def __init__(self, rels: Iterable[str]) -> None:
-        self.rels = sorted(set(rels))
-        super().__init__(f"{len(self.rels)} local changes to capture first")
-
-
-class _NeedRead(Exception):
-    def __init__(self, rels: Iterable[str]) -> None:
-        self.rels = set(rels)
-        super().__init__("more znodes to read")
-
-
-@dataclass(slots=True)
-class _View:
-    """A znode as the plan of one multi sees it (after the ops planned so far)."""
-
-    version: int
-    children: int
-    empty: bool
-    ephemeral: bool = False
-
-
-@dataclass(slots=True)
-class _Plan:
-    ops: list[ZkOp] = field(default_factory=list)
-    metas: dict[str, MetaEntry] = field(default_factory=dict)  # overlay on the cache
-    acls: list[tuple[str, tuple[str, ...] | None]] = field(default_factory=list)  # set after
-
-
-def _view(node: Node | None) -> _View | None:
-    if node is None:
-        return None
-    return _View(node.stat.version, node.stat.num_children, node.data == b"",
-                 node.stat.ephemeral)
-
-
-class SubtreeStore:
+class SubtreeStore(Planner):
     def __init__(
         self,
         zk: ZooKeeper,
@@ -236,9 +81,6 @@ class SubtreeStore:
         self.requeue: Callable[[set[str]], None] = lambda rels: None
         self._position_versions: dict[str, int] = {}
 
-    def excluded(self, rel: str) -> bool:
-        return is_excluded(rel, self.exclude)
-
     def _replicable(self, rel: str) -> bool:
         return rel != "/" and not self.excluded(rel)
 
@@ -250,10 +92,6 @@ class SubtreeStore:
         self._position_versions.clear()
 
     # -- the metadata cache --------------------------------------------------
-    def meta(self, rel: str) -> NodeMeta | None:
-        entry = self.metas.get(rel)
-        return entry.meta if entry else None
-
     def load_meta(self, rel: str, node: Node | None) -> None:
         """Record a metadata znode read by a scan (``None``: it does not exist)."""
         if node is None:
@@ -283,42 +121,7 @@ class SubtreeStore:
             out.update(zip(part, nodes, strict=True))
         return out
 
-    def hold(self, rel: str, what: str) -> None:
-        if self.held_back.get(rel) != what:
-            log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
-                        hint="the bridge's ZooKeeper identity lacks permission; it is retried "
-                             "at the next scan and on SIGHUP")
-        self.held_back[rel] = what
-
-    def _report_oversized(self, rel: str, size: int) -> None:
-        if self.oversized.get(rel) != size:
-            log.warning(
-                "znode_oversized",
-                subtree=self.layout.name,
-                path=rel,
-                size=size,
-                limit=self.max_data_bytes,
-                hint="not replicated until it shrinks below limits.max_data_bytes",
-            )
-        self.oversized[rel] = size
-
-    def _meta_op(self, plan: _Plan, rel: str, meta: NodeMeta) -> None:
-        """Write ``rel``'s metadata, creating missing metadata directories first."""
-        entry = plan.metas.get(rel) or self.metas.get(rel)
-        data = codec.encode_meta(meta)
-        path = self.layout.meta(rel)
-        if entry is not None:
-            plan.ops.append(SetData(path, data, entry.version))
-            plan.metas[rel] = MetaEntry(meta, entry.version + 1)
-            return
-        for anc in reversed(ancestors(rel)):
-            if anc not in plan.metas and anc not in self.metas:
-                plan.ops.append(Create(self.layout.meta(anc), b""))
-                plan.metas[anc] = MetaEntry(None, 0)
-        plan.ops.append(Create(path, data))
-        plan.metas[rel] = MetaEntry(meta, 0)
-
-    def _commit(self, plan: _Plan) -> None:
+    def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)
 
     # -- capture ---------------------------------------------------------------
@@ -350,7 +153,7 @@ class SubtreeStore:
                 self.requeue(new)
             try:
                 return await self._capture(reads)
-            except _NeedRead as more:
+            except NeedRead as more:
                 todo |= more.rels
             except VersionConflict:
                 await self.refresh_meta(set(reads) | {a for r in reads for a in ancestors(r)})
@@ -371,7 +174,7 @@ class SubtreeStore:
                 live = self.live_children(rel)
                 missing = [c for c in live if c not in reads]
                 if missing:
-                    raise _NeedRead(missing)
+                    raise NeedRead(missing)
                 change = Change.NONE if live else Change.PUT
                 if live:
                     cleanup.append(rel)
@@ -394,8 +197,8 @@ class SubtreeStore:
         need = [p for p in parents if p not in reads and (m := self.meta(p)) is not None
                 and m.deleted]
         if need:
-            raise _NeedRead(need)
-        views = {r: _view(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
+            raise NeedRead(need)
+        views = {r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
         carried = await asyncio.gather(*(
             self.acl.announce(self.zk, self.layout.znode(rel), rel, node.stat.aversion)
             for _, op, rel, node in changes if node is not None))
@@ -428,7 +231,7 @@ class SubtreeStore:
             log.info("batch_split", subtree=self.layout.name, events=len(events),
                      pieces=len(chunks), bytes=sum(len(p) for p in payloads))
         for n, chunk in enumerate(chunks):
-            plan = _Plan()
+            plan = Plan()
             for i in chunk:
                 e = events[i]
                 self._meta_op(plan, e.path, NodeMeta(
@@ -448,36 +251,6 @@ class SubtreeStore:
         for e in events:
             self.oversized.pop(e.path, None)
         return out
-
-    def _cleanup_ops(self, plan: _Plan, views: dict[str, _View | None], gone: Iterable[str],
-                     placeholders: Iterable[str]) -> None:
-        """Delete tombstoned placeholders (and such ancestors) that local deletes leave empty."""
-        for rel in sorted(set(gone), key=batching.depth, reverse=True):
-            if rel in placeholders:
-                view = views.get(rel)
-                if view is None:
-                    continue
-                view.children = 0
-                self._drop_placeholder(plan, views, rel)
-            else:
-                # The read already counts the application's delete among the
-                # parent's children: nothing to subtract.
-                self._drop_placeholder(plan, views, parent(rel))
-
-    def _drop_placeholder(self, plan: _Plan, views: dict[str, _View | None], rel: str) -> None:
-        while rel != "/":
-            view = views.get(rel)
-            meta = (plan.metas.get(rel) or self.metas.get(rel) or MetaEntry(None, 0)).meta
-            if (view is None or view.children > 0 or not view.empty or meta is None
-                    or not meta.deleted):
-                return
-            plan.ops.append(Delete(self.layout.znode(rel), view.version))
-            views[rel] = None
-            rel = parent(rel)
-            pv = views.get(rel)
-            if pv is None:
-                return
-            pv.children -= 1
 
     # -- apply -------------------------------------------------------------------
     async def apply(self, events: Sequence[Event], extra: Sequence[ZkOp] = ()) -> Applied:
@@ -503,7 +276,7 @@ class SubtreeStore:
                 try:
                     plan, result = self._plan_apply(events, reads)
                     break
-                except _NeedRead as more:
+                except NeedRead as more:
                     wanted |= more.rels
                     reads.update(await self._read(more.rels - set(reads)))
             plan.ops.extend(extra)
@@ -533,125 +306,6 @@ class SubtreeStore:
                     log.info("znode_released", subtree=self.layout.name, path=e.path)
             return result
         raise VersionConflict(f"apply in {self.layout.name}: kept changing, will retry")
-
-    def _plan_apply(self, events: Sequence[Event],
-                    reads: dict[str, Node | NoPermission | None]) -> tuple[_Plan, Applied]:
-        plan = _Plan()
-        views: dict[str, _View | None] = {
-            r: _view(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
-        outcomes: list[tuple[Event, Outcome]] = []
-        conflicts: list[Conflict] = []
-        for event in events:
-            outcome, conflict = self._plan_one(plan, views, reads, event)
-            outcomes.append((event, outcome))
-            if conflict is not None:
-                conflicts.append(conflict)
-                plan.ops.append(Create(self.layout.conflicts + "/c-",
-                                       codec.encode_conflict(conflict), sequential=True))
-        return plan, Applied(tuple(outcomes), tuple(conflicts))
-
-    def _plan_one(self, plan: _Plan, views: dict[str, _View | None],
-                  reads: dict[str, Node | NoPermission | None],
-                  event: Event) -> tuple[Outcome, Conflict | None]:
-        rel = event.path
-        if self.excluded(rel):
-            return Outcome.EXCLUDED, None
-        if event.data is not None and len(event.data) > self.max_data_bytes:
-            self._report_oversized(rel, len(event.data))
-            return Outcome.OVERSIZED, None
-        if rel in self.oversized:  # a local version too large to announce stays put
-            return Outcome.OVERSIZED, None
-        if isinstance(reads.get(rel), NoPermission) or self.held_back.get(rel) == "write":
-            self.hold(rel, self.held_back.get(rel, "read"))
-            self.held_events[rel] = event
-            return Outcome.HELD_BACK, None
-        if rel not in views:
-            raise _NeedRead([rel])
-        view = views[rel]
-        if view is not None and view.ephemeral:
-            return Outcome.EPHEMERAL, None
-        entry = plan.metas.get(rel) or self.metas.get(rel)
-        local = entry.meta if entry else None
-        remote = event.version()
-        decision = decide(local.version() if local else None, remote)
-        if decision.action is Action.SKIP:
-            return Outcome.SKIPPED, None
-        self.clock.observe(event.ts)
-        conflict = None
-        if decision.action is Action.CONFLICT:
-            assert local is not None
-            conflict = Conflict(
-                subtree=self.layout.name, path=rel, local=local.version(), remote=remote,
-                winner="remote" if decision.remote_wins else "local", rule=decision.rule,
-                merged=decision.merged, at_ms=int(time.time() * 1000))
-            if not decision.remote_wins:
-                self._meta_op(plan, rel, replace(local, vc=decision.merged))
-                return Outcome.CONFLICT_LOCAL, conflict
-        meta = NodeMeta(vc=decision.merged, data_hash=remote.data_hash, deleted=remote.deleted,
-                        writer=event.writer, ts=event.ts)
-        znode = self.layout.znode(rel)
-        if event.op is Op.PUT:
-            data = event.data or b""
-            if view is not None:
-                plan.ops.append(SetData(znode, data, view.version))
-                view.version += 1
-                view.empty = data == b""
-                if event.acl is not None:
-                    plan.acls.append((rel, event.acl))
-            else:
-                self._parents(plan, views, rel)
-                plan.ops.append(Create(znode, data, acl=self.acl.for_create(event.acl)))
-                views[rel] = _View(0, 0, data == b"")
-                self._child_count(views, rel, +1)
-        elif view is not None:
-            if view.children == 0:
-                plan.ops.append(Delete(znode, view.version))
-                views[rel] = None
-                self._child_count(views, rel, -1)
-                self._meta_op(plan, rel, meta)
-                self._drop_placeholder(plan, views, parent(rel))
-                return self._applied(decision.action), conflict
-            # ZooKeeper cannot delete a node with children: keep an empty
-            # placeholder, removed when its last child goes.
-            plan.ops.append(SetData(znode, b"", view.version))
-            view.version += 1
-            view.empty = True
-            meta = replace(meta, placeholder=True)
-        self._meta_op(plan, rel, meta)
-        return self._applied(decision.action), conflict
-
-    @staticmethod
-    def _applied(action: Action) -> Outcome:
-        return Outcome.APPLIED if action is Action.APPLY else Outcome.CONFLICT_REMOTE
-
-    @staticmethod
-    def _child_count(views: dict[str, _View | None], rel: str, delta: int) -> None:
-        p = parent(rel)
-        if p == "/":
-            return
-        if p not in views:
-            raise _NeedRead([p])
-        pv = views[p]
-        if pv is not None:
-            pv.children += delta
-
-    def _parents(self, plan: _Plan, views: dict[str, _View | None], rel: str) -> None:
-        """Plan creation of missing ancestors as empty placeholders, outermost first."""
-        missing: list[str] = []
-        for anc in ancestors(rel):
-            if anc not in views:
-                raise _NeedRead([anc])
-            if views[anc] is not None:
-                break
-            missing.append(anc)
-        for anc in reversed(missing):
-            plan.ops.append(Create(self.layout.znode(anc), b""))
-            self._child_count(views, anc, +1)
-            views[anc] = _View(0, 0, True)
-            if (plan.metas.get(anc) or self.metas.get(anc) or MetaEntry(None, 0)).meta is None:
-                self._meta_op(plan, anc, NodeMeta(vc=VectorClock(), data_hash=content_hash(b""),
-                                                  deleted=False, writer="", ts=0,
-                                                  placeholder=True))
 
     # -- outbox, positions, conflicts ------------------------------------
     async def pending_outbox(self) -> list[tuple[str, list[bytes]]]:

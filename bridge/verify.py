@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from bridge import codec
 from bridge.config import Settings
 from bridge.errors import NoPermission
+from bridge.layout import Layout, is_excluded, join
 from bridge.model import NodeMeta
 from bridge.progress import QUIET, Progress, Task
-from bridge.store import Layout, is_excluded, join
 from bridge.zk import Node, Stat, ZooKeeper, gather_limited
 
 CONCURRENCY = 64

@@ -18,8 +18,11 @@ from tests.integration.federation import Federation
 pytestmark = pytest.mark.integration
 
 ROUNDS = int(os.environ.get("ZKBRIDGE_ROUNDS") or "0")
+# Long runs outlast the suite's per-test timeout.
+LONG = pytest.mark.timeout(max(300, 30 * ROUNDS))
 
 
+@LONG
 def test_recursive_delete_leaves_nothing_behind(federation: Federation) -> None:
     fed = federation
     fed.start_all()
@@ -46,6 +49,7 @@ def _quiet(fn: object, *args: object, **kwargs: object) -> None:
         fn(*args, **kwargs)  # type: ignore[operator]
 
 
+@LONG
 def test_structural_race_between_three_regions_converges(federation: Federation) -> None:
     fed = federation
     fed.start_all()

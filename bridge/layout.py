@@ -1,0 +1,107 @@
+"""Where a subtree's znodes and state live, and how a znode compares with its metadata.
+
+Pure: paths below a mount, the state layout under the state path, and the
+classification of one znode against the bridge's record of it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bridge.model import NodeMeta, content_hash
+from bridge.zk import Node
+
+
+def parent(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] or "/"
+
+
+def ancestors(rel: str) -> list[str]:
+    """Proper ancestors below the mount, nearest first (``/a/b/c`` → ``/a/b``, ``/a``)."""
+    out = []
+    cur = parent(rel)
+    while cur != "/":
+        out.append(cur)
+        cur = parent(cur)
+    return out
+
+
+def is_excluded(rel: str, exclude: Sequence[str]) -> bool:
+    """Is ``rel`` one of the excluded paths or below one?"""
+    return any(rel == x or rel.startswith(x + "/") for x in exclude)
+
+
+def join(rel: str, name: str) -> str:
+    return f"/{name}" if rel == "/" else f"{rel}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where one subtree's znodes and state live."""
+
+    state_path: str
+    name: str
+    mount: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.state_path}/subtrees/{self.name}"
+
+    @property
+    def meta_root(self) -> str:
+        return f"{self.base}/meta"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.base}/outbox"
+
+    @property
+    def positions(self) -> str:
+        return f"{self.base}/positions"
+
+    @property
+    def conflicts(self) -> str:
+        return f"{self.base}/conflicts"
+
+    def znode(self, rel: str) -> str:
+        return self.mount if rel == "/" else self.mount + rel
+
+    def meta(self, rel: str) -> str:
+        return self.meta_root if rel == "/" else self.meta_root + rel
+
+    def rel_of(self, path: str) -> str | None:
+        if path == self.mount:
+            return "/"
+        if path.startswith(self.mount + "/"):
+            return path[len(self.mount) :]
+        return None
+
+
+class Change(enum.Enum):
+    NONE = "none"  # znode and metadata agree
+    PUT = "put"
+    DELETE = "delete"
+    IGNORE = "ignore"  # ephemeral: never replicated
+    MAYBE_PLACEHOLDER = "maybe-placeholder"  # empty childless node over a tombstone
+
+
+def classify(node: Node | None, meta: NodeMeta | None) -> Change:
+    """Has the application changed this znode since the bridge last recorded it?"""
+    if node is not None and node.stat.ephemeral:
+        return Change.IGNORE
+    if meta is None:
+        return Change.PUT if node is not None else Change.NONE
+    if not meta.deleted:
+        if node is None:
+            return Change.DELETE
+        return Change.NONE if content_hash(node.data) == meta.data_hash else Change.PUT
+    if node is None:
+        return Change.NONE
+    if node.data == b"":
+        # A deleted node kept only to hold live children is a placeholder; once
+        # childless it is either a leftover (children deleted, not yet captured)
+        # or a genuine re-creation: the caller must look at the children's metadata.
+        return Change.NONE if node.stat.num_children > 0 else Change.MAYBE_PLACEHOLDER
+    return Change.PUT
