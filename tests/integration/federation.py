@@ -135,14 +135,15 @@ class Federation:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         args: Iterable[str] = (),
+        code: Path = REPO,
     ) -> Region:
         r = self.regions[name]
         assert r.proc is None or r.proc.poll() is not None, f"{name}: bridge already running"
         r.proc = procs.spawn(
             [sys.executable, "-m", "bridge", "run", "-c", str(r.config_path), *args],
             r.log_path,
-            env={"PYTHONPATH": str(REPO), **(env or {})},
-            cwd=REPO,
+            env={"PYTHONPATH": str(code), **(env or {})},
+            cwd=code,
         )
         r.starts += 1
         r.ready_before = self.count_events(name, "bridge_ready")
