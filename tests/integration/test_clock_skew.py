@@ -1,0 +1,49 @@
+"""Clock poisoning is refused: a peer event stamped far ahead waits, loudly, unapplied.
+
+An event ten years ahead (a broken clock or a hostile writer) must neither be
+applied (this region's hybrid clock, and every later local write, would be
+dragged there and win every conflict) nor skipped (that would diverge).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgpack
+import pytest
+
+from bridge import codec
+from bridge.clock import hlc_from_ms, hlc_to_ms
+from tests.harness.procs import wait_for
+from tests.integration.federation import Federation
+from tests.integration.test_faults import _produce
+
+pytestmark = pytest.mark.integration
+
+TEN_YEARS_MS = 10 * 365 * 24 * 3600 * 1000
+
+
+def test_a_far_future_event_waits_and_never_poisons_the_clock(federation: Federation) -> None:
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    future = hlc_from_ms(int(time.time() * 1000) + TEN_YEARS_MS)
+    event = dict(v=1, origin="r1", subtree=fed.subtree, path="/future", op="put",
+                 data=b"from-the-future", vc={"r1": 1000}, ts=future, writer="r1")
+    _produce(fed.broker.bootstrap, f"{fed.prefix}.{fed.subtree}.r1",
+             [(b"/future", msgpack.packb(event))])
+    wait_for(lambda: fed.count_events("r2", "clock_skew_wait") >= 1, 30,
+             message="r2 did not report the far-future event")
+    assert r2.client.exists(r2.path("/future")) is None  # not applied
+    # r2's own writes still go out with sane stamps, and still reach r1.
+    r2.client.create(r2.path("/local"), b"now")
+    wait_for(lambda: r1.client.exists(r1.path("/local")) is not None, 30)
+    meta_path = f"{fed.state_path}/subtrees/{fed.subtree}/meta/local"
+    meta = codec.decode_meta(r2.client.get(meta_path)[0])
+    assert meta is not None
+    assert hlc_to_ms(meta.ts) < time.time() * 1000 + 60_000
+    status = fed.cli("status", "-c", str(r2.config_path), "--json")
+    assert "ahead" in status.stdout, status.stdout
+    json.loads(status.stdout)  # well-formed, with the waiting stream in its errors
+    fed.assert_clean_logs(allowed={"clock_skew_wait"})
