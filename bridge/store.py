@@ -222,14 +222,13 @@ class SubtreeStore(Planner):
                                 acl=acl if isinstance(acl, tuple) else None))
         if not events and not cleanup:
             return []
-        batch_id = self.clock.now()
-        stamped = batching.stamp(events, batch_id)
-        payloads = [codec.encode(e) for e in stamped]
         out: list[CapturedBatch] = []
-        chunks = batching.split([len(p) for p in payloads])
+        # Split first (by an estimate of each record's size), then stamp and
+        # encode each piece once: a piece is a batch of its own, in order.
+        chunks = batching.split([batching.size_estimate(e) for e in events])
         if len(chunks) > 1:
             log.info("batch_split", subtree=self.layout.name, events=len(events),
-                     pieces=len(chunks), bytes=sum(len(p) for p in payloads))
+                     pieces=len(chunks))
         for n, chunk in enumerate(chunks):
             plan = Plan()
             for i in chunk:
@@ -239,9 +238,7 @@ class SubtreeStore(Planner):
                     writer=self.region, ts=e.ts))
             if n == len(chunks) - 1:
                 self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
-            part = [stamped[i] for i in chunk]
-            if len(chunks) > 1:  # each piece travels as a batch of its own, in order
-                part = batching.stamp(part, self.clock.now())
+            part = batching.stamp([events[i] for i in chunk], self.clock.now())
             enc = [codec.encode(e) for e in part]
             plan.ops.append(Create(self.layout.outbox + "/b-", codec.encode_outbox(enc),
                                    sequential=True))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bridge.batching import Assembler, order_key, split, stamp
+from bridge import codec
+from bridge.batching import Assembler, order_key, size_estimate, split, stamp
 from bridge.model import Event, Op, VectorClock
 
 
@@ -60,3 +61,18 @@ def test_unbatched_events_from_older_senders_are_batches_of_one() -> None:
     asm = Assembler()
     done = asm.feed(0, ev("/a"))
     assert done is not None and len(done.events) == 1
+
+
+def test_size_estimate_bounds_the_encoded_record() -> None:
+    for data in (b"", b"x" * 10, b"y" * 300_000):
+        e = stamp([Event(origin="region-one", subtree="s", path="/a/b/c", op=Op.PUT,
+                         vc=VectorClock.of({"region-one": 7, "region-two": 123456}),
+                         ts=2**60, writer="region-one", data=data)], 2**60)[0]
+        assert len(codec.encode(e)) <= size_estimate(e)
+
+
+def test_a_huge_change_set_splits_into_bounded_batches() -> None:
+    events = [ev(f"/n{i}") for i in range(2500)]
+    chunks = split([100] * len(events))
+    assert max(len(c) for c in chunks) <= 1000
+    assert [i for c in chunks for i in c] == list(range(2500))
