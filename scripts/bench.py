@@ -658,7 +658,10 @@ class Bench:
         who |= {f"bridge-{r.name[-1]}": r.proc.pid if r.proc else None
                 for r in self.regions.values()}
         cpu = {k: round(cpu_seconds(p) - before.get(k, 0.0), 2) for k, p in who.items() if p}
-        record: dict[str, Any] = {"wall_s": round(wall, 2), "cpu_s": cpu}
+        # The machine's 1-minute load average at the phase's end: with 2 cores,
+        # anything far above 2 means other work competed with this phase.
+        record: dict[str, Any] = {"wall_s": round(wall, 2), "cpu_s": cpu,
+                                  "load": round(os.getloadavg()[0], 1)}
         if requests:
             after = self.settle(sessions)
             mine = self.bench_sessions()
@@ -975,6 +978,7 @@ class Bench:
         paths = self.leaves(s.dirs // 2, n)
         w = self.watcher(b.zk, paths)
         started: dict[str, float] = {}
+        wall: dict[str, float] = {}
         sent: list[Any] = []
         with self.phase("latency", requests=True):
             t0 = time.monotonic()
@@ -984,7 +988,7 @@ class Bench:
                     time.sleep(pause)
                 data = value("v2", i)
                 w.expect({p: data})
-                started[p] = time.monotonic()
+                started[p], wall[p] = time.monotonic(), time.time()
                 # Asynchronous, so a slow reply never holds back the schedule.
                 sent.append(a.zk.set_async(p, data))
             issued_s = time.monotonic() - t0
@@ -1008,6 +1012,34 @@ class Bench:
         say("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items())
             + f"; writes issued at {self.res.bridge['latency_rate_achieved']:.0f}/s; bridges' "
             "ZooKeeper requests per update: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+        self.latency_split(paths, started, wall, w.seen_at)
+
+    def latency_split(self, paths: Sequence[str], started: Mapping[str, float],
+                      wall: Mapping[str, float], seen: Mapping[str, float]) -> None:
+        """Where the latency goes: A's side (write → record stamped by A's producer) and
+        B's side (→ visible in B), and how A batched the writes, read back from A's topic."""
+        wanted = {p[len(MOUNT):]: value("v2", i) for i, p in enumerate(paths)}
+        topic = f"zkbridge.critical.{self.a.name}"
+        got = asyncio.run(_published(self.broker.bootstrap, topic, wanted))
+        if len(got) < len(paths):
+            say(f"  only {len(got)}/{len(paths)} latency writes found on {topic}; no split")
+            return
+        a_ms, b_ms = [], []
+        for p in paths:
+            ts_ms, _batch = got[p[len(MOUNT):]]
+            total = (seen[p] - started[p]) * 1000
+            a_side = ts_ms - wall[p] * 1000
+            a_ms.append(a_side)
+            b_ms.append(total - a_side)
+        batches = {b for _, b in got.values()}
+        split = {"origin_p50_ms": percentile(a_ms, 50), "origin_p99_ms": percentile(a_ms, 99),
+                 "receiver_p50_ms": percentile(b_ms, 50), "receiver_p99_ms": percentile(b_ms, 99),
+                 "batches": len(batches), "events_per_batch": len(paths) / len(batches)}
+        self.res.bridge["latency_split"] = split
+        say(f"  split: write → published by A p50 {split['origin_p50_ms']:.0f} / p99 "
+            f"{split['origin_p99_ms']:.0f} ms; published → visible in B p50 "
+            f"{split['receiver_p50_ms']:.0f} / p99 {split['receiver_p99_ms']:.0f} ms; "
+            f"{len(batches)} batches ({split['events_per_batch']:.1f} writes each)")
 
     # -- 2d. conflict storm ----------------------------------------------
     def conflicts(self) -> None:
@@ -1200,15 +1232,16 @@ def target_lines(bridge: Mapping[str, Any]) -> list[str]:
 
 
 def cpu_table(phases: Mapping[str, Any]) -> str:
-    """Per phase: wall seconds and each process's CPU as % of one core."""
+    """Per phase: wall seconds, the load average at its end, each process's CPU (% of one core)."""
     names: list[str] = []
     for ph in phases.values():
         names += [k for k in ph["cpu_s"] if k not in names]
-    head = ["phase", "wall s", *names]
+    head = ["phase", "wall s", "load", *names]
     cells = [head]
     for name, ph in phases.items():
         wall = ph["wall_s"] or 1e-9
-        cells.append([name, f"{ph['wall_s']:.1f}",
+        load = ph.get("load")
+        cells.append([name, f"{ph['wall_s']:.1f}", "" if load is None else f"{load:.1f}",
                       *(f"{ph['cpu_s'][k] / wall:.0%}" if k in ph["cpu_s"] else "" for k in names)])
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     return "\n".join("  ".join(f"{c[i]:>{widths[i]}}" if i else f"{c[i]:<{widths[i]}}"
@@ -1306,6 +1339,38 @@ async def _kafka_latency(bootstrap: str, samples: int, gap: float, idempotence: 
     finally:
         await consumer.stop()
         await producer.stop()
+    return out
+
+
+async def _published(bootstrap: str, topic: str, wanted: Mapping[str, bytes]
+                     ) -> dict[str, tuple[float, int | None]]:
+    """Per wanted (path, data): the producer timestamp (ms) and batch of its record on ``topic``."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from bridge import codec
+    from bridge.errors import BridgeError
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    out: dict[str, tuple[float, int | None]] = {}
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + 60
+        while await consumer.position(tp) < end and time.monotonic() < deadline:
+            for msgs in (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).values():
+                for m in msgs:
+                    try:
+                        ev = codec.decode(m.value)
+                    except BridgeError:
+                        continue
+                    if wanted.get(ev.path) == ev.data:
+                        out[ev.path] = (float(m.timestamp), ev.batch)
+    finally:
+        await consumer.stop()
     return out
 
 

@@ -118,9 +118,10 @@ def test_targets_report_met_and_missed(bench: ModuleType) -> None:
 
 
 def test_cpu_table_shows_share_of_one_core(bench: ModuleType) -> None:
-    text = bench.cpu_table({"steady": {"wall_s": 2.0, "cpu_s": {"zk-a": 1.0, "bridge-a": 0.5}},
+    text = bench.cpu_table({"steady": {"wall_s": 2.0, "load": 3.25,
+                                       "cpu_s": {"zk-a": 1.0, "bridge-a": 0.5}},
                             "raw_get": {"wall_s": 4.0, "cpu_s": {"zk-a": 4.0}}})
     lines = text.splitlines()
-    assert lines[0].split() == ["phase", "wall", "s", "zk-a", "bridge-a"]
-    assert lines[1].split() == ["steady", "2.0", "50%", "25%"]
+    assert lines[0].split() == ["phase", "wall", "s", "load", "zk-a", "bridge-a"]
+    assert lines[1].split() == ["steady", "2.0", "3.2", "50%", "25%"]
     assert lines[2].split() == ["raw_get", "4.0", "100%"]
