@@ -316,8 +316,9 @@ def count_tree(zk: KazooClient, root: str) -> int:
 def zkshell() -> Path:
     """zk-shell's executable, installed on first use into its own venv under ``.cache/``.
 
-    It gets a venv of its own because it pins its own kazoo; ``.cache/`` is
-    ignored by git. The marker names the installed package, so a change of
+    It gets a venv of its own so its dependencies (its own kazoo, the
+    twitter.common packages) never meet zkbridge's; ``.cache/`` is ignored
+    by git. The marker names the installed package, so a change of
     version reinstalls.
     """
     exe = ZKSHELL_VENV / "bin" / "zk-shell"
