@@ -916,12 +916,29 @@ class Bench:
                 "large_rss_peak_mb": rss_mb(pid, "VmHWM"),
             }
             poll(logged("bridge_ready"), 900, "large capture", rss, interval=0.5, every=10)
-        ready = a.log_events("bridge_ready")[0]
+            ready = a.log_events("bridge_ready")[0]
+            rss_ready = rss_mb(pid)
+            # Publishing starts after bridge_ready: the peak may come later.
+            topic = f"zkbridge.critical.{a.name}"
+            t_ready = time.monotonic()
+            wanted = int(self.res.bridge["large_znodes"])
+            got = {"n": 0}
+
+            def published() -> bool:
+                self.check_bridges()
+                got["n"] = asyncio.run(_end_offset(self.broker.bootstrap, topic))
+                return got["n"] >= wanted
+
+            poll(published, 900, "large publish",
+                 lambda: f"{got['n']:,}/{wanted:,} records on {topic}; " + rss(),
+                 interval=1.0, every=10)
+            self.res.bridge["large_publish_s"] = time.monotonic() - t_ready
         znodes = self.res.bridge["large_znodes"]
         req = self.res.phases["large_scan"]["bridge_zk_requests"]["zk-a"]
         self.res.bridge |= {
             "large_capture_s": log_time(ready) - log_time(scan),
-            "large_rss_ready_mb": rss_mb(pid),
+            "large_rss_ready_mb": rss_ready,
+            "large_rss_published_mb": rss_mb(pid),
             "large_rss_peak_mb": rss_mb(pid, "VmHWM"),
             "large_zk_requests_per_znode": round(req / znodes, 4) if znodes else None,
         }
@@ -931,7 +948,8 @@ class Bench:
             f"({znodes / br['large_scan_s']:,.0f}/s); scan_done → bridge_ready "
             f"{br['large_capture_s']:.1f} s; RSS {fmt(rss_scan)} MB after the scan, "
             f"{fmt(br['large_rss_ready_mb'])} MB when ready, "
-            f"peak {fmt(br['large_rss_peak_mb'])} MB")
+            f"peak {fmt(br['large_rss_peak_mb'])} MB (through publishing all, "
+            f"{br['large_publish_s']:.1f} s after ready)")
 
     # -- 2b. steady state ------------------------------------------------
     def leaves(self, first_dir: int, count: int) -> list[str]:
@@ -1209,8 +1227,10 @@ class Bench:
                     "metadata + outbox for every znode" if cap else "the bridge never got ready"),
                 Row("large: bridge RSS after scan / ready", br["large_rss_after_scan_mb"], "MB",
                     note=f"ready: {fmt(br.get('large_rss_ready_mb'))} MB"),
+                Row("large: bridge_ready → all published", br.get("large_publish_s"), "s",
+                    note="end offset of A's topic (its few heartbeats included)"),
                 Row("large: bridge peak RSS (VmHWM)", br["large_rss_peak_mb"], "MB",
-                    note="" if cap else "as of scan_done"),
+                    note="through publishing" if cap else "as of scan_done"),
                 Row("large: ZooKeeper requests/znode", br.get("large_zk_requests_per_znode"),
                     "req", note="start → ready, bridge A's session (cons)"),
             ]
@@ -1348,6 +1368,19 @@ async def _kafka_latency(bootstrap: str, samples: int, gap: float, idempotence: 
         await consumer.stop()
         await producer.stop()
     return out
+
+
+async def _end_offset(bootstrap: str, topic: str) -> int:
+    """Records on partition 0 of ``topic`` so far (its end offset)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
 
 
 async def _published(bootstrap: str, topic: str, wanted: Mapping[str, bytes]
