@@ -11,13 +11,24 @@ relevant raw rate.
    set_data, pipelined 2-op multi, pipelined get) and aiokafka against the
    broker (produce and consume of 264-byte records, acks=all, idempotence as
    the bridge uses it there: on for Apache Kafka, off for tansu).
-2. zkbridge with two regions (two ZooKeeper servers, one broker, two
-   ``python -m bridge run``): initial scan and catch-up of a pre-populated
-   tree, steady-state throughput, single-write latency, a conflict storm, and
-   the bridge's memory after the scan.
+2. zk-shell ``mirror`` (from its own venv in the ignored ``.cache/``,
+   created on first use) copying the pre-populated tree from one of the
+   bench's servers to the other: the peer copier the catch-up is compared to.
+3. zkbridge with two regions (two ZooKeeper servers, one broker, two
+   ``python -m bridge run``): initial scan and catch-up of the same tree,
+   steady-state throughput, latency at a fixed write rate, a conflict storm,
+   and the bridge's memory after the scan.
 
-    scripts/bench                  the full run (about 3-4 minutes)
+ZooKeeper requests are counted per session from the servers' ``cons``
+output (the last client xid of each session, which pings do not move), so
+the bridges' requests are told apart from the bench's own exactly instead
+of subtracting estimates from ``mntr``'s packet counter; each count is taken
+once the bridges went quiet after the phase, so work that trails the last
+visible value (a receiver's post-apply capture read, outbox deletes) counts.
+
+    scripts/bench                  the full run (about 5 minutes on an idle machine)
     scripts/bench --quick          smaller counts (about 1 minute)
+    scripts/bench --large          a 100,000-znode subtree: full scan time and bridge RSS
     scripts/bench --broker kafka   Apache Kafka (KRaft) instead of tansu
     scripts/bench --json out.json  also write the numbers
     scripts/bench --profile DIR    run both bridges under cProfile (slower!)
@@ -31,6 +42,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -64,10 +76,6 @@ RAW_ROOT = "/rawbench"
 WINDOW = 2000  # requests in flight for the pipelined raw rates
 RECORD_BYTES = 264
 VALUE_BYTES = 64
-# Quoted from DESIGN.md section 4 (measured once, not in this run): references
-# for readers, never used as a ratio's denominator.
-ZKSHELL_MIRROR_10K_S = 19.0
-TREECACHE_10K_MB = 80.0
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 if not sys.stdout.isatty():
@@ -87,19 +95,37 @@ class Scale:
     leaves: int
     steady: int
     latency_writes: int
-    latency_gap_s: float
+    latency_rate: float  # writes per second in the latency phase
     conflict_paths: int
 
 
 FULL = Scale(
     raw_create=4000, raw_set=20_000, raw_multi=20_000, raw_get=30_000, raw_records=240_000,
-    dirs=100, leaves=100, steady=5000, latency_writes=200, latency_gap_s=0.02,
+    dirs=100, leaves=100, steady=5000, latency_writes=1000, latency_rate=200.0,
     conflict_paths=1000,
 )
 QUICK = Scale(
     raw_create=1000, raw_set=5000, raw_multi=5000, raw_get=8000, raw_records=60_000,
-    dirs=10, leaves=100, steady=1000, latency_writes=100, latency_gap_s=0.02,
+    dirs=10, leaves=100, steady=1000, latency_writes=400, latency_rate=200.0,
     conflict_paths=300,
+)
+# --large: the quick raw ZooKeeper rates (the scan's ceilings) and the 100k-znode scan.
+# 1,000 directories of 99 leaves: a subtree of exactly 100,000 znodes.
+LARGE = replace(QUICK, raw_records=0, dirs=1000, leaves=99)
+ZKSHELL_PACKAGE = "zk_shell==1.3.4"
+ZKSHELL_VENV = REPO / ".cache" / "zkshell-venv"
+
+# Issue #6's targets: (key in Results.bridge, comparison, threshold, what).
+TARGETS = (
+    ("steady_vs_multi", ">=", 0.5, "steady state A→B / raw async 2-op multi"),
+    ("catch_up_vs_zkshell", ">=", 10.0, "catch-up speed / zk-shell mirror, same tree"),
+    ("latency_p99_ms", "<=", 100.0, "latency p99 at 200 updates/s (ms)"),
+    ("steady_requests_a", "<=", 1.5, "ZooKeeper requests/update, origin, steady"),
+    ("steady_requests_b", "<=", 1.5, "ZooKeeper requests/update, receiver, steady"),
+    ("latency_requests_a", "<=", 1.5, "ZooKeeper requests/update, origin, 200/s"),
+    ("latency_requests_b", "<=", 1.5, "ZooKeeper requests/update, receiver, 200/s"),
+    ("large_scan_s", "<=", 30.0, "--large: full scan of 100k znodes (s)"),
+    ("large_rss_peak_mb", "<=", 300.0, "--large: bridge peak RSS (MB)"),
 )
 
 
@@ -183,23 +209,58 @@ def cpu_seconds(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident memory now (VmRSS) or at its peak so far (VmHWM), in MB."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
-def zk_requests(server: ZooKeeperServer) -> int:
-    """Packets the server has received so far (requests and pings), from ``mntr``."""
+def zk_packets(server: ZooKeeperServer) -> int:
+    """Packets the server has received so far, everyone's, pings included (``mntr``)."""
     for line in server.four_letter("mntr").splitlines():
         if line.startswith("zk_packets_received"):
             return int(line.split()[1])
     return 0
+
+
+_CONS = re.compile(r"sid=0x([0-9a-f]+).*?lcxid=0x([0-9a-f]+)")
+
+
+def parse_cons(text: str) -> dict[int, int]:
+    """Session id → the last client xid the server saw from it, from ``cons`` output.
+
+    A client numbers its requests 1, 2, 3, ... per session; pings and watch
+    notifications use negative xids and do not move it, so the difference of
+    two readings is the requests the session sent in between. A session that
+    has sent nothing yet reports -1 (as 64-bit hex): counted as 0.
+    """
+    out: dict[int, int] = {}
+    for line in text.splitlines():
+        m = _CONS.search(line)
+        if m:
+            xid = int(m.group(2), 16)
+            out[int(m.group(1), 16)] = 0 if xid >= 1 << 63 else xid
+    return out
+
+
+def requests_between(before: Mapping[int, int], after: Mapping[int, int],
+                     exclude: set[int]) -> int:
+    """Requests sent by the sessions not in ``exclude`` between two ``parse_cons`` readings.
+
+    A session that appeared in between counts from its first request; one
+    that ended in between is not seen afterwards and counts nothing.
+    """
+    return sum(xid - before.get(sid, 0) for sid, xid in after.items() if sid not in exclude)
+
+
+def zk_sessions(server: ZooKeeperServer) -> dict[int, int]:
+    return parse_cons(server.four_letter("cons"))
 
 
 def foreign_servers(ours: set[int]) -> int:
@@ -236,6 +297,47 @@ def pipelined(issue: Callable[[int], Any], n: int, window: int = WINDOW) -> floa
     while inflight:
         inflight.popleft().get(timeout=60)
     return time.perf_counter() - t0
+
+
+def count_tree(zk: KazooClient, root: str) -> int:
+    """Znodes in the tree at ``root`` (itself included), listing one level at a time."""
+    if zk.exists(root) is None:
+        return 0
+    level, count = [root], 1
+    while level:
+        ars = [(p, zk.get_children_async(p)) for p in level]
+        level = []
+        for p, ar in ars:
+            kids = ar.get(timeout=60)
+            count += len(kids)
+            level += [f"{p.rstrip('/')}/{k}" for k in kids]
+    return count
+
+
+def zkshell() -> Path:
+    """zk-shell's executable, installed on first use into its own venv under ``.cache/``.
+
+    It gets a venv of its own so its dependencies (its own kazoo, the
+    twitter.common packages) never meet zkbridge's; ``.cache/`` is ignored
+    by git. The marker names the installed package, so a change of
+    version reinstalls.
+    """
+    exe = ZKSHELL_VENV / "bin" / "zk-shell"
+    marker = ZKSHELL_VENV / ".installed"
+    if exe.exists() and marker.exists() and marker.read_text().strip() == ZKSHELL_PACKAGE:
+        return exe
+    say(f"installing {ZKSHELL_PACKAGE} into {ZKSHELL_VENV.relative_to(REPO)} (once)…")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(ZKSHELL_VENV)],
+                       check=True, capture_output=True, timeout=300)
+        subprocess.run([str(ZKSHELL_VENV / "bin" / "pip"), "install", "-q", ZKSHELL_PACKAGE],
+                       check=True, capture_output=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise BenchError(f"could not install {ZKSHELL_PACKAGE}: "
+                         f"{detail.decode(errors='replace')[-300:] or exc}") from exc
+    marker.write_text(ZKSHELL_PACKAGE + "\n")
+    return exe
 
 
 class Watcher:
@@ -508,30 +610,76 @@ class Bench:
         wait_event(w.armed, 60, "arming watches")
         return w
 
+    def bench_sessions(self) -> set[int]:
+        """The bench's own ZooKeeper sessions: their requests are not the bridges'."""
+        return {r.zk.client_id[0] for r in self.regions.values()
+                if r.client is not None and r.client.client_id}
+
+    def bridge_requests(self) -> dict[str, dict[int, int]]:
+        return {f"zk-{r.name[-1]}": zk_sessions(r.server) for r in self.regions.values()}
+
+    def settle(self, before: dict[str, dict[int, int]], quiet: float = 0.5,
+               limit: float = 8.0) -> dict[str, dict[int, int]]:
+        """Session readings once the bridges stopped sending requests (or ``limit`` s).
+
+        The last value the bench sees is not the bridges' last request: the
+        origin still deletes outbox entries, the receiver re-reads the paths it
+        just applied (its own watch fired). Those belong to the phase.
+        """
+        mine = self.bench_sessions()
+        end = time.monotonic() + limit
+        prev = self.bridge_requests()
+        while time.monotonic() < end:
+            time.sleep(quiet)
+            cur = self.bridge_requests()
+            moved = sum(requests_between(prev[k], cur[k], mine) for k in cur)
+            prev = cur
+            if moved <= 2:  # an idle position write or two: quiet enough
+                break
+        return prev
+
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Record wall time and the CPU each server and bridge spent, to show who was busy."""
+    def phase(self, name: str, requests: bool = False) -> Iterator[None]:
+        """Record wall time and the CPU each server and bridge spent, to show who was busy.
+
+        With ``requests``, also the ZooKeeper requests the bridges' sessions
+        sent (everyone but the bench), counted until they went quiet.
+        """
         who = {f"zk-{r.name[-1]}": r.server.pid for r in self.regions.values()}
         who[self.kind] = self.broker.pid
         who |= {f"bridge-{r.name[-1]}": r.proc.pid if r.proc else None
                 for r in self.regions.values()}
         who["bench"] = os.getpid()
         before = {k: cpu_seconds(p) for k, p in who.items() if p}
-        packets = {f"zk-{r.name[-1]}": zk_requests(r.server) for r in self.regions.values()}
+        packets = {f"zk-{r.name[-1]}": zk_packets(r.server) for r in self.regions.values()}
+        sessions = self.bridge_requests() if requests else {}
         t0 = time.monotonic()
         yield
         wall = time.monotonic() - t0
-        requests = {k: zk_requests(r.server) - packets[k]
-                    for k, r in zip(packets, self.regions.values(), strict=True)}
         # A bridge started inside the phase has no "before": it used all of its CPU here.
         who |= {f"bridge-{r.name[-1]}": r.proc.pid if r.proc else None
                 for r in self.regions.values()}
         cpu = {k: round(cpu_seconds(p) - before.get(k, 0.0), 2) for k, p in who.items() if p}
-        self.res.phases[name] = {"wall_s": round(wall, 2), "cpu_s": cpu,
-                                 "zk_requests": requests}
+        # The machine's 1-minute load average at the phase's end: with 2 cores,
+        # anything far above 2 means other work competed with this phase.
+        record: dict[str, Any] = {"wall_s": round(wall, 2), "cpu_s": cpu,
+                                  "load": round(os.getloadavg()[0], 1)}
+        if requests:
+            after = self.settle(sessions)
+            mine = self.bench_sessions()
+            record["bridge_zk_requests"] = {
+                k: requests_between(sessions[k], after[k], mine) for k in after}
+        record["zk_packets_all"] = {
+            k: zk_packets(r.server) - packets[k]
+            for k, r in zip(packets, self.regions.values(), strict=True)}
+        self.res.phases[name] = record
         busy = ", ".join(f"{k} {v / wall:.0%}" for k, v in cpu.items() if wall > 0)
-        say(f"  cpu during {name} ({wall:.1f} s wall, % of one core): {busy}; ZooKeeper "
-            "requests: " + ", ".join(f"{k} {v:,}" for k, v in requests.items()))
+        say(f"  cpu during {name} ({wall:.1f} s wall, % of one core): {busy}")
+        if requests:
+            say("  ZooKeeper requests sent by the bridges (per session, cons): " + ", ".join(
+                f"{k} {v:,}" for k, v in record["bridge_zk_requests"].items())
+                + "; packets received from everyone (mntr): " + ", ".join(
+                f"{k} {v:,}" for k, v in record["zk_packets_all"].items()))
 
     # -- 1. raw rates ----------------------------------------------------
     def raw_zookeeper(self) -> None:
@@ -601,24 +749,70 @@ class Bench:
         samples = 20
         say(f"produce → consume latency x {samples}, one record at a time, with the consumer "
             "settings the bridge uses (fetch_max_wait_ms left at aiokafka's 500)…")
-        ms = asyncio.run(_kafka_latency(self.broker.bootstrap, samples, self.scale.latency_gap_s,
+        ms = asyncio.run(_kafka_latency(self.broker.bootstrap, samples, 0.02,
                                         self.idempotence))
         self.res.raw["kafka_latency_p50_ms"] = percentile(ms, 50)
         self.res.raw["kafka_latency_max_ms"] = max(ms)
         say(f"  p50 {percentile(ms, 50):.1f} ms, max {max(ms):.1f} ms")
+
+    def populate(self) -> list[str]:
+        """The catch-up tree in A: ``dirs`` directories of ``leaves`` leaves, one multi each."""
+        s, zk = self.scale, self.a.zk
+        dirs = [f"{MOUNT}/d{d:03d}" for d in range(s.dirs)]
+        zk.ensure_path(MOUNT)
+
+        def one_dir(i: int) -> Any:
+            t = zk.transaction()
+            t.create(dirs[i], b"")
+            for j in range(s.leaves):
+                t.create(f"{dirs[i]}/l{j:03d}", value("v0", i * s.leaves + j))
+            return t.commit_async()
+
+        secs = pipelined(one_dir, len(dirs), window=50)
+        if len(zk.get_children(dirs[-1])) != s.leaves:
+            raise BenchError(f"populating {dirs[-1]} failed")
+        total = s.dirs * (s.leaves + 1)
+        say(f"{self.a.name}: created {s.dirs:,} dirs x {s.leaves} leaves of {VALUE_BYTES} B "
+            f"({total / secs:,.0f} znodes/s, one multi per directory)")
+        return dirs
+
+    def zkshell_mirror(self, total: int) -> None:
+        """zk-shell ``mirror`` of A's tree into B (outside B's mount), timed, same servers."""
+        a, b = self.a, self.b
+        try:
+            exe = zkshell()
+        except BenchError as exc:
+            say(f"zk-shell unavailable, no same-run comparison: {exc}")
+            self.res.bridge["zkshell_error"] = str(exc)
+            return
+        dst = "/zkshell-mirror"
+        cmd = f"mirror zk://{a.server.hosts}{MOUNT} zk://{b.server.hosts}{dst} true false true"
+        say(f"zk-shell {ZKSHELL_PACKAGE.split('==')[1]}: {cmd!r} (async copies, its faster "
+            "mode)…")
+        with self.phase("zkshell_mirror"):
+            t0 = time.monotonic()
+            out = subprocess.run([str(exe), "--run-once", cmd], capture_output=True, text=True,
+                                 timeout=1800, stdin=subprocess.DEVNULL)
+            wall = time.monotonic() - t0
+        copied = count_tree(b.zk, dst)
+        if out.returncode != 0 or copied != total + 1:
+            raise BenchError(f"zk-shell mirror exited {out.returncode} with {copied:,} of "
+                             f"{total + 1:,} znodes in {dst}: {out.stdout[-300:]}"
+                             f"{out.stderr[-300:]}")
+        m = re.search(r"Mirroring took ([0-9.]+) secs", out.stdout)
+        own = float(m.group(1)) if m else None
+        self.res.bridge |= {"zkshell_mirror_s": wall, "zkshell_mirror_own_s": own,
+                            "zkshell_znodes": total}
+        say(f"  zk-shell copied {total:,} znodes in {wall:.1f} s wall ({total / wall:,.0f}/s; "
+            f"it reports {fmt(own)} s without its own start-up)")
 
     # -- 2a. initial scan and catch-up ------------------------------------
     def catch_up(self) -> None:
         s, a, b = self.scale, self.a, self.b
         total = s.dirs + s.dirs * s.leaves
         step(f"Initial scan and catch-up: {total:,} znodes in {a.name} before its bridge starts")
-        dirs = [f"{MOUNT}/d{d:03d}" for d in range(s.dirs)]
-        a.zk.ensure_path(MOUNT)
-        pipelined(lambda i: a.zk.create_async(dirs[i], b""), len(dirs))
-        leaves = [f"{d}/l{i:03d}" for d in dirs for i in range(s.leaves)]
-        secs = pipelined(lambda i: a.zk.create_async(leaves[i], value("v0", i)), len(leaves))
-        say(f"{a.name}: created {s.dirs} dirs x {s.leaves} leaves of {VALUE_BYTES} B "
-            f"({len(leaves) / secs:,.0f} creates/s pipelined)")
+        dirs = self.populate()
+        self.zkshell_mirror(total)
 
         # Polling must not load B's server much: list the mount, then only the
         # directories that exist and are not yet complete.
@@ -653,7 +847,7 @@ class Bench:
                      "capturing" if not a.log_events("bridge_ready") else "publishing/applying")
             return f"{b.name} holds {seen['n']:,}/{total:,}; {a.name} bridge: {stage}"
 
-        with self.phase("catch_up"):
+        with self.phase("catch_up", requests=True):
             say("starting both bridges; waiting until region-b holds every znode…")
             wall0, t0 = time.time(), time.monotonic()
             self.start_bridge(a)
@@ -675,12 +869,12 @@ class Bench:
         bridge["startup_capture_s"] = capture_s
         bridge["rss_a_after_scan_mb"] = rss_mb(a.proc.pid) if a.proc else None
         bridge["rss_b_after_catch_up_mb"] = rss_mb(b.proc.pid) if b.proc else None
-        # The bridges' own requests: the bench's polling of B is taken out.
-        req = self.res.phases["catch_up"]["zk_requests"]
-        bridge["catch_up_zk_requests_per_znode"] = {
-            "zk-a": round(req["zk-a"] / total, 1),
-            "zk-b": round((req["zk-b"] - seen["requests"]) / total, 1),
-        }
+        req = self.res.phases["catch_up"]["bridge_zk_requests"]
+        bridge["catch_up_zk_requests_per_znode"] = {k: round(v / total, 3)
+                                                    for k, v in req.items()}
+        mirror = bridge.get("zkshell_mirror_s")
+        if mirror:
+            bridge["catch_up_vs_zkshell"] = mirror / elapsed
         say(f"{b.name} holds all {total:,} after {elapsed:.1f} s "
             f"({total / elapsed:,.0f} znodes/s end to end)")
         say(f"{a.name}: process start → epoch taken {bridge['startup_to_epoch_s']:.1f} s; "
@@ -689,6 +883,73 @@ class Bench:
         say(f"{a.name} bridge RSS {fmt(bridge['rss_a_after_scan_mb'])} MB after the scan; "
             "ZooKeeper requests per replicated znode, the bridges' own: " + ", ".join(
                 f"{k} {v}" for k, v in bridge["catch_up_zk_requests_per_znode"].items()))
+
+    # -- --large ----------------------------------------------------------
+    def large(self) -> None:
+        s, a = self.scale, self.a
+        total = s.dirs * (s.leaves + 1)
+        step(f"Large subtree: {total:,} znodes in {a.name}, then its bridge starts alone")
+        self.populate()
+        with self.phase("large_scan", requests=True):
+            wall0 = time.time()
+            self.start_bridge(a)
+            assert a.proc is not None
+            pid = a.proc.pid
+
+            def logged(event: str) -> Callable[[], bool]:
+                def check() -> bool:
+                    self.check_bridges()
+                    return bool(a.log_events(event))
+                return check
+
+            def rss() -> str:
+                return f"{a.name} bridge RSS {fmt(rss_mb(pid))} MB"
+
+            poll(logged("scan_done"), 900, "large scan", rss, interval=0.5, every=10)
+            # Recorded at once: the scan's figures stand even if the capture fails.
+            scan = a.log_events("scan_done")[0]
+            self.res.bridge |= {
+                "large_znodes": int(scan["znodes"]),
+                "large_scan_s": float(scan["seconds"]),
+                "large_start_to_scan_done_s": log_time(scan) - wall0,
+                "large_rss_after_scan_mb": rss_mb(pid),
+                "large_rss_peak_mb": rss_mb(pid, "VmHWM"),
+            }
+            poll(logged("bridge_ready"), 900, "large capture", rss, interval=0.5, every=10)
+            ready = a.log_events("bridge_ready")[0]
+            rss_ready = rss_mb(pid)
+            # Publishing starts after bridge_ready: the peak may come later.
+            topic = f"zkbridge.critical.{a.name}"
+            t_ready = time.monotonic()
+            wanted = int(self.res.bridge["large_znodes"])
+            got = {"n": 0}
+
+            def published() -> bool:
+                self.check_bridges()
+                got["n"] = asyncio.run(_end_offset(self.broker.bootstrap, topic))
+                return got["n"] >= wanted
+
+            poll(published, 900, "large publish",
+                 lambda: f"{got['n']:,}/{wanted:,} records on {topic}; " + rss(),
+                 interval=1.0, every=10)
+            self.res.bridge["large_publish_s"] = time.monotonic() - t_ready
+        znodes = self.res.bridge["large_znodes"]
+        req = self.res.phases["large_scan"]["bridge_zk_requests"]["zk-a"]
+        self.res.bridge |= {
+            "large_capture_s": log_time(ready) - log_time(scan),
+            "large_rss_ready_mb": rss_ready,
+            "large_rss_published_mb": rss_mb(pid),
+            "large_rss_peak_mb": rss_mb(pid, "VmHWM"),
+            "large_zk_requests_per_znode": round(req / znodes, 4) if znodes else None,
+        }
+        br = self.res.bridge
+        rss_scan = br["large_rss_after_scan_mb"]
+        say(f"{a.name}: scan of {znodes:,} znodes {br['large_scan_s']:.1f} s "
+            f"({znodes / br['large_scan_s']:,.0f}/s); scan_done → bridge_ready "
+            f"{br['large_capture_s']:.1f} s; RSS {fmt(rss_scan)} MB after the scan, "
+            f"{fmt(br['large_rss_ready_mb'])} MB when ready, "
+            f"peak {fmt(br['large_rss_peak_mb'])} MB (through publishing all, "
+            f"{br['large_publish_s']:.1f} s after ready)")
 
     # -- 2b. steady state ------------------------------------------------
     def leaves(self, first_dir: int, count: int) -> list[str]:
@@ -706,8 +967,7 @@ class Bench:
         w = self.watcher(b.zk, paths)
         want = {p: value("v1", i) for i, p in enumerate(paths)}
         w.expect(want)
-        reads_before = w.reads
-        with self.phase("steady"):
+        with self.phase("steady", requests=True):
             t0 = time.monotonic()
             write_s = pipelined(lambda i: a.zk.set_async(paths[i], want[paths[i]]), n)
             say(f"{a.name}: {n:,} updates written in {write_s:.2f} s "
@@ -720,38 +980,44 @@ class Bench:
         self.res.bridge["steady_s"] = elapsed
         self.res.bridge["steady_per_s"] = n / elapsed
         self.res.bridge["steady_write_per_s"] = n / write_s
-        # The bridges' own requests: the bench's sets in A and watch re-reads in B taken out.
-        req = self.res.phases["steady"]["zk_requests"]
-        self.res.bridge["steady_zk_requests_per_update"] = {
-            "zk-a": round((req["zk-a"] - n) / n, 1),
-            "zk-b": round((req["zk-b"] - (w.reads - reads_before)) / n, 1),
-        }
+        req = self.res.phases["steady"]["bridge_zk_requests"]
+        per = {k: round(v / n, 3) for k, v in req.items()}
+        self.res.bridge["steady_zk_requests_per_update"] = per
+        self.res.bridge["steady_requests_a"] = per["zk-a"]
+        self.res.bridge["steady_requests_b"] = per["zk-b"]
+        self.res.bridge["steady_vs_multi"] = n / elapsed / self.res.raw["zk_async_multi_per_s"]
         say(f"{b.name} shows all {n:,} final values after {elapsed:.2f} s "
             f"({n / elapsed:,.0f} updates/s end to end); the bridges' ZooKeeper requests "
             "per update: "
             + ", ".join(f"{k} {v}" for k, v in
                         self.res.bridge["steady_zk_requests_per_update"].items()))
 
-    # -- 2c. latency -----------------------------------------------------
+    # -- 2c. latency ---------------------------------------------------
     def latency(self) -> None:
         s, a, b = self.scale, self.a, self.b
-        n, gap = s.latency_writes, s.latency_gap_s
-        step(f"Latency: {n} single writes in {a.name}, {gap * 1000:.0f} ms apart, "
-             f"each timed until visible in {b.name}")
+        n, rate = s.latency_writes, s.latency_rate
+        step(f"Latency: {n} writes in {a.name} at {rate:.0f}/s, each timed until visible "
+             f"in {b.name}")
         # Distinct paths: a later write to the same path could hide an earlier one.
         paths = self.leaves(s.dirs // 2, n)
         w = self.watcher(b.zk, paths)
         started: dict[str, float] = {}
-        with self.phase("latency"):
+        wall: dict[str, float] = {}
+        sent: list[Any] = []
+        with self.phase("latency", requests=True):
             t0 = time.monotonic()
             for i, p in enumerate(paths):
-                pause = t0 + i * gap - time.monotonic()
+                pause = t0 + i / rate - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
                 data = value("v2", i)
                 w.expect({p: data})
-                started[p] = time.monotonic()
-                a.zk.set(p, data)
+                started[p], wall[p] = time.monotonic(), time.time()
+                # Asynchronous, so a slow reply never holds back the schedule.
+                sent.append(a.zk.set_async(p, data))
+            issued_s = time.monotonic() - t0
+            for ar in sent:
+                ar.get(timeout=60)
             wait_event(w.done, 120, "latency writes",
                        lambda: f"{n - w.remaining}/{n} visible in {b.name}")
         w.close()
@@ -759,15 +1025,53 @@ class Bench:
         lat = {f"p{q}": percentile(ms, q) for q in (50, 95, 99)}
         lat["max"] = max(ms)
         lat["mean"] = statistics.fmean(ms)
-        self.res.bridge["latency_ms"] = lat
-        say("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items()))
+        req = self.res.phases["latency"]["bridge_zk_requests"]
+        per = {k: round(v / n, 3) for k, v in req.items()}
+        self.res.bridge |= {
+            "latency_ms": lat, "latency_p99_ms": lat["p99"],
+            "latency_rate_achieved": (n - 1) / issued_s if issued_s > 0 else None,
+            "latency_zk_requests_per_update": per,
+            "latency_requests_a": per["zk-a"], "latency_requests_b": per["zk-b"],
+        }
+        say("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items())
+            + f"; writes issued at {self.res.bridge['latency_rate_achieved']:.0f}/s; bridges' "
+            "ZooKeeper requests per update: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+        self.latency_split(paths, started, wall, w.seen_at)
+
+    def latency_split(self, paths: Sequence[str], started: Mapping[str, float],
+                      wall: Mapping[str, float], seen: Mapping[str, float]) -> None:
+        """Where the latency goes: A's side (write → record stamped by A's producer) and
+        B's side (→ visible in B), and how A batched the writes, read back from A's topic."""
+        wanted = {p[len(MOUNT):]: value("v2", i) for i, p in enumerate(paths)}
+        topic = f"zkbridge.critical.{self.a.name}"
+        got = asyncio.run(_published(self.broker.bootstrap, topic, wanted))
+        if len(got) < len(paths):
+            say(f"  only {len(got)}/{len(paths)} latency writes found on {topic}; no split")
+            return
+        a_ms, b_ms = [], []
+        for p in paths:
+            ts_ms, _batch = got[p[len(MOUNT):]]
+            total = (seen[p] - started[p]) * 1000
+            a_side = ts_ms - wall[p] * 1000
+            a_ms.append(a_side)
+            b_ms.append(total - a_side)
+        batches = {b for _, b in got.values()}
+        split = {"origin_p50_ms": percentile(a_ms, 50), "origin_p99_ms": percentile(a_ms, 99),
+                 "receiver_p50_ms": percentile(b_ms, 50), "receiver_p99_ms": percentile(b_ms, 99),
+                 "batches": len(batches), "events_per_batch": len(paths) / len(batches)}
+        self.res.bridge["latency_split"] = split
+        say(f"  split: write → published by A p50 {split['origin_p50_ms']:.0f} / p99 "
+            f"{split['origin_p99_ms']:.0f} ms; published → visible in B p50 "
+            f"{split['receiver_p50_ms']:.0f} / p99 {split['receiver_p99_ms']:.0f} ms; "
+            f"{len(batches)} batches ({split['events_per_batch']:.1f} writes each)")
 
     # -- 2d. conflict storm ----------------------------------------------
     def conflicts(self) -> None:
         s, a, b = self.scale, self.a, self.b
         n = s.conflict_paths
         step(f"Conflict storm: {n:,} paths written concurrently in {a.name} and {b.name}")
-        paths = self.leaves(s.dirs // 2 + s.latency_writes // s.leaves + 1, n)
+        # Steady's paths again: new values on both sides make every one a conflict.
+        paths = self.leaves(0, n)
         wa, wb = self.watcher(a.zk, paths), self.watcher(b.zk, paths)
         val_a = {p: value("ca", i) for i, p in enumerate(paths)}
         val_b = {p: value("cb", i) for i, p in enumerate(paths)}
@@ -857,15 +1161,25 @@ class Bench:
         ]
         multi, get_, set_ = (raw.get(k) for k in ("zk_async_multi_per_s", "zk_async_get_per_s",
                                                    "zk_async_set_per_s"))
+        if "zkshell_mirror_s" in br:
+            zn = br["zkshell_znodes"]
+            rows.append(Row(f"zk-shell mirror: {zn:,} znodes A→B", br["zkshell_mirror_s"], "s",
+                            note=f"{zn / br['zkshell_mirror_s']:,.0f} znodes/s wall; it reports "
+                                 f"{fmt(br['zkshell_mirror_own_s'])} s without start-up"))
+        elif "zkshell_error" in br:
+            rows.append(Row("zk-shell mirror", None, "s", note=br["zkshell_error"][:60]))
         if "catch_up_s" in br:
             zn = br["catch_up_znodes"]
+            req = br["catch_up_zk_requests_per_znode"]
+            vs_zks = ""
+            if br.get("zkshell_mirror_s"):
+                vs_zks = f"{br['catch_up_vs_zkshell']:.2f}x faster than zk-shell"
             rows += [
                 Row(f"catch-up: {zn:,} znodes A→B, end to end", br["catch_up_per_s"], "znodes/s",
                     ratio(br["catch_up_per_s"], multi, "multi"),
-                    f"{br['catch_up_s']:.1f} s from bridge start; zk-shell mirror ≈"
-                    f"{10_000 / ZKSHELL_MIRROR_10K_S:.0f}/s (quoted, not measured here)"),
-                Row("catch-up: wall time", br["catch_up_s"], "s",
-                    note=f"quoted zk-shell mirror of 10k: ≈{ZKSHELL_MIRROR_10K_S:.0f} s"),
+                    f"{br['catch_up_s']:.1f} s from both bridges' start"),
+                Row("catch-up: wall time", br["catch_up_s"], "s", vs_zks,
+                    "bridge process start → B holds every znode"),
                 Row("scan: A's scan_done seconds", br["scan_s"], "s",
                     ratio(br["scan_znodes"] / br["scan_s"] if br["scan_s"] else None, get_,
                           "get"),
@@ -874,36 +1188,52 @@ class Bench:
                     ratio(br["scan_znodes"] / br["startup_capture_s"]
                           if br["startup_capture_s"] > 0 else None, multi, "multi"),
                     "scan_done → bridge_ready, before any publish"),
-                Row("bridge A RSS after the scan", br["rss_a_after_scan_mb"], "MB",
-                    note=f"quoted: kazoo TreeCache ≈{TREECACHE_10K_MB:.0f} MB on 10k"),
-                Row("catch-up: ZooKeeper requests/znode A", br[
-                    "catch_up_zk_requests_per_znode"]["zk-a"], "req",
-                    note="packets A's server received from bridge A (mntr)"),
-                Row("catch-up: ZooKeeper requests/znode B", br[
-                    "catch_up_zk_requests_per_znode"]["zk-b"], "req",
-                    note="from bridge B; the bench's polling taken out"),
+                Row("bridge A RSS after the scan", br["rss_a_after_scan_mb"], "MB"),
+                Row("catch-up: ZooKeeper requests/znode A / B", req["zk-a"], "req",
+                    note=f"B: {req['zk-b']:.3f}; the bridges' sessions only (cons)"),
             ]
         if "steady_s" in br:
+            req = br["steady_zk_requests_per_update"]
             rows += [
                 Row(f"steady: {br['steady_updates']:,} updates A→B", br["steady_per_s"],
                     "updates/s",
                     ratio(br["steady_per_s"], set_, "set_data") + ", "
                     + ratio(br["steady_per_s"], multi, "multi"),
                     f"{br['steady_s']:.2f} s until B shows all final values"),
-                Row("steady: ZooKeeper requests/update A", br[
-                    "steady_zk_requests_per_update"]["zk-a"], "req",
-                    note="from bridge A; the bench's own set taken out"),
-                Row("steady: ZooKeeper requests/update B", br[
-                    "steady_zk_requests_per_update"]["zk-b"], "req",
-                    note="from bridge B; the bench's watch re-reads taken out"),
+                Row("steady: ZooKeeper requests/update A", req["zk-a"], "req",
+                    note="bridge A's session only (cons), counted until quiet"),
+                Row("steady: ZooKeeper requests/update B", req["zk-b"], "req",
+                    note="bridge B's session only (cons), counted until quiet"),
             ]
         if "latency_ms" in br:
             lat = br["latency_ms"]
-            rows += [Row(f"latency A→B {k}", lat[k], "ms",
+            rate = br.get("latency_rate_achieved") or 0.0
+            rows += [Row(f"latency A→B {k} at {rate:.0f} writes/s", lat[k], "ms",
                          ratio(lat[k], raw.get("kafka_latency_p50_ms"), "Kafka p50")
                          if k == "p50" else "",
-                         "set() call in A → seen in B (data watch)" if k == "p50" else "")
+                         "set_async() in A → seen in B (data watch)" if k == "p50" else "")
                      for k in ("p50", "p95", "p99", "max")]
+            req = br["latency_zk_requests_per_update"]
+            rows += [Row(f"latency phase: ZooKeeper requests/update {k[-1].upper()}", v, "req",
+                         note="the bridge's session only (cons)") for k, v in req.items()]
+        if "large_scan_s" in br:
+            zn = br["large_znodes"]
+            cap = br.get("large_capture_s")
+            rows += [
+                Row(f"large: full scan of {zn:,} znodes", br["large_scan_s"], "s",
+                    ratio(zn / br["large_scan_s"], get_, "get"), "A's scan_done seconds"),
+                Row("large: scan_done → bridge_ready", cap, "s",
+                    ratio(zn / cap if cap else None, multi, "multi"),
+                    "metadata + outbox for every znode" if cap else "the bridge never got ready"),
+                Row("large: bridge RSS after scan / ready", br["large_rss_after_scan_mb"], "MB",
+                    note=f"ready: {fmt(br.get('large_rss_ready_mb'))} MB"),
+                Row("large: bridge_ready → all published", br.get("large_publish_s"), "s",
+                    note="end offset of A's topic (its few heartbeats included)"),
+                Row("large: bridge peak RSS (VmHWM)", br["large_rss_peak_mb"], "MB",
+                    note="through publishing" if cap else "as of scan_done"),
+                Row("large: ZooKeeper requests/znode", br.get("large_zk_requests_per_znode"),
+                    "req", note="start → ready, bridge A's session (cons)"),
+            ]
         if "conflict_per_s" in br:
             rows += [
                 Row(f"conflict storm: {br['conflict_events']:,} writes on "
@@ -915,6 +1245,35 @@ class Bench:
                          f" {br['conflicts_logged']:,} conflicts logged"),
             ]
         return rows
+
+
+def target_lines(bridge: Mapping[str, Any]) -> list[str]:
+    """Issue #6's targets that this run measured, each with its figure and verdict."""
+    out = []
+    for key, op, limit, what in TARGETS:
+        got = bridge.get(key)
+        if got is None:
+            continue
+        ok = got >= limit if op == ">=" else got <= limit
+        out.append(f"{'met   ' if ok else 'MISSED'}  {what}: {fmt(got)} (target {op} {limit:g})")
+    return out
+
+
+def cpu_table(phases: Mapping[str, Any]) -> str:
+    """Per phase: wall seconds, the load average at its end, each process's CPU (% of one core)."""
+    names: list[str] = []
+    for ph in phases.values():
+        names += [k for k in ph["cpu_s"] if k not in names]
+    head = ["phase", "wall s", "load", *names]
+    cells = [head]
+    for name, ph in phases.items():
+        wall = ph["wall_s"] or 1e-9
+        load = ph.get("load")
+        cells.append([name, f"{ph['wall_s']:.1f}", "" if load is None else f"{load:.1f}",
+                      *(f"{ph['cpu_s'][k] / wall:.0%}" if k in ph["cpu_s"] else "" for k in names)])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return "\n".join("  ".join(f"{c[i]:>{widths[i]}}" if i else f"{c[i]:<{widths[i]}}"
+                               for i in range(len(head))) for c in cells)
 
 
 async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool) -> Any:
@@ -1011,6 +1370,51 @@ async def _kafka_latency(bootstrap: str, samples: int, gap: float, idempotence: 
     return out
 
 
+async def _end_offset(bootstrap: str, topic: str) -> int:
+    """Records on partition 0 of ``topic`` so far (its end offset)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
+
+
+async def _published(bootstrap: str, topic: str, wanted: Mapping[str, bytes]
+                     ) -> dict[str, tuple[float, int | None]]:
+    """Per wanted (path, data): the producer timestamp (ms) and batch of its record on ``topic``."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from bridge import codec
+    from bridge.errors import BridgeError
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    out: dict[str, tuple[float, int | None]] = {}
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + 60
+        while await consumer.position(tp) < end and time.monotonic() < deadline:
+            for msgs in (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).values():
+                for m in msgs:
+                    try:
+                        ev = codec.decode(m.value)
+                    except BridgeError:
+                        continue
+                    if wanted.get(ev.path) == ev.data:
+                        out[ev.path] = (float(m.timestamp), ev.batch)
+    finally:
+        await consumer.stop()
+    return out
+
+
 def _json_default(obj: object) -> object:
     if isinstance(obj, tuple):
         return list(obj)
@@ -1020,7 +1424,10 @@ def _json_default(obj: object) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller counts: about one minute")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller counts: about one minute")
+    size.add_argument("--large", action="store_true",
+                      help="a 100,000-znode subtree: the bridge's full scan time and RSS only")
     ap.add_argument("--json", metavar="FILE", type=Path, help="also write the numbers as JSON")
     ap.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
                     help="tansu (memory only, default) or Apache Kafka (KRaft, from the jars "
@@ -1034,7 +1441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run both bridges under cProfile, writing DIR/<region>.prof "
                          "(slows the bridges: for finding bottlenecks, not for numbers)")
     args = ap.parse_args(argv)
-    scale = QUICK if args.quick else FULL
+    scale = QUICK if args.quick else LARGE if args.large else FULL
+    mode = "quick" if args.quick else "large" if args.large else "full"
     if args.dirs:
         scale = replace(scale, dirs=args.dirs)
     if args.profile:
@@ -1045,17 +1453,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
     failed: str | None = None
-    say(f"zkbridge bench ({'quick' if args.quick else 'full'}, broker {args.broker}), "
+    say(f"zkbridge bench ({mode}, broker {args.broker}), "
         f"work directory {workdir}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     try:
         bench.up()
         bench.raw_zookeeper()
-        bench.raw_kafka()
-        bench.catch_up()
-        bench.steady()
-        bench.latency()
-        bench.conflicts()
+        if args.large:
+            bench.large()
+        else:
+            bench.raw_kafka()
+            bench.catch_up()
+            bench.steady()
+            bench.latency()
+            bench.conflicts()
     except KeyboardInterrupt:
         failed = "interrupted"
     except (BenchError, AssertionError) as exc:
@@ -1075,16 +1486,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("stopped" + (f"; logs kept in {workdir}" if keep else ""))
     total = time.monotonic() - started
     rows = bench.summarise()
-    mode = "quick" if args.quick else "full"
     step(f"Results ({mode} run on {args.broker}, {total:.0f} s in all)")
     print(table(rows))
+    print("\nCPU per phase, % of one core (2 cores in all):\n" + cpu_table(bench.res.phases))
+    targets = target_lines(bench.res.bridge)
+    if targets:
+        print("\nIssue #6 targets measured in this run:\n" + "\n".join(targets))
     if bench.res.bridge.get("foreign_processes"):
         print(f"\nnote: {bench.res.bridge['foreign_processes']} server/bridge processes from "
               "outside this run shared the machine; compare ratios rather than absolute rates.")
     if args.json:
         doc = {
             "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "mode": "quick" if args.quick else "full",
+            "mode": mode,
             "broker": args.broker,
             "scale": asdict(scale),
             "total_s": round(total, 1),
@@ -1093,10 +1507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bridge": bench.res.bridge,
             "phases": bench.res.phases,
             "rows": [asdict(r) for r in rows],
-            "references_quoted_not_measured": {
-                "zkshell_mirror_10k_s": ZKSHELL_MIRROR_10K_S,
-                "treecache_10k_mb": TREECACHE_10K_MB,
-            },
+            "targets": targets,
         }
         args.json.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
         print(f"\nwrote {args.json}")
