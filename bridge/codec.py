@@ -71,7 +71,9 @@ _BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\U0010ffff]
 
 _OPS = {op.value: op for op in Op}
 _EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
-               "batch", "batch_index", "batch_size")
+               "batch", "batch_index", "batch_size", "inc")
+# An incarnation is a uuid4 hex today; any short lower-case hex id is accepted.
+_INC = re.compile(r"[0-9a-f]{1,64}")
 # A batch is bounded by ZooKeeper's request size long before this.
 MAX_BATCH_SIZE = 100_000
 
@@ -264,6 +266,12 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
     elif "batch_index" in m or "batch_size" in m:
         raise CodecError(BAD_FIELD, "batch_index/batch_size without batch")
 
+    inc: str | None = None
+    if "inc" in m:
+        inc = _str(m, "inc")
+        if not _INC.fullmatch(inc):
+            raise CodecError(BAD_FIELD, "inc: not a hex incarnation id [0-9a-f]{1,64}")
+
     for key, value in m.items():
         if key in _EVENT_KEYS:
             continue
@@ -287,6 +295,7 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         batch=batch,
         batch_index=batch_index,
         batch_size=batch_size,
+        inc=inc,
     )
 
 
@@ -307,6 +316,8 @@ def _event_to_map(event: Event) -> dict[str, object]:
         m["batch"] = event.batch
         m["batch_index"] = event.batch_index
         m["batch_size"] = event.batch_size
+    if event.inc is not None:
+        m["inc"] = event.inc
     return m
 
 

@@ -93,6 +93,10 @@ class Event:
     batch: int | None = None
     batch_index: int = 0
     batch_size: int = 1
+    # Schema 1.2: the publishing ensemble's incarnation (the marker under its
+    # state path). Two ensembles publishing as one region show two values on
+    # one topic; None from senders before 1.2.
+    inc: str | None = None
 
     @property
     def key(self) -> bytes:
