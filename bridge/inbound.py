@@ -160,7 +160,10 @@ class Inbound:
         self._checked = time.monotonic()
         forced = forced or {}
         peer_tps = [(t, p) for t, peer in self.peers.items() for p in peer.assemblers]
-        tps = peer_tps + list(self.own_max_end)
+        # What was acknowledged *before* asking: an ack that lands while the
+        # request is in flight is for a record the answer may not count yet.
+        acked = dict(self.own_max_end)
+        tps = peer_tps + list(acked)
         if not tps:
             return
         try:
@@ -174,8 +177,8 @@ class Inbound:
             b.note_error("topic check", str(exc))
             await b.recreate_topics()
             return
-        for tp in list(self.own_max_end):
-            end, seen = ends.get(tp), self.own_max_end[tp]
+        for tp, seen in acked.items():
+            end = ends.get(tp)
             if end is None:
                 continue
             if end < seen:

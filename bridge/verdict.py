@@ -121,7 +121,7 @@ def judge(
 
 
 # Worst first: a collision needs an operator; a topic reset heals by itself.
-_INCIDENT_ORDER = ("DUPLICATE", "COLLISION", "TOPIC_RESET", "REANNOUNCED")
+_INCIDENT_ORDER = ("COLLISION", "TOPIC_RESET", "REANNOUNCED")
 
 
 def _incident_problems(status: Status, now_ms: int, logs: str) -> list[Problem]:
