@@ -71,8 +71,10 @@ _BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\U0010ffff]
 
 _OPS = {op.value: op for op in Op}
 _EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
-               "batch", "batch_index", "batch_size", "acl")
+               "batch", "batch_index", "batch_size", "acl", "inc")
 _ACL_ENTRY = re.compile(r"(0|[1-9][0-9]?):[a-z0-9]{1,32}:[^\x00-\x1f]{0,1024}")
+# An incarnation is a uuid4 hex today; any short lower-case hex id is accepted.
+_INC = re.compile(r"[0-9a-f]{1,64}")
 # A batch is bounded by ZooKeeper's request size long before this.
 MAX_BATCH_SIZE = 100_000
 
@@ -274,6 +276,12 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
             raise CodecError(BAD_FIELD, "acl: expected a list of perms:scheme:id strings")
         acl = tuple(raw_acl)
 
+    inc: str | None = None
+    if "inc" in m:
+        inc = _str(m, "inc")
+        if not _INC.fullmatch(inc):
+            raise CodecError(BAD_FIELD, "inc: not a hex incarnation id [0-9a-f]{1,64}")
+
     for key, value in m.items():
         if key in _EVENT_KEYS:
             continue
@@ -298,6 +306,7 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         batch_index=batch_index,
         batch_size=batch_size,
         acl=acl,
+        inc=inc,
     )
 
 
@@ -320,6 +329,8 @@ def _event_to_map(event: Event) -> dict[str, object]:
         m["batch_size"] = event.batch_size
     if event.acl is not None:
         m["acl"] = list(event.acl)
+    if event.inc is not None:
+        m["inc"] = event.inc
     return m
 
 

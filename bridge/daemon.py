@@ -15,13 +15,16 @@ import structlog
 from bridge import log as logsetup
 from bridge.config import Settings, load_settings
 from bridge.engine import Bridge
-from bridge.errors import BridgeError, ConfigError, MassDeleteError
+from bridge.errors import BridgeError, ConfigError, DuplicateRegionError, MassDeleteError
 from bridge.metrics import MetricsServer
 from bridge.notify import Notifier
 
 log = structlog.get_logger("bridge.daemon")
 
-MASS_DELETE_EXIT = 3  # scripts/zkbridge@.service: RestartPreventExitStatus=3
+MASS_DELETE_EXIT = 3  # scripts/zkbridge@.service: RestartPreventExitStatus=3 4
+# Another ensemble publishes as this region (a copied config): restarting
+# would only make the two fight over the topic; an operator must rename one.
+DUPLICATE_REGION_EXIT = 4
 # A stop must end the process within 2 s whatever it is waiting for (a retry
 # loop against an unreachable Kafka, a client's own timeouts). The bridge gets
 # STOP_GRACE to drain and close; then its task is cancelled (ZooKeeper writes
@@ -124,6 +127,10 @@ class Daemon:
             # A distinct status: restarting cannot help, the operator must decide.
             log.error("mass_delete_refused", error=str(exc))
             return MASS_DELETE_EXIT
+        except DuplicateRegionError as exc:
+            log.error("duplicate_region", error=str(exc))
+            print(f"zkbridge: {exc}", file=sys.stderr)
+            return DUPLICATE_REGION_EXIT
         except BridgeError as exc:
             if self._stopping and exc.retriable:
                 # Asked to stop while retrying: the retry's last failure is not the story.

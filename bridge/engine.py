@@ -6,6 +6,15 @@ with the position). This module wins a term, starts both pipelines for it,
 ends the term on session loss or a fenced write, and retries what may pass.
 Retriable errors back off and retry; everything else stops the bridge
 (systemd restarts it).
+
+Two identities are checked here. The *incarnation* marker under the state
+path names this ensemble's lifetime: a wiped ensemble gets a new one and is
+rebuilt from the topics (a legitimate restore), and every record it publishes
+carries it. Records of another incarnation that are still being *published*
+on this region's own topic mean a second ensemble runs as this region: the
+bridge refuses to start, or stops, with exit status 4. A restore is told
+apart by time: the old incarnation's records stop when its ensemble (and its
+bridge) is gone, while a twin keeps heartbeating.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -28,20 +38,26 @@ from bridge.acl import AclPolicy
 from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
 from bridge.election import Election
-from bridge.errors import BridgeError, FencedError, VersionConflict
-from bridge.inbound import FETCH_MAX_RECORDS, Inbound, decode_record
+from bridge.errors import BridgeError, DuplicateRegionError, FencedError, VersionConflict
+from bridge.inbound import FETCH_MAX_RECORDS, Inbound, decode_record, duplicate_message
 from bridge.kafka import Kafka, Record, topic_name
 from bridge.model import Event
 from bridge.outbound import Outbound
+from bridge.resync import state_events
 from bridge.scan import Scanner
 from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
 from bridge.store import Layout, SubtreeStore
+from bridge.verify import read_meta
 from bridge.zk import Create, SetData, Watch, ZooKeeper, own_acl
 from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.engine")
 
 T = TypeVar("T")
+
+_INC = re.compile(r"[0-9a-f]{1,64}")
+# Start-up twin check: how many of the own topic's last records to look at.
+TWIN_LOOKBACK = 50
 
 
 
@@ -69,6 +85,9 @@ class Bridge:
         self.epoch = 0
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
+        self.incidents: deque[dict[str, object]] = deque(maxlen=50)
+        self.incarnation = ""  # this ensemble's marker, read at each term's start
+        self._reannouncing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self.election = Election(self.zk, f"{settings.state_path}/election", self.identity,
                                  retry=self.retry, on_standby=self._standing_by)
@@ -198,6 +217,8 @@ class Bridge:
             self._lost.set()
             log.warning("leadership_lost", reason=str(exc))
         finally:
+            tasks += list(self._reannouncing.values())
+            self._reannouncing.clear()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -250,6 +271,7 @@ class Bridge:
             own + list(self.peers)))
         if created:
             log.info("topics_created", topics=created)
+        await self._check_twin()
         await self.retry("start producer", self.kafka.start_producer)
         for store in self.stores.values():
             # Left by an earlier term: published first, whole batches, in order.
@@ -263,11 +285,16 @@ class Bridge:
                             self.clock.observe(codec.decode(payload).ts)
         for name in self.stores:
             await self._scan(name)
-        await self._replay_own_topics(fresh)
+        own_ends = await self._replay_own_topics(fresh)
+        for name in self.stores:
+            if await self.zk.exists(self._reannounce_path(name)) is not None:
+                # Left unfinished by an earlier term: the whole state again.
+                self.start_reannounce(name)
         await self.retry("start consumer", lambda: self.kafka.start_consumer(
-            f"{s.kafka.topic_prefix}.{self.region}"))
+            f"{s.kafka.topic_prefix}.{self.region}", reset="none"))
         positions = await self.retry("read positions", self.inbound.start)
-        await self.kafka.assign(positions)
+        self.inbound.own_max_end.update(own_ends)
+        await self.kafka.assign({**positions, **own_ends})
         # Caught up = applied what the peers had published when this term began
         # (an empty fetch is not a usable signal: heartbeats never stop).
         self.inbound.catch_up_to = await self.retry(
@@ -290,16 +317,157 @@ class Bridge:
     async def _incarnation(self) -> bool:
         """Mark this ensemble's state; True when it was missing (new or wiped ensemble)."""
         path = f"{self.settings.state_path}/incarnation"
-        if await self.zk.get(path) is not None:
+        node = await self.zk.get(path)
+        if node is not None:
+            self.incarnation = self._marker(node.data)
             return False
         await self.zk.ensure_path(self.settings.state_path)
+        marker = uuid.uuid4().hex
         try:
-            await self.zk.create(path, uuid.uuid4().hex.encode())
+            await self.zk.create(path, marker.encode())
         except BridgeError:
+            node = await self.zk.get(path)  # a racing bridge of this region made it
+            self.incarnation = self._marker(node.data if node else b"")
             return False
+        self.incarnation = marker
         log.warning("state_initialised", state_path=self.settings.state_path,
-                    hint="new or wiped ensemble: rebuilding from the topics")
+                    incarnation=marker, hint="new or wiped ensemble: rebuilding from the topics")
         return True
+
+    @staticmethod
+    def _marker(raw: bytes) -> str:
+        text = raw.decode("ascii", "replace")
+        # A marker of an unexpected shape still names this ensemble: its digest does.
+        return text if _INC.fullmatch(text) else uuid.uuid5(uuid.NAMESPACE_OID, text).hex
+
+    async def _check_twin(self) -> None:
+        """Refuse to start while another ensemble is publishing as this region.
+
+        Records of another incarnation on the own topic are history after a
+        restore (the wiped ensemble's bridge published them) and live only
+        when a second ensemble runs with this region's name. So: if any of
+        the topic's last records is another incarnation's and recent (within
+        three heartbeats), watch the topic for three heartbeat intervals
+        before publishing anything; a new record of that incarnation means a
+        twin. Once running, the inbound pipeline watches the topic's tail.
+        """
+        beat = self.settings.heartbeat_interval
+        window = 3 * beat + 1.0
+        reader = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}-twin")
+        await self.retry("start twin check", lambda: reader.start_consumer(None))
+        try:
+            tps = []
+            for name in self.stores:
+                topic = self.topic(name, self.region)
+                tps += [(topic, p) for p in await reader.partitions(topic)]
+            ends = await self.retry("end offsets", lambda: reader.end_offsets(tps))
+            begins = await self.retry("beginning offsets", lambda: reader.beginning_offsets(tps))
+            tail = {tp: max(begins.get(tp, 0), end - TWIN_LOOKBACK)
+                    for tp, end in ends.items() if end > begins.get(tp, 0)}
+            if not tail:
+                return
+            recent = now_ms() - int(1000 * window)
+            others = {inc: ts for inc, ts, _ in await self._own_records(reader, tail, ends, 10.0)
+                      if inc != self.incarnation and ts >= recent}
+            if not others:
+                return
+            log.warning("twin_check", incarnations=sorted(others), window_s=window,
+                        hint="another incarnation of this region published moments ago: a "
+                             "restore, or a second ensemble with this region's name; watching")
+            fresh = await self._own_records(reader, dict(ends), None, window)
+            for inc, _ts, where in fresh:
+                if inc != self.incarnation:
+                    raise DuplicateRegionError(duplicate_message(
+                        self.region, where[0], theirs=inc, ours=self.incarnation,
+                        seen=f"a record at offset {where[1]} while starting"))
+        finally:
+            await reader.stop()
+
+    async def _own_records(self, reader: Kafka, start: dict[tuple[str, int], int],
+                           until: dict[tuple[str, int], int] | None, seconds: float
+                           ) -> list[tuple[str, int, tuple[str, int]]]:
+        """(incarnation, timestamp ms, (topic, offset)) of stamped records from ``start``.
+
+        Reads up to ``until`` (end offsets) or, when None, for ``seconds``.
+        """
+        await reader.assign(dict(start))
+        out: list[tuple[str, int, tuple[str, int]]] = []
+        done = dict(start)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if until is not None and all(done.get(tp, 0) >= e for tp, e in until.items()):
+                break
+            for rec in await reader.fetch(200, FETCH_MAX_RECORDS):
+                done[(rec.topic, rec.partition)] = rec.offset + 1
+                event, reason, _ = decode_record(rec, self.inbound.own.get(rec.topic, ""),
+                                                 self.region)
+                if event is not None and not reason and event.inc is not None:
+                    out.append((event.inc, rec.timestamp_ms, (rec.topic, rec.offset)))
+        return out
+
+    # -- the own topic lost records: re-announce everything -------------------
+    def incident(self, kind: str, text: str) -> None:
+        """Something happened to the replicated data: status shows it for a while."""
+        self.incidents.append({"at_ms": now_ms(), "kind": kind, "text": text})
+
+    def _reannounce_path(self, name: str) -> str:
+        return f"{self.settings.state_path}/reannounce/{name}"
+
+    def own_topic_lost(self, name: str, topic: str, partition: int, published: int, end: int,
+                       why: str) -> None:
+        """Our own topic lost records we had published: peers can only heal if we re-announce."""
+        log.error("own_topic_lost_records", topic=topic, partition=partition,
+                  published_position=published, end_offset=end, reason=why,
+                  action="re-announcing this region's whole state (as zkbridge resync does)")
+        self.incident("REANNOUNCED",
+                      f"own topic {topic}[{partition}] lost records ({why}); re-announcing "
+                      f"the whole state of {name}")
+        self.start_reannounce(name)
+
+    def start_reannounce(self, name: str) -> None:
+        running = self._reannouncing.get(name)
+        if running is not None and not running.done():
+            running.cancel()  # it may have read the state before this loss: start over
+        self._reannouncing[name] = asyncio.create_task(
+            self._guarded(f"reannounce[{name}]", self._reannounce, name))
+
+    async def _reannounce(self, name: str) -> None:
+        """Queue the subtree's whole state behind the publisher; a marker survives restarts."""
+        store = self.stores[name]
+        marker = self._reannounce_path(name)
+        if await self.zk.exists(marker) is None:
+            await self.zk.ensure_path(marker)
+        metas = await self.retry(f"read metadata {name}", lambda: read_meta(self.zk,
+                                                                            store.layout))
+        counts: dict[str, int] = {}
+        sent = 0
+        last: asyncio.Event | None = None
+        async for events in state_events(self.zk, store.layout, self.region, metas, counts,
+                                         inc=self.incarnation):
+            if last is not None:
+                await last.wait()  # one chunk in flight: live batches keep flowing between
+            last = asyncio.Event()
+            self.outbound.enqueue(name, None, [(e.key, codec.encode(e)) for e in events],
+                                  reannounce=True, done=last)
+            sent += len(events)
+        if last is not None:
+            await last.wait()
+        await self.retry("clear re-announce marker", lambda: self.zk.delete(marker))
+        log.warning("own_topic_reannounced", subtree=name, records=sent,
+                    uncaptured=counts.get("uncaptured", 0),
+                    hint="every region converges as it reads them; nothing for an operator to do")
+
+    async def recreate_topics(self) -> None:
+        """Create this bridge's topics again if they vanished (the broker was rebuilt)."""
+        topics = [self.topic(n, self.region) for n in self.stores] + list(self.peers)
+        try:
+            created = await self.kafka.ensure_topics(topics)
+        except BridgeError as exc:
+            log.warning("topics_recreate_failed", error=str(exc))
+            return
+        if created:
+            log.warning("topics_recreated", topics=created,
+                        hint="they had vanished; peers rewind and origins re-announce")
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Retry retriable failures with capped exponential backoff until stopped."""
@@ -317,22 +485,34 @@ class Bridge:
                 delay = min(delay * 2, 5.0)
 
     # -- own topics: restore what this region published before a wipe ------
-    async def _replay_own_topics(self, fresh: bool) -> None:
+    async def _replay_own_topics(self, fresh: bool) -> dict[tuple[str, int], int]:
         """Re-apply this region's own published events it may no longer hold.
 
         A wiped or restored ensemble lost writes that only its own topic still
         records (peers applied them but never re-publish). The replay starts
         at the stored publish position (0 when the state is new) and stops at
         the end offset seen now; everything already held is skipped as equal.
+        A stored publish position above the end means the topic lost what we
+        published: the whole state is re-announced. Returns the end offsets.
         """
         reader = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}-replay")
         await self.retry("start replay consumer", lambda: reader.start_consumer(None))
+        all_ends: dict[tuple[str, int], int] = {}
         try:
             for name, store in self.stores.items():
                 topic = self.topic(name, self.region)
                 parts = await reader.partitions(topic)
                 stored = {} if fresh else await store.read_positions(self.region)
                 ends = await reader.end_offsets([(topic, p) for p in parts])
+                all_ends.update(ends)
+                lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
+                for (t, p), end in lost.items():
+                    self.own_topic_lost(name, t, p, stored[p], end,
+                                        f"stored publish position {stored[p]} is above the "
+                                        f"end offset {end}")
+                if lost:
+                    await store.write_positions(self.region, {p: e for (_, p), e in ends.items()})
+                    continue
                 start = {(topic, p): stored.get(p, 0) for p in parts}
                 todo = {tp: end for tp, end in ends.items() if end > start[tp]}
                 if not todo:
@@ -353,6 +533,7 @@ class Bridge:
                 await store.write_positions(self.region, {p: o for (_, p), o in done.items()})
         finally:
             await reader.stop()
+        return all_ends
 
     def _on_session(self, state: str, new_session: bool) -> None:
         log.info("zookeeper_session", state=state, new_session=new_session)
@@ -565,15 +746,17 @@ class Bridge:
             for p in self.peers.values()
         )
         errors = tuple(self.errors)
+        incidents = tuple(self.incidents)
         return Status(
             region=self.region, identity=self.identity, epoch=self.epoch, role=self.role,
-            health=health(errors, peers, self.settings.heartbeat_interval),
+            health=health(errors, peers, self.settings.heartbeat_interval,
+                          incidents=incidents),
             started_ms=self.started_ms, updated_ms=now_ms(), counters=dict(self.stats),
             outbox={n: self.backlog(n) for n in self.stores},
             oversized={n: sorted(st.oversized) for n, st in self.stores.items()},
             held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
                        for n, st in self.stores.items()},
-            peers=peers, errors=errors,
+            peers=peers, errors=errors, incidents=incidents,
         )
 
     @property

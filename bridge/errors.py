@@ -89,3 +89,19 @@ class ClockSkewError(BridgeError):
     """A peer's event is stamped further ahead of our wall clock than allowed."""
 
     retriable = True
+
+
+class OffsetOutOfRange(BridgeError):
+    """A fetch position is outside the partition's offsets: the topic lost records.
+
+    Not retriable as such: fetching again from the same position gets the same
+    answer. The inbound pipeline checks the topic and rewinds instead.
+    """
+
+    def __init__(self, message: str, offsets: dict[tuple[str, int], int]) -> None:
+        super().__init__(message)
+        self.offsets = offsets
+
+
+class DuplicateRegionError(BridgeError):
+    """Another ensemble publishes as this region: two writers with one identity."""

@@ -8,6 +8,12 @@ had at batch boundaries, a restart resumes exactly after the last batch
 applied (never inside one, never twice), and nothing of a batch is applied
 before all of it has arrived. Fetching runs ahead of applying; applies of one
 subtree never overlap each other or a capture (the subtree's lock).
+
+Never skipping: a peer topic that lost records (a position above its end, an
+end that went back, a log start past the position) is reported and that
+stream rewound to the start of the current topic. Batches fetched before the
+rewind belong to an older *generation* of the stream and are dropped unapplied.
+Re-applied events are harmless: equal or dominated clocks are skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ import structlog
 
 from bridge import codec, failpoints
 from bridge.batching import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, Assembler, Complete
-from bridge.errors import BridgeError, CodecError
+from bridge.errors import (
+    BridgeError,
+    CodecError,
+    DuplicateRegionError,
+    KafkaError,
+    OffsetOutOfRange,
+)
 from bridge.kafka import Record
 from bridge.model import Event, Op
 from bridge.store import Applied, LocalChanges, Outcome, SubtreeStore
@@ -35,6 +47,7 @@ FETCH_MAX_RECORDS = 2000
 CONFLICTS_KEPT = 1000
 QUEUE_BATCHES = 64  # complete batches fetched ahead of applying, per subtree
 IDLE_POSITION_SECONDS = 0.2  # heartbeat-only progress is stored at most this often
+TOPIC_CHECK_SECONDS = 1.0  # how often offsets are compared with the topics' ends
 
 
 @dataclass
@@ -50,6 +63,9 @@ class PeerState:
     last_event_ms: int = 0
     last_applied_ms: int = 0
     stored_at: float = 0.0
+    generation: int = 0  # bumped by each rewind; older fetched batches are dropped
+    max_end: dict[int, int] = field(default_factory=dict)  # highest end offset seen
+    suspect: dict[int, str] = field(default_factory=dict)  # a loss seen once, to confirm
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,7 @@ class Ready:
     partition: int
     batch: Complete
     timestamp_ms: int
+    generation: int = 0
 
 
 def weight(ready: Ready) -> int:
@@ -75,6 +92,13 @@ class Inbound:
         self.pending: dict[str, int] = {}  # batches fetched and not yet applied
         self.caught_up = asyncio.Event()
         self.catch_up_to: dict[tuple[str, int], int] = {}
+        # This region's own topics: read from their end, only to see who else
+        # publishes there (a second ensemble as this region) and whether
+        # they lost what we published.
+        self.own: dict[str, str] = {bridge.topic(n, bridge.region): n for n in bridge.stores}
+        self.own_max_end: dict[tuple[str, int], int] = {}
+        self._own_suspect: dict[tuple[str, int], str] = {}
+        self._checked = 0.0
         for name in bridge.stores:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
             self.pending[name] = 0
@@ -84,6 +108,8 @@ class Inbound:
 
     def reset(self) -> None:
         self.caught_up.clear()
+        self.own_max_end.clear()
+        self._own_suspect.clear()
         for name in self.queues:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
             self.pending[name] = 0
@@ -94,22 +120,147 @@ class Inbound:
         for topic, peer in self.peers.items():
             peer.positions = await self.bridge.stores[peer.subtree].read_positions(peer.peer)
             peer.assemblers = {}
+            peer.max_end, peer.suspect = {}, {}
             for part in await self.bridge.kafka.partitions(topic):
                 positions[(topic, part)] = peer.positions.get(part)
                 peer.assemblers[part] = Assembler(peer.positions.get(part, 0))
         return positions
 
+    def own_acked(self, topic: str, partition: int, end: int) -> None:
+        """The publisher's acks: the own topic held at least this much."""
+        tp = (topic, partition)
+        self.own_max_end[tp] = max(self.own_max_end.get(tp, 0), end)
+
     # -- fetch -----------------------------------------------------------------
     async def fetcher(self) -> None:
         b = self.bridge
         while True:
-            records = await b.retry("fetch", lambda: b.kafka.fetch(100, FETCH_MAX_RECORDS))
+            try:
+                records = await b.retry("fetch", lambda: b.kafka.fetch(100, FETCH_MAX_RECORDS))
+            except OffsetOutOfRange as exc:
+                # The broker says a position is outside the topic: no need to confirm.
+                await self.check_topics(forced=exc.offsets)
+                continue
             for rec in records:
                 await self._take(rec)
             await self._idle_positions()
+            if time.monotonic() - self._checked >= TOPIC_CHECK_SECONDS:
+                await self.check_topics()
             self.check_caught_up()
 
+    # -- topics that lost records ------------------------------------------------
+    async def check_topics(self, forced: dict[tuple[str, int], int] | None = None) -> None:
+        """Compare every position with its topic's offsets; rewind or re-announce on a loss.
+
+        A loss seen by offsets alone must be seen twice in a row (a new
+        partition leader may briefly report a lower end); one the broker
+        reported (out of range) is acted on at once.
+        """
+        b = self.bridge
+        self._checked = time.monotonic()
+        forced = forced or {}
+        peer_tps = [(t, p) for t, peer in self.peers.items() for p in peer.assemblers]
+        # What was acknowledged *before* asking: an ack that lands while the
+        # request is in flight is for a record the answer may not count yet.
+        acked = dict(self.own_max_end)
+        tps = peer_tps + list(acked)
+        if not tps:
+            return
+        try:
+            ends = await b.kafka.end_offsets(tps)
+            begins = await b.kafka.beginning_offsets(tps)
+        except KafkaError as exc:
+            # A topic that vanished (deleted, broker rebuilt empty): recreate
+            # what this bridge may create, and look again next round.
+            log.warning("topic_check_failed", error=str(exc),
+                        hint="a topic may be missing; the bridge recreates its topics")
+            b.note_error("topic check", str(exc))
+            await b.recreate_topics()
+            return
+        for tp, seen in acked.items():
+            end = ends.get(tp)
+            if end is None:
+                continue
+            if end < seen:
+                why = f"end offset {end} is below the {seen} this bridge published"
+                if self._own_suspect.pop(tp, None) is None:
+                    self._own_suspect[tp] = why
+                    continue
+                self.own_max_end[tp] = end
+                b.own_topic_lost(self.own[tp[0]], tp[0], tp[1], seen, end, why)
+            else:
+                self._own_suspect.pop(tp, None)
+        for tp in peer_tps:
+            topic, part = tp
+            peer = self.peers[topic]
+            end, begin = ends.get(tp), begins.get(tp, 0)
+            if end is None:
+                continue
+            pos = max(peer.positions.get(part, 0), peer.assemblers[part].resume_offset)
+            seen = peer.max_end.get(part, 0)
+            why = ""
+            if tp in forced:
+                why = f"the broker refused offset {forced[tp]} as out of range"
+            elif pos > end:
+                why = f"position {pos} is above the end offset {end}"
+            elif end < seen:
+                why = f"end offset {end} went back from {seen}"
+            elif begin > pos:
+                why = f"log start offset {begin} is past position {pos}"
+            if not why:
+                peer.suspect.pop(part, None)
+                peer.max_end[part] = max(seen, end)
+                continue
+            if tp not in forced and peer.suspect.pop(part, None) is None:
+                peer.suspect[part] = why
+                continue
+            await self.rewind(peer, part, pos=pos, begin=begin, end=end, why=why)
+
+    async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
+                     why: str) -> None:
+        """Read ``peer``'s partition again from the start of the current topic, stored so."""
+        b = self.bridge
+        store = b.stores[peer.subtree]
+        async with b.locks[peer.subtree]:
+            peer.generation += 1
+            peer.positions = {**peer.positions, part: begin}
+            peer.assemblers[part] = Assembler(begin)
+            peer.max_end[part] = end
+            peer.suspect.pop(part, None)
+            b.kafka.seek(peer.topic, part, begin)
+            new = dict(peer.positions)
+            await b.retry("store positions", lambda: store.write_positions(peer.peer, new))
+            tp = (peer.topic, part)
+            if tp in self.catch_up_to:
+                self.catch_up_to[tp] = min(self.catch_up_to[tp], end)
+        b.stats[f"topic_resets:{peer.subtree}:{peer.peer}"] += 1
+        log.error("topic_lost_records", topic=peer.topic, partition=part, stored_position=pos,
+                  end_offset=end, log_start=begin, reason=why,
+                  action="rewound to the start of the current topic; events already held "
+                         "are skipped as equal or dominated, nothing is passed over",
+                  hint=f"the topic was re-created, truncated or rebuilt empty; {peer.peer} "
+                       "re-announces its state by itself once it notices")
+        b.incident("TOPIC_RESET",
+                   f"{peer.topic}[{part}] lost records ({why}); rewound to offset {begin}, "
+                   f"nothing skipped; {peer.peer} re-announces its state by itself")
+
+    def _own_record(self, rec: Record) -> None:
+        """A record on this region's own topic: ours, or a second ensemble's."""
+        b = self.bridge
+        try:
+            event = codec.decode(rec.value) if rec.value is not None else None
+        except CodecError:
+            return
+        if event is None or event.inc is None or event.inc == b.incarnation:
+            return
+        raise DuplicateRegionError(duplicate_message(
+            b.region, rec.topic, theirs=event.inc, ours=b.incarnation,
+            seen=f"a record at offset {rec.offset}"))
+
     async def _take(self, rec: Record) -> None:
+        if rec.topic in self.own:
+            self._own_record(rec)
+            return
         peer = self.peers[rec.topic]
         asm = peer.assemblers.setdefault(rec.partition, Assembler(rec.offset))
         event = self.bridge.decode(rec, peer.subtree, peer.peer)
@@ -128,7 +279,8 @@ class Inbound:
         if done is not None:
             peer.last_event_ms = rec.timestamp_ms
             self.pending[peer.subtree] += 1
-            await self.queues[peer.subtree].put(Ready(peer, rec.partition, done, rec.timestamp_ms))
+            await self.queues[peer.subtree].put(
+                Ready(peer, rec.partition, done, rec.timestamp_ms, peer.generation))
 
     async def _idle_positions(self) -> None:
         """Store positions moved only by heartbeats or skipped records, now and then."""
@@ -156,7 +308,9 @@ class Inbound:
         if self.caught_up.is_set():
             return
         for (topic, part), end in self.catch_up_to.items():
-            peer = self.peers[topic]
+            peer = self.peers.get(topic)
+            if peer is None:
+                continue
             done = peer.positions.get(part, 0)
             asm = peer.assemblers.get(part)
             if asm is not None and not self.pending[peer.subtree]:
@@ -179,6 +333,7 @@ class Inbound:
             while not queue.empty():
                 nxt: Ready = queue._queue[0]  # type: ignore[attr-defined]
                 if (nxt.peer is not first.peer or nxt.partition != first.partition
+                        or nxt.generation != first.generation
                         or count + len(nxt.batch.events) > MAX_BATCH_EVENTS
                         or size + weight(nxt) > MAX_BATCH_BYTES):
                     break
@@ -197,11 +352,13 @@ class Inbound:
         events = [e for r in group for e in r.batch.events]
         failpoints.hit(failpoints.BEFORE_APPLY)
         await b.clock_guard(peer.peer, events)
-        positions = {**peer.positions, part: group[-1].batch.end_offset}
         async with b.locks[name]:
+            if group[0].generation != peer.generation:
+                return  # fetched before a rewind: read again from the topic's start
+            positions = {**peer.positions, part: group[-1].batch.end_offset}
             applied = await self.apply_events(store, events, peer=peer.peer, positions=positions)
+            peer.positions = positions
         failpoints.hit(failpoints.AFTER_APPLY)
-        peer.positions = positions
         peer.stored_at = time.monotonic()
         peer.last_applied_ms = int(time.time() * 1000)
         self.record(store, applied)
@@ -232,6 +389,8 @@ class Inbound:
             if outcome is Outcome.OVERSIZED:
                 log.warning("event_oversized", subtree=name, path=event.path,
                             size=len(event.data or b""))
+            if outcome is Outcome.COLLISION:
+                self.collision(store, event)
         for c in applied.conflicts:
             b.stats[f"conflicts:{name}"] += 1
             log.info("conflict_resolved", subtree=name, path=c.path, winner=c.winner,
@@ -239,6 +398,23 @@ class Inbound:
             if b.stats[f"conflicts:{name}"] % 100 == 0:
                 b.background(b.retry("trim conflicts",
                                      lambda: store.trim_conflicts(CONFLICTS_KEPT)))
+
+    def collision(self, store: SubtreeStore, event: Event) -> None:
+        """Equal clocks, different content: the model's one rule broken, loudly."""
+        b = self.bridge
+        name = store.layout.name
+        b.stats[f"clock_collisions:{name}:{event.origin}"] += 1
+        local = store.meta(event.path)
+        log.error("clock_collision", subtree=name, origin=event.origin, path=event.path,
+                  vc=str(event.vc), writer=event.writer,
+                  local_writer=local.writer if local else None,
+                  action="not applied; the local version stays",
+                  hint=f"two ensembles publish as region {event.origin} (a copied config?): "
+                       "equal clocks must mean equal content")
+        b.incident("COLLISION",
+                   f"event from {event.origin} for {name}:{event.path} has the clock "
+                   f"{event.vc} of the local version but different content; not applied "
+                   f"(two ensembles configured as region {event.origin}?)")
 
     async def replay(self, store: SubtreeStore, records: list[Record]) -> None:
         """Apply records of this region's own topic (rebuild after a wipe), batch by batch."""
@@ -271,4 +447,12 @@ def decode_record(rec: Record, subtree: str, origin: str) -> tuple[Event | None,
     return event, "", ""
 
 
-__all__ = ["BridgeError", "Inbound", "PeerState", "decode_record"]
+def duplicate_message(region: str, topic: str, *, theirs: str, ours: str, seen: str) -> str:
+    """The one line a bridge exits with when another ensemble publishes as its region."""
+    return (f"another ZooKeeper ensemble publishes as region {region!r} on {topic} "
+            f"({seen}, incarnation {theirs}; this ensemble is {ours}): two ensembles are "
+            "configured as the same region, probably a copied config; give one of them its "
+            "own `region:` (not restarted: exit status 4)")
+
+
+__all__ = ["BridgeError", "Inbound", "PeerState", "decode_record", "duplicate_message"]

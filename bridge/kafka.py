@@ -22,6 +22,7 @@ from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
     InvalidProducerEpoch,
+    OffsetOutOfRangeError,
     OutOfOrderSequenceNumber,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
@@ -34,7 +35,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from bridge.config import KafkaSettings, topic_name
-from bridge.errors import FatalKafkaError, KafkaError
+from bridge.errors import FatalKafkaError, KafkaError, OffsetOutOfRange
 
 __all__ = ["Kafka", "Record", "topic_name"]
 
@@ -301,13 +302,19 @@ class Kafka:
             log.debug("producer_stop_failed", error=str(exc))
 
     # -- consumer ------------------------------------------------------
-    async def start_consumer(self, group_id: str | None) -> None:
+    async def start_consumer(self, group_id: str | None, *, reset: str = "earliest") -> None:
+        """Start the consumer; ``reset="none"`` makes an out-of-range position an error.
+
+        The bridge's own consumer uses "none": a position beyond a topic's end
+        means the topic lost records, which must be reported and handled, never
+        silently "reset" by the client.
+        """
         await self._check_security()
         consumer = AIOKafkaConsumer(
             **self._common(),
             group_id=group_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset=reset,
             max_partition_fetch_bytes=2 * MAX_RECORD_BYTES,
             # Upper bound on an idle fetch's wait. Kafka answers as soon as data
             # arrives anyway; some compatible brokers only answer on this timer.
@@ -342,11 +349,23 @@ class Kafka:
             else:
                 consumer.seek(tp, off)
 
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self._need_consumer().seek(TopicPartition(topic, partition), offset)
+
     async def fetch(self, timeout_ms: int, max_records: int) -> list[Record]:
         consumer = self._need_consumer()
-        batches = await _guard(
-            "fetch", consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        )
+        try:
+            batches = await _guard(
+                "fetch", consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            )
+        except KafkaError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OffsetOutOfRangeError):
+                found = cause.args[0] if cause.args and isinstance(cause.args[0], dict) else {}
+                offsets = {(tp.topic, tp.partition): int(o) for tp, o in found.items()}
+                raise OffsetOutOfRange(f"fetch: offsets out of range {offsets}",
+                                       offsets) from cause
+            raise
         out = []
         for tp, msgs in batches.items():
             for m in msgs:
@@ -395,6 +414,17 @@ class Kafka:
         consumer = self._need_consumer()
         res = await _guard(
             "end offsets", consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
+        )
+        return {(tp.topic, tp.partition): off for tp, off in res.items()}
+
+    async def beginning_offsets(
+        self, tps: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        """Log start offset per partition: what a reader from the start begins with."""
+        consumer = self._need_consumer()
+        res = await _guard(
+            "beginning offsets",
+            consumer.beginning_offsets([TopicPartition(t, p) for t, p in tps]),
         )
         return {(tp.topic, tp.partition): off for tp, off in res.items()}
 

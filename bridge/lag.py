@@ -25,6 +25,9 @@ class LagRow:
     seconds_behind: float | None  # None: never heard from the peer
     heartbeat_age: float | None
     outbox: int  # this region's own changes not yet published
+    # Set when the peer topic lost records (a stored position above its end):
+    # the whole topic is then counted as behind, since the bridge rewinds.
+    note: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -74,6 +77,15 @@ class LagProbe:
                 positions = await read_positions(zk, layout, peer)
                 parts = await kafka.partitions(topic)
                 ends = await kafka.end_offsets([(topic, p) for p in parts])
+                begins = await kafka.beginning_offsets(list(ends))
+                notes = []
+                for (t, p), end in ends.items():
+                    if positions.get(p, 0) > end:
+                        # Never a negative backlog, nor a clamped 0: all of
+                        # the current topic is still to be read.
+                        notes.append(f"{t}[{p}] lost records: position {positions[p]} above "
+                                     f"end {end}; the bridge rewinds to {begins.get((t, p), 0)}")
+                        positions = {**positions, p: begins.get((t, p), 0)}
                 behind = {tp: end - positions.get(tp[1], 0) for tp, end in ends.items()
                           if end > positions.get(tp[1], 0)}
                 peer_status = status.peer(st.name, peer) if status else None
@@ -86,7 +98,8 @@ class LagProbe:
                     seconds: float | None = max(0.0, (now - ts) / 1000)
                 else:
                     seconds = hb_age
-                rows.append(LagRow(st.name, peer, sum(behind.values()), seconds, hb_age, outbox))
+                rows.append(LagRow(st.name, peer, sum(behind.values()), seconds, hb_age, outbox,
+                                   "; ".join(notes)))
         return rows
 
 
@@ -112,12 +125,17 @@ def cells(r: LagRow) -> tuple[str, ...]:
 
 
 def table(rows: list[LagRow], extra: tuple[str, list[str]] | None = None) -> str:
-    """Plain aligned columns; ``extra`` appends one more (heading, one cell per row)."""
+    """Plain aligned columns; ``extra`` appends one more (heading, one cell per row).
+
+    Rows with a note (a topic that lost records) are followed by it, marked ``!``.
+    """
     head = HEADINGS + ((extra[0],) if extra else ())
     body = [cells(r) + ((extra[1][i],) if extra else ()) for i, r in enumerate(rows)]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in (head, *body))
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in (head, *body)]
+    lines += [f"! {r.subtree}/{r.peer}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines)
 
 
 def run_measure(settings: Settings, timeout: float) -> list[LagRow]:

@@ -61,6 +61,13 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_rejected", "counter", "records refused", ("reason",)),
     Spec("zkbridge_scans", "counter", "full scans", ("subtree",)),
     Spec("zkbridge_retries", "counter", "retried operations"),
+    Spec("zkbridge_topic_resets", "counter",
+         "peer streams rewound: the topic lost records or was re-created", ("subtree", "peer")),
+    Spec("zkbridge_reannounced", "counter",
+         "records re-announced because this region's own topic lost records", ("subtree",)),
+    Spec("zkbridge_clock_collisions", "counter",
+         "events refused: equal clock, different content (two writers as one region)",
+         ("subtree", "origin")),
 )}
 
 
@@ -81,7 +88,10 @@ def lag_of(bridge: Bridge) -> list[tuple[str, str, int, float]]:
     now = now_ms()
     for p in bridge.peers.values():
         hw = bridge.kafka.highwater(p.topic, p.positions)
-        behind = sum(max(0, hw.get(part, 0) - p.positions.get(part, 0)) for part in hw)
+        # A position above the end: the topic lost records and all of it is
+        # still to be read (the fetcher rewinds), not a negative backlog.
+        behind = sum(end if (pos := p.positions.get(part, 0)) > end else end - pos
+                     for part, end in hw.items())
         # Behind: the newest applied event is at least this old. Caught up: the
         # peer's last heartbeat tells how fresh our view of it is.
         ref = p.last_event_ms if behind else max(p.last_heartbeat_ms, p.last_event_ms)
@@ -123,18 +133,23 @@ class BridgeCollector(Collector):
             scan.add_metric([name], secs)
         yield scan
         families = {kind: family(f"zkbridge_{kind}") for kind in
-                    ("published", "captured", "applied", "conflicts", "rejected", "scans")}
+                    ("published", "captured", "applied", "conflicts", "rejected", "scans",
+                     "topic_resets", "reannounced", "clock_collisions")}
         for key, value in b.stats.items():
             kind, _, rest = key.partition(":")
             fam = families.get(kind)
             if fam is not None and rest:
                 fam.add_metric(rest.split(":"), value)
-        for kind in ("published", "applied", "conflicts"):
+        for kind in ("published", "applied", "conflicts", "reannounced"):
             # Always present, so alerts and dashboards never see "no data" at 0.
             for name in b.stores:
                 if not any(k.startswith(f"{kind}:{name}") for k in b.stats):
                     families[kind].add_metric(
                         [name, "applied"] if kind == "applied" else [name], 0)
+        for p in b.peers.values():
+            for kind in ("topic_resets", "clock_collisions"):
+                if f"{kind}:{p.subtree}:{p.peer}" not in b.stats:
+                    families[kind].add_metric([p.subtree, p.peer], 0)
         yield from families.values()
         retries = family("zkbridge_retries")
         retries.add_metric([], b.stats["retries"])

@@ -96,6 +96,10 @@ class Event:
     # Schema 1.1, puts under `acl: copy`: the znode's ACL at the origin, one
     # "perms:scheme:id" string per entry (flat, so 1.0 receivers ignore it).
     acl: tuple[str, ...] | None = None
+    # Schema 1.2: the publishing ensemble's incarnation (the marker under its
+    # state path). Two ensembles publishing as one region show two values on
+    # one topic; None from senders before 1.2.
+    inc: str | None = None
 
     @property
     def key(self) -> bytes:

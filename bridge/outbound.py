@@ -6,6 +6,12 @@ that order, and published in that order by a single publisher; heartbeats go
 through the same queue so no other record lands inside a batch. A batch
 leaves the outbox only after Kafka acknowledged every record of it, so a
 restart republishes whole batches, in order, never a part of one.
+
+Every record leaves stamped with this ensemble's incarnation (schema 1.2,
+``inc``), so that a second ensemble publishing as the same region shows on
+the topic. It is stamped here, at publish time, rather than when the outbox
+entry is written: the outbox lives in the ensemble, so whatever it holds
+belongs to the ensemble's current incarnation anyway.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -39,6 +45,8 @@ class Outgoing:
     subtree: str
     records: tuple[tuple[bytes, bytes], ...]  # (key, value)
     outbox_path: str | None
+    reannounce: bool = False  # the whole state again, after the own topic lost records
+    done: asyncio.Event | None = None  # set once Kafka acknowledged these records
 
 
 class Outbound:
@@ -104,12 +112,16 @@ class Outbound:
         name = store.layout.name
         self.bridge.stats[f"captured:{name}"] += len(batch.events)
         failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
-        self.enqueue(name, batch.outbox_path,
-                     [(e.key, p) for e, p in zip(batch.events, batch.payloads, strict=True)])
+        self.enqueue(name, batch.outbox_path, [(e.key, self.stamp(e)) for e in batch.events])
+
+    def stamp(self, event: Event) -> bytes:
+        """The record value of ``event`` with this ensemble's incarnation."""
+        return codec.encode(replace(event, inc=self.bridge.incarnation))
 
     def enqueue(self, subtree: str, outbox_path: str | None,
-                records: list[tuple[bytes, bytes]]) -> None:
-        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path))
+                records: list[tuple[bytes, bytes]], *, reannounce: bool = False,
+                done: asyncio.Event | None = None) -> None:
+        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done))
         if outbox_path is not None:
             self.queued[subtree] += len(records)
 
@@ -119,10 +131,11 @@ class Outbound:
             records = []
             for payload in payloads:
                 try:
-                    key = codec.decode(payload).key
+                    event = codec.decode(payload)
                 except BridgeError:
-                    key = b"/"
-                records.append((key, payload))
+                    records.append((b"/", payload))
+                    continue
+                records.append((event.key, self.stamp(event)))
             self.enqueue(subtree, path, records)
 
     # -- publish ---------------------------------------------------------------
@@ -141,6 +154,11 @@ class Outbound:
         records = [(b.topic(u.subtree, b.region), k, v) for u in units for k, v in u.records]
         ends = await b.retry("publish", lambda: b.kafka.send_all(records))
         for u in units:
+            if u.done is not None:
+                u.done.set()
+            if u.reannounce:
+                b.stats[f"reannounced:{u.subtree}"] += len(u.records)
+                continue
             if u.outbox_path is None:
                 b.stats["heartbeats_sent"] += 1
                 continue
@@ -156,6 +174,7 @@ class Outbound:
         for (topic, part), end in ends.items():
             subtree = next(u.subtree for u in units if b.topic(u.subtree, b.region) == topic)
             self._own_ends.setdefault(subtree, {})[part] = end
+            b.inbound.own_acked(topic, part, end)
         # The own-topic position only bounds a replay after a wipe: once a
         # second is plenty, and saves a ZooKeeper write per small batch.
         if time.monotonic() - self._own_written >= 1.0 or self.queue.empty():
@@ -202,7 +221,8 @@ class Outbound:
             # Idle or nearly: a backlog already tells peers we are alive.
             for name in b.stores if self.queue.qsize() < 10 else ():
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
-                           vc=VectorClock(), ts=b.clock.now(), writer=b.region)
+                           vc=VectorClock(), ts=b.clock.now(), writer=b.region,
+                           inc=b.incarnation)
                 # Through the publisher's queue: never inside another batch's records.
                 self.enqueue(name, None, [(hb.key, codec.encode(hb))])
             await sleep(interval())

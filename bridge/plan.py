@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     OVERSIZED = "oversized"
     EXCLUDED = "excluded"
     HELD_BACK = "held_back"  # the bridge may not write the znode (ACL)
+    COLLISION = "clock_collision"  # equal clocks, different content: refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +236,8 @@ class Planner:
         decision = decide(local.version() if local else None, remote)
         if decision.action is Action.SKIP:
             return Outcome.SKIPPED, None
+        if decision.action is Action.COLLISION:
+            return Outcome.COLLISION, None
         self.clock.observe(event.ts)
         conflict = None
         if decision.action is Action.CONFLICT:

@@ -68,6 +68,7 @@ async def read_overview(settings: Settings, config: str = "FILE") -> dict[str, A
             "oversized": dict(status.oversized) if status else {},
             "held_back": dict(status.held_back) if status else {},
             "recent_errors": list(status.errors) if status else [],
+            "incidents": list(status.incidents) if status else [],
             "subtrees": subtrees,
             "peers": _peers(status, now) if fresh else [],
         }
@@ -124,6 +125,11 @@ def render_status(o: dict[str, Any]) -> str:
     for name, paths in o["oversized"].items():
         if paths:
             lines.append(f"oversized in {name}: {', '.join(paths[:10])}")
+    if o.get("incidents"):
+        lines.append("incidents (what happened to the data, and what the bridge did):")
+        for e in o["incidents"][-10:]:
+            when = time.strftime("%H:%M:%S", time.gmtime(int(e.get("at_ms", 0)) / 1000))
+            lines.append(f"  {when}Z {e.get('kind')}: {e.get('text')}")
     if o["recent_errors"]:
         lines.append("recent errors:")
         for e in o["recent_errors"][-10:]:

@@ -16,12 +16,17 @@ from bridge.clock import Order, compare, merge
 from bridge.model import VectorClock, Version
 
 RULE_LWW = "lww"
+RULE_COLLISION = "collision"
 
 
 class Action(enum.Enum):
     SKIP = "skip"  # remote is dominated by or equal to local
     APPLY = "apply"  # remote dominates local (or there is no local)
     CONFLICT = "conflict"  # concurrent: ``winner`` says whose content stays
+    # Equal clocks, different content: two writers share one region's
+    # identity. Never a duplicate, never applied (no rule can tell which
+    # content that clock "really" means).
+    COLLISION = "collision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,9 @@ def decide(local: Version | None, remote: Version) -> Decision:
     if local is None:
         return Decision(Action.APPLY, remote.vc, True)
     order = compare(remote.vc, local.vc)
+    if order is Order.EQUAL and (remote.data_hash, remote.deleted) != (local.data_hash,
+                                                                       local.deleted):
+        return Decision(Action.COLLISION, local.vc, False, RULE_COLLISION)
     if order in (Order.EQUAL, Order.BEFORE):
         return Decision(Action.SKIP, local.vc, False)
     if order is Order.AFTER:

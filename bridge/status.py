@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATUS_INTERVAL = 2.0
+# An incident (a peer topic that lost records, a clock collision) keeps the
+# bridge degraded this long after it was last seen: long enough for an
+# operator to notice, short enough that a healed federation reads healthy again.
+INCIDENT_S = 600.0
 
 
 def now_ms() -> int:
@@ -49,6 +53,9 @@ class Status:
     peers: tuple[PeerStatus, ...]
     errors: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     held_back: Mapping[str, list[str]] = field(default_factory=dict)
+    # Things that happened to the replicated data, newest last: each
+    # {"at_ms", "kind", "text"}; kind is TOPIC_RESET, COLLISION or REANNOUNCED.
+    incidents: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
     def encode(self) -> bytes:
         doc = {
@@ -66,6 +73,7 @@ class Status:
                 for p in self.peers
             ],
             "errors": list(self.errors),
+            "incidents": list(self.incidents),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -92,6 +100,7 @@ class Status:
                     for p in d["peers"]
                 ),
                 errors=tuple(d.get("errors", [])),
+                incidents=tuple(d.get("incidents", [])),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -104,10 +113,13 @@ class Status:
 
 
 def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
-           heartbeat_interval: float, now: int | None = None) -> str:
-    """``ok``, or ``degraded`` with a recent error or a peer silent for 10 heartbeats."""
+           heartbeat_interval: float, now: int | None = None,
+           incidents: tuple[Mapping[str, Any], ...] = ()) -> str:
+    """``ok``, or ``degraded``: a recent error or incident, a peer silent for 10 heartbeats."""
     t = now or now_ms()
     if any(t - int(e.get("at_ms", 0)) < 60_000 for e in errors):
+        return "degraded"
+    if any(t - int(e.get("at_ms", 0)) < INCIDENT_S * 1000 for e in incidents):
         return "degraded"
     silent_ms = 10 * heartbeat_interval * 1000
     if any(p.last_heartbeat_ms and t - p.last_heartbeat_ms > silent_ms for p in peers):

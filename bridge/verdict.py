@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from bridge.status import STATUS_INTERVAL, PeerStatus, Status
+from bridge.status import INCIDENT_S, STATUS_INTERVAL, PeerStatus, Status
 
 # The leader rewrites the record every STATUS_INTERVAL: this many missed
 # rewrites means it is stuck, gone, or cut off from its ensemble.
@@ -47,8 +47,17 @@ class Verdict:
 
 
 def events_behind(p: PeerStatus) -> int:
-    """Records the leader's consumer had seen on the peer's topic but not applied."""
-    return sum(max(0, end - p.positions.get(part, 0)) for part, end in p.highwater.items())
+    """Records the leader's consumer had seen on the peer's topic but not applied.
+
+    A position above the topic's end means the topic lost records: everything
+    in it is then still to be read (the bridge rewinds), never a negative or
+    a zero backlog.
+    """
+    total = 0
+    for part, end in p.highwater.items():
+        pos = p.positions.get(part, 0)
+        total += end if pos > end else end - pos
+    return total
 
 
 def _age(now_ms: int, at_ms: int) -> float | None:
@@ -83,6 +92,8 @@ def judge(
             "stuck, or cut off from ZooKeeper", logs))
     peers = status.peers if status and fresh else ()
     problems += _peer_problems(peers, heartbeat_interval, now_ms, lag)
+    if status is not None:
+        problems += _incident_problems(status, now_ms, logs)
     if status is not None and fresh:
         recent = [e for e in status.errors
                   if now_ms - int(e.get("at_ms", 0)) < RECENT_ERROR_S * 1000]
@@ -107,6 +118,29 @@ def judge(
         return Verdict(False, f"{first.kind}: {first.text}{more} -> {first.look}",
                        tuple(problems))
     return Verdict(True, _healthy_line(leader, peers, now_ms), ())
+
+
+# Worst first: a collision needs an operator; a topic reset heals by itself.
+_INCIDENT_ORDER = ("COLLISION", "TOPIC_RESET", "REANNOUNCED")
+
+
+def _incident_problems(status: Status, now_ms: int, logs: str) -> list[Problem]:
+    """The latest recent incident of each kind (they stay INCIDENT_S after the last one)."""
+    latest: dict[str, Mapping[str, object]] = {}
+    counts: dict[str, int] = {}
+    for inc in status.incidents:
+        if now_ms - int(str(inc.get("at_ms", 0))) >= INCIDENT_S * 1000:
+            continue
+        kind = str(inc.get("kind", "INCIDENT"))
+        latest[kind] = inc
+        counts[kind] = counts.get(kind, 0) + 1
+    order = {k: i for i, k in enumerate(_INCIDENT_ORDER)}
+    out = []
+    for kind in sorted(latest, key=lambda k: order.get(k, len(order))):
+        n = counts[kind]
+        more = f" ({n} in the last {INCIDENT_S / 60:.0f} min)" if n > 1 else ""
+        out.append(Problem(kind, f"{latest[kind].get('text')}{more}", logs))
+    return out
 
 
 def _peer_problems(peers: Sequence[PeerStatus], heartbeat_interval: float, now_ms: int,

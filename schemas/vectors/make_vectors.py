@@ -25,7 +25,7 @@ import msgpack
 HERE = Path(__file__).resolve().parent
 TS = 1_718_000_000_000 << 16  # 2024-06-10 in the hybrid logical clock's layout
 EVENT_FIELDS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
-                "batch", "batch_index", "batch_size")
+                "batch", "batch_index", "batch_size", "acl", "inc")
 
 
 def event_map(**fields: Any) -> dict[str, Any]:
@@ -76,9 +76,26 @@ VALID: dict[str, tuple[str, dict[str, Any], bool]] = {
         event_map(op="delete", vc={"us-east": 4}, data=None),
         True,
     ),
+    "put-with-acl": (
+        "schema 1.2: a put under acl: copy carries the znode's ACL entries",
+        event_map(acl=["31:digest:alice:C9s+7o3XWxCwqq1JQ6kcpFSFz0U=", "1:world:anyone"]),
+        True,
+    ),
     "put-batched": (
         "schema 1.1: the second of three events of one closed batch",
         event_map(batch=TS + 7, batch_index=1, batch_size=3),
+        True,
+    ),
+    "put-incarnation": (
+        "schema 1.2: a batched put stamped with the publishing ensemble's incarnation",
+        event_map(batch=TS + 9, batch_index=0, batch_size=1,
+                  inc="5f0c1e7a9b2d4c3e8f6a1b0c9d8e7f60"),
+        True,
+    ),
+    "heartbeat-incarnation": (
+        "schema 1.2: a heartbeat stamped with the publishing ensemble's incarnation",
+        event_map(path="/", op="heartbeat", vc={}, data=None,
+                  inc="5f0c1e7a9b2d4c3e8f6a1b0c9d8e7f60"),
         True,
     ),
     "heartbeat": (
@@ -125,6 +142,18 @@ INVALID: dict[str, tuple[str, bytes, str, dict[str, Any]]] = {
     "batch-index-without-batch": (
         "schema 1.1: batch_index and batch_size only come with batch",
         msgpack.packb(event_map(batch_index=0, batch_size=1)),
+        "bad_field",
+        {"schema_rejects": True},
+    ),
+    "inc-not-hex": (
+        "schema 1.2: inc must be lower-case hex",
+        msgpack.packb(event_map(inc="Not-An-Id")),
+        "bad_field",
+        {"schema_rejects": True},
+    ),
+    "inc-not-str": (
+        "schema 1.2: inc must be a string",
+        msgpack.packb(event_map(inc=42)),
         "bad_field",
         {"schema_rejects": True},
     ),

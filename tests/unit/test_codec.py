@@ -52,6 +52,8 @@ def event_from_json(d: dict[str, Any]) -> Event:
         batch=d.get("batch"),
         batch_index=d.get("batch_index", 0),
         batch_size=d.get("batch_size", 1),
+        inc=d.get("inc"),
+        acl=tuple(d["acl"]) if "acl" in d else None,
     )
 
 

@@ -83,3 +83,15 @@ def test_rich_view_renders_every_row() -> None:
     out = buf.getvalue()
     assert "every 2s" in out and "Ctrl-C" in out
     assert "catching up" in out and "caught up" in out and "above 30s: eu-west" in out
+
+
+def test_a_topic_that_lost_records_is_explained_under_the_table() -> None:
+    from bridge.lag import table
+
+    rows = [LagRow("critical", "r1", 12, 3.0, 1.0, 0,
+                   "zkb.critical.r1[0] lost records: position 500 above end 12; the bridge "
+                   "rewinds to 0"), LagRow("critical", "r3", 0, 1.0, 1.0, 0)]
+    text = table(rows)
+    assert text.splitlines()[-1] == ("! critical/r1: zkb.critical.r1[0] lost records: position "
+                                     "500 above end 12; the bridge rewinds to 0")
+    assert len(text.splitlines()) == 4

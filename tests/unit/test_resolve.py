@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from bridge.clock import merge
 from bridge.model import VectorClock, Version, content_hash
-from bridge.resolve import RULE_LWW, Action, decide, lww_key
+from bridge.resolve import RULE_COLLISION, RULE_LWW, Action, decide, lww_key
 
 
 def ver(
@@ -34,7 +34,6 @@ def test_no_local_metadata_applies_a_delete_too() -> None:
 @pytest.mark.parametrize(
     ("local", "remote"),
     [
-        ({"a": 1}, {"a": 1}),  # duplicate
         ({"a": 2}, {"a": 1}),  # stale
         ({"a": 1, "b": 1}, {"b": 1}),
         ({"a": 3, "b": 2}, {"a": 2, "b": 2}),
@@ -47,6 +46,20 @@ def test_dominated_or_equal_is_skipped(local: dict[str, int], remote: dict[str, 
     assert d.action is Action.SKIP
     assert d.merged == lv.vc
     assert not d.remote_wins
+
+
+def test_equal_clock_and_content_is_a_duplicate() -> None:
+    lv, rv = ver({"a": 1, "b": 2}, ts=1), ver({"a": 1, "b": 2}, ts=99)
+    assert decide(lv, rv).action is Action.SKIP
+
+
+@pytest.mark.parametrize("remote_data", [b"other", b"", None])
+def test_equal_clock_with_other_content_is_a_collision(remote_data: bytes | None) -> None:
+    # Two writers with one identity: never a duplicate, never applied.
+    lv, rv = ver({"a": 1}, ts=1), ver({"a": 1}, ts=99, data=remote_data)
+    d = decide(lv, rv)
+    assert (d.action, d.merged, d.remote_wins, d.rule) == (
+        Action.COLLISION, lv.vc, False, RULE_COLLISION)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +132,9 @@ def test_decision_is_symmetric(x: Version, y: Version) -> None:
         assert dy.action is Action.CONFLICT
         if lww_key(x) != lww_key(y):
             assert kept_by_x == kept_by_y
+    elif dx.action is Action.COLLISION:
+        assert dy.action is Action.COLLISION
+        assert not dx.remote_wins and not dy.remote_wins
     elif dx.action is Action.APPLY:
         assert dy.action is Action.SKIP
         assert kept_by_x == kept_by_y == y

@@ -205,3 +205,14 @@ def test_systemd_analyze_security_exposure_is_low(tmp_path: Path) -> None:
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert score, result.stdout + result.stderr
     assert result.returncode == 0, f"exposure {score.group(1)} above 2.5\n{result.stdout}"
+
+
+def test_exit_statuses_an_operator_must_act_on_are_not_restarted(unit: Unit) -> None:
+    from bridge.daemon import DUPLICATE_REGION_EXIT, MASS_DELETE_EXIT
+
+    prevented = {int(s) for v in values(unit, "Service", "RestartPreventExitStatus")
+                 for s in v.split()}
+    # Mass-delete breaker and a second ensemble publishing as this region:
+    # a restart cannot fix either, and the duplicate would fight over the topic.
+    assert {MASS_DELETE_EXIT, DUPLICATE_REGION_EXIT} <= prevented
+    assert len({MASS_DELETE_EXIT, DUPLICATE_REGION_EXIT, 0, 1, 2}) == 5  # all distinct

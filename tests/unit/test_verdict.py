@@ -120,3 +120,45 @@ def test_every_problem_suggests_a_command(kind: str) -> None:
     v = cases[kind]
     assert v.problems[0].kind == kind
     assert v.problems[0].look.split()[0] in {"zkbridge", "systemctl", "journalctl"}
+
+
+# -- incidents: topic loss and clock collisions ---------------------------------------
+
+
+def test_a_position_above_the_end_counts_the_whole_topic_never_negative() -> None:
+    from bridge.verdict import events_behind
+
+    lost = replace(peer(), positions={0: 500}, highwater={0: 12})
+    assert events_behind(lost) == 12  # all of the new topic, not -488 and not 0
+    assert events_behind(replace(peer(), positions={0: 500}, highwater={0: 0})) == 0
+
+
+def test_incidents_degrade_worst_first_then_expire() -> None:
+    from bridge.status import INCIDENT_S, health
+
+    incidents = (
+        {"at_ms": NOW - 5000, "kind": "TOPIC_RESET", "text": "zkbridge.critical.eu-west[0] "
+         "lost records (position 500 is above the end offset 12); rewound to offset 0"},
+        {"at_ms": NOW - 3000, "kind": "COLLISION", "text": "event from eu-west for "
+         "critical:/x has the clock {eu-west:1} of the local version but different content"},
+        {"at_ms": NOW - 1000, "kind": "COLLISION", "text": "second"},
+    )
+    v = verdict(record(peer(), incidents=incidents))
+    assert not v.healthy
+    assert [p.kind for p in v.problems] == ["COLLISION", "TOPIC_RESET"]
+    assert v.problems[0].text == "second (2 in the last 10 min)"
+    assert v.line.startswith("COLLISION: second")
+    assert health((), (), 5.0, now=NOW, incidents=incidents) == "degraded"
+    later = NOW + int(INCIDENT_S * 1000)
+    assert health((), (), 5.0, now=later, incidents=incidents) == "ok"
+    assert verdict(record(peer(), incidents=incidents[:1], updated_ms=NOW - 1000)).problems
+
+
+def test_incidents_survive_the_status_record_roundtrip() -> None:
+    inc = ({"at_ms": NOW, "kind": "REANNOUNCED", "text": "own topic lost records"},)
+    decoded = Status.decode(record(peer(), incidents=inc).encode())
+    assert decoded is not None and tuple(decoded.incidents) == inc
+    old = json.loads(record(peer()).encode())
+    del old["incidents"]  # a record written before incidents existed
+    legacy = Status.decode(json.dumps(old).encode())
+    assert legacy is not None and legacy.incidents == ()

@@ -1,0 +1,155 @@
+"""Kafka loses the topics: detected, reported, rewound, re-announced, healed without an operator.
+
+The issue's scenario runs on tansu (a restart loses every topic) and on a
+dedicated Apache Kafka whose log dirs are wiped; a topic deleted and
+re-created under a running federation runs on the suite's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.conftest import REGION_NAMES, ZkServers
+from tests.harness.broker import Broker, KafkaBroker, TansuBroker
+from tests.harness.procs import wait_for
+from tests.integration.federation import Federation
+
+Report = Callable[[str], None]
+# Each incident is an error log line on purpose; nothing else may be.
+INCIDENTS = {"topic_lost_records", "own_topic_lost_records"}
+
+
+def _fed(tmp: Path, token: str, broker: Broker, zk: ZkServers) -> Federation:
+    return Federation(tmp, token, broker, dict(zip(REGION_NAMES, zk.regions, strict=True)))
+
+
+@pytest.fixture(params=["tansu", "kafka"])
+def lossy(request: pytest.FixtureRequest, tmp_path: Path, token: str, zk_servers: ZkServers,
+          harness_report: Report) -> Iterator[tuple[Federation, Callable[[], None]]]:
+    """A federation on its own broker, and how that broker loses every topic."""
+    broker: Broker
+    if request.param == "tansu":
+        broker = TansuBroker(base_dir=tmp_path / "tansu")
+        broker.start()
+        lose: Callable[[], None] = broker.restart  # memory only: restarts empty
+    else:
+        kafka = KafkaBroker(tmp_path / "kafka")
+        kafka.start()
+        broker, lose = kafka, kafka.wipe_log_dirs
+    fed = _fed(tmp_path, token, broker, zk_servers)
+    try:
+        yield fed, lose
+    finally:
+        fed.close()
+        broker.close()
+
+
+def _lag(fed: Federation, name: str) -> list[dict[str, object]]:
+    out = fed.cli("lag", "-c", str(fed[name].config_path), "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)["rows"]
+    return rows
+
+
+def test_broker_rebuilt_empty_heals_by_itself_and_skips_nothing(
+    lossy: tuple[Federation, Callable[[], None]], harness_report: Report,
+) -> None:
+    fed, lose = lossy
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    for i in range(50):
+        r1.client.create(r1.path(f"/n{i}"), b"v1")
+    fed.wait_converged()
+    lose()  # same address, no topics, no records, no offsets
+    t0 = time.monotonic()
+    for i in range(50, 60):
+        r1.client.create(r1.path(f"/n{i}"), b"new")
+    for i in range(5):
+        r1.client.set(r1.path(f"/n{i}"), b"v2")
+    # No operator: every region must end with all of it, nothing skipped.
+    fed.wait_converged(timeout=120)
+    healed = time.monotonic() - t0
+    tree = fed.tree("r2")
+    assert {rel: tree[rel] for rel in tree} == {
+        f"/n{i}": b"v2" if i < 5 else b"new" if i >= 50 else b"v1" for i in range(60)}
+    # Reported where an operator looks: logs, status, lag (never negative).
+    for name in fed.regions:
+        wait_for(lambda n=name: fed.count_events(n, "own_topic_reannounced") >= 1, 60,
+                 message=f"{name} never re-announced")
+    assert fed.count_events("r2", "own_topic_lost_records") >= 1
+    lost = [e for n in fed.regions for e in fed.events(n) if e.get("event") == "topic_lost_records"]
+    assert lost, "no receiver reported the lost records"
+    for e in lost:
+        assert {"topic", "partition", "stored_position", "end_offset"} <= set(e)
+    for row in _lag(fed, "r2"):
+        assert isinstance(row["events_behind"], int) and row["events_behind"] >= 0
+    out = fed.cli("status", "-c", str(r2.config_path))
+    assert out.returncode == 0, out.stderr
+    assert "REANNOUNCED" in out.stdout or "TOPIC_RESET" in out.stdout, out.stdout
+    harness_report(f"{fed.broker.kind} lost every topic: converged without an operator in "
+                   f"{healed:.1f}s")
+    fed.assert_clean_logs(allowed=INCIDENTS)
+
+
+def _recreate_topic(bootstrap: str, topic: str) -> None:
+    async def go() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([topic])
+            deadline = time.monotonic() + 30
+            while topic in await admin.list_topics():
+                assert time.monotonic() < deadline, f"{topic} never went away"
+                await asyncio.sleep(0.2)
+            while True:
+                # Kafka finishes a deletion in the background: retry until it takes.
+                resp = await admin.create_topics([NewTopic(
+                    topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+                code = resp.topic_errors[0][1]
+                if code in (0, 36):  # created, or a bridge re-created it first
+                    return
+                assert time.monotonic() < deadline, f"cannot re-create {topic}: {code}"
+                await asyncio.sleep(0.5)
+        finally:
+            await admin.close()
+
+    asyncio.run(go())
+
+
+def test_topic_deleted_and_recreated_under_a_running_federation(
+    federation: Federation, harness_report: Report,
+) -> None:
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(40):
+        r1.client.create(r1.path(f"/a{i}"), b"before")
+    fed.wait_converged()
+    _recreate_topic(fed.broker.bootstrap, f"{fed.prefix}.{fed.subtree}.r1")
+    t0 = time.monotonic()
+    for i in range(10):
+        r1.client.set(r1.path(f"/a{i}"), b"after")
+        r1.client.create(r1.path(f"/b{i}"), b"after")
+    fed.wait_converged(timeout=120)
+    healed = time.monotonic() - t0
+    tree = fed.tree("r3")
+    assert len(tree) == 50
+    assert all(tree[f"/a{i}"] == b"after" and tree[f"/b{i}"] == b"after" for i in range(10))
+    wait_for(lambda: fed.count_events("r1", "own_topic_reannounced") >= 1, 60)
+    # Other regions' topics were untouched: they re-announce nothing.
+    assert fed.count_events("r2", "own_topic_lost_records") == 0
+    assert fed.count_events("r3", "own_topic_lost_records") == 0
+    # A fresh topic on Kafka: the stream is rewound on both receivers.
+    for name in ("r2", "r3"):
+        wait_for(lambda n=name: fed.count_events(n, "topic_lost_records") >= 1, 30,
+                 message=f"{name} never reported the re-created topic")
+    harness_report(f"{fed.broker.kind}: r1's topic re-created under a running federation, "
+                   f"converged in {healed:.1f}s")
+    fed.assert_clean_logs(allowed=INCIDENTS | {"topic_check_failed"})
