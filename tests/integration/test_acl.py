@@ -7,6 +7,7 @@ bridge identity ``bridge`` where a test gives the bridges one.
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 from kazoo.client import KazooClient
@@ -76,6 +77,18 @@ def test_unreadable_znodes_are_held_back_and_never_stall_the_rest(federation: Fe
     assert out.returncode == 1 and "not readable" in out.stdout, out.stdout + out.stderr
     held = [e for e in fed.events("r1") if e.get("event") == "znode_held_back"]
     assert len(held) == 40  # reported once each, not retried in a loop
+    # Once readable (alice opens one up), it replicates normally after a SIGHUP.
+    owner = _alice(fed, "r1")
+    try:
+        owner.set_acls(r1.path("/secret7"), OPEN_ACL_UNSAFE)
+    finally:
+        owner.stop()
+        owner.close()
+    assert r1.proc is not None
+    r1.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: r2.client.exists(r2.path("/secret7")) is not None, 30,
+             message="a znode that became readable was not replicated after SIGHUP")
+    assert r2.client.get(r2.path("/secret7"))[0] == b"hidden"
     fed.assert_clean_logs()
     _no_secret_anywhere(fed)
 
