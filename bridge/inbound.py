@@ -368,17 +368,15 @@ class Inbound:
         """Apply under the subtree's lock (held by the caller), capturing local changes first."""
         b = self.bridge
         name = store.layout.name
-        extra = [store.position_op(peer, positions)] if peer and positions is not None else []
+        position = (peer, positions) if peer and positions is not None else None
         await b.outbound.flush(name)
         while True:
             try:
-                applied = await b.retry(f"apply {name}", lambda: store.apply(events, extra))
+                applied = await b.retry(f"apply {name}", lambda: store.apply(events, position))
             except LocalChanges as exc:
                 # Never apply over a local write nobody has seen: announce it first.
                 await b.outbound.flush(name, set(exc.rels))
                 continue
-            if extra:
-                store.position_written(peer or "")
             return applied
 
     def record(self, store: SubtreeStore, applied: Applied) -> None:

@@ -443,6 +443,14 @@ class Kafka:
                     await closer.stop()
             except TimeoutError:
                 log.warning("kafka_stop_timeout", client=what, timeout_s=STOP_TIMEOUT)
+            except asyncio.CancelledError:
+                # aiokafka re-raises the cancellation of its own fetch task (one
+                # waiting to retry an unreachable broker) from stop(): a failed
+                # close, unless this task itself is being cancelled.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                log.warning("kafka_stop_failed", client=what, error="cancelled inside aiokafka")
             except Exception as exc:  # shutting down: report, don't mask the cause
                 log.warning("kafka_stop_failed", client=what, error=str(exc))
 

@@ -26,7 +26,7 @@ import structlog
 from bridge import batching, codec
 from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock
-from bridge.errors import NoPermission, VersionConflict
+from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, ancestors, classify, is_excluded, join, parent
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
 from bridge.plan import (
@@ -80,6 +80,8 @@ class SubtreeStore(Planner):
         # Where paths go back when a batch had to be cut before closing.
         self.requeue: Callable[[set[str]], None] = lambda rels: None
         self._position_versions: dict[str, int] = {}
+        self._suspect: set[str] = set()  # metadata a lost multi may have changed
+        self._suspect_peers: set[str] = set()
 
     def _replicable(self, rel: str) -> bool:
         return rel != "/" and not self.excluded(rel)
@@ -104,6 +106,32 @@ class SubtreeStore(Planner):
         return [r for r, e in self.metas.items()
                 if r.startswith(prefix) and "/" not in r[len(prefix):]
                 and e.meta is not None and not e.meta.deleted]
+
+    async def _multi(self, plan: Plan, peer: str | None = None) -> list[object]:
+        """Commit a plan; when the answer is lost, what it touched is read again first.
+
+        A ``multi`` cut off by a lost connection may or may not have committed:
+        the cached metadata (and the peer's position version) of what it
+        touched is unknown until read back, or the next capture would take our
+        own write for an application's.
+        """
+        try:
+            return await self.zk.multi(plan.ops)
+        except (VersionConflict, NoPermission):
+            raise
+        except ZooKeeperError:
+            self._suspect |= set(plan.metas)
+            if peer is not None:
+                self._suspect_peers.add(peer)
+            raise
+
+    async def _settle(self) -> None:
+        if self._suspect:
+            await self.refresh_meta(self._suspect)
+            self._suspect.clear()
+        for peer in list(self._suspect_peers):
+            await self.read_positions(peer)
+            self._suspect_peers.discard(peer)
 
     async def refresh_meta(self, rels: Iterable[str]) -> None:
         """Read metadata again after a failed multi (the cache may be behind)."""
@@ -138,6 +166,7 @@ class SubtreeStore(Planner):
         covered, whatever its notification says). Paths left over when the
         bound is hit are returned to ``notified``'s owner via ``requeue``.
         """
+        await self._settle()
         todo = {r for r in rels if self._replicable(r)}
         rounds = 0
         for _ in range(RETRIES + CLOSURE_ROUNDS):
@@ -242,7 +271,7 @@ class SubtreeStore(Planner):
             enc = [codec.encode(e) for e in part]
             plan.ops.append(Create(self.layout.outbox + "/b-", codec.encode_outbox(enc),
                                    sequential=True))
-            results = await self.zk.multi(plan.ops)
+            results = await self._multi(plan)
             self._commit(plan)
             out.append(CapturedBatch(tuple(part), tuple(enc), str(results[-1])))
         for e in events:
@@ -250,14 +279,18 @@ class SubtreeStore(Planner):
         return out
 
     # -- apply -------------------------------------------------------------------
-    async def apply(self, events: Sequence[Event], extra: Sequence[ZkOp] = ()) -> Applied:
+    async def apply(self, events: Sequence[Event],
+                    position: tuple[str, dict[int, int]] | None = None) -> Applied:
         """Apply a peer's complete batch (or consecutive batches) as one ``multi``.
 
-        ``extra`` (the peer's new position) commits in the same ``multi``, so a
-        restart never applies a batch twice or half. Raises ``LocalChanges``
+        ``position`` (the peer and its new offsets) commits in the same
+        ``multi``, so a restart never applies a batch twice or half. After a
+        failed ``multi`` the metadata and the position's version are read
+        again: a ``multi`` whose answer was lost may have committed. Raises ``LocalChanges``
         when a path it touches changed locally unannounced: the caller
         captures those first and calls again.
         """
+        await self._settle()
         wanted = {e.path for e in events} | {parent(e.path) for e in events}
         wanted.discard("/")
         for _ in range(RETRIES):
@@ -276,11 +309,12 @@ class SubtreeStore(Planner):
                 except NeedRead as more:
                     wanted |= more.rels
                     reads.update(await self._read(more.rels - set(reads)))
-            plan.ops.extend(extra)
+            if position is not None:
+                plan.ops.append(self.position_op(*position))
             if not plan.ops:
                 return result
             try:
-                await self.zk.multi(plan.ops)
+                await self._multi(plan, position[0] if position else None)
             except NoPermission as exc:
                 rel = self.layout.rel_of(exc.path or "")
                 if rel is None:
@@ -289,8 +323,12 @@ class SubtreeStore(Planner):
                 continue
             except VersionConflict:
                 await self.refresh_meta(set(plan.metas) | wanted)
+                if position is not None:
+                    await self.read_positions(position[0])
                 continue
             self._commit(plan)
+            if position is not None:
+                self.position_written(position[0])
             for rel, carried in plan.acls:
                 try:
                     await self.acl.converge(self.zk, self.layout.znode(rel), rel, carried)

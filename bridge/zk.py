@@ -346,7 +346,10 @@ class ZooKeeper:
         try:
             await asyncio.to_thread(self._client.stop)
         finally:
-            await asyncio.to_thread(self._client.close)
+            try:
+                await asyncio.to_thread(self._client.close)
+            except Exception as exc:  # kazoo: "Cannot close connection until it is stopped"
+                log.warning("zookeeper_close_failed", error=str(exc))
 
     async def restart(self) -> None:
         """Drop the session and connect afresh.
