@@ -8,6 +8,7 @@ of the bridge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -246,7 +247,9 @@ async def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
                     break
         return out
     finally:
-        await consumer.stop()
+        # aiokafka's fetcher re-raises its own cancelled fetch task from stop().
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer.stop()
 
 
 def check_echo(cluster: Cluster, history: History) -> Check:

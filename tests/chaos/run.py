@@ -9,6 +9,7 @@ round unless `--keep` is given, and always kept after a failing one.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import random
@@ -185,7 +186,7 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
         checks.append(checkers.check_logs(cluster))
         result.checks = checks
         result.passed = all(c.passed for c in checks)
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:2000]
         say(f"round aborted: {result.error}")
     finally:

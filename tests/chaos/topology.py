@@ -38,7 +38,9 @@ class RegionKafka(KafkaBroker):
     """Apache Kafka with a listener per region, each advertised as the region's proxy."""
 
     def __init__(self, base_dir: Path, regions: tuple[str, ...]) -> None:
-        super().__init__(base_dir)
+        # A loaded 2-core machine running nine ZooKeeper JVMs next to it can
+        # take well over the default 90 s to bring KRaft back.
+        super().__init__(base_dir, start_timeout=300.0)
         self.region_ports = {r: procs.free_port() for r in regions}
         self.region_proxies = {
             r: TcpProxy("127.0.0.1", port, listen_port=procs.free_port(), name=f"kafka-{r}")
@@ -256,9 +258,18 @@ class Cluster:
             if proxy is not None:
                 proxy.restore()
         if self.broker.managed and not self.broker.running:
-            self.broker.start()
+            try:
+                self.broker.start()
+            except Exception:
+                self.broker.start()
         for reg in self.regions.values():
-            reg.ensemble.heal()
+            for attempt in range(3):
+                try:
+                    reg.ensemble.heal()
+                    break
+                except Exception:
+                    if attempt == 2:
+                        raise
         for b in self.bridges:
             self.resume_bridge(b)
             if not b.alive:
