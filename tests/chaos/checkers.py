@@ -230,6 +230,9 @@ async def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
+        # Without a subscription the client holds no metadata for the topic yet.
+        if topic not in await consumer.topics():
+            return []
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         if not tps:
@@ -277,6 +280,8 @@ def check_echo(cluster: Cluster, history: History) -> Check:
                "re_announced": records - len(distinct), "local_writes": local,
                "foreign_writer": foreign}
         rows.append(row)
+        if local and not records:
+            problems.append(f"{region}: no event read from {topic} for {local} local writes")
         if foreign:
             problems.append(f"{region}: {foreign} records carry another region's write (echo)")
         if len(distinct) > local:
