@@ -64,8 +64,6 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...]) -> list[Fault]:
             role = rng.choice(("leader", "any"))
         elif kind == "zk_kill_majority":
             duration = rng.uniform(3.0, 8.0)
-        elif kind == "session_expiry":
-            duration = SESSION_TIMEOUT * 1.5 + rng.uniform(1.0, 3.0)
         elif kind == "failpoint":
             fp = rng.choice(FAILPOINTS)
             detail = f"{fp}=crash@{rng.randint(1, 6)}"
@@ -89,7 +87,8 @@ class Applied:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fault": self.fault.describe(), "outcome": self.outcome, "target": self.target,
+        return {"fault": self.fault.describe(), "kind": self.fault.kind,
+                "outcome": self.outcome, "target": self.target,
                 "started": self.started, "ended": self.ended}
 
 

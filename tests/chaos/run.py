@@ -51,7 +51,7 @@ class RoundResult:
         out.append("  operations: " + ", ".join(f"{k}={v}" for k, v in self.ops.items()))
         applied: dict[str, int] = {}
         for f in self.faults:
-            kind = f["fault"].split()[2]
+            kind = f["kind"]
             key = kind if f["outcome"].startswith("applied") else f"{kind}(skipped)"
             applied[key] = applied.get(key, 0) + 1
         out.append("  faults: " + ", ".join(f"{k}={v}" for k, v in sorted(applied.items())))
