@@ -217,24 +217,38 @@ class Nemesis:
             self._release(f"bridge:{b.name}")
 
     def _do_failpoint(self, a: Applied) -> None:
-        b = self._bridge(a.fault.region, "leader")
+        # The failpoint only fires in a leader: restart the standby with it,
+        # then crash the leader so that the armed process takes over.
+        b = self._bridge(a.fault.region, "standby")
+        other = next(x for x in self.cluster.regions[a.fault.region].bridges if x is not b)
         a.target = b.name
         if not self._claim(f"bridge:{b.name}"):
+            a.outcome = "skipped: bridge busy"
+            return
+        if not self._claim(f"bridge:{other.name}"):
+            self._release(f"bridge:{b.name}")
             a.outcome = "skipped: bridge busy"
             return
         try:
             self.cluster.kill_bridge(b)
             self.cluster.start_bridge(b, failpoints=a.fault.detail)
+            time.sleep(1.0)
+            self.cluster.kill_bridge(other)
             a.outcome = "applied"
             end = time.monotonic() + a.fault.duration
             while time.monotonic() < end and b.alive:
+                if not other.alive and (b.is_leader() or time.monotonic() > end - 2):
+                    self.cluster.start_bridge(other)
                 time.sleep(0.2)
-            a.notes.append("fired" if not b.alive else "not reached")
-            a.outcome = "applied (crashed)" if not b.alive else "applied (not reached)"
+            led = any(e.get("event") == "bridge_ready" for e in b.events()[-2000:])
+            a.outcome = ("applied (crashed)" if not b.alive
+                         else "applied (not reached)" if led else "applied (never led)")
             # Back to a normal process either way, so failpoints never outlive the fault.
             self.cluster.kill_bridge(b)
             self.cluster.start_bridge(b)
+            self.cluster.start_bridge(other)
         finally:
+            self._release(f"bridge:{other.name}")
             self._release(f"bridge:{b.name}")
 
     def _do_session_expiry(self, a: Applied) -> None:
