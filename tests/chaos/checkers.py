@@ -223,20 +223,32 @@ def check_order(history: History) -> Check:
 
 # -- no echo ------------------------------------------------------------------------
 
+async def _partitions(bootstrap: str, topic: str) -> list[int]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    # A consumer without a subscription knows no partitions of the topic;
+    # the admin client's describe does.
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(p["partition"] for d in described if d.get("topic") == topic
+                  for p in d.get("partitions", []))
+
+
 async def _read_topic(bootstrap: str, topic: str) -> list[bytes]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    parts = await _partitions(bootstrap, topic)
+    if not parts:
+        return []
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        # Without a subscription the client holds no metadata for the topic yet.
-        if topic not in await consumer.topics():
-            return []
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return []
+        tps = [TopicPartition(topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
