@@ -183,9 +183,15 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
         checks.append(lag_result[0] if lag_result else
                       checkers.Check("lag --max-seconds 10 within 60s of heal", False,
                                      "the lag check did not finish"))
-        final = snaps[REGIONS[0]] if snaps else None
-        if final is not None:
-            checks.append(checkers.check_lost_writes(history, final))
+        if snaps:
+            # Every region's final state, not one: unconverged regions differ.
+            per_region = [checkers.check_lost_writes(history, snaps[r]) for r in REGIONS]
+            problems = [f"{r}: {p}" for r, c in zip(REGIONS, per_region, strict=True)
+                        for p in c.details]
+            checks.append(checkers.Check(
+                per_region[0].name, not problems,
+                per_region[0].summary.rsplit(";", 1)[0]
+                + f" in {len(REGIONS)} regions; {len(problems)} problems", problems))
             checks.append(checkers.check_ephemerals(history, snaps))
         checks.append(checkers.check_order(history))
         try:
