@@ -1,0 +1,1 @@
+"""The randomized fault campaign (issue #12): topology, workload, nemesis, checkers, report."""

@@ -1,0 +1,288 @@
+"""The campaign's servers: three regions (3-server ensemble, two bridges each) and one broker.
+
+Every bridge reaches its ensemble through its own proxies (one per member,
+so one bridge's session can be expired alone) and Kafka through its
+region's proxy. Apache Kafka gets one extra listener per region, advertised
+as that region's proxy, so metadata never leads a client around the cut.
+tansu has a single listener: with it the bridges talk to it directly and
+the Kafka cut and broker restart are left out of the schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kazoo.client import KazooClient
+
+from tests.harness import procs
+from tests.harness.broker import Broker, KafkaBroker, TansuBroker
+from tests.harness.ensemble import ZooKeeperEnsemble
+from tests.harness.proxy import TcpProxy
+
+REPO = Path(__file__).resolve().parents[2]
+REGIONS = ("r1", "r2", "r3")
+SUBTREE = "app"
+MOUNT = "/app"
+STATE_PATH = "/zkbridge"
+SESSION_TIMEOUT = 4
+
+
+class RegionKafka(KafkaBroker):
+    """Apache Kafka with a listener per region, each advertised as the region's proxy."""
+
+    def __init__(self, base_dir: Path, regions: tuple[str, ...]) -> None:
+        # A loaded 2-core machine running nine ZooKeeper JVMs next to it can
+        # take well over the default 90 s to bring KRaft back.
+        super().__init__(base_dir, start_timeout=300.0)
+        self.region_ports = {r: procs.free_port() for r in regions}
+        self.region_proxies = {
+            r: TcpProxy("127.0.0.1", port, listen_port=procs.free_port(), name=f"kafka-{r}")
+            for r, port in self.region_ports.items()
+        }
+
+    def server_properties(self) -> dict[str, str]:
+        props = super().server_properties()
+        names = {r: f"REGION_{r.upper().replace('-', '_')}" for r in self.region_ports}
+        props["listeners"] += "".join(
+            f",{names[r]}://127.0.0.1:{p}" for r, p in self.region_ports.items()
+        )
+        props["advertised.listeners"] += "".join(
+            f",{names[r]}://{self.region_proxies[r].address}" for r in self.region_ports
+        )
+        props["listener.security.protocol.map"] += "".join(
+            f",{n}:PLAINTEXT" for n in names.values()
+        )
+        return props
+
+    def start(self) -> RegionKafka:
+        for p in self.region_proxies.values():
+            p.start()
+        super().start()
+        return self
+
+    def close(self) -> None:
+        super().close()
+        for p in self.region_proxies.values():
+            p.stop()
+
+
+@dataclass
+class Bridge:
+    region: str
+    name: str  # r1a, r1b
+    config_path: Path
+    log_path: Path
+    zk_proxies: list[TcpProxy]
+    proc: subprocess.Popen[bytes] | None = None
+    stopped: bool = False  # SIGSTOPped
+    starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def events(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return out
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def is_leader(self) -> bool:
+        """Alive and its last role line says it leads (good enough to aim a fault)."""
+        if not self.alive:
+            return False
+        role = False
+        for e in self.events():
+            if e.get("event") == "bridge_ready":
+                role = True
+            elif e.get("event") == "leadership_lost":
+                role = False
+        return role
+
+
+@dataclass
+class Region:
+    name: str
+    ensemble: ZooKeeperEnsemble
+    bridges: list[Bridge]
+
+    @property
+    def kafka_proxy_name(self) -> str:
+        return f"kafka-{self.name}"
+
+
+class Cluster:
+    """Starts and stops everything; `folder` holds configs, logs and server data."""
+
+    def __init__(self, folder: Path, broker_kind: str, token: str) -> None:
+        self.folder = folder
+        self.broker_kind = broker_kind
+        self.prefix = f"chaos-{token}"
+        self.broker: Broker = (
+            RegionKafka(folder / "kafka", REGIONS)
+            if broker_kind == "kafka"
+            else TansuBroker(folder / "tansu")
+        )
+        self.regions: dict[str, Region] = {}
+        for r in REGIONS:
+            ens = ZooKeeperEnsemble(r, folder / f"zk-{r}")
+            bridges = []
+            for suffix in ("a", "b"):
+                name = f"{r}{suffix}"
+                proxies = [
+                    TcpProxy("127.0.0.1", s.port, listen_port=procs.free_port(),
+                             name=f"{name}-{s.name}")
+                    for s in ens
+                ]
+                bridges.append(Bridge(r, name, folder / f"{name}.yaml",
+                                      folder / f"bridge-{name}.log", proxies))
+            self.regions[r] = Region(r, ens, bridges)
+
+    # -- addresses -----------------------------------------------------------
+    def kafka_proxy(self, region: str) -> TcpProxy | None:
+        if isinstance(self.broker, RegionKafka):
+            return self.broker.region_proxies[region]
+        return None
+
+    def bootstrap_for(self, region: str) -> str:
+        proxy = self.kafka_proxy(region)
+        return proxy.address if proxy is not None else self.broker.bootstrap
+
+    @property
+    def bridges(self) -> list[Bridge]:
+        return [b for r in self.regions.values() for b in r.bridges]
+
+    def config_doc(self, b: Bridge) -> dict[str, Any]:
+        return {
+            "region": b.region,
+            "zookeeper": {
+                "hosts": ",".join(p.address for p in b.zk_proxies),
+                "session_timeout": SESSION_TIMEOUT,
+                "connect_timeout": 30,
+            },
+            "kafka": {
+                "bootstrap_servers": self.bootstrap_for(b.region),
+                "topic_prefix": self.prefix,
+                "enable_idempotence": self.broker.supports_idempotence,
+                "request_timeout": 10,
+            },
+            "peers": [r for r in REGIONS if r != b.region],
+            "subtrees": [{"name": SUBTREE, "path": MOUNT}],
+            "state_path": STATE_PATH,
+            "heartbeat_interval": 1,
+            "log": {"format": "json", "level": "info"},
+        }
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ensembles = [r.ensemble for r in self.regions.values()]
+        for e in ensembles:
+            for s in e:
+                s.spawn()
+        self.broker.start()
+        for e in ensembles:
+            e.start_members(list(e))
+            # The mount exists before any bridge starts, as in production.
+            client = KazooClient(hosts=e.hosts, timeout=10.0)
+            client.start(timeout=30)
+            try:
+                client.ensure_path(MOUNT)
+            finally:
+                client.stop()
+                client.close()
+        for b in self.bridges:
+            for p in b.zk_proxies:
+                p.start()
+            b.config_path.write_text(yaml.safe_dump(self.config_doc(b)))
+        for b in self.bridges:
+            self.start_bridge(b)
+
+    def start_bridge(self, b: Bridge, failpoints: str | None = None, seed: int = 0) -> None:
+        if b.alive:
+            return
+        env = {"PYTHONPATH": str(REPO)}
+        if failpoints:
+            env["ZKBRIDGE_FAILPOINTS"] = failpoints
+            env["ZKBRIDGE_FAILPOINT_SEED"] = str(seed)
+        with open(b.log_path, "a") as log:
+            log.write(f"==== start {b.name} failpoints={failpoints or '-'}\n")
+        b.proc = procs.spawn(
+            [sys.executable, "-m", "bridge", "run", "-c", str(b.config_path)],
+            b.log_path, env=env, cwd=REPO,
+        )
+        b.stopped = False
+        b.starts += 1
+
+    def kill_bridge(self, b: Bridge) -> None:
+        if b.proc is not None:
+            if b.stopped:
+                b.proc.send_signal(signal.SIGCONT)
+            procs.kill9(b.proc)
+            b.proc = None
+            b.stopped = False
+
+    def pause_bridge(self, b: Bridge) -> None:
+        if b.alive and b.proc is not None:
+            b.proc.send_signal(signal.SIGSTOP)
+            b.stopped = True
+
+    def resume_bridge(self, b: Bridge) -> None:
+        if b.proc is not None and b.stopped:
+            b.proc.send_signal(signal.SIGCONT)
+        b.stopped = False
+
+    def heal(self) -> None:
+        """Every proxy flowing, every server and bridge up (bridges without failpoints)."""
+        for b in self.bridges:
+            for p in b.zk_proxies:
+                p.restore()
+        for r in REGIONS:
+            proxy = self.kafka_proxy(r)
+            if proxy is not None:
+                proxy.restore()
+        if self.broker.managed and not self.broker.running:
+            try:
+                self.broker.start()
+            except Exception:
+                self.broker.start()
+        for reg in self.regions.values():
+            for attempt in range(3):
+                try:
+                    reg.ensemble.heal()
+                    break
+                except Exception:
+                    if attempt == 2:
+                        raise
+        for b in self.bridges:
+            self.resume_bridge(b)
+            if not b.alive:
+                self.start_bridge(b)
+
+    def close(self) -> None:
+        for b in self.bridges:
+            if b.proc is not None:
+                self.resume_bridge(b)
+                procs.stop(b.proc)
+                b.proc = None
+            for p in b.zk_proxies:
+                p.stop()
+        self.broker.close()
+        for reg in self.regions.values():
+            reg.ensemble.close()
