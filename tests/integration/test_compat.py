@@ -53,6 +53,9 @@ def test_previous_release_receiver_converges_with_batches(
     r2.client.set(r2.path("/m3"), b"changed-by-old")
     fed.wait_converged()
     assert fed.tree("r1")["/from-old"] == b"old"
-    r1.client.delete(r1.path("/burst"), recursive=True)
+    # Deletes of leaves (a recursive delete would meet the previous
+    # release's own bug with parents, issue 15, which is not what this tests).
+    for i in range(10):
+        r1.client.delete(r1.path(f"/burst/n{i}"))
     fed.wait_converged()
     fed.assert_clean_logs()
