@@ -543,8 +543,12 @@ class Bridge:
         if state == "CONNECTED" and new_session:
             # The ephemeral member znode died with the old session.
             self.background(self.retry("register member", self._register_member))
-        if state == "CONNECTED" and self.ready.is_set():
-            # Watches may have been lost and nothing was delivered while away.
+        if state == "CONNECTED":
+            # Nothing was delivered while away, and the persistent watch is
+            # gone (kazoo does not restore it): re-add it and rescan. Also
+            # during a term's start-up, before ready: the rescanner runs as
+            # soon as the term's tasks do (a reconnect mid-start-up scan
+            # otherwise left the term without a watch).
             self._rescan.set()
 
     def reload(self, new: Settings) -> tuple[list[str], list[str]]:
