@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.procs import wait_for
 from tests.integration.federation import REPO, Federation
 
 pytestmark = pytest.mark.integration
@@ -50,6 +51,7 @@ def test_previous_release_receiver_converges_with_batches(
         r1.client.create(r1.path(f"/burst/n{i}"), str(i).encode(), makepath=True)
     # And the other way: events without batch fields reach the new receivers.
     r2.client.create(r2.path("/from-old"), b"old")
+    wait_for(lambda: r2.client.exists(r2.path("/m3")) is not None, 60)
     r2.client.set(r2.path("/m3"), b"changed-by-old")
     fed.wait_converged()
     assert fed.tree("r1")["/from-old"] == b"old"
