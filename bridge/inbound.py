@@ -98,6 +98,9 @@ class Inbound:
         self.own: dict[str, str] = {bridge.topic(n, bridge.region): n for n in bridge.stores}
         self.own_max_end: dict[tuple[str, int], int] = {}
         self._own_suspect: dict[tuple[str, int], str] = {}
+        # Partitions a fetch answered with records since the last topic check:
+        # their high watermark is current, not left over from before a loss.
+        self._fetched: set[tuple[str, int]] = set()
         self._checked = 0.0
         for name in bridge.stores:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
@@ -110,6 +113,7 @@ class Inbound:
         self.caught_up.clear()
         self.own_max_end.clear()
         self._own_suspect.clear()
+        self._fetched.clear()
         for name in self.queues:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
             self.pending[name] = 0
@@ -177,6 +181,13 @@ class Inbound:
             b.note_error("topic check", str(exc))
             await b.recreate_topics()
             return
+        fetched, self._fetched = self._fetched, set()
+        for topic, part in fetched & ends.keys():
+            # Some brokers answer ListOffsets with less than the fetch high
+            # watermark (tansu counts batches, not records). A fetch answer
+            # that brought records is what reading really finds.
+            listed = ends[(topic, part)]
+            ends[(topic, part)] = max(listed, b.kafka.highwater(topic, {part: listed})[part])
         for tp, seen in acked.items():
             end = ends.get(tp)
             if end is None:
@@ -258,6 +269,7 @@ class Inbound:
             seen=f"a record at offset {rec.offset}"))
 
     async def _take(self, rec: Record) -> None:
+        self._fetched.add((rec.topic, rec.partition))
         if rec.topic in self.own:
             self._own_record(rec)
             return
