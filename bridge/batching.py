@@ -88,59 +88,105 @@ class Assembler:
     prefix cut short by a crash of the origin is dropped (the origin
     republishes the whole batch from its outbox), and counted. A rejected
     record fills its slot so that a bad record never stalls the stream.
+
+    Compaction is the exception: the cleaner removes records whose key a
+    later record rewrites, so an old batch can lack records for good. The
+    offsets show it (a jump where records were removed). A batch with such a
+    gap is released with what is left once the stream moves past it: what is
+    missing was superseded by records that follow, so the end state is the
+    same (only the intermediate states of compacted history are lost, which
+    compaction does by design).
+
     ``resume_offset`` is where a restart may safely begin: never inside a
     batch that is still open.
     """
 
     def __init__(self, start_offset: int = 0) -> None:
-        self._open: list[Event | None] = []
+        self._open: list[Event] = []
         self._id: int | None = None
         self._size = 0
+        self._filled = 0  # slots taken, rejected records included
+        self._rejected = 0
+        self._last_index = -1
+        self._gappy = False  # records of the open batch were compacted away
         self._open_from = start_offset
         self._next = start_offset
         self.dropped = 0  # records of incomplete batches dropped
 
     @property
     def resume_offset(self) -> int:
-        return self._open_from if self._open else self._next
-
-    def _abandon(self) -> None:
-        if self._open:
-            self.dropped += len(self._open)
-        self._open, self._id, self._size = [], None, 0
+        return self._open_from if self._filled else self._next
 
     def skip(self, offset: int) -> None:
         """A record that is not part of any batch (a heartbeat)."""
+        self._note_gap(offset)
         self._next = offset + 1
 
-    def feed(self, offset: int, event: Event | None) -> Complete | None:
-        """Take the record at ``offset`` (``None``: rejected); return a batch once complete."""
+    def _note_gap(self, offset: int) -> bool:
+        gap = offset > self._next
+        if gap and self._filled:
+            self._gappy = True
+        return gap
+
+    def feed(self, offset: int, event: Event | None) -> list[Complete]:
+        """Take the record at ``offset`` (``None``: rejected); return what it completes.
+
+        At most two batches: an open one the record shows to be over (with a
+        compaction gap) and the record's own.
+        """
+        gap = self._note_gap(offset)
         self._next = offset + 1
         if event is None:
-            if not self._open:
-                return Complete((), offset + 1, rejected=1)
-            self._open.append(None)
+            if not self._filled:
+                return [Complete((), offset + 1, rejected=1)]
+            self._filled += 1
+            self._rejected += 1
             return self._release_if_full(offset)
+        if (self._filled and event.batch is not None and event.batch == self._id
+                and event.batch_index is not None and event.batch_index > self._last_index
+                and (gap or self._gappy or event.batch_index == self._filled)):
+            self._take(event)
+            return self._release_if_full(offset)
+        out = self._close(offset)
         if event.batch is None:
-            self._abandon()
-            return Complete((event,), offset + 1)
-        if event.batch_index == 0:
-            self._abandon()
-            self._id, self._size, self._open_from = event.batch, event.batch_size, offset
-            self._open = [event]
-            return self._release_if_full(offset)
-        if self._open and event.batch == self._id and event.batch_index == len(self._open):
-            self._open.append(event)
-            return self._release_if_full(offset)
-        # A stray piece of a batch whose start we never saw.
-        self._abandon()
-        self.dropped += 1
-        return Complete((), offset + 1)
+            return [*out, Complete((event,), offset + 1)]
+        index = event.batch_index or 0
+        if index > 0 and not gap:
+            # A stray piece of a batch whose start we never saw (not compacted).
+            self.dropped += 1
+            return [*out, Complete((), offset + 1)]
+        self._id, self._size, self._open_from = event.batch, event.batch_size or 1, offset
+        self._gappy = index > 0
+        self._take(event)
+        return [*out, *self._release_if_full(offset)]
 
-    def _release_if_full(self, offset: int) -> Complete | None:
-        if len(self._open) < self._size:
-            return None
-        events = tuple(e for e in self._open if e is not None)
-        rejected = len(self._open) - len(events)
+    def _take(self, event: Event) -> None:
+        self._open.append(event)
+        self._filled += 1
+        self._last_index = event.batch_index or 0
+
+    def _close(self, offset: int) -> list[Complete]:
+        """The open batch will get no more records: release it if compacted, else drop it."""
+        if not self._filled:
+            return []
+        if self._gappy:
+            done = Complete(tuple(self._open), offset, self._rejected)
+            self._reset()
+            return [done]
+        self.dropped += self._filled
+        self._reset()
+        return []
+
+    def _reset(self) -> None:
         self._open, self._id, self._size = [], None, 0
-        return Complete(events, offset + 1, rejected)
+        self._filled = self._rejected = 0
+        self._last_index = -1
+        self._gappy = False
+
+    def _release_if_full(self, offset: int) -> list[Complete]:
+        if self._filled < self._size and not (
+                self._gappy and self._last_index >= self._size - 1):
+            return []
+        done = Complete(tuple(self._open), offset + 1, self._rejected)
+        self._reset()
+        return [done]

@@ -281,14 +281,14 @@ class Inbound:
             asm.skip(rec.offset)
             return
         dropped = asm.dropped
-        done = asm.feed(rec.offset, event)
+        completed = asm.feed(rec.offset, event)
         if asm.dropped > dropped:
             self.bridge.stats["incomplete_batch_records"] += asm.dropped - dropped
             log.warning("incomplete_batch_dropped", topic=rec.topic, offset=rec.offset,
                         records=asm.dropped - dropped,
                         hint="the origin republishes the whole batch from its outbox")
             asm.dropped = dropped = 0
-        if done is not None:
+        for done in completed:
             peer.last_event_ms = rec.timestamp_ms
             self.pending[peer.subtree] += 1
             await self.queues[peer.subtree].put(
@@ -434,8 +434,9 @@ class Inbound:
             if event is not None and event.op is Op.HEARTBEAT:
                 asm.skip(rec.offset)
                 continue
-            done = asm.feed(rec.offset, event)
-            if done is not None and done.events:
+            for done in asm.feed(rec.offset, event):
+                if not done.events:
+                    continue
                 async with self.bridge.locks[store.layout.name]:
                     applied = await self.apply_events(store, list(done.events), peer=None,
                                                       positions=None)

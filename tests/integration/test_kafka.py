@@ -204,10 +204,6 @@ def _create_compacting(bootstrap: str, topics: list[str]) -> None:
     asyncio.run(go())
 
 
-@pytest.mark.skip(reason="known bug, issue 6: a batch partly removed by compaction is dropped "
-                         "as incomplete by the receiver's Assembler, so a new region can miss "
-                         "keys (seen: /k7 absent in r4); the Assembler must release batches "
-                         "with offset gaps instead")
 def test_new_region_bootstraps_exactly_from_topics_the_cleaner_compacted(
     make_federation: Callable[..., Federation], harness_report: Report
 ) -> None:
