@@ -78,6 +78,7 @@ class Complete:
     events: tuple[Event, ...]
     end_offset: int  # the offset after its last record
     rejected: int = 0
+    first_offset: int = -1  # of its first record; -1: the record before end_offset
 
 
 class Assembler:
@@ -170,7 +171,7 @@ class Assembler:
         if not self._filled:
             return []
         if self._gappy:
-            done = Complete(tuple(self._open), offset, self._rejected)
+            done = Complete(tuple(self._open), offset, self._rejected, self._open_from)
             self._reset()
             return [done]
         self.dropped += self._filled
@@ -187,6 +188,6 @@ class Assembler:
         if self._filled < self._size and not (
                 self._gappy and self._last_index >= self._size - 1):
             return []
-        done = Complete(tuple(self._open), offset + 1, self._rejected)
+        done = Complete(tuple(self._open), offset + 1, self._rejected, self._open_from)
         self._reset()
         return [done]

@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     cf.add_argument("--limit", type=int, default=20, metavar="N")
     cf.add_argument("--json", action="store_true", help="machine-readable output")
 
+    sk = sub.add_parser("skip", help="leave out one record a peer's stream waits on "
+                        "(clock skew), as status names it; audited")
+    sk.add_argument("-c", "--config", required=True, metavar="FILE")
+    sk.add_argument("--topic", required=True)
+    sk.add_argument("--partition", type=int, default=0)
+    sk.add_argument("--offset", type=int, required=True)
+    sk.add_argument("--timeout", type=float, default=15.0, help=argparse.SUPPRESS)
+
     rs = sub.add_parser("resync", help="re-announce this region's full state (after topic loss)")
     rs.add_argument("-c", "--config", required=True, metavar="FILE")
     rs.add_argument("--json", action="store_true", help="machine-readable output")
@@ -172,6 +180,51 @@ def _resync(path: str, as_json: bool) -> int:
     return 0
 
 
+def _skip(path: str, topic: str, partition: int, offset: int, timeout: float) -> int:
+    from bridge import skip
+    from bridge.lag import read_status
+    from bridge.status import now_ms
+    from bridge.verdict import STALE_RECORD_S
+    from bridge.zk import ZooKeeper
+
+    settings = _load(path)
+    at = skip.where(topic, partition, offset)
+
+    async def go() -> tuple[int, str]:
+        zk = ZooKeeper(settings.zookeeper)
+        await zk.start()
+        try:
+            status = await read_status(zk, settings)
+            if status is None or (now_ms() - status.updated_ms) / 1000 >= STALE_RECORD_S:
+                return 1, (f"zkbridge skip: no fresh status record for {settings.region}: is its "
+                           "bridge running? Nothing was requested.")
+            if not skip.waiting_on(status.waiting, topic, partition, offset):
+                now = ", ".join(status.waiting) or "nothing"
+                return 1, (f"zkbridge skip: {settings.region}'s bridge does not wait on {at} "
+                           f"(it waits on: {now}); see zkbridge status. Nothing was requested.")
+            req = skip.new_request(topic, partition, offset)
+            await skip.request(zk, settings.state_path, req)
+            marker = f"{skip.skips_path(settings.state_path)}/{req.name}"
+            deadline = asyncio.get_running_loop().time() + timeout
+            while asyncio.get_running_loop().time() < deadline:
+                if await zk.exists(marker) is None:
+                    return 0, (f"skipped {at} in {settings.region} (requested by {req.by}); "
+                               "logged as record_skipped and listed in zkbridge status")
+                await asyncio.sleep(0.2)
+            await zk.delete(marker)  # must not lie in wait for a later record
+            return 1, (f"zkbridge skip: the bridge did not act on {at} within {timeout:.0f}s; "
+                       "the request is withdrawn. Is the leader stuck? See zkbridge status.")
+        finally:
+            await zk.stop()
+
+    try:
+        code, text = asyncio.run(go())
+    except (BridgeError, OSError) as exc:
+        return _unreachable("skip", exc)
+    print(text, file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _load(path: str) -> Settings:
     try:
         return load_settings(path)
@@ -236,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args.config, args.json)
         if args.command == "conflicts":
             return _conflicts(args.config, args.limit, args.json)
+        if args.command == "skip":
+            return _skip(args.config, args.topic, args.partition, args.offset, args.timeout)
         if args.command == "resync":
             return _resync(args.config, args.json)
         if args.command == "run":

@@ -35,7 +35,7 @@ import structlog
 
 from bridge import codec
 from bridge.acl import AclPolicy
-from bridge.clock import HybridClock, hlc_to_ms
+from bridge.clock import HybridClock
 from bridge.config import Settings, reloaded
 from bridge.election import Election
 from bridge.errors import BridgeError, DuplicateRegionError, FencedError, VersionConflict
@@ -80,7 +80,9 @@ class Bridge:
         self._stop = asyncio.Event()
         self.tree_watch = True  # False: the server lacks addWatch, per-node watches instead
         self._watched: dict[str, dict[str, set[str]]] = {}  # fallback: rel → children seen
-        self.waiting: dict[str, str] = {}  # peer → why its stream waits (clock skew)
+        # Records whose peer stream waits (clock skew), by skip.where(): what
+        # status shows and what `zkbridge skip` checks before it asks.
+        self.waiting: dict[str, dict[str, object]] = {}
         self.role = "starting"
         self.epoch = 0
         self.started_ms = int(time.time() * 1000)
@@ -712,28 +714,6 @@ class Bridge:
                         partition=rec.partition, offset=rec.offset, detail=detail)
         return event
 
-    async def clock_guard(self, peer: str, events: list[Event]) -> None:
-        """Hold a peer's stream while its events are stamped too far ahead of our clock.
-
-        Neither applied (it would drag this region's clock, and every later
-        write here, into the future) nor skipped (that would diverge): the
-        stream waits, loudly, until the wall clock catches up.
-        """
-        bound_ms = 1000 * self.settings.max_clock_skew
-        newest = max((hlc_to_ms(e.ts) for e in events), default=0)
-        while (ahead := newest - int(time.time() * 1000)) > bound_ms:
-            if peer not in self.waiting:
-                self.stats["clock_skew_waits"] += 1
-                log.error("clock_skew_wait", peer=peer, ahead_seconds=round(ahead / 1000, 1),
-                          max_clock_skew=bound_ms / 1000,
-                          hint="the peer's clock (or a record) is ahead of ours; its stream "
-                               "waits until our wall clock catches up")
-            self.waiting[peer] = f"waiting: events stamped {ahead / 1000:.0f}s ahead"
-            self.note_error(f"peer {peer}", self.waiting[peer])
-            await asyncio.sleep(1.0)
-        if self.waiting.pop(peer, None) is not None:
-            log.info("clock_skew_cleared", peer=peer)
-
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
         return self.outbound.queued[subtree]
@@ -760,7 +740,7 @@ class Bridge:
             oversized={n: sorted(st.oversized) for n, st in self.stores.items()},
             held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
                        for n, st in self.stores.items()},
-            peers=peers, errors=errors, incidents=incidents,
+            peers=peers, errors=errors, incidents=incidents, waiting=dict(self.waiting),
         )
 
     @property

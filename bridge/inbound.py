@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import codec, failpoints
+from bridge import codec, failpoints, skip
 from bridge.batching import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, Assembler, Complete
+from bridge.clock import hlc_to_ms
 from bridge.errors import (
     BridgeError,
     CodecError,
@@ -361,9 +362,10 @@ class Inbound:
         b = self.bridge
         store = b.stores[name]
         peer, part = group[0].peer, group[0].partition
-        events = [e for r in group for e in r.batch.events]
         failpoints.hit(failpoints.BEFORE_APPLY)
-        await b.clock_guard(peer.peer, events)
+        skipped = [await self.clock_guard(peer, part, r.batch) for r in group]
+        events = [e for r, skip in zip(group, skipped, strict=True) if skip is None
+                  for e in r.batch.events]
         async with b.locks[name]:
             if group[0].generation != peer.generation:
                 return  # fetched before a rewind: read again from the topic's start
@@ -374,6 +376,67 @@ class Inbound:
         peer.stored_at = time.monotonic()
         peer.last_applied_ms = int(time.time() * 1000)
         self.record(store, applied)
+        for r, req in zip(group, skipped, strict=True):
+            if req is not None:
+                await self.skipped(peer, part, r.batch, req)
+
+    async def clock_guard(self, peer: PeerState, part: int, batch: Complete
+                          ) -> skip.SkipRequest | None:
+        """Hold a batch stamped too far ahead of our clock; the operator's skip, if any.
+
+        Neither applied (it would drag this region's clock, and every later
+        write here, into the future) nor skipped silently (that would
+        diverge): the stream waits, loudly, until the wall clock catches up
+        or an operator skips this batch by naming one of its records.
+        """
+        b = self.bridge
+        bound_ms = 1000 * b.settings.max_clock_skew
+        newest = max((hlc_to_ms(e.ts) for e in batch.events), default=0)
+        last = batch.end_offset - 1
+        first = batch.first_offset if batch.first_offset >= 0 else last
+        at = skip.where(peer.topic, part, last)
+        while (ahead := newest - int(time.time() * 1000)) > bound_ms:
+            if at not in b.waiting:
+                b.stats["clock_skew_waits"] += 1
+                log.error("clock_skew_wait", peer=peer.peer, topic=peer.topic, partition=part,
+                          offset=last, first_offset=first, ahead_seconds=round(ahead / 1000, 1),
+                          max_clock_skew=bound_ms / 1000,
+                          hint="the peer's clock (or a record) is ahead of ours; its stream "
+                               "waits until our wall clock catches up. If the record is bad, "
+                               f"skip it: zkbridge skip -c CONFIG --topic {peer.topic} "
+                               f"--partition {part} --offset {last}")
+            b.waiting[at] = {"peer": peer.peer, "subtree": peer.subtree, "topic": peer.topic,
+                             "partition": part, "offset": last, "first_offset": first,
+                             "ahead_seconds": round(ahead / 1000, 1)}
+            b.note_error(f"peer {peer.peer}", f"waiting at {at}: events stamped "
+                         f"{ahead / 1000:.0f}s ahead")
+            req = await b.retry("read skip requests", lambda: skip.find(
+                b.zk, b.settings.state_path, peer.topic, part, first, last))
+            if req is not None:
+                b.waiting.pop(at, None)
+                return req
+            await asyncio.sleep(1.0)
+        if b.waiting.pop(at, None) is not None:
+            log.info("clock_skew_cleared", peer=peer.peer, topic=peer.topic, partition=part,
+                     offset=last)
+        return None
+
+    async def skipped(self, peer: PeerState, part: int, batch: Complete,
+                      req: skip.SkipRequest) -> None:
+        """Audit a batch left out on an operator's request (now passed over for good)."""
+        b = self.bridge
+        first = batch.first_offset if batch.first_offset >= 0 else batch.end_offset - 1
+        paths = sorted({e.path for e in batch.events})
+        b.stats["operator_skips"] += 1
+        log.warning("record_skipped", peer=peer.peer, topic=peer.topic, partition=part,
+                    first_offset=first, offset=batch.end_offset - 1, events=len(batch.events),
+                    paths=paths[:20], requested_by=req.by, requested_at_ms=req.at_ms,
+                    action="left out of this region; the stream goes on after it")
+        b.incident("SKIPPED", f"{skip.where(peer.topic, part, req.offset)} skipped on "
+                   f"{req.by}'s request: {len(batch.events)} event(s) from {peer.peer} "
+                   f"({', '.join(paths[:5])}{', …' if len(paths) > 5 else ''}) not applied")
+        await b.retry("remove skip request",
+                      lambda: skip.remove(b.zk, b.settings.state_path, req))
 
     async def apply_events(self, store: SubtreeStore, events: list[Event], *,
                            peer: str | None, positions: dict[int, int] | None) -> Applied:

@@ -69,6 +69,7 @@ async def read_overview(settings: Settings, config: str = "FILE") -> dict[str, A
             "held_back": dict(status.held_back) if status else {},
             "recent_errors": list(status.errors) if status else [],
             "incidents": list(status.incidents) if status else [],
+            "waiting": dict(status.waiting) if status and fresh else {},
             "subtrees": subtrees,
             "peers": _peers(status, now) if fresh else [],
         }
@@ -125,6 +126,11 @@ def render_status(o: dict[str, Any]) -> str:
     for name, paths in o["oversized"].items():
         if paths:
             lines.append(f"oversized in {name}: {', '.join(paths[:10])}")
+    for at, w in o.get("waiting", {}).items():
+        lines.append(f"waiting  {at}: events from {w.get('peer')} stamped "
+                     f"{w.get('ahead_seconds')}s ahead (max_clock_skew); if the record is "
+                     f"bad: zkbridge skip -c CONFIG --topic {w.get('topic')} "
+                     f"--partition {w.get('partition')} --offset {w.get('offset')}")
     if o.get("incidents"):
         lines.append("incidents (what happened to the data, and what the bridge did):")
         for e in o["incidents"][-10:]:

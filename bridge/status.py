@@ -54,8 +54,11 @@ class Status:
     errors: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     held_back: Mapping[str, list[str]] = field(default_factory=dict)
     # Things that happened to the replicated data, newest last: each
-    # {"at_ms", "kind", "text"}; kind is TOPIC_RESET, COLLISION or REANNOUNCED.
+    # {"at_ms", "kind", "text"}; kind is TOPIC_RESET, COLLISION,
+    # REANNOUNCED or SKIPPED.
     incidents: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    # Records a peer's stream waits on (clock skew), by skip.where().
+    waiting: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         doc = {
@@ -74,6 +77,7 @@ class Status:
             ],
             "errors": list(self.errors),
             "incidents": list(self.incidents),
+            "waiting": dict(self.waiting),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -101,6 +105,7 @@ class Status:
                 ),
                 errors=tuple(d.get("errors", [])),
                 incidents=tuple(d.get("incidents", [])),
+                waiting=d.get("waiting", {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

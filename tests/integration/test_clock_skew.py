@@ -51,4 +51,32 @@ def test_a_far_future_event_waits_and_never_poisons_the_clock(federation: Federa
 
     # The status record is rewritten every 2 s: the waiting stream shows up there.
     wait_for(reported, 30, message="status never reported the waiting stream")
+
+    # Later events of r1 wait behind it: nothing is skipped silently.
+    r1.client.create(r1.path("/after"), b"later")
+    time.sleep(3)
+    assert r2.client.exists(r2.path("/after")) is None
+
+    # The operator skips the record status names; a wrong offset is refused.
+    status = json.loads(fed.cli("status", "-c", str(r2.config_path), "--json").stdout)
+    [waiting] = status["waiting"].values()
+    topic, offset = waiting["topic"], waiting["offset"]
+    assert "zkbridge skip" in fed.cli("status", "-c", str(r2.config_path)).stdout
+    wrong = fed.cli("skip", "-c", str(r2.config_path), "--topic", topic, "--offset",
+                    str(offset + 5))
+    assert wrong.returncode == 1 and "does not wait on" in wrong.stderr, wrong
+    done = fed.cli("skip", "-c", str(r2.config_path), "--topic", topic, "--offset", str(offset))
+    assert done.returncode == 0 and "skipped" in done.stdout, done
+    wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 30,
+             message="r1's later event did not follow the skip")
+    assert r2.client.exists(r2.path("/future")) is None
+    [audit] = [e for e in fed.events("r2") if e.get("event") == "record_skipped"]
+    assert audit["offset"] == offset and audit["paths"] == ["/future"] and audit["requested_by"]
+    assert not r2.client.get_children(f"{fed.state_path}/skips")
+
+    def audited() -> bool:
+        doc = json.loads(fed.cli("status", "-c", str(r2.config_path), "--json").stdout)
+        return any(i["kind"] == "SKIPPED" for i in doc["incidents"]) and not doc["waiting"]
+
+    wait_for(audited, 30, message="status never listed the skip")
     fed.assert_clean_logs(allowed={"clock_skew_wait"})
