@@ -65,6 +65,9 @@ class HybridClock:
         self._last = 0
         self._wall: Callable[[], int] = wall_ms or (lambda: int(time.time() * 1000))
 
+    def wall_ms(self) -> int:
+        return int(self._wall())
+
     def now(self, after: int = 0) -> int:
         """A fresh timestamp above ``after`` and above every earlier one."""
         candidate = max(hlc_from_ms(int(self._wall())), self._last + 1, after + 1)

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec
+from bridge import codec, failpoints
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.config import Settings, reloaded
@@ -69,7 +69,7 @@ class Bridge:
         self.zk = ZooKeeper(settings.zookeeper)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{self.region}")
-        self.clock = HybridClock()
+        self.clock = HybridClock(failpoints.wall_ms)
         self.stats: Counter[str] = Counter()
         self.stores: dict[str, SubtreeStore] = {}
         self.scanners: dict[str, Scanner] = {}
@@ -83,6 +83,10 @@ class Bridge:
         # Records whose peer stream waits (clock skew), by skip.where(): what
         # status shows and what `zkbridge skip` checks before it asks.
         self.waiting: dict[str, dict[str, object]] = {}
+        # Our wall clock minus each peer's heartbeat stamps, recent ones:
+        # the smallest is the least delayed, the best guess of the offset.
+        self.clock_offsets: dict[str, deque[int]] = {}
+        self._clock_said = ""
         self.role = "starting"
         self.epoch = 0
         self.started_ms = int(time.time() * 1000)
@@ -714,6 +718,36 @@ class Bridge:
                         partition=rec.partition, offset=rec.offset, detail=detail)
         return event
 
+    def heard(self, peer: str, stamp_ms: int) -> None:
+        """A peer's fresh heartbeat, stamped by its clock (HLC physical part)."""
+        self.clock_offsets.setdefault(peer, deque(maxlen=10)).append(
+            self.clock.wall_ms() - stamp_ms)
+
+    def clock_check(self) -> str:
+        """Why this region's own clock looks wrong, or "".
+
+        The clock is judged against a majority of the peers heard from: one
+        peer that disagrees with everyone else is that peer's problem (its
+        own bridge reports it); with a single peer both sides report it.
+        """
+        bound = 1000 * self.settings.max_clock_skew
+        offsets = {p: min(d) for p, d in self.clock_offsets.items() if d}
+        off = {p: v for p, v in offsets.items() if abs(v) > bound}
+        said = ""
+        if off and 2 * len(off) > len(offsets):
+            mean = sum(off.values()) / len(off) / 1000
+            way = "ahead of" if mean > 0 else "behind"
+            said = (f"this region's clock is about {abs(mean):.0f}s {way} the heartbeats of "
+                    f"{', '.join(sorted(off))} (more than max_clock_skew "
+                    f"{bound / 1000:g}s): check NTP on this host")
+        if said and not self._clock_said:
+            log.error("clock_disagrees", offsets_s={p: round(v / 1000, 1) for p, v in
+                                                    offsets.items()}, detail=said)
+        elif self._clock_said and not said:
+            log.info("clock_agrees")
+        self._clock_said = said
+        return said
+
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
         return self.outbound.queued[subtree]
@@ -731,16 +765,18 @@ class Bridge:
         )
         errors = tuple(self.errors)
         incidents = tuple(self.incidents)
+        clock = self.clock_check()
         return Status(
             region=self.region, identity=self.identity, epoch=self.epoch, role=self.role,
             health=health(errors, peers, self.settings.heartbeat_interval,
-                          incidents=incidents),
+                          incidents=incidents, clock=clock),
             started_ms=self.started_ms, updated_ms=now_ms(), counters=dict(self.stats),
             outbox={n: self.backlog(n) for n in self.stores},
             oversized={n: sorted(st.oversized) for n, st in self.stores.items()},
             held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
                        for n, st in self.stores.items()},
             peers=peers, errors=errors, incidents=incidents, waiting=dict(self.waiting),
+            clock=clock,
         )
 
     @property

@@ -5,6 +5,9 @@ Set ``ZKBRIDGE_FAILPOINTS`` to a comma-separated list of ``name=crash@N``
 seeded by ``ZKBRIDGE_FAILPOINT_SEED``). Dying is SIGKILL to ourselves, the
 same abrupt end as an OOM kill or power loss: no cleanup runs. Unset in
 production, ``hit`` is a dictionary lookup.
+
+``ZKBRIDGE_CLOCK_OFFSET_MS`` shifts the bridge's wall clock, as a host whose
+clock is off would (the clock-skew checks are tested with it).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 AFTER_OUTBOX_WRITE = "after_outbox_write"
 AFTER_PUBLISH = "after_publish_before_outbox_delete"
@@ -47,6 +51,14 @@ def hit(name: str) -> None:
     kind, value = rule
     if (kind == "at" and _hits[name] >= value) or (kind == "p" and _rng.random() < value):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_clock_offset_ms = int(os.environ.get("ZKBRIDGE_CLOCK_OFFSET_MS") or "0")
+
+
+def wall_ms() -> int:
+    """The wall clock in ms, shifted when a test says so."""
+    return int(time.time() * 1000) + _clock_offset_ms
 
 
 configure(os.environ.get("ZKBRIDGE_FAILPOINTS"), os.environ.get("ZKBRIDGE_FAILPOINT_SEED"))

@@ -280,6 +280,9 @@ class Inbound:
         if event is not None and event.op is Op.HEARTBEAT:
             peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
             asm.skip(rec.offset)
+            end = self.bridge.kafka.highwater(rec.topic, {rec.partition: 0})[rec.partition]
+            if rec.offset + 3 >= end:  # fresh, not a backlog read late
+                self.bridge.heard(peer.peer, hlc_to_ms(event.ts))
             return
         dropped = asm.dropped
         completed = asm.feed(rec.offset, event)
@@ -395,9 +398,9 @@ class Inbound:
         last = batch.end_offset - 1
         first = batch.first_offset if batch.first_offset >= 0 else last
         at = skip.where(peer.topic, part, last)
-        while (ahead := newest - int(time.time() * 1000)) > bound_ms:
+        while (ahead := newest - b.clock.wall_ms()) > bound_ms:
             if at not in b.waiting:
-                b.stats["clock_skew_waits"] += 1
+                b.stats[f"clock_skew_waits:{peer.subtree}:{peer.peer}"] += 1
                 log.error("clock_skew_wait", peer=peer.peer, topic=peer.topic, partition=part,
                           offset=last, first_offset=first, ahead_seconds=round(ahead / 1000, 1),
                           max_clock_skew=bound_ms / 1000,
@@ -427,7 +430,7 @@ class Inbound:
         b = self.bridge
         first = batch.first_offset if batch.first_offset >= 0 else batch.end_offset - 1
         paths = sorted({e.path for e in batch.events})
-        b.stats["operator_skips"] += 1
+        b.stats[f"operator_skips:{peer.subtree}:{peer.peer}"] += 1
         log.warning("record_skipped", peer=peer.peer, topic=peer.topic, partition=part,
                     first_offset=first, offset=batch.end_offset - 1, events=len(batch.events),
                     paths=paths[:20], requested_by=req.by, requested_at_ms=req.at_ms,

@@ -68,6 +68,14 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_clock_collisions", "counter",
          "events refused: equal clock, different content (two writers as one region)",
          ("subtree", "origin")),
+    Spec("zkbridge_clock_skew_waits", "counter",
+         "times a peer stream began waiting on a batch stamped beyond max_clock_skew",
+         ("subtree", "peer")),
+    Spec("zkbridge_operator_skips", "counter",
+         "batches left out on an operator's zkbridge skip", ("subtree", "peer")),
+    Spec("zkbridge_clock_offset_seconds", "gauge",
+         "this host's wall clock minus a peer's heartbeat stamps (least delayed recent one)",
+         ("peer",)),
 )}
 
 
@@ -134,7 +142,8 @@ class BridgeCollector(Collector):
         yield scan
         families = {kind: family(f"zkbridge_{kind}") for kind in
                     ("published", "captured", "applied", "conflicts", "rejected", "scans",
-                     "topic_resets", "reannounced", "clock_collisions")}
+                     "topic_resets", "reannounced", "clock_collisions", "clock_skew_waits",
+                     "operator_skips")}
         for key, value in b.stats.items():
             kind, _, rest = key.partition(":")
             fam = families.get(kind)
@@ -147,10 +156,16 @@ class BridgeCollector(Collector):
                     families[kind].add_metric(
                         [name, "applied"] if kind == "applied" else [name], 0)
         for p in b.peers.values():
-            for kind in ("topic_resets", "clock_collisions"):
+            for kind in ("topic_resets", "clock_collisions", "clock_skew_waits",
+                         "operator_skips"):
                 if f"{kind}:{p.subtree}:{p.peer}" not in b.stats:
                     families[kind].add_metric([p.subtree, p.peer], 0)
         yield from families.values()
+        offsets = family("zkbridge_clock_offset_seconds")
+        for peer, seen in b.clock_offsets.items():
+            if seen:
+                offsets.add_metric([peer], min(seen) / 1000)
+        yield offsets
         retries = family("zkbridge_retries")
         retries.add_metric([], b.stats["retries"])
         yield retries

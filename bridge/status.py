@@ -59,6 +59,7 @@ class Status:
     incidents: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     # Records a peer's stream waits on (clock skew), by skip.where().
     waiting: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    clock: str = ""  # why this region's own clock looks wrong against its peers, or ""
 
     def encode(self) -> bytes:
         doc = {
@@ -78,6 +79,7 @@ class Status:
             "errors": list(self.errors),
             "incidents": list(self.incidents),
             "waiting": dict(self.waiting),
+            "clock": self.clock,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -106,6 +108,7 @@ class Status:
                 errors=tuple(d.get("errors", [])),
                 incidents=tuple(d.get("incidents", [])),
                 waiting=d.get("waiting", {}),
+                clock=str(d.get("clock", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -119,9 +122,12 @@ class Status:
 
 def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
            heartbeat_interval: float, now: int | None = None,
-           incidents: tuple[Mapping[str, Any], ...] = ()) -> str:
-    """``ok``, or ``degraded``: a recent error or incident, a peer silent for 10 heartbeats."""
+           incidents: tuple[Mapping[str, Any], ...] = (), clock: str = "") -> str:
+    """``ok``, or ``degraded``: a recent error or incident, a peer silent for 10 heartbeats,
+    this region's clock off against its peers'."""
     t = now or now_ms()
+    if clock:
+        return "degraded"
     if any(t - int(e.get("at_ms", 0)) < 60_000 for e in errors):
         return "degraded"
     if any(t - int(e.get("at_ms", 0)) < INCIDENT_S * 1000 for e in incidents):

@@ -94,6 +94,8 @@ def judge(
     problems += _peer_problems(peers, heartbeat_interval, now_ms, lag)
     if status is not None:
         problems += _incident_problems(status, now_ms, logs)
+    if status is not None and fresh and status.clock:
+        problems.append(Problem("CLOCK", status.clock, "timedatectl; chronyc tracking"))
     if status is not None and fresh:
         recent = [e for e in status.errors
                   if now_ms - int(e.get("at_ms", 0)) < RECENT_ERROR_S * 1000]

@@ -80,3 +80,27 @@ def test_a_far_future_event_waits_and_never_poisons_the_clock(federation: Federa
 
     wait_for(audited, 30, message="status never listed the skip")
     fed.assert_clean_logs(allowed={"clock_skew_wait"})
+
+
+def test_a_bridge_whose_own_clock_is_off_reports_itself_degraded(
+        federation: Federation) -> None:
+    fed = federation
+    fed.start("r1")
+    fed.start("r3")
+    fed.start("r2", env={"ZKBRIDGE_CLOCK_OFFSET_MS": str(120_000)})  # two minutes fast
+    r2 = fed["r2"]
+
+    def clock_problem() -> dict[str, object] | None:
+        doc = json.loads(fed.cli("status", "-c", str(r2.config_path), "--json").stdout)
+        found = [p for p in doc["verdict"]["problems"] if p["kind"] == "CLOCK"]
+        return found[0] if found and doc["health"] == "degraded" else None
+
+    wait_for(clock_problem, 60, message="r2 never reported its own clock as off")
+    problem = clock_problem()
+    assert problem is not None and "ahead of the heartbeats of r1, r3" in str(problem["text"])
+    # r1 and r3 agree with each other: r2 alone is off, so they do not blame their own clocks.
+    for name in ("r1", "r3"):
+        doc = json.loads(fed.cli("status", "-c", str(fed[name].config_path), "--json").stdout)
+        assert not [p for p in doc["verdict"]["problems"] if p["kind"] == "CLOCK"], doc
+    assert [e for e in fed.events("r2") if e.get("event") == "clock_disagrees"]
+    fed.assert_clean_logs(allowed={"clock_skew_wait", "clock_disagrees"})
