@@ -191,7 +191,7 @@ def _skip(path: str, topic: str, partition: int, offset: int, timeout: float) ->
     at = skip.where(topic, partition, offset)
 
     async def go() -> tuple[int, str]:
-        zk = ZooKeeper(settings.zookeeper)
+        zk = ZooKeeper(settings.zookeeper, private_root=settings.state_path)
         await zk.start()
         try:
             status = await read_status(zk, settings)

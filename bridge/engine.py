@@ -66,7 +66,7 @@ class Bridge:
         self.settings = settings
         self.region = settings.region
         self.allow_mass_delete = allow_mass_delete
-        self.zk = ZooKeeper(settings.zookeeper)
+        self.zk = ZooKeeper(settings.zookeeper, private_root=settings.state_path)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{self.region}")
         self.clock = HybridClock(failpoints.wall_ms)

@@ -305,7 +305,8 @@ class ZooKeeper:
     fails and ``FencedError`` is raised instead of writing.
     """
 
-    def __init__(self, settings: ZooKeeperSettings, *, read_only: bool = False) -> None:
+    def __init__(self, settings: ZooKeeperSettings, *, read_only: bool = False,
+                 private_root: str | None = None) -> None:
         auth = [(settings.auth.scheme, settings.auth.credential)] if settings.auth else None
         self._client = _Client(
             hosts=settings.hosts,
@@ -326,6 +327,18 @@ class ZooKeeper:
         # Stands in for a server older than 3.6 (tests of the per-node fallback).
         self.refuse_add_watch = os.environ.get("ZKBRIDGE_REFUSE_ADDWATCH") == "1"
         self.fence: Check | None = None
+        # The bridge's state (metadata, outbox, positions, epoch) is created
+        # writable and readable by the bridge's own digest identity only: an
+        # application client can neither corrupt it nor read the outbox's
+        # payloads. Without digest auth there is no identity to restrict to.
+        own = own_acl(settings)
+        self._private = (private_root, _acls([own])) if own and private_root else None
+
+    def _acl_for(self, path: str, entries: Sequence[str] | None) -> list[ACL] | None:
+        if entries is not None or self._private is None:
+            return _acls(entries)
+        root, acl = self._private
+        return acl if path == root or path.startswith(root + "/") else None
 
     # -- lifecycle -----------------------------------------------------
     async def start(self) -> None:
@@ -564,7 +577,8 @@ class ZooKeeper:
             # NodeExists (VersionConflict here): someone made it meanwhile.
             with contextlib.suppress(VersionConflict):
                 await self._await(
-                    self._call(self._client.create_async, p, b"", what=f"create {p}"),
+                    self._call(self._client.create_async, p, b"", self._acl_for(p, None),
+                               what=f"create {p}"),
                     f"create {p}",
                 )
 
@@ -580,7 +594,8 @@ class ZooKeeper:
     ) -> str:
         created: str = await self._await(
             self._call(
-                self._client.create_async, path, data, None, ephemeral, sequence,
+                self._client.create_async, path, data, self._acl_for(path, None), ephemeral,
+                sequence,
                 what=f"create {path}",
             ),
             f"create {path}",
@@ -643,7 +658,8 @@ class ZooKeeper:
             if isinstance(op, Check):
                 t.check(op.path, op.version)
             elif isinstance(op, Create):
-                t.create(op.path, op.data, acl=_acls(op.acl), sequence=op.sequential)
+                t.create(op.path, op.data, acl=self._acl_for(op.path, op.acl),
+                         sequence=op.sequential)
             elif isinstance(op, SetData):
                 t.set_data(op.path, op.data, op.version)
             else:

@@ -192,3 +192,43 @@ def test_open_policy_holds_back_what_it_would_widen(federation: Federation) -> N
 
     wait_for(listed, 20, message="status does not list /narrow as held back")
     fed.assert_clean_logs()
+
+
+def test_bridge_state_is_writable_by_the_bridge_identity_only(federation: Federation) -> None:
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}})
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/app/x"), b"v1", makepath=True)
+    wait_for(lambda: r2.client.exists(r2.path("/app/x")) is not None, 20)
+    base = f"{fed.state_path}/subtrees/{fed.subtree}"
+    state = [fed.state_path, f"{fed.state_path}/epoch", base, f"{base}/meta",
+             f"{base}/meta/app/x", f"{base}/outbox", f"{base}/positions"]
+    app = r2.client  # a plain application client: no credentials
+    bridge = KazooClient(hosts=r2.hosts, auth_data=[("digest", f"bridge:{BRIDGE_PW}")])
+    bridge.start(timeout=15)
+    try:
+        own = make_digest_acl("bridge", BRIDGE_PW, all=True)
+        for path in state:
+            assert bridge.get_acls(path)[0] == [own], path
+            with pytest.raises(NoAuthError):
+                app.set(path, b"garbage")
+            with pytest.raises(NoAuthError):
+                app.get(path)  # the outbox holds payloads of protected znodes too
+        with pytest.raises(NoAuthError):
+            app.create(f"{base}/outbox/b-forged", b"garbage")
+        with pytest.raises(NoAuthError):
+            app.delete(f"{base}/meta/app/x")
+        positions = bridge.get_children(f"{base}/positions")
+        assert positions
+        with pytest.raises(NoAuthError):
+            app.delete(f"{base}/positions/{positions[0]}")
+    finally:
+        bridge.stop()
+        bridge.close()
+    # The bridges themselves carry on: an update still travels both ways.
+    r2.client.set(r2.path("/app/x"), b"v2")
+    wait_for(lambda: r1.client.get(r1.path("/app/x"))[0] == b"v2", 20)
+    fed.assert_clean_logs()
+    _no_secret_anywhere(fed)
