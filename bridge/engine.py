@@ -644,11 +644,11 @@ class Bridge:
                 await self._arm(name, ["/", *result.present])
             await self.outbound.flush(name, set(result.changed))
             if store.held_events:
-                # Held back for want of permission: tried again at every scan.
+                # Held back for want of permission: tried again at every scan
+                # (their records go once they apply, in the same multi).
                 events = list(store.held_events.values())
                 for e in events:
                     store.held_back.pop(e.path, None)
-                store.held_events.clear()
                 applied = await self.inbound.apply_events(store, events, peer=None,
                                                           positions=None)
                 self.inbound.record(store, applied)

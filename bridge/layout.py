@@ -7,6 +7,7 @@ classification of one znode against the bridge's record of it.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,14 @@ class Layout:
     @property
     def conflicts(self) -> str:
         return f"{self.base}/conflicts"
+
+    @property
+    def held(self) -> str:
+        """Peer events waiting for permission to write their znode, kept across restarts."""
+        return f"{self.base}/held"
+
+    def held_node(self, rel: str) -> str:
+        return f"{self.held}/{hashlib.sha1(rel.encode()).hexdigest()}"
 
     def znode(self, rel: str) -> str:
         return self.mount if rel == "/" else self.mount + rel

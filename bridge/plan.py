@@ -96,6 +96,7 @@ class Plan:
     ops: list[ZkOp] = field(default_factory=list)
     metas: dict[str, MetaEntry] = field(default_factory=dict)  # overlay on the cache
     acls: list[tuple[str, tuple[str, ...] | None]] = field(default_factory=list)  # set after
+    held: dict[str, Event] = field(default_factory=dict)  # peer events now held for permission
 
 
 def view_of(node: Node | None) -> View | None:
@@ -143,6 +144,30 @@ class Planner:
                 hint="not replicated until it shrinks below limits.max_data_bytes",
             )
         self.oversized[rel] = size
+
+    def _keep_held(self, plan: Plan, event: Event) -> None:
+        """Keep a peer event the bridge may not write yet, in the same ``multi`` as the
+        position that passes it: a restart must not lose it.
+
+        One per path: a second one is resolved against the first by the
+        conflict rule, as it would be against the znode, and the winner is
+        kept with the merged clock.
+        """
+        rel = event.path
+        before = plan.held.get(rel) or self.held_events.get(rel)
+        keep = event
+        if before is not None:
+            d = decide(before.version(), event.version())
+            winner = event if d.action is not Action.SKIP and (
+                d.action is not Action.CONFLICT or d.remote_wins) else before
+            keep = replace(winner, vc=d.merged) if d.action is Action.CONFLICT else winner
+            if keep == before:
+                return
+        data = codec.encode(keep)
+        path = self.layout.held_node(rel)
+        existed = rel in self.held_events or rel in plan.held
+        plan.ops.append(SetData(path, data, -1) if existed else Create(path, data))
+        plan.held[rel] = keep
 
     def _meta_op(self, plan: Plan, rel: str, meta: NodeMeta) -> None:
         """Write ``rel``'s metadata, creating missing metadata directories first."""
@@ -223,7 +248,7 @@ class Planner:
             return Outcome.OVERSIZED, None
         if isinstance(reads.get(rel), NoPermission) or self.held_back.get(rel) == "write":
             self.hold(rel, self.held_back.get(rel, "read"))
-            self.held_events[rel] = event
+            self._keep_held(plan, event)
             return Outcome.HELD_BACK, None
         if rel not in views:
             raise NeedRead([rel])

@@ -25,8 +25,8 @@ import structlog
 
 from bridge import batching, codec
 from bridge.acl import HOLD, AclPolicy
-from bridge.clock import HybridClock
-from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
+from bridge.clock import HybridClock, Order, compare
+from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, ancestors, classify, is_excluded, join, parent
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
 from bridge.plan import (
@@ -40,7 +40,7 @@ from bridge.plan import (
     Planner,
     view_of,
 )
-from bridge.zk import Create, Node, SetData, ZooKeeper
+from bridge.zk import Create, Delete, Node, SetData, ZooKeeper
 from bridge.zk import Op as ZkOp
 
 __all__ = ["Applied", "CapturedBatch", "Change", "Layout", "LocalChanges", "MetaEntry",
@@ -88,10 +88,12 @@ class SubtreeStore(Planner):
 
     async def setup(self) -> None:
         lay = self.layout
-        for path in (lay.mount, lay.meta_root, lay.outbox, lay.positions, lay.conflicts):
+        for path in (lay.mount, lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
+                     lay.held):
             await self.zk.ensure_path(path)
         self.metas = {"/": MetaEntry(None, 0)}
         self._position_versions.clear()
+        await self.load_held()
 
     # -- the metadata cache --------------------------------------------------
     def load_meta(self, rel: str, node: Node | None) -> None:
@@ -309,6 +311,7 @@ class SubtreeStore(Planner):
                 except NeedRead as more:
                     wanted |= more.rels
                     reads.update(await self._read(more.rels - set(reads)))
+            released = self._release_held(plan, result)
             if position is not None:
                 plan.ops.append(self.position_op(*position))
             if not plan.ops:
@@ -327,6 +330,12 @@ class SubtreeStore(Planner):
                     await self.read_positions(position[0])
                 continue
             self._commit(plan)
+            self.held_events.update(plan.held)
+            for rel in released:
+                self.held_events.pop(rel, None)
+                if self.held_back.get(rel) == "write":
+                    del self.held_back[rel]
+                log.info("znode_released", subtree=self.layout.name, path=rel)
             if position is not None:
                 self.position_written(position[0])
             for rel, carried in plan.acls:
@@ -334,13 +343,36 @@ class SubtreeStore(Planner):
                     await self.acl.converge(self.zk, self.layout.znode(rel), rel, carried)
                 except NoPermission:
                     self.hold(rel, "write")
-            for e, outcome in result.outcomes:
-                if (outcome is not Outcome.HELD_BACK
-                        and self.held_events.pop(e.path, None) is not None):
-                    self.held_back.pop(e.path, None)
-                    log.info("znode_released", subtree=self.layout.name, path=e.path)
             return result
         raise VersionConflict(f"apply in {self.layout.name}: kept changing, will retry")
+
+    def _release_held(self, plan: Plan, result: Applied) -> list[str]:
+        """Held events this apply settles (applied, or met by an equal or newer version):
+        their records go in the same ``multi``."""
+        out = []
+        for e, outcome in result.outcomes:
+            held = self.held_events.get(e.path)
+            if held is None or outcome is Outcome.HELD_BACK or e.path in plan.held:
+                continue
+            if e == held or compare(held.vc, e.vc) in (Order.BEFORE, Order.EQUAL):
+                plan.ops.append(Delete(self.layout.held_node(e.path), -1))
+                out.append(e.path)
+        return out
+
+    async def load_held(self) -> None:
+        """The held events a previous term kept (``setup`` reads them at each term)."""
+        self.held_events.clear()
+        for name in await self.zk.children(self.layout.held) or []:
+            node = await self.zk.get(f"{self.layout.held}/{name}")
+            if node is None:
+                continue
+            try:
+                event = codec.decode(node.data)
+            except CodecError:
+                log.warning("held_event_unreadable", subtree=self.layout.name, znode=name)
+                continue
+            self.held_events[event.path] = event
+            self.held_back.setdefault(event.path, "write")
 
     # -- outbox, positions, conflicts ------------------------------------
     async def pending_outbox(self) -> list[tuple[str, list[bytes]]]:

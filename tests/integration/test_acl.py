@@ -122,6 +122,31 @@ def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
         return isinstance(held, dict) and any("/locked" in p for p in held.get("critical", []))
 
     wait_for(listed, 20, message="status does not list /locked as held back")
+
+    # The held event is kept in r2's state: a crash does not lose it.
+    held = f"{fed.state_path}/subtrees/{fed.subtree}/held"
+    assert len(r2.client.get_children(held)) == 1
+    fed.kill("r2")
+    fed.start("r2")
+    wait_for(listed, 20, message="/locked is not held back after a restart")
+    # Once r2's bridge may write it, the held event is resolved like any
+    # other: here against r2's own, never announced, newer version.
+    opener = _alice(fed, "r2")
+    try:
+        opener.set_acls(r2.path("/locked"), OPEN_ACL_UNSAFE)
+    finally:
+        opener.stop()
+        opener.close()
+    assert r2.proc is not None
+    r2.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: not r2.client.get_children(held), 30,
+             message="the held event was not settled after the znode became writable")
+    released = [e for e in fed.events("r2")
+                if e.get("event") == "znode_released" and e.get("path") == "/locked"]
+    resolved = [e for e in fed.events("r2")
+                if e.get("event") == "conflict_resolved" and e.get("path") == "/locked"]
+    assert released and resolved, "the held event of r1 was lost, not resolved"
+    fed.wait_converged(["r1", "r2"])
     fed.assert_clean_logs()
 
 
