@@ -6,8 +6,10 @@ bridge identity ``bridge`` where a test gives the bridges one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+from collections.abc import Iterator
 
 import pytest
 from kazoo.client import KazooClient
@@ -24,10 +26,17 @@ BRIDGE_PW = "bridge-Pw-k2x9"
 ALICE = make_digest_acl("alice", ALICE_PW, all=True)
 
 
-def _alice(fed: Federation, name: str) -> KazooClient:
-    client = KazooClient(hosts=fed[name].hosts, auth_data=[("digest", f"alice:{ALICE_PW}")])
+@contextlib.contextmanager
+def _session(fed: Federation, name: str, user: str = "alice",
+             password: str = ALICE_PW) -> Iterator[KazooClient]:
+    """A client of region ``name`` authenticated as a digest user, closed after use."""
+    client = KazooClient(hosts=fed[name].hosts, auth_data=[("digest", f"{user}:{password}")])
     client.start(timeout=15)
-    return client
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
 
 
 def _status(fed: Federation, name: str) -> dict[str, object]:
@@ -48,15 +57,11 @@ def _no_secret_anywhere(fed: Federation) -> None:
 
 def test_unreadable_znodes_are_held_back_and_never_stall_the_rest(federation: Federation) -> None:
     fed = federation
-    alice = _alice(fed, "r1")
-    try:
+    with _session(fed, "r1") as alice:
         for i in range(40):
             alice.create(fed["r1"].path(f"/secret{i}"), b"hidden", acl=[ALICE])
         for i in range(5):
             alice.create(fed["r1"].path(f"/public{i}"), b"open", acl=OPEN_ACL_UNSAFE)
-    finally:
-        alice.stop()
-        alice.close()
     fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
     # Created after the protected ones, it still arrives promptly.
@@ -78,12 +83,8 @@ def test_unreadable_znodes_are_held_back_and_never_stall_the_rest(federation: Fe
     held = [e for e in fed.events("r1") if e.get("event") == "znode_held_back"]
     assert len(held) == 40  # reported once each, not retried in a loop
     # Once readable (alice opens one up), it replicates normally after a SIGHUP.
-    owner = _alice(fed, "r1")
-    try:
+    with _session(fed, "r1") as owner:
         owner.set_acls(r1.path("/secret7"), OPEN_ACL_UNSAFE)
-    finally:
-        owner.stop()
-        owner.close()
     assert r1.proc is not None
     r1.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: r2.client.exists(r2.path("/secret7")) is not None, 30,
@@ -98,15 +99,11 @@ def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
 ) -> None:
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
-    alice = _alice(fed, "r2")
-    try:
+    with _session(fed, "r2") as alice:
         # Readable by all, writable only by alice, in the receiving region.
         acl = [ALICE, make_digest_acl("anyone", "x", read=True)]
         acl[1] = acl[1]._replace(id=acl[1].id._replace(scheme="world", id="anyone"))
         alice.create(r2.path("/locked"), b"r2-own", acl=acl)
-    finally:
-        alice.stop()
-        alice.close()
     fed.start_all()
     # r1 writes the same path: r2's bridge may not write it (nor read its ACL,
     # so r2 does not announce it either).
@@ -131,12 +128,8 @@ def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
     wait_for(listed, 20, message="/locked is not held back after a restart")
     # Once r2's bridge may write it, the held event is resolved like any
     # other: here against r2's own, never announced, newer version.
-    opener = _alice(fed, "r2")
-    try:
+    with _session(fed, "r2") as opener:
         opener.set_acls(r2.path("/locked"), OPEN_ACL_UNSAFE)
-    finally:
-        opener.stop()
-        opener.close()
     assert r2.proc is not None
     r2.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: not r2.client.get_children(held), 30,
@@ -155,20 +148,14 @@ def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federat
     for name in fed.regions:
         fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}})
     bridge_acl = make_digest_acl("bridge", BRIDGE_PW, all=True)
-    alice = _alice(fed, "r1")
-    try:
+    with _session(fed, "r1") as alice:
         alice.create(fed["r1"].path("/tenant/secret"), b"tenant-data", makepath=True,
                      acl=[ALICE, bridge_acl])
-    finally:
-        alice.stop()
-        alice.close()
     fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
     wait_for(lambda: r2.client.exists(r2.path("/tenant/secret")) is not None, 20,
              message="the protected znode never arrived")
-    owner = _alice(fed, "r1")
-    reader = _alice(fed, "r2")
-    try:
+    with _session(fed, "r1") as owner, _session(fed, "r2") as reader:
         # Seen by alice, who holds ADMIN: real digests, not redacted ones.
         origin = sorted(map(str, owner.get_acls(r1.path("/tenant/secret"))[0]))
         copy = sorted(map(str, reader.get_acls(r2.path("/tenant/secret"))[0]))
@@ -177,17 +164,9 @@ def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federat
             r2.client.get(r2.path("/tenant/secret"))  # unauthenticated: no access
         assert reader.get(r2.path("/tenant/secret"))[0] == b"tenant-data"
         # An update travels too, and the bridge can still manage its copy.
-        writer = _alice(fed, "r1")
-        try:
+        with _session(fed, "r1") as writer:
             writer.set(r1.path("/tenant/secret"), b"v2")
-        finally:
-            writer.stop()
-            writer.close()
         wait_for(lambda: reader.get(r2.path("/tenant/secret"))[0] == b"v2", 20)
-    finally:
-        for c in (owner, reader):
-            c.stop()
-            c.close()
     fed.assert_clean_logs()
     _no_secret_anywhere(fed)
 
@@ -199,12 +178,8 @@ def test_open_policy_holds_back_what_it_would_widen(federation: Federation) -> N
                          subtrees=[{"name": fed.subtree, "path": fed[name].mount,
                                     "acl": "open"}])
     bridge_acl = make_digest_acl("bridge", BRIDGE_PW, all=True)
-    alice = _alice(fed, "r1")
-    try:
+    with _session(fed, "r1") as alice:
         alice.create(fed["r1"].path("/narrow"), b"tenant", acl=[ALICE, bridge_acl])
-    finally:
-        alice.stop()
-        alice.close()
     fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
     r1.client.create(r1.path("/wide"), b"everyone")
@@ -231,9 +206,7 @@ def test_bridge_state_is_writable_by_the_bridge_identity_only(federation: Federa
     state = [fed.state_path, f"{fed.state_path}/epoch", base, f"{base}/meta",
              f"{base}/meta/app/x", f"{base}/outbox", f"{base}/positions"]
     app = r2.client  # a plain application client: no credentials
-    bridge = KazooClient(hosts=r2.hosts, auth_data=[("digest", f"bridge:{BRIDGE_PW}")])
-    bridge.start(timeout=15)
-    try:
+    with _session(fed, "r2", "bridge", BRIDGE_PW) as bridge:
         own = make_digest_acl("bridge", BRIDGE_PW, all=True)
         for path in state:
             assert bridge.get_acls(path)[0] == [own], path
@@ -249,9 +222,6 @@ def test_bridge_state_is_writable_by_the_bridge_identity_only(federation: Federa
         assert positions
         with pytest.raises(NoAuthError):
             app.delete(f"{base}/positions/{positions[0]}")
-    finally:
-        bridge.stop()
-        bridge.close()
     # The bridges themselves carry on: an update still travels both ways.
     r2.client.set(r2.path("/app/x"), b"v2")
     wait_for(lambda: r1.client.get(r1.path("/app/x"))[0] == b"v2", 20)
