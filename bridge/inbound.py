@@ -105,6 +105,7 @@ class Inbound:
         # their high watermark is current, not left over from before a loss.
         self._fetched: set[tuple[str, int]] = set()
         self._checked = 0.0
+        self._check_failures = 0  # consecutive topic checks that failed
         for name in bridge.stores:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
             self.pending[name] = 0
@@ -194,11 +195,18 @@ class Inbound:
         except KafkaError as exc:
             # A topic that vanished (deleted, broker rebuilt empty): recreate
             # what this bridge may create, and look again next round.
-            log.warning("topic_check_failed", error=str(exc),
-                        hint="a topic may be missing; the bridge recreates its topics")
+            # The check runs every second: one warning per outage, not one a second.
+            self._check_failures += 1
+            emit = log.warning if self._check_failures == 1 else log.debug
+            emit("topic_check_failed", error=str(exc),
+                 hint="a topic may be missing, or the broker unreachable; the bridge "
+                      "recreates its topics and looks again every second")
             b.note_error("topic check", str(exc))
             await b.recreate_topics()
             return
+        if self._check_failures:
+            log.info("topic_check_recovered", failed_checks=self._check_failures)
+            self._check_failures = 0
         fetched, self._fetched = self._fetched, set()
         for topic, part in fetched & ends.keys():
             # Some brokers answer ListOffsets with less than the fetch high

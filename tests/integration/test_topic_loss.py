@@ -30,10 +30,7 @@ def _fed(tmp: Path, token: str, broker: Broker, zk: ZkServers) -> Federation:
     return Federation(tmp, token, broker, dict(zip(REGION_NAMES, zk.regions, strict=True)))
 
 
-@pytest.fixture(params=["tansu", pytest.param("kafka", marks=pytest.mark.skip(
-    reason="fails reproducibly (also on its own branch): after Kafka's log dirs are wiped "
-           "under it, r2's idempotent producer keeps getting NodeNotReadyError and r2 never "
-           "re-announces; open in issue 13"))])
+@pytest.fixture(params=["tansu", "kafka"])
 def lossy(request: pytest.FixtureRequest, tmp_path: Path, token: str, zk_servers: ZkServers,
           harness_report: Report) -> Iterator[tuple[Federation, Callable[[], None]]]:
     """A federation on its own broker, and how that broker loses every topic."""
