@@ -9,9 +9,9 @@ applied (never inside one, never twice), and nothing of a batch is applied
 before all of it has arrived. Fetching runs ahead of applying; applies of one
 subtree never overlap each other or a capture (the subtree's lock).
 
-Never skipping: a peer topic that lost records (a position above its end, an
-end that went back, a log start past the position) is reported and that
-stream rewound to the start of the current topic. Batches fetched before the
+Never skipping: a peer topic that lost records (a new topic id, a position
+above its end, an end that went back, a log start past the position) is
+reported and that stream rewound to the start of the current topic. Batches fetched before the
 rewind belong to an older *generation* of the stream and are dropped unapplied.
 Re-applied events are harmless: equal or dominated clocks are skipped.
 """

@@ -1,7 +1,8 @@
 """The Kafka adapter: the only module that imports aiokafka.
 
 Topic creation (compacted), publishing with acks=all, consuming manually
-assigned partitions from positions the caller supplies, and offset queries.
+assigned partitions from positions the caller supplies, offset queries and
+topic ids.
 aiokafka's exceptions are translated here into ``bridge.errors``.
 """
 

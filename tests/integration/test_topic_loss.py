@@ -2,7 +2,9 @@
 
 The issue's scenario runs on tansu (a restart loses every topic) and on a
 dedicated Apache Kafka whose log dirs are wiped; a topic deleted and
-re-created under a running federation runs on the suite's broker.
+re-created under a running federation, and one re-created and regrown past a
+stopped receiver's position (only the topic id shows that), run on the
+suite's broker.
 """
 
 from __future__ import annotations
