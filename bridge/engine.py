@@ -430,6 +430,22 @@ class Bridge:
                       f"the whole state of {name}")
         self.start_reannounce(name)
 
+    async def own_topic_replaced(self, name: str, topic: str,
+                                 parts: dict[int, tuple[int, int]], why: str,
+                                 new_id: str) -> None:
+        """Our own topic has a new id: whatever we published there is gone; re-announce.
+
+        The re-announce marker is written before the new id is stored, so a
+        crash in between still re-announces at the next start.
+        """
+        for part, (published, end) in parts.items():
+            self.own_topic_lost(name, topic, part, published, end, why)
+        marker = self._reannounce_path(name)
+        await self.retry("mark re-announce", lambda: self.zk.ensure_path(marker))
+        await self.retry("store topic id",
+                         lambda: self.stores[name].write_topic_id(self.region, new_id))
+        self.inbound.own_ids[topic] = new_id
+
     def start_reannounce(self, name: str) -> None:
         running = self._reannouncing.get(name)
         if running is not None and not running.done():
@@ -505,12 +521,29 @@ class Bridge:
         await self.retry("start replay consumer", lambda: reader.start_consumer(None))
         all_ends: dict[tuple[str, int], int] = {}
         try:
+            ids = await self.retry("topic ids", lambda: reader.topic_ids(
+                [self.topic(n, self.region) for n in self.stores]))
             for name, store in self.stores.items():
                 topic = self.topic(name, self.region)
                 parts = await reader.partitions(topic)
                 stored = {} if fresh else await store.read_positions(self.region)
                 ends = await reader.end_offsets([(topic, p) for p in parts])
                 all_ends.update(ends)
+                old_id = None if fresh else await store.read_topic_id(self.region)
+                new_id = ids.ids.get(topic)
+                if old_id is not None and new_id is not None and old_id != new_id:
+                    # Re-created while we were down: what we published is gone,
+                    # whatever the offsets say (the new topic may have grown past them).
+                    await self.own_topic_replaced(
+                        name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
+                        f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
+                        "or rebuilt)", new_id)
+                    await store.write_positions(self.region, {p: e for (_, p), e in ends.items()})
+                    continue
+                if new_id is not None:
+                    if new_id != old_id:
+                        await store.write_topic_id(self.region, new_id)
+                    self.inbound.own_ids[topic] = new_id
                 lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
                 for (t, p), end in lost.items():
                     self.own_topic_lost(name, t, p, stored[p], end,

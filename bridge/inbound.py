@@ -9,9 +9,9 @@ applied (never inside one, never twice), and nothing of a batch is applied
 before all of it has arrived. Fetching runs ahead of applying; applies of one
 subtree never overlap each other or a capture (the subtree's lock).
 
-Never skipping: a peer topic that lost records (a position above its end, an
-end that went back, a log start past the position) is reported and that
-stream rewound to the start of the current topic. Batches fetched before the
+Never skipping: a peer topic that lost records (a new topic id, a position
+above its end, an end that went back, a log start past the position) is
+reported and that stream rewound to the start of the current topic. Batches fetched before the
 rewind belong to an older *generation* of the stream and are dropped unapplied.
 Re-applied events are harmless: equal or dominated clocks are skipped.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ class PeerState:
     generation: int = 0  # bumped by each rewind; older fetched batches are dropped
     max_end: dict[int, int] = field(default_factory=dict)  # highest end offset seen
     suspect: dict[int, str] = field(default_factory=dict)  # a loss seen once, to confirm
+    topic_id: str | None = None  # Kafka's id of the topic the positions belong to
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +100,13 @@ class Inbound:
         # they lost what we published.
         self.own: dict[str, str] = {bridge.topic(n, bridge.region): n for n in bridge.stores}
         self.own_max_end: dict[tuple[str, int], int] = {}
+        self.own_ids: dict[str, str] = {}  # own topic → the id this bridge published to
         self._own_suspect: dict[tuple[str, int], str] = {}
         # Partitions a fetch answered with records since the last topic check:
         # their high watermark is current, not left over from before a loss.
         self._fetched: set[tuple[str, int]] = set()
         self._checked = 0.0
+        self._check_failures = 0  # consecutive topic checks that failed
         for name in bridge.stores:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
             self.pending[name] = 0
@@ -113,6 +117,7 @@ class Inbound:
     def reset(self) -> None:
         self.caught_up.clear()
         self.own_max_end.clear()
+        self.own_ids.clear()
         self._own_suspect.clear()
         self._fetched.clear()
         for name in self.queues:
@@ -123,7 +128,11 @@ class Inbound:
         """Read stored positions; returns where to assign each partition."""
         positions: dict[tuple[str, int], int | None] = {}
         for topic, peer in self.peers.items():
-            peer.positions = await self.bridge.stores[peer.subtree].read_positions(peer.peer)
+            store = self.bridge.stores[peer.subtree]
+            peer.positions = await store.read_positions(peer.peer)
+            # The id the positions were taken from: the fetcher's first topic
+            # check compares it with the topic's id now, before applying.
+            peer.topic_id = await store.read_topic_id(peer.peer)
             peer.assemblers = {}
             peer.max_end, peer.suspect = {}, {}
             for part in await self.bridge.kafka.partitions(topic):
@@ -139,6 +148,9 @@ class Inbound:
     # -- fetch -----------------------------------------------------------------
     async def fetcher(self) -> None:
         b = self.bridge
+        # A topic re-created while this bridge was down may have grown past the
+        # stored position: only its id tells, and it must before the first apply.
+        await self.check_topics()
         while True:
             try:
                 records = await b.retry("fetch", lambda: b.kafka.fetch(100, FETCH_MAX_RECORDS))
@@ -155,11 +167,12 @@ class Inbound:
 
     # -- topics that lost records ------------------------------------------------
     async def check_topics(self, forced: dict[tuple[str, int], int] | None = None) -> None:
-        """Compare every position with its topic's offsets; rewind or re-announce on a loss.
+        """Compare every position with its topic's id and offsets; rewind or re-announce on a loss.
 
         A loss seen by offsets alone must be seen twice in a row (a new
         partition leader may briefly report a lower end); one the broker
-        reported (out of range) is acted on at once.
+        reported (out of range) or a changed topic id is acted on at once.
+        A topic the broker does not know is created again at once.
         """
         b = self.bridge
         self._checked = time.monotonic()
@@ -172,16 +185,29 @@ class Inbound:
         if not tps:
             return
         try:
+            ids = await b.kafka.topic_ids([*self.peers, *self.own])
+            missing = sorted(ids.missing & (self.peers.keys() | self.own.keys()))
+            if missing:
+                # Asking for its offsets would only wait out a request timeout.
+                raise KafkaError(f"topics missing: {', '.join(missing)}")
+            replaced = await self._replaced(ids.ids)
             ends = await b.kafka.end_offsets(tps)
             begins = await b.kafka.beginning_offsets(tps)
         except KafkaError as exc:
             # A topic that vanished (deleted, broker rebuilt empty): recreate
             # what this bridge may create, and look again next round.
-            log.warning("topic_check_failed", error=str(exc),
-                        hint="a topic may be missing; the bridge recreates its topics")
+            # The check runs every second: one warning per outage, not one a second.
+            self._check_failures += 1
+            emit = log.warning if self._check_failures == 1 else log.debug
+            emit("topic_check_failed", error=str(exc),
+                 hint="a topic may be missing, or the broker unreachable; the bridge "
+                      "recreates its topics and looks again every second")
             b.note_error("topic check", str(exc))
             await b.recreate_topics()
             return
+        if self._check_failures:
+            log.info("topic_check_recovered", failed_checks=self._check_failures)
+            self._check_failures = 0
         fetched, self._fetched = self._fetched, set()
         for topic, part in fetched & ends.keys():
             # Some brokers answer ListOffsets with less than the fetch high
@@ -189,9 +215,29 @@ class Inbound:
             # that brought records is what reading really finds.
             listed = ends[(topic, part)]
             ends[(topic, part)] = max(listed, b.kafka.highwater(topic, {part: listed})[part])
+        for topic, (old, new) in replaced.items():
+            why = f"topic id changed from {old} to {new} (deleted and re-created, or rebuilt)"
+            if topic in self.own:
+                parts = {p: (acked.get((topic, p), 0), ends.get((topic, p), 0))
+                         for p in {p for t, p in acked if t == topic} or {0}}
+                for p, (_, now) in parts.items():
+                    self.own_max_end[(topic, p)] = now
+                    self._own_suspect.pop((topic, p), None)
+                await b.own_topic_replaced(self.own[topic], topic, parts, why, new)
+                continue
+            peer = self.peers[topic]
+            for part in list(peer.assemblers):
+                pos = max(peer.positions.get(part, 0), peer.assemblers[part].resume_offset)
+                await self.rewind(peer, part, pos=pos, begin=begins.get((topic, part), 0),
+                                  end=ends.get((topic, part), 0), why=why)
+            store = b.stores[peer.subtree]
+            # Stored after the rewound positions: a crash in between only rewinds again.
+            await b.retry("store topic id", lambda s=store, p=peer, i=new:  # type: ignore[misc]
+                          s.write_topic_id(p.peer, i))
+            peer.topic_id = new
         for tp, seen in acked.items():
             end = ends.get(tp)
-            if end is None:
+            if end is None or tp[0] in replaced:
                 continue
             if end < seen:
                 why = f"end offset {end} is below the {seen} this bridge published"
@@ -206,7 +252,7 @@ class Inbound:
             topic, part = tp
             peer = self.peers[topic]
             end, begin = ends.get(tp), begins.get(tp, 0)
-            if end is None:
+            if end is None or topic in replaced:
                 continue
             pos = max(peer.positions.get(part, 0), peer.assemblers[part].resume_offset)
             seen = peer.max_end.get(part, 0)
@@ -227,6 +273,31 @@ class Inbound:
                 peer.suspect[part] = why
                 continue
             await self.rewind(peer, part, pos=pos, begin=begin, end=end, why=why)
+
+    async def _replaced(self, ids: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+        """Topics whose id changed: topic → (old id, new id). First sightings are stored."""
+        b = self.bridge
+        out: dict[str, tuple[str, str]] = {}
+        for topic, new in ids.items():
+            if topic in self.own:
+                old = self.own_ids.get(topic)
+                if old is None:
+                    name = self.own[topic]
+                    await b.retry("store topic id", lambda n=name, i=new:  # type: ignore[misc]
+                                  b.stores[n].write_topic_id(b.region, i))
+                    self.own_ids[topic] = new
+            elif topic in self.peers:
+                peer = self.peers[topic]
+                old = peer.topic_id
+                if old is None:
+                    await b.retry("store topic id", lambda p=peer, i=new:  # type: ignore[misc]
+                                  b.stores[p.subtree].write_topic_id(p.peer, i))
+                    peer.topic_id = new
+            else:
+                continue
+            if old is not None and old != new:
+                out[topic] = (old, new)
+        return out
 
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
                      why: str) -> None:

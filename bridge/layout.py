@@ -63,6 +63,11 @@ class Layout:
         return f"{self.base}/positions"
 
     @property
+    def topic_ids(self) -> str:
+        """Kafka's id of each region's topic as last read: a re-created topic shows by it."""
+        return f"{self.base}/topic_ids"
+
+    @property
     def conflicts(self) -> str:
         return f"{self.base}/conflicts"
 

@@ -89,7 +89,7 @@ class SubtreeStore(Planner):
     async def setup(self) -> None:
         lay = self.layout
         for path in (lay.mount, lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
-                     lay.held):
+                     lay.held, lay.topic_ids):
             await self.zk.ensure_path(path)
         self.metas = {"/": MetaEntry(None, 0)}
         self._position_versions.clear()
@@ -414,6 +414,21 @@ class SubtreeStore(Planner):
             await self.read_positions(peer)
             raise
         self.position_written(peer)
+
+    async def read_topic_id(self, region: str) -> str | None:
+        """The id of ``region``'s topic when positions were last taken from it (None: unknown)."""
+        node = await self.zk.get(f"{self.layout.topic_ids}/{region}")
+        if node is None or not node.data:
+            return None
+        return node.data.decode("ascii", errors="replace")
+
+    async def write_topic_id(self, region: str, topic_id: str) -> None:
+        # Its own znode, not a field of the position record: a release that
+        # does not know topic ids still reads the positions it wrote.
+        path = f"{self.layout.topic_ids}/{region}"
+        data = topic_id.encode("ascii")
+        node = await self.zk.get(path)
+        await self.zk.multi([Create(path, data) if node is None else SetData(path, data)])
 
     async def trim_conflicts(self, keep: int) -> None:
         names = sorted(await self.zk.children(self.layout.conflicts) or [])

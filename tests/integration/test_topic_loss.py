@@ -2,7 +2,9 @@
 
 The issue's scenario runs on tansu (a restart loses every topic) and on a
 dedicated Apache Kafka whose log dirs are wiped; a topic deleted and
-re-created under a running federation runs on the suite's broker.
+re-created under a running federation, and one re-created and regrown past a
+stopped receiver's position (only the topic id shows that), run on the
+suite's broker.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bridge.codec import decode_positions
 from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness.broker import Broker, KafkaBroker, TansuBroker
 from tests.harness.procs import wait_for
@@ -30,10 +34,7 @@ def _fed(tmp: Path, token: str, broker: Broker, zk: ZkServers) -> Federation:
     return Federation(tmp, token, broker, dict(zip(REGION_NAMES, zk.regions, strict=True)))
 
 
-@pytest.fixture(params=["tansu", pytest.param("kafka", marks=pytest.mark.skip(
-    reason="fails reproducibly (also on its own branch): after Kafka's log dirs are wiped "
-           "under it, r2's idempotent producer keeps getting NodeNotReadyError and r2 never "
-           "re-announces; open in issue 13"))])
+@pytest.fixture(params=["tansu", "kafka"])
 def lossy(request: pytest.FixtureRequest, tmp_path: Path, token: str, zk_servers: ZkServers,
           harness_report: Report) -> Iterator[tuple[Federation, Callable[[], None]]]:
     """A federation on its own broker, and how that broker loses every topic."""
@@ -155,4 +156,70 @@ def test_topic_deleted_and_recreated_under_a_running_federation(
                  message=f"{name} never reported the re-created topic")
     harness_report(f"{fed.broker.kind}: r1's topic re-created under a running federation, "
                    f"converged in {healed:.1f}s")
+    fed.assert_clean_logs(allowed=INCIDENTS | {"topic_check_failed"})
+
+
+def _end_offset(bootstrap: str, topic: str) -> int:
+    async def go() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            return int((await consumer.end_offsets([tp]))[tp])
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(go())
+
+
+def _stored_position(fed: Federation, name: str, peer: str) -> int:
+    data, _ = fed[name].client.get(f"{fed.state_path}/subtrees/{fed.subtree}/positions/{peer}")
+    return decode_positions(data).get(0, 0)
+
+
+def test_topic_recreated_and_regrown_past_the_position_while_a_receiver_was_down(
+    federation: Federation, harness_report: Report,
+) -> None:
+    """Offsets alone cannot see this one: only the topic's id tells the receiver."""
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(10):
+        r1.client.create(r1.path(f"/a{i}"), b"before")
+    for i in range(150):
+        r1.client.create(r1.path(f"/z{i:04d}"), b"bulk")
+    fed.wait_converged()
+    fed.stop("r2")
+    stored = _stored_position(fed, "r2", "r1")
+    assert stored >= 160
+    topic = f"{fed.prefix}.{fed.subtree}.r1"
+    _recreate_topic(fed.broker.bootstrap, topic)
+    # First on the new topic, and first (sorted) in r1's re-announce: far below
+    # r2's stored position, so a reader resuming there would pass over them.
+    for i in range(10):
+        r1.client.set(r1.path(f"/a{i}"), b"after")
+        r1.client.create(r1.path(f"/b{i}"), b"after")
+    more = 150
+    deadline = time.monotonic() + 60
+    while (end := _end_offset(fed.broker.bootstrap, topic)) <= stored + 10:
+        assert time.monotonic() < deadline, f"the new topic stays at {end} <= {stored} + 10"
+        for i in range(more, more + 20):
+            r1.client.create(r1.path(f"/z{i:04d}"), b"bulk")
+        more += 20
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    fed.start("r2")
+    fed.wait_converged(timeout=120)
+    healed = time.monotonic() - t0
+    tree = fed.tree("r2")
+    assert all(tree[f"/a{i}"] == b"after" and tree[f"/b{i}"] == b"after" for i in range(10))
+    assert len(tree) == 10 + 10 + more
+    lost = [e for e in fed.events("r2")
+            if e.get("event") == "topic_lost_records" and e.get("topic") == topic]
+    assert lost, "r2 never reported the re-created topic"
+    assert "topic id changed" in lost[0]["reason"], lost[0]
+    assert lost[0]["stored_position"] == stored and lost[0]["end_offset"] > stored, lost[0]
+    harness_report(f"{fed.broker.kind}: topic re-created and regrown from 0 to {end} past the "
+                   f"stored position {stored} while r2 was down; r2 converged in {healed:.1f}s "
+                   "after its start")
     fed.assert_clean_logs(allowed=INCIDENTS | {"topic_check_failed"})
