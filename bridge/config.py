@@ -474,8 +474,7 @@ class Settings:
     """Largest znode payload replicated, in bytes (at most ZooKeeper's default jute.maxbuffer);
     larger znodes are reported and not replicated."""
     mass_delete: MassDeleteSettings = Field(
-        default_factory=MassDeleteSettings, json_schema_extra=LIVE
-    )
+        default_factory=MassDeleteSettings, json_schema_extra=LIVE)
     # The document's sections; the rest of the code reads them flattened below.
     metrics: InitVar[MetricsSettings | None] = None
     log: InitVar[LogSettings | None] = Field(default=None, json_schema_extra=LIVE)
@@ -531,18 +530,15 @@ class Settings:
                 yield ("subtrees", i, "path"), f"{path} overlaps state_path {state}"
         # Topic names within Kafka's limit, for the longest of the region and its peers.
         kafka = data.get("kafka")
-        prefix = _valid(TopicPrefix, kafka.get("topic_prefix", "zkbridge")) if isinstance(
-            kafka, Mapping
-        ) else None
+        kafka = kafka if isinstance(kafka, Mapping) else {}
+        prefix = _valid(TopicPrefix, kafka.get("topic_prefix", "zkbridge"))
         longest = max((r for r in (region, *peers) if _valid(Region, r)), key=len, default=None)
         for i, s in enumerate(subtrees):
             name = _valid(SubtreeName, s.get("name"))
             topic = topic_name(prefix, name, longest) if prefix and name and longest else ""
             if len(topic) > MAX_TOPIC_NAME:
-                yield (
-                    ("subtrees", i, "name"),
-                    f"topic {topic} is longer than Kafka's limit of {MAX_TOPIC_NAME} characters",
-                )
+                limit = f"Kafka's limit of {MAX_TOPIC_NAME} characters"
+                yield ("subtrees", i, "name"), f"topic {topic} is longer than {limit}"
 
 
 def topic_name(prefix: str, subtree: str, region: str) -> str:
@@ -624,16 +620,13 @@ class _Loader(yaml.SafeLoader):
         seen: set[object] = set()
         for key_node, _ in node.value:
             # Merge keys (<<) legitimately repeat keys; only scalars can collide by value.
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                key_node, yaml.ScalarNode
-            ):
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
                 continue
             key = self.construct_object(key_node)
+            mark = key_node.start_mark
             if key in seen:
-                mark = key_node.start_mark
-                self.duplicates.append(
-                    f"duplicate key {key!s} at line {mark.line + 1}, column {mark.column + 1}"
-                )
+                where = f"line {mark.line + 1}, column {mark.column + 1}"
+                self.duplicates.append(f"duplicate key {key!s} at {where}")
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -647,9 +640,8 @@ def _read_yaml(path: str) -> tuple[object, list[str]]:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except ValueError:  # NUL in the path
         raise ConfigError([f"{path!r}: cannot read: the path contains NUL"]) from None
-    loader = _Loader(b"")
     try:
-        loader = _Loader(raw)  # the reader already checks the first characters
+        loader = _Loader(raw)  # its reader already decodes and checks the first characters
         doc = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         # Only the problem and position: the snippet could contain a secret.
@@ -658,24 +650,20 @@ def _read_yaml(path: str) -> tuple[object, list[str]]:
         raise ConfigError([f"{path}: invalid YAML{where}: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
-    finally:
-        loader.dispose()
     return doc, [f"{path}: {duplicate}" for duplicate in loader.duplicates]
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def _settings(
-    doc: object, base_dir: Path, env: Mapping[str, str], problems: list[str], label: str
-) -> Settings:
+def _settings(doc: object, base_dir: Path, env: Mapping[str, str], problems: list[str],
+              label: str) -> Settings:
     if not isinstance(doc, Mapping):
         what = "an empty document" if doc is None else f"a {type(doc).__name__}"
         raise ConfigError([*problems, f"{label}: must be a mapping of settings, got {what}"])
     try:
-        settings: Settings = _adapter(Settings).validate_python(
-            doc, context={"base_dir": base_dir, "env": env}
-        )
+        context = {"base_dir": base_dir, "env": env}
+        settings: Settings = _adapter(Settings).validate_python(doc, context=context)
     except ValidationError as exc:
         raise ConfigError(problems + _lines(exc)) from None
     if problems:  # duplicate YAML keys

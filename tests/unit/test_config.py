@@ -38,6 +38,8 @@ README = str(ROOT / "README.md")  # any readable file, by an absolute path
 ENV = {"ZKB_ZK": "bridge:zz", "ZKB_PW": "kafka-pw", "ZKB_EMPTY": ""}
 SASL = {"mechanism": "PLAIN", "username": "u", "password": "p"}
 SASL_SSL = {"kafka.security_protocol": "SASL_SSL"}
+SSL = {"kafka.security_protocol": "SSL"}
+NO = "No such file or directory"
 ZK_SOURCES = "credential, credential_file, credential_env"
 PW_SOURCES = "password, password_file, password_env"
 DELETE = object()
@@ -325,16 +327,12 @@ ONE_MISTAKE: list[tuple[str, object, str] | tuple[dict[str, Any], str]] = [
     ({"peers": ["eu-west", "us-east"]}, "peers[1]: must not be this bridge's own region us-east"),
     ("subtrees", [], "must not be empty"),
     *(("subtrees[0].name", v, NAME_RULE) for v in ["Critical", "crit.ical", "a b", "é"]),
-    (
-        two_mounts("/critical", "/other") | {"subtrees[1].name": "critical"},
-        "subtrees[1].name: duplicate of subtrees[0].name",
-    ),
+    (two_mounts("/critical", "/other") | {"subtrees[1].name": "critical"},
+     "subtrees[1].name: duplicate of subtrees[0].name"),
     *(("kafka.topic_prefix", v, PREFIX_RULE) for v in [".zkbridge", "zk bridge", "zk/b", "zk:b"]),
-    (
-        {"subtrees[0].name": "n" * 240},  # with the longest of the region and its peers
-        f"subtrees[0].name: topic zkbridge.{'n' * 240}.ap-south is longer than Kafka's limit"
-        " of 249 characters",
-    ),
+    ({"subtrees[0].name": "n" * 240},  # with the longest of the region and its peers
+     f"subtrees[0].name: topic zkbridge.{'n' * 240}.ap-south is longer than Kafka's limit"
+     " of 249 characters"),
     # addresses
     *(("zookeeper.hosts", v, m) for v, m in HOST_CASES),
     *(("kafka.bootstrap_servers", v, m) for v, m in HOST_CASES),
@@ -344,10 +342,8 @@ ONE_MISTAKE: list[tuple[str, object, str] | tuple[dict[str, Any], str]] = [
     *(("subtrees[0].path", v, m) for v, m in MOUNT_CASES),
     *(("state_path", v, m) for v, m in MOUNT_CASES),
     *(({"subtrees[0].exclude": ["/ok", v]}, f"subtrees[0].exclude[1]: {m}") for v, m in PATH_CASES),
-    (
-        {"subtrees[0].exclude": ["/tmp", "/locks", "/tmp"]},
-        "subtrees[0].exclude[2]: duplicate of subtrees[0].exclude[0]",
-    ),
+    ({"subtrees[0].exclude": ["/tmp", "/locks", "/tmp"]},
+     "subtrees[0].exclude[2]: duplicate of subtrees[0].exclude[0]"),
     *(
         (two_mounts(a, b), f"subtrees[1].path: {b} overlaps subtrees[0].path {a}")
         for a, b in [("/critical", "/critical"), ("/critical", "/critical/s"), ("/c/s", "/c")]
@@ -366,38 +362,22 @@ ONE_MISTAKE: list[tuple[str, object, str] | tuple[dict[str, Any], str]] = [
         for p in [{}, {"kafka.security_protocol": "PLAINTEXT"}, {"kafka.security_protocol": "SSL"}]
     ),
     ({"kafka.ssl": {}}, f"kafka.ssl: {SSL_ONLY}"),
-    (
-        {"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl": SASL, "kafka.ssl": {}},
-        f"kafka.ssl: {SSL_ONLY}",
-    ),
-    (
-        {"kafka.security_protocol": "SSL", "kafka.ssl": {"cafile": "missing.pem"}},
-        "kafka.ssl.cafile: cannot read /nonexistent/missing.pem: No such file or directory",
-    ),
-    (
-        {"kafka.security_protocol": "SSL", "kafka.ssl": {"keyfile": README}},
-        "kafka.ssl.keyfile: requires certfile",
-    ),
+    ({"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl": SASL, "kafka.ssl": {}},
+     f"kafka.ssl: {SSL_ONLY}"),
+    (SSL | {"kafka.ssl.cafile": "ca"}, f"kafka.ssl.cafile: cannot read /nonexistent/ca: {NO}"),
+    (SSL | {"kafka.ssl.keyfile": README}, "kafka.ssl.keyfile: requires certfile"),
     # secrets: the key they came from, never their value
     (zk_auth(scheme="digest"), f"zookeeper.auth: one of {ZK_SOURCES} is required"),
-    (
-        zk_auth(credential="u:p", credential_env="ZKB_ZK"),
-        f"zookeeper.auth: only one of {ZK_SOURCES} may be set, got credential, credential_env",
-    ),
+    (zk_auth(credential="u:p", credential_env="ZKB_ZK"),
+     f"zookeeper.auth: only one of {ZK_SOURCES} may be set, got credential, credential_env"),
     (sasl(), f"kafka.sasl: one of {PW_SOURCES} is required"),
-    (
-        sasl(password="a", password_file="b", password_env="C"),
-        f"kafka.sasl: only one of {PW_SOURCES} may be set, got {PW_SOURCES}",
-    ),
+    (sasl(password="a", password_file="b", password_env="C"),
+     f"kafka.sasl: only one of {PW_SOURCES} may be set, got {PW_SOURCES}"),
     ("zookeeper.auth.credential_env", "ZKB_UNSET", "environment variable ZKB_UNSET is not set"),
     ("zookeeper.auth.credential_env", "ZKB_EMPTY", "environment variable ZKB_EMPTY is empty"),
     ("zookeeper.auth.credential_env", "1BAD-NAME", "must be an environment variable name"),
     (sasl(password_env="NO"), "kafka.sasl.password_env: environment variable NO is not set"),
-    (
-        "zookeeper.auth.credential_file",
-        "zk.secret",
-        "cannot read /nonexistent/zk.secret: No such file or directory",
-    ),
+    ("zookeeper.auth.credential_file", "zk", f"cannot read /nonexistent/zk: {NO}"),
     ("zookeeper.auth.credential_file", "/dev/null", "/dev/null is empty"),
     ("zookeeper.auth.credential", 1234, "must be a string"),
     ("zookeeper.auth.credential", "", "must not be empty"),
@@ -521,7 +501,7 @@ def test_ssl_files_resolved_against_the_config_directory(tmp_path: Path) -> None
 
 
 def test_unreadable_files(tmp_path: Path) -> None:
-    for path, why in [(tmp_path / "no", "No such file or directory"), (tmp_path, "Is a directory")]:
+    for path, why in [(tmp_path / "no", NO), (tmp_path, "Is a directory")]:
         with pytest.raises(ConfigError) as info:
             load_settings(path)
         assert info.value.problems == [f"{path}: cannot read: {why}"]
