@@ -530,8 +530,8 @@ class Settings:
                 yield ("subtrees", i, "path"), f"{path} overlaps state_path {state}"
         # Topic names within Kafka's limit, for the longest of the region and its peers.
         kafka = data.get("kafka")
-        kafka = kafka if isinstance(kafka, Mapping) else {}
-        prefix = _valid(TopicPrefix, kafka.get("topic_prefix", "zkbridge"))
+        given = kafka.get("topic_prefix", "zkbridge") if isinstance(kafka, Mapping) else None
+        prefix = _valid(TopicPrefix, given)
         longest = max((r for r in (region, *peers) if _valid(Region, r)), key=len, default=None)
         for i, s in enumerate(subtrees):
             name = _valid(SubtreeName, s.get("name"))

@@ -333,6 +333,7 @@ ONE_MISTAKE: list[tuple[str, object, str] | tuple[dict[str, Any], str]] = [
     ({"subtrees[0].name": "n" * 240},  # with the longest of the region and its peers
      f"subtrees[0].name: topic zkbridge.{'n' * 240}.ap-south is longer than Kafka's limit"
      " of 249 characters"),
+    ({"kafka": None, "subtrees[0].name": "n" * 240}, "kafka: must be a mapping"),  # prefix unknown
     # addresses
     *(("zookeeper.hosts", v, m) for v, m in HOST_CASES),
     *(("kafka.bootstrap_servers", v, m) for v, m in HOST_CASES),
@@ -419,7 +420,7 @@ def test_every_problem_reported_at_once() -> None:
         "peers": ["us-east", "us-east"],
         "subtrees": [
             {"name": "critical", "path": "critical"},
-            {"name": "critical", "path": "/a", "exclude": ["tmp"]},
+            {"name": "critical", "path": "/a", "exclude": ["tmp", "tmp"]},  # no "duplicate"
             {"name": "b", "path": "/a/b", "acl": "closed"},
         ],
         "heartbeat_interval": True,
@@ -437,6 +438,7 @@ def test_every_problem_reported_at_once() -> None:
         "subtrees[0].path: must be absolute",
         "subtrees[1].name: duplicate of subtrees[0].name",
         "subtrees[1].exclude[0]: must be absolute",
+        "subtrees[1].exclude[1]: must be absolute",
         "subtrees[2].path: /a/b overlaps subtrees[1].path /a",
         "subtrees[2].acl: must be one of copy, open",
         "heartbeat_interval: must be a number",
