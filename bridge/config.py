@@ -93,11 +93,12 @@ def _znode_path(value: str, mount: bool = False) -> str:
     return value
 
 
-def _read(value: str, info: ValidationInfo) -> tuple[Path, bytes]:
+def _read(value: str, info: ValidationInfo, size: int = -1) -> tuple[Path, bytes]:
     """The file at ``value`` (relative to the configuration file's directory) and its bytes."""
     path = Path(_context(info).get("base_dir", ".")) / value
     try:
-        return path, path.read_bytes()
+        with path.open("rb") as f:
+            return path, f.read(size)
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError:  # NUL in the path
@@ -144,7 +145,7 @@ Listen = Annotated[Text, _addresses("must be host:port", port=r":([0-9]{1,5})", 
 ZnodePath = Annotated[Text, AfterValidator(_znode_path)]
 MountPath = Annotated[Text, AfterValidator(lambda value: _znode_path(value, mount=True))]
 # The path resolved against the configuration file's directory, once it proved readable.
-ReadableFile = Annotated[Text, AfterValidator(lambda value, info: str(_read(value, info)[0]))]
+ReadableFile = Annotated[Text, AfterValidator(lambda value, info: str(_read(value, info, 0)[0]))]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
