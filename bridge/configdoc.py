@@ -4,7 +4,7 @@ Both committed copies are generated, never edited by hand:
 
     python -m bridge.configdoc --write    # rewrite schemas/config.schema.json and the README table
     python -m bridge.configdoc --check    # exit 1 when either differs from the settings classes
-    python -m bridge.configdoc            # print the schema
+    python -m bridge.configdoc            # print the schema (--table: the README table)
 """
 
 from __future__ import annotations
@@ -48,72 +48,51 @@ def schema_text() -> str:
 
 
 def _tidy(node: Any) -> Any:
-    """Docstrings as one-line descriptions; no titles.
-
-    pydantic titles each property after its name ("Session Timeout"): noise next to the key.
-    """
-    if isinstance(node, dict):
-        return {
-            k: " ".join(v.split()) if k == "description" else _tidy(v)
-            for k, v in node.items()
-            if k != "title"
-        }
+    """Docstrings as one-line descriptions; no titles (pydantic's "Session Timeout" is noise)."""
     if isinstance(node, list):
         return [_tidy(v) for v in node]
-    return node
+    if not isinstance(node, dict):
+        return node
+    return {
+        k: " ".join(v.split()) if k == "description" else _tidy(v)
+        for k, v in node.items()
+        if k != "title"
+    }
 
 
 def table() -> str:
-    """The README key table: key, default, SIGHUP behaviour, meaning."""
+    """The README key table: key, default, reload (SIGHUP) behaviour, meaning."""
     doc = schema()
-    lines = [
-        "| key | default | on reload | meaning |",
-        "|---|---|---|---|",
-    ]
-    for key, default, reload, meaning in _rows(doc, doc, "", required=False, live=False):
-        meaning = meaning.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-        lines.append(f"| `{key}` | {default} | {reload} | {meaning} |")
-    return "\n".join(lines) + "\n"
 
+    def section(node: dict[str, Any]) -> dict[str, Any]:
+        """The object behind a ``$ref`` or an ``anyOf [X, null]``, else ``node``."""
+        for branch in [node, *node.get("anyOf", ())]:
+            if "$ref" in branch:
+                return section(doc["$defs"][branch["$ref"].rsplit("/", 1)[-1]])
+        return node
 
-def _rows(
-    doc: dict[str, Any], node: dict[str, Any], key: str, required: bool, live: bool
-) -> Iterator[tuple[str, str, str, str]]:
-    live = live or node.get("x-reload") == "live"
-    target = _resolve(doc, node)
-    if "properties" in target:
-        for name, prop in target["properties"].items():
+    def rows(node: dict[str, Any], key: str, required: bool, live: bool) -> Iterator[str]:
+        live = live or node.get("x-reload") == "live"
+        target, items = section(node), section(section(node).get("items", {}))
+        if "properties" in items:  # a list of sections
+            target, key = items, f"{key}[]"
+        for name, prop in target.get("properties", {}).items():
             child = f"{key}.{name}" if key else name
-            yield from _rows(doc, prop, child, name in target.get("required", ()), live)
-        return
-    items = _resolve(doc, target.get("items", {}))
-    if "properties" in items:
-        for name, prop in items["properties"].items():
-            required = name in items.get("required", ())
-            yield from _rows(doc, prop, f"{key}[].{name}", required, live)
-        return
-    if required:
-        default = "required"
-    elif node.get("default") is not None:
-        default = f"`{_show(node['default'])}`"
-    else:
-        default = "—"
-    yield key, default, "live" if live else "restart", node.get("description", "")
+            yield from rows(prop, child, name in target.get("required", ()), live)
+        if "properties" in target:
+            return
+        default = node.get("default")
+        shown = "required" if required else "—" if default is None else f"`{_yaml(default)}`"
+        meaning = node.get("description", "")
+        for char, escaped in [("<", "&lt;"), (">", "&gt;"), ("|", "\\|")]:
+            meaning = meaning.replace(char, escaped)
+        yield f"| `{key}` | {shown} | {'live' if live else 'restart'} | {meaning} |"
+
+    head = ["| key | default | on reload | meaning |", "|---|---|---|---|"]
+    return "\n".join([*head, *rows(doc, "", required=False, live=False)]) + "\n"
 
 
-def _resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
-    """The object schema behind a ``$ref`` or an ``anyOf [X, null]``, else ``node``."""
-    if "$ref" in node:
-        return _resolve(doc, doc["$defs"][node["$ref"].rsplit("/", 1)[-1]])
-    for branch in node.get("anyOf", ()):
-        if branch.get("type") != "null":
-            resolved = _resolve(doc, branch)
-            if "properties" in resolved:
-                return resolved
-    return node
-
-
-def _show(value: object) -> str:
+def _yaml(value: object) -> str:
     """A default as the YAML would spell it."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -136,11 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--check", action="store_true", help="exit 1 when a copy is stale")
     action.add_argument("--table", action="store_true", help="print the README table")
     args = parser.parse_args(argv)
-    if args.table:
-        sys.stdout.write(table())
-        return 0
     if not (args.write or args.check):
-        sys.stdout.write(schema_text())
+        sys.stdout.write(table() if args.table else schema_text())
         return 0
     wanted = {
         SCHEMA_PATH: schema_text(),
