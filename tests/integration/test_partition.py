@@ -14,9 +14,11 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from kazoo.client import KazooClient
@@ -28,8 +30,10 @@ from tests.conftest import REGION_NAMES
 from tests.harness import netns, procs
 from tests.harness.broker import KafkaBroker
 from tests.harness.netns import RegionNetworks
-from tests.harness.zookeeper import ZooKeeperServer, start_all
+from tests.harness.zookeeper import ZooKeeperServer
 from tests.integration.federation import REPO, Federation
+
+T = TypeVar("T")
 
 CUT = "r1"
 OTHERS = tuple(r for r in REGION_NAMES if r != CUT)
@@ -47,6 +51,7 @@ class Partitioned:
     fed: Federation
     nets: RegionNetworks
     tmp: Path
+    setup_seconds: float
     writers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,6 +61,7 @@ def partitioned(tmp_path: Path, token: str) -> Iterator[Partitioned]:
     reason = netns.unavailable()
     if reason is not None:
         pytest.skip(f"per-region partitions need network namespaces: {reason}")
+    t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         nets = stack.enter_context(RegionNetworks(token, REGION_NAMES))
         # Closed last (LIFO): namespaces go only once every process in them stopped.
@@ -68,8 +74,12 @@ def partitioned(tmp_path: Path, token: str) -> Iterator[Partitioned]:
         }
         for s in servers.values():
             stack.callback(s.close)
-        start_all(servers.values())
+        # The JVMs start side by side: ZooKeeper's spawn does not wait.
+        for s in servers.values():
+            s.spawn()
         broker.start()
+        for s in servers.values():
+            s.wait_ready()
         fed = Federation(tmp_path, token, broker, servers)
         stack.callback(fed.close)
         for r in REGION_NAMES:
@@ -79,17 +89,32 @@ def partitioned(tmp_path: Path, token: str) -> Iterator[Partitioned]:
                 kafka={"bootstrap_servers": listeners[r.upper()]},
                 metrics={"listen": f"{nets[r].ns_addr}:{procs.free_port()}"},
             )
-        yield Partitioned(fed, nets, tmp_path)
+        yield Partitioned(fed, nets, tmp_path, time.monotonic() - t0)
 
 
 # -- what an operator would look at ------------------------------------------------------
 
-def lag_rows(p: Partitioned, region: str) -> dict[str, dict[str, Any]]:
-    """`zkbridge lag --json` run in the region's namespace: peer -> row."""
-    out = p.fed.cli("lag", "-c", str(p.fed[region].config_path), "--json", region=region,
-                    timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
+def lag_rows(p: Partitioned, region: str, max_seconds: float, expect_rc: int
+             ) -> dict[str, dict[str, Any]]:
+    """`zkbridge lag --json --max-seconds N` in the region's namespace: peer -> row."""
+    out = p.fed.cli("lag", "-c", str(p.fed[region].config_path), "--json",
+                    "--max-seconds", f"{max_seconds:g}", region=region, timeout=60)
+    assert out.returncode == expect_rc, f"{region}: lag exited {out.returncode}:\n" + (
+        out.stdout + out.stderr)
     return {row["peer"]: row for row in json.loads(out.stdout)["rows"]}
+
+
+def together(calls: dict[str, Callable[[], T]]) -> dict[str, T]:
+    """Run CLI probes side by side: each one starts Python and connects, seconds on a busy box."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {k: pool.submit(fn) for k, fn in calls.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def lag_everywhere(p: Partitioned, regions: tuple[str, ...], max_seconds: float,
+                   expect_rc: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """`lag` in several regions at once."""
+    return together({r: partial(lag_rows, p, r, max_seconds, expect_rc) for r in regions})
 
 
 def outbox(p: Partitioned, region: str) -> int:
@@ -117,8 +142,14 @@ def metrics(p: Partitioned, region: str) -> dict[str, float]:
     return values
 
 
-def hb_metric(values: dict[str, float], peer: str) -> float | None:
-    return values.get(f'zkbridge_heartbeat_age_seconds{{peer="{peer}",subtree="critical"}}')
+def hb_age(p: Partitioned, region: str, peer: str) -> float:
+    """Age of the last heartbeat `region` applied from `peer`, from its metrics (0: none yet)."""
+    key = f'zkbridge_heartbeat_age_seconds{{peer="{peer}",subtree="{p.fed.subtree}"}}'
+    return metrics(p, region).get(key, 0.0)
+
+
+def outbox_metric(p: Partitioned, region: str) -> float:
+    return metrics(p, region)[f'zkbridge_outbox_depth{{subtree="{p.fed.subtree}"}}']
 
 
 # -- the applications ------------------------------------------------------------------
@@ -223,6 +254,16 @@ def check_acknowledged(p: Partitioned, logs: dict[str, Path]) -> tuple[int, int]
     return single, contended
 
 
+def probe(p: Partitioned, expect_rc: int) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
+    """What the operators see, all at once: `lag --max-seconds 5` in the others, r1's outbox."""
+    calls: dict[str, Callable[[], Any]] = {
+        r: partial(lag_rows, p, r, 5, expect_rc) for r in OTHERS}
+    calls["outbox"] = partial(outbox, p, CUT)
+    got = together(calls)
+    depth: int = got.pop("outbox")
+    return got, depth
+
+
 def poll(what: str, step: Callable[[], bool], timeout: float) -> None:
     procs.wait_for(step, timeout, interval=0.2, message=what)
 
@@ -231,79 +272,78 @@ def test_one_region_cut_off_while_all_write_then_healed(
     partitioned: Partitioned, harness_report: Callable[[str], None]
 ) -> None:
     p, fed, nets = partitioned, partitioned.fed, partitioned.nets
+    t0 = time.monotonic()
     fed.start_all()
+    bridges_ready = time.monotonic() - t0
     with contextlib.ExitStack() as stack:
         logs = start_writers(p, stack)
-        poll("every writer acknowledged writes",
-             lambda: min(acked(logs).values()) >= 20, 30)
-        # All three exchange heartbeats before the cut.
-        before = {r: lag_rows(p, r) for r in OTHERS}
-        for r in OTHERS:
-            age = before[r][CUT]["heartbeat_age"]
-            assert age is not None and age < 5, before[r]
+        poll("every writer acknowledged writes", lambda: min(acked(logs).values()) >= 20, 30)
+        # Before the cut: everyone hears r1, and r1 publishes as fast as it captures.
+        before, outbox_before = probe(p, expect_rc=0)
 
         nets.cut(CUT)
         cut_at = time.monotonic()
         cut_wall = time.time()
-        samples: dict[str, list[float]] = {r: [] for r in OTHERS}
-        metric_samples: dict[str, list[float]] = {r: [] for r in OTHERS}
-        outbox_samples: list[int] = []
-        cut_metric_outbox: list[float] = []
+        seen: dict[str, float] = {}
 
-        def watched() -> bool:
+        def partition_visible() -> bool:
+            # Metrics are cheap to sample; the CLI confirms once they show it.
             for r in OTHERS:
-                row = lag_rows(p, r)[CUT]
-                samples[r].append(row["heartbeat_age"] or 0.0)
-                metric_samples[r].append(hb_metric(metrics(p, r), CUT) or 0.0)
-            outbox_samples.append(outbox(p, CUT))
-            cut_metric_outbox.append(
-                metrics(p, CUT).get('zkbridge_outbox_depth{subtree="critical"}', 0.0))
-            return (all(min(samples[r][-1], metric_samples[r][-1]) >= HEARTBEAT_AGE_SEEN
-                        for r in OTHERS)
-                    and outbox_samples[-1] >= OUTBOX_SEEN and cut_metric_outbox[-1] >= OUTBOX_SEEN)
+                seen[r] = hb_age(p, r, CUT)
+            seen[CUT] = outbox_metric(p, CUT)
+            return (min(seen[r] for r in OTHERS) >= HEARTBEAT_AGE_SEEN
+                    and seen[CUT] >= OUTBOX_SEEN)
 
-        poll("heartbeat age of the cut region and its outbox growing", watched, 60)
+        poll("the cut region's heartbeat age and outbox growing", partition_visible, 60)
+        visible = time.monotonic() - cut_at
+        # The alerting form of lag fires in the regions that still run.
+        during_lag, outbox_during = probe(p, expect_rc=1)
         for r in OTHERS:
-            # Growing, not just high: seen low at the cut, high now.
-            assert samples[r][-1] > samples[r][0] and metric_samples[r][-1] > metric_samples[r][0]
-            assert samples[r][-1] >= HEARTBEAT_AGE_SEEN
-        assert outbox_samples[-1] > outbox_samples[0], outbox_samples
-        alert = fed.cli("lag", "-c", str(fed[OTHERS[0]].config_path), "--max-seconds", "5",
-                        region=OTHERS[0])
-        assert alert.returncode == 1, alert.stdout + alert.stderr
+            age_before = before[r][CUT]["heartbeat_age"]
+            age_during = during_lag[r][CUT]["heartbeat_age"]
+            assert age_before is not None and age_before < 5, before[r]
+            assert age_during is not None and age_during >= HEARTBEAT_AGE_SEEN, during_lag[r]
+            # The other way round nothing is cut: their heartbeats stay fresh.
+            other = next(o for o in OTHERS if o != r)
+            assert during_lag[r][other]["heartbeat_age"] < 5, during_lag[r]
+        assert outbox_during >= OUTBOX_SEEN and outbox_during > outbox_before, (
+            outbox_before, outbox_during)
         during = acked(logs, since=cut_wall)
         assert all(n > 0 for n in during.values()), f"a region stopped writing: {during}"
         cut_seconds = time.monotonic() - cut_at
 
         nets.heal(CUT)
         healed_at = time.monotonic()
-        poll(f"{CUT}'s outbox drained after heal", lambda: outbox(p, CUT) == 0, 60)
+        poll(f"{CUT}'s outbox drained after heal", lambda: outbox_metric(p, CUT) == 0, 60)
         drained = time.monotonic() - healed_at
         poll(f"peers hear {CUT}'s heartbeats again",
-             lambda: all((lag_rows(p, r)[CUT]["heartbeat_age"] or 99) < 3 for r in OTHERS), 60)
+             lambda: all(0 < hb_age(p, r, CUT) < 3 for r in OTHERS), 60)
         fresh = time.monotonic() - healed_at
-        # Writes keep coming a little after the heal, then the applications stop.
+        # The applications wrote through the heal; now they stop.
         for r in REGION_NAMES:
             stop_writer(p, r)
         writers_stopped = time.monotonic()
     fed.wait_converged(timeout=60)
     converged = time.monotonic()
+    lag_everywhere(p, REGION_NAMES, 5, 0)
     single, contended = check_acknowledged(p, logs)
     fed.assert_clean_logs(allowed=PARTITION_EVENTS)
 
     totals = acked(logs)
+    warned = sorted({e["event"] for e in fed.events(CUT) if e.get("level") == "warning"})
     figures = (
-        f"partition: {CUT} cut {cut_seconds:.1f}s while writing "
-        f"({', '.join(f'{r}={n}' for r, n in during.items())} acked during the cut); "
+        f"partition: namespaces, servers and broker up in {p.setup_seconds:.1f}s, bridges in "
+        f"{bridges_ready:.1f}s; "
+        f"{CUT} cut {cut_seconds:.1f}s (metrics showed it at {visible:.1f}s) while all wrote "
+        f"({', '.join(f'{r} {n}' for r, n in during.items())} acknowledged writes during it); "
         f"heartbeat age of {CUT} reached "
-        + ", ".join(f"{r} lag {samples[r][-1]:.1f}s / metric {metric_samples[r][-1]:.1f}s"
-                    for r in OTHERS)
-        + f"; {CUT} outbox reached {outbox_samples[-1]} (metric {cut_metric_outbox[-1]:.0f}); "
-        f"after heal: outbox drained {drained:.1f}s, peers fresh {fresh:.1f}s, "
-        f"converged {converged - healed_at:.1f}s after heal "
-        f"({converged - writers_stopped:.1f}s after writers stopped); "
-        f"{sum(totals.values())} acknowledged writes, {single} single-writer and "
-        f"{contended} contended paths checked"
+        + ", ".join(f"{r} {during_lag[r][CUT]['heartbeat_age']:.1f}s" for r in OTHERS)
+        + f" (lag), {CUT} outbox {outbox_during} (status); after heal: "
+        f"outbox drained {drained:.1f}s, peers' heartbeat age < 3s at {fresh:.1f}s, "
+        f"converged at {converged - healed_at:.1f}s "
+        f"({converged - writers_stopped:.1f}s after the writers stopped); "
+        f"{sum(totals.values())} acknowledged writes checked on {single} single-writer and "
+        f"{contended} contended paths; {CUT} warned: {', '.join(warned)}"
     )
     print(figures)
     harness_report(figures)
