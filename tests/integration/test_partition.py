@@ -26,6 +26,7 @@ from kazoo.client import KazooClient
 from bridge import codec
 from bridge.clock import hlc_to_ms
 from bridge.layout import Layout
+from bridge.model import content_hash
 from tests.conftest import REGION_NAMES
 from tests.harness import netns, procs
 from tests.harness.broker import KafkaBroker
@@ -254,6 +255,31 @@ def check_acknowledged(p: Partitioned, logs: dict[str, Path]) -> tuple[int, int]
     return single, contended
 
 
+def explain(p: Partitioned) -> str:
+    """Each region's znode and metadata at every differing path: which side lost what."""
+    fed = p.fed
+    lines = []
+    for d in fed.differences()[:10]:
+        lines.append(f"{d.path}: {d.detail}")
+        for r in REGION_NAMES:
+            region = fed[r]
+            layout = Layout(fed.state_path, fed.subtree, region.mount)
+            client = KazooClient(hosts=region.hosts, timeout=10.0)
+            client.start(timeout=30)
+            try:
+                data, stat = client.get(region.mount + d.path)
+                meta = codec.decode_meta(client.get(layout.meta(d.path))[0])
+            finally:
+                client.stop()
+                client.close()
+            captured = meta is not None and meta.data_hash == content_hash(data)
+            lines.append(
+                f"  {r}: {data!r} mzxid={stat.mzxid:#x} version={stat.version} "
+                f"meta={'-' if meta is None else (meta.vc.as_dict(), meta.writer, meta.ts)} "
+                f"{'' if captured else '(metadata hash differs from the data)'}")
+    return "\n".join(lines)
+
+
 def probe(p: Partitioned, expect_rc: int) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
     """What the operators see, all at once: `lag --max-seconds 5` in the others, r1's outbox."""
     calls: dict[str, Callable[[], Any]] = {
@@ -323,7 +349,10 @@ def test_one_region_cut_off_while_all_write_then_healed(
         for r in REGION_NAMES:
             stop_writer(p, r)
         writers_stopped = time.monotonic()
-    fed.wait_converged(timeout=60)
+    try:
+        fed.wait_converged(timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{explain(p)}") from None
     converged = time.monotonic()
     lag_everywhere(p, REGION_NAMES, 5, 0)
     single, contended = check_acknowledged(p, logs)
