@@ -269,6 +269,7 @@ def explain(p: Partitioned) -> str:
             try:
                 data, stat = client.get(region.mount + d.path)
                 meta = codec.decode_meta(client.get(layout.meta(d.path))[0])
+                pending = len(client.get_children(layout.outbox))
             finally:
                 client.stop()
                 client.close()
@@ -276,7 +277,7 @@ def explain(p: Partitioned) -> str:
             lines.append(
                 f"  {r}: {data!r} mzxid={stat.mzxid:#x} version={stat.version} "
                 f"meta={'-' if meta is None else (meta.vc.as_dict(), meta.writer, meta.ts)} "
-                f"{'' if captured else '(metadata hash differs from the data)'}")
+                f"outbox={pending} {'' if captured else '(metadata hash differs from the data)'}")
     return "\n".join(lines)
 
 
