@@ -303,6 +303,10 @@ class KafkaBroker(Broker):
     Three loopback listeners: CLIENT (the bootstrap, PLAINTEXT unless `security`
     says otherwise, advertised as the proxy's address when proxied), INTERNAL
     (plaintext, inter-broker and the harness's own checks) and CONTROLLER.
+    `extra_listeners` (name -> host:port) adds plaintext listeners, each
+    advertised as its own address: a client gets back the address of the
+    listener it bootstrapped through, so each network namespace reaches the
+    broker only over its own link (`tests/harness/netns.py`).
     Storage is formatted at the first start and kept by `restart()`;
     `wipe_log_dirs()` loses it as a dead disk would.
     """
@@ -317,10 +321,12 @@ class KafkaBroker(Broker):
         proxied: bool = False,
         security: KafkaSecurity | None = None,
         properties: Mapping[str, str] | None = None,
+        extra_listeners: Mapping[str, str] | None = None,
         start_timeout: float = 90.0,
     ) -> None:
         super().__init__(base_dir, port, proxied=proxied, start_timeout=start_timeout)
         self.security = security
+        self.extra_listeners = dict(extra_listeners or {})
         self.properties = dict(properties or {})
         self.internal_port = procs.free_port()
         self.controller_port = procs.free_port()
@@ -373,6 +379,10 @@ class KafkaBroker(Broker):
             "delete.topic.enable": "true",
             "log.cleaner.backoff.ms": "1000",
         }
+        for name, address in self.extra_listeners.items():
+            props["listeners"] += f",{name}://{address}"
+            props["advertised.listeners"] += f",{name}://{address}"
+            props["listener.security.protocol.map"] += f",{name}:PLAINTEXT"
         sec = self.security
         if sec is not None:
             props.update({

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +35,14 @@ class ZooKeeperError(RuntimeError):
 
 
 class ZooKeeperServer(ServerProcess):
-    """A standalone server on 127.0.0.1 with its config, data and log under `base_dir`.
+    """A standalone server on `host` (127.0.0.1) with its config, data and log under `base_dir`.
 
     The client port is chosen once, so `restart()` and `wipe()` come back at the
     same address and connected clients can reconnect to it.
     tickTime=500 puts the minimum session timeout at 1 s (2 ticks) so session
     expiry tests stay short; the maximum is raised to 60 s.
+    `prefix` goes before the java command line: `("ip", "netns", "exec", NAME)`
+    runs the server inside a network namespace, bound to that namespace's `host`.
     """
 
     def __init__(
@@ -49,8 +51,13 @@ class ZooKeeperServer(ServerProcess):
         base_dir: Path | None = None,
         port: int | None = None,
         start_timeout: float = 60.0,
+        *,
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.host = host
+        self.prefix = tuple(prefix)
         self._own_dir = base_dir is None
         self.base_dir = (
             Path(tempfile.mkdtemp(prefix=f"zkbridge-{name}-")) if base_dir is None else base_dir
@@ -67,7 +74,7 @@ class ZooKeeperServer(ServerProcess):
 
     @property
     def hosts(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def _write_config(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,7 @@ class ZooKeeperServer(ServerProcess):
                 [
                     "tickTime=500",
                     f"clientPort={self.port}",
-                    "clientPortAddress=127.0.0.1",
+                    f"clientPortAddress={self.host}",
                     f"dataDir={self.data_dir}",
                     "admin.enableServer=false",
                     "maxSessionTimeout=60000",
@@ -95,6 +102,7 @@ class ZooKeeperServer(ServerProcess):
         self._write_config()
         classpath = ":".join([*(str(JAVA_DIR / j) for j in CLASSPATH_JARS), str(CONF_DIR)])
         argv = [
+            *self.prefix,
             "java",
             # Keep the JVM small and quick: 2 cores, several servers at once.
             "-Xms32m",
@@ -115,7 +123,7 @@ class ZooKeeperServer(ServerProcess):
 
     def four_letter(self, cmd: str, timeout: float = 2.0) -> str:
         """Send a four-letter word (ruok, srvr, mntr, cons, ...) and return the reply."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+        with socket.create_connection((self.host, self.port), timeout=timeout) as s:
             s.sendall(cmd.encode("ascii"))
             chunks = []
             while chunk := s.recv(65536):

@@ -53,6 +53,7 @@ class Region:
     starts: int = 0
     ready_before: int = 0  # bridge_ready lines in the log when the last start began
     overrides: dict[str, Any] = field(default_factory=dict)
+    prefix: tuple[str, ...] = ()  # before the bridge's command line (``ip netns exec NAME``)
 
     def path(self, rel: str = "") -> str:
         return self.mount + rel
@@ -140,7 +141,7 @@ class Federation:
         r = self.regions[name]
         assert r.proc is None or r.proc.poll() is not None, f"{name}: bridge already running"
         r.proc = procs.spawn(
-            [sys.executable, "-m", "bridge", "run", "-c", str(r.config_path), *args],
+            [*r.prefix, sys.executable, "-m", "bridge", "run", "-c", str(r.config_path), *args],
             r.log_path,
             env={"PYTHONPATH": str(code), **(env or {})},
             cwd=code,
@@ -275,9 +276,13 @@ class Federation:
         walk("")
         return out
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 120, region: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``zkbridge ARGS``; with ``region``, run where that region's bridge runs (its prefix)."""
+        prefix = self.regions[region].prefix if region is not None else ()
         return subprocess.run(
-            [sys.executable, "-m", "bridge", *args],
+            [*prefix, sys.executable, "-m", "bridge", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
