@@ -164,16 +164,22 @@ class SubtreeStore(Planner):
         same session exactly when its zxid is at most Z, so the paths
         ``notified()`` reports once the reply is in are the ones that changed
         up to Z without being read: read everything again with them, until a
-        read brings no new path (a bounded fixpoint; a path already read is
-        covered, whatever its notification says). Paths left over when the
+        read brings no new path (a bounded fixpoint). Paths left over when the
         bound is hit are returned to ``notified``'s owner via ``requeue``.
+
+        A path read in the last round and notified again is returned too: a
+        reply reaches the loop through kazoo's completion thread, after the
+        notifications the connection thread passed on meanwhile, so a
+        notification seen with the reply may be of a change after Z (one
+        extra read later, rather than a write never announced).
         """
         await self._settle()
         todo = {r for r in rels if self._replicable(r)}
         rounds = 0
         for _ in range(RETRIES + CLOSURE_ROUNDS):
             reads = await self._read(todo)
-            new = {r for r in notified() if self._replicable(r)} - set(reads)
+            got = {r for r in notified() if self._replicable(r)}
+            new = got - set(reads)
             if new and rounds < CLOSURE_ROUNDS:
                 rounds += 1
                 todo |= new
@@ -181,7 +187,8 @@ class SubtreeStore(Planner):
             if new:
                 log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
                             hint="the application writes new paths faster than one read")
-                self.requeue(new)
+            if got:
+                self.requeue(got)
             try:
                 return await self._capture(reads)
             except NeedRead as more:
