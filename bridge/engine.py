@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec
+from bridge import codec, collector
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
@@ -45,6 +45,7 @@ from bridge.model import Event
 from bridge.outbound import Outbound
 from bridge.resync import state_events
 from bridge.scan import Scanner
+from bridge.stability import Stability
 from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
 from bridge.store import Layout, SubtreeStore
 from bridge.verify import read_meta
@@ -110,6 +111,7 @@ class Bridge:
             self.scanners[st.name] = Scanner(store, settings.mass_delete)
             self.locks[st.name] = asyncio.Lock()
             self._watched[st.name] = {}
+        self.stability = {n: Stability(self.region, tuple(settings.peers)) for n in self.stores}
         self.outbound = Outbound(self)
         self.inbound = Inbound(self)
         self.peers = self.inbound.peers
@@ -195,6 +197,7 @@ class Bridge:
             tasks += [
                 asyncio.create_task(self._guarded("fetcher", self.inbound.fetcher)),
                 asyncio.create_task(self._guarded("rescan", self._rescanner)),
+                asyncio.create_task(self._guarded("tombstones", collector.run, self)),
             ]
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
@@ -241,6 +244,7 @@ class Bridge:
         for name in self.stores:
             self._watched[name].clear()
             self.stores[name].metas.clear()
+            self.stability[name].forget_pending()
         self.ready.clear()
 
     async def _guarded(self, name: str, fn: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -733,6 +737,15 @@ class Bridge:
             await asyncio.sleep(1.0)
         if self.waiting.pop(peer, None) is not None:
             log.info("clock_skew_cleared", peer=peer)
+
+    def applied_report(self, subtree: str) -> tuple[tuple[str, int], ...]:
+        """How far this region applied each peer's stream of ``subtree`` (for heartbeats)."""
+        stab = self.stability[subtree]
+        for p in self.peers.values():
+            if p.subtree == subtree:
+                for part, pos in p.positions.items():
+                    stab.passed(p.peer, part, pos)
+        return stab.report()
 
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""

@@ -220,9 +220,13 @@ class Outbound:
         while True:
             # Idle or nearly: a backlog already tells peers we are alive.
             for name in b.stores if self.queue.qsize() < 10 else ():
-                hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
-                           vc=VectorClock(), ts=b.clock.now(), writer=b.region,
-                           inc=b.incarnation)
-                # Through the publisher's queue: never inside another batch's records.
-                self.enqueue(name, None, [(hb.key, codec.encode(hb))])
+                # Under the subtree's lock, which a capture holds until its batch
+                # is queued: every event stamped below this heartbeat is ahead of
+                # it on the topic (what causal stability counts on).
+                async with b.locks[name]:
+                    hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
+                               vc=VectorClock(), ts=b.clock.now(), writer=b.region,
+                               inc=b.incarnation, applied=b.applied_report(name))
+                    # Through the publisher's queue: never inside another batch's records.
+                    self.enqueue(name, None, [(hb.key, codec.encode(hb))])
             await sleep(interval())

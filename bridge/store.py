@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
-from bridge import batching, codec
+from bridge import batching, codec, tombstones
 from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
@@ -40,7 +40,7 @@ from bridge.plan import (
     Planner,
     view_of,
 )
-from bridge.zk import Create, Node, SetData, ZooKeeper
+from bridge.zk import Create, Delete, Node, SetData, ZooKeeper
 from bridge.zk import Op as ZkOp
 
 __all__ = ["Applied", "CapturedBatch", "Change", "Layout", "LocalChanges", "MetaEntry",
@@ -51,6 +51,7 @@ log = structlog.get_logger("bridge.store")
 
 RETRIES = 20
 CLOSURE_ROUNDS = 50
+GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
 
 
 class SubtreeStore(Planner):
@@ -80,6 +81,11 @@ class SubtreeStore(Planner):
         # Where paths go back when a batch had to be cut before closing.
         self.requeue: Callable[[set[str]], None] = lambda rels: None
         self._position_versions: dict[str, int] = {}
+        # Tombstone collection (see bridge.tombstones): own counters of new
+        # paths start above ``gc_floor``; the record's version fences its update.
+        self.gc_floor = 0
+        self.gc_collected = 0
+        self._gc_version: int | None = None
         self._suspect: set[str] = set()  # metadata a lost multi may have changed
         self._suspect_peers: set[str] = set()
 
@@ -92,6 +98,12 @@ class SubtreeStore(Planner):
             await self.zk.ensure_path(path)
         self.metas = {"/": MetaEntry(None, 0)}
         self._position_versions.clear()
+        await self.read_gc()
+
+    async def read_gc(self) -> None:
+        node = await self.zk.get(self.layout.gc)
+        self._gc_version = node.stat.version if node else None
+        self.gc_floor, self.gc_collected = codec.decode_gc(node.data) if node else (0, 0)
 
     # -- the metadata cache --------------------------------------------------
     def load_meta(self, rel: str, node: Node | None) -> None:
@@ -242,7 +254,10 @@ class SubtreeStore(Planner):
             if self.held_back.get(rel) == HOLD:
                 del self.held_back[rel]
             prev = self.meta(rel)
-            vc = (prev.vc if prev else VectorClock()).incremented(self.region)
+            # A path without metadata may have had a tombstone collected here that
+            # another region still holds: start above every collected counter.
+            vc = (prev.vc.incremented(self.region) if prev
+                  else VectorClock.of({self.region: self.gc_floor + 1}))
             ts = self.clock.now(after=prev.ts if prev else 0)
             data = node.data if node is not None else None
             acl = acls.get(rel)
@@ -341,6 +356,47 @@ class SubtreeStore(Planner):
                     log.info("znode_released", subtree=self.layout.name, path=e.path)
             return result
         raise VersionConflict(f"apply in {self.layout.name}: kept changing, will retry")
+
+    # -- tombstone collection ----------------------------------------------
+    async def collect(self, rels: Sequence[str]) -> list[str]:
+        """Forget the tombstones ``rels`` (already known stable) whose znodes are absent.
+
+        Each ``multi`` is fenced, checks every metadata version it deletes and
+        moves the counter floor with them. Returns the paths whose metadata
+        went (tombstones and bare directories). The caller holds the lock.
+        """
+        await self._settle()
+        reads = await self._read(rels)
+        absent = [r for r, n in reads.items() if n is None]
+        doomed = tombstones.removable(self.metas, absent)
+        done: list[str] = []
+        for i in range(0, len(doomed), GC_CHUNK):
+            part = doomed[i : i + GC_CHUNK]
+            floor = tombstones.floor_after(self.metas, part, self.region, self.gc_floor)
+            count = sum(1 for r in part if (e := self.metas.get(r)) and e.meta is not None)
+            ops: list[ZkOp] = [Delete(self.layout.meta(r), self.metas[r].version) for r in part]
+            record = codec.encode_gc(floor, self.gc_collected + count)
+            ops.append(Create(self.layout.gc, record) if self._gc_version is None
+                       else SetData(self.layout.gc, record, self._gc_version))
+            try:
+                await self.zk.multi(ops)
+            except VersionConflict:
+                await self.refresh_meta(part)
+                await self.read_gc()
+                break
+            except ZooKeeperError:
+                self._suspect |= set(part)
+                await self.read_gc()  # may have committed: read again first
+                raise
+            self._gc_version = 0 if self._gc_version is None else self._gc_version + 1
+            self.gc_floor, self.gc_collected = floor, self.gc_collected + count
+            for rel in part:
+                self.metas.pop(rel, None)
+            done += part
+        return done
+
+    def tombstones_held(self) -> int:
+        return sum(1 for e in self.metas.values() if e.meta is not None and e.meta.deleted)
 
     # -- outbox, positions, conflicts ------------------------------------
     async def pending_outbox(self) -> list[tuple[str, list[bytes]]]:

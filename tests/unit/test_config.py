@@ -948,6 +948,7 @@ def test_table_shows_defaults_and_reload_behaviour() -> None:
     assert live == {
         "heartbeat_interval",
         "max_clock_skew",
+        "tombstone_grace",
         "conflict_policy",
         "mass_delete.max_ratio",
         "mass_delete.min_nodes",
@@ -1026,3 +1027,11 @@ def test_schema_rejects_what_the_fields_constrain(changes: dict[str, Any]) -> No
     doc = edit(base(), changes)
     assert problems(doc, env={})
     assert list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
+
+
+
+def test_tombstone_grace_must_exceed_the_clock_skew() -> None:
+    assert problems(mk(max_clock_skew=30, tombstone_grace=10)) == [
+        "tombstone_grace: must be greater than max_clock_skew (30)"]
+    assert parse(mk(max_clock_skew=30, tombstone_grace=31)).tombstone_grace == 31.0
+    assert parse(mk()).tombstone_grace == 7 * 24 * 3600
