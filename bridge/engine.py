@@ -747,6 +747,16 @@ class Bridge:
                     stab.passed(p.peer, part, pos)
         return stab.report()
 
+    def stable_prefixes(self, subtree: str) -> dict[str, int | None]:
+        """Per origin, the wall-clock ms of its stream's stable prefix (None: not known)."""
+        self.applied_report(subtree)
+        stab = self.stability[subtree]
+        out: dict[str, int | None] = {}
+        for origin in (self.region, *self.settings.peers):
+            prefix = stab.stable(origin)
+            out[origin] = None if prefix is None else min(hlc_to_ms(prefix), now_ms())
+        return out
+
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
         return self.outbound.queued[subtree]
@@ -774,7 +784,20 @@ class Bridge:
             held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
                        for n, st in self.stores.items()},
             peers=peers, errors=errors, incidents=incidents,
+            state={n: self.state_of(n) for n in self.stores},
         )
+
+    def state_of(self, subtree: str) -> dict[str, object]:
+        """Bounded state of ``subtree`` for the status record."""
+        store, now = self.stores[subtree], now_ms()
+        return {
+            "tombstones": store.tombstones_held(),
+            "tombstones_collected": store.gc_collected,
+            "outbox_age_seconds": round(self.outbound.oldest_age(subtree), 1),
+            "stable_prefix_age_seconds": {
+                origin: None if at is None else round(max(0, now - at) / 1000, 1)
+                for origin, at in self.stable_prefixes(subtree).items()},
+        }
 
     @property
     def status_path(self) -> str:

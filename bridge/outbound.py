@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge import codec, failpoints
+from bridge.clock import hlc_to_ms
 from bridge.errors import BridgeError
 from bridge.model import Event, Op, VectorClock
 from bridge.store import CapturedBatch, SubtreeStore
@@ -47,6 +48,7 @@ class Outgoing:
     outbox_path: str | None
     reannounce: bool = False  # the whole state again, after the own topic lost records
     done: asyncio.Event | None = None  # set once Kafka acknowledged these records
+    captured_ms: int = 0  # wall clock of the capture (outbox age)
 
 
 class Outbound:
@@ -56,6 +58,8 @@ class Outbound:
         self.wake: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
         self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
+        # outbox path → capture wall ms, until Kafka acknowledged the entry.
+        self.unacked: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
         self._own_ends: dict[str, dict[int, int]] = {}
         self._own_written = 0.0
         self._deletes: set[asyncio.Task[None]] = set()
@@ -65,6 +69,7 @@ class Outbound:
         for name in self.dirty:
             self.dirty[name].clear()
             self.queued[name] = 0
+            self.unacked[name].clear()
 
     # -- capture -------------------------------------------------------------
     def mark(self, subtree: str, rel: str) -> None:
@@ -120,15 +125,25 @@ class Outbound:
 
     def enqueue(self, subtree: str, outbox_path: str | None,
                 records: list[tuple[bytes, bytes]], *, reannounce: bool = False,
-                done: asyncio.Event | None = None) -> None:
-        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done))
+                done: asyncio.Event | None = None, captured_ms: int = 0) -> None:
+        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
+                                       captured_ms or int(time.time() * 1000)))
         if outbox_path is not None:
             self.queued[subtree] += len(records)
+            self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
+
+    def oldest_age(self, subtree: str) -> float:
+        """Seconds since the oldest capture not yet acknowledged by Kafka (0: none)."""
+        pending = self.unacked[subtree]
+        if not pending:
+            return 0.0
+        return max(0.0, time.time() - min(pending.values()) / 1000)
 
     def enqueue_pending(self, subtree: str, entries: list[tuple[str, list[bytes]]]) -> None:
         """Outbox entries of an earlier term: published first, in their order."""
         for path, payloads in entries:
             records = []
+            captured = 0
             for payload in payloads:
                 try:
                     event = codec.decode(payload)
@@ -136,7 +151,8 @@ class Outbound:
                     records.append((b"/", payload))
                     continue
                 records.append((event.key, self.stamp(event)))
-            self.enqueue(subtree, path, records)
+                captured = captured or hlc_to_ms(event.batch or event.ts)
+            self.enqueue(subtree, path, records, captured_ms=captured)
 
     # -- publish ---------------------------------------------------------------
     async def publisher(self) -> None:
@@ -163,6 +179,7 @@ class Outbound:
                 b.stats["heartbeats_sent"] += 1
                 continue
             self.queued[u.subtree] -= len(u.records)
+            self.unacked[u.subtree].pop(u.outbox_path, None)
             b.stats[f"published:{u.subtree}"] += len(u.records)
         failpoints.hit(failpoints.AFTER_PUBLISH)
         paths = [u.outbox_path for u in units if u.outbox_path is not None]

@@ -56,6 +56,9 @@ class Status:
     # Things that happened to the replicated data, newest last: each
     # {"at_ms", "kind", "text"}; kind is TOPIC_RESET, COLLISION or REANNOUNCED.
     incidents: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    # Per subtree, bounded state: tombstones held and collected, the outbox's
+    # oldest entry, the stable prefix's age per origin (None: not known yet).
+    state: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         doc = {
@@ -74,6 +77,7 @@ class Status:
             ],
             "errors": list(self.errors),
             "incidents": list(self.incidents),
+            "state": dict(self.state),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -101,6 +105,7 @@ class Status:
                 ),
                 errors=tuple(d.get("errors", [])),
                 incidents=tuple(d.get("incidents", [])),
+                state=d.get("state", {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

@@ -75,6 +75,13 @@ def test_churned_paths_are_collected_everywhere_and_can_come_back(
     assert collected(fed, "r1") >= len(rels) and collected(fed, "r2") >= len(rels)
     for name in ("r1", "r2"):
         assert fed[name].client.get_children(fed[name].path("/q")) == []
+
+    def status_shows() -> bool:
+        out = fed.cli("status", "-c", str(r1.config_path)).stdout
+        return "tombstones 0 held, 40 collected" in out and "stable prefix age: r1 " in out
+
+    procs.wait_for(status_shows, 20, message=lambda: fed.cli(
+        "status", "-c", str(r1.config_path)).stdout)
     # A path forgotten everywhere is written again in the region that did not
     # delete it: a new write, replicated like any other.
     r1.client.create(r1.path(rels[0]), b"again")
