@@ -182,7 +182,7 @@ class Outbound:
             self.unacked[u.subtree].pop(u.outbox_path, None)
             b.stats[f"published:{u.subtree}"] += len(u.records)
         failpoints.hit(failpoints.AFTER_PUBLISH)
-        paths = [u.outbox_path for u in units if u.outbox_path is not None]
+        paths = [(u.subtree, u.outbox_path) for u in units if u.outbox_path is not None]
         if paths:
             # Acknowledged entries go while the next batch is already published.
             task = asyncio.ensure_future(self._delete(paths))
@@ -197,10 +197,14 @@ class Outbound:
         if time.monotonic() - self._own_written >= 1.0 or self.queue.empty():
             await self._write_own_positions()
 
-    async def _delete(self, paths: list[str]) -> None:
+    async def _delete(self, entries: list[tuple[str, str]]) -> None:
         b = self.bridge
+        paths = [p for _, p in entries]
         with contextlib.suppress(BridgeError, asyncio.CancelledError):
             await b.retry("outbox delete", lambda: b.zk.delete_many(paths))
+            for subtree in sorted({s for s, _ in entries}):
+                done = [p for s, p in entries if s == subtree]
+                await b.stores[subtree].drop_empty_buckets(done)
 
     async def settle(self) -> None:
         """Wait for outbox deletes in flight (end of term)."""
