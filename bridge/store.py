@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import structlog
@@ -52,7 +53,9 @@ log = structlog.get_logger("bridge.store")
 
 RETRIES = 20
 CLOSURE_ROUNDS = 50
-OUTBOX_BUCKET = 10_000  # entries per outbox bucket: a listing of about 160 KB
+# Entries per outbox bucket: a listing of about 160 KB. The environment
+# variable exists for tests, which need several buckets from a few writes.
+OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
 
 
