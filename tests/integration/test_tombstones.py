@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness import procs
 from tests.integration.federation import Federation
+from tests.integration.test_kafka import _create_compacting, _data_events
 
 pytestmark = pytest.mark.integration
 
@@ -128,4 +129,55 @@ def test_a_region_away_past_the_grace_cannot_resurrect_with_a_stale_put(
     for name in ("r1", "r2"):
         assert fed[name].client.exists(fed[name].path("/p")) is None, f"{name} resurrected /p"
     fed.wait_converged(["r1", "r2"], timeout=60)
+    fed.assert_clean_logs()
+
+
+def test_a_region_bootstrapped_after_collection_converges_on_compacted_topics(
+        make_federation: Callable[..., Federation],
+        harness_report: Callable[[str], None]) -> None:
+    fed = make_federation(spare=True)
+    if fed.broker.kind != "kafka":
+        pytest.skip("needs Apache Kafka started by the harness (a log cleaner that runs)")
+    topics = [f"{fed.prefix}.{fed.subtree}.{n}" for n in fed.regions]
+    _create_compacting(fed.broker.bootstrap, topics)
+    old = ["r1", "r2", "r3"]
+    for name in old:
+        fed.write_config(name, peers=[n for n in old if n != name], tombstone_grace=GRACE,
+                         max_clock_skew=2)
+    fed.write_config("r4", peers=old, tombstone_grace=GRACE, max_clock_skew=2)
+    for name in old:
+        fed.start(name, wait=False)
+    for name in old:
+        fed.wait_ready(name)
+    r1 = fed["r1"]
+    r1.client.create(r1.path("/q"), b"queue")
+    fed.wait_converged(old)
+    rels = [f"/q/job-{i:03d}" for i in range(30)]
+    t = r1.client.transaction()
+    for rel in rels:
+        t.create(r1.path(rel), b"work")
+    t.commit()
+    fed.wait_converged(old)
+    for rel in rels:
+        r1.client.delete(r1.path(rel))
+    fed.wait_converged(old)
+    procs.wait_for(lambda: not any(held(fed, n, rels) for n in old), 60,
+                   message=lambda: "tombstones not collected in r1..r3")
+    written = 1 + 2 * len(rels)
+
+    def compacted() -> int | None:
+        left = len(_data_events(fed.broker.bootstrap, topics[0]))
+        return left if left < written else None
+
+    left = procs.wait_for(compacted, 90, interval=1.0, message="the log cleaner never ran")
+    harness_report(f"tombstones: {written} data records on r1's topic, {left} after the cleaner")
+    # A new region bootstraps from the compacted topics: the deletes there make
+    # tombstones of its own, which it collects like everyone else.
+    fed.start("r4")
+    procs.wait_for(lambda: fed.tree("r4") == fed.tree("r1"), 60,
+                   message=lambda: f"r4 {sorted(fed.tree('r4'))} vs r1 {sorted(fed.tree('r1'))}")
+    procs.wait_for(lambda: not held(fed, "r4", rels), 60,
+                   message=lambda: f"r4 still holds {len(held(fed, 'r4', rels))} tombstones")
+    assert fed.tree("r4") == {"/q": b"queue"}
+    fed.wait_converged()
     fed.assert_clean_logs()
