@@ -283,8 +283,9 @@ class Inbound:
         event = self.bridge.decode(rec, peer.subtree, peer.peer)
         if event is not None and event.op is Op.HEARTBEAT:
             peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
-            self.bridge.stability[peer.subtree].heard(peer.peer, rec.partition, rec.offset,
-                                                      event.ts, event.applied)
+            if event.applied is not None:  # one sent with no capture in flight
+                self.bridge.stability[peer.subtree].heard(peer.peer, rec.partition,
+                                                          rec.offset, event.ts, event.applied)
             asm.skip(rec.offset)
             return
         dropped = asm.dropped

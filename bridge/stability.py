@@ -10,10 +10,10 @@ happens to the topic afterwards, so the measure never has to go back.
 
 How a stamp becomes "applied through":
 
-* An origin publishes a heartbeat stamped H while holding the subtree's lock,
-  which every capture also holds until its batch is queued: every event it
-  stamped below H is ahead of the heartbeat on its topic, every later one is
-  stamped above H.
+* An origin puts ``applied`` on a heartbeat stamped H only while no capture
+  is between stamping its events and queueing its batch: every event it
+  stamped below H is then ahead of the heartbeat on its topic, every later
+  one is stamped above H. Receivers count only such heartbeats.
 * A receiver counts H as "applied through H" for that origin only once its
   stored position on the origin's topic has passed the heartbeat's offset
   (``passed``), i.e. once every record before it is applied.
