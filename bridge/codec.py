@@ -26,11 +26,13 @@ __all__ = [
     "check_size",
     "decode",
     "decode_conflict",
+    "decode_gc",
     "decode_meta",
     "decode_outbox",
     "decode_positions",
     "encode",
     "encode_conflict",
+    "encode_gc",
     "encode_meta",
     "encode_outbox",
     "encode_positions",
@@ -71,10 +73,12 @@ _BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\U0010ffff]
 
 _OPS = {op.value: op for op in Op}
 _EVENT_KEYS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
-               "batch", "batch_index", "batch_size", "acl", "inc")
+               "batch", "batch_index", "batch_size", "acl", "inc", "applied")
 _ACL_ENTRY = re.compile(r"(0|[1-9][0-9]?):[a-z0-9]{1,32}:[^\x00-\x1f]{0,1024}")
 # An incarnation is a uuid4 hex today; any short lower-case hex id is accepted.
 _INC = re.compile(r"[0-9a-f]{1,64}")
+# Schema 1.3: one "region:ts" string per origin a heartbeat reports applied.
+_APPLIED = re.compile(r"([a-z0-9-]{1,32}):(0|[1-9][0-9]{0,18})")
 # A batch is bounded by ZooKeeper's request size long before this.
 MAX_BATCH_SIZE = 100_000
 
@@ -282,6 +286,10 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         if not _INC.fullmatch(inc):
             raise CodecError(BAD_FIELD, "inc: not a hex incarnation id [0-9a-f]{1,64}")
 
+    applied: tuple[tuple[str, int], ...] | None = None
+    if "applied" in m:
+        applied = _applied(m["applied"], op)
+
     for key, value in m.items():
         if key in _EVENT_KEYS:
             continue
@@ -307,7 +315,25 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
         batch_size=batch_size,
         acl=acl,
         inc=inc,
+        applied=applied,
     )
+
+
+def _applied(raw: object, op: Op) -> tuple[tuple[str, int], ...]:
+    """Schema 1.3: a flat list of "region:ts" strings (flat, so 1.2 readers ignore it)."""
+    if op is not Op.HEARTBEAT:
+        raise CodecError(BAD_FIELD, "applied: only for op=heartbeat")
+    if not isinstance(raw, list) or len(raw) > MAX_VC_ENTRIES:
+        raise CodecError(BAD_FIELD, f"applied: expected a list of at most {MAX_VC_ENTRIES}")
+    out: dict[str, int] = {}
+    for item in raw:
+        match = _APPLIED.fullmatch(item) if isinstance(item, str) else None
+        if match is None or int(match[2]) > MAX_INT64:
+            raise CodecError(BAD_FIELD, "applied: expected region:ts strings")
+        if match[1] in out:
+            raise CodecError(BAD_FIELD, "applied: a region twice")
+        out[match[1]] = int(match[2])
+    return tuple(sorted(out.items()))
 
 
 def _event_to_map(event: Event) -> dict[str, object]:
@@ -331,6 +357,8 @@ def _event_to_map(event: Event) -> dict[str, object]:
         m["acl"] = list(event.acl)
     if event.inc is not None:
         m["inc"] = event.inc
+    if event.applied is not None:
+        m["applied"] = [f"{r}:{ts}" for r, ts in event.applied]
     return m
 
 
@@ -446,6 +474,21 @@ def decode_positions(raw: bytes) -> dict[int, int]:
                 raise CodecError(BAD_FIELD, "positions: entries must be ints >= 0")
         out[partition] = offset
     return out
+
+
+# ---------------------------------------------------------------- tombstone collection
+
+
+def encode_gc(floor: int, collected: int) -> bytes:
+    """The subtree's collection record: counter floor for recreated paths, total collected."""
+    return _pack({"floor": floor, "collected": collected})
+
+
+def decode_gc(raw: bytes) -> tuple[int, int]:
+    if len(raw) == 0:
+        return 0, 0
+    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "gc record")
+    return _int(m, "floor", 0), _int(m, "collected", 0)
 
 
 # ---------------------------------------------------------------- conflicts

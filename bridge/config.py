@@ -468,6 +468,10 @@ class Settings:
     """Seconds. A peer event stamped further ahead of the local wall clock than this waits (loudly)
     instead of being applied, and the bridge's hybrid clock never runs further than this ahead of
     its wall clock."""
+    tombstone_grace: Positive = Field(default=604800.0, json_schema_extra=LIVE)
+    """Seconds a tombstone (the metadata of a deleted znode) is kept at least. It is
+    collected only once it is this old and its delete is causally stable (every region
+    has applied it); it must exceed max_clock_skew. Default 7 days."""
     conflict_policy: Literal["lww"] = Field(default="lww", json_schema_extra=LIVE)
     """How concurrent writes are resolved; only lww (last writer wins on the hybrid logical clock)
     exists."""
@@ -529,6 +533,10 @@ class Settings:
                     yield ("subtrees", i, "path"), f"{path} overlaps subtrees[{j}].path {other}"
             if path and state and _overlap(path, state):
                 yield ("subtrees", i, "path"), f"{path} overlaps state_path {state}"
+        grace, skew = data.get("tombstone_grace", 604800.0), data.get("max_clock_skew", 60.0)
+        if _is_number(grace) and _is_number(skew) and 0 < grace <= skew:
+            # A write after a collection must be stamped later than the delete it follows.
+            yield ("tombstone_grace",), f"must be greater than max_clock_skew ({skew})"
         # Topic names within Kafka's limit, for the longest of the region and its peers.
         kafka = data.get("kafka")
         given = kafka.get("topic_prefix", "zkbridge") if isinstance(kafka, Mapping) else None
@@ -540,6 +548,10 @@ class Settings:
             if len(topic) > MAX_TOPIC_NAME:
                 limit = f"Kafka's limit of {MAX_TOPIC_NAME} characters"
                 yield ("subtrees", i, "name"), f"topic {topic} is longer than {limit}"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def topic_name(prefix: str, subtree: str, region: str) -> str:

@@ -33,9 +33,9 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec, failpoints
+from bridge import codec, collector, failpoints
 from bridge.acl import AclPolicy
-from bridge.clock import HybridClock
+from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
 from bridge.election import Election
 from bridge.errors import BridgeError, DuplicateRegionError, FencedError, VersionConflict
@@ -45,6 +45,7 @@ from bridge.model import Event
 from bridge.outbound import Outbound
 from bridge.resync import state_events
 from bridge.scan import Scanner
+from bridge.stability import Stability
 from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
 from bridge.store import Layout, SubtreeStore
 from bridge.verify import read_meta
@@ -116,6 +117,7 @@ class Bridge:
             self.scanners[st.name] = Scanner(store, settings.mass_delete)
             self.locks[st.name] = asyncio.Lock()
             self._watched[st.name] = {}
+        self.stability = {n: Stability(self.region, tuple(settings.peers)) for n in self.stores}
         self.outbound = Outbound(self)
         self.inbound = Inbound(self)
         self.peers = self.inbound.peers
@@ -201,6 +203,7 @@ class Bridge:
             tasks += [
                 asyncio.create_task(self._guarded("fetcher", self.inbound.fetcher)),
                 asyncio.create_task(self._guarded("rescan", self._rescanner)),
+                asyncio.create_task(self._guarded("tombstones", collector.run, self)),
             ]
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
@@ -247,6 +250,7 @@ class Bridge:
         for name in self.stores:
             self._watched[name].clear()
             self.stores[name].metas.clear()
+            self.stability[name].forget_pending()
         self.ready.clear()
 
     async def _guarded(self, name: str, fn: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -751,7 +755,7 @@ class Bridge:
                         partition=rec.partition, offset=rec.offset, detail=detail)
         return event
 
-    def heard(self, peer: str, stamp_ms: int) -> None:
+    def clock_sample(self, peer: str, stamp_ms: int) -> None:
         """A peer's fresh heartbeat, stamped by its clock (HLC physical part)."""
         self.clock_offsets.setdefault(peer, deque(maxlen=10)).append(
             self.clock.wall_ms() - stamp_ms)
@@ -780,6 +784,25 @@ class Bridge:
             log.info("clock_agrees")
         self._clock_said = said
         return said
+
+    def applied_report(self, subtree: str) -> tuple[tuple[str, int], ...]:
+        """How far this region applied each peer's stream of ``subtree`` (for heartbeats)."""
+        stab = self.stability[subtree]
+        for p in self.peers.values():
+            if p.subtree == subtree:
+                for part, pos in p.positions.items():
+                    stab.passed(p.peer, part, pos)
+        return stab.report()
+
+    def stable_prefixes(self, subtree: str) -> dict[str, int | None]:
+        """Per origin, the wall-clock ms of its stream's stable prefix (None: not known)."""
+        self.applied_report(subtree)
+        stab = self.stability[subtree]
+        out: dict[str, int | None] = {}
+        for origin in (self.region, *self.settings.peers):
+            prefix = stab.stable(origin)
+            out[origin] = None if prefix is None else min(hlc_to_ms(prefix), now_ms())
+        return out
 
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
@@ -810,7 +833,20 @@ class Bridge:
                        for n, st in self.stores.items()},
             peers=peers, errors=errors, incidents=incidents, waiting=dict(self.waiting),
             clock=clock,
+            state={n: self.state_of(n) for n in self.stores},
         )
+
+    def state_of(self, subtree: str) -> dict[str, object]:
+        """Bounded state of ``subtree`` for the status record."""
+        store, now = self.stores[subtree], now_ms()
+        return {
+            "tombstones": store.tombstones_held(),
+            "tombstones_collected": store.gc_collected,
+            "outbox_age_seconds": round(self.outbound.oldest_age(subtree), 1),
+            "stable_prefix_age_seconds": {
+                origin: None if at is None else round(max(0, now - at) / 1000, 1)
+                for origin, at in self.stable_prefixes(subtree).items()},
+        }
 
     @property
     def status_path(self) -> str:

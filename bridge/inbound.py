@@ -347,13 +347,21 @@ class Inbound:
             return
         peer = self.peers[rec.topic]
         asm = peer.assemblers.setdefault(rec.partition, Assembler(rec.offset))
+        if rec.value is None:
+            # A Kafka tombstone (compaction's, never inside a batch): nothing to apply.
+            self.bridge.stats["null_records"] += 1
+            asm.skip(rec.offset)
+            return
         event = self.bridge.decode(rec, peer.subtree, peer.peer)
         if event is not None and event.op is Op.HEARTBEAT:
             peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
+            if event.applied is not None:  # one sent with no capture in flight
+                self.bridge.stability[peer.subtree].heard(peer.peer, rec.partition,
+                                                          rec.offset, event.ts, event.applied)
             asm.skip(rec.offset)
             end = self.bridge.kafka.highwater(rec.topic, {rec.partition: 0})[rec.partition]
             if rec.offset + 3 >= end:  # fresh, not a backlog read late
-                self.bridge.heard(peer.peer, hlc_to_ms(event.ts))
+                self.bridge.clock_sample(peer.peer, hlc_to_ms(event.ts))
             return
         dropped = asm.dropped
         completed = asm.feed(rec.offset, event)
@@ -567,6 +575,9 @@ class Inbound:
         """Apply records of this region's own topic (rebuild after a wipe), batch by batch."""
         asm = Assembler(records[0].offset if records else 0)
         for rec in records:
+            if rec.value is None:  # a Kafka tombstone: nothing to apply
+                asm.skip(rec.offset)
+                continue
             event = self.bridge.decode(rec, store.layout.name, self.bridge.region)
             if event is not None and event.op is Op.HEARTBEAT:
                 asm.skip(rec.offset)

@@ -73,6 +73,13 @@ _FATAL = (
 )
 
 
+# How long the cleaner keeps a null-value record (a Kafka tombstone) after
+# compacting the records it covers: a reader that started before must still
+# see it. This release publishes none, but receivers already skip them, and
+# topics created now are ready for a release that does (README, "Tombstones").
+DELETE_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     topic: str
@@ -293,7 +300,8 @@ class Kafka:
                     # aiokafka only lets -1 (broker default) through with an
                     # assignment mapping present; an empty one assigns nothing.
                     replica_assignments={} if rf == -1 else None,
-                    topic_configs={"cleanup.policy": "compact"},
+                    topic_configs={"cleanup.policy": "compact",
+                                   "delete.retention.ms": str(DELETE_RETENTION_MS)},
                 )
                 resp = await _guard(f"create topic {name}", admin.create_topics([topic]))
                 for err in resp.topic_errors:

@@ -68,6 +68,11 @@ class Layout:
         return f"{self.base}/topic_ids"
 
     @property
+    def gc(self) -> str:
+        """Tombstone collection's record (the counter floor for recreated paths)."""
+        return f"{self.base}/gc"
+
+    @property
     def conflicts(self) -> str:
         return f"{self.base}/conflicts"
 

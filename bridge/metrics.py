@@ -53,6 +53,15 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_heartbeat_age_seconds", "gauge",
          "age of the last heartbeat applied from a peer", ("subtree", "peer")),
     Spec("zkbridge_outbox_depth", "gauge", "local changes not yet acked by Kafka", ("subtree",)),
+    Spec("zkbridge_outbox_age_seconds", "gauge",
+         "age of the oldest local change not yet acked by Kafka (0: none)", ("subtree",)),
+    Spec("zkbridge_tombstones", "gauge", "tombstones (deleted paths' metadata) held",
+         ("subtree",)),
+    Spec("zkbridge_tombstones_collected", "counter",
+         "tombstones removed once stable everywhere and past tombstone_grace", ("subtree",)),
+    Spec("zkbridge_stable_prefix_age_seconds", "gauge",
+         "age of the newest point of an origin's stream every region has applied "
+         "(absent: not known yet)", ("subtree", "origin")),
     Spec("zkbridge_scan_seconds", "gauge", "duration of the last full scan", ("subtree",)),
     Spec("zkbridge_published", "counter", "events published", ("subtree",)),
     Spec("zkbridge_captured", "counter", "local changes captured", ("subtree",)),
@@ -136,6 +145,7 @@ class BridgeCollector(Collector):
         for name in b.stores:
             outbox.add_metric([name], b.backlog(name))
         yield outbox
+        yield from state_families(b)
         scan = family("zkbridge_scan_seconds")
         for name, secs in b.scan_seconds.items():
             scan.add_metric([name], secs)
@@ -143,13 +153,13 @@ class BridgeCollector(Collector):
         families = {kind: family(f"zkbridge_{kind}") for kind in
                     ("published", "captured", "applied", "conflicts", "rejected", "scans",
                      "topic_resets", "reannounced", "clock_collisions", "clock_skew_waits",
-                     "operator_skips")}
+                     "operator_skips", "tombstones_collected")}
         for key, value in b.stats.items():
             kind, _, rest = key.partition(":")
             fam = families.get(kind)
             if fam is not None and rest:
                 fam.add_metric(rest.split(":"), value)
-        for kind in ("published", "applied", "conflicts", "reannounced"):
+        for kind in ("published", "applied", "conflicts", "reannounced", "tombstones_collected"):
             # Always present, so alerts and dashboards never see "no data" at 0.
             for name in b.stores:
                 if not any(k.startswith(f"{kind}:{name}") for k in b.stats):
@@ -169,6 +179,21 @@ class BridgeCollector(Collector):
         retries = family("zkbridge_retries")
         retries.add_metric([], b.stats["retries"])
         yield retries
+
+
+def state_families(b: Bridge) -> Iterator[Metric]:
+    """Bounded-state gauges: outbox age, tombstones held, stable prefix age per origin."""
+    age = family("zkbridge_outbox_age_seconds")
+    held = family("zkbridge_tombstones")
+    stable = family("zkbridge_stable_prefix_age_seconds")
+    now = now_ms()
+    for name, store in b.stores.items():
+        age.add_metric([name], b.outbound.oldest_age(name))
+        held.add_metric([name], store.tombstones_held())
+        for origin, prefix_ms in b.stable_prefixes(name).items():
+            if prefix_ms is not None:
+                stable.add_metric([name, origin], max(0.0, (now - prefix_ms) / 1000))
+    yield from (age, held, stable)
 
 
 def healthz(bridge: Bridge) -> tuple[int, dict[str, object]]:

@@ -100,6 +100,11 @@ class Event:
     # state path). Two ensembles publishing as one region show two values on
     # one topic; None from senders before 1.2.
     inc: str | None = None
+    # Schema 1.3, heartbeats only: per origin region, the hybrid-clock stamp of
+    # the newest heartbeat of that origin's stream this region has applied past
+    # (so everything the origin published before it is applied here). Sorted
+    # (region, ts) pairs; None from senders before 1.3.
+    applied: tuple[tuple[str, int], ...] | None = None
 
     @property
     def key(self) -> bytes:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge import codec, failpoints
+from bridge.clock import hlc_to_ms
 from bridge.errors import BridgeError
 from bridge.model import Event, Op, VectorClock
 from bridge.store import CapturedBatch, SubtreeStore
@@ -47,6 +48,7 @@ class Outgoing:
     outbox_path: str | None
     reannounce: bool = False  # the whole state again, after the own topic lost records
     done: asyncio.Event | None = None  # set once Kafka acknowledged these records
+    captured_ms: int = 0  # wall clock of the capture (outbox age)
 
 
 class Outbound:
@@ -56,6 +58,9 @@ class Outbound:
         self.wake: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
         self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
+        self.capturing: dict[str, int] = dict.fromkeys(bridge.stores, 0)
+        # outbox path → capture wall ms, until Kafka acknowledged the entry.
+        self.unacked: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
         self._own_ends: dict[str, dict[int, int]] = {}
         self._own_written = 0.0
         self._deletes: set[asyncio.Task[None]] = set()
@@ -65,6 +70,7 @@ class Outbound:
         for name in self.dirty:
             self.dirty[name].clear()
             self.queued[name] = 0
+            self.unacked[name].clear()
 
     # -- capture -------------------------------------------------------------
     def mark(self, subtree: str, rel: str) -> None:
@@ -98,15 +104,19 @@ class Outbound:
             self.wake[name].set()
 
         store.requeue = requeue
+        self.capturing[name] += 1  # from before its first stamp until its batches are queued
         try:
-            batches = await self.bridge.retry(f"capture {name}",
-                                              lambda: store.capture(rels, notified))
-        except BaseException:
-            self.dirty[name] |= taken  # not captured: the next attempt reads them again
-            raise
-        await self.bridge.after_capture(name, taken)
-        for batch in batches:
-            self.captured(store, batch)
+            try:
+                batches = await self.bridge.retry(f"capture {name}",
+                                                  lambda: store.capture(rels, notified))
+            except BaseException:
+                self.dirty[name] |= taken  # not captured: the next attempt reads them again
+                raise
+            await self.bridge.after_capture(name, taken)
+            for batch in batches:
+                self.captured(store, batch)
+        finally:
+            self.capturing[name] -= 1
 
     def captured(self, store: SubtreeStore, batch: CapturedBatch) -> None:
         name = store.layout.name
@@ -120,15 +130,25 @@ class Outbound:
 
     def enqueue(self, subtree: str, outbox_path: str | None,
                 records: list[tuple[bytes, bytes]], *, reannounce: bool = False,
-                done: asyncio.Event | None = None) -> None:
-        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done))
+                done: asyncio.Event | None = None, captured_ms: int = 0) -> None:
+        self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
+                                       captured_ms or int(time.time() * 1000)))
         if outbox_path is not None:
             self.queued[subtree] += len(records)
+            self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
+
+    def oldest_age(self, subtree: str) -> float:
+        """Seconds since the oldest capture not yet acknowledged by Kafka (0: none)."""
+        pending = self.unacked[subtree]
+        if not pending:
+            return 0.0
+        return max(0.0, time.time() - min(pending.values()) / 1000)
 
     def enqueue_pending(self, subtree: str, entries: list[tuple[str, list[bytes]]]) -> None:
         """Outbox entries of an earlier term: published first, in their order."""
         for path, payloads in entries:
             records = []
+            captured = 0
             for payload in payloads:
                 try:
                     event = codec.decode(payload)
@@ -136,7 +156,8 @@ class Outbound:
                     records.append((b"/", payload))
                     continue
                 records.append((event.key, self.stamp(event)))
-            self.enqueue(subtree, path, records)
+                captured = captured or hlc_to_ms(event.batch or event.ts)
+            self.enqueue(subtree, path, records, captured_ms=captured)
 
     # -- publish ---------------------------------------------------------------
     async def publisher(self) -> None:
@@ -163,9 +184,10 @@ class Outbound:
                 b.stats["heartbeats_sent"] += 1
                 continue
             self.queued[u.subtree] -= len(u.records)
+            self.unacked[u.subtree].pop(u.outbox_path, None)
             b.stats[f"published:{u.subtree}"] += len(u.records)
         failpoints.hit(failpoints.AFTER_PUBLISH)
-        paths = [u.outbox_path for u in units if u.outbox_path is not None]
+        paths = [(u.subtree, u.outbox_path) for u in units if u.outbox_path is not None]
         if paths:
             # Acknowledged entries go while the next batch is already published.
             task = asyncio.ensure_future(self._delete(paths))
@@ -180,10 +202,14 @@ class Outbound:
         if time.monotonic() - self._own_written >= 1.0 or self.queue.empty():
             await self._write_own_positions()
 
-    async def _delete(self, paths: list[str]) -> None:
+    async def _delete(self, entries: list[tuple[str, str]]) -> None:
         b = self.bridge
+        paths = [p for _, p in entries]
         with contextlib.suppress(BridgeError, asyncio.CancelledError):
             await b.retry("outbox delete", lambda: b.zk.delete_many(paths))
+            for subtree in sorted({s for s, _ in entries}):
+                done = [p for s, p in entries if s == subtree]
+                await b.stores[subtree].drop_empty_buckets(done)
 
     async def settle(self) -> None:
         """Wait for outbox deletes in flight (end of term)."""
@@ -220,9 +246,16 @@ class Outbound:
         while True:
             # Idle or nearly: a backlog already tells peers we are alive.
             for name in b.stores if self.queue.qsize() < 10 else ():
+                # Causal stability counts on every event stamped below a heartbeat
+                # that carries `applied` being ahead of it on the topic: true when
+                # no capture is between stamping its events and queueing them.
+                # Otherwise the heartbeat only tells liveness (receivers do not
+                # count one without `applied`). Taking the subtree's lock here
+                # instead lost the last announcements of a busy stream in tests.
+                applied = None if self.capturing[name] else b.applied_report(name)
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
-                           inc=b.incarnation)
+                           inc=b.incarnation, applied=applied)
                 # Through the publisher's queue: never inside another batch's records.
                 self.enqueue(name, None, [(hb.key, codec.encode(hb))])
             await sleep(interval())

@@ -71,6 +71,7 @@ async def read_overview(settings: Settings, config: str = "FILE") -> dict[str, A
             "incidents": list(status.incidents) if status else [],
             "waiting": dict(status.waiting) if status and fresh else {},
             "subtrees": subtrees,
+            "state": dict(status.state) if status and fresh else {},
             "peers": _peers(status, now) if fresh else [],
         }
     finally:
@@ -105,6 +106,13 @@ def render_status(o: dict[str, Any]) -> str:
                                 or "none running"))
     for name, st in o["subtrees"].items():
         lines.append(f"subtree  {name} at {st['mount']}: outbox {st['outbox']}")
+        state = o.get("state", {}).get(name)
+        if state:
+            ages = ", ".join(f"{r} {'unknown' if a is None else f'{a:.0f}s'}"
+                             for r, a in sorted(state["stable_prefix_age_seconds"].items()))
+            lines.append(f"  tombstones {state['tombstones']} held, "
+                         f"{state['tombstones_collected']} collected; oldest outbox entry "
+                         f"{state['outbox_age_seconds']:.0f}s; stable prefix age: {ages}")
         live = {p["peer"]: p for p in o["peers"] if p["subtree"] == name}
         for peer, pos in st["positions"].items():
             shown = ", ".join(f"p{p}@{off}" for p, off in sorted(pos.items())) or "not started"

@@ -60,6 +60,9 @@ class Status:
     # Records a peer's stream waits on (clock skew), by skip.where().
     waiting: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     clock: str = ""  # why this region's own clock looks wrong against its peers, or ""
+    # Per subtree, bounded state: tombstones held and collected, the outbox's
+    # oldest entry, the stable prefix's age per origin (None: not known yet).
+    state: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         doc = {
@@ -80,6 +83,7 @@ class Status:
             "incidents": list(self.incidents),
             "waiting": dict(self.waiting),
             "clock": self.clock,
+            "state": dict(self.state),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -109,6 +113,7 @@ class Status:
                 incidents=tuple(d.get("incidents", [])),
                 waiting=d.get("waiting", {}),
                 clock=str(d.get("clock", "")),
+                state=d.get("state", {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

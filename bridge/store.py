@@ -19,11 +19,13 @@ again, the batch is planned afresh, never reordered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
-from bridge import batching, codec
+from bridge import batching, codec, tombstones
 from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock, Order, compare
 from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
@@ -40,7 +42,7 @@ from bridge.plan import (
     Planner,
     view_of,
 )
-from bridge.zk import Create, Delete, Node, SetData, ZooKeeper
+from bridge.zk import Create, Delete, Node, SetData, ZooKeeper, gather_limited
 from bridge.zk import Op as ZkOp
 
 __all__ = ["Applied", "CapturedBatch", "Change", "Layout", "LocalChanges", "MetaEntry",
@@ -51,6 +53,10 @@ log = structlog.get_logger("bridge.store")
 
 RETRIES = 20
 CLOSURE_ROUNDS = 50
+# Entries per outbox bucket: a listing of about 160 KB. The environment
+# variable exists for tests, which need several buckets from a few writes.
+OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
+GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
 
 
 class SubtreeStore(Planner):
@@ -80,6 +86,14 @@ class SubtreeStore(Planner):
         # Where paths go back when a batch had to be cut before closing.
         self.requeue: Callable[[set[str]], None] = lambda rels: None
         self._position_versions: dict[str, int] = {}
+        # Tombstone collection (see bridge.tombstones): own counters of new
+        # paths start above ``gc_floor``; the record's version fences its update.
+        self.gc_floor = 0
+        self.gc_collected = 0
+        self._gc_version: int | None = None
+        self._bucket = ""  # the outbox bucket new entries go to (see _open_bucket)
+        self._bucket_known = False
+        self._bucket_exists = False
         self._suspect: set[str] = set()  # metadata a lost multi may have changed
         self._suspect_peers: set[str] = set()
 
@@ -94,6 +108,13 @@ class SubtreeStore(Planner):
         self.metas = {"/": MetaEntry(None, 0)}
         self._position_versions.clear()
         await self.load_held()
+        self._bucket = ""
+        await self.read_gc()
+
+    async def read_gc(self) -> None:
+        node = await self.zk.get(self.layout.gc)
+        self._gc_version = node.stat.version if node else None
+        self.gc_floor, self.gc_collected = codec.decode_gc(node.data) if node else (0, 0)
 
     # -- the metadata cache --------------------------------------------------
     def load_meta(self, rel: str, node: Node | None) -> None:
@@ -251,7 +272,10 @@ class SubtreeStore(Planner):
             if self.held_back.get(rel) == HOLD:
                 del self.held_back[rel]
             prev = self.meta(rel)
-            vc = (prev.vc if prev else VectorClock()).incremented(self.region)
+            # A path without metadata may have had a tombstone collected here that
+            # another region still holds: start above every collected counter.
+            vc = (prev.vc.incremented(self.region) if prev
+                  else VectorClock.of({self.region: self.gc_floor + 1}))
             ts = self.clock.now(after=prev.ts if prev else 0)
             data = node.data if node is not None else None
             acl = acls.get(rel)
@@ -278,11 +302,16 @@ class SubtreeStore(Planner):
                 self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
             part = batching.stamp([events[i] for i in chunk], self.clock.now())
             enc = [codec.encode(e) for e in part]
-            plan.ops.append(Create(self.layout.outbox + "/b-", codec.encode_outbox(enc),
-                                   sequential=True))
-            results = await self._multi(plan)
+            await self._outbox_ops(plan, codec.encode_outbox(enc))
+            try:
+                results = await self._multi(plan)
+            except ZooKeeperError:
+                self._bucket_known = False  # a lost answer may have created it
+                raise
             self._commit(plan)
-            out.append(CapturedBatch(tuple(part), tuple(enc), str(results[-1])))
+            created = str(results[-1])
+            self._outbox_written(created)
+            out.append(CapturedBatch(tuple(part), tuple(enc), created))
         for e in events:
             self.oversized.pop(e.path, None)
         return out
@@ -380,18 +409,106 @@ class SubtreeStore(Planner):
                 continue
             self.held_events[event.path] = event
             self.held_back.setdefault(event.path, "write")
+    # -- tombstone collection ----------------------------------------------
+    async def collect(self, rels: Sequence[str]) -> list[str]:
+        """Forget the tombstones ``rels`` (already known stable) whose znodes are absent.
+
+        Each ``multi`` is fenced, checks every metadata version it deletes and
+        moves the counter floor with them. Returns the paths whose metadata
+        went (tombstones and bare directories). The caller holds the lock.
+        """
+        await self._settle()
+        reads = await self._read(rels)
+        absent = [r for r, n in reads.items() if n is None]
+        doomed = tombstones.removable(self.metas, absent)
+        done: list[str] = []
+        for i in range(0, len(doomed), GC_CHUNK):
+            part = doomed[i : i + GC_CHUNK]
+            floor = tombstones.floor_after(self.metas, part, self.region, self.gc_floor)
+            count = sum(1 for r in part if (e := self.metas.get(r)) and e.meta is not None)
+            ops: list[ZkOp] = [Delete(self.layout.meta(r), self.metas[r].version) for r in part]
+            record = codec.encode_gc(floor, self.gc_collected + count)
+            ops.append(Create(self.layout.gc, record) if self._gc_version is None
+                       else SetData(self.layout.gc, record, self._gc_version))
+            try:
+                await self.zk.multi(ops)
+            except VersionConflict:
+                await self.refresh_meta(part)
+                await self.read_gc()
+                break
+            except ZooKeeperError:
+                self._suspect |= set(part)
+                await self.read_gc()  # may have committed: read again first
+                raise
+            self._gc_version = 0 if self._gc_version is None else self._gc_version + 1
+            self.gc_floor, self.gc_collected = floor, self.gc_collected + count
+            for rel in part:
+                self.metas.pop(rel, None)
+            done += part
+        return done
+
+    def tombstones_held(self) -> int:
+        return sum(1 for e in self.metas.values() if e.meta is not None and e.meta.deleted)
 
     # -- outbox, positions, conflicts ------------------------------------
+    # The outbox is sharded: entries are sequential znodes inside *buckets*
+    # (``q-<index>``) of at most OUTBOX_BUCKET entries, so no listing the
+    # bridge makes comes near ZooKeeper's 1 MB reply limit however long Kafka
+    # is away (one flat directory held ~60,000 entries). Each term opens a
+    # bucket after the last one; entries of the previous release (``b-...``
+    # directly under the outbox) are older than every bucket and go first.
+    async def _open_bucket(self) -> None:
+        names = await self.zk.children(self.layout.outbox) or []
+        indexes = [int(n[2:]) for n in names if n.startswith("q-") and n[2:].isdigit()]
+        self._bucket = f"{self.layout.outbox}/q-{max(indexes, default=-1) + 1:010d}"
+        self._bucket_known = False
+
+    async def _outbox_ops(self, plan: Plan, data: bytes) -> None:
+        if not self._bucket:
+            await self._open_bucket()
+        if not self._bucket_known:
+            self._bucket_exists = await self.zk.exists(self._bucket) is not None
+            self._bucket_known = True
+        if not self._bucket_exists:
+            plan.ops.append(Create(self._bucket, b""))
+        plan.ops.append(Create(self._bucket + "/b-", data, sequential=True))
+
+    def _outbox_written(self, created: str) -> None:
+        self._bucket_exists = True
+        if int(created.rsplit("-", 1)[-1]) + 1 >= OUTBOX_BUCKET:
+            index = int(self._bucket.rsplit("-", 1)[-1]) + 1
+            self._bucket = f"{self.layout.outbox}/q-{index:010d}"
+            self._bucket_exists = False
+
+    async def outbox_paths(self) -> list[str]:
+        """Every outbox entry, in capture order (the previous release's first)."""
+        names = sorted(await self.zk.children(self.layout.outbox) or [])
+        out = [f"{self.layout.outbox}/{n}" for n in names if not n.startswith("q-")]
+        for bucket in (n for n in names if n.startswith("q-")):
+            path = f"{self.layout.outbox}/{bucket}"
+            out += [f"{path}/{c}" for c in sorted(await self.zk.children(path) or [])]
+        return out
+
     async def pending_outbox(self) -> list[tuple[str, list[bytes]]]:
         """Outbox entries left by an earlier term, in capture order, with their payloads."""
-        names = sorted(await self.zk.children(self.layout.outbox) or [])
+        paths = await self.outbox_paths()
         out = []
-        for name in names:
-            path = f"{self.layout.outbox}/{name}"
-            node = await self.zk.get(path)
-            if node is not None:
-                out.append((path, codec.decode_outbox(node.data)))
+        for i in range(0, len(paths), 500):
+            part = paths[i : i + 500]
+            nodes = await gather_limited([self.zk.get(p) for p in part], 64)
+            out += [(p, codec.decode_outbox(n.data))
+                    for p, n in zip(part, nodes, strict=True) if n is not None]
+        await self._open_bucket()  # this term's entries go after all of these
         return out
+
+    async def drop_empty_buckets(self, deleted: Iterable[str]) -> None:
+        """Remove the buckets ``deleted`` emptied, except the one being filled."""
+        buckets = {parent_path(p) for p in deleted} - {self.layout.outbox, self._bucket}
+        for bucket in sorted(buckets):
+            stat = await self.zk.exists(bucket)
+            if stat is not None and stat.num_children == 0:
+                with contextlib.suppress(VersionConflict):  # refilled meanwhile: not ours
+                    await self.zk.delete(bucket, stat.version)
 
     async def outbox_depth(self) -> int:
         return await outbox_depth(self.zk, self.layout)
@@ -444,9 +561,16 @@ class SubtreeStore(Planner):
 
 
 async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
-    """Local changes recorded but not yet acknowledged by Kafka."""
-    stat = await zk.exists(layout.outbox)
-    return stat.num_children if stat else 0
+    """Outbox entries (batches) recorded but not yet acknowledged by Kafka."""
+    names = await zk.children(layout.outbox) or []
+    depth = sum(1 for n in names if not n.startswith("q-"))
+    stats = await gather_limited(
+        [zk.exists(f"{layout.outbox}/{n}") for n in names if n.startswith("q-")], 32)
+    return depth + sum(int(st.num_children) for st in stats if st is not None)
+
+
+def parent_path(path: str) -> str:
+    return path.rsplit("/", 1)[0]
 
 
 async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:

@@ -25,7 +25,7 @@ import msgpack
 HERE = Path(__file__).resolve().parent
 TS = 1_718_000_000_000 << 16  # 2024-06-10 in the hybrid logical clock's layout
 EVENT_FIELDS = ("v", "origin", "subtree", "path", "op", "vc", "ts", "writer", "data",
-                "batch", "batch_index", "batch_size", "acl", "inc")
+                "batch", "batch_index", "batch_size", "acl", "inc", "applied")
 
 
 def event_map(**fields: Any) -> dict[str, Any]:
@@ -98,6 +98,14 @@ VALID: dict[str, tuple[str, dict[str, Any], bool]] = {
                   inc="5f0c1e7a9b2d4c3e8f6a1b0c9d8e7f60"),
         True,
     ),
+    "heartbeat-applied": (
+        "schema 1.3: a heartbeat reporting, per peer, the stamp through which this region "
+        "applied that peer's stream (causal stability)",
+        event_map(origin="eu-west", writer="eu-west", path="/", op="heartbeat", vc={},
+                  data=None, inc="5f0c1e7a9b2d4c3e8f6a1b0c9d8e7f60",
+                  applied=[f"ap-south:{TS - 5}", f"us-east:{TS + 3}"]),
+        True,
+    ),
     "heartbeat": (
         "heartbeat: path / (the Kafka key is also /), empty clock, no data",
         event_map(path="/", op="heartbeat", vc={}, data=None),
@@ -142,6 +150,19 @@ INVALID: dict[str, tuple[str, bytes, str, dict[str, Any]]] = {
     "batch-index-without-batch": (
         "schema 1.1: batch_index and batch_size only come with batch",
         msgpack.packb(event_map(batch_index=0, batch_size=1)),
+        "bad_field",
+        {"schema_rejects": True},
+    ),
+    "applied-on-put": (
+        "schema 1.3: applied is carried by heartbeats only",
+        msgpack.packb(event_map(applied=[f"eu-west:{TS}"])),
+        "bad_field",
+        {"schema_rejects": True},
+    ),
+    "applied-bad-entry": (
+        "schema 1.3: applied entries are region:ts strings",
+        msgpack.packb(event_map(path="/", op="heartbeat", vc={}, data=None,
+                                applied=["eu-west=12"])),
         "bad_field",
         {"schema_rejects": True},
     ),

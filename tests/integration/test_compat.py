@@ -61,3 +61,42 @@ def test_previous_release_receiver_converges_with_batches(
         r1.client.delete(r1.path(f"/burst/n{i}"))
     fed.wait_converged()
     fed.assert_clean_logs()
+
+
+FLAT_OUTBOX = "ed09cc7"  # last commit whose outbox was one flat directory
+
+
+def test_entries_of_the_flat_outbox_are_published_after_upgrade(
+    federation: Federation, tmp_path: Path
+) -> None:
+    target = tmp_path / "flat"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", FLAT_OUTBOX, "bridge"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {FLAT_OUTBOX} not in this clone's history")
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    fed = federation
+    for name, peer in (("r1", "r2"), ("r2", "r1")):
+        fed.write_config(name, peers=[peer])
+    fed.start("r2")
+    # The previous release captures a change into its flat outbox and dies
+    # before publishing it.
+    fed.start("r1", code=target, env={"ZKBRIDGE_FAILPOINTS": "after_outbox_write=crash@1"})
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/legacy"), b"from-the-flat-outbox")
+    proc = r1.proc
+    assert proc is not None
+    wait_for(lambda: proc.poll() is not None, 30, message="r1 did not die")
+    r1.proc = None
+    outbox = f"{fed.state_path}/subtrees/{fed.subtree}/outbox"
+    flat = r1.client.get_children(outbox)
+    assert flat and all(n.startswith("b-") for n in flat), flat
+    assert r2.client.exists(r2.path("/legacy")) is None
+    fed.start("r1")  # this release: reads the flat entry first, then uses buckets
+    r1.client.create(r1.path("/after"), b"bucketed")
+    fed.wait_converged(["r1", "r2"])
+    assert r2.client.get(r2.path("/legacy"))[0] == b"from-the-flat-outbox"
+    assert r2.client.get(r2.path("/after"))[0] == b"bucketed"
+    assert not [n for n in r1.client.get_children(outbox) if n.startswith("b-")]
+    fed.assert_clean_logs()

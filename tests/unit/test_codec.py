@@ -54,6 +54,8 @@ def event_from_json(d: dict[str, Any]) -> Event:
         batch_size=d.get("batch_size", 1),
         inc=d.get("inc"),
         acl=tuple(d["acl"]) if "acl" in d else None,
+        applied=tuple(sorted((r, int(t)) for r, t in (x.split(":") for x in d["applied"])))
+        if "applied" in d else None,
     )
 
 
@@ -99,6 +101,8 @@ def events(draw: st.DrawFn) -> Event:
         ts=draw(stamps),
         writer=draw(regions),
         data=draw(st.binary(max_size=300)) if op is Op.PUT else None,
+        applied=tuple(sorted(draw(st.dictionaries(regions, stamps, max_size=5)).items()))
+        if heartbeat and draw(st.booleans()) else None,
     )
 
 

@@ -596,8 +596,9 @@ def test_readme_table_one_row_per_key_with_default_and_reload() -> None:
     assert rows["zookeeper.auth.credential"][0] == "—"
     # The keys a SIGHUP applies (Bridge.reload); every other key needs a restart.
     assert {key for key, (_, reload, _) in rows.items() if reload == "live"} == {
-        "heartbeat_interval", "max_clock_skew", "conflict_policy", "mass_delete.max_ratio",
-        "mass_delete.min_nodes", "log.format", "log.level", "subtrees[].exclude"}
+        "heartbeat_interval", "max_clock_skew", "tombstone_grace", "conflict_policy",
+        "mass_delete.max_ratio", "mass_delete.min_nodes", "log.format", "log.level",
+        "subtrees[].exclude"}
     # The full example shows every key that has a default (optional blocks are comments).
     example = yaml.safe_load((ROOT / "schemas" / "examples" / "region-us-east.yaml").read_text())
     for key, (default, _, _) in rows.items():
@@ -607,3 +608,10 @@ def test_readme_table_one_row_per_key_with_default_and_reload() -> None:
             node = node.get(part) if isinstance(node, dict) else node[int(part)]
         if node is not None and default not in ("required", "—"):
             assert name in node, f"{key} missing in the example"
+
+
+def test_tombstone_grace_must_exceed_the_clock_skew() -> None:
+    assert problems(mk({"max_clock_skew": 30, "tombstone_grace": 10})) == [
+        "tombstone_grace: must be greater than max_clock_skew (30)"]
+    assert parse(mk({"max_clock_skew": 30, "tombstone_grace": 31})).tombstone_grace == 31.0
+    assert parse(mk()).tombstone_grace == 7 * 24 * 3600

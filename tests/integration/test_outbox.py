@@ -1,0 +1,94 @@
+"""A Kafka outage fills a sharded outbox and is drained afterwards (issue 11).
+
+Scaled down from the issue's day at 50 writes/s: ``ZKBRIDGE_OUTBOX_WRITES``
+writes (default 2,000, paced at about 200/s) land while the bridge cannot reach Kafka, into
+buckets of 100 entries (the production size is 10,000) so that several
+buckets fill. The harness section reports the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+
+from tests.conftest import REGION_NAMES, ZkServers
+from tests.harness.broker import Broker
+from tests.harness.procs import wait_for
+from tests.integration.federation import Federation
+
+pytestmark = pytest.mark.integration
+
+WRITES = int(os.environ.get("ZKBRIDGE_OUTBOX_WRITES") or 2000)
+PACE = 0.004
+BUCKET = 100
+
+
+@pytest.fixture
+def fed(tmp_path: Path, token: str, proxied_broker: Broker, zk_servers: ZkServers
+        ) -> Iterator[Federation]:
+    servers = dict(zip(REGION_NAMES[:2], zk_servers.regions[:2], strict=True))
+    f = Federation(tmp_path, token, proxied_broker, servers)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def entries(client: KazooClient, outbox: str) -> dict[str, int]:
+    """Bucket → entries in it."""
+    return {b: len(client.get_children(f"{outbox}/{b}")) for b in client.get_children(outbox)}
+
+
+def captured(fed: Federation) -> int:
+    data, _ = fed["r1"].client.get(f"{fed.state_path}/status")
+    return int(json.loads(data)["counters"].get(f"captured:{fed.subtree}", 0))
+
+
+@pytest.mark.timeout(900)
+def test_an_outage_fills_buckets_and_drains(fed: Federation,
+                                            harness_report: Callable[[str], None]) -> None:
+    proxy = fed.broker.proxy
+    assert proxy is not None
+    env = {"ZKBRIDGE_OUTBOX_BUCKET": str(BUCKET)}
+    fed.start("r1", env=env, wait=False)
+    fed.start("r2", env=env)
+    fed.wait_ready("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/q/first"), b"1", makepath=True)
+    wait_for(lambda: r2.client.exists(r2.path("/q/first")), 30)
+    proxy.cut(stall=True)
+    began = time.monotonic()
+    for j in range(WRITES):
+        r1.client.create(r1.path(f"/q/n{j:06d}"), b"payload-%d" % j)
+        # Paced like an application (the issue's 50 writes/s, sped up): each
+        # write is mostly captured alone, one outbox entry each, the worst case.
+        time.sleep(PACE)
+    wrote = time.monotonic() - began
+    outbox = f"{fed.state_path}/subtrees/{fed.subtree}/outbox"
+    wait_for(lambda: captured(fed) >= WRITES + 1, 300, interval=0.5,
+             message=lambda: f"captured {captured(fed)} of {WRITES + 1}")
+    held = entries(r1.client, outbox)
+    total = sum(held.values())
+    assert len(held) >= 2, f"{total} entries in {len(held)} bucket(s): expected several"
+    assert max(held.values()) <= BUCKET
+    assert not r2.client.exists(r2.path(f"/q/n{WRITES - 1:06d}"))
+    restored = time.monotonic()
+    proxy.restore()
+    wait_for(lambda: r2.client.exists(r2.path(f"/q/n{WRITES - 1:06d}")), 600, interval=0.5,
+             message="the backlog was not published")
+    fed.wait_converged(timeout=300)
+    wait_for(lambda: sum(entries(r1.client, outbox).values()) == 0, 60,
+             message=lambda: f"outbox left: {entries(r1.client, outbox)}")
+    drained = time.monotonic() - restored
+    left = entries(r1.client, outbox)
+    assert len(left) <= 1, f"emptied buckets stay behind: {left}"
+    harness_report(f"outbox outage: {WRITES} writes in {wrote:.1f}s while Kafka was cut, "
+                   f"{total} outbox entries in {len(held)} buckets of <= {BUCKET}; "
+                   f"published, applied and converged {drained:.1f}s after Kafka returned")
+    fed.assert_clean_logs(allowed={"retrying"})

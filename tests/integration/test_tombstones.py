@@ -1,0 +1,183 @@
+"""Tombstone collection at causal stability (issue 11): never resurrects a deleted znode.
+
+Both tests run two regions with a grace of a few seconds. The first shows
+tombstones of a churned queue collected everywhere and a path written again
+afterwards replicating as a new write. The second is the classic case: a
+region whose bridge died holding a stale put in its outbox stays away past
+the grace; the tombstone waits for it (its applied position never reached
+the delete), and when it returns its stale put loses to the delete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.harness import procs
+from tests.integration.federation import Federation
+from tests.integration.test_kafka import _create_compacting, _data_events
+
+pytestmark = pytest.mark.integration
+
+GRACE = 3
+
+
+def two(fed: Federation) -> None:
+    for name, peer in (("r1", "r2"), ("r2", "r1")):
+        fed.write_config(name, peers=[peer], tombstone_grace=GRACE, max_clock_skew=2)
+
+
+def meta_path(fed: Federation, rel: str) -> str:
+    return f"{fed.state_path}/subtrees/{fed.subtree}/meta{rel}"
+
+
+def held(fed: Federation, name: str, rels: list[str]) -> list[str]:
+    client = fed[name].client
+    return [r for r in rels if client.exists(meta_path(fed, r)) is not None]
+
+
+def holds_for(predicate: Callable[[], bool], seconds: float, message: str) -> None:
+    """``predicate`` stays true for ``seconds`` (checked every 0.2 s)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert predicate(), message
+        time.sleep(0.2)
+
+
+def collected(fed: Federation, name: str) -> int:
+    return sum(int(e.get("collected", 0)) for e in fed.events(name)
+               if e.get("event") == "tombstones_collected")
+
+
+def test_churned_paths_are_collected_everywhere_and_can_come_back(
+        federation: Federation) -> None:
+    fed = federation
+    two(fed)
+    fed.start("r1", wait=False)
+    fed.start("r2")
+    fed.wait_ready("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    rels = [f"/q/item-{i:04d}" for i in range(40)]
+    t = r1.client.transaction()
+    t.create(r1.path("/q"), b"")
+    for rel in rels:
+        t.create(r1.path(rel), b"job")
+    t.commit()
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    for rel in rels:
+        r2.client.delete(r2.path(rel))
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    assert held(fed, "r1", rels) == rels  # tombstones right after the delete
+    procs.wait_for(lambda: not held(fed, "r1", rels) and not held(fed, "r2", rels), 60,
+                   message=lambda: f"tombstones left: r1 {len(held(fed, 'r1', rels))}, "
+                                   f"r2 {len(held(fed, 'r2', rels))}")
+    assert collected(fed, "r1") >= len(rels) and collected(fed, "r2") >= len(rels)
+    for name in ("r1", "r2"):
+        assert fed[name].client.get_children(fed[name].path("/q")) == []
+
+    def status_shows() -> bool:
+        out = fed.cli("status", "-c", str(r1.config_path)).stdout
+        return "tombstones 0 held, 40 collected" in out and "stable prefix age: r1 " in out
+
+    procs.wait_for(status_shows, 20, message=lambda: fed.cli(
+        "status", "-c", str(r1.config_path)).stdout)
+    # A path forgotten everywhere is written again in the region that did not
+    # delete it: a new write, replicated like any other.
+    r1.client.create(r1.path(rels[0]), b"again")
+    procs.wait_for(lambda: r2.client.exists(r2.path(rels[0])) is not None, 30,
+                   message=lambda: "the re-created path did not replicate")
+    assert r2.client.get(r2.path(rels[0]))[0] == b"again"
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    fed.assert_clean_logs()
+
+
+def test_a_region_away_past_the_grace_cannot_resurrect_with_a_stale_put(
+        federation: Federation) -> None:
+    fed = federation
+    two(fed)
+    fed.start("r1", wait=False)
+    fed.start("r2")
+    fed.wait_ready("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/p"), b"v1")
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    # r2 captures a put into its outbox and dies before publishing it.
+    fed.stop("r2")
+    fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "after_outbox_write=crash@1"})
+    r2.client.set(r2.path("/p"), b"v2-stale")
+    proc = r2.proc
+    assert proc is not None
+    procs.wait_for(lambda: proc.poll() is not None, 30, message=lambda: "r2 did not die")
+    r2.proc = None
+    # Later, r1 deletes the path: concurrent with r2's unpublished put, and newer.
+    r1.client.delete(r1.path("/p"))
+    procs.wait_for(lambda: held(fed, "r1", ["/p"]) == ["/p"], 10,
+                   message=lambda: "no tombstone at r1")
+    # Well past the grace, with r2 away, the tombstone stays: r2 has not applied it.
+    holds_for(lambda: held(fed, "r1", ["/p"]) == ["/p"], 3 * GRACE,
+              "r1 collected the tombstone while r2 had not applied the delete")
+    assert collected(fed, "r1") == 0
+    # r2 returns: its stale put is published first, then it applies the delete.
+    fed.start("r2")
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    for name in ("r1", "r2"):
+        assert fed[name].client.exists(fed[name].path("/p")) is None, f"{name} resurrected /p"
+    procs.wait_for(lambda: not held(fed, "r1", ["/p"]) and not held(fed, "r2", ["/p"]), 60,
+                   message=lambda: "the tombstone was never collected after r2 returned")
+    for name in ("r1", "r2"):
+        assert fed[name].client.exists(fed[name].path("/p")) is None, f"{name} resurrected /p"
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    fed.assert_clean_logs()
+
+
+def test_a_region_bootstrapped_after_collection_converges_on_compacted_topics(
+        make_federation: Callable[..., Federation],
+        harness_report: Callable[[str], None]) -> None:
+    fed = make_federation(spare=True)
+    if fed.broker.kind != "kafka":
+        pytest.skip("needs Apache Kafka started by the harness (a log cleaner that runs)")
+    topics = [f"{fed.prefix}.{fed.subtree}.{n}" for n in fed.regions]
+    _create_compacting(fed.broker.bootstrap, topics)
+    old = ["r1", "r2", "r3"]
+    for name in old:
+        fed.write_config(name, peers=[n for n in old if n != name], tombstone_grace=GRACE,
+                         max_clock_skew=2)
+    fed.write_config("r4", peers=old, tombstone_grace=GRACE, max_clock_skew=2)
+    for name in old:
+        fed.start(name, wait=False)
+    for name in old:
+        fed.wait_ready(name)
+    r1 = fed["r1"]
+    r1.client.create(r1.path("/q"), b"queue")
+    fed.wait_converged(old)
+    rels = [f"/q/job-{i:03d}" for i in range(30)]
+    t = r1.client.transaction()
+    for rel in rels:
+        t.create(r1.path(rel), b"work")
+    t.commit()
+    fed.wait_converged(old)
+    for rel in rels:
+        r1.client.delete(r1.path(rel))
+    fed.wait_converged(old)
+    procs.wait_for(lambda: not any(held(fed, n, rels) for n in old), 60,
+                   message=lambda: "tombstones not collected in r1..r3")
+    written = 1 + 2 * len(rels)
+
+    def compacted() -> int | None:
+        left = len(_data_events(fed.broker.bootstrap, topics[0]))
+        return left if left < written else None
+
+    left = procs.wait_for(compacted, 90, interval=1.0, message="the log cleaner never ran")
+    harness_report(f"tombstones: {written} data records on r1's topic, {left} after the cleaner")
+    # A new region bootstraps from the compacted topics: the deletes there make
+    # tombstones of its own, which it collects like everyone else.
+    fed.start("r4")
+    procs.wait_for(lambda: fed.tree("r4") == fed.tree("r1"), 60,
+                   message=lambda: f"r4 {sorted(fed.tree('r4'))} vs r1 {sorted(fed.tree('r1'))}")
+    procs.wait_for(lambda: not held(fed, "r4", rels), 60,
+                   message=lambda: f"r4 still holds {len(held(fed, 'r4', rels))} tombstones")
+    assert fed.tree("r4") == {"/q": b"queue"}
+    fed.wait_converged()
+    fed.assert_clean_logs()
