@@ -47,6 +47,13 @@ def test_unknown_outcome_allows_either_value_and_refusals_change_nothing() -> No
     assert not check_lost_writes(h, _snap({"/r1/k": b"r1:3"})).passed
 
 
+def test_a_path_whose_only_writes_are_unknown_may_keep_its_earlier_state() -> None:
+    # Seen in seed 632105: a create whose answer was lost never happened.
+    h = _history(_op("r3", "/r3/d62", "r3:300", "unknown"))
+    assert check_lost_writes(h, _snap({})).passed
+    assert check_lost_writes(h, _snap({"/r3/d62": b"r3:300"})).passed
+
+
 def test_contended_path_winner_must_be_consistent_with_lww() -> None:
     h = _history(_op("r1", "/shared/c", "r1:1", t=100.0), _op("r2", "/shared/c", "r2:1", t=200.0))
     late = {"/shared/c": {"w": "r2", "ts": hlc_from_ms(200_500)}}
