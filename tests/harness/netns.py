@@ -104,16 +104,6 @@ def _pids_in(netns: str) -> list[int]:
     return [int(p) for p in done.stdout.split() if p.isdigit()]
 
 
-def _owner_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove(netns: str, host_if: str | None = None) -> None:
     # A namespace lives on (with its veth and addresses) while a process is in it.
     for pid in _pids_in(netns):
@@ -128,7 +118,7 @@ def remove_stale() -> list[str]:
     removed = []
     for name in _namespaces():
         match = _OWNED.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _owner_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not procs.alive(int(match.group(1))):
             _remove(name)
             removed.append(name)
     return removed

@@ -64,7 +64,8 @@ def spawn(
     return proc
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Is ``pid`` a live process (one we may not signal counts as live)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -112,9 +113,9 @@ def _stop_foreign(pid: int, sig: int, deadline: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     end = time.monotonic() + deadline
-    while _alive(pid) and time.monotonic() < end:
+    while alive(pid) and time.monotonic() < end:
         time.sleep(0.05)
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

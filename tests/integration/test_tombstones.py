@@ -25,8 +25,12 @@ GRACE = 3
 
 
 def two(fed: Federation) -> None:
+    """r1 and r2 only, with a short grace, both bridges started."""
     for name, peer in (("r1", "r2"), ("r2", "r1")):
         fed.write_config(name, peers=[peer], tombstone_grace=GRACE, max_clock_skew=2)
+    fed.start("r1", wait=False)
+    fed.start("r2")
+    fed.wait_ready("r1")
 
 
 def meta_path(fed: Federation, rel: str) -> str:
@@ -55,9 +59,6 @@ def test_churned_paths_are_collected_everywhere_and_can_come_back(
         federation: Federation) -> None:
     fed = federation
     two(fed)
-    fed.start("r1", wait=False)
-    fed.start("r2")
-    fed.wait_ready("r1")
     r1, r2 = fed["r1"], fed["r2"]
     rels = [f"/q/item-{i:04d}" for i in range(40)]
     t = r1.client.transaction()
@@ -97,9 +98,6 @@ def test_a_region_away_past_the_grace_cannot_resurrect_with_a_stale_put(
         federation: Federation) -> None:
     fed = federation
     two(fed)
-    fed.start("r1", wait=False)
-    fed.start("r2")
-    fed.wait_ready("r1")
     r1, r2 = fed["r1"], fed["r2"]
     r1.client.create(r1.path("/p"), b"v1")
     fed.wait_converged(["r1", "r2"], timeout=60)
