@@ -158,8 +158,8 @@ class Planner:
         keep = event
         if before is not None:
             d = decide(before.version(), event.version())
-            winner = event if d.action is not Action.SKIP and (
-                d.action is not Action.CONFLICT or d.remote_wins) else before
+            newer = d.action is Action.APPLY or (d.action is Action.CONFLICT and d.remote_wins)
+            winner = event if newer else before
             keep = replace(winner, vc=d.merged) if d.action is Action.CONFLICT else winner
             if keep == before:
                 return
