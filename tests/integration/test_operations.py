@@ -124,7 +124,9 @@ def _interrupt(proc: subprocess.Popen[bytes], reader: Reader) -> int:
     """Ctrl-C as a terminal sends it; the exit status."""
     proc.send_signal(signal.SIGINT)
     try:
-        rc = proc.wait(20)
+        # Closing its Kafka and ZooKeeper clients took over 20 s once under a
+        # load average of 10-17 (a CI run sharing the machine with long runs).
+        rc = proc.wait(60)
     finally:
         if proc.poll() is None:
             procs.stop(proc)
