@@ -250,8 +250,8 @@ class Outbound:
                 # that carries `applied` being ahead of it on the topic: true when
                 # no capture is between stamping its events and queueing them.
                 # Otherwise the heartbeat only tells liveness (receivers do not
-                # count one without `applied`). Taking the subtree's lock here
-                # instead lost the last announcements of a busy stream in tests.
+                # count one without `applied`). Not the subtree's lock: a
+                # heartbeat must not wait behind a long capture or apply.
                 applied = None if self.capturing[name] else b.applied_report(name)
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
