@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,12 +26,42 @@ _live: dict[int, subprocess.Popen[bytes]] = {}
 _live_lock = threading.Lock()
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Picked below the kernel's ephemeral range: a port from that range can be
+    taken as the local port of any outgoing connection (a client of the
+    servers started meanwhile) before the server meant to listen on it binds
+    it, which failed chaos rounds with "address already in use".
+    """
+    low, high = 10000, _ephemeral_start()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high) if high > low else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = s.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        fallback: int = s.getsockname()[1]
+        return fallback
 
 
 def spawn(
