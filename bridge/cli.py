@@ -11,7 +11,10 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from bridge import __version__
@@ -101,6 +104,19 @@ def _lag_watch(settings: Settings, every: float, as_json: bool, max_seconds: flo
                timeout: float) -> int:
     from bridge.lagwatch import watch
 
+    def on_interrupt(_sig: int, _frame: object) -> None:
+        # Ctrl-C quits at once: closing the Kafka and ZooKeeper clients may
+        # wait on a slow server, and a watch has nothing left to save.
+        def leave() -> None:
+            sys.stdout.flush()
+            os._exit(0)
+
+        timer = threading.Timer(5.0, leave)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
     try:
         asyncio.run(watch(settings, every, out=sys.stdout, terminal=sys.stdout.isatty(),
                           json_lines=as_json, max_seconds=max_seconds, sample_timeout=timeout))
