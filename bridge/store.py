@@ -18,7 +18,6 @@ again, the batch is planned afresh, never reordered.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +56,10 @@ CLOSURE_ROUNDS = 50
 # variable exists for tests, which need several buckets from a few writes.
 OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
+# getACL calls in flight while capturing: a start-up capture of 100,000 new
+# znodes once sent them all at once and the last answers came after the
+# adapter's timeout, so every attempt failed and started over.
+ACL_READS_IN_FLIGHT = 256
 
 
 class SubtreeStore(Planner):
@@ -258,9 +261,9 @@ class SubtreeStore(Planner):
         if need:
             raise NeedRead(need)
         views = {r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
-        carried = await asyncio.gather(*(
+        carried = await gather_limited([
             self.acl.announce(self.zk, self.layout.znode(rel), rel, node.stat.aversion)
-            for _, op, rel, node in changes if node is not None))
+            for _, op, rel, node in changes if node is not None], ACL_READS_IN_FLIGHT)
         acls = dict(zip([rel for _, _, rel, node in changes if node is not None], carried,
                         strict=True))
         events: list[Event] = []
