@@ -842,6 +842,8 @@ class Bridge:
         return {
             "tombstones": store.tombstones_held(),
             "tombstones_collected": store.gc_collected,
+            "nulls_published": self.stats[f"nulls_published:{subtree}"],
+            "nulls_applied": self.stats[f"nulls_applied:{subtree}"],
             "outbox_age_seconds": round(self.outbound.oldest_age(subtree), 1),
             "stable_prefix_age_seconds": {
                 origin: None if at is None else round(max(0, now - at) / 1000, 1)

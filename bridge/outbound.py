@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,9 @@ class Outgoing:
     reannounce: bool = False  # the whole state again, after the own topic lost records
     done: asyncio.Event | None = None  # set once Kafka acknowledged these records
     captured_ms: int = 0  # wall clock of the capture (outbox age)
+    # Null-value records of collected tombstones: each record's value goes in
+    # the NULL_HEADER header (the collected delete) and the record's own is None.
+    nulls: bool = False
 
 
 class Outbound:
@@ -130,9 +133,10 @@ class Outbound:
 
     def enqueue(self, subtree: str, outbox_path: str | None,
                 records: list[tuple[bytes, bytes]], *, reannounce: bool = False,
-                done: asyncio.Event | None = None, captured_ms: int = 0) -> None:
+                done: asyncio.Event | None = None, captured_ms: int = 0,
+                nulls: bool = False) -> None:
         self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
-                                       captured_ms or int(time.time() * 1000)))
+                                       captured_ms or int(time.time() * 1000), nulls))
         if outbox_path is not None:
             self.queued[subtree] += len(records)
             self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
@@ -144,9 +148,19 @@ class Outbound:
             return 0.0
         return max(0.0, time.time() - min(pending.values()) / 1000)
 
+    def enqueue_nulls(self, subtree: str, outbox_path: str, events: Iterable[Event],
+                      captured_ms: int = 0) -> None:
+        """Null-value records for collected tombstones, behind everything queued before."""
+        self.enqueue(subtree, outbox_path, [(e.key, self.stamp(e)) for e in events],
+                     captured_ms=captured_ms, nulls=True)
+
     def enqueue_pending(self, subtree: str, entries: list[tuple[str, list[bytes]]]) -> None:
         """Outbox entries of an earlier term: published first, in their order."""
         for path, payloads in entries:
+            if payloads and all(codec.is_null_entry(p) for p in payloads):
+                with contextlib.suppress(BridgeError):
+                    self.enqueue_nulls(subtree, path, [codec.decode(p) for p in payloads])
+                    continue
             records = []
             captured = 0
             for payload in payloads:
@@ -172,8 +186,15 @@ class Outbound:
 
     async def publish(self, units: list[Outgoing]) -> None:
         b = self.bridge
-        records = [(b.topic(u.subtree, b.region), k, v) for u in units for k, v in u.records]
-        ends = await b.retry("publish", lambda: b.kafka.send_all(records))
+        records: list[tuple[str, bytes, bytes | None]] = []
+        headers: dict[int, list[tuple[str, bytes]]] = {}
+        for u in units:
+            topic = b.topic(u.subtree, b.region)
+            for k, v in u.records:
+                if u.nulls:
+                    headers[len(records)] = [(codec.NULL_HEADER, v)]
+                records.append((topic, k, None if u.nulls else v))
+        ends = await b.retry("publish", lambda: b.kafka.send_all(records, headers))
         for u in units:
             if u.done is not None:
                 u.done.set()
@@ -185,7 +206,8 @@ class Outbound:
                 continue
             self.queued[u.subtree] -= len(u.records)
             self.unacked[u.subtree].pop(u.outbox_path, None)
-            b.stats[f"published:{u.subtree}"] += len(u.records)
+            b.stats[f"{'nulls_published' if u.nulls else 'published'}:{u.subtree}"] += len(
+                u.records)
         failpoints.hit(failpoints.AFTER_PUBLISH)
         paths = [(u.subtree, u.outbox_path) for u in units if u.outbox_path is not None]
         if paths:

@@ -169,6 +169,11 @@ class Planner:
         plan.ops.append(SetData(path, data, -1) if existed else Create(path, data))
         plan.held[rel] = keep
 
+    def live(self, plan: Plan, rel: str) -> bool:
+        """Whether ``rel`` holds a live (not deleted) version, as the plan so far leaves it."""
+        entry = plan.metas.get(rel) or self.metas.get(rel)
+        return entry is not None and entry.meta is not None and not entry.meta.deleted
+
     def _meta_op(self, plan: Plan, rel: str, meta: NodeMeta) -> None:
         """Write ``rel``'s metadata, creating missing metadata directories first."""
         entry = plan.metas.get(rel) or self.metas.get(rel)
@@ -219,13 +224,20 @@ class Planner:
 
 
     def _plan_apply(self, events: Sequence[Event],
-                    reads: dict[str, Node | NoPermission | None]) -> tuple[Plan, Applied]:
+                    reads: dict[str, Node | NoPermission | None],
+                    if_live: frozenset[int] = frozenset()) -> tuple[Plan, Applied]:
         plan = Plan()
         views: dict[str, View | None] = {
             r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
         outcomes: list[tuple[Event, Outcome]] = []
         conflicts: list[Conflict] = []
-        for event in events:
+        for i, event in enumerate(events):
+            if i in if_live and not self.live(plan, event.path):
+                # A null's collected delete where the path is absent or deleted
+                # already: applying it would only bring a forgotten tombstone
+                # back (and, collected again, another null: a ping-pong).
+                outcomes.append((event, Outcome.SKIPPED))
+                continue
             outcome, conflict = self._plan_one(plan, views, reads, event)
             outcomes.append((event, outcome))
             if conflict is not None:

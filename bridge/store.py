@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import structlog
 
@@ -45,7 +46,7 @@ from bridge.plan import (
 from bridge.zk import Create, Delete, Node, SetData, ZooKeeper, gather_limited
 from bridge.zk import Op as ZkOp
 
-__all__ = ["Applied", "CapturedBatch", "Change", "Layout", "LocalChanges", "MetaEntry",
+__all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout", "LocalChanges", "MetaEntry",
            "Outcome", "SubtreeStore", "classify", "is_excluded", "join", "outbox_depth",
            "read_positions"]
 
@@ -57,6 +58,14 @@ CLOSURE_ROUNDS = 50
 # variable exists for tests, which need several buckets from a few writes.
 OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What a collection did: metadata removed, and the outbox entries of its nulls."""
+
+    removed: tuple[str, ...]
+    nulls: tuple[CapturedBatch, ...]  # events: the collected tombstones as deletes
 
 
 class SubtreeStore(Planner):
@@ -318,7 +327,8 @@ class SubtreeStore(Planner):
 
     # -- apply -------------------------------------------------------------------
     async def apply(self, events: Sequence[Event],
-                    position: tuple[str, dict[int, int]] | None = None) -> Applied:
+                    position: tuple[str, dict[int, int]] | None = None, *,
+                    if_live: frozenset[int] = frozenset()) -> Applied:
         """Apply a peer's complete batch (or consecutive batches) as one ``multi``.
 
         ``position`` (the peer and its new offsets) commits in the same
@@ -326,7 +336,9 @@ class SubtreeStore(Planner):
         failed ``multi`` the metadata and the position's version are read
         again: a ``multi`` whose answer was lost may have committed. Raises ``LocalChanges``
         when a path it touches changed locally unannounced: the caller
-        captures those first and calls again.
+        captures those first and calls again. ``if_live``: indexes of events
+        (collected tombstones carried by null records) that apply only over a
+        live version, never where the path is absent or already deleted.
         """
         await self._settle()
         wanted = {e.path for e in events} | {parent(e.path) for e in events}
@@ -342,7 +354,7 @@ class SubtreeStore(Planner):
                 if local:
                     raise LocalChanges(local)
                 try:
-                    plan, result = self._plan_apply(events, reads)
+                    plan, result = self._plan_apply(events, reads, if_live)
                     break
                 except NeedRead as more:
                     wanted |= more.rels
@@ -410,34 +422,44 @@ class SubtreeStore(Planner):
             self.held_events[event.path] = event
             self.held_back.setdefault(event.path, "write")
     # -- tombstone collection ----------------------------------------------
-    async def collect(self, rels: Sequence[str]) -> list[str]:
+    async def collect(self, rels: Sequence[str]) -> Collected:
         """Forget the tombstones ``rels`` (already known stable) whose znodes are absent.
 
         Each ``multi`` is fenced, checks every metadata version it deletes and
-        moves the counter floor with them. Returns the paths whose metadata
-        went (tombstones and bare directories). The caller holds the lock.
+        moves the counter floor with them. It also writes one outbox entry
+        holding a null-value record per tombstone it removes (see
+        ``bridge.tombstones``): in the same ``multi``, so a crash between the
+        collection and the publish cannot lose the nulls, and in the outbox's
+        order, so each null follows every record this region published
+        before it. The caller holds the lock and queues the entries returned.
         """
         await self._settle()
         reads = await self._read(rels)
         absent = [r for r, n in reads.items() if n is None]
         doomed = tombstones.removable(self.metas, absent)
         done: list[str] = []
+        entries: list[CapturedBatch] = []
         for i in range(0, len(doomed), GC_CHUNK):
             part = doomed[i : i + GC_CHUNK]
             floor = tombstones.floor_after(self.metas, part, self.region, self.gc_floor)
+            nulls = tombstones.null_events(self.metas, part, origin=self.region,
+                                           subtree=self.layout.name)
             count = sum(1 for r in part if (e := self.metas.get(r)) and e.meta is not None)
-            ops: list[ZkOp] = [Delete(self.layout.meta(r), self.metas[r].version) for r in part]
+            plan = Plan(ops=[Delete(self.layout.meta(r), self.metas[r].version) for r in part])
             record = codec.encode_gc(floor, self.gc_collected + count)
-            ops.append(Create(self.layout.gc, record) if self._gc_version is None
-                       else SetData(self.layout.gc, record, self._gc_version))
+            plan.ops.append(Create(self.layout.gc, record) if self._gc_version is None
+                            else SetData(self.layout.gc, record, self._gc_version))
+            if nulls:
+                await self._outbox_ops(plan, codec.encode_null_entry(nulls))
             try:
-                await self.zk.multi(ops)
+                results = await self.zk.multi(plan.ops)
             except VersionConflict:
                 await self.refresh_meta(part)
                 await self.read_gc()
                 break
             except ZooKeeperError:
                 self._suspect |= set(part)
+                self._bucket_known = False  # a lost answer may have created it
                 await self.read_gc()  # may have committed: read again first
                 raise
             self._gc_version = 0 if self._gc_version is None else self._gc_version + 1
@@ -445,7 +467,11 @@ class SubtreeStore(Planner):
             for rel in part:
                 self.metas.pop(rel, None)
             done += part
-        return done
+            if nulls:
+                created = str(results[-1])
+                self._outbox_written(created)
+                entries.append(CapturedBatch(tuple(nulls), (), created))
+        return Collected(tuple(done), tuple(entries))
 
     def tombstones_held(self) -> int:
         return sum(1 for e in self.metas.values() if e.meta is not None and e.meta.deleted)

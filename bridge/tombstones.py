@@ -37,6 +37,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 from bridge.batching import depth
 from bridge.layout import parent
+from bridge.model import Event, Op
 from bridge.plan import MetaEntry
 
 
@@ -88,3 +89,23 @@ def floor_after(metas: Mapping[str, MetaEntry], removed: Iterable[str], region: 
         if entry is not None and entry.meta is not None:
             floor = max(floor, entry.meta.vc.get(region))
     return floor
+
+
+def null_events(metas: Mapping[str, MetaEntry], removed: Iterable[str], *, origin: str,
+                subtree: str) -> list[Event]:
+    """The tombstones among ``removed`` as delete events, for their null-value records.
+
+    Each keeps the clock, stamp and writer it was collected with: a null
+    carries a version every region has applied, never a made-up one.
+    """
+    out = []
+    for rel in removed:
+        entry = metas.get(rel)
+        if entry is None or entry.meta is None or not entry.meta.deleted:
+            continue
+        m = entry.meta
+        if not m.vc.entries or not m.writer:
+            continue  # not a delete any region announced: nothing to carry
+        out.append(Event(origin=origin, subtree=subtree, path=rel, op=Op.DELETE, vc=m.vc,
+                         ts=m.ts, writer=m.writer))
+    return out
