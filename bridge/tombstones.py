@@ -28,6 +28,33 @@ still not look older than a tombstone another region has not collected yet
 (a clock it dominates would be skipped there): the largest own counter of
 any collected tombstone is kept as a *floor*, and a path captured without
 metadata starts its own counter above it.
+
+Null records. Each collection also publishes, on this region's own topic, a
+null-value record per tombstone, carrying the collected delete ``D``: the
+cleaner then forgets the path's older records there, and the null after
+``delete.retention.ms``. Receivers apply ``D`` in the peer's stream order,
+but only over a *live* version, resolved like any event (``Planner``'s
+``if_live``):
+
+* In steady state this is a no-op everywhere. ``D`` was stable: every
+  region applied it (or a version that beats it). What a region holds now
+  is ``D`` itself, nothing (collected), or a version that beats ``D``: one
+  written after the collection is stamped later than ``D`` (the grace
+  exceeds the skew) and starts above the floor, so ``D`` never wins
+  against it; and every version the null's origin published before its
+  null lost to ``D`` already, wherever it was applied.
+* A region that read topics from their start (a bootstrap, a rewind) can
+  hold a version ``D`` beats: one region's topic still had an old put
+  while ``D``'s own record was compacted away from the deleting region's
+  topic. ``D`` is a real, announced version, so applying it there is what
+  would have happened had its record still been there; the region then
+  holds a tombstone with ``D``'s clock and collects it like any other.
+* Where the path is absent or deleted, ``D`` is not applied: that would
+  bring back a tombstone collected already, which, collected again, would
+  publish another null, and so on between regions.
+
+No clock is made up on the way: a fabricated ``{X: n+1}`` could equal a
+later genuine write of X and make it be skipped as a duplicate.
 """
 
 from __future__ import annotations
