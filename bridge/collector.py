@@ -51,6 +51,10 @@ async def collect_once(bridge: Bridge, name: str) -> int:
     """One collection round for subtree ``name``; returns tombstones collected."""
     store = bridge.stores[name]
     stab = bridge.stability[name]
+    if bridge.outbound.draining[name]:
+        # Entries still in the outbox are not in the queue, where busy_paths
+        # looks; stability alone would cover them, but wait for the feeder.
+        return 0
     bridge.applied_report(name)  # count the heartbeats applied past so far
     cutoff_ms = int(time.time() * 1000) - int(1000 * bridge.settings.tombstone_grace)
     async with bridge.locks[name]:

@@ -506,26 +506,61 @@ class SubtreeStore(Planner):
             self._bucket = f"{self.layout.outbox}/q-{index:010d}"
             self._bucket_exists = False
 
-    async def outbox_paths(self) -> list[str]:
-        """Every outbox entry, in capture order (the previous release's first)."""
-        names = sorted(await self.zk.children(self.layout.outbox) or [])
-        out = [f"{self.layout.outbox}/{n}" for n in names if not n.startswith("q-")]
-        for bucket in (n for n in names if n.startswith("q-")):
-            path = f"{self.layout.outbox}/{bucket}"
-            out += [f"{path}/{c}" for c in sorted(await self.zk.children(path) or [])]
-        return out
+    # Reading the outbox back is streamed (``Outbound.feed``): a day of
+    # Kafka outage is millions of entries, more than a process should hold.
+    # An entry's place in capture order is its *key*: (bucket index, name),
+    # the previous release's flat entries being bucket -1.
+    def outbox_key(self, path: str) -> tuple[int, str]:
+        rel = path[len(self.layout.outbox) + 1 :]
+        bucket, _, name = rel.rpartition("/")
+        return (int(bucket[2:]), name) if bucket else (-1, name)
 
-    async def pending_outbox(self) -> list[tuple[str, list[bytes]]]:
-        """Outbox entries left by an earlier term, in capture order, with their payloads."""
-        paths = await self.outbox_paths()
+    async def outbox_dirs(self) -> list[tuple[int, str]]:
+        """(bucket index, directory) in capture order; the flat entries' directory is -1."""
+        names = await self.zk.children(self.layout.outbox) or []
+        out = [(int(n[2:]), f"{self.layout.outbox}/{n}") for n in names
+               if n.startswith("q-") and n[2:].isdigit()]
+        if any(not n.startswith("q-") for n in names):
+            out.append((-1, self.layout.outbox))
+        return sorted(out)
+
+    async def outbox_names(self, index: int, directory: str) -> list[str]:
+        """The entries of one bucket (``index`` -1: the flat ones), in capture order."""
+        names = await self.zk.children(directory) or []
+        return sorted(n for n in names if index >= 0 or not n.startswith("q-"))
+
+    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
+        """The payloads of outbox entries (those still there), in the order given."""
         out = []
         for i in range(0, len(paths), 500):
             part = paths[i : i + 500]
             nodes = await gather_limited([self.zk.get(p) for p in part], 64)
             out += [(p, codec.decode_outbox(n.data))
                     for p, n in zip(part, nodes, strict=True) if n is not None]
-        await self._open_bucket()  # this term's entries go after all of these
         return out
+
+    async def open_after_pending(self) -> list[bytes]:
+        """Start this term's bucket after every one left; return the newest batch's payloads.
+
+        Batches are stamped in capture order across terms, so the newest
+        batch entry holds the highest batch id an earlier term left
+        unpublished: the clock observes it so that new batch ids sort after
+        the pending ones. Entries of null records (stamped with the old
+        deletes they carry) are looked past, a bounded number of them.
+        """
+        newest: list[bytes] = []
+        looked = 0
+        for index, directory in reversed(await self.outbox_dirs()):
+            for name in reversed(await self.outbox_names(index, directory)):
+                got = await self.read_outbox([f"{directory}/{name}"])
+                payloads = got[0][1] if got else []
+                newest += payloads
+                looked += 1
+                if looked >= 100 or any(not codec.is_null_entry(p) for p in payloads):
+                    await self._open_bucket()  # this term's entries go after all of these
+                    return newest
+        await self._open_bucket()
+        return newest
 
     async def drop_empty_buckets(self, deleted: Iterable[str]) -> None:
         """Remove the buckets ``deleted`` emptied, except the one being filled."""

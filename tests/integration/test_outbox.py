@@ -4,6 +4,11 @@ Scaled down from the issue's day at 50 writes/s: ``ZKBRIDGE_OUTBOX_WRITES``
 writes (default 2,000, paced at about 200/s) land while the bridge cannot reach Kafka, into
 buckets of 100 entries (the production size is 10,000) so that several
 buckets fill. The harness section reports the figures.
+
+The second test stops the bridge with its outbox full and restarts it: the
+outbox is read back a chunk at a time (``ZKBRIDGE_QUEUE_RECORDS`` bounds the
+queue), published in capture order, and the bridge's peak RSS is reported
+against the number of entries (``ZKBRIDGE_DRAIN_WRITES`` writes of 2 KB).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from kazoo.client import KazooClient
 from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
-from tests.integration.federation import Federation
+from tests.integration.federation import REPO, Federation
+from tests.integration.test_kafka import _data_events
 
 pytestmark = pytest.mark.integration
 
 WRITES = int(os.environ.get("ZKBRIDGE_OUTBOX_WRITES") or 2000)
+DRAIN_WRITES = int(os.environ.get("ZKBRIDGE_DRAIN_WRITES") or 3000)
+# Another checkout's code for the restarted bridge (to compare its peak RSS).
+DRAIN_CODE = Path(os.environ.get("ZKBRIDGE_DRAIN_CODE") or REPO)
 PACE = 0.004
 BUCKET = 100
 
@@ -92,3 +101,69 @@ def test_an_outage_fills_buckets_and_drains(fed: Federation,
                    f"{total} outbox entries in {len(held)} buckets of <= {BUCKET}; "
                    f"published, applied and converged {drained:.1f}s after Kafka returned")
     fed.assert_clean_logs(allowed={"retrying"})
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM of a live process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.timeout(1200)
+def test_a_large_outbox_left_by_a_stopped_bridge_is_drained_in_order(
+        fed: Federation, harness_report: Callable[[str], None]) -> None:
+    proxy = fed.broker.proxy
+    assert proxy is not None
+    env = {"ZKBRIDGE_OUTBOX_BUCKET": str(BUCKET), "ZKBRIDGE_QUEUE_RECORDS": "1000"}
+    fed.start("r1", env=env, wait=False)
+    fed.start("r2", env=env)
+    fed.wait_ready("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/q"), b"", makepath=True)
+    wait_for(lambda: r2.client.exists(r2.path("/q")), 30)
+    proxy.cut(stall=True)
+    payload = b"x" * 2048
+    for j in range(DRAIN_WRITES):
+        # Synchronous: the capture order is the write order, which the topic must
+        # keep. Paced, so that most writes are captured alone (many entries).
+        r1.client.create(r1.path(f"/q/n{j:06d}"), payload)
+        time.sleep(PACE)
+    wait_for(lambda: captured(fed) >= DRAIN_WRITES + 1, 600, interval=0.5,
+             message=lambda: f"captured {captured(fed)} of {DRAIN_WRITES + 1}")
+    fed.stop("r1")  # its shutdown drain cannot reach Kafka: the entries stay
+    outbox = f"{fed.state_path}/subtrees/{fed.subtree}/outbox"
+    held = entries(r1.client, outbox)
+    total = sum(held.values())
+    assert len(held) >= 3, f"{total} entries in {len(held)} bucket(s): expected several"
+    proxy.restore()
+    began = time.monotonic()
+    fed.start("r1", env=env, code=DRAIN_CODE)
+    proc = r1.proc
+    assert proc is not None
+    last = r2.path(f"/q/n{DRAIN_WRITES - 1:06d}")
+    wait_for(lambda: r2.client.exists(last), 600, interval=0.5,
+             message="the outbox left by the stopped bridge was not published")
+    wait_for(lambda: sum(entries(r1.client, outbox).values()) == 0, 120,
+             message=lambda: f"outbox left: {entries(r1.client, outbox)}")
+    drained = time.monotonic() - began
+    peak = peak_rss_kb(proc.pid)
+    fed.wait_converged(timeout=300)
+    # In capture order on the topic: each path's first record comes after the
+    # previous path's (a retried publish may repeat records, never reorder them).
+    topic = f"{fed.prefix}.{fed.subtree}.r1"
+    seen: dict[str, int] = {}
+    for i, (path, _op) in enumerate(_data_events(fed.broker.bootstrap, topic)):
+        if path.startswith("/q/n"):
+            seen.setdefault(path, i)
+    order = sorted(seen, key=seen.__getitem__)
+    assert len(order) == DRAIN_WRITES
+    assert order == sorted(order), "outbox entries were published out of capture order"
+    spilled = fed.count_events("r1", "outbox_caught_up")
+    harness_report(f"outbox drain: {DRAIN_WRITES} writes of {len(payload)} bytes, {total} "
+                   f"entries in {len(held)} buckets left by a stopped bridge; drained in "
+                   f"order in {drained:.1f}s after restart; peak RSS (VmHWM) "
+                   f"{peak / 1024:.1f} MiB with the queue bounded at 1000 records "
+                   f"({spilled} catch-up(s) logged)")
+    fed.assert_clean_logs(allowed={"retrying", "drain_incomplete", "outbox_spilled"})
