@@ -511,9 +511,7 @@ class SubtreeStore(Planner):
     # An entry's place in capture order is its *key*: (bucket index, name),
     # the previous release's flat entries being bucket -1.
     def outbox_key(self, path: str) -> tuple[int, str]:
-        rel = path[len(self.layout.outbox) + 1 :]
-        bucket, _, name = rel.rpartition("/")
-        return (int(bucket[2:]), name) if bucket else (-1, name)
+        return outbox_key(self.layout.outbox, path)
 
     async def outbox_dirs(self) -> list[tuple[int, str]]:
         """(bucket index, directory) in capture order; the flat entries' directory is -1."""
@@ -628,6 +626,13 @@ async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
     stats = await gather_limited(
         [zk.exists(f"{layout.outbox}/{n}") for n in names if n.startswith("q-")], 32)
     return depth + sum(int(st.num_children) for st in stats if st is not None)
+
+
+def outbox_key(outbox: str, path: str) -> tuple[int, str]:
+    """An outbox entry's place in capture order: (bucket index, name); flat entries -1."""
+    rel = path[len(outbox) + 1 :]
+    bucket, _, name = rel.rpartition("/")
+    return (int(bucket[2:]), name) if bucket else (-1, name)
 
 
 def parent_path(path: str) -> str:
