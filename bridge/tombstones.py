@@ -33,8 +33,8 @@ Null records. Each collection also publishes, on this region's own topic, a
 null-value record per tombstone, carrying the collected delete ``D``: the
 cleaner then forgets the path's older records there, and the null after
 ``delete.retention.ms``. Receivers apply ``D`` in the peer's stream order,
-but only over a *live* version, resolved like any event (``Planner``'s
-``if_live``):
+but only over a *live* version ``D`` dominates or beats by the conflict
+rule (``Planner.null_wins``); anything else is left exactly as it is:
 
 * In steady state this is a no-op everywhere. ``D`` was stable: every
   region applied it (or a version that beats it). What a region holds now
@@ -51,7 +51,9 @@ but only over a *live* version, resolved like any event (``Planner``'s
   holds a tombstone with ``D``'s clock and collects it like any other.
 * Where the path is absent or deleted, ``D`` is not applied: that would
   bring back a tombstone collected already, which, collected again, would
-  publish another null, and so on between regions.
+  publish another null, and so on between regions. Where the live version
+  wins, not even its clock is merged with ``D``'s: the regions that
+  collected ``D`` never merge it, and the clocks would differ.
 
 No clock is made up on the way: a fabricated ``{X: n+1}`` could equal a
 later genuine write of X and make it be skipped as a duplicate.

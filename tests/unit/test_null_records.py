@@ -139,12 +139,22 @@ def test_a_null_never_removes_a_version_written_after_the_delete() -> None:
     planner = FakePlanner({"/k": meta(deleted=False, writer="r2", ts=500, r2=9)})
     d = delete("/k", writer="r1", ts=100, r1=3)
     plan, applied = planner._plan_apply([d], {"/k": node(b"x")}, frozenset({0}))
-    outcome = applied.outcomes[0][1]
-    assert outcome is Outcome.CONFLICT_LOCAL
-    assert not any(isinstance(op, Delete) for op in plan.ops)
+    # Not even the merged clock a lost conflict leaves: the regions that
+    # collected the delete never see this conflict, and their clocks would differ.
+    assert applied.outcomes[0][1] is Outcome.SKIPPED and plan.ops == []
+    assert applied.conflicts == ()
     dominated = FakePlanner({"/k": meta(deleted=False, writer="r2", ts=500, r1=3, r2=1)})
     plan, applied = dominated._plan_apply([d], {"/k": node(b"x")}, frozenset({0}))
     assert applied.outcomes[0][1] is Outcome.SKIPPED and plan.ops == []
+
+
+def test_a_null_beats_a_concurrent_older_version_by_the_usual_rule() -> None:
+    planner = FakePlanner({"/k": meta(deleted=False, writer="r3", ts=40, r3=2)})
+    d = delete("/k", writer="r1", ts=100, r3=1, r1=1)
+    plan, applied = planner._plan_apply([d], {"/k": node(b"x")}, frozenset({0}))
+    assert applied.outcomes[0][1] is Outcome.CONFLICT_REMOTE
+    left = plan.metas["/k"].meta
+    assert left is not None and left.deleted and left.vc == VectorClock.of({"r3": 2, "r1": 1})
 
 
 def test_a_null_over_a_node_with_live_children_leaves_a_deleted_placeholder() -> None:
