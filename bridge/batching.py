@@ -79,6 +79,9 @@ class Complete:
     end_offset: int  # the offset after its last record
     rejected: int = 0
     first_offset: int = -1  # of its first record; -1: the record before end_offset
+    # A null-value record's collected tombstone (never part of a batch): applied
+    # only over a live version it wins against (``bridge.tombstones``).
+    null: bool = False
 
 
 class Assembler:
@@ -129,12 +132,17 @@ class Assembler:
             self._gappy = True
         return gap
 
-    def feed(self, offset: int, event: Event | None) -> list[Complete]:
+    def feed(self, offset: int, event: Event | None, *, null: bool = False) -> list[Complete]:
         """Take the record at ``offset`` (``None``: rejected); return what it completes.
 
         At most two batches: an open one the record shows to be over (with a
-        compaction gap) and the record's own.
+        compaction gap) and the record's own. ``null``: the record is a
+        null-value record carrying ``event`` (never part of a batch).
         """
+        if null and event is not None:
+            self._note_gap(offset)
+            self._next = offset + 1
+            return [*self._close(offset), Complete((event,), offset + 1, null=True)]
         gap = self._note_gap(offset)
         self._next = offset + 1
         if event is None:

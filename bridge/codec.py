@@ -22,6 +22,8 @@ from bridge.model import SCHEMA_VERSION, Conflict, Event, NodeMeta, Op, VectorCl
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_EVENT_BYTES",
+    "NULL_HEADER",
+    "NULL_MARK",
     "REASONS",
     "check_size",
     "decode",
@@ -34,8 +36,10 @@ __all__ = [
     "encode_conflict",
     "encode_gc",
     "encode_meta",
+    "encode_null_entry",
     "encode_outbox",
     "encode_positions",
+    "is_null_entry",
     "normalise_path",
 ]
 
@@ -400,6 +404,39 @@ def check_size(event: Event, max_data_bytes: int) -> None:
 def encode_outbox(payloads: list[bytes]) -> bytes:
     """One outbox entry: the encoded events of one batch, in publish order."""
     return _pack([bytes(p) for p in payloads])
+
+
+# An outbox entry of null-value records (collected tombstones): each payload is
+# the collected tombstone as a delete event plus this key. A bridge that does
+# not know the key (before null records) decodes the payload as an ordinary
+# delete event and publishes it as one: a harmless re-announcement of a
+# tombstone, never a crash. This release publishes the event without the key
+# in the record's ``NULL_HEADER`` header, with a null value.
+NULL_MARK = "null_record"
+# The header of a null-value record: the collected tombstone, as a delete event.
+NULL_HEADER = "zkbridge-tombstone"
+
+
+def encode_null_entry(events: list[Event]) -> bytes:
+    """One outbox entry holding null records for the tombstones ``events`` (deletes)."""
+    payloads = []
+    for event in events:
+        if event.op is not Op.DELETE:
+            raise ValueError("a null record stands for a delete")
+        m = _event_to_map(event)
+        _event_from_map(m)
+        m[NULL_MARK] = True
+        payloads.append(_pack(m))
+    return encode_outbox(payloads)
+
+
+def is_null_entry(payload: bytes) -> bool:
+    """Whether an outbox payload stands for a null record (see ``NULL_MARK``)."""
+    try:
+        obj = _unpack(payload, max_bytes=DEFAULT_MAX_BYTES)
+    except CodecError:
+        return False
+    return isinstance(obj, dict) and obj.get(NULL_MARK) is True
 
 
 def decode_outbox(raw: bytes) -> list[bytes]:

@@ -51,6 +51,10 @@ async def collect_once(bridge: Bridge, name: str) -> int:
     """One collection round for subtree ``name``; returns tombstones collected."""
     store = bridge.stores[name]
     stab = bridge.stability[name]
+    if bridge.outbound.draining[name]:
+        # Entries still in the outbox are not in the queue, where busy_paths
+        # looks; stability alone would cover them, but wait for the feeder.
+        return 0
     bridge.applied_report(name)  # count the heartbeats applied past so far
     cutoff_ms = int(time.time() * 1000) - int(1000 * bridge.settings.tombstone_grace)
     async with bridge.locks[name]:
@@ -60,10 +64,14 @@ async def collect_once(bridge: Bridge, name: str) -> int:
         if not chosen:
             return 0
         before = store.gc_collected
-        gone = await bridge.retry(f"collect tombstones {name}", lambda: store.collect(chosen))
+        done = await bridge.retry(f"collect tombstones {name}", lambda: store.collect(chosen))
         collected = store.gc_collected - before
+        # Queued under the lock, as captures are: the queue keeps the outbox's order.
+        for entry in done.nulls:
+            bridge.outbound.enqueue_nulls(name, entry.outbox_path, entry.events)
     if collected:
         bridge.stats[f"tombstones_collected:{name}"] += collected
         log.info("tombstones_collected", subtree=name, collected=collected,
-                 metadata_removed=len(gone), floor=store.gc_floor)
+                 metadata_removed=len(done.removed), floor=store.gc_floor,
+                 nulls=sum(len(e.events) for e in done.nulls))
     return collected

@@ -197,6 +197,8 @@ class Bridge:
             tasks += [asyncio.create_task(self._guarded(f"capture[{n}]",
                                                         self.outbound.capture_loop, n))
                       for n in self.stores]
+            tasks += [asyncio.create_task(self._guarded(f"outbox[{n}]", self.outbound.feeder, n))
+                      for n in self.stores]
             tasks += [asyncio.create_task(self._guarded(f"apply[{n}]",
                                                         self.inbound.apply_loop, n))
                       for n in self.stores]
@@ -283,16 +285,17 @@ class Bridge:
             log.info("topics_created", topics=created)
         await self._check_twin()
         await self.retry("start producer", self.kafka.start_producer)
-        for store in self.stores.values():
-            # Left by an earlier term: published first, whole batches, in order.
-            pending = await self.retry("read outbox", store.pending_outbox)
-            self.outbound.enqueue_pending(store.layout.name, pending)
-            if pending:
-                for _path, payloads in pending:
-                    for payload in payloads:
-                        # New batch ids must sort after the ones still pending.
-                        with contextlib.suppress(BridgeError):
-                            self.clock.observe(codec.decode(payload).ts)
+        for name, store in self.stores.items():
+            # Left by an earlier term: published first, whole batches, in order,
+            # streamed from the outbox by the feeder (Outbound.feed); this
+            # term's captures wait in the outbox behind them.
+            newest = await self.retry("read outbox", store.open_after_pending)
+            for payload in newest:
+                # New batch ids must sort after the ones still pending.
+                with contextlib.suppress(BridgeError):
+                    event = codec.decode(payload)
+                    self.clock.observe(max(event.ts, event.batch or 0))
+            self.outbound.spill(name, start=True)
         for name in self.stores:
             await self._scan(name)
         own_ends = await self._replay_own_topics(fresh)
@@ -842,6 +845,8 @@ class Bridge:
         return {
             "tombstones": store.tombstones_held(),
             "tombstones_collected": store.gc_collected,
+            "nulls_published": self.stats[f"nulls_published:{subtree}"],
+            "nulls_applied": self.stats[f"nulls_applied:{subtree}"],
             "outbox_age_seconds": round(self.outbound.oldest_age(subtree), 1),
             "stable_prefix_age_seconds": {
                 origin: None if at is None else round(max(0, now - at) / 1000, 1)

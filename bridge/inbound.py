@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -347,12 +347,25 @@ class Inbound:
             return
         peer = self.peers[rec.topic]
         asm = peer.assemblers.setdefault(rec.partition, Assembler(rec.offset))
-        if rec.value is None:
-            # A Kafka tombstone (compaction's, never inside a batch): nothing to apply.
-            self.bridge.stats["null_records"] += 1
-            asm.skip(rec.offset)
-            return
+        null = rec.value is None
+        if null:
+            carried = dict(rec.headers).get(codec.NULL_HEADER)
+            if carried is None:
+                # A null without the collected delete (not a bridge's): nothing to apply.
+                self.bridge.stats["null_records"] += 1
+                asm.skip(rec.offset)
+                return
+            # A collected tombstone (never inside a batch): applied in stream
+            # order, through the apply queue, only where it wins over a live
+            # version (``bridge.tombstones``).
+            rec = replace(rec, value=carried)
         event = self.bridge.decode(rec, peer.subtree, peer.peer)
+        if null and event is not None and event.op is not Op.DELETE:
+            self.bridge.stats["rejected:bad_field"] += 1
+            log.warning("event_rejected", reason="bad_field", topic=rec.topic,
+                        partition=rec.partition, offset=rec.offset,
+                        detail="a null record carries an event that is not a delete")
+            event = None
         if event is not None and event.op is Op.HEARTBEAT:
             peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
             if event.applied is not None:  # one sent with no capture in flight
@@ -364,7 +377,7 @@ class Inbound:
                 self.bridge.clock_sample(peer.peer, hlc_to_ms(event.ts))
             return
         dropped = asm.dropped
-        completed = asm.feed(rec.offset, event)
+        completed = asm.feed(rec.offset, event, null=null)
         if asm.dropped > dropped:
             self.bridge.stats["incomplete_batch_records"] += asm.dropped - dropped
             log.warning("incomplete_batch_dropped", topic=rec.topic, offset=rec.offset,
@@ -446,18 +459,34 @@ class Inbound:
         peer, part = group[0].peer, group[0].partition
         failpoints.hit(failpoints.BEFORE_APPLY)
         skipped = [await self.clock_guard(peer, part, r.batch) for r in group]
-        events = [e for r, skip in zip(group, skipped, strict=True) if skip is None
-                  for e in r.batch.events]
+        events: list[Event] = []
+        nulls: set[int] = set()  # indexes of events carried by null records
+        for r, req in zip(group, skipped, strict=True):
+            if req is None:
+                if r.batch.null:
+                    nulls.update(range(len(events), len(events) + len(r.batch.events)))
+                events += r.batch.events
         async with b.locks[name]:
             if group[0].generation != peer.generation:
                 return  # fetched before a rewind: read again from the topic's start
             positions = {**peer.positions, part: group[-1].batch.end_offset}
-            applied = await self.apply_events(store, events, peer=peer.peer, positions=positions)
+            applied = await self.apply_events(store, events, peer=peer.peer, positions=positions,
+                                              if_live=frozenset(nulls))
             peer.positions = positions
         failpoints.hit(failpoints.AFTER_APPLY)
         peer.stored_at = time.monotonic()
         peer.last_applied_ms = int(time.time() * 1000)
         self.record(store, applied)
+        for i in sorted(nulls):
+            event, outcome = applied.outcomes[i]
+            if outcome in (Outcome.APPLIED, Outcome.CONFLICT_REMOTE):
+                b.stats[f"nulls_applied:{name}"] += 1
+                log.info("null_record_applied", subtree=name, peer=peer.peer, path=event.path,
+                         writer=event.writer,
+                         action="the collected delete won over a live version held here "
+                                "(read from a topic still holding a version it deleted)")
+            else:
+                b.stats[f"nulls_ignored:{name}"] += 1
         for r, req in zip(group, skipped, strict=True):
             if req is not None:
                 await self.skipped(peer, part, r.batch, req)
@@ -521,15 +550,20 @@ class Inbound:
                       lambda: skip.remove(b.zk, b.settings.state_path, req))
 
     async def apply_events(self, store: SubtreeStore, events: list[Event], *,
-                           peer: str | None, positions: dict[int, int] | None) -> Applied:
-        """Apply under the subtree's lock (held by the caller), capturing local changes first."""
+                           peer: str | None, positions: dict[int, int] | None,
+                           if_live: frozenset[int] = frozenset()) -> Applied:
+        """Apply under the subtree's lock (held by the caller), capturing local changes first.
+
+        ``if_live``: indexes of events applied only over a live version (nulls).
+        """
         b = self.bridge
         name = store.layout.name
         position = (peer, positions) if peer and positions is not None else None
         await b.outbound.flush(name)
         while True:
             try:
-                applied = await b.retry(f"apply {name}", lambda: store.apply(events, position))
+                applied = await b.retry(f"apply {name}",
+                                        lambda: store.apply(events, position, if_live=if_live))
             except LocalChanges as exc:
                 # Never apply over a local write nobody has seen: announce it first.
                 await b.outbound.flush(name, set(exc.rels))

@@ -74,9 +74,11 @@ _FATAL = (
 
 
 # How long the cleaner keeps a null-value record (a Kafka tombstone) after
-# compacting the records it covers: a reader that started before must still
-# see it. This release publishes none, but receivers already skip them, and
-# topics created now are ready for a release that does (README, "Tombstones").
+# compacting the records it covers. A bridge publishes one for each tombstone
+# it collects; a region reading the topic within this time still sees the
+# null, and the collected delete it carries, after the key's older records
+# are gone (README, "Tombstones"). A region bootstrapping later finds
+# neither, which is fine: the key's older records went with them.
 DELETE_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 
@@ -88,6 +90,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,16 +369,21 @@ class Kafka:
         self._producer_started = True
 
     async def send_all(
-        self, records: Sequence[tuple[str, bytes, bytes]]
+        self, records: Sequence[tuple[str, bytes, bytes | None]],
+        headers: Mapping[int, Sequence[tuple[str, bytes]]] | None = None,
     ) -> dict[tuple[str, int], int]:
-        """Send (topic, key, value) records; wait for all acks.
+        """Send (topic, key, value) records, a None value being a Kafka tombstone; wait
+        for all acks. ``headers`` maps a record's index to its headers.
 
         Returns, per partition written, the offset after the last record acked.
         """
         producer = await self._live_producer()
+        extra = headers or {}
 
         async def send() -> dict[tuple[str, int], int]:
-            futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
+            futures = [await producer.send(t, value=v, key=k, headers=list(extra[i]))
+                       if i in extra else await producer.send(t, value=v, key=k)
+                       for i, (t, k, v) in enumerate(records)]
             acked = await asyncio.gather(*futures)
             ends: dict[tuple[str, int], int] = {}
             for md in acked:
@@ -483,7 +491,8 @@ class Kafka:
         out = []
         for tp, msgs in batches.items():
             for m in msgs:
-                out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp))
+                out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp,
+                                  tuple((h[0], bytes(h[1] or b"")) for h in m.headers or ())))
         return out
 
     async def topic_ids(self, topics: Sequence[str]) -> TopicIds:

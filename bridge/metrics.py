@@ -59,6 +59,13 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          ("subtree",)),
     Spec("zkbridge_tombstones_collected", "counter",
          "tombstones removed once stable everywhere and past tombstone_grace", ("subtree",)),
+    Spec("zkbridge_nulls_published", "counter",
+         "null-value records published for collected tombstones", ("subtree",)),
+    Spec("zkbridge_nulls_applied", "counter",
+         "peers' null records whose collected delete won over a live version here",
+         ("subtree",)),
+    Spec("zkbridge_nulls_ignored", "counter",
+         "peers' null records with nothing to do here (the usual case)", ("subtree",)),
     Spec("zkbridge_stable_prefix_age_seconds", "gauge",
          "age of the newest point of an origin's stream every region has applied "
          "(absent: not known yet)", ("subtree", "origin")),
@@ -153,13 +160,15 @@ class BridgeCollector(Collector):
         families = {kind: family(f"zkbridge_{kind}") for kind in
                     ("published", "captured", "applied", "conflicts", "rejected", "scans",
                      "topic_resets", "reannounced", "clock_collisions", "clock_skew_waits",
-                     "operator_skips", "tombstones_collected")}
+                     "operator_skips", "tombstones_collected", "nulls_published",
+                     "nulls_applied", "nulls_ignored")}
         for key, value in b.stats.items():
             kind, _, rest = key.partition(":")
             fam = families.get(kind)
             if fam is not None and rest:
                 fam.add_metric(rest.split(":"), value)
-        for kind in ("published", "applied", "conflicts", "reannounced", "tombstones_collected"):
+        for kind in ("published", "applied", "conflicts", "reannounced", "tombstones_collected",
+                     "nulls_published", "nulls_applied", "nulls_ignored"):
             # Always present, so alerts and dashboards never see "no data" at 0.
             for name in b.stores:
                 if not any(k.startswith(f"{kind}:{name}") for k in b.stats):

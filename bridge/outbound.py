@@ -7,6 +7,15 @@ through the same queue so no other record lands inside a batch. A batch
 leaves the outbox only after Kafka acknowledged every record of it, so a
 restart republishes whole batches, in order, never a part of one.
 
+Memory stays bounded however long Kafka is away: the queue holds at most
+about ``QUEUE_RECORDS`` records of outbox entries. Beyond that (and at the
+start of every term, for what earlier terms left) the subtree *spills*:
+entries stay only in the outbox, and the feeder reads them back a chunk
+at a time, in capture order, as the publisher makes room. Until it has
+caught up with the outbox (its last pass runs under the subtree's lock, so
+no capture slips in between), new captures are not queued directly: the
+feeder reaches them in their place, so the order never changes.
+
 Every record leaves stamped with this ensemble's incarnation (schema 1.2,
 ``inc``), so that a second ensemble publishing as the same region shows on
 the topic. It is stamped here, at publish time, rather than when the outbox
@@ -18,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -37,6 +47,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bridge.outbound")
 
 PUBLISH_MAX_RECORDS = 2000
+# Records of outbox entries the queue holds before the subtree spills (see the
+# module docstring). The environment variable exists for tests.
+QUEUE_RECORDS = int(os.environ.get("ZKBRIDGE_QUEUE_RECORDS") or 20_000)
+FEED_CHUNK = 500  # outbox entries the feeder reads at a time
+START = (-2, "")  # an outbox key before every entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,9 @@ class Outgoing:
     reannounce: bool = False  # the whole state again, after the own topic lost records
     done: asyncio.Event | None = None  # set once Kafka acknowledged these records
     captured_ms: int = 0  # wall clock of the capture (outbox age)
+    # Null-value records of collected tombstones: each record's value goes in
+    # the NULL_HEADER header (the collected delete) and the record's own is None.
+    nulls: bool = False
 
 
 class Outbound:
@@ -61,6 +79,12 @@ class Outbound:
         self.capturing: dict[str, int] = dict.fromkeys(bridge.stores, 0)
         # outbox path → capture wall ms, until Kafka acknowledged the entry.
         self.unacked: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
+        # Spilled subtrees: their outbox entries are queued by the feeder only,
+        # from the entry after ``cursor`` (the last one queued).
+        self.draining: dict[str, bool] = dict.fromkeys(bridge.stores, False)
+        self.cursor: dict[str, tuple[int, str]] = dict.fromkeys(bridge.stores, START)
+        self.spilled: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
+        self._room = asyncio.Condition()
         self._own_ends: dict[str, dict[int, int]] = {}
         self._own_written = 0.0
         self._deletes: set[asyncio.Task[None]] = set()
@@ -71,6 +95,9 @@ class Outbound:
             self.dirty[name].clear()
             self.queued[name] = 0
             self.unacked[name].clear()
+            self.draining[name] = False
+            self.cursor[name] = START
+            self.spilled[name].clear()
 
     # -- capture -------------------------------------------------------------
     def mark(self, subtree: str, rel: str) -> None:
@@ -130,12 +157,83 @@ class Outbound:
 
     def enqueue(self, subtree: str, outbox_path: str | None,
                 records: list[tuple[bytes, bytes]], *, reannounce: bool = False,
-                done: asyncio.Event | None = None, captured_ms: int = 0) -> None:
+                done: asyncio.Event | None = None, captured_ms: int = 0,
+                nulls: bool = False, fed: bool = False) -> None:
+        if outbox_path is not None and not fed:
+            if self.draining[subtree]:
+                return  # in the outbox: the feeder queues it in its place
+            if self.queued[subtree] >= QUEUE_RECORDS:
+                self.spill(subtree)
+                return
         self.queue.put_nowait(Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
-                                       captured_ms or int(time.time() * 1000)))
+                                       captured_ms or int(time.time() * 1000), nulls))
         if outbox_path is not None:
             self.queued[subtree] += len(records)
             self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
+            self.cursor[subtree] = self.bridge.stores[subtree].outbox_key(outbox_path)
+
+    def spill(self, subtree: str, *, start: bool = False) -> None:
+        """Queue ``subtree``'s outbox entries from the outbox only (feeder), until caught up.
+
+        ``start``: a new term, whose first entries are whatever earlier terms left.
+        """
+        if start:
+            self.cursor[subtree] = START
+        elif not self.draining[subtree]:
+            log.warning("outbox_spilled", subtree=subtree, queued=self.queued[subtree],
+                        hint="Kafka is slow or away; further changes wait in the outbox "
+                             "and are read back in order as publishing catches up")
+        self.draining[subtree] = True
+        self.spilled[subtree].set()
+
+    async def feeder(self, name: str) -> None:
+        """Queue a spilled subtree's outbox entries, in order, as the publisher makes room."""
+        while True:
+            await self.spilled[name].wait()
+            queued = 0
+            while True:
+                fed = await self._feed_pass(name, wait=True)
+                queued += fed
+                if fed < FEED_CHUNK:
+                    break
+            # The last pass under the lock: no capture (or collection) can
+            # write an entry between it and queueing directly again.
+            async with self.bridge.locks[name]:
+                queued += await self._feed_pass(name, wait=False)
+                self.draining[name] = False
+                self.spilled[name].clear()
+            log.info("outbox_caught_up", subtree=name, entries=queued)
+
+    async def _feed_pass(self, name: str, *, wait: bool) -> int:
+        """Queue every outbox entry after the cursor; returns how many."""
+        b = self.bridge
+        store = b.stores[name]
+        fed = 0
+        for index, directory in await b.retry("list outbox", store.outbox_dirs):
+            if index < self.cursor[name][0]:
+                continue
+
+            async def names(i: int = index, d: str = directory) -> list[str]:
+                return await store.outbox_names(i, d)
+
+            after = [n for n in await b.retry("list outbox", names)
+                     if (index, n) > self.cursor[name]]
+            for i in range(0, len(after), FEED_CHUNK):
+                if wait:
+                    async with self._room:
+                        await self._room.wait_for(
+                            lambda: self.queued[name] < QUEUE_RECORDS // 2)
+                part = after[i : i + FEED_CHUNK]
+                paths = [f"{directory}/{n}" for n in part]
+
+                async def read(p: list[str] = paths) -> list[tuple[str, list[bytes]]]:
+                    return await store.read_outbox(p)
+
+                self.enqueue_pending(name, await b.retry("read outbox", read))
+                # Past the chunk even if entries vanished meanwhile (published).
+                self.cursor[name] = max(self.cursor[name], (index, part[-1]))
+                fed += len(part)
+        return fed
 
     def oldest_age(self, subtree: str) -> float:
         """Seconds since the oldest capture not yet acknowledged by Kafka (0: none)."""
@@ -144,9 +242,21 @@ class Outbound:
             return 0.0
         return max(0.0, time.time() - min(pending.values()) / 1000)
 
+    def enqueue_nulls(self, subtree: str, outbox_path: str, events: Iterable[Event],
+                      captured_ms: int = 0) -> None:
+        """Null-value records for collected tombstones, behind everything queued before."""
+        self.enqueue(subtree, outbox_path, [(e.key, self.stamp(e)) for e in events],
+                     captured_ms=captured_ms, nulls=True)
+
     def enqueue_pending(self, subtree: str, entries: list[tuple[str, list[bytes]]]) -> None:
-        """Outbox entries of an earlier term: published first, in their order."""
+        """Outbox entries read back (the feeder's), in their order."""
         for path, payloads in entries:
+            if payloads and all(codec.is_null_entry(p) for p in payloads):
+                with contextlib.suppress(BridgeError):
+                    events = [codec.decode(p) for p in payloads]
+                    self.enqueue(subtree, path, [(e.key, self.stamp(e)) for e in events],
+                                 nulls=True, fed=True)
+                    continue
             records = []
             captured = 0
             for payload in payloads:
@@ -157,7 +267,7 @@ class Outbound:
                     continue
                 records.append((event.key, self.stamp(event)))
                 captured = captured or hlc_to_ms(event.batch or event.ts)
-            self.enqueue(subtree, path, records, captured_ms=captured)
+            self.enqueue(subtree, path, records, captured_ms=captured, fed=True)
 
     # -- publish ---------------------------------------------------------------
     async def publisher(self) -> None:
@@ -172,8 +282,15 @@ class Outbound:
 
     async def publish(self, units: list[Outgoing]) -> None:
         b = self.bridge
-        records = [(b.topic(u.subtree, b.region), k, v) for u in units for k, v in u.records]
-        ends = await b.retry("publish", lambda: b.kafka.send_all(records))
+        records: list[tuple[str, bytes, bytes | None]] = []
+        headers: dict[int, list[tuple[str, bytes]]] = {}
+        for u in units:
+            topic = b.topic(u.subtree, b.region)
+            for k, v in u.records:
+                if u.nulls:
+                    headers[len(records)] = [(codec.NULL_HEADER, v)]
+                records.append((topic, k, None if u.nulls else v))
+        ends = await b.retry("publish", lambda: b.kafka.send_all(records, headers))
         for u in units:
             if u.done is not None:
                 u.done.set()
@@ -185,7 +302,10 @@ class Outbound:
                 continue
             self.queued[u.subtree] -= len(u.records)
             self.unacked[u.subtree].pop(u.outbox_path, None)
-            b.stats[f"published:{u.subtree}"] += len(u.records)
+            b.stats[f"{'nulls_published' if u.nulls else 'published'}:{u.subtree}"] += len(
+                u.records)
+        async with self._room:
+            self._room.notify_all()  # a feeder may be waiting for the queue to shrink
         failpoints.hit(failpoints.AFTER_PUBLISH)
         paths = [(u.subtree, u.outbox_path) for u in units if u.outbox_path is not None]
         if paths:
@@ -252,7 +372,10 @@ class Outbound:
                 # Otherwise the heartbeat only tells liveness (receivers do not
                 # count one without `applied`). Not the subtree's lock: a
                 # heartbeat must not wait behind a long capture or apply.
-                applied = None if self.capturing[name] else b.applied_report(name)
+                # A spilled subtree has captures still in the outbox, stamped
+                # below this heartbeat and not ahead of it: liveness only.
+                applied = (None if self.capturing[name] or self.draining[name]
+                           else b.applied_report(name))
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
                            inc=b.incarnation, applied=applied)

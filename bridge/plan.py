@@ -169,6 +169,23 @@ class Planner:
         plan.ops.append(SetData(path, data, -1) if existed else Create(path, data))
         plan.held[rel] = keep
 
+    def null_wins(self, plan: Plan, event: Event) -> bool:
+        """Whether a null record's collected delete applies here (``bridge.tombstones``).
+
+        Only over a live version it dominates or beats. Where the path is
+        absent or deleted it would bring back a tombstone collected already
+        (collected again, another null: a ping-pong between regions); where
+        the live version wins, the usual conflict bookkeeping (a merged clock)
+        would leave this region's clock different from every region that
+        collected the delete, so the null leaves everything as it is.
+        """
+        entry = plan.metas.get(event.path) or self.metas.get(event.path)
+        local = entry.meta if entry is not None else None
+        if local is None or local.deleted:
+            return False
+        d = decide(local.version(), event.version())
+        return d.action is Action.APPLY or (d.action is Action.CONFLICT and d.remote_wins)
+
     def _meta_op(self, plan: Plan, rel: str, meta: NodeMeta) -> None:
         """Write ``rel``'s metadata, creating missing metadata directories first."""
         entry = plan.metas.get(rel) or self.metas.get(rel)
@@ -219,13 +236,17 @@ class Planner:
 
 
     def _plan_apply(self, events: Sequence[Event],
-                    reads: dict[str, Node | NoPermission | None]) -> tuple[Plan, Applied]:
+                    reads: dict[str, Node | NoPermission | None],
+                    if_live: frozenset[int] = frozenset()) -> tuple[Plan, Applied]:
         plan = Plan()
         views: dict[str, View | None] = {
             r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
         outcomes: list[tuple[Event, Outcome]] = []
         conflicts: list[Conflict] = []
-        for event in events:
+        for i, event in enumerate(events):
+            if i in if_live and not self.null_wins(plan, event):
+                outcomes.append((event, Outcome.SKIPPED))
+                continue
             outcome, conflict = self._plan_one(plan, views, reads, event)
             outcomes.append((event, outcome))
             if conflict is not None:

@@ -111,7 +111,9 @@ def render_status(o: dict[str, Any]) -> str:
             ages = ", ".join(f"{r} {'unknown' if a is None else f'{a:.0f}s'}"
                              for r, a in sorted(state["stable_prefix_age_seconds"].items()))
             lines.append(f"  tombstones {state['tombstones']} held, "
-                         f"{state['tombstones_collected']} collected; oldest outbox entry "
+                         f"{state['tombstones_collected']} collected; null records "
+                         f"{state.get('nulls_published', 0)} published, "
+                         f"{state.get('nulls_applied', 0)} applied; oldest outbox entry "
                          f"{state['outbox_age_seconds']:.0f}s; stable prefix age: {ages}")
         live = {p["peer"]: p for p in o["peers"] if p["subtree"] == name}
         for peer, pos in st["positions"].items():

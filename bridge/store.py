@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import structlog
 
@@ -44,7 +45,7 @@ from bridge.plan import (
 from bridge.zk import Create, Delete, Node, SetData, ZooKeeper, gather_limited
 from bridge.zk import Op as ZkOp
 
-__all__ = ["Applied", "CapturedBatch", "Change", "Layout", "LocalChanges", "MetaEntry",
+__all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout", "LocalChanges", "MetaEntry",
            "Outcome", "SubtreeStore", "classify", "is_excluded", "join", "outbox_depth",
            "read_positions"]
 
@@ -60,6 +61,14 @@ GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuff
 # znodes once sent them all at once and the last answers came after the
 # adapter's timeout, so every attempt failed and started over.
 ACL_READS_IN_FLIGHT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What a collection did: metadata removed, and the outbox entries of its nulls."""
+
+    removed: tuple[str, ...]
+    nulls: tuple[CapturedBatch, ...]  # events: the collected tombstones as deletes
 
 
 class SubtreeStore(Planner):
@@ -321,7 +330,8 @@ class SubtreeStore(Planner):
 
     # -- apply -------------------------------------------------------------------
     async def apply(self, events: Sequence[Event],
-                    position: tuple[str, dict[int, int]] | None = None) -> Applied:
+                    position: tuple[str, dict[int, int]] | None = None, *,
+                    if_live: frozenset[int] = frozenset()) -> Applied:
         """Apply a peer's complete batch (or consecutive batches) as one ``multi``.
 
         ``position`` (the peer and its new offsets) commits in the same
@@ -329,7 +339,9 @@ class SubtreeStore(Planner):
         failed ``multi`` the metadata and the position's version are read
         again: a ``multi`` whose answer was lost may have committed. Raises ``LocalChanges``
         when a path it touches changed locally unannounced: the caller
-        captures those first and calls again.
+        captures those first and calls again. ``if_live``: indexes of events
+        (collected tombstones carried by null records) that apply only over a
+        live version, never where the path is absent or already deleted.
         """
         await self._settle()
         wanted = {e.path for e in events} | {parent(e.path) for e in events}
@@ -345,7 +357,7 @@ class SubtreeStore(Planner):
                 if local:
                     raise LocalChanges(local)
                 try:
-                    plan, result = self._plan_apply(events, reads)
+                    plan, result = self._plan_apply(events, reads, if_live)
                     break
                 except NeedRead as more:
                     wanted |= more.rels
@@ -413,34 +425,44 @@ class SubtreeStore(Planner):
             self.held_events[event.path] = event
             self.held_back.setdefault(event.path, "write")
     # -- tombstone collection ----------------------------------------------
-    async def collect(self, rels: Sequence[str]) -> list[str]:
+    async def collect(self, rels: Sequence[str]) -> Collected:
         """Forget the tombstones ``rels`` (already known stable) whose znodes are absent.
 
         Each ``multi`` is fenced, checks every metadata version it deletes and
-        moves the counter floor with them. Returns the paths whose metadata
-        went (tombstones and bare directories). The caller holds the lock.
+        moves the counter floor with them. It also writes one outbox entry
+        holding a null-value record per tombstone it removes (see
+        ``bridge.tombstones``): in the same ``multi``, so a crash between the
+        collection and the publish cannot lose the nulls, and in the outbox's
+        order, so each null follows every record this region published
+        before it. The caller holds the lock and queues the entries returned.
         """
         await self._settle()
         reads = await self._read(rels)
         absent = [r for r, n in reads.items() if n is None]
         doomed = tombstones.removable(self.metas, absent)
         done: list[str] = []
+        entries: list[CapturedBatch] = []
         for i in range(0, len(doomed), GC_CHUNK):
             part = doomed[i : i + GC_CHUNK]
             floor = tombstones.floor_after(self.metas, part, self.region, self.gc_floor)
+            nulls = tombstones.null_events(self.metas, part, origin=self.region,
+                                           subtree=self.layout.name)
             count = sum(1 for r in part if (e := self.metas.get(r)) and e.meta is not None)
-            ops: list[ZkOp] = [Delete(self.layout.meta(r), self.metas[r].version) for r in part]
+            plan = Plan(ops=[Delete(self.layout.meta(r), self.metas[r].version) for r in part])
             record = codec.encode_gc(floor, self.gc_collected + count)
-            ops.append(Create(self.layout.gc, record) if self._gc_version is None
-                       else SetData(self.layout.gc, record, self._gc_version))
+            plan.ops.append(Create(self.layout.gc, record) if self._gc_version is None
+                            else SetData(self.layout.gc, record, self._gc_version))
+            if nulls:
+                await self._outbox_ops(plan, codec.encode_null_entry(nulls))
             try:
-                await self.zk.multi(ops)
+                results = await self.zk.multi(plan.ops)
             except VersionConflict:
                 await self.refresh_meta(part)
                 await self.read_gc()
                 break
             except ZooKeeperError:
                 self._suspect |= set(part)
+                self._bucket_known = False  # a lost answer may have created it
                 await self.read_gc()  # may have committed: read again first
                 raise
             self._gc_version = 0 if self._gc_version is None else self._gc_version + 1
@@ -448,7 +470,11 @@ class SubtreeStore(Planner):
             for rel in part:
                 self.metas.pop(rel, None)
             done += part
-        return done
+            if nulls:
+                created = str(results[-1])
+                self._outbox_written(created)
+                entries.append(CapturedBatch(tuple(nulls), (), created))
+        return Collected(tuple(done), tuple(entries))
 
     def tombstones_held(self) -> int:
         return sum(1 for e in self.metas.values() if e.meta is not None and e.meta.deleted)
@@ -483,26 +509,59 @@ class SubtreeStore(Planner):
             self._bucket = f"{self.layout.outbox}/q-{index:010d}"
             self._bucket_exists = False
 
-    async def outbox_paths(self) -> list[str]:
-        """Every outbox entry, in capture order (the previous release's first)."""
-        names = sorted(await self.zk.children(self.layout.outbox) or [])
-        out = [f"{self.layout.outbox}/{n}" for n in names if not n.startswith("q-")]
-        for bucket in (n for n in names if n.startswith("q-")):
-            path = f"{self.layout.outbox}/{bucket}"
-            out += [f"{path}/{c}" for c in sorted(await self.zk.children(path) or [])]
-        return out
+    # Reading the outbox back is streamed (``Outbound.feed``): a day of
+    # Kafka outage is millions of entries, more than a process should hold.
+    # An entry's place in capture order is its *key*: (bucket index, name),
+    # the previous release's flat entries being bucket -1.
+    def outbox_key(self, path: str) -> tuple[int, str]:
+        return outbox_key(self.layout.outbox, path)
 
-    async def pending_outbox(self) -> list[tuple[str, list[bytes]]]:
-        """Outbox entries left by an earlier term, in capture order, with their payloads."""
-        paths = await self.outbox_paths()
+    async def outbox_dirs(self) -> list[tuple[int, str]]:
+        """(bucket index, directory) in capture order; the flat entries' directory is -1."""
+        names = await self.zk.children(self.layout.outbox) or []
+        out = [(int(n[2:]), f"{self.layout.outbox}/{n}") for n in names
+               if n.startswith("q-") and n[2:].isdigit()]
+        if any(not n.startswith("q-") for n in names):
+            out.append((-1, self.layout.outbox))
+        return sorted(out)
+
+    async def outbox_names(self, index: int, directory: str) -> list[str]:
+        """The entries of one bucket (``index`` -1: the flat ones), in capture order."""
+        names = await self.zk.children(directory) or []
+        return sorted(n for n in names if index >= 0 or not n.startswith("q-"))
+
+    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
+        """The payloads of outbox entries (those still there), in the order given."""
         out = []
         for i in range(0, len(paths), 500):
             part = paths[i : i + 500]
             nodes = await gather_limited([self.zk.get(p) for p in part], 64)
             out += [(p, codec.decode_outbox(n.data))
                     for p, n in zip(part, nodes, strict=True) if n is not None]
-        await self._open_bucket()  # this term's entries go after all of these
         return out
+
+    async def open_after_pending(self) -> list[bytes]:
+        """Start this term's bucket after every one left; return the newest batch's payloads.
+
+        Batches are stamped in capture order across terms, so the newest
+        batch entry holds the highest batch id an earlier term left
+        unpublished: the clock observes it so that new batch ids sort after
+        the pending ones. Entries of null records (stamped with the old
+        deletes they carry) are looked past, a bounded number of them.
+        """
+        newest: list[bytes] = []
+        looked = 0
+        for index, directory in reversed(await self.outbox_dirs()):
+            for name in reversed(await self.outbox_names(index, directory)):
+                got = await self.read_outbox([f"{directory}/{name}"])
+                payloads = got[0][1] if got else []
+                newest += payloads
+                looked += 1
+                if looked >= 100 or any(not codec.is_null_entry(p) for p in payloads):
+                    await self._open_bucket()  # this term's entries go after all of these
+                    return newest
+        await self._open_bucket()
+        return newest
 
     async def drop_empty_buckets(self, deleted: Iterable[str]) -> None:
         """Remove the buckets ``deleted`` emptied, except the one being filled."""
@@ -570,6 +629,13 @@ async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
     stats = await gather_limited(
         [zk.exists(f"{layout.outbox}/{n}") for n in names if n.startswith("q-")], 32)
     return depth + sum(int(st.num_children) for st in stats if st is not None)
+
+
+def outbox_key(outbox: str, path: str) -> tuple[int, str]:
+    """An outbox entry's place in capture order: (bucket index, name); flat entries -1."""
+    rel = path[len(outbox) + 1 :]
+    bucket, _, name = rel.rpartition("/")
+    return (int(bucket[2:]), name) if bucket else (-1, name)
 
 
 def parent_path(path: str) -> str:

@@ -28,6 +28,35 @@ still not look older than a tombstone another region has not collected yet
 (a clock it dominates would be skipped there): the largest own counter of
 any collected tombstone is kept as a *floor*, and a path captured without
 metadata starts its own counter above it.
+
+Null records. Each collection also publishes, on this region's own topic, a
+null-value record per tombstone, carrying the collected delete ``D``: the
+cleaner then forgets the path's older records there, and the null after
+``delete.retention.ms``. Receivers apply ``D`` in the peer's stream order,
+but only over a *live* version ``D`` dominates or beats by the conflict
+rule (``Planner.null_wins``); anything else is left exactly as it is:
+
+* In steady state this is a no-op everywhere. ``D`` was stable: every
+  region applied it (or a version that beats it). What a region holds now
+  is ``D`` itself, nothing (collected), or a version that beats ``D``: one
+  written after the collection is stamped later than ``D`` (the grace
+  exceeds the skew) and starts above the floor, so ``D`` never wins
+  against it; and every version the null's origin published before its
+  null lost to ``D`` already, wherever it was applied.
+* A region that read topics from their start (a bootstrap, a rewind) can
+  hold a version ``D`` beats: one region's topic still had an old put
+  while ``D``'s own record was compacted away from the deleting region's
+  topic. ``D`` is a real, announced version, so applying it there is what
+  would have happened had its record still been there; the region then
+  holds a tombstone with ``D``'s clock and collects it like any other.
+* Where the path is absent or deleted, ``D`` is not applied: that would
+  bring back a tombstone collected already, which, collected again, would
+  publish another null, and so on between regions. Where the live version
+  wins, not even its clock is merged with ``D``'s: the regions that
+  collected ``D`` never merge it, and the clocks would differ.
+
+No clock is made up on the way: a fabricated ``{X: n+1}`` could equal a
+later genuine write of X and make it be skipped as a duplicate.
 """
 
 from __future__ import annotations
@@ -37,6 +66,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 from bridge.batching import depth
 from bridge.layout import parent
+from bridge.model import Event, Op
 from bridge.plan import MetaEntry
 
 
@@ -88,3 +118,23 @@ def floor_after(metas: Mapping[str, MetaEntry], removed: Iterable[str], region: 
         if entry is not None and entry.meta is not None:
             floor = max(floor, entry.meta.vc.get(region))
     return floor
+
+
+def null_events(metas: Mapping[str, MetaEntry], removed: Iterable[str], *, origin: str,
+                subtree: str) -> list[Event]:
+    """The tombstones among ``removed`` as delete events, for their null-value records.
+
+    Each keeps the clock, stamp and writer it was collected with: a null
+    carries a version every region has applied, never a made-up one.
+    """
+    out = []
+    for rel in removed:
+        entry = metas.get(rel)
+        if entry is None or entry.meta is None or not entry.meta.deleted:
+            continue
+        m = entry.meta
+        if not m.vc.entries or not m.writer:
+            continue  # not a delete any region announced: nothing to carry
+        out.append(Event(origin=origin, subtree=subtree, path=rel, op=Op.DELETE, vc=m.vc,
+                         ts=m.ts, writer=m.writer))
+    return out

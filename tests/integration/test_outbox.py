@@ -4,6 +4,13 @@ Scaled down from the issue's day at 50 writes/s: ``ZKBRIDGE_OUTBOX_WRITES``
 writes (default 2,000, paced at about 200/s) land while the bridge cannot reach Kafka, into
 buckets of 100 entries (the production size is 10,000) so that several
 buckets fill. The harness section reports the figures.
+
+The second test stops the bridge with its outbox full and restarts it: the
+outbox is read back a chunk at a time (``ZKBRIDGE_QUEUE_RECORDS`` bounds the
+queue), published in capture order, and the bridge's peak RSS is reported
+against the number of entries (``ZKBRIDGE_DRAIN_WRITES`` writes of 2 KB to ten
+znodes; ``ZKBRIDGE_DRAIN_CODE`` runs another checkout's bridge for the restart,
+to compare).
 """
 
 from __future__ import annotations
@@ -17,14 +24,20 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 
+from bridge import codec
+from bridge.model import Op
 from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
-from tests.integration.federation import Federation
+from tests.integration.federation import REPO, Federation
+from tests.integration.test_kafka import _records
 
 pytestmark = pytest.mark.integration
 
 WRITES = int(os.environ.get("ZKBRIDGE_OUTBOX_WRITES") or 2000)
+DRAIN_WRITES = int(os.environ.get("ZKBRIDGE_DRAIN_WRITES") or 3000)
+# Another checkout's code for the restarted bridge (to compare its peak RSS).
+DRAIN_CODE = Path(os.environ.get("ZKBRIDGE_DRAIN_CODE") or REPO)
 PACE = 0.004
 BUCKET = 100
 
@@ -92,3 +105,75 @@ def test_an_outage_fills_buckets_and_drains(fed: Federation,
                    f"{total} outbox entries in {len(held)} buckets of <= {BUCKET}; "
                    f"published, applied and converged {drained:.1f}s after Kafka returned")
     fed.assert_clean_logs(allowed={"retrying"})
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM of a live process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.timeout(1200)
+def test_a_large_outbox_left_by_a_stopped_bridge_is_drained_in_order(
+        fed: Federation, harness_report: Callable[[str], None]) -> None:
+    """The outbox grows, the subtree does not: ten znodes rewritten over and over,
+    so the bridge's peak memory reflects the outbox, not a scan of a large tree."""
+    proxy = fed.broker.proxy
+    assert proxy is not None
+    env = {"ZKBRIDGE_OUTBOX_BUCKET": str(BUCKET), "ZKBRIDGE_QUEUE_RECORDS": "1000"}
+    fed.start("r1", env=env, wait=False)
+    fed.start("r2", env=env)
+    fed.wait_ready("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    keys = [f"/q/k{k}" for k in range(10)]
+    for rel in keys:
+        r1.client.create(r1.path(rel), b"", makepath=True)
+    wait_for(lambda: all(r2.client.exists(r2.path(rel)) for rel in keys), 30)
+    proxy.cut(stall=True)
+    pad = b"x" * 2048
+    for j in range(DRAIN_WRITES):
+        # Synchronous: the capture order is the write order, which the topic must
+        # keep. Paced, so that most writes are captured alone (many entries).
+        r1.client.set(r1.path(keys[j % 10]), b"%08d:" % j + pad)
+        time.sleep(PACE)
+    wait_for(lambda: captured(fed) >= DRAIN_WRITES, 600, interval=0.5,
+             message=lambda: f"captured {captured(fed)} of {DRAIN_WRITES}")
+    fed.stop("r1")  # its shutdown drain cannot reach Kafka: the entries stay
+    outbox = f"{fed.state_path}/subtrees/{fed.subtree}/outbox"
+    held = entries(r1.client, outbox)
+    total = sum(held.values())
+    assert len(held) >= 3, f"{total} entries in {len(held)} bucket(s): expected several"
+    proxy.restore()
+    began = time.monotonic()
+    fed.start("r1", env=env, code=DRAIN_CODE)
+    proc = r1.proc
+    assert proc is not None
+    final = {rel: b"%08d:" % j + pad for j, rel in
+             ((j, keys[j % 10]) for j in range(DRAIN_WRITES - 10, DRAIN_WRITES))}
+    wait_for(lambda: all(r2.client.get(r2.path(rel))[0] == v for rel, v in final.items()),
+             600, interval=0.5, message="the outbox left by the stopped bridge was not published")
+    wait_for(lambda: sum(entries(r1.client, outbox).values()) == 0, 120,
+             message=lambda: f"outbox left: {entries(r1.client, outbox)}")
+    drained = time.monotonic() - began
+    peak = peak_rss_kb(proc.pid)
+    fed.wait_converged(timeout=300)
+    # In capture order on the topic: the write numbers only go up (a retried
+    # publish may repeat records, never reorder them).
+    topic = f"{fed.prefix}.{fed.subtree}.r1"
+    numbers: list[int] = []
+    for _key, value in _records(fed.broker.bootstrap, topic):
+        event = codec.decode(value) if value is not None else None
+        if event is not None and event.op is Op.PUT and event.data and b":" in event.data:
+            n = int(event.data.split(b":", 1)[0])
+            if not numbers or n > numbers[-1]:
+                numbers.append(n)
+            else:
+                assert n in numbers, f"write {n} published out of order after {numbers[-1]}"
+    assert numbers == list(range(DRAIN_WRITES)), "writes missing from the topic"
+    harness_report(f"outbox drain: {DRAIN_WRITES} writes of {len(pad)} bytes to 10 znodes, "
+                   f"{total} entries in {len(held)} buckets left by a stopped bridge; drained "
+                   f"in capture order in {drained:.1f}s after restart; peak RSS (VmHWM) of "
+                   f"the restarted bridge {peak / 1024:.1f} MiB")
+    fed.assert_clean_logs(allowed={"retrying", "drain_incomplete", "outbox_spilled"})

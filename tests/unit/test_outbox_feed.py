@@ -1,0 +1,138 @@
+"""The bounded publish queue: when a subtree spills, and how the feeder reads the outbox back.
+
+No servers: a stand-in store serves outbox listings and payloads from a
+dict, a stand-in bridge retries by calling once. What is checked is the
+ordering contract: entries are queued in capture order (flat entries of the
+previous release first, then the buckets), each once, and nothing is queued
+directly while the feeder has not caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from bridge import codec, outbound
+from bridge.model import Event, Op, VectorClock
+from bridge.outbound import START, Outbound
+from bridge.store import outbox_key
+
+ROOT = "/zkbridge/subtrees/s/outbox"
+
+
+def payload(n: int) -> bytes:
+    return codec.encode(Event(origin="r1", subtree="s", path=f"/n{n}", op=Op.PUT,
+                              vc=VectorClock.of({"r1": n + 1}), ts=1000 + n, writer="r1",
+                              data=b"%d" % n))
+
+
+class FakeStore:
+    def __init__(self, entries: dict[str, bytes]) -> None:
+        self.entries = entries
+
+    def outbox_key(self, path: str) -> tuple[int, str]:
+        return outbox_key(ROOT, path)
+
+    async def outbox_dirs(self) -> list[tuple[int, str]]:
+        dirs = {p.rsplit("/", 1)[0] for p in self.entries}
+        return sorted((-1 if d == ROOT else int(d.rsplit("-", 1)[1]), d) for d in dirs)
+
+    async def outbox_names(self, index: int, directory: str) -> list[str]:
+        return sorted(p.rsplit("/", 1)[1] for p in self.entries if p.rsplit("/", 1)[0] == directory)
+
+    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
+        return [(p, codec.decode_outbox(codec.encode_outbox([self.entries[p]])))
+                for p in paths if p in self.entries]
+
+
+class FakeBridge:
+    region = "r1"
+    incarnation = "ab12"
+
+    def __init__(self, store: FakeStore) -> None:
+        self.stores: dict[str, Any] = {"s": store}
+        self.locks = {"s": asyncio.Lock()}
+        self.stats: Counter[str] = Counter()
+
+    async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        return await fn()
+
+
+def entry(bucket: int | None, seq: int) -> str:
+    return f"{ROOT}/b-{seq:010d}" if bucket is None else f"{ROOT}/q-{bucket:010d}/b-{seq:010d}"
+
+
+def queued_paths(out: Outbound) -> list[str | None]:
+    return [u.outbox_path for u in out.queue._queue]  # type: ignore[attr-defined]
+
+
+def test_keys_put_flat_entries_first_then_buckets_in_order() -> None:
+    keys = [outbox_key(ROOT, p) for p in (entry(None, 5), entry(0, 9), entry(1, 0), entry(10, 2))]
+    assert keys == sorted(keys) and keys[0] > START
+
+
+def test_a_full_queue_spills_and_later_entries_wait_for_the_feeder(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbound, "QUEUE_RECORDS", 2)
+    out = Outbound(FakeBridge(FakeStore({})))  # type: ignore[arg-type]
+    for seq in range(4):
+        out.enqueue("s", entry(0, seq), [(b"/k", b"v")])
+    assert queued_paths(out) == [entry(0, 0), entry(0, 1)]
+    assert out.draining["s"] and out.spilled["s"].is_set()
+    assert out.cursor["s"] == outbox_key(ROOT, entry(0, 1))  # the feeder goes on after it
+    out.enqueue("s", None, [(b"/", b"heartbeat")])  # not an outbox entry: queued
+    assert queued_paths(out)[-1] is None
+
+
+def test_the_feeder_queues_what_follows_the_cursor_in_capture_order() -> None:
+    paths = [entry(None, 3), entry(0, 0), entry(0, 1), entry(1, 0), entry(1, 1), entry(2, 0)]
+    store = FakeStore({p: payload(i) for i, p in enumerate(paths)})
+    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    out.spill("s", start=True)
+    assert asyncio.run(out._feed_pass("s", wait=False)) == len(paths)
+    assert queued_paths(out) == paths
+    # Entries captured meanwhile (a new bucket, and one after the cursor in
+    # the last) are taken by the next pass, once.
+    store.entries[entry(2, 1)] = payload(7)
+    store.entries[entry(3, 0)] = payload(8)
+    assert asyncio.run(out._feed_pass("s", wait=False)) == 2
+    assert queued_paths(out)[-2:] == [entry(2, 1), entry(3, 0)]
+    assert asyncio.run(out._feed_pass("s", wait=False)) == 0
+
+
+def test_the_feeder_catches_up_under_the_lock_and_direct_queueing_resumes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbound, "FEED_CHUNK", 2)
+    paths = [entry(0, i) for i in range(5)]
+    store = FakeStore({p: payload(i) for i, p in enumerate(paths)})
+    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    out.spill("s", start=True)
+    out.enqueue("s", entry(0, 4), [(b"/n4", b"v")])  # captured while spilled: waits
+
+    async def run() -> None:
+        task = asyncio.ensure_future(out.feeder("s"))
+        while out.draining["s"]:
+            await asyncio.sleep(0)
+            # The publisher empties the queue as the feeder fills it.
+            out.queued["s"] = 0
+        task.cancel()
+
+    asyncio.run(run())
+    assert queued_paths(out) == paths
+    out.enqueue("s", entry(0, 5), [(b"/n5", b"v")])
+    assert queued_paths(out)[-1] == entry(0, 5)
+
+
+def test_null_entries_are_queued_as_null_records() -> None:
+    tomb = Event(origin="r1", subtree="s", path="/gone", op=Op.DELETE,
+                 vc=VectorClock.of({"r2": 3}), ts=50, writer="r2")
+    store = FakeStore({})
+    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    out.enqueue_pending("s", [(entry(0, 0), codec.decode_outbox(codec.encode_null_entry([tomb])))])
+    unit = out.queue.get_nowait()
+    assert unit.nulls and unit.records[0][0] == b"/gone"
+    assert codec.decode(unit.records[0][1]).vc == tomb.vc
