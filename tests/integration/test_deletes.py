@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 ROUNDS = int(os.environ.get("ZKBRIDGE_ROUNDS") or "0")
 # Long runs outlast the suite's per-test timeout.
-LONG = pytest.mark.timeout(max(300, 30 * ROUNDS))
+LONG = pytest.mark.timeout(max(300, 60 * ROUNDS))
 
 
 @LONG
