@@ -142,9 +142,9 @@ def test_a_region_away_past_the_grace_cannot_resurrect_with_a_stale_put(
     fed.assert_clean_logs()
 
 
-def test_a_region_bootstrapped_after_collection_converges_on_compacted_topics(
-        make_federation: Callable[..., Federation],
-        harness_report: Callable[[str], None]) -> None:
+def _three_running_and_a_spare(make_federation: Callable[..., Federation]
+                               ) -> tuple[Federation, list[str]]:
+    """r1..r3 running on compacting topics (delete.retention.ms=100); r4 configured only."""
     fed = make_federation(spare=True)
     if fed.broker.kind != "kafka":
         pytest.skip("needs Apache Kafka started by the harness (a log cleaner that runs)")
@@ -159,15 +159,30 @@ def test_a_region_bootstrapped_after_collection_converges_on_compacted_topics(
         fed.start(name, wait=False)
     for name in old:
         fed.wait_ready(name)
+    return fed, topics
+
+
+def _queue_of_jobs(fed: Federation, regions: list[str]) -> list[str]:
+    """r1 creates /q with 30 jobs in one multi; returns their paths once replicated."""
     r1 = fed["r1"]
     r1.client.create(r1.path("/q"), b"queue")
-    fed.wait_converged(old)
+    fed.wait_converged(regions)
     rels = [f"/q/job-{i:03d}" for i in range(30)]
     t = r1.client.transaction()
     for rel in rels:
         t.create(r1.path(rel), b"work")
     t.commit()
-    fed.wait_converged(old)
+    fed.wait_converged(regions)
+    return rels
+
+
+def test_a_region_bootstrapped_after_collection_converges_on_compacted_topics(
+        make_federation: Callable[..., Federation],
+        harness_report: Callable[[str], None]) -> None:
+    fed, topics = _three_running_and_a_spare(make_federation)
+    old = ["r1", "r2", "r3"]
+    r1 = fed["r1"]
+    rels = _queue_of_jobs(fed, old)
     for rel in rels:
         r1.client.delete(r1.path(rel))
     fed.wait_converged(old)
@@ -199,29 +214,10 @@ def test_null_records_leave_nothing_of_collected_paths_on_the_compacted_topics(
     """Each region publishes a null per collected tombstone; the cleaner then drops
     every record of those keys (puts, deletes and, after delete.retention.ms, the
     nulls), and a region bootstrapping afterwards has nothing to collect."""
-    fed = make_federation(spare=True)
-    if fed.broker.kind != "kafka":
-        pytest.skip("needs Apache Kafka started by the harness (a log cleaner that runs)")
-    topics = [f"{fed.prefix}.{fed.subtree}.{n}" for n in fed.regions]
-    _create_compacting(fed.broker.bootstrap, topics)  # delete.retention.ms=100
+    fed, topics = _three_running_and_a_spare(make_federation)
     old = ["r1", "r2", "r3"]
-    for name in old:
-        fed.write_config(name, peers=[n for n in old if n != name], tombstone_grace=GRACE,
-                         max_clock_skew=2)
-    fed.write_config("r4", peers=old, tombstone_grace=GRACE, max_clock_skew=2)
-    for name in old:
-        fed.start(name, wait=False)
-    for name in old:
-        fed.wait_ready(name)
     r1, r2 = fed["r1"], fed["r2"]
-    r1.client.create(r1.path("/q"), b"queue")
-    fed.wait_converged(old)
-    rels = [f"/q/job-{i:03d}" for i in range(30)]
-    t = r1.client.transaction()
-    for rel in rels:
-        t.create(r1.path(rel), b"work")
-    t.commit()
-    fed.wait_converged(old)
+    rels = _queue_of_jobs(fed, old)
     for rel in rels[::2]:  # churn: some paths rewritten in another region first
         r2.client.set(r2.path(rel), b"done")
     fed.wait_converged(old)
