@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import structlog
@@ -372,7 +373,8 @@ class Bridge:
             tps = []
             for name in self.stores:
                 topic = self.topic(name, self.region)
-                tps += [(topic, p) for p in await reader.partitions(topic)]
+                tps += [(topic, p) for p in await self.retry(
+                    f"partitions of {topic}", partial(reader.partitions, topic))]
             ends = await self.retry("end offsets", lambda: reader.end_offsets(tps))
             begins = await self.retry("beginning offsets", lambda: reader.beginning_offsets(tps))
             tail = {tp: max(begins.get(tp, 0), end - TWIN_LOOKBACK)
@@ -532,9 +534,11 @@ class Bridge:
                 [self.topic(n, self.region) for n in self.stores]))
             for name, store in self.stores.items():
                 topic = self.topic(name, self.region)
-                parts = await reader.partitions(topic)
+                parts = await self.retry(f"partitions of {topic}",
+                                         partial(reader.partitions, topic))
                 stored = {} if fresh else await store.read_positions(self.region)
-                ends = await reader.end_offsets([(topic, p) for p in parts])
+                ends = await self.retry("end offsets", partial(
+                    reader.end_offsets, [(topic, p) for p in parts]))
                 all_ends.update(ends)
                 old_id = None if fresh else await store.read_topic_id(self.region)
                 new_id = ids.ids.get(topic)

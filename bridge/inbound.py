@@ -22,6 +22,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -135,7 +136,8 @@ class Inbound:
             peer.topic_id = await store.read_topic_id(peer.peer)
             peer.assemblers = {}
             peer.max_end, peer.suspect = {}, {}
-            for part in await self.bridge.kafka.partitions(topic):
+            for part in await self.bridge.retry(
+                    f"partitions of {topic}", partial(self.bridge.kafka.partitions, topic)):
                 positions[(topic, part)] = peer.positions.get(part)
                 peer.assemblers[part] = Assembler(peer.positions.get(part, 0))
         return positions
