@@ -67,6 +67,7 @@ async def collect_once(bridge: Bridge, name: str) -> int:
         done = await bridge.retry(f"collect tombstones {name}", lambda: store.collect(chosen))
         collected = store.gc_collected - before
         # Queued under the lock, as captures are: the queue keeps the outbox's order.
+        bridge.outbound.recheck_outbox(store)
         for entry in done.nulls:
             bridge.outbound.enqueue_nulls(name, entry.outbox_path, entry.events)
     if collected:

@@ -3,8 +3,10 @@
 Set ``ZKBRIDGE_FAILPOINTS`` to a comma-separated list of ``name=crash@N``
 (die at the N-th hit) or ``name=crash~P`` (die with probability P at each hit,
 seeded by ``ZKBRIDGE_FAILPOINT_SEED``). Dying is SIGKILL to ourselves, the
-same abrupt end as an OOM kill or power loss: no cleanup runs. Unset in
-production, ``hit`` is a dictionary lookup.
+same abrupt end as an OOM kill or power loss: no cleanup runs.
+``name=lose@N`` instead raises, at the N-th hit only, the error of a request
+whose answer was lost although it was carried out (placed right after a
+ZooKeeper write succeeded). Unset in production, ``hit`` is a dictionary lookup.
 
 ``ZKBRIDGE_CLOCK_OFFSET_MS`` shifts the bridge's wall clock, as a host whose
 clock is off would (the clock-skew checks are tested with it).
@@ -17,10 +19,13 @@ import random
 import signal
 import time
 
+from bridge.errors import ZooKeeperError
+
 AFTER_OUTBOX_WRITE = "after_outbox_write"
 AFTER_PUBLISH = "after_publish_before_outbox_delete"
 AFTER_APPLY = "after_apply_before_position"
 BEFORE_APPLY = "before_apply"
+CAPTURE_COMMITTED = "capture_committed"  # the capture multi (metadata + outbox) committed
 
 _rules: dict[str, tuple[str, float]] = {}
 _hits: dict[str, int] = {}
@@ -39,6 +44,8 @@ def configure(spec: str | None, seed: str | None = None) -> None:
             _rules[name] = ("at", float(rule[6:]))
         elif rule.startswith("crash~"):
             _rules[name] = ("p", float(rule[6:]))
+        elif rule.startswith("lose@"):
+            _rules[name] = ("lose", float(rule[5:]))
         else:
             raise ValueError(f"failpoint {name}: unknown rule {rule!r}")
 
@@ -49,6 +56,10 @@ def hit(name: str) -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     kind, value = rule
+    if kind == "lose":
+        if _hits[name] == value:
+            raise ZooKeeperError(f"failpoint {name}: answer lost (the request was carried out)")
+        return
     if (kind == "at" and _hits[name] >= value) or (kind == "p" and _rng.random() < value):
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -140,6 +140,7 @@ class Outbound:
                 self.dirty[name] |= taken  # not captured: the next attempt reads them again
                 raise
             await self.bridge.after_capture(name, taken)
+            self.recheck_outbox(store)
             for batch in batches:
                 self.captured(store, batch)
         finally:
@@ -172,13 +173,29 @@ class Outbound:
             self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
             self.cursor[subtree] = self.bridge.stores[subtree].outbox_key(outbox_path)
 
-    def spill(self, subtree: str, *, start: bool = False) -> None:
+    def recheck_outbox(self, store: SubtreeStore) -> None:
+        """After a lost answer to an outbox write: let the feeder queue what is there.
+
+        The write may have committed although its caller retried and found
+        nothing left to do; the entry is then in the outbox only. The feeder
+        reads everything after the last queued entry, in order (found by
+        chaos seed 967338: a capture ``multi`` lost its answer to a
+        ZooKeeper majority loss, committed, and its entry was never published).
+        Call it before queueing the retry's own entries, under the subtree's lock.
+        """
+        if store.outbox_unsure:
+            store.outbox_unsure = False
+            self.spill(store.layout.name, why="an outbox write's answer was lost")
+
+    def spill(self, subtree: str, *, start: bool = False, why: str | None = None) -> None:
         """Queue ``subtree``'s outbox entries from the outbox only (feeder), until caught up.
 
         ``start``: a new term, whose first entries are whatever earlier terms left.
         """
         if start:
             self.cursor[subtree] = START
+        elif why is not None:
+            log.info("outbox_reread", subtree=subtree, reason=why)
         elif not self.draining[subtree]:
             log.warning("outbox_spilled", subtree=subtree, queued=self.queued[subtree],
                         hint="Kafka is slow or away; further changes wait in the outbox "

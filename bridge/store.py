@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bridge import batching, codec, tombstones
+from bridge import batching, codec, failpoints, tombstones
 from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock, Order, compare
 from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
@@ -106,6 +106,10 @@ class SubtreeStore(Planner):
         self._bucket = ""  # the outbox bucket new entries go to (see _open_bucket)
         self._bucket_known = False
         self._bucket_exists = False
+        # A multi that writes an outbox entry lost its answer: it may have
+        # committed, leaving an entry nobody queued (the retry then finds
+        # nothing to capture). The caller hands the outbox to the feeder.
+        self.outbox_unsure = False
         self._suspect: set[str] = set()  # metadata a lost multi may have changed
         self._suspect_peers: set[str] = set()
 
@@ -317,8 +321,10 @@ class SubtreeStore(Planner):
             await self._outbox_ops(plan, codec.encode_outbox(enc))
             try:
                 results = await self._multi(plan)
+                failpoints.hit(failpoints.CAPTURE_COMMITTED)
             except ZooKeeperError:
                 self._bucket_known = False  # a lost answer may have created it
+                self.outbox_unsure = True
                 raise
             self._commit(plan)
             created = str(results[-1])
@@ -463,6 +469,7 @@ class SubtreeStore(Planner):
             except ZooKeeperError:
                 self._suspect |= set(part)
                 self._bucket_known = False  # a lost answer may have created it
+                self.outbox_unsure = self.outbox_unsure or bool(nulls)
                 await self.read_gc()  # may have committed: read again first
                 raise
             self._gc_version = 0 if self._gc_version is None else self._gc_version + 1

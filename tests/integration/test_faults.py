@@ -363,3 +363,21 @@ def test_event_roundtrip_helper_is_consistent() -> None:
     e = Event(origin="r1", subtree="critical", path="/x", op=Op.PUT, vc=VectorClock.of({"r1": 1}),
               ts=1, writer="r1", data=b"d")
     assert codec.decode(codec.encode(e)) == e
+
+
+def test_a_capture_whose_answer_was_lost_after_it_committed_is_still_published(
+        federation: Federation) -> None:
+    # Chaos seed 967338: a ZooKeeper majority loss cut the answer to a capture
+    # multi that had committed; the retry found the metadata already written
+    # and nothing to capture, and the outbox entry stayed unpublished for good.
+    fed = federation
+    fed.start("r2")
+    fed.start("r1", env={"ZKBRIDGE_FAILPOINTS": "capture_committed=lose@1"})
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/lost-answer"), b"first")
+    wait_for(lambda: r2.client.exists(r2.path("/lost-answer")) is not None, 30,
+             message="r1's first capture never reached r2")
+    r1.client.set(r1.path("/lost-answer"), b"second")
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    assert fed.count_events("r1", "outbox_reread") >= 1
+    fed.assert_clean_logs()
