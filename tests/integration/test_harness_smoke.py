@@ -514,6 +514,11 @@ def test_broker_restart_keeps_topics_on_kafka_and_loses_them_on_tansu(
         admin = await _admin(broker.bootstrap)
         try:
             await admin.create_topics([NewTopic(topic, 1, 1)])
+            # Kafka answers CreateTopics before every listing shows the topic.
+            for _ in range(100):
+                if topic in await admin.list_topics():
+                    break
+                await asyncio.sleep(0.1)
             return list(await admin.list_topics())
         finally:
             await admin.close()
