@@ -6,8 +6,11 @@ fault fires, so that part follows the run. A fault whose target is already
 under another fault of the same kind (a second kill of the same ensemble) is
 skipped and logged as such, never stacked.
 
-A clock jump is not in the list: the bridge reads the wall clock with no
-injection point, and moving this machine's clock would hit every process.
+A clock jump restarts one bridge with its wall clock shifted
+(``ZKBRIDGE_CLOCK_OFFSET_MS``, within ``max_clock_skew``) for the fault's
+length, then restarts it with the true clock: so its clock jumps once
+forwards or backwards, and once back. Moving this machine's clock instead
+would hit every process.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ FAILPOINTS = (
 
 KINDS_ALL = (
     "bridge_kill", "bridge_pause", "zk_kill_one", "zk_kill_majority", "session_expiry",
-    "region_cut", "broker_restart", "failpoint",
+    "region_cut", "broker_restart", "failpoint", "clock_jump",
 )
+# The bridges' max_clock_skew is the default, 60 s: jumps stay well inside it.
+CLOCK_JUMP_MAX_S = 40.0
 KAFKA_ONLY = ("region_cut", "broker_restart")
 
 
@@ -58,8 +63,10 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...]) -> list[Fault]:
         region = rng.choice(REGIONS)
         role, detail = "", ""
         duration = rng.uniform(3.0, 12.0)
-        if kind in ("bridge_kill", "bridge_pause", "session_expiry"):
+        if kind in ("bridge_kill", "bridge_pause", "session_expiry", "clock_jump"):
             role = rng.choice(("leader", "leader", "standby"))
+        if kind == "clock_jump":
+            detail = f"{rng.choice((-1, 1)) * rng.uniform(2.0, CLOCK_JUMP_MAX_S):+.1f}s"
         elif kind == "zk_kill_one":
             role = rng.choice(("leader", "any"))
         elif kind == "zk_kill_majority":
@@ -301,21 +308,41 @@ class Nemesis:
             self._release(f"zk:{a.fault.region}")
 
     def _do_region_cut(self, a: Applied) -> None:
-        proxy = self.cluster.kafka_proxy(a.fault.region)
         a.target = a.fault.region
-        if proxy is None:
-            a.outcome = "skipped: broker has no per-region listener"
+        if not self.cluster.can_cut:
+            a.outcome = "skipped: regions share the root network namespace"
             return
         if not self._claim(f"cut:{a.fault.region}"):
             a.outcome = "skipped: already cut"
             return
         try:
-            proxy.cut()
+            self.cluster.cut(a.fault.region)
             a.outcome = "applied"
             self._sleep(a.fault.duration)
         finally:
-            proxy.restore()
+            self.cluster.uncut(a.fault.region)
             self._release(f"cut:{a.fault.region}")
+
+    def _do_clock_jump(self, a: Applied) -> None:
+        b = self._bridge(a.fault.region, a.fault.role)
+        a.target = b.name
+        if not self._claim(f"bridge:{b.name}"):
+            a.outcome = "skipped: bridge busy"
+            return
+        offset_ms = int(float(a.fault.detail.rstrip("s")) * 1000)
+        try:
+            with self._lock:
+                self._held_down.add(b.name)
+            self.cluster.kill_bridge(b)
+            self.cluster.start_bridge(b, clock_offset_ms=offset_ms)
+            a.outcome = "applied"
+            self._sleep(a.fault.duration)
+            self.cluster.kill_bridge(b)
+            self.cluster.start_bridge(b)
+        finally:
+            with self._lock:
+                self._held_down.discard(b.name)
+            self._release(f"bridge:{b.name}")
 
     def _do_broker_restart(self, a: Applied) -> None:
         a.target = self.cluster.broker.kind

@@ -129,7 +129,7 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
         say("  " + f.describe())
     (folder / "schedule.txt").write_text("\n".join(f.describe() for f in faults) + "\n")
     token = f"s{seed % 100000}x{secrets.token_hex(2)}"
-    cluster = Cluster(folder, broker, token)
+    cluster: Cluster | None = None
     history = History()
     result = RoundResult(seed, folder, False)
     started = time.monotonic()
@@ -137,7 +137,9 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
     readers: list[PointerReader] = []
     nemesis: Nemesis | None = None
     try:
-        say("starting 9 ZooKeeper servers, the broker and 6 bridges")
+        cluster = Cluster(folder, broker, token)
+        where = " in a network namespace each" if cluster.nets is not None else ""
+        say(f"starting 9 ZooKeeper servers, the broker and 6 bridges{where}")
         cluster.start()
         _wait_leaders(cluster, 180)
         say("leaders ready; writing the skeleton")
@@ -213,7 +215,8 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
             result.ops["supervisor_restarts"] = nemesis.supervisor_restarts
         for t in (*writers, *readers):
             t.join(30)
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
         root.handlers = saved
         kazoo_log.close()
     by_outcome: dict[str, int] = {}

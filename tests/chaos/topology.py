@@ -1,11 +1,22 @@
 """The campaign's servers: three regions (3-server ensemble, two bridges each) and one broker.
 
+With Apache Kafka each region lives in its own network namespace
+(`tests/harness/netns.py`): its three ZooKeeper servers and two bridges run
+inside, and it has two links to the root namespace. Its WAN link is the only
+way to the broker, which gets one listener per region on that link's root
+side, advertised as itself, so metadata never leads a client around a cut.
+Cutting a region takes its WAN link down: the kernel drops its packets to
+Kafka, and so to every other region, without an answer. Its LAN link stays
+up: the harness's clients (standing in for the region's applications) and
+the bridges' ZooKeeper proxies reach the ensemble over it, so the region's
+applications and bridges keep their ZooKeeper while it is cut off.
+
 Every bridge reaches its ensemble through its own proxies (one per member,
-so one bridge's session can be expired alone) and Kafka through its
-region's proxy. Apache Kafka gets one extra listener per region, advertised
-as that region's proxy, so metadata never leads a client around the cut.
-tansu has a single listener: with it the bridges talk to it directly and
-the Kafka cut and broker restart are left out of the schedule.
+on the LAN), so one bridge's session can be expired alone.
+
+tansu has a single loopback listener: with it everything runs in the root
+namespace, and the region cut and broker restart are left out of the
+schedule.
 """
 
 from __future__ import annotations
@@ -21,9 +32,11 @@ from typing import Any
 import yaml
 from kazoo.client import KazooClient
 
-from tests.harness import procs
+from tests.harness import netns, procs
 from tests.harness.broker import Broker, KafkaBroker, TansuBroker
 from tests.harness.ensemble import ZooKeeperEnsemble
+from tests.harness.namespace import new_token
+from tests.harness.netns import RegionNetworks
 from tests.harness.proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,43 +47,13 @@ STATE_PATH = "/zkbridge"
 SESSION_TIMEOUT = 4
 
 
-class RegionKafka(KafkaBroker):
-    """Apache Kafka with a listener per region, each advertised as the region's proxy."""
-
-    def __init__(self, base_dir: Path, regions: tuple[str, ...]) -> None:
-        # A loaded 2-core machine running nine ZooKeeper JVMs next to it can
-        # take well over the default 90 s to bring KRaft back.
-        super().__init__(base_dir, start_timeout=300.0)
-        self.region_ports = {r: procs.free_port() for r in regions}
-        self.region_proxies = {
-            r: TcpProxy("127.0.0.1", port, listen_port=procs.free_port(), name=f"kafka-{r}")
-            for r, port in self.region_ports.items()
-        }
-
-    def server_properties(self) -> dict[str, str]:
-        props = super().server_properties()
-        names = {r: f"REGION_{r.upper().replace('-', '_')}" for r in self.region_ports}
-        props["listeners"] += "".join(
-            f",{names[r]}://127.0.0.1:{p}" for r, p in self.region_ports.items()
-        )
-        props["advertised.listeners"] += "".join(
-            f",{names[r]}://{self.region_proxies[r].address}" for r in self.region_ports
-        )
-        props["listener.security.protocol.map"] += "".join(
-            f",{n}:PLAINTEXT" for n in names.values()
-        )
-        return props
-
-    def start(self) -> RegionKafka:
-        for p in self.region_proxies.values():
-            p.start()
-        super().start()
-        return self
-
-    def close(self) -> None:
-        super().close()
-        for p in self.region_proxies.values():
-            p.stop()
+def region_kafka(base_dir: Path, nets: RegionNetworks) -> KafkaBroker:
+    """Apache Kafka with a listener per region, on the root side of the region's WAN link."""
+    listeners = {f"REGION_{r.upper().replace('-', '_')}": f"{nets[r].host_addr}:{procs.free_port()}"
+                 for r in nets.regions}
+    # A loaded 2-core machine running nine ZooKeeper JVMs next to it can take
+    # well over the default 90 s to bring KRaft back.
+    return KafkaBroker(base_dir, extra_listeners=listeners, start_timeout=300.0)
 
 
 @dataclass
@@ -131,23 +114,34 @@ class Cluster:
     """Starts and stops everything; `folder` holds configs, logs and server data."""
 
     def __init__(self, folder: Path, broker_kind: str, token: str) -> None:
+        """Creates the namespaces (Kafka only); `close` removes them, also after a failed start."""
         self.folder = folder
         self.broker_kind = broker_kind
         self.prefix = f"chaos-{token}"
+        self.nets: RegionNetworks | None = None
+        if broker_kind == "kafka":
+            reason = netns.unavailable()
+            if reason is not None:
+                raise RuntimeError(f"the campaign on Apache Kafka puts each region in a network "
+                                   f"namespace: {reason} (run as root, or --broker tansu)")
+            self.nets = RegionNetworks(new_token(), REGIONS, lan=True).start()
+        nets = self.nets
         self.broker: Broker = (
-            RegionKafka(folder / "kafka", REGIONS)
-            if broker_kind == "kafka"
+            region_kafka(folder / "kafka", nets) if nets is not None
             else TansuBroker(folder / "tansu")
         )
         self.regions: dict[str, Region] = {}
         for r in REGIONS:
-            ens = ZooKeeperEnsemble(r, folder / f"zk-{r}")
+            lan = nets.lans[r] if nets is not None else None
+            ens = (ZooKeeperEnsemble(r, folder / f"zk-{r}", host=lan.ns_addr, prefix=lan.prefix)
+                   if lan is not None else ZooKeeperEnsemble(r, folder / f"zk-{r}"))
             bridges = []
             for suffix in ("a", "b"):
                 name = f"{r}{suffix}"
                 proxies = [
-                    TcpProxy("127.0.0.1", s.port, listen_port=procs.free_port(),
-                             name=f"{name}-{s.name}")
+                    TcpProxy(s.host, s.port, listen_port=procs.free_port(),
+                             name=f"{name}-{s.name}",
+                             listen_host=lan.host_addr if lan is not None else "127.0.0.1")
                     for s in ens
                 ]
                 bridges.append(Bridge(r, name, folder / f"{name}.yaml",
@@ -155,14 +149,25 @@ class Cluster:
             self.regions[r] = Region(r, ens, bridges)
 
     # -- addresses -----------------------------------------------------------
-    def kafka_proxy(self, region: str) -> TcpProxy | None:
-        if isinstance(self.broker, RegionKafka):
-            return self.broker.region_proxies[region]
-        return None
+    @property
+    def can_cut(self) -> bool:
+        return self.nets is not None
 
     def bootstrap_for(self, region: str) -> str:
-        proxy = self.kafka_proxy(region)
-        return proxy.address if proxy is not None else self.broker.bootstrap
+        if self.nets is not None:
+            assert isinstance(self.broker, KafkaBroker)
+            name = f"REGION_{region.upper().replace('-', '_')}"
+            return self.broker.extra_listeners[name]
+        return self.broker.bootstrap
+
+    def cut(self, region: str) -> None:
+        """The region's WAN link down: no Kafka, so no other region, until `uncut`."""
+        assert self.nets is not None
+        self.nets.cut(region)
+
+    def uncut(self, region: str) -> None:
+        assert self.nets is not None
+        self.nets.heal(region)
 
     @property
     def bridges(self) -> list[Bridge]:
@@ -214,17 +219,22 @@ class Cluster:
         for b in self.bridges:
             self.start_bridge(b)
 
-    def start_bridge(self, b: Bridge, failpoints: str | None = None, seed: int = 0) -> None:
+    def start_bridge(self, b: Bridge, failpoints: str | None = None, seed: int = 0,
+                     clock_offset_ms: int = 0) -> None:
         if b.alive:
             return
         env = {"PYTHONPATH": str(REPO)}
         if failpoints:
             env["ZKBRIDGE_FAILPOINTS"] = failpoints
             env["ZKBRIDGE_FAILPOINT_SEED"] = str(seed)
+        if clock_offset_ms:
+            env["ZKBRIDGE_CLOCK_OFFSET_MS"] = str(clock_offset_ms)
         with open(b.log_path, "a") as log:
-            log.write(f"==== start {b.name} failpoints={failpoints or '-'}\n")
+            log.write(f"==== start {b.name} failpoints={failpoints or '-'} "
+                      f"clock_offset_ms={clock_offset_ms}\n")
+        prefix = self.nets[b.region].prefix if self.nets is not None else ()
         b.proc = procs.spawn(
-            [sys.executable, "-m", "bridge", "run", "-c", str(b.config_path)],
+            [*prefix, sys.executable, "-m", "bridge", "run", "-c", str(b.config_path)],
             b.log_path, env=env, cwd=REPO,
         )
         b.stopped = False
@@ -253,10 +263,10 @@ class Cluster:
         for b in self.bridges:
             for p in b.zk_proxies:
                 p.restore()
-        for r in REGIONS:
-            proxy = self.kafka_proxy(r)
-            if proxy is not None:
-                proxy.restore()
+        if self.nets is not None:
+            for r in REGIONS:
+                if self.nets.is_cut(r):
+                    self.nets.heal(r)
         if self.broker.managed and not self.broker.running:
             try:
                 self.broker.start()
@@ -286,3 +296,5 @@ class Cluster:
         self.broker.close()
         for reg in self.regions.values():
             reg.ensemble.close()
+        if self.nets is not None:
+            self.nets.close()  # last: a namespace goes once nothing runs in it

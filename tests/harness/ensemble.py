@@ -1,10 +1,15 @@
-"""A three-server ZooKeeper ensemble on 127.0.0.1 (quorum faults: leader loss, majority loss)."""
+"""A three-server ZooKeeper ensemble (quorum faults: leader loss, majority loss).
+
+On 127.0.0.1 by default; given a network namespace (`prefix`, as in
+`tests/harness/netns.py`) its members run inside it, serve clients on `host`
+and keep their quorum traffic on the namespace's own loopback.
+"""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.harness import procs
@@ -15,8 +20,9 @@ from tests.harness.zookeeper import ZooKeeperServer, start_all
 class EnsembleServer(ZooKeeperServer):
     """One member: the standalone server's settings plus `server.N=` lines and `myid`."""
 
-    def __init__(self, name: str, base_dir: Path, myid: int, members: list[str]) -> None:
-        super().__init__(name, base_dir=base_dir)
+    def __init__(self, name: str, base_dir: Path, myid: int, members: list[str],
+                 host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
+        super().__init__(name, base_dir=base_dir, host=host, prefix=prefix)
         self.myid = myid
         self.members = members  # filled by the ensemble once every port is known
         self.quorum_port = procs.free_port()
@@ -60,7 +66,8 @@ class ZooKeeperEnsemble(Managed):
     waits after.
     """
 
-    def __init__(self, name: str, base_dir: Path | None = None, size: int = 3) -> None:
+    def __init__(self, name: str, base_dir: Path | None = None, size: int = 3,
+                 host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
         self.name = name
         self._own_dir = base_dir is None
         self.base_dir = (
@@ -68,7 +75,7 @@ class ZooKeeperEnsemble(Managed):
         )
         members: list[str] = []
         self.servers = [
-            EnsembleServer(f"{name}-zk{i}", self.base_dir / f"zk{i}", i, members)
+            EnsembleServer(f"{name}-zk{i}", self.base_dir / f"zk{i}", i, members, host, prefix)
             for i in range(1, size + 1)
         ]
         members.extend(

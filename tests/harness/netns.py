@@ -13,6 +13,12 @@ address. There is no default route and no forwarding, so a region reaches
 nothing but its own link's far end: regions meet only through the broker, as
 separate data centres do.
 
+With ``lan=True`` each region also gets a second pair, its LAN
+(``zb<token><i>l`` / ``zb<token><i>m``, ``10.X.Y.128+4i+1/30`` and ``+2``),
+which ``cut`` never touches: the region's own clients (the harness, standing
+in for its applications) keep reaching its ZooKeeper over it while the
+region's WAN link, the one to the broker, is down.
+
 ``cut(region)`` sets the root-side veth down. Packets are then dropped without
 an answer (a connect times out, it is not refused), as on a broken WAN link,
 while the region's loopback and inside address keep working, so its
@@ -158,16 +164,22 @@ def _close_leftovers() -> None:
 class RegionNetworks(Managed):
     """One namespace and veth link per region, for one test; see the module docstring."""
 
-    def __init__(self, token: str, regions: Sequence[str]) -> None:
-        if len(regions) > 63:
-            raise NetnsError("at most 63 regions fit a /24 in /30 links")
+    def __init__(self, token: str, regions: Sequence[str], *, lan: bool = False) -> None:
+        if len(regions) > (31 if lan else 63):
+            raise NetnsError("the regions' /30 links do not fit in one /24")
         self.token = token
         self.regions = tuple(regions)
+        self.with_lan = lan
         self.links: dict[str, Link] = {}
+        self.lans: dict[str, Link] = {}
         self.subnet: ipaddress.IPv4Network | None = None
 
     def __getitem__(self, region: str) -> Link:
         return self.links[region]
+
+    def _host_ifs(self) -> list[str]:
+        return [f"zb{self.token}{i}{side}" for i in range(len(self.regions))
+                for side in ("hl" if self.with_lan else "h")]
 
     def start(self) -> Self:
         remove_stale()
@@ -185,8 +197,19 @@ class RegionNetworks(Managed):
                     host_addr=str(base + 4 * i + 1),
                     ns_addr=str(base + 4 * i + 2),
                 )
+                _ip("netns", "add", link.netns)
+                self.links[region] = link
                 self._create(link)
-            for link in self.links.values():
+                if self.with_lan:
+                    lan = Link(
+                        region=region, netns=link.netns,
+                        host_if=f"zb{self.token}{i}l", ns_if=f"zb{self.token}{i}m",
+                        host_addr=str(base + 128 + 4 * i + 1),
+                        ns_addr=str(base + 128 + 4 * i + 2),
+                    )
+                    self.lans[region] = lan
+                    self._create(lan)
+            for link in [*self.links.values(), *self.lans.values()]:
                 self._wait_carrier(link, up=True)
         except BaseException:
             self.close()
@@ -194,8 +217,6 @@ class RegionNetworks(Managed):
         return self
 
     def _create(self, link: Link) -> None:
-        _ip("netns", "add", link.netns)
-        self.links[link.region] = link
         # The peer is created inside the namespace in the same call, so no half
         # pair is ever left in the root namespace.
         _ip("link", "add", link.host_if, "type", "veth", "peer", "name", link.ns_if,
@@ -224,6 +245,10 @@ class RegionNetworks(Managed):
         link = self.links[region]
         _ip("link", "set", link.host_if, "up")
         self._wait_carrier(link, up=True)
+        # Neighbour entries that failed during the cut would answer "no route
+        # to host" for a few more seconds; a healed link works at once.
+        _ip("neigh", "flush", "dev", link.host_if, check=False)
+        _ip("-n", link.netns, "neigh", "flush", "dev", link.ns_if, check=False)
 
     def is_cut(self, region: str) -> bool:
         out = _ip("-o", "link", "show", self.links[region].host_if).stdout
@@ -237,16 +262,18 @@ class RegionNetworks(Managed):
 
     def close(self) -> None:
         """Stop what still runs inside, then delete the namespaces and veths (idempotent)."""
+        for lan in self.lans.values():
+            _ip("link", "del", lan.host_if, check=False)
         for link in self.links.values():
             _remove(link.netns, link.host_if)
         self.links.clear()
+        self.lans.clear()
         if self in _open:
             _open.remove(self)
         # Deleting a namespace frees its veth asynchronously; wait so that a
         # following test never sees a half-removed pair.
         end = time.monotonic() + 10.0
         while time.monotonic() < end and any(
-            _ip("link", "show", f"zb{self.token}{i}h", check=False).returncode == 0
-            for i in range(len(self.regions))
+            _ip("link", "show", name, check=False).returncode == 0 for name in self._host_ifs()
         ):
             time.sleep(0.05)

@@ -105,7 +105,7 @@ class _Conn:
 
 
 class TcpProxy(Managed):
-    """Listens on 127.0.0.1:`listen_port` (free port by default), forwards to target.
+    """Listens on `listen_host`:`listen_port` (127.0.0.1, any free port), forwards to target.
 
     - `cut()`: reset every open connection; new ones are accepted and then
       ignored (a blackhole: clients time out) or, with `refuse=True`, reset.
@@ -121,8 +121,10 @@ class TcpProxy(Managed):
         target_port: int,
         listen_port: int = 0,
         name: str = "proxy",
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.target = (target_host, target_port)
+        self.listen_host = listen_host
         self.name = name
         self._listen_port = listen_port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,7 +171,7 @@ class TcpProxy(Managed):
         self._flowing.set()
         self._stopping = asyncio.Event()
         server = await asyncio.start_server(
-            self._accept, "127.0.0.1", self._listen_port, reuse_address=True
+            self._accept, self.listen_host, self._listen_port, reuse_address=True
         )
         self._listen_port = server.sockets[0].getsockname()[1]
         ready.set()
@@ -208,7 +210,7 @@ class TcpProxy(Managed):
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.listen_host}:{self.port}"
 
     hosts = address
 
@@ -291,7 +293,8 @@ class TcpProxy(Managed):
 
     def __repr__(self) -> str:
         port = self._listen_port or "?"
-        return f"TcpProxy({self.name}, 127.0.0.1:{port} -> {self.target[0]}:{self.target[1]})"
+        target = f"{self.target[0]}:{self.target[1]}"
+        return f"TcpProxy({self.name}, {self.listen_host}:{port} -> {target})"
 
 
 ProxyFactory = Callable[["ZooKeeperServer | str"], TcpProxy]

@@ -17,7 +17,7 @@ from tests.chaos.run import run_round
 from tests.harness import procs
 from tests.harness.broker import KIND_ENV
 
-SEED = int(os.environ.get("ZKBRIDGE_CHAOS_SEED", "1207"))
+SEED = int(os.environ.get("ZKBRIDGE_CHAOS_SEED", "1203"))
 
 
 @pytest.mark.timeout(900)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -378,3 +380,30 @@ def test_one_region_cut_off_while_all_write_then_healed(
     )
     print(figures)
     harness_report(figures)
+
+
+def _reaches(link: netns.Link, address: tuple[str, int]) -> str:
+    """From inside the link's namespace: 'ok' or the connect error's name."""
+    code = (f"import socket\ntry:\n socket.create_connection({address!r}, timeout=2)\n"
+            " print('ok')\nexcept OSError as e:\n print(type(e).__name__)")
+    done = subprocess.run([*link.prefix, sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL)
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def test_a_cut_takes_the_wan_link_down_and_leaves_the_lan_up(token: str) -> None:
+    """The campaign's regions (`lan=True`): clients keep their ZooKeeper while Kafka is gone."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"needs network namespaces: {reason}")
+    with RegionNetworks(token, ["r1"], lan=True) as nets, contextlib.ExitStack() as stack:
+        wan, lan = nets["r1"], nets.lans["r1"]
+        servers = [stack.enter_context(socket.create_server((a, 0)))
+                   for a in (wan.host_addr, lan.host_addr)]
+        to_wan, to_lan = (s.getsockname()[:2] for s in servers)
+        assert (_reaches(wan, to_wan), _reaches(wan, to_lan)) == ("ok", "ok")
+        nets.cut("r1")
+        # Dropped without an answer, as on a broken WAN: a timeout, not a refusal.
+        assert (_reaches(wan, to_wan), _reaches(wan, to_lan)) == ("TimeoutError", "ok")
+        nets.heal("r1")
+        assert (_reaches(wan, to_wan), _reaches(wan, to_lan)) == ("ok", "ok")
