@@ -20,6 +20,7 @@ resync); a receiver sets it right after the ``multi`` that wrote the content.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bridge.zk import WORLD_ALL, ZooKeeper
@@ -53,15 +54,25 @@ class AclPolicy:
     async def announce(self, zk: ZooKeeper, path: str, rel: str,
                        aversion: int) -> tuple[str, ...] | str | None:
         """What a captured put carries: entries, ``None`` (world-open), or ``HOLD``."""
-        seen = self._seen.get(rel)
-        if seen is None or seen[0] != aversion:
-            got = await zk.get_acls(path)
-            if got is None:
-                return None  # gone meanwhile: the next batch announces the delete
-            entries, version = got
-            self._seen[rel] = (version, entries)
-        else:
-            entries = seen[1]
+        return (await self.announce_many(zk, [(path, rel, aversion)]))[0]
+
+    async def announce_many(self, zk: ZooKeeper, puts: Sequence[tuple[str, str, int]]
+                            ) -> list[tuple[str, ...] | str | None]:
+        """``announce`` for each (path, rel, aversion), the ACLs not yet known read in bulk."""
+        unread = [(path, rel) for path, rel, aversion in puts
+                  if (seen := self._seen.get(rel)) is None or seen[0] != aversion]
+        gone: set[str] = set()
+        got = await zk.get_acls_many([path for path, _ in unread]) if unread else []
+        for (_, rel), acl in zip(unread, got, strict=True):
+            if acl is None:
+                gone.add(rel)  # gone meanwhile: the next batch announces the delete
+            else:
+                entries, version = acl
+                self._seen[rel] = (version, entries)
+        return [None if rel in gone else self._carried(self._seen[rel][1])
+                for _, rel, _ in puts]
+
+    def _carried(self, entries: tuple[str, ...]) -> tuple[str, ...] | str | None:
         mine = tuple(e for e in entries if e != self.own)
         if self.policy == "open":
             return None if _world_open(entries) else HOLD

@@ -57,10 +57,6 @@ CLOSURE_ROUNDS = 50
 # variable exists for tests, which need several buckets from a few writes.
 OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
-# getACL calls in flight while capturing: a start-up capture of 100,000 new
-# znodes once sent them all at once and the last answers came after the
-# adapter's timeout, so every attempt failed and started over.
-ACL_READS_IN_FLIGHT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,9 +270,9 @@ class SubtreeStore(Planner):
         if need:
             raise NeedRead(need)
         views = {r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
-        carried = await gather_limited([
-            self.acl.announce(self.zk, self.layout.znode(rel), rel, node.stat.aversion)
-            for _, op, rel, node in changes if node is not None], ACL_READS_IN_FLIGHT)
+        carried = await self.acl.announce_many(self.zk, [
+            (self.layout.znode(rel), rel, node.stat.aversion)
+            for _, op, rel, node in changes if node is not None])
         acls = dict(zip([rel for _, _, rel, node in changes if node is not None], carried,
                         strict=True))
         events: list[Event] = []

@@ -143,3 +143,94 @@ def test_refused_add_watch_is_reported_as_unsupported(zk_servers: ZkServers, tok
             await adapter.stop()
 
     assert asyncio.run(run()) is False
+
+
+def _perms(i: int) -> int:
+    return 1 | ((i % 16) << 1)  # READ, plus any of WRITE, CREATE, DELETE, ADMIN
+
+
+def test_batched_socket_io_matches_thousands_of_pipelined_replies(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    """Requests leave in one write and replies arrive many per read: each still meets its own."""
+    from kazoo.security import ACL, Id
+
+    client = zk()
+    root = f"/{token}"
+    n = 3000
+    tx = client.transaction()
+    client.ensure_path(root)
+    for i in range(n):
+        # Readable permissions that differ from one znode to the next, so a
+        # reply matched to the wrong request shows.
+        acl = [ACL(_perms(i), Id("world", "anyone"))]
+        tx.create(f"{root}/n{i}", f"v{i}".encode() * (i % 50), acl=acl)
+        if len(tx.operations) == 500:
+            tx.commit()
+            tx = client.transaction()
+    tx.commit()
+    paths = [f"{root}/n{i}" for i in range(n)] + [f"{root}/missing{i}" for i in range(200)]
+
+    async def run() -> tuple[list[object], list[object]]:
+        adapter = _adapter(zk_servers)
+        await adapter.start()
+        try:
+            acls = adapter.get_acls_many(paths)
+            nodes = asyncio.gather(*(adapter.get(p) for p in paths))
+            return list(await acls), list(await nodes)
+        finally:
+            await adapter.stop()
+
+    acls, nodes = asyncio.run(run())
+    for i in range(n):
+        entry = acls[i]
+        assert entry is not None and entry[0] == (f"{_perms(i)}:world:anyone",)
+        node = nodes[i]
+        assert isinstance(node, Node) and node.data == f"v{i}".encode() * (i % 50)
+    assert acls[n:] == [None] * 200 and nodes[n:] == [None] * 200
+
+
+BURST = 2000
+
+
+def test_a_connection_reset_in_a_burst_fails_what_was_pending_and_the_session_goes_on(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    from tests.harness.proxy import TcpProxy
+
+    root = f"/{token}"
+    big = b"x" * 200_000  # replies take a while: the reset lands amid them
+    zk().create(root, big)
+    server = zk_servers.regions[0]
+    with TcpProxy(server.host, server.port) as proxy:
+        async def run() -> tuple[int, int, Node | None]:
+            adapter = ZooKeeper(ZooKeeperSettings(hosts=proxy.address, session_timeout=10))
+            await adapter.start()
+            try:
+                burst = [asyncio.ensure_future(adapter.get(root)) for _ in range(BURST)]
+                answered = asyncio.Event()
+                done = [0]
+
+                def count(_: object) -> None:
+                    done[0] += 1
+                    if done[0] == BURST // 20:
+                        answered.set()
+
+                for f in burst:
+                    f.add_done_callback(count)
+                await answered.wait()  # well under way: many requests in flight
+                proxy.cut(refuse=True)
+                await asyncio.sleep(0.5)
+                proxy.restore()
+                # Every request ends (answered or failed), none hangs to the timeout.
+                async with asyncio.timeout(8):
+                    got = await asyncio.gather(*burst, return_exceptions=True)
+                ok = sum(isinstance(g, Node) and g.data == big for g in got)
+                failed = sum(isinstance(g, Exception) for g in got)
+                return ok, failed, await adapter.get(root)
+            finally:
+                await adapter.stop()
+
+        ok, failed, after = asyncio.run(run())
+    assert ok + failed == BURST and ok > 0 and failed > 0, (ok, failed)
+    assert isinstance(after, Node) and after.data == big
