@@ -130,19 +130,23 @@ class Outbound:
             self.dirty[name] |= left
             self.wake[name].set()
 
+        def committed(batch: CapturedBatch) -> None:
+            # A batch is queued the moment it commits: a start-up capture of
+            # thousands of znodes is published while it is still being written.
+            self.recheck_outbox(store)
+            self.captured(store, batch)
+
         store.requeue = requeue
         self.capturing[name] += 1  # from before its first stamp until its batches are queued
         try:
             try:
-                batches = await self.bridge.retry(f"capture {name}",
-                                                  lambda: store.capture(rels, notified))
+                await self.bridge.retry(f"capture {name}",
+                                        lambda: store.capture(rels, notified, committed))
             except BaseException:
                 self.dirty[name] |= taken  # not captured: the next attempt reads them again
                 raise
             await self.bridge.after_capture(name, taken)
             self.recheck_outbox(store)
-            for batch in batches:
-                self.captured(store, batch)
         finally:
             self.capturing[name] -= 1
 

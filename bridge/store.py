@@ -189,7 +189,9 @@ class SubtreeStore(Planner):
 
     # -- capture ---------------------------------------------------------------
     async def capture(self, rels: Iterable[str],
-                      notified: Callable[[], set[str]] = set) -> list[CapturedBatch]:
+                      notified: Callable[[], set[str]] = set,
+                      on_batch: Callable[[CapturedBatch], None] | None = None,
+                      ) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
         Closure: the znodes are read in one ``multiRead``, a snapshot at one
@@ -205,6 +207,9 @@ class SubtreeStore(Planner):
         notifications the connection thread passed on meanwhile, so a
         notification seen with the reply may be of a change after Z (one
         extra read later, rather than a write never announced).
+
+        ``on_batch`` gets each batch as soon as its ``multi`` committed, so a
+        large capture (a start-up one) is published while the rest is written.
         """
         await self._settle()
         todo = {r for r in rels if self._replicable(r)}
@@ -223,14 +228,16 @@ class SubtreeStore(Planner):
             if got:
                 self.requeue(got)
             try:
-                return await self._capture(reads)
+                return await self._capture(reads, on_batch)
             except NeedRead as more:
                 todo |= more.rels
             except VersionConflict:
                 await self.refresh_meta(set(reads) | {a for r in reads for a in ancestors(r)})
         raise VersionConflict(f"capture in {self.layout.name}: kept changing, will retry")
 
-    async def _capture(self, reads: dict[str, Node | NoPermission | None]) -> list[CapturedBatch]:
+    async def _capture(self, reads: dict[str, Node | NoPermission | None],
+                       on_batch: Callable[[CapturedBatch], None] | None = None,
+                       ) -> list[CapturedBatch]:
         changes: list[tuple[tuple[int, int, int, str], Op, str, Node | None]] = []
         cleanup: list[str] = []  # tombstoned placeholders left empty by local deletes
         for rel, node in reads.items():
@@ -326,6 +333,8 @@ class SubtreeStore(Planner):
             created = str(results[-1])
             self._outbox_written(created)
             out.append(CapturedBatch(tuple(part), tuple(enc), created))
+            if on_batch is not None:
+                on_batch(out[-1])
         for e in events:
             self.oversized.pop(e.path, None)
         return out
