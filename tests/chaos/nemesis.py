@@ -191,7 +191,12 @@ class Nemesis:
         a.ended = time.time()
         self.log(f"{f.describe()} -> {a.target} {a.outcome}")
 
-    def _do_bridge_kill(self, a: Applied) -> None:
+    def _restart_held(self, a: Applied, clock_offset_ms: int = 0) -> None:
+        """Kill the target bridge, keep the supervisor off it for the fault's length.
+
+        With ``clock_offset_ms`` it runs meanwhile with its clock that far off;
+        either way it comes back as a normal process.
+        """
         b = self._bridge(a.fault.region, a.fault.role)
         a.target = b.name
         if not self._claim(f"bridge:{b.name}"):
@@ -201,13 +206,19 @@ class Nemesis:
             with self._lock:
                 self._held_down.add(b.name)
             self.cluster.kill_bridge(b)
+            if clock_offset_ms:
+                self.cluster.start_bridge(b, clock_offset_ms=clock_offset_ms)
             a.outcome = "applied"
             self._sleep(a.fault.duration)
+            self.cluster.kill_bridge(b)
             self.cluster.start_bridge(b)
         finally:
             with self._lock:
                 self._held_down.discard(b.name)
             self._release(f"bridge:{b.name}")
+
+    def _do_bridge_kill(self, a: Applied) -> None:
+        self._restart_held(a)
 
     def _do_bridge_pause(self, a: Applied) -> None:
         b = self._bridge(a.fault.region, a.fault.role)
@@ -324,25 +335,7 @@ class Nemesis:
             self._release(f"cut:{a.fault.region}")
 
     def _do_clock_jump(self, a: Applied) -> None:
-        b = self._bridge(a.fault.region, a.fault.role)
-        a.target = b.name
-        if not self._claim(f"bridge:{b.name}"):
-            a.outcome = "skipped: bridge busy"
-            return
-        offset_ms = int(float(a.fault.detail.rstrip("s")) * 1000)
-        try:
-            with self._lock:
-                self._held_down.add(b.name)
-            self.cluster.kill_bridge(b)
-            self.cluster.start_bridge(b, clock_offset_ms=offset_ms)
-            a.outcome = "applied"
-            self._sleep(a.fault.duration)
-            self.cluster.kill_bridge(b)
-            self.cluster.start_bridge(b)
-        finally:
-            with self._lock:
-                self._held_down.discard(b.name)
-            self._release(f"bridge:{b.name}")
+        self._restart_held(a, clock_offset_ms=int(float(a.fault.detail.rstrip("s")) * 1000))
 
     def _do_broker_restart(self, a: Applied) -> None:
         a.target = self.cluster.broker.kind

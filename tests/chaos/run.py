@@ -207,7 +207,8 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
         result.error = f"{type(exc).__name__}: {exc}"[:2000]
         say(f"round aborted: {result.error}")
     finally:
-        for t in (*writers, *readers):
+        clients: list[Writer | PointerReader] = [*writers, *readers]
+        for t in clients:
             t.stop_flag.set()
         if nemesis is not None:
             nemesis.stop()
