@@ -136,3 +136,46 @@ def test_null_entries_are_queued_as_null_records() -> None:
     unit = out.queue.get_nowait()
     assert unit.nulls and unit.records[0][0] == b"/gone"
     assert codec.decode(unit.records[0][1]).vc == tomb.vc
+
+
+class BigEntryStore(FakeStore):
+    """Entries of a start-up capture: a thousand events each; records what each read asked for."""
+
+    def __init__(self, entries: dict[str, bytes], out: list[tuple[int, int]]) -> None:
+        super().__init__(entries)
+        self.reads = out
+        self.outbound: Outbound | None = None
+
+    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
+        assert self.outbound is not None
+        self.reads.append((len(paths), self.outbound.queued["s"]))
+        return [(p, [self.entries[p]] * 1000) for p in paths if p in self.entries]
+
+
+def test_the_feeder_reads_large_entries_a_few_at_a_time_as_room_appears() -> None:
+    """A spilled start-up capture (bench `--large`): never hundreds of 700 KB reads at once."""
+    paths = [entry(0, i) for i in range(100)]
+    reads: list[tuple[int, int]] = []
+    store = BigEntryStore({p: payload(i) for i, p in enumerate(paths)}, reads)
+    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    store.outbound = out
+    out.spill("s", start=True)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(out.feeder("s"))
+        while out.draining["s"]:
+            await asyncio.sleep(0)
+            if out.queued["s"] >= outbound.QUEUE_RECORDS // 2:
+                # The publisher acknowledges everything queued so far.
+                while not out.queue.empty():
+                    out.queue.get_nowait()
+                async with out._room:
+                    out.queued["s"] = 0
+                    out._room.notify_all()
+        task.cancel()
+
+    asyncio.run(run())
+    assert sum(n for n, _ in reads) == 100
+    assert max(n for n, _ in reads) <= outbound.FEED_GROUP
+    # Each read waited for room: the queue never held much more than its bound.
+    assert all(queued < outbound.QUEUE_RECORDS // 2 for _, queued in reads[:-1])
