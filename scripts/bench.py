@@ -1210,7 +1210,7 @@ class Bench:
                 Row("scan → ready: A's startup capture", br["startup_capture_s"], "s",
                     ratio(br["scan_znodes"] / br["startup_capture_s"]
                           if br["startup_capture_s"] > 0 else None, multi, "multi"),
-                    "scan_done → bridge_ready, before any publish"),
+                    "scan_done → bridge_ready; publishing starts meanwhile"),
                 Row("bridge A RSS after the scan", br["rss_a_after_scan_mb"], "MB"),
                 Row("catch-up: ZooKeeper requests/znode A / B", req["zk-a"], "req",
                     note=f"B: {req['zk-b']:.3f}; the bridges' sessions only (cons)"),
