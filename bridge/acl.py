@@ -51,14 +51,10 @@ class AclPolicy:
     # rel → (aversion, entries): ACLs already read, so each is read once per change.
     _seen: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
 
-    async def announce(self, zk: ZooKeeper, path: str, rel: str,
-                       aversion: int) -> tuple[str, ...] | str | None:
-        """What a captured put carries: entries, ``None`` (world-open), or ``HOLD``."""
-        return (await self.announce_many(zk, [(path, rel, aversion)]))[0]
-
     async def announce_many(self, zk: ZooKeeper, puts: Sequence[tuple[str, str, int]]
                             ) -> list[tuple[str, ...] | str | None]:
-        """``announce`` for each (path, rel, aversion), the ACLs not yet known read in bulk."""
+        """What each captured put (path, rel, aversion) carries: entries, ``None``
+        (world-open), or ``HOLD``; the ACLs not yet known are read in bulk."""
         unread = [(path, rel) for path, rel, aversion in puts
                   if (seen := self._seen.get(rel)) is None or seen[0] != aversion]
         gone: set[str] = set()
