@@ -94,6 +94,8 @@ class Bridge:
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
         self.incidents: deque[dict[str, object]] = deque(maxlen=50)
+        # Set by an incident: the status record shows it now, not at the next tick.
+        self._status_due = asyncio.Event()
         self.incarnation = ""  # this ensemble's marker, read at each term's start
         self._reannouncing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -424,6 +426,7 @@ class Bridge:
     def incident(self, kind: str, text: str) -> None:
         """Something happened to the replicated data: status shows it for a while."""
         self.incidents.append({"at_ms": now_ms(), "kind": kind, "text": text})
+        self._status_due.set()
 
     def _reannounce_path(self, name: str) -> str:
         return f"{self.settings.state_path}/reannounce/{name}"
@@ -876,5 +879,7 @@ class Bridge:
             except BridgeError as exc:
                 if not exc.retriable:
                     raise
-            await asyncio.sleep(STATUS_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_due.wait(), STATUS_INTERVAL)
+            self._status_due.clear()
 

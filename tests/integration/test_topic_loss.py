@@ -20,6 +20,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.codec import decode_positions
+from bridge.config import KafkaSettings
+from bridge.kafka import Kafka
 from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness.broker import Broker, KafkaBroker, TansuBroker
 from tests.harness.procs import wait_for
@@ -94,22 +96,45 @@ def test_broker_rebuilt_empty_heals_by_itself_and_skips_nothing(
         assert {"topic", "partition", "stored_position", "end_offset"} <= set(e)
     for row in _lag(fed, "r2"):
         assert isinstance(row["events_behind"], int) and row["events_behind"] >= 0
-    out = fed.cli("status", "-c", str(r2.config_path))
-    assert out.returncode == 0, out.stderr
-    assert "REANNOUNCED" in out.stdout or "TOPIC_RESET" in out.stdout, out.stdout
+    # The status record is rewritten every couple of seconds (at once on an
+    # incident): the one read just after the heal may predate it.
+    seen: list[str] = []
+
+    def status_tells() -> bool:
+        out = fed.cli("status", "-c", str(r2.config_path))
+        assert out.returncode == 0, out.stderr
+        seen[:] = [out.stdout]
+        return "REANNOUNCED" in out.stdout or "TOPIC_RESET" in out.stdout
+
+    wait_for(status_tells, 15, interval=0.5,
+             message=lambda: "status never told of the loss:\n" + "".join(seen))
     harness_report(f"{fed.broker.kind} lost every topic: converged without an operator in "
                    f"{healed:.1f}s")
     fed.assert_clean_logs(allowed=INCIDENTS)
 
 
 def _recreate_topic(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and see it re-created, by us or by a bridge that missed it first.
+
+    The running bridges re-create a missing topic within a second, so on a
+    slow machine the name may never be seen absent: a new topic id shows
+    the deletion as well.
+    """
     async def go() -> None:
+        ids = Kafka(KafkaSettings(bootstrap), client_id="test-recreate")
+        await ids.start_consumer(None)
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
+            old = (await ids.topic_ids([topic])).ids.get(topic)
             await admin.delete_topics([topic])
             deadline = time.monotonic() + 30
-            while topic in await admin.list_topics():
+            while True:
+                now = await ids.topic_ids([topic])
+                if topic in now.missing or (old is None and topic not in await admin.list_topics()):
+                    break
+                if old is not None and now.ids.get(topic) not in (None, old):
+                    return  # a bridge re-created it between two looks
                 assert time.monotonic() < deadline, f"{topic} never went away"
                 await asyncio.sleep(0.2)
             while True:
@@ -123,6 +148,7 @@ def _recreate_topic(bootstrap: str, topic: str) -> None:
                 await asyncio.sleep(0.5)
         finally:
             await admin.close()
+            await ids.stop()
 
     asyncio.run(go())
 
