@@ -280,6 +280,7 @@ class Bridge:
                  session=f"{self.zk.session_id or 0:#x}")
         fresh = await self._incarnation()
         for store in self.stores.values():
+            store.incarnation = self.incarnation
             await store.setup()
         own = [self.topic(n, self.region) for n in self.stores]
         created = await self.retry("create topics", lambda: self.kafka.ensure_topics(
@@ -292,13 +293,16 @@ class Bridge:
             # Left by an earlier term: published first, whole batches, in order,
             # streamed from the outbox by the feeder (Outbound.feed); this
             # term's captures wait in the outbox behind them.
-            newest = await self.retry("read outbox", store.open_after_pending)
+            newest, pending = await self.retry("read outbox", store.open_after_pending)
             for payload in newest:
                 # New batch ids must sort after the ones still pending.
                 with contextlib.suppress(BridgeError):
                     event = codec.decode(payload)
                     self.clock.observe(max(event.ts, event.batch or 0))
-            self.outbound.spill(name, start=True)
+            if pending:
+                self.outbound.spill(name, start=True)
+            # Else nothing is waiting: this term's captures (the start-up scan's
+            # first) are queued directly, not written and read back.
         for name in self.stores:
             await self._scan(name)
         own_ends = await self._replay_own_topics(fresh)
@@ -708,10 +712,10 @@ class Bridge:
                 return name, rel
         return None
 
-    def _on_tree(self, path: str) -> None:
+    def _on_tree(self, path: str, frame: int) -> None:
         found = self._subtree_of(path)
         if found is not None and found[1] != "/" and not self.stores[found[0]].excluded(found[1]):
-            self.outbound.mark(*found)
+            self.outbound.mark(*found, frame)
 
     def _on_watch(self, kind: Watch, path: str, deleted: bool) -> None:
         """Fallback one-shot watches (no addWatch): where to look, then re-armed."""

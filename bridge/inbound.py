@@ -193,8 +193,8 @@ class Inbound:
                 # Asking for its offsets would only wait out a request timeout.
                 raise KafkaError(f"topics missing: {', '.join(missing)}")
             replaced = await self._replaced(ids.ids)
-            ends = await b.kafka.end_offsets(tps)
-            begins = await b.kafka.beginning_offsets(tps)
+            ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
+                                                b.kafka.beginning_offsets(tps))
         except KafkaError as exc:
             # A topic that vanished (deleted, broker rebuilt empty): recreate
             # what this bridge may create, and look again next round.

@@ -205,6 +205,13 @@ class Kafka:
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        # Offset and metadata queries go on a connection of their own: a broker
+        # answers one request per connection at a time, so on the fetching
+        # consumer's connection each waited behind a long-polling fetch (up to
+        # fetch_max_wait_ms: 200 ms for the two offset lookups of a topic check,
+        # which held every applied batch back by as much once a second).
+        self._probe: AIOKafkaConsumer | None = None
+        self._probe_lock = asyncio.Lock()
         self._secure_ok = False
         self._producer_lock = asyncio.Lock()
         self._producer_started = False
@@ -455,8 +462,23 @@ class Kafka:
             raise KafkaError("consumer not started")
         return self._consumer
 
+    async def _querier(self) -> AIOKafkaConsumer:
+        """The client for offset and metadata queries (started on first use)."""
+        self._need_consumer()
+        async with self._probe_lock:
+            if self._probe is None:
+                probe = AIOKafkaConsumer(**self._common(), group_id=None,
+                                         enable_auto_commit=False)
+                try:
+                    await _guard("connect consumer", probe.start())
+                except BaseException:
+                    await probe.stop()
+                    raise
+                self._probe = probe
+            return self._probe
+
     async def partitions(self, topic: str) -> list[int]:
-        consumer = self._need_consumer()
+        consumer = await self._querier()
         parts = await _guard(f"partitions of {topic}", _partitions(consumer, topic))
         return sorted(parts)
 
@@ -496,15 +518,15 @@ class Kafka:
         return out
 
     async def topic_ids(self, topics: Sequence[str]) -> TopicIds:
-        """Each topic's id (Metadata v12), through the consumer's connection.
+        """Each topic's id (Metadata v12), through the query connection.
 
         aiokafka's own metadata has no topic ids, so the request is sent here
         by hand. A broker that does not offer v12 answers once; after that
         the bridge stops asking and relies on offsets.
         """
-        consumer = self._need_consumer()
         if self._ids_unsupported or not topics:
             return TopicIds()
+        consumer = await self._querier()
         client: Any = consumer._client  # aiokafka's AIOKafkaClient: the one place we reach in
         node = client.get_random_node()
         if node is None:
@@ -566,7 +588,7 @@ class Kafka:
         )
 
     async def end_offsets(self, tps: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        consumer = self._need_consumer()
+        consumer = await self._querier()
         res = await _guard(
             "end offsets", consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
         )
@@ -576,7 +598,7 @@ class Kafka:
         self, tps: Sequence[tuple[str, int]]
     ) -> dict[tuple[str, int], int]:
         """Log start offset per partition: what a reader from the start begins with."""
-        consumer = self._need_consumer()
+        consumer = await self._querier()
         res = await _guard(
             "beginning offsets",
             consumer.beginning_offsets([TopicPartition(t, p) for t, p in tps]),
@@ -610,8 +632,9 @@ class Kafka:
                 log.warning("kafka_stop_failed", client=what, error=str(exc))
 
         closers = [close(what, c) for what, c in
-                   (("producer", self._producer), ("consumer", self._consumer)) if c is not None]
-        self._producer = self._consumer = None
+                   (("producer", self._producer), ("consumer", self._consumer),
+                    ("query consumer", self._probe)) if c is not None]
+        self._producer = self._consumer = self._probe = None
         await asyncio.gather(*closers)
 
 

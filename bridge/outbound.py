@@ -18,15 +18,19 @@ feeder reaches them in their place, so the order never changes.
 
 Every record leaves stamped with this ensemble's incarnation (schema 1.2,
 ``inc``), so that a second ensemble publishing as the same region shows on
-the topic. It is stamped here, at publish time, rather than when the outbox
-entry is written: the outbox lives in the ensemble, so whatever it holds
-belongs to the ensemble's current incarnation anyway.
+the topic. A capture stamps its events before writing the outbox entry, so
+the entry holds each record's value exactly as published (encoded once).
+What an entry holds without this ensemble's current stamp (written by an
+older release, or before a restore gave the ensemble a new marker) is
+stamped again here: the outbox lives in the ensemble, so whatever it holds
+belongs to the ensemble's current incarnation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -56,6 +60,16 @@ FEED_CHUNK = 500  # a feeder pass that found fewer entries is near the end: the 
 # did, ran a 256 MB ZooKeeper out of heap on `scripts/bench --large`.
 FEED_GROUP = 16
 START = (-2, "")  # an outbox key before every entry
+# Acknowledged outbox entries are deleted together, at most every DELETE_GAP
+# seconds, DELETE_CHUNK per multi (well under jute.maxbuffer): one delete per
+# published batch was a third of the origin's ZooKeeper requests at 200
+# writes/s. An entry acked but not yet deleted when the bridge dies is only
+# published again, which receivers skip as equal.
+DELETE_GAP = 0.1
+DELETE_CHUNK = 1000
+# The own topic's position (it bounds a replay after a wipe) is written at most
+# this often; a stale one only replays a little more.
+OWN_POSITION_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,11 @@ class Outbound:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.dirty: dict[str, set[str]] = {n: set() for n in bridge.stores}
+        # rel → frame of its latest tree notification, for rels in ``dirty`` marked
+        # since it was last taken (see ``settled``); absent: never settled by an apply.
+        self.frames: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
+        for name, store in bridge.stores.items():
+            store.settled = functools.partial(self.settled, name)
         self.wake: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
         self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
@@ -91,12 +110,15 @@ class Outbound:
         self._room = asyncio.Condition()
         self._own_ends: dict[str, dict[int, int]] = {}
         self._own_written = 0.0
-        self._deletes: set[asyncio.Task[None]] = set()
+        self._own_lock = asyncio.Lock()
+        self._doomed: list[tuple[str, str]] = []  # (subtree, outbox path) acked, to delete
+        self._deleter: asyncio.Task[None] | None = None
 
     def reset(self) -> None:
         self.queue = asyncio.Queue()
         for name in self.dirty:
             self.dirty[name].clear()
+            self.frames[name].clear()
             self.queued[name] = 0
             self.unacked[name].clear()
             self.draining[name] = False
@@ -104,10 +126,46 @@ class Outbound:
             self.spilled[name].clear()
 
     # -- capture -------------------------------------------------------------
-    def mark(self, subtree: str, rel: str) -> None:
-        """A watch says ``rel`` may have changed (called on the event loop)."""
-        self.dirty[subtree].add(rel)
+    def mark(self, subtree: str, rel: str, frame: int | None = None) -> None:
+        """A watch says ``rel`` may have changed (called on the event loop).
+
+        ``frame``: the notification's place in the session's order (tree watch only).
+        """
+        dirty, frames = self.dirty[subtree], self.frames[subtree]
+        if frame is None:
+            frames.pop(rel, None)
+        elif rel not in dirty or rel in frames:
+            frames[rel] = max(frames.get(rel, 0), frame)
+        dirty.add(rel)
         self.wake[subtree].set()
+
+    def take(self, subtree: str) -> set[str]:
+        """The pending paths, now the caller's to capture."""
+        taken, self.dirty[subtree] = self.dirty[subtree], set()
+        self.frames[subtree] = {}
+        return taken
+
+    def restore(self, subtree: str, rels: set[str]) -> None:
+        """Give back paths taken but not captured; an apply never settles these."""
+        for rel in rels:
+            self.frames[subtree].pop(rel, None)
+        self.dirty[subtree] |= rels
+
+    def settled(self, subtree: str, rels: set[str], frame: int) -> None:
+        """An apply's ``multi`` wrote ``rels`` and was answered at ``frame``.
+
+        The notifications of these znodes numbered below ``frame`` are of that
+        write or of changes it accounted for (``SubtreeStore.written``):
+        reading them back would find nothing to announce, and would cost the
+        receiver a read and its lock after every batch it applies.
+        """
+        dirty, frames = self.dirty[subtree], self.frames[subtree]
+        done = [r for r in rels if r in dirty and frames.get(r, frame) < frame]
+        for rel in done:
+            dirty.discard(rel)
+            del frames[rel]
+        if done:
+            self.bridge.stats[f"own_notifications_settled:{subtree}"] += len(done)
 
     async def capture_loop(self, name: str) -> None:
         while True:
@@ -119,19 +177,19 @@ class Outbound:
     async def flush(self, name: str, extra: set[str] | None = None) -> None:
         """Capture every pending local change of ``name`` (caller holds its lock)."""
         store = self.bridge.stores[name]
-        rels = self.dirty[name] | (extra or set())
-        self.dirty[name] = set()
+        rels = self.take(name) | (extra or set())
         if not rels:
             return
         taken: set[str] = set(rels)
 
-        def notified() -> set[str]:
-            new, self.dirty[name] = self.dirty[name], set()
+        def notified() -> set[str]:  # called once per read of the capture
+            self.bridge.stats[f"capture_reads:{name}"] += 1
+            new = self.take(name)
             taken.update(new)
             return new
 
         def requeue(left: set[str]) -> None:
-            self.dirty[name] |= left
+            self.restore(name, left)
             self.wake[name].set()
 
         def committed(batch: CapturedBatch) -> None:
@@ -147,7 +205,7 @@ class Outbound:
                 await self.bridge.retry(f"capture {name}",
                                         lambda: store.capture(rels, notified, committed))
             except BaseException:
-                self.dirty[name] |= taken  # not captured: the next attempt reads them again
+                self.restore(name, taken)  # not captured: the next attempt reads them again
                 raise
             await self.bridge.after_capture(name, taken)
             self.recheck_outbox(store)
@@ -158,7 +216,9 @@ class Outbound:
         name = store.layout.name
         self.bridge.stats[f"captured:{name}"] += len(batch.events)
         failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
-        self.enqueue(name, batch.outbox_path, [(e.key, self.stamp(e)) for e in batch.events])
+        self.enqueue(name, batch.outbox_path, [
+            (e.key, p if e.inc == self.bridge.incarnation else self.stamp(e))
+            for e, p in zip(batch.events, batch.payloads, strict=True)])
 
     def stamp(self, event: Event) -> bytes:
         """The record value of ``event`` with this ensemble's incarnation."""
@@ -290,7 +350,9 @@ class Outbound:
                 except BridgeError:
                     records.append((b"/", payload))
                     continue
-                records.append((event.key, self.stamp(event)))
+                # Captures stamp their events; older entries are stamped here.
+                records.append((event.key, payload if event.inc == self.bridge.incarnation
+                                else self.stamp(event)))
                 captured = captured or hlc_to_ms(event.batch or event.ts)
             self.enqueue(subtree, path, records, captured_ms=captured, fed=True)
 
@@ -335,17 +397,24 @@ class Outbound:
         paths = [(u.subtree, u.outbox_path) for u in units if u.outbox_path is not None]
         if paths:
             # Acknowledged entries go while the next batch is already published.
-            task = asyncio.ensure_future(self._delete(paths))
-            self._deletes.add(task)
-            task.add_done_callback(self._deletes.discard)
+            self._doomed += paths
+            if self._deleter is None or self._deleter.done():
+                self._deleter = asyncio.ensure_future(self._delete_acked())
         for (topic, part), end in ends.items():
             subtree = next(u.subtree for u in units if b.topic(u.subtree, b.region) == topic)
             self._own_ends.setdefault(subtree, {})[part] = end
             b.inbound.own_acked(topic, part, end)
         # The own-topic position only bounds a replay after a wipe: once a
-        # second is plenty, and saves a ZooKeeper write per small batch.
-        if time.monotonic() - self._own_written >= 1.0 or self.queue.empty():
+        # second is plenty (heartbeats write what is left when it goes idle).
+        if time.monotonic() - self._own_written >= OWN_POSITION_SECONDS:
             await self._write_own_positions()
+
+    async def _delete_acked(self) -> None:
+        while self._doomed:
+            await asyncio.sleep(DELETE_GAP)  # let more acks gather
+            entries, self._doomed = self._doomed, []
+            for i in range(0, len(entries), DELETE_CHUNK):
+                await self._delete(entries[i : i + DELETE_CHUNK])
 
     async def _delete(self, entries: list[tuple[str, str]]) -> None:
         b = self.bridge
@@ -358,16 +427,25 @@ class Outbound:
 
     async def settle(self) -> None:
         """Wait for outbox deletes in flight (end of term)."""
-        if self._deletes:
-            await asyncio.gather(*self._deletes, return_exceptions=True)
+        if self._deleter is not None:
+            await asyncio.gather(self._deleter, return_exceptions=True)
 
     async def _write_own_positions(self) -> None:
-        self._own_written = time.monotonic()
-        for subtree, parts in list(self._own_ends.items()):
-            store = self.bridge.stores[subtree]
-            await self.bridge.retry("store publish position", lambda s=store, p=dict(parts):
-                                    s.write_positions(self.bridge.region, p))  # type: ignore[misc]
-        self._own_ends.clear()
+        async with self._own_lock:
+            self._own_written = time.monotonic()
+            ends, self._own_ends = self._own_ends, {}
+            try:
+                for subtree, parts in ends.items():
+                    store = self.bridge.stores[subtree]
+                    await self.bridge.retry(
+                        "store publish position", lambda s=store, p=dict(parts):
+                        s.write_positions(self.bridge.region, p))  # type: ignore[misc]
+            except BaseException:
+                for subtree, parts in ends.items():  # written again next time
+                    cur = self._own_ends.setdefault(subtree, {})
+                    for part, end in parts.items():
+                        cur[part] = max(cur.get(part, 0), end)
+                raise
 
     async def drain(self, deadline: float = 10.0) -> None:
         """On shutdown, publish what is queued; what is left stays in the outbox."""
@@ -375,14 +453,16 @@ class Outbound:
         while not self.queue.empty():
             units.append(self.queue.get_nowait())
         units = [u for u in units if u.outbox_path is not None]
-        if units:
-            try:
-                async with asyncio.timeout(deadline):
+        try:
+            async with asyncio.timeout(deadline):
+                if units:
                     await self.publish(units)
-                    await self.settle()
-            except (TimeoutError, BridgeError) as exc:
-                log.warning("drain_incomplete", left=len(units), error=str(exc),
-                            hint="kept in the outbox; published at next start")
+                await self.settle()
+                if self._own_ends:
+                    await self._write_own_positions()
+        except (TimeoutError, BridgeError) as exc:
+            log.warning("drain_incomplete", left=len(units), error=str(exc),
+                        hint="kept in the outbox; published at next start")
 
     # -- heartbeats --------------------------------------------------------
     async def heartbeats(self, interval: Callable[[], float],
@@ -406,4 +486,6 @@ class Outbound:
                            inc=b.incarnation, applied=applied)
                 # Through the publisher's queue: never inside another batch's records.
                 self.enqueue(name, None, [(hb.key, codec.encode(hb))])
+            if self._own_ends:
+                await self._write_own_positions()  # what the publisher left when it went idle
             await sleep(interval())

@@ -86,6 +86,9 @@ class SubtreeStore(Planner):
         self.clock = clock
         self.max_data_bytes = max_data_bytes
         self.exclude = tuple(exclude)
+        # This ensemble's incarnation (set at each term's start), stamped on
+        # captured events: the outbox holds each record's value as published.
+        self.incarnation: str | None = None
         self.oversized: dict[str, int] = {}  # rel → size, for status and metrics
         # rel → "read" or "write": znodes the bridge's identity may not touch.
         self.held_back: dict[str, str] = {}
@@ -93,6 +96,9 @@ class SubtreeStore(Planner):
         self.metas: dict[str, MetaEntry] = {}
         # Where paths go back when a batch had to be cut before closing.
         self.requeue: Callable[[set[str]], None] = lambda rels: None
+        # Told the znodes an apply wrote and the frame of its reply: their
+        # notifications up to that frame are of that write (``written``).
+        self.settled: Callable[[set[str], int], None] = lambda rels, frame: None
         self._position_versions: dict[str, int] = {}
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.
@@ -142,7 +148,7 @@ class SubtreeStore(Planner):
                 if r.startswith(prefix) and "/" not in r[len(prefix):]
                 and e.meta is not None and not e.meta.deleted]
 
-    async def _multi(self, plan: Plan, peer: str | None = None) -> list[object]:
+    async def _multi(self, plan: Plan, peer: str | None = None) -> tuple[list[object], int]:
         """Commit a plan; when the answer is lost, what it touched is read again first.
 
         A ``multi`` cut off by a lost connection may or may not have committed:
@@ -151,7 +157,7 @@ class SubtreeStore(Planner):
         own write for an application's.
         """
         try:
-            return await self.zk.multi(plan.ops)
+            return await self.zk.commit(plan.ops)
         except (VersionConflict, NoPermission):
             raise
         except ZooKeeperError:
@@ -186,6 +192,23 @@ class SubtreeStore(Planner):
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)
+
+    def written(self, plan: Plan) -> set[str]:
+        """The replicated znodes a plan writes, each behind a check of the version it read.
+
+        Once such a ``multi`` committed, every change to these znodes that was
+        notified before its reply is accounted for: made before the apply read
+        the znode (a local change then stops the apply, ``LocalChanges``), or
+        by the apply itself; one in between would have failed the ``multi``.
+        So the capture need not read them back for those notifications.
+        """
+        out = set()
+        for op in plan.ops:
+            if isinstance(op, Create) or (isinstance(op, SetData | Delete) and op.version >= 0):
+                rel = self.layout.rel_of(op.path)
+                if rel is not None and rel != "/":
+                    out.add(rel)
+        return out
 
     # -- capture ---------------------------------------------------------------
     async def capture(self, rels: Iterable[str],
@@ -300,7 +323,8 @@ class SubtreeStore(Planner):
             acl = acls.get(rel)
             events.append(Event(origin=self.region, subtree=self.layout.name, path=rel, op=op,
                                 vc=vc, ts=ts, writer=self.region, data=data,
-                                acl=acl if isinstance(acl, tuple) else None))
+                                acl=acl if isinstance(acl, tuple) else None,
+                                inc=self.incarnation))
         if not events and not cleanup:
             return []
         out: list[CapturedBatch] = []
@@ -323,7 +347,7 @@ class SubtreeStore(Planner):
             enc = [codec.encode(e) for e in part]
             await self._outbox_ops(plan, codec.encode_outbox(enc))
             try:
-                results = await self._multi(plan)
+                results, _ = await self._multi(plan)
                 failpoints.hit(failpoints.CAPTURE_COMMITTED)
             except ZooKeeperError:
                 self._bucket_known = False  # a lost answer may have created it
@@ -379,7 +403,7 @@ class SubtreeStore(Planner):
             if not plan.ops:
                 return result
             try:
-                await self._multi(plan, position[0] if position else None)
+                _, frame = await self._multi(plan, position[0] if position else None)
             except NoPermission as exc:
                 rel = self.layout.rel_of(exc.path or "")
                 if rel is None:
@@ -392,6 +416,7 @@ class SubtreeStore(Planner):
                     await self.read_positions(position[0])
                 continue
             self._commit(plan)
+            self.settled(self.written(plan), frame)
             self.held_events.update(plan.held)
             for rel in released:
                 self.held_events.pop(rel, None)
@@ -552,8 +577,9 @@ class SubtreeStore(Planner):
                     for p, n in zip(part, nodes, strict=True) if n is not None]
         return out
 
-    async def open_after_pending(self) -> list[bytes]:
-        """Start this term's bucket after every one left; return the newest batch's payloads.
+    async def open_after_pending(self) -> tuple[list[bytes], bool]:
+        """Start this term's bucket after every one left; return the newest batch's payloads,
+        and whether earlier terms left any entry at all.
 
         Batches are stamped in capture order across terms, so the newest
         batch entry holds the highest batch id an earlier term left
@@ -571,9 +597,9 @@ class SubtreeStore(Planner):
                 looked += 1
                 if looked >= 100 or any(not codec.is_null_entry(p) for p in payloads):
                     await self._open_bucket()  # this term's entries go after all of these
-                    return newest
+                    return newest, True
         await self._open_bucket()
-        return newest
+        return newest, looked > 0
 
     async def drop_empty_buckets(self, deleted: Iterable[str]) -> None:
         """Remove the buckets ``deleted`` emptied, except the one being filled."""

@@ -135,8 +135,13 @@ class Watch(enum.Enum):
 WatchCallback = Callable[[Watch, str, bool], None]
 """(kind, absolute path, deleted) — always called on the event loop."""
 
-TreeCallback = Callable[[str], None]
-"""(absolute path) of a change below a recursively watched root — on the event loop."""
+TreeCallback = Callable[[str, int], None]
+"""(absolute path, frame) of a change below a recursively watched root — on the event loop.
+
+``frame`` numbers what the session received, in the order it arrived (see
+``_Connection``): a change notified with a lower frame than a reply was made
+before the request answered by that reply.
+"""
 
 SessionCallback = Callable[[str, bool], None]
 """(state name, new session?) — always called on the event loop."""
@@ -294,19 +299,33 @@ class _Connection(ConnectionHandler):  # type: ignore[misc]
     in one write, and replies are read in large chunks and all handled before
     the loop selects again. Requests still leave, and replies are still
     matched, in the order kazoo queued them.
+
+    Every frame received (a reply or a watch event) is numbered in arrival
+    order. ZooKeeper sends a session the notifications a write triggers
+    before that write's reply, so a notification numbered below a ``multi``'s
+    reply is of a change at or before that ``multi`` (``ZooKeeper.commit``).
     """
 
-    on_persistent: Callable[[int, str], None] | None = None
+    on_persistent: Callable[[int, str, int], None] | None = None
+    frames = 0
     _rbuf: bytearray
     _bulk: bool = False
     _xid: int
 
     def _read_watch_event(self, buffer: bytes, offset: int) -> None:
+        self.frames += 1
         cb = self.on_persistent
         if cb is not None:
             event, _ = WatchMessage.deserialize(buffer, offset)
-            cb(event.type, event.path)
+            cb(event.type, event.path, self.frames)
         super()._read_watch_event(buffer, offset)
+
+    def _read_response(self, header: Any, buffer: bytes, offset: int) -> Any:
+        self.frames += 1
+        pending = self.client._pending
+        if pending and pending[0][1] is not None:
+            pending[0][1].zkb_frame = self.frames  # read by ZooKeeper.commit
+        return super()._read_response(header, buffer, offset)
 
     def _connect(self, host: str, hostip: str, port: int) -> Any:
         self._rbuf = bytearray()  # nothing read on an old socket belongs to a new one
@@ -528,13 +547,16 @@ class ZooKeeper:
     def on_tree(self, cb: TreeCallback) -> None:
         self._tree_cb = cb
 
-    def _persistent_event(self, kind: int, path: str) -> None:
+    def _persistent_event(self, kind: int, path: str, frame: int) -> None:
         # kazoo's connection thread; persistent events carry no "child" kind.
+        # Handed to the loop directly, while replies go through kazoo's
+        # completion thread: every notification numbered below a reply
+        # reaches the loop before that reply does.
         loop, cb = self._loop, self._tree_cb
         if loop is None or cb is None or loop.is_closed() or kind == EventType_CHILD:
             return
         if any(path == r or path.startswith(r + "/") for r in self._tree_roots):
-            loop.call_soon_threadsafe(cb, path)
+            loop.call_soon_threadsafe(cb, path, frame)
 
     def _kazoo_watch(self, event: WatchedEvent) -> None:
         loop, cb = self._loop, self._watch_cb
@@ -825,6 +847,15 @@ class ZooKeeper:
         ``FencedError`` when the epoch moved, ``VersionConflict`` when another
         check or create/delete precondition failed (re-read and retry).
         """
+        results, _ = await self.commit(ops, fenced=fenced)
+        return results
+
+    async def commit(self, ops: Sequence[Op], *, fenced: bool = True) -> tuple[list[Any], int]:
+        """``multi``, also returning the frame number of its reply (``_Connection``).
+
+        A persistent-watch notification of a path this ``multi`` wrote, numbered
+        below that frame, is of a change at or before it.
+        """
         all_ops: list[Op] = list(ops)
         if fenced:
             if self.fence is None:
@@ -841,7 +872,9 @@ class ZooKeeper:
                 t.set_data(op.path, op.data, op.version)
             else:
                 t.delete(op.path, op.version)
-        results = await self._await(self._call(t.commit_async, what="multi"), "multi")
+        pending = self._call(t.commit_async, what="multi")
+        results = await self._await(pending, "multi")
+        frame = int(getattr(pending, "zkb_frame", 0))
         failed = [
             (op, r)
             for op, r in zip(all_ops, results, strict=False)
@@ -859,7 +892,7 @@ class ZooKeeper:
                                    path=op.path)
             raise VersionConflict(f"multi failed at {type(op).__name__} {op.path}: "
                                   f"{type(err).__name__}")
-        return list(results)
+        return list(results), frame
 
     async def take_epoch(self, epoch_path: str, holder: bytes) -> int:
         """Bump the epoch znode and fence every later multi on the new version."""

@@ -7,6 +7,7 @@ boundaries: never a pointer before the data it points at, never a step back.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -151,6 +152,42 @@ def test_an_application_multi_arrives_whole(federation: Federation) -> None:
     print(f"application multi: {reads} snapshot reads in r2, {torn} torn")
     assert reads > 50
     assert torn == 0
+    fed.assert_clean_logs()
+
+
+def _counters(fed: Federation, name: str) -> dict[str, int]:
+    data, _ = fed[name].client.get(f"{fed.state_path}/status")
+    return dict(json.loads(data)["counters"])
+
+
+def test_a_receiver_does_not_read_back_what_it_applied(federation: Federation) -> None:
+    fed = federation
+    fed.start("r1")
+    fed.start("r2")
+    r1, r2 = fed["r1"], fed["r2"]
+    applied = f"applied:{fed.subtree}:applied"
+    reads = f"capture_reads:{fed.subtree}"
+    before = _counters(fed, "r2")
+    for i in range(40):
+        r1.client.create(r1.path(f"/s{i}"), b"0")
+    for round_ in range(1, 6):
+        for i in range(40):
+            r1.client.set(r1.path(f"/s{i}"), str(round_).encode())
+        time.sleep(0.05)  # several batches, not one
+    fed.wait_converged(["r1", "r2"])
+    wait_for(lambda: _counters(fed, "r2").get(applied, 0) - before.get(applied, 0) >= 40, 30,
+             message="r2's status never counted the applies")
+    time.sleep(0.5)  # any read-back of the last applies would have happened by now
+    after = _counters(fed, "r2")
+    # Its persistent watch reported every znode it wrote; before, each apply
+    # was followed by a capture reading those znodes back, to find nothing.
+    settled = after.get(f"own_notifications_settled:{fed.subtree}", 0)
+    assert settled >= 40, after
+    assert after.get(reads, 0) - before.get(reads, 0) <= 2, (before, after)
+    # An application write in r2 is still captured and reaches r1.
+    r2.client.set(r2.path("/s0"), b"from r2")
+    wait_for(lambda: r1.client.get(r1.path("/s0"))[0] == b"from r2", 30,
+             message="r2's own write never reached r1")
     fed.assert_clean_logs()
 
 

@@ -3,19 +3,23 @@
 Batch closure rests on two server facts checked here: a read-only multi is
 answered as one snapshot (never half before and half after a write), and a
 persistent recursive watch reports every change below its root, in order,
-before the reply to any later request on the same session.
+before the reply to any later request on the same session. The receiver's
+capture leaves out its own applies on the same fact, through frame numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from typing import Any
 
 import pytest
+from kazoo.exceptions import NoNodeError
 
 from bridge.config import ZooKeeperSettings
 from bridge.errors import NoPermission
-from bridge.zk import Node, ZooKeeper
+from bridge.zk import Create, Node, SetData, ZooKeeper
 from tests.conftest import ZkServers
 from tests.harness.zookeeper import KazooFactory
 
@@ -112,7 +116,7 @@ def test_recursive_watch_reports_every_change_before_a_later_reply(
     async def run() -> tuple[list[str], bool]:
         adapter = _adapter(zk_servers)
         seen: list[str] = []
-        adapter.on_tree(seen.append)
+        adapter.on_tree(lambda path, _frame: seen.append(path))
         await adapter.start()
         try:
             ok = await adapter.add_recursive_watch(root)
@@ -130,6 +134,51 @@ def test_recursive_watch_reports_every_change_before_a_later_reply(
     seen, ok = asyncio.run(run())
     assert ok
     assert seen == [f"{root}/a", f"{root}/a/b", f"{root}/a/b/c", f"{root}/a", f"{root}/a/b/c"]
+
+
+def _set_once_created(client: Any, path: str) -> None:
+    while True:
+        try:
+            client.set(path, b"app")
+            return
+        except NoNodeError:
+            time.sleep(0.001)
+
+
+def test_notifications_of_a_multi_are_numbered_below_its_reply_and_later_ones_above(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    app = zk()
+    root = f"/{token}"
+    app.create(f"{root}/y", b"0", makepath=True)
+
+    async def run() -> tuple[list[tuple[str, int]], int, int]:
+        adapter = _adapter(zk_servers)
+        seen: list[tuple[str, int]] = []
+        adapter.on_tree(lambda path, frame: seen.append((path, frame)))
+        await adapter.start()
+        try:
+            assert await adapter.add_recursive_watch(root)
+            # Another session writes right behind our multi, as an application would.
+            later = asyncio.create_task(asyncio.to_thread(_set_once_created, app, f"{root}/x"))
+            _, frame = await adapter.commit(
+                [Create(f"{root}/x", b"1"), SetData(f"{root}/y", b"1", 0)], fenced=False)
+            await later
+            await adapter.read_many([("data", root)])  # every notification is in by its reply
+            await asyncio.sleep(0)
+            second = await adapter.commit([SetData(f"{root}/y", b"2", 1)], fenced=False)
+            await asyncio.sleep(0)
+            return seen, frame, second[1]
+        finally:
+            await adapter.stop()
+
+    seen, frame, second = asyncio.run(run())
+    # Ours: created x, set y, both below the reply; the application's set of x after it.
+    assert [(p, f < frame) for p, f in seen[:3]] == [
+        (f"{root}/x", True), (f"{root}/y", True), (f"{root}/x", False)]
+    assert frame < seen[2][1] < second
+    assert seen[3][0] == f"{root}/y" and seen[2][1] < seen[3][1] < second
+    assert len(seen) == 4
 
 
 def test_refused_add_watch_is_reported_as_unsupported(zk_servers: ZkServers, token: str) -> None:
