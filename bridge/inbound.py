@@ -102,7 +102,9 @@ class Inbound:
         self.own: dict[str, str] = {bridge.topic(n, bridge.region): n for n in bridge.stores}
         self.own_max_end: dict[tuple[str, int], int] = {}
         self.own_ids: dict[str, str] = {}  # own topic → the id this bridge published to
-        self._own_suspect: dict[tuple[str, int], str] = {}
+        # An own partition whose end was seen below what we had published:
+        # the end acknowledged before that check, confirmed at the next one.
+        self._own_suspect: dict[tuple[str, int], int] = {}
         # Partitions a fetch answered with records since the last topic check:
         # their high watermark is current, not left over from before a loss.
         self._fetched: set[tuple[str, int]] = set()
@@ -241,15 +243,16 @@ class Inbound:
             end = ends.get(tp)
             if end is None or tp[0] in replaced:
                 continue
-            if end < seen:
-                why = f"end offset {end} is below the {seen} this bridge published"
-                if self._own_suspect.pop(tp, None) is None:
-                    self._own_suspect[tp] = why
-                    continue
+            # Confirmed against what was acknowledged before the *previous*
+            # check: a broker may answer ListOffsets a little behind the acks
+            # it sent (tansu does, under load), never a whole second behind.
+            before = self._own_suspect.pop(tp, None)
+            if before is not None and end < before:
+                why = f"end offset {end} is below the {before} this bridge published"
                 self.own_max_end[tp] = end
-                b.own_topic_lost(self.own[tp[0]], tp[0], tp[1], seen, end, why)
-            else:
-                self._own_suspect.pop(tp, None)
+                b.own_topic_lost(self.own[tp[0]], tp[0], tp[1], before, end, why)
+            elif end < seen:
+                self._own_suspect[tp] = seen
         for tp in peer_tps:
             topic, part = tp
             peer = self.peers[topic]
