@@ -105,10 +105,8 @@ class Inbound:
         # An own partition whose end was seen below what we had published:
         # the end acknowledged before that check, confirmed at the next one.
         self._own_suspect: dict[tuple[str, int], int] = {}
-        # Partitions a fetch answered with records since the last topic check:
-        # their high watermark is current, not left over from before a loss.
-        self._fetched: set[tuple[str, int]] = set()
         self._checked = 0.0
+        self._checked_ms = 0  # wall clock of the last topic check's start
         self._check_failures = 0  # consecutive topic checks that failed
         for name in bridge.stores:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
@@ -122,7 +120,6 @@ class Inbound:
         self.own_max_end.clear()
         self.own_ids.clear()
         self._own_suspect.clear()
-        self._fetched.clear()
         for name in self.queues:
             self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
             self.pending[name] = 0
@@ -180,6 +177,7 @@ class Inbound:
         """
         b = self.bridge
         self._checked = time.monotonic()
+        since, started_ms = self._checked_ms, int(time.time() * 1000)
         forced = forced or {}
         peer_tps = [(t, p) for t, peer in self.peers.items() for p in peer.assemblers]
         # What was acknowledged *before* asking: an ack that lands while the
@@ -212,13 +210,13 @@ class Inbound:
         if self._check_failures:
             log.info("topic_check_recovered", failed_checks=self._check_failures)
             self._check_failures = 0
-        fetched, self._fetched = self._fetched, set()
-        for topic, part in fetched & ends.keys():
+        self._checked_ms = started_ms
+        for tp, hw in b.kafka.highwaters_since(list(ends), since).items():
             # Some brokers answer ListOffsets with less than the fetch high
-            # watermark (tansu counts batches, not records). A fetch answer
-            # that brought records is what reading really finds.
-            listed = ends[(topic, part)]
-            ends[(topic, part)] = max(listed, b.kafka.highwater(topic, {part: listed})[part])
+            # watermark (tansu does, for good). The high watermark of a fetch
+            # answered since the last check is what reading really finds; a
+            # fetch refused after a loss leaves it older than that, unused.
+            ends[tp] = max(ends[tp], hw)
         for topic, (old, new) in replaced.items():
             why = f"topic id changed from {old} to {new} (deleted and re-created, or rebuilt)"
             if topic in self.own:
@@ -346,7 +344,6 @@ class Inbound:
             seen=f"a record at offset {rec.offset}"))
 
     async def _take(self, rec: Record) -> None:
-        self._fetched.add((rec.topic, rec.partition))
         if rec.topic in self.own:
             self._own_record(rec)
             return

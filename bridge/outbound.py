@@ -66,6 +66,7 @@ START = (-2, "")  # an outbox key before every entry
 # writes/s. An entry acked but not yet deleted when the bridge dies is only
 # published again, which receivers skip as equal.
 DELETE_GAP = 0.1
+CAPTURE_GATHER = 0.005
 DELETE_CHUNK = 1000
 # The own topic's position (it bounds a replay after a wipe) is written at most
 # this often; a stale one only replays a little more.
@@ -170,6 +171,9 @@ class Outbound:
     async def capture_loop(self, name: str) -> None:
         while True:
             await self.wake[name].wait()
+            # Writes an application makes a few milliseconds apart share one
+            # batch: each batch costs a read, a multi and its share of deletes.
+            await asyncio.sleep(CAPTURE_GATHER)
             self.wake[name].clear()
             async with self.bridge.locks[name]:
                 await self.flush(name)
