@@ -306,21 +306,34 @@ class _Connection(ConnectionHandler):  # type: ignore[misc]
     reply is of a change at or before that ``multi`` (``ZooKeeper.commit``).
     """
 
-    on_persistent: Callable[[int, str, int], None] | None = None
+    # Persistent-watch events, handed on in runs: (type, path, frame) each.
+    on_persistent: Callable[[list[tuple[int, str, int]]], None] | None = None
     frames = 0
+    _notes: list[tuple[int, str, int]] | None = None
     _rbuf: bytearray
     _bulk: bool = False
     _xid: int
 
     def _read_watch_event(self, buffer: bytes, offset: int) -> None:
         self.frames += 1
-        cb = self.on_persistent
-        if cb is not None:
+        if self.on_persistent is not None:
             event, _ = WatchMessage.deserialize(buffer, offset)
-            cb(event.type, event.path, self.frames)
+            # Gathered, and handed on before the next reply (``_read_response``)
+            # or at the end of the read: a burst of events costs the event loop
+            # one wake-up, not one each, and still reaches it before any reply
+            # read after them.
+            if self._notes is None:
+                self._notes = []
+            self._notes.append((event.type, event.path, self.frames))
         super()._read_watch_event(buffer, offset)
 
+    def _hand_on(self) -> None:
+        notes, self._notes = self._notes, None
+        if notes and self.on_persistent is not None:
+            self.on_persistent(notes)
+
     def _read_response(self, header: Any, buffer: bytes, offset: int) -> Any:
+        self._hand_on()
         self.frames += 1
         pending = self.client._pending
         if pending and pending[0][1] is not None:
@@ -380,6 +393,7 @@ class _Connection(ConnectionHandler):  # type: ignore[misc]
             return result
         finally:
             self._bulk = False
+            self._hand_on()
 
     def _frame_buffered(self) -> bool:
         buf = self._rbuf
@@ -465,7 +479,7 @@ class ZooKeeper:
         self._watch_cb: WatchCallback | None = None
         self._tree_cb: TreeCallback | None = None
         self._tree_roots: tuple[str, ...] = ()
-        self._client._connection.on_persistent = self._persistent_event
+        self._client._connection.on_persistent = self._persistent_events
         # Stands in for a server older than 3.6 (tests of the per-node fallback).
         self.refuse_add_watch = os.environ.get("ZKBRIDGE_REFUSE_ADDWATCH") == "1"
         self.fence: Check | None = None
@@ -547,16 +561,24 @@ class ZooKeeper:
     def on_tree(self, cb: TreeCallback) -> None:
         self._tree_cb = cb
 
-    def _persistent_event(self, kind: int, path: str, frame: int) -> None:
+    def _persistent_events(self, notes: list[tuple[int, str, int]]) -> None:
         # kazoo's connection thread; persistent events carry no "child" kind.
         # Handed to the loop directly, while replies go through kazoo's
         # completion thread: every notification numbered below a reply
         # reaches the loop before that reply does.
         loop, cb = self._loop, self._tree_cb
-        if loop is None or cb is None or loop.is_closed() or kind == EventType_CHILD:
+        if loop is None or cb is None or loop.is_closed():
             return
-        if any(path == r or path.startswith(r + "/") for r in self._tree_roots):
-            loop.call_soon_threadsafe(cb, path, frame)
+        roots = self._tree_roots
+        mine = [(path, frame) for kind, path, frame in notes if kind != EventType_CHILD
+                and any(path == r or path.startswith(r + "/") for r in roots)]
+        if mine:
+            loop.call_soon_threadsafe(self._deliver, cb, mine)
+
+    @staticmethod
+    def _deliver(cb: TreeCallback, notes: list[tuple[str, int]]) -> None:
+        for path, frame in notes:
+            cb(path, frame)
 
     def _kazoo_watch(self, event: WatchedEvent) -> None:
         loop, cb = self._loop, self._watch_cb
