@@ -94,7 +94,8 @@ class Outbound:
         self.dirty: dict[str, set[str]] = {n: set() for n in bridge.stores}
         # rel → frame of its latest tree notification, for rels in ``dirty`` marked
         # since it was last taken (see ``settled``); absent: never settled by an apply.
-        self.frames: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
+        # (first, latest) frame, so ``take_framed`` and ``settled`` each see theirs.
+        self.frames: dict[str, dict[str, tuple[int, int]]] = {n: {} for n in bridge.stores}
         for name, store in bridge.stores.items():
             store.settled = functools.partial(self.settled, name)
         self.wake: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
@@ -135,16 +136,23 @@ class Outbound:
         dirty, frames = self.dirty[subtree], self.frames[subtree]
         if frame is None:
             frames.pop(rel, None)
-        elif rel not in dirty or rel in frames:
-            frames[rel] = max(frames.get(rel, 0), frame)
+        elif rel not in dirty:
+            frames[rel] = (frame, frame)
+        elif rel in frames:
+            frames[rel] = (frames[rel][0], frame)
         dirty.add(rel)
         self.wake[subtree].set()
 
     def take(self, subtree: str) -> set[str]:
         """The pending paths, now the caller's to capture."""
+        return set(self.take_framed(subtree))
+
+    def take_framed(self, subtree: str) -> dict[str, tuple[int, int] | None]:
+        """The pending paths, each with the frames of its first and latest notification
+        since it was last taken (None: unknown, or not notified by the tree watch)."""
         taken, self.dirty[subtree] = self.dirty[subtree], set()
-        self.frames[subtree] = {}
-        return taken
+        frames, self.frames[subtree] = self.frames[subtree], {}
+        return {rel: frames.get(rel) for rel in taken}
 
     def restore(self, subtree: str, rels: set[str]) -> None:
         """Give back paths taken but not captured; an apply never settles these."""
@@ -161,7 +169,7 @@ class Outbound:
         receiver a read and its lock after every batch it applies.
         """
         dirty, frames = self.dirty[subtree], self.frames[subtree]
-        done = [r for r in rels if r in dirty and frames.get(r, frame) < frame]
+        done = [r for r in rels if r in dirty and frames.get(r, (frame, frame))[1] < frame]
         for rel in done:
             dirty.discard(rel)
             del frames[rel]
@@ -186,9 +194,9 @@ class Outbound:
             return
         taken: set[str] = set(rels)
 
-        def notified() -> set[str]:  # called once per read of the capture
+        def notified() -> dict[str, tuple[int, int] | None]:  # once per read of the capture
             self.bridge.stats[f"capture_reads:{name}"] += 1
-            new = self.take(name)
+            new = self.take_framed(name)
             taken.update(new)
             return new
 

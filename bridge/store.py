@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -182,13 +182,21 @@ class SubtreeStore(Planner):
             self.load_meta(rel, node if isinstance(node, Node) else None)
 
     async def _read(self, rels: Iterable[str]) -> dict[str, Node | NoPermission | None]:
+        return (await self._read_framed(rels))[0]
+
+    async def _read_framed(self, rels: Iterable[str]
+                           ) -> tuple[dict[str, Node | NoPermission | None], int, int]:
+        """The znodes, and the frames of the first and the last reply (chunks of 500)."""
         todo = sorted(set(rels))
         out: dict[str, Node | NoPermission | None] = {}
+        first = last = 0
         for chunk in range(0, len(todo), 500):
             part = todo[chunk : chunk + 500]
-            nodes = await self.zk.read_many([("data", self.layout.znode(r)) for r in part])
+            nodes, last = await self.zk.read_many_framed(
+                [("data", self.layout.znode(r)) for r in part])
+            first = first or last
             out.update(zip(part, nodes, strict=True))
-        return out
+        return out, first, last
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)
@@ -212,24 +220,26 @@ class SubtreeStore(Planner):
 
     # -- capture ---------------------------------------------------------------
     async def capture(self, rels: Iterable[str],
-                      notified: Callable[[], set[str]] = set,
+                      notified: Callable[[], Mapping[str, tuple[int, int] | None]] = dict,
                       on_batch: Callable[[CapturedBatch], None] | None = None,
                       ) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
         Closure: the znodes are read in one ``multiRead``, a snapshot at one
         zxid Z. A change is notified before the reply to a later read on the
-        same session exactly when its zxid is at most Z, so the paths
-        ``notified()`` reports once the reply is in are the ones that changed
-        up to Z without being read: read everything again with them, until a
-        read brings no new path (a bounded fixpoint). Paths left over when the
-        bound is hit are returned to ``notified``'s owner via ``requeue``.
+        same session exactly when its zxid is at most Z; ``notified()`` says
+        which paths were notified since, each with the frames (``bridge.zk.
+        _Connection``) of its first and latest notification. A path not read
+        whose first one is numbered below the reply's changed up to Z unseen:
+        read everything again with it, until a read brings no such path (a
+        bounded fixpoint). A path whose notifications all came after changed
+        after Z and goes to the next batch (``requeue``), as do paths left over
+        when the bound is hit. A notification without a frame (a per-node
+        watch) counts as before the reply: one extra read at worst.
 
-        A path read in the last round and notified again is returned too: a
-        reply reaches the loop through kazoo's completion thread, after the
-        notifications the connection thread passed on meanwhile, so a
-        notification seen with the reply may be of a change after Z (one
-        extra read later, rather than a write never announced).
+        A read path notified after its read is returned too: that change
+        belongs to the next batch. (Reads of over 500 znodes take several
+        replies: "before" is before the last, "after" after the first.)
 
         ``on_batch`` gets each batch as soon as its ``multi`` committed, so a
         large capture (a start-up one) is published while the rest is written.
@@ -238,18 +248,21 @@ class SubtreeStore(Planner):
         todo = {r for r in rels if self._replicable(r)}
         rounds = 0
         for _ in range(RETRIES + CLOSURE_ROUNDS):
-            reads = await self._read(todo)
-            got = {r for r in notified() if self._replicable(r)}
-            new = got - set(reads)
-            if new and rounds < CLOSURE_ROUNDS:
+            reads, first, last = await self._read_framed(todo)
+            got = {r: f for r, f in notified().items() if self._replicable(r)}
+            unread = {r for r in got if r not in reads}
+            open_ = any((f := got[r]) is None or f[0] < last for r in unread)
+            if open_ and rounds < CLOSURE_ROUNDS:
+                # The next read comes after every notification taken so far.
                 rounds += 1
-                todo |= new
+                todo |= unread
                 continue
-            if new:
+            if open_:
                 log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
                             hint="the application writes new paths faster than one read")
-            if got:
-                self.requeue(got)
+            later = unread | {r for r, f in got.items() if f is None or f[1] > first}
+            if later:
+                self.requeue(later)
             try:
                 return await self._capture(reads, on_batch)
             except NeedRead as more:

@@ -697,12 +697,16 @@ class ZooKeeper:
         names; ``None`` if the znode does not exist; a ``NoPermission``
         instance where the ACL forbids reading (a per-path condition).
         """
+        return (await self.read_many_framed(ops))[0]
+
+    async def read_many_framed(self, ops: Sequence[tuple[str, str]]) -> tuple[list[Any], int]:
+        """``read_many``, also returning the frame number of its reply (``_Connection``):
+        a notification numbered below it is of a change the read saw."""
         if not ops:
-            return []
-        raw = await self._await(
-            self._call(self._client.multi_read_async, list(ops), what="multiRead"),
-            f"multiRead of {len(ops)}",
-        )
+            return [], 0
+        pending = self._call(self._client.multi_read_async, list(ops), what="multiRead")
+        raw = await self._await(pending, f"multiRead of {len(ops)}")
+        frame = int(getattr(pending, "zkb_frame", 0))
         out: list[Any] = []
         for (_kind, path), res in zip(ops, raw, strict=True):
             if isinstance(res, NoNodeError):
@@ -715,7 +719,7 @@ class ZooKeeper:
                 out.append(Node(res[0] or b"", _stat(res[1])))
             else:
                 out.append(list(res))
-        return out
+        return out, frame
 
     async def add_recursive_watch(self, path: str) -> bool:
         """One persistent recursive watch on ``path``; False if the server lacks addWatch.
