@@ -452,12 +452,7 @@ class Kafka:
             fetch_max_wait_ms=50,
             fetch_max_bytes=8 * MAX_RECORD_BYTES,
         )
-        try:
-            await _guard("connect consumer", consumer.start())
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
+        self._consumer = await _started(consumer)
 
     def _need_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -469,14 +464,8 @@ class Kafka:
         self._need_consumer()
         async with self._probe_lock:
             if self._probe is None:
-                probe = AIOKafkaConsumer(**self._common(), group_id=None,
-                                         enable_auto_commit=False)
-                try:
-                    await _guard("connect consumer", probe.start())
-                except BaseException:
-                    await probe.stop()
-                    raise
-                self._probe = probe
+                self._probe = await _started(AIOKafkaConsumer(
+                    **self._common(), group_id=None, enable_auto_commit=False))
             return self._probe
 
     async def partitions(self, topic: str) -> list[int]:
@@ -655,6 +644,16 @@ class Kafka:
                     ("query consumer", self._probe)) if c is not None]
         self._producer = self._consumer = self._probe = None
         await asyncio.gather(*closers)
+
+
+async def _started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
+    """``consumer``, started; closed again if it could not start."""
+    try:
+        await _guard("connect consumer", consumer.start())
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
