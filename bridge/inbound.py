@@ -51,6 +51,7 @@ CONFLICTS_KEPT = 1000
 QUEUE_BATCHES = 64  # complete batches fetched ahead of applying, per subtree
 IDLE_POSITION_SECONDS = 0.2  # heartbeat-only progress is stored at most this often
 TOPIC_CHECK_SECONDS = 1.0  # how often offsets are compared with the topics' ends
+TOPIC_CHECK_TIMEOUT = 5.0  # longest a topic check's queries may hold fetching up
 
 
 @dataclass
@@ -187,14 +188,21 @@ class Inbound:
         if not tps:
             return
         try:
-            ids = await b.kafka.topic_ids([*self.peers, *self.own])
+            # Bounded: fetching waits while the check runs, and a connection
+            # a network cut left dead would hold it for a whole request timeout.
+            async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
+                ids = await b.kafka.topic_ids([*self.peers, *self.own])
             missing = sorted(ids.missing & (self.peers.keys() | self.own.keys()))
             if missing:
                 # Asking for its offsets would only wait out a request timeout.
                 raise KafkaError(f"topics missing: {', '.join(missing)}")
             replaced = await self._replaced(ids.ids)
-            ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
-                                                b.kafka.beginning_offsets(tps))
+            async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
+                ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
+                                                    b.kafka.beginning_offsets(tps))
+        except TimeoutError:
+            b.note_error("topic check", f"no answer within {TOPIC_CHECK_TIMEOUT:g}s")
+            return  # looked at again next round; nothing is decided on no answer
         except KafkaError as exc:
             # A topic that vanished (deleted, broker rebuilt empty): recreate
             # what this bridge may create, and look again next round.

@@ -59,6 +59,7 @@ log = structlog.get_logger("bridge.kafka")
 T = TypeVar("T")
 
 MAX_RECORD_BYTES = 1_048_576
+QUERY_TIMEOUT_MS = 5000  # offset and metadata queries (see Kafka._querier)
 STOP_TIMEOUT = 0.4
 # The broker no longer knows this idempotent producer's sequence (it restarted
 # and lost the tail of a log, or expired the producer's state): that producer
@@ -464,8 +465,13 @@ class Kafka:
         self._need_consumer()
         async with self._probe_lock:
             if self._probe is None:
+                # A short request timeout: the receiver's topic checks wait on
+                # this connection, and one left dead by a network cut is only
+                # replaced once a request on it times out.
+                opts = self._common()
+                opts["request_timeout_ms"] = min(opts["request_timeout_ms"], QUERY_TIMEOUT_MS)
                 self._probe = await _started(AIOKafkaConsumer(
-                    **self._common(), group_id=None, enable_auto_commit=False))
+                    **opts, group_id=None, enable_auto_commit=False))
             return self._probe
 
     async def partitions(self, topic: str) -> list[int]:
