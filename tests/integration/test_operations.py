@@ -140,10 +140,13 @@ def test_lag_watch_on_a_terminal_and_in_a_pipe(federation: Federation) -> None:
     fed.start_all()
     r1 = fed["r1"]
     assert fed.stop("r2") == 0
-    for i in range(1500):
+    # Enough that r2's catch-up spans several 0.5 s samples (1,500 once took
+    # less than one, and the watch never saw it catching up).
+    backlog = 6000
+    for i in range(backlog):
         r1.client.create_async(r1.path(f"/w{i:04d}"), b"v")
     wait_for(lambda: next(r for r in lag_json(fed, "r2") if r["peer"] == "r1")
-             ["events_behind"] >= 1500, 60, message="r1's events never showed as lag")
+             ["events_behind"] >= backlog, 60, message="r1's events never showed as lag")
     started: list[subprocess.Popen[bytes]] = []
     try:
         # Not a terminal: one stamped table per interval, whole history kept.
