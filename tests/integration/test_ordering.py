@@ -100,6 +100,9 @@ def test_pointer_pattern_holds_under_pipelined_writes(federation: Federation) ->
     fed.start("r2")
     r1, r2 = fed["r1"], fed["r2"]
     r1.client.ensure_path(r1.path("/data"))
+    # ptr starts at 0 and names d0: a reader that sees ptr before the first
+    # write arrives must find its record (CI once counted 54 reads of ptr = 0).
+    r1.client.create(r1.path("/data/d0"), b"0")
     r1.client.create(r1.path("/ptr"), b"0")
     n = 3000
     with PointerReader(r2.client, r2.mount) as reader:
