@@ -53,6 +53,11 @@ log = structlog.get_logger("bridge.store")
 
 RETRIES = 20
 CLOSURE_ROUNDS = 50
+# Znodes per multiRead, and multiReads in flight: a reply holds each znode's
+# data (up to 1 MB each), so neither side buffers more than a few chunks.
+# The environment variable exists for tests of reads that take several replies.
+READ_CHUNK = int(os.environ.get("ZKBRIDGE_READ_CHUNK") or 500)
+READS_IN_FLIGHT = 4
 # Entries per outbox bucket: a listing of about 160 KB. The environment
 # variable exists for tests, which need several buckets from a few writes.
 OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
@@ -65,6 +70,22 @@ class Collected:
 
     removed: tuple[str, ...]
     nulls: tuple[CapturedBatch, ...]  # events: the collected tombstones as deletes
+
+
+def needs_read(frames: Sequence[tuple[int, int] | None], read_at: int | None,
+                    last: int) -> bool:
+    """Whether a path may have changed between its read (``read_at``; None: never
+    read) and the batch's last reply ``last``, given its notifications' frames."""
+    low = -1 if read_at is None else read_at
+    if read_at is not None and read_at >= last:
+        return False  # read by the last reply: nothing lies in between
+    for f in frames:
+        if f is None:
+            if read_at is None:
+                return True
+        elif f[0] < last and f[1] > low:
+            return True
+    return False
 
 
 class SubtreeStore(Planner):
@@ -185,18 +206,21 @@ class SubtreeStore(Planner):
         return (await self._read_framed(rels))[0]
 
     async def _read_framed(self, rels: Iterable[str]
-                           ) -> tuple[dict[str, Node | NoPermission | None], int, int]:
-        """The znodes, and the frames of the first and the last reply (chunks of 500)."""
+                           ) -> tuple[dict[str, Node | NoPermission | None], dict[str, int]]:
+        """The znodes, and the frame of the reply that read each (chunks of 500).
+
+        A few chunks are in flight at once; the session answers them in order.
+        """
         todo = sorted(set(rels))
+        parts = [todo[i : i + READ_CHUNK] for i in range(0, len(todo), READ_CHUNK)]
+        replies = await gather_limited([self.zk.read_many_framed(
+            [("data", self.layout.znode(r)) for r in part]) for part in parts], READS_IN_FLIGHT)
         out: dict[str, Node | NoPermission | None] = {}
-        first = last = 0
-        for chunk in range(0, len(todo), 500):
-            part = todo[chunk : chunk + 500]
-            nodes, last = await self.zk.read_many_framed(
-                [("data", self.layout.znode(r)) for r in part])
-            first = first or last
+        at: dict[str, int] = {}
+        for part, (nodes, frame) in zip(parts, replies, strict=True):
             out.update(zip(part, nodes, strict=True))
-        return out, first, last
+            at.update(dict.fromkeys(part, frame))
+        return out, at
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)
@@ -225,48 +249,59 @@ class SubtreeStore(Planner):
                       ) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
-        Closure: the znodes are read in one ``multiRead``, a snapshot at one
-        zxid Z. A change is notified before the reply to a later read on the
-        same session exactly when its zxid is at most Z; ``notified()`` says
-        which paths were notified since, each with the frames (``bridge.zk.
-        _Connection``) of its first and latest notification. A path not read
-        whose first one is numbered below the reply's changed up to Z unseen:
-        read everything again with it, until a read brings no such path (a
-        bounded fixpoint). A path whose notifications all came after changed
-        after Z and goes to the next batch (``requeue``), as do paths left over
-        when the bound is hit. A notification without a frame (a per-node
-        watch) counts as before the reply: one extra read at worst.
+        Closure: the batch is the subtree's state at the zxid Z of the last
+        reply read for it (frame L). ZooKeeper sends a session the
+        notification of a change before the reply to any later read, so a
+        change is notified below L exactly when its zxid is at most Z.
+        ``notified()`` says which paths were notified since it was last
+        called, each with the frames (``bridge.zk._Connection``) of its first
+        and latest notification. The batch is closed when no path has a
+        notification between the reply that read it and L: a path never read
+        has none below L, and one read from an earlier reply (a read of over
+        500 znodes takes several) did not change before L. Paths that break
+        this are read again, alone, until none do (a bounded fixpoint). Only
+        frames bound a notification in between, so a path notified both
+        before and after its read counts as changed in between.
 
-        A read path notified after its read is returned too: that change
-        belongs to the next batch. (Reads of over 500 znodes take several
-        replies: "before" is before the last, "after" after the first.)
+        A notification after the reply that read its path is of a change after
+        the batch: that path goes to the next batch (``requeue``), as do paths
+        never read when the bound is hit. A notification without a frame (a
+        per-node watch) counts as before the reply: one extra read at worst.
 
         ``on_batch`` gets each batch as soon as its ``multi`` committed, so a
         large capture (a start-up one) is published while the rest is written.
         """
         await self._settle()
+        reads: dict[str, Node | NoPermission | None] = {}
+        at: dict[str, int] = {}  # path → frame of the reply that read it
+        seen: dict[str, list[tuple[int, int] | None]] = {}  # notifications, by call of notified()
         todo = {r for r in rels if self._replicable(r)}
         rounds = 0
         for _ in range(RETRIES + CLOSURE_ROUNDS):
-            reads, first, last = await self._read_framed(todo)
-            got = {r: f for r, f in notified().items() if self._replicable(r)}
-            unread = {r for r in got if r not in reads}
-            open_ = any((f := got[r]) is None or f[0] < last for r in unread)
-            if open_ and rounds < CLOSURE_ROUNDS:
-                # The next read comes after every notification taken so far.
+            if todo:
+                more, frames = await self._read_framed(todo)
+                reads.update(more)
+                at.update(frames)
+            last = max(at.values(), default=0)
+            for r, f in notified().items():
+                if self._replicable(r):
+                    seen.setdefault(r, []).append(f)
+            todo = {r for r, fs in seen.items() if needs_read(fs, at.get(r), last)}
+            if todo and rounds < CLOSURE_ROUNDS:
                 rounds += 1
-                todo |= unread
                 continue
-            if open_:
+            if todo:
                 log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
                             hint="the application writes new paths faster than one read")
-            later = unread | {r for r, f in got.items() if f is None or f[1] > first}
+            later = {r for r, fs in seen.items() if r not in at or any(
+                f is None or f[1] > at[r] for f in fs)}
             if later:
                 self.requeue(later)
+            todo = set()
             try:
                 return await self._capture(reads, on_batch)
-            except NeedRead as more:
-                todo |= more.rels
+            except NeedRead as more_rels:
+                todo = more_rels.rels
             except VersionConflict:
                 await self.refresh_meta(set(reads) | {a for r in reads for a in ancestors(r)})
         raise VersionConflict(f"capture in {self.layout.name}: kept changing, will retry")

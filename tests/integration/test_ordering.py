@@ -127,6 +127,59 @@ def test_pointer_pattern_holds_under_pipelined_writes(federation: Federation) ->
     fed.assert_clean_logs()
 
 
+def test_order_holds_when_a_capture_reads_in_several_replies(federation: Federation) -> None:
+    """A capture of many paths reads them in several multiReads (500 znodes each;
+    4 here), each a snapshot at its own zxid. The application sets ``/a`` then
+    ``/z``, amid writes to other paths; ``/a`` is read by an earlier reply than
+    ``/z``. A batch holding a newer ``/z`` than ``/a`` is a state the origin
+    never had: a reader in the other region checks that ``/a`` never lags."""
+    fed = federation
+    fed.start("r1", env={"ZKBRIDGE_READ_CHUNK": "4"})
+    fed.start("r2")
+    r1, r2 = fed["r1"], fed["r2"]
+    noise = [f"/m/k{i:02d}" for i in range(40)]
+    for rel in ["/a", "/z", *noise]:
+        r1.client.create(r1.path(rel), b"0", makepath=True)
+    fed.wait_converged(["r1", "r2"])
+    reads = torn = 0
+    stop = threading.Event()
+
+    def read() -> None:
+        nonlocal reads, torn
+        while not stop.is_set():
+            z = int(r2.client.get(r2.path("/z"))[0])
+            a = int(r2.client.get(r2.path("/a"))[0])  # after /z: never older than it
+            reads += 1
+            torn += a < z
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        n = 1500
+        pending = []
+        for i in range(1, n + 1):
+            pending.append(r1.client.set_async(r1.path("/a"), str(i).encode()))
+            for rel in noise[i % 8 :: 8]:
+                pending.append(r1.client.set_async(r1.path(rel), str(i).encode()))
+            pending.append(r1.client.set_async(r1.path("/z"), str(i).encode()))
+            if len(pending) >= 300:
+                for p in pending:
+                    p.get(timeout=30)
+                pending = []
+        for p in pending:
+            p.get(timeout=30)
+        wait_for(lambda: r2.client.get(r2.path("/z"))[0] == str(n).encode(), 90,
+                 message="r2 never saw the last /z")
+    finally:
+        stop.set()
+        reader.join(10)
+    print(f"several replies per read: {reads} reads of /z then /a, {torn} with /a older")
+    assert reads > 100
+    assert torn == 0
+    fed.wait_converged(["r1", "r2"])
+    fed.assert_clean_logs()
+
+
 def test_pointer_pattern_holds_while_the_receiver_is_killed(federation: Federation) -> None:
     fed = federation
     fed.start_all()

@@ -8,6 +8,7 @@ before the apply's reply. A path given back without frames is never settled.
 from __future__ import annotations
 
 from bridge.outbound import Outbound
+from bridge.store import needs_read
 from tests.unit.test_outbox_feed import FakeBridge, FakeStore
 
 
@@ -53,3 +54,25 @@ def test_paths_given_back_are_never_settled() -> None:
     out.settled("s", {"/a"}, 10)
     assert out.dirty["s"] == {"/a"}
     assert out.take_framed("s") == {"/a": None}
+
+
+# -- closure of a capture over reads that took several replies ----------------
+def test_a_path_never_read_must_be_read_if_notified_before_the_last_reply() -> None:
+    assert needs_read([(5, 5)], None, 10)
+    assert needs_read([None], None, 10)  # no frame: counts as before
+    assert not needs_read([(12, 15)], None, 10)  # after: the next batch's
+
+
+def test_a_path_read_by_the_last_reply_is_never_stale() -> None:
+    assert not needs_read([(5, 15)], 10, 10)
+
+
+def test_a_path_read_by_an_earlier_reply_is_stale_if_notified_in_between() -> None:
+    # Read at frame 10, the batch's last reply at 20.
+    assert needs_read([(12, 12)], 10, 20)
+    assert needs_read([(3, 4), (15, 25)], 10, 20)
+    assert not needs_read([(5, 9)], 10, 20)  # before its read: the read saw it
+    assert not needs_read([(25, 30)], 10, 20)  # after the batch
+    assert not needs_read([None], 10, 20)  # frameless: next batch, not stale
+    # Notified before and after its read: whether in between is unknown, so it is.
+    assert needs_read([(5, 25)], 10, 20)
