@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec, collector, failpoints
+from bridge import codec, collector, failpoints, owntopic
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
@@ -185,11 +185,8 @@ class Bridge:
         self.kafka = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}")
         tasks: list[asyncio.Task[None]] = []
         try:
-            await self._start()
-            # Publishing runs while the startup scan captures, so peers see
-            # changes as they are found rather than after the whole scan.
-            tasks = [
-                asyncio.create_task(self._guarded("publisher", self.outbound.publisher)),
+            await self._start(tasks)  # starts the publisher before the start-up scan
+            tasks += [
                 asyncio.create_task(self._guarded(
                     "heartbeat", self.outbound.heartbeats,
                     lambda: self.settings.heartbeat_interval)),
@@ -273,7 +270,7 @@ class Bridge:
             self._fatal = exc
             self._stop.set()
 
-    async def _start(self) -> None:
+    async def _start(self, tasks: list[asyncio.Task[None]]) -> None:
         s = self.settings
         self.epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
         log.info("epoch_taken", epoch=self.epoch, identity=self.identity,
@@ -303,9 +300,14 @@ class Bridge:
                 self.outbound.spill(name, start=True)
             # Else nothing is waiting: this term's captures (the start-up scan's
             # first) are queued directly, not written and read back.
+        found = await owntopic.survey(self, fresh)
+        # From here on, what is captured is published as it commits: peers
+        # apply the start-up capture while the rest of it is still written.
+        tasks.append(asyncio.create_task(self._guarded("publisher", self.outbound.publisher)))
         for name in self.stores:
             await self._scan(name)
-        own_ends = await self._replay_own_topics(fresh)
+        await owntopic.replay(self, found)
+        own_ends = found.ends
         for name in self.stores:
             if await self.zk.exists(self._reannounce_path(name)) is not None:
                 # Left unfinished by an earlier term: the whole state again.
@@ -313,7 +315,8 @@ class Bridge:
         await self.retry("start consumer", lambda: self.kafka.start_consumer(
             f"{s.kafka.topic_prefix}.{self.region}", reset="none"))
         positions = await self.retry("read positions", self.inbound.start)
-        self.inbound.own_max_end.update(own_ends)
+        for tp, end in own_ends.items():  # the publisher's acks may be ahead already
+            self.inbound.own_max_end[tp] = max(self.inbound.own_max_end.get(tp, 0), end)
         await self.kafka.assign({**positions, **own_ends})
         # Caught up = applied what the peers had published when this term began
         # (an empty fetch is not a usable signal: heartbeats never stop).
@@ -523,75 +526,6 @@ class Bridge:
                 delay = min(delay * 2, 5.0)
 
     # -- own topics: restore what this region published before a wipe ------
-    async def _replay_own_topics(self, fresh: bool) -> dict[tuple[str, int], int]:
-        """Re-apply this region's own published events it may no longer hold.
-
-        A wiped or restored ensemble lost writes that only its own topic still
-        records (peers applied them but never re-publish). The replay starts
-        at the stored publish position (0 when the state is new) and stops at
-        the end offset seen now; everything already held is skipped as equal.
-        A stored publish position above the end means the topic lost what we
-        published: the whole state is re-announced. Returns the end offsets.
-        """
-        reader = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}-replay")
-        await self.retry("start replay consumer", lambda: reader.start_consumer(None))
-        all_ends: dict[tuple[str, int], int] = {}
-        try:
-            ids = await self.retry("topic ids", lambda: reader.topic_ids(
-                [self.topic(n, self.region) for n in self.stores]))
-            for name, store in self.stores.items():
-                topic = self.topic(name, self.region)
-                parts = await self.retry(f"partitions of {topic}",
-                                         partial(reader.partitions, topic))
-                stored = {} if fresh else await store.read_positions(self.region)
-                ends = await self.retry("end offsets", partial(
-                    reader.end_offsets, [(topic, p) for p in parts]))
-                all_ends.update(ends)
-                old_id = None if fresh else await store.read_topic_id(self.region)
-                new_id = ids.ids.get(topic)
-                if old_id is not None and new_id is not None and old_id != new_id:
-                    # Re-created while we were down: what we published is gone,
-                    # whatever the offsets say (the new topic may have grown past them).
-                    await self.own_topic_replaced(
-                        name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
-                        f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
-                        "or rebuilt)", new_id)
-                    await store.write_positions(self.region, {p: e for (_, p), e in ends.items()})
-                    continue
-                if new_id is not None:
-                    if new_id != old_id:
-                        await store.write_topic_id(self.region, new_id)
-                    self.inbound.own_ids[topic] = new_id
-                lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
-                for (t, p), end in lost.items():
-                    self.own_topic_lost(name, t, p, stored[p], end,
-                                        f"stored publish position {stored[p]} is above the "
-                                        f"end offset {end}")
-                if lost:
-                    await store.write_positions(self.region, {p: e for (_, p), e in ends.items()})
-                    continue
-                start = {(topic, p): stored.get(p, 0) for p in parts}
-                todo = {tp: end for tp, end in ends.items() if end > start[tp]}
-                if not todo:
-                    continue
-                log.info("replaying_own_topic", topic=topic,
-                         events=sum(e - start[tp] for tp, e in todo.items()))
-                await reader.assign({tp: start[tp] for tp in todo})
-                done: dict[tuple[str, int], int] = {}
-                records: list[Record] = []
-                while any(done.get(tp, start[tp]) < end for tp, end in todo.items()):
-                    for rec in await reader.fetch(500, FETCH_MAX_RECORDS):
-                        done[(rec.topic, rec.partition)] = rec.offset + 1
-                        records.append(rec)
-                    if len(records) >= FETCH_MAX_RECORDS:
-                        await self.inbound.replay(store, records)
-                        records = []
-                await self.inbound.replay(store, records)
-                await store.write_positions(self.region, {p: o for (_, p), o in done.items()})
-        finally:
-            await reader.stop()
-        return all_ends
-
     def _on_session(self, state: str, new_session: bool) -> None:
         log.info("zookeeper_session", state=state, new_session=new_session)
         if state == "LOST" and self.role == "leader":

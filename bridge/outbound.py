@@ -442,6 +442,19 @@ class Outbound:
         if self._deleter is not None:
             await asyncio.gather(self._deleter, return_exceptions=True)
 
+    async def store_own_position(self, subtree: str, parts: dict[int, int]) -> None:
+        """Store the own topic's position the start-up replay reached.
+
+        Never below what Kafka acknowledged: the publisher runs meanwhile and
+        may already have stored a later one.
+        """
+        topic = self.bridge.topic(subtree, self.bridge.region)
+        acked = self.bridge.inbound.own_max_end
+        cur = self._own_ends.setdefault(subtree, {})
+        for part, end in parts.items():
+            cur[part] = max(cur.get(part, 0), end, acked.get((topic, part), 0))
+        await self._write_own_positions()
+
     async def _write_own_positions(self) -> None:
         async with self._own_lock:
             self._own_written = time.monotonic()

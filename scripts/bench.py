@@ -898,7 +898,7 @@ class Bench:
             f"({total / elapsed:,.0f} znodes/s end to end)")
         say(f"{a.name}: process start → epoch taken {bridge['startup_to_epoch_s']:.1f} s; "
             f"scan {bridge['scan_s']:.2f} s for {bridge['scan_znodes']:,} znodes; then "
-            f"{capture_s:.1f} s capturing them before bridge_ready (publishing starts after)")
+            f"{capture_s:.1f} s capturing them before bridge_ready (each batch published as it commits)")
         say(f"{a.name} bridge RSS {fmt(bridge['rss_a_after_scan_mb'])} MB after the scan; "
             "ZooKeeper requests per replicated znode, the bridges' own: " + ", ".join(
                 f"{k} {v}" for k, v in bridge["catch_up_zk_requests_per_znode"].items()))

@@ -1,0 +1,135 @@
+"""This region's own topic at the start of a term: what the topic lost, and what the ensemble lost.
+
+Two steps, with the start-up scan between them. ``survey`` runs before this
+term publishes anything: it compares the stored publish positions with the
+topic's id and ends, so nothing published this term can pass for records the
+topic kept or lost. Publishing then starts, and the start-up capture is
+published while it is still being written. ``replay`` runs after the scan
+(which rebuilt the metadata cache and showed the mass-delete breaker the local
+deletions first) and re-applies the records up to the ends the survey saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge.inbound import FETCH_MAX_RECORDS
+from bridge.kafka import Kafka, Record
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.owntopic")
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Records of one subtree's own topic to re-apply: [start, end) per partition."""
+
+    subtree: str
+    start: dict[TopicPartition, int]
+    end: dict[TopicPartition, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    ends: dict[TopicPartition, int]  # every own partition's end offset, before this term
+    replays: tuple[Replay, ...]
+
+
+async def survey(bridge: Bridge, fresh: bool) -> Survey:
+    """Check every own topic against what this region stored; the replays still to do.
+
+    A wiped or restored ensemble lost writes that only its own topic still
+    records (peers applied them but never re-publish): they are replayed from
+    the stored publish position (0 when the state is new) to the end seen now.
+    A stored position above the end, or a topic id that changed, means the
+    topic lost what we published: the whole state is re-announced instead.
+    """
+    b = bridge
+    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-replay")
+    await b.retry("start replay consumer", lambda: reader.start_consumer(None))
+    all_ends: dict[TopicPartition, int] = {}
+    replays: list[Replay] = []
+    try:
+        ids = await b.retry("topic ids", lambda: reader.topic_ids(
+            [b.topic(n, b.region) for n in b.stores]))
+        for name, store in b.stores.items():
+            topic = b.topic(name, b.region)
+            parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
+            stored = {} if fresh else await store.read_positions(b.region)
+            ends = await b.retry("end offsets", partial(
+                reader.end_offsets, [(topic, p) for p in parts]))
+            all_ends.update(ends)
+            old_id = None if fresh else await store.read_topic_id(b.region)
+            new_id = ids.ids.get(topic)
+            if old_id is not None and new_id is not None and old_id != new_id:
+                # Re-created while we were down: what we published is gone,
+                # whatever the offsets say (the new topic may have grown past them).
+                await b.own_topic_replaced(
+                    name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
+                    f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
+                    "or rebuilt)", new_id)
+                await store.write_positions(b.region, {p: e for (_, p), e in ends.items()})
+                continue
+            if new_id is not None:
+                if new_id != old_id:
+                    await store.write_topic_id(b.region, new_id)
+                b.inbound.own_ids[topic] = new_id
+            lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
+            for (t, p), end in lost.items():
+                b.own_topic_lost(name, t, p, stored[p], end,
+                                 f"stored publish position {stored[p]} is above the "
+                                 f"end offset {end}")
+            if lost:
+                await store.write_positions(b.region, {p: e for (_, p), e in ends.items()})
+                continue
+            start = {(topic, p): stored.get(p, 0) for p in parts}
+            todo = {tp: end for tp, end in ends.items() if end > start[tp]}
+            if todo:
+                replays.append(Replay(name, {tp: start[tp] for tp in todo}, todo))
+    finally:
+        await reader.stop()
+    return Survey(all_ends, tuple(replays))
+
+
+async def replay(bridge: Bridge, found: Survey) -> None:
+    """Re-apply the records ``survey`` found, each subtree up to the ends it saw.
+
+    Everything the ensemble still holds is skipped as equal. This term's own
+    records lie past those ends: they were captured from this ensemble.
+    """
+    if not found.replays:
+        return
+    b = bridge
+    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-replay")
+    await b.retry("start replay consumer", lambda: reader.start_consumer(None))
+    try:
+        for todo in found.replays:
+            store = b.stores[todo.subtree]
+            topic = next(iter(todo.end))[0]
+            log.info("replaying_own_topic", topic=topic,
+                     events=sum(e - todo.start[tp] for tp, e in todo.end.items()))
+            await reader.assign(dict(todo.start))
+            done = dict(todo.start)
+            records: list[Record] = []
+            while any(done[tp] < end for tp, end in todo.end.items()):
+                for rec in await reader.fetch(500, FETCH_MAX_RECORDS):
+                    tp = (rec.topic, rec.partition)
+                    done[tp] = max(done[tp], rec.offset + 1)
+                    if rec.offset < todo.end[tp]:  # not one published this term
+                        records.append(rec)
+                if len(records) >= FETCH_MAX_RECORDS:
+                    await b.inbound.replay(store, records)
+                    records = []
+            await b.inbound.replay(store, records)
+            await b.outbound.store_own_position(todo.subtree, {
+                p: min(o, todo.end[(t, p)]) for (t, p), o in done.items()})
+    finally:
+        await reader.stop()
