@@ -898,7 +898,8 @@ class Bench:
             f"({total / elapsed:,.0f} znodes/s end to end)")
         say(f"{a.name}: process start → epoch taken {bridge['startup_to_epoch_s']:.1f} s; "
             f"scan {bridge['scan_s']:.2f} s for {bridge['scan_znodes']:,} znodes; then "
-            f"{capture_s:.1f} s capturing them before bridge_ready (each batch published as it commits)")
+            f"{capture_s:.1f} s capturing them before bridge_ready (each batch published "
+            "as it commits)")
         say(f"{a.name} bridge RSS {fmt(bridge['rss_a_after_scan_mb'])} MB after the scan; "
             "ZooKeeper requests per replicated znode, the bridges' own: " + ", ".join(
                 f"{k} {v}" for k, v in bridge["catch_up_zk_requests_per_znode"].items()))
@@ -1301,10 +1302,13 @@ def cpu_table(phases: Mapping[str, Any]) -> str:
 
 async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool) -> Any:
     """A one-partition topic and a started producer with the bridge's settings
-    (bridge/kafka.py: acks=all, linger 2 ms), so the raw ceiling is comparable."""
+    (bridge/kafka.py: acks=all, linger 2 ms, its batch size), so the raw ceiling is
+    comparable."""
     # aiokafka is imported here so that --help stays quick.
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from bridge.kafka import PRODUCE_BATCH_BYTES
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -1313,7 +1317,8 @@ async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool)
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=idempotence, linger_ms=2)
+                                enable_idempotence=idempotence, linger_ms=2,
+                                max_batch_size=PRODUCE_BATCH_BYTES)
     await producer.start()
     return producer
 
