@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bridge import batching, codec, failpoints, tombstones
+from bridge import batching, closure, codec, failpoints, tombstones
 from bridge.acl import HOLD, AclPolicy
 from bridge.clock import HybridClock, Order, compare
 from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
@@ -70,22 +70,6 @@ class Collected:
 
     removed: tuple[str, ...]
     nulls: tuple[CapturedBatch, ...]  # events: the collected tombstones as deletes
-
-
-def needs_read(frames: Sequence[tuple[int, int] | None], read_at: int | None,
-                    last: int) -> bool:
-    """Whether a path may have changed between its read (``read_at``; None: never
-    read) and the batch's last reply ``last``, given its notifications' frames."""
-    low = -1 if read_at is None else read_at
-    if read_at is not None and read_at >= last:
-        return False  # read by the last reply: nothing lies in between
-    for f in frames:
-        if f is None:
-            if read_at is None:
-                return True
-        elif f[0] < last and f[1] > low:
-            return True
-    return False
 
 
 class SubtreeStore(Planner):
@@ -249,59 +233,52 @@ class SubtreeStore(Planner):
                       ) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
-        Closure: the batch is the subtree's state at the zxid Z of the last
-        reply read for it (frame L). ZooKeeper sends a session the
-        notification of a change before the reply to any later read, so a
-        change is notified below L exactly when its zxid is at most Z.
-        ``notified()`` says which paths were notified since it was last
-        called, each with the frames (``bridge.zk._Connection``) of its first
-        and latest notification. The batch is closed when no path has a
-        notification between the reply that read it and L: a path never read
-        has none below L, and one read from an earlier reply (a read of over
-        500 znodes takes several) did not change before L. Paths that break
-        this are read again, alone, until none do (a bounded fixpoint). Only
-        frames bound a notification in between, so a path notified both
-        before and after its read counts as changed in between.
-
-        A notification after the reply that read its path is of a change after
-        the batch: that path goes to the next batch (``requeue``), as do paths
-        never read when the bound is hit. A notification without a frame (a
-        per-node watch) counts as before the reply: one extra read at worst.
+        The batch is the subtree's state at one read reply, holding every
+        change up to it (``bridge.closure``). ``notified()`` says which paths
+        were notified since it was last called, each with the frames of its
+        first and latest notification. The paths are read (several multiReads
+        when many), then only what the latest reply still lacks, until some
+        reply closes a batch (a bounded fixpoint). Paths notified after that
+        reply, or not in the batch, go to the next batch (``requeue``).
 
         ``on_batch`` gets each batch as soon as its ``multi`` committed, so a
         large capture (a start-up one) is published while the rest is written.
         """
         await self._settle()
+        taken = {r for r in rels if self._replicable(r)}
         reads: dict[str, Node | NoPermission | None] = {}
         at: dict[str, int] = {}  # path → frame of the reply that read it
         seen: dict[str, list[tuple[int, int] | None]] = {}  # notifications, by call of notified()
-        todo = {r for r in rels if self._replicable(r)}
+        snapshots: list[int] = []  # the last reply frame of each read
+        todo = set(taken)
         rounds = 0
         for _ in range(RETRIES + CLOSURE_ROUNDS):
             if todo:
                 more, frames = await self._read_framed(todo)
                 reads.update(more)
                 at.update(frames)
-            last = max(at.values(), default=0)
+                snapshots.append(max(frames.values()))
             for r, f in notified().items():
                 if self._replicable(r):
                     seen.setdefault(r, []).append(f)
-            todo = {r for r, fs in seen.items() if needs_read(fs, at.get(r), last)}
-            if todo and rounds < CLOSURE_ROUNDS:
+            found = closure.close(taken, at, seen, snapshots)
+            if found.snapshot is None and rounds < CLOSURE_ROUNDS:
                 rounds += 1
+                todo = set(found.unread)
                 continue
-            if todo:
+            if found.snapshot is None:
                 log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
                             hint="the application writes new paths faster than one read")
-            later = {r for r, fs in seen.items() if r not in at or any(
-                f is None or f[1] > at[r] for f in fs)}
-            if later:
-                self.requeue(later)
+                found = closure.Closure(max(snapshots, default=0), frozenset(at), frozenset())
+            again = closure.later(found, taken | seen.keys() | at.keys(), seen)
+            if again:
+                self.requeue(again)
             todo = set()
             try:
-                return await self._capture(reads, on_batch)
+                return await self._capture({r: reads[r] for r in found.batch}, on_batch)
             except NeedRead as more_rels:
-                todo = more_rels.rels
+                taken |= more_rels.rels
+                todo = set(more_rels.rels)
             except VersionConflict:
                 await self.refresh_meta(set(reads) | {a for r in reads for a in ancestors(r)})
         raise VersionConflict(f"capture in {self.layout.name}: kept changing, will retry")

@@ -1,14 +1,15 @@
-"""The bookkeeping behind frame-numbered notifications (``Outbound``): no servers.
+"""The bookkeeping behind frame-numbered notifications: no servers.
 
-Capture closes a batch on the first frame a path was notified with since it
-was taken; an apply settles a path only when its latest notification came
-before the apply's reply. A path given back without frames is never settled.
+``Outbound`` keeps each path's first and latest frame since it was taken; an
+apply settles a path only when its latest notification came before the
+apply's reply, and a path given back without frames is never settled.
+``bridge.closure`` picks the read reply a capture's batch closes at.
 """
 
 from __future__ import annotations
 
 from bridge.outbound import Outbound
-from bridge.store import needs_read
+from bridge.closure import close, later
 from tests.unit.test_outbox_feed import FakeBridge, FakeStore
 
 
@@ -56,23 +57,64 @@ def test_paths_given_back_are_never_settled() -> None:
     assert out.take_framed("s") == {"/a": None}
 
 
-# -- closure of a capture over reads that took several replies ----------------
-def test_a_path_never_read_must_be_read_if_notified_before_the_last_reply() -> None:
-    assert needs_read([(5, 5)], None, 10)
-    assert needs_read([None], None, 10)  # no frame: counts as before
-    assert not needs_read([(12, 15)], None, 10)  # after: the next batch's
+# -- where a capture's batch closes (bridge.closure) -----------------------------
+def test_a_read_with_nothing_notified_closes_at_its_reply() -> None:
+    found = close({"/a", "/b"}, {"/a": 10, "/b": 10}, {}, [10])
+    assert found.snapshot == 10
+    assert found.batch == {"/a", "/b"}
 
 
-def test_a_path_read_by_the_last_reply_is_never_stale() -> None:
-    assert not needs_read([(5, 15)], 10, 10)
+def test_a_path_notified_before_the_reply_and_not_read_is_read_next() -> None:
+    seen = {"/c": [(5, 5)]}
+    found = close({"/a"}, {"/a": 10}, seen, [10])
+    assert found.snapshot is None
+    assert found.unread == {"/c"}
+    found = close({"/a"}, {"/a": 10, "/c": 20}, seen, [10, 20])
+    assert (found.snapshot, found.batch) == (20, {"/a", "/c"})
 
 
-def test_a_path_read_by_an_earlier_reply_is_stale_if_notified_in_between() -> None:
-    # Read at frame 10, the batch's last reply at 20.
-    assert needs_read([(12, 12)], 10, 20)
-    assert needs_read([(3, 4), (15, 25)], 10, 20)
-    assert not needs_read([(5, 9)], 10, 20)  # before its read: the read saw it
-    assert not needs_read([(25, 30)], 10, 20)  # after the batch
-    assert not needs_read([None], 10, 20)  # frameless: next batch, not stale
-    # Notified before and after its read: whether in between is unknown, so it is.
-    assert needs_read([(5, 25)], 10, 20)
+def test_a_writer_that_keeps_going_does_not_keep_the_capture_chasing_it() -> None:
+    # /c (changed before reply 10) was read at 20; meanwhile /d changed (frame 15)
+    # and is not read: reply 20 cannot close, reply 10 can, and /d waits.
+    seen = {"/c": [(5, 5)], "/d": [(15, 15)]}
+    at = {"/a": 10, "/c": 20}
+    found = close({"/a"}, at, seen, [10, 20])
+    assert (found.snapshot, found.batch) == (10, {"/a", "/c"})
+    assert later(found, {"/a", "/c", "/d"}, seen) == {"/d"}
+
+
+def test_a_value_read_after_the_snapshot_counts_only_if_unchanged_in_between() -> None:
+    seen = {"/c": [(5, 5), (15, 15)], "/d": [(16, 16)]}  # /c changed again at 15
+    at = {"/a": 10, "/c": 20}
+    found = close({"/a"}, at, seen, [10, 20])
+    assert found.snapshot is None  # 20 lacks /d, 10 lacks /c's value at 10
+    assert found.unread == {"/d"}
+
+
+def test_a_path_read_by_an_earlier_reply_and_changed_before_the_last_is_read_again() -> None:
+    # A read of many paths took two replies (8 and 10); /a changed at 9.
+    seen = {"/a": [(9, 9)]}
+    found = close({"/a", "/b"}, {"/a": 8, "/b": 10}, seen, [10])
+    assert found.snapshot is None
+    assert found.unread == {"/a"}
+    found = close({"/a", "/b"}, {"/a": 20, "/b": 10}, seen, [10, 20])
+    assert (found.snapshot, found.batch) == (20, {"/a", "/b"})
+
+
+def test_notified_on_both_sides_of_an_interval_counts_as_inside_it() -> None:
+    seen = {"/a": [(5, 25)]}  # first before the read at 10, latest after the snapshot
+    assert close({"/a", "/b"}, {"/a": 10, "/b": 20}, seen, [20]).snapshot is None
+    assert close({"/a"}, {"/a": 20}, seen, [20]).snapshot == 20  # read by the last reply
+
+
+def test_paths_notified_after_the_snapshot_or_frameless_go_to_the_next_batch() -> None:
+    seen = {"/a": [(25, 25)], "/b": [None]}
+    found = close({"/a"}, {"/a": 20, "/b": 20}, seen, [20])
+    assert found.snapshot == 20
+    assert later(found, {"/a", "/b"}, seen) == {"/a", "/b"}
+
+
+def test_nothing_read_and_only_later_notifications_closes_empty() -> None:
+    found = close(set(), {}, {"/a": [(7, 7)]}, [])
+    assert (found.snapshot, found.batch) == (0, frozenset())
+    assert close(set(), {}, {"/a": [None]}, []).unread == {"/a"}

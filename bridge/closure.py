@@ -1,0 +1,73 @@
+"""Where a capture's batch can close: pure logic over the frames of reads and notifications.
+
+ZooKeeper sends a session the notification of a change before the reply to
+any later request, and the adapter numbers every frame it receives in order
+(``bridge.zk._Connection``). So for any read reply at frame L, a change is
+notified below L exactly when it is at or before the zxid that reply saw.
+
+A batch closed at reply L holds every path that changed at or before L (the
+paths taken when the capture began, and those notified below L), each with a
+value that was current at L: read by a reply with no notification of it
+between that reply and L. A capture reads the paths it took, then only what
+the latest candidate still lacks; every earlier reply stays a candidate, so
+a writer that keeps changing new paths does not keep the capture chasing it
+as long as an earlier snapshot is complete. Frames are known per call of
+``notified()`` as (first, latest) only: a path notified on both sides of an
+interval counts as notified inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+Frames = Sequence[tuple[int, int] | None]  # per call of notified(); None: a per-node watch
+
+
+@dataclass(frozen=True, slots=True)
+class Closure:
+    """The outcome for one capture so far."""
+
+    snapshot: int | None  # the reply frame the batch closes at; None: not yet
+    batch: frozenset[str]  # the paths the batch holds (when closed)
+    unread: frozenset[str]  # what the latest reply lacks (when not closed)
+
+
+def _before(frames: Frames, snapshot: int) -> bool:
+    # A frameless notification counts as before: one extra read at worst.
+    return any(f is None or f[0] < snapshot for f in frames)
+
+
+def _between(frames: Frames, a: int, b: int) -> bool:
+    low, high = min(a, b), max(a, b)
+    return any(f is not None and f[0] < high and f[1] > low for f in frames)
+
+
+def close(taken: Iterable[str], at: Mapping[str, int], seen: Mapping[str, Frames],
+          snapshots: Sequence[int]) -> Closure:
+    """The latest of ``snapshots`` (reply frames, ascending) a batch can close at.
+
+    ``taken``: paths notified before the capture's first read; ``at``: the
+    frame of the reply that last read each path; ``seen``: each path's
+    notifications since the capture began.
+    """
+    taken = set(taken)
+    unread: set[str] = set()
+    for snapshot in reversed(snapshots or [0]):
+        need = taken | {r for r, fs in seen.items() if _before(fs, snapshot)}
+        stale = {r for r in need if r not in at or (
+            at[r] != snapshot and _between(seen.get(r, ()), at[r], snapshot))}
+        if not stale:
+            return Closure(snapshot, frozenset(need), frozenset())
+        if not unread:
+            unread = stale  # the latest candidate's: reading them may close it
+    return Closure(None, frozenset(), frozenset(unread))
+
+
+def later(closure: Closure, touched: Iterable[str], seen: Mapping[str, Frames]) -> set[str]:
+    """Paths for the next batch: not in this one, or notified after its snapshot."""
+    snapshot = closure.snapshot if closure.snapshot is not None else 0
+    out = set(touched) - closure.batch
+    out |= {r for r in closure.batch
+            if any(f is None or f[1] > snapshot for f in seen.get(r, ()))}
+    return out
