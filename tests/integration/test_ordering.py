@@ -10,7 +10,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
@@ -63,6 +64,19 @@ class PointerReader:
             raise self.error
 
 
+def in_windows(results: Iterable[Any], window: int) -> None:
+    """Wait for kazoo async results ``window`` at a time: many writes in flight, not all."""
+    pending: list[Any] = []
+    for r in results:
+        pending.append(r)
+        if len(pending) >= window:
+            for p in pending:
+                p.get(timeout=30)
+            pending = []
+    for p in pending:
+        p.get(timeout=30)
+
+
 def _pointer_run(fed: Federation, iterations: int,
                  during: Callable[[int], None] = lambda i: None) -> PointerReader:
     r1, r2 = fed["r1"], fed["r2"]
@@ -105,18 +119,14 @@ def test_pointer_pattern_holds_under_pipelined_writes(federation: Federation) ->
     r1.client.create(r1.path("/data/d0"), b"0")
     r1.client.create(r1.path("/ptr"), b"0")
     n = 3000
-    with PointerReader(r2.client, r2.mount) as reader:
-        pending = []
+    def writes() -> Iterator[Any]:
         for i in range(1, n + 1):
             # One session, so ZooKeeper applies them in this order: d_i before ptr = i.
-            pending.append(r1.client.create_async(r1.path(f"/data/d{i}"), str(i).encode()))
-            pending.append(r1.client.set_async(r1.path("/ptr"), str(i).encode()))
-            if len(pending) >= 400:
-                for p in pending:
-                    p.get(timeout=30)
-                pending = []
-        for p in pending:
-            p.get(timeout=30)
+            yield r1.client.create_async(r1.path(f"/data/d{i}"), str(i).encode())
+            yield r1.client.set_async(r1.path("/ptr"), str(i).encode())
+
+    with PointerReader(r2.client, r2.mount) as reader:
+        in_windows(writes(), 400)
         wait_for(lambda: reader.last == n, 90, message="reader never saw the last ptr")
     print(f"pointer pattern, pipelined: {reader.reads} reads, {reader.dangling} dangling, "
           f"{reader.backwards} backwards")
@@ -156,18 +166,15 @@ def test_order_holds_when_a_capture_reads_in_several_replies(federation: Federat
     reader.start()
     try:
         n = 1500
-        pending = []
-        for i in range(1, n + 1):
-            pending.append(r1.client.set_async(r1.path("/a"), str(i).encode()))
-            for rel in noise[i % 8 :: 8]:
-                pending.append(r1.client.set_async(r1.path(rel), str(i).encode()))
-            pending.append(r1.client.set_async(r1.path("/z"), str(i).encode()))
-            if len(pending) >= 300:
-                for p in pending:
-                    p.get(timeout=30)
-                pending = []
-        for p in pending:
-            p.get(timeout=30)
+
+        def writes() -> Iterator[Any]:
+            for i in range(1, n + 1):
+                yield r1.client.set_async(r1.path("/a"), str(i).encode())
+                for rel in noise[i % 8 :: 8]:
+                    yield r1.client.set_async(r1.path(rel), str(i).encode())
+                yield r1.client.set_async(r1.path("/z"), str(i).encode())
+
+        in_windows(writes(), 300)
         wait_for(lambda: r2.client.get(r2.path("/z"))[0] == str(n).encode(), 90,
                  message="r2 never saw the last /z")
     finally:

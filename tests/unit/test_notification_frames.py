@@ -8,8 +8,8 @@ apply's reply, and a path given back without frames is never settled.
 
 from __future__ import annotations
 
-from bridge.outbound import Outbound
 from bridge.closure import close, later
+from bridge.outbound import Outbound
 from tests.unit.test_outbox_feed import FakeBridge, FakeStore
 
 
