@@ -19,7 +19,9 @@ interval counts as notified inside it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from itertools import chain
 
 Frames = Sequence[tuple[int, int] | None]  # per call of notified(); None: a per-node watch
 
@@ -43,31 +45,33 @@ def _between(frames: Frames, a: int, b: int) -> bool:
     return any(f is not None and f[0] < high and f[1] > low for f in frames)
 
 
-def close(taken: Iterable[str], at: Mapping[str, int], seen: Mapping[str, Frames],
+def close(taken: AbstractSet[str], at: Mapping[str, int], seen: Mapping[str, Frames],
           snapshots: Sequence[int]) -> Closure:
     """The latest of ``snapshots`` (reply frames, ascending) a batch can close at.
 
     ``taken``: paths notified before the capture's first read; ``at``: the
     frame of the reply that last read each path; ``seen``: each path's
-    notifications since the capture began.
+    notifications since the capture began. (A start-up capture takes 100,000
+    paths or more: the sets here are built once per candidate, not copied.)
     """
-    taken = set(taken)
     unread: set[str] = set()
     for snapshot in reversed(snapshots or [0]):
-        need = taken | {r for r, fs in seen.items() if _before(fs, snapshot)}
-        stale = {r for r in need if r not in at or (
-            at[r] != snapshot and _between(seen.get(r, ()), at[r], snapshot))}
+        extra = {r for r, fs in seen.items() if r not in taken and _before(fs, snapshot)}
+        stale = {r for r in chain(taken, extra) if r not in at or (
+            at[r] != snapshot and r in seen and _between(seen[r], at[r], snapshot))}
         if not stale:
-            return Closure(snapshot, frozenset(need), frozenset())
+            return Closure(snapshot, frozenset(chain(taken, extra)), frozenset())
         if not unread:
             unread = stale  # the latest candidate's: reading them may close it
     return Closure(None, frozenset(), frozenset(unread))
 
 
-def later(closure: Closure, touched: Iterable[str], seen: Mapping[str, Frames]) -> set[str]:
-    """Paths for the next batch: not in this one, or notified after its snapshot."""
+def later(closure: Closure, touched: Iterable[Iterable[str]],
+          seen: Mapping[str, Frames]) -> set[str]:
+    """Paths for the next batch (among each of ``touched``): not in this one, or
+    notified after its snapshot."""
     snapshot = closure.snapshot if closure.snapshot is not None else 0
-    out = set(touched) - closure.batch
-    out |= {r for r in closure.batch
-            if any(f is None or f[1] > snapshot for f in seen.get(r, ()))}
+    out = {r for paths in touched for r in paths if r not in closure.batch}
+    out |= {r for r, fs in seen.items() if r in closure.batch
+            and any(f is None or f[1] > snapshot for f in fs)}
     return out

@@ -242,7 +242,8 @@ class SubtreeStore(Planner):
         reply, or not in the batch, go to the next batch (``requeue``).
 
         ``on_batch`` gets each batch as soon as its ``multi`` committed, so a
-        large capture (a start-up one) is published while the rest is written.
+        large capture (a start-up one) is published while the rest is written;
+        the batches are returned only without it.
         """
         await self._settle()
         taken = {r for r in rels if self._replicable(r)}
@@ -270,12 +271,14 @@ class SubtreeStore(Planner):
                 log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
                             hint="the application writes new paths faster than one read")
                 found = closure.Closure(max(snapshots, default=0), frozenset(at), frozenset())
-            again = closure.later(found, taken | seen.keys() | at.keys(), seen)
+            again = closure.later(found, (taken, seen, at), seen)
             if again:
                 self.requeue(again)
             todo = set()
             try:
-                return await self._capture({r: reads[r] for r in found.batch}, on_batch)
+                batch = reads if len(found.batch) == len(reads) else {
+                    r: reads[r] for r in found.batch}  # (every batch path was read)
+                return await self._capture(batch, on_batch)
             except NeedRead as more_rels:
                 taken |= more_rels.rels
                 todo = set(more_rels.rels)
@@ -324,7 +327,10 @@ class SubtreeStore(Planner):
                 and m.deleted]
         if need:
             raise NeedRead(need)
-        views = {r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
+        # Only local deletes need them (placeholders left empty): a start-up
+        # capture of 100,000 puts would build as many for nothing.
+        views = {r: view_of(n) for r, n in reads.items()
+                 if not isinstance(n, NoPermission)} if deleted or cleanup else {}
         carried = await self.acl.announce_many(self.zk, [
             (self.layout.znode(rel), rel, node.stat.aversion)
             for _, op, rel, node in changes if node is not None])
@@ -381,9 +387,13 @@ class SubtreeStore(Planner):
             self._commit(plan)
             created = str(results[-1])
             self._outbox_written(created)
-            out.append(CapturedBatch(tuple(part), tuple(enc), created))
-            if on_batch is not None:
-                on_batch(out[-1])
+            batch = CapturedBatch(tuple(part), tuple(enc), created)
+            if on_batch is None:
+                out.append(batch)
+            else:
+                # Handed on, not kept: a start-up capture's batches are
+                # published (and freed) while the rest is still written.
+                on_batch(batch)
         for e in events:
             self.oversized.pop(e.path, None)
         return out
