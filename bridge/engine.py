@@ -275,10 +275,12 @@ class Bridge:
         self.epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
         log.info("epoch_taken", epoch=self.epoch, identity=self.identity,
                  session=f"{self.zk.session_id or 0:#x}")
-        fresh = await self._incarnation()
+        # A connection lost while starting is retried like any later one (a
+        # chaos round crashed a bridge on one: seed 885666).
+        fresh = await self.retry("read incarnation", self._incarnation)
         for store in self.stores.values():
             store.incarnation = self.incarnation
-            await store.setup()
+            await self.retry(f"set up {store.layout.name}", store.setup)
         own = [self.topic(n, self.region) for n in self.stores]
         created = await self.retry("create topics", lambda: self.kafka.ensure_topics(
             own + list(self.peers)))
@@ -309,7 +311,8 @@ class Bridge:
         await owntopic.replay(self, found)
         own_ends = found.ends
         for name in self.stores:
-            if await self.zk.exists(self._reannounce_path(name)) is not None:
+            if await self.retry("read re-announce marker", partial(
+                    self.zk.exists, self._reannounce_path(name))) is not None:
                 # Left unfinished by an earlier term: the whole state again.
                 self.start_reannounce(name)
         await self.retry("start consumer", lambda: self.kafka.start_consumer(

@@ -63,11 +63,13 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
         for name, store in b.stores.items():
             topic = b.topic(name, b.region)
             parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
-            stored = {} if fresh else await store.read_positions(b.region)
+            stored = {} if fresh else await b.retry(
+                "read publish position", partial(store.read_positions, b.region))
             ends = await b.retry("end offsets", partial(
                 reader.end_offsets, [(topic, p) for p in parts]))
             all_ends.update(ends)
-            old_id = None if fresh else await store.read_topic_id(b.region)
+            old_id = None if fresh else await b.retry(
+                "read topic id", partial(store.read_topic_id, b.region))
             new_id = ids.ids.get(topic)
             if old_id is not None and new_id is not None and old_id != new_id:
                 # Re-created while we were down: what we published is gone,
@@ -76,11 +78,13 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                     name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
                     f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
                     "or rebuilt)", new_id)
-                await store.write_positions(b.region, {p: e for (_, p), e in ends.items()})
+                await b.retry("store publish position", partial(
+                    store.write_positions, b.region, {p: e for (_, p), e in ends.items()}))
                 continue
             if new_id is not None:
                 if new_id != old_id:
-                    await store.write_topic_id(b.region, new_id)
+                    await b.retry("store topic id",
+                                  partial(store.write_topic_id, b.region, new_id))
                 b.inbound.own_ids[topic] = new_id
             lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
             for (t, p), end in lost.items():
@@ -88,7 +92,8 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                                  f"stored publish position {stored[p]} is above the "
                                  f"end offset {end}")
             if lost:
-                await store.write_positions(b.region, {p: e for (_, p), e in ends.items()})
+                await b.retry("store publish position", partial(
+                    store.write_positions, b.region, {p: e for (_, p), e in ends.items()}))
                 continue
             start = {(topic, p): stored.get(p, 0) for p in parts}
             todo = {tp: end for tp, end in ends.items() if end > start[tp]}
