@@ -66,12 +66,11 @@ def close(taken: AbstractSet[str], at: Mapping[str, int], seen: Mapping[str, Fra
     return Closure(None, frozenset(), frozenset(unread))
 
 
-def later(closure: Closure, touched: Iterable[Iterable[str]],
-          seen: Mapping[str, Frames]) -> set[str]:
-    """Paths for the next batch (among each of ``touched``): not in this one, or
-    notified after its snapshot."""
+def later(closure: Closure, taken: Iterable[str], seen: Mapping[str, Frames]) -> set[str]:
+    """Paths for the next batch: taken or notified but not in this one, or in it
+    and notified after its snapshot. (Every path read was taken or notified.)"""
     snapshot = closure.snapshot if closure.snapshot is not None else 0
-    out = {r for paths in touched for r in paths if r not in closure.batch}
+    out = {r for r in chain(taken, seen) if r not in closure.batch}
     out |= {r for r, fs in seen.items() if r in closure.batch
             and any(f is None or f[1] > snapshot for f in fs)}
     return out

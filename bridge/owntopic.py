@@ -11,6 +11,8 @@ deletions first) and re-applies the records up to the ends the survey saw.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -43,6 +45,17 @@ class Survey:
     replays: tuple[Replay, ...]
 
 
+@asynccontextmanager
+async def _reader(b: Bridge) -> AsyncIterator[Kafka]:
+    """A consumer of its own (no group) for reading this region's topics, stopped after."""
+    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-replay")
+    await b.retry("start replay consumer", lambda: reader.start_consumer(None))
+    try:
+        yield reader
+    finally:
+        await reader.stop()
+
+
 async def survey(bridge: Bridge, fresh: bool) -> Survey:
     """Check every own topic against what this region stored; the replays still to do.
 
@@ -53,11 +66,9 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
     topic lost what we published: the whole state is re-announced instead.
     """
     b = bridge
-    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-replay")
-    await b.retry("start replay consumer", lambda: reader.start_consumer(None))
     all_ends: dict[TopicPartition, int] = {}
     replays: list[Replay] = []
-    try:
+    async with _reader(b) as reader:
         ids = await b.retry("topic ids", lambda: reader.topic_ids(
             [b.topic(n, b.region) for n in b.stores]))
         for name, store in b.stores.items():
@@ -68,6 +79,7 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
             ends = await b.retry("end offsets", partial(
                 reader.end_offsets, [(topic, p) for p in parts]))
             all_ends.update(ends)
+            at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
             old_id = None if fresh else await b.retry(
                 "read topic id", partial(store.read_topic_id, b.region))
             new_id = ids.ids.get(topic)
@@ -78,8 +90,8 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                     name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
                     f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
                     "or rebuilt)", new_id)
-                await b.retry("store publish position", partial(
-                    store.write_positions, b.region, {p: e for (_, p), e in ends.items()}))
+                await b.retry("store publish position",
+                              partial(store.write_positions, b.region, at_end))
                 continue
             if new_id is not None:
                 if new_id != old_id:
@@ -92,15 +104,13 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                                  f"stored publish position {stored[p]} is above the "
                                  f"end offset {end}")
             if lost:
-                await b.retry("store publish position", partial(
-                    store.write_positions, b.region, {p: e for (_, p), e in ends.items()}))
+                await b.retry("store publish position",
+                              partial(store.write_positions, b.region, at_end))
                 continue
             start = {(topic, p): stored.get(p, 0) for p in parts}
             todo = {tp: end for tp, end in ends.items() if end > start[tp]}
             if todo:
                 replays.append(Replay(name, {tp: start[tp] for tp in todo}, todo))
-    finally:
-        await reader.stop()
     return Survey(all_ends, tuple(replays))
 
 
@@ -113,9 +123,7 @@ async def replay(bridge: Bridge, found: Survey) -> None:
     if not found.replays:
         return
     b = bridge
-    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-replay")
-    await b.retry("start replay consumer", lambda: reader.start_consumer(None))
-    try:
+    async with _reader(b) as reader:
         for todo in found.replays:
             store = b.stores[todo.subtree]
             topic = next(iter(todo.end))[0]
@@ -136,5 +144,3 @@ async def replay(bridge: Bridge, found: Survey) -> None:
             await b.inbound.replay(store, records)
             await b.outbound.store_own_position(todo.subtree, {
                 p: min(o, todo.end[(t, p)]) for (t, p), o in done.items()})
-    finally:
-        await reader.stop()

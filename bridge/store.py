@@ -271,7 +271,7 @@ class SubtreeStore(Planner):
                 log.warning("batch_not_closed", subtree=self.layout.name, rounds=rounds,
                             hint="the application writes new paths faster than one read")
                 found = closure.Closure(max(snapshots, default=0), frozenset(at), frozenset())
-            again = closure.later(found, (taken, seen, at), seen)
+            again = closure.later(found, taken, seen)
             if again:
                 self.requeue(again)
             todo = set()
