@@ -51,7 +51,7 @@ CONFLICTS_KEPT = 1000
 QUEUE_BATCHES = 64  # complete batches fetched ahead of applying, per subtree
 IDLE_POSITION_SECONDS = 0.2  # heartbeat-only progress is stored at most this often
 TOPIC_CHECK_SECONDS = 1.0  # how often offsets are compared with the topics' ends
-TOPIC_CHECK_TIMEOUT = 5.0  # longest a topic check's queries may hold fetching up
+TOPIC_CHECK_TIMEOUT = 5.0  # longest a topic check waits for each of its answers
 
 
 @dataclass
@@ -71,6 +71,19 @@ class PeerState:
     max_end: dict[int, int] = field(default_factory=dict)  # highest end offset seen
     suspect: dict[int, str] = field(default_factory=dict)  # a loss seen once, to confirm
     topic_id: str | None = None  # Kafka's id of the topic the positions belong to
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the broker answered to one topic check, with what was known when asking."""
+
+    ids: Mapping[str, str]  # topic → id
+    ends: Mapping[tuple[str, int], int]
+    begins: Mapping[tuple[str, int], int]
+    acked: Mapping[tuple[str, int], int]  # own partitions' ends acknowledged before asking
+    peer_tps: list[tuple[str, int]]
+    since: int  # wall-clock ms the check before this one started
+    started_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,19 +166,34 @@ class Inbound:
         # A topic re-created while this bridge was down may have grown past the
         # stored position: only its id tells, and it must before the first apply.
         await self.check_topics()
-        while True:
-            try:
-                records = await b.retry("fetch", lambda: b.kafka.fetch(100, FETCH_MAX_RECORDS))
-            except OffsetOutOfRange as exc:
-                # The broker says a position is outside the topic: no need to confirm.
-                await self.check_topics(forced=exc.offsets)
-                continue
-            for rec in records:
-                await self._take(rec)
-            await self._idle_positions()
-            if time.monotonic() - self._checked >= TOPIC_CHECK_SECONDS:
-                await self.check_topics()
-            self.check_caught_up()
+        # Later checks ask aside and are settled here: fetching never waits
+        # for an answer (one sent into a network cut waits up to
+        # TOPIC_CHECK_TIMEOUT, and each heartbeat fetched meanwhile aged as much).
+        asking: asyncio.Future[Answer | TimeoutError | KafkaError | None] | None = None
+        try:
+            while True:
+                try:
+                    records = await b.retry("fetch",
+                                            lambda: b.kafka.fetch(100, FETCH_MAX_RECORDS))
+                except OffsetOutOfRange as exc:
+                    if asking is not None:
+                        asking.cancel()
+                        asking = None
+                    # The broker says a position is outside the topic: no need to confirm.
+                    await self.check_topics(forced=exc.offsets)
+                    continue
+                for rec in records:
+                    await self._take(rec)
+                await self._idle_positions()
+                if asking is not None and asking.done():
+                    answer, asking = asking.result(), None
+                    await self._settle(answer, {})
+                if asking is None and time.monotonic() - self._checked >= TOPIC_CHECK_SECONDS:
+                    asking = asyncio.ensure_future(self._ask())
+                self.check_caught_up()
+        finally:
+            if asking is not None:
+                asking.cancel()
 
     # -- topics that lost records ------------------------------------------------
     async def check_topics(self, forced: dict[tuple[str, int], int] | None = None) -> None:
@@ -176,50 +204,71 @@ class Inbound:
         reported (out of range) or a changed topic id is acted on at once.
         A topic the broker does not know is created again at once.
         """
+        await self._settle(await self._ask(), forced or {})
+
+    async def _ask(self) -> Answer | TimeoutError | KafkaError | None:
+        """The broker's side of a topic check: topic ids, then offsets (None: nothing to ask).
+
+        Only asks: what it decides is for ``_settle``, in the fetcher.
+        """
         b = self.bridge
         self._checked = time.monotonic()
         since, started_ms = self._checked_ms, int(time.time() * 1000)
-        forced = forced or {}
         peer_tps = [(t, p) for t, peer in self.peers.items() for p in peer.assemblers]
         # What was acknowledged *before* asking: an ack that lands while the
         # request is in flight is for a record the answer may not count yet.
         acked = dict(self.own_max_end)
         tps = peer_tps + list(acked)
         if not tps:
-            return
+            return None
         try:
-            # Bounded: fetching waits while the check runs, and a connection
-            # a network cut left dead would hold it for a whole request timeout.
             async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
                 ids = await b.kafka.topic_ids([*self.peers, *self.own])
             missing = sorted(ids.missing & (self.peers.keys() | self.own.keys()))
             if missing:
                 # Asking for its offsets would only wait out a request timeout.
                 raise KafkaError(f"topics missing: {', '.join(missing)}")
-            replaced = await self._replaced(ids.ids)
             async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
                 ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
                                                     b.kafka.beginning_offsets(tps))
-        except TimeoutError:
+        except TimeoutError as exc:
+            # A connection that had requests in flight through a network cut
+            # may wait out TCP's retransmission backoff (seconds, growing
+            # with the cut) after the heal: the next check asks on a new one.
+            await b.kafka.reset_queries()
+            return exc
+        except KafkaError as exc:
+            return exc
+        return Answer(ids.ids, ends, begins, acked, peer_tps, since, started_ms)
+
+    async def _settle(self, answer: Answer | TimeoutError | KafkaError | None,
+                      forced: dict[tuple[str, int], int]) -> None:
+        """Act on a topic check's answer: rewind, re-announce, or recreate topics."""
+        b = self.bridge
+        if answer is None:
+            return
+        if isinstance(answer, TimeoutError):
             b.note_error("topic check", f"no answer within {TOPIC_CHECK_TIMEOUT:g}s")
             return  # looked at again next round; nothing is decided on no answer
-        except KafkaError as exc:
+        if isinstance(answer, KafkaError):
             # A topic that vanished (deleted, broker rebuilt empty): recreate
             # what this bridge may create, and look again next round.
             # The check runs every second: one warning per outage, not one a second.
             self._check_failures += 1
             emit = log.warning if self._check_failures == 1 else log.debug
-            emit("topic_check_failed", error=str(exc),
+            emit("topic_check_failed", error=str(answer),
                  hint="a topic may be missing, or the broker unreachable; the bridge "
                       "recreates its topics and looks again every second")
-            b.note_error("topic check", str(exc))
+            b.note_error("topic check", str(answer))
             await b.recreate_topics()
             return
         if self._check_failures:
             log.info("topic_check_recovered", failed_checks=self._check_failures)
             self._check_failures = 0
-        self._checked_ms = started_ms
-        for tp, hw in b.kafka.highwaters_since(list(ends), since).items():
+        replaced = await self._replaced(answer.ids)
+        ends, begins, acked = dict(answer.ends), answer.begins, answer.acked
+        self._checked_ms = answer.started_ms
+        for tp, hw in b.kafka.highwaters_since(list(ends), answer.since).items():
             # Some brokers answer ListOffsets with less than the fetch high
             # watermark (tansu does, for good). The high watermark of a fetch
             # answered since the last check is what reading really finds; a
@@ -259,7 +308,7 @@ class Inbound:
                 b.own_topic_lost(self.own[tp[0]], tp[0], tp[1], before, end, why)
             elif end < seen:
                 self._own_suspect[tp] = seen
-        for tp in peer_tps:
+        for tp in answer.peer_tps:
             topic, part = tp
             peer = self.peers[topic]
             end, begin = ends.get(tp), begins.get(tp, 0)

@@ -626,6 +626,18 @@ class Kafka:
         )
         return {(tp.topic, tp.partition): off for tp, off in res.items()}
 
+    async def reset_queries(self) -> None:
+        """Close the query connection: the next query opens a new one.
+
+        For a query that got no answer in time. aiokafka closes a connection
+        on its own request timeout only, and a caller's shorter deadline
+        would otherwise leave every later query queued on the dead one.
+        """
+        async with self._probe_lock:
+            probe, self._probe = self._probe, None
+        if probe is not None:
+            await _close("query consumer", probe)
+
     async def stop(self) -> None:
         """Close both clients, each within STOP_TIMEOUT seconds.
 
@@ -634,29 +646,30 @@ class Kafka:
         unreachable broker would otherwise hold a stopping process for a
         whole request timeout.
         """
-
-        async def close(what: str, closer: AIOKafkaProducer | AIOKafkaConsumer) -> None:
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await closer.stop()
-            except TimeoutError:
-                log.warning("kafka_stop_timeout", client=what, timeout_s=STOP_TIMEOUT)
-            except asyncio.CancelledError:
-                # aiokafka re-raises the cancellation of its own fetch task (one
-                # waiting to retry an unreachable broker) from stop(): a failed
-                # close, unless this task itself is being cancelled.
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                log.warning("kafka_stop_failed", client=what, error="cancelled inside aiokafka")
-            except Exception as exc:  # shutting down: report, don't mask the cause
-                log.warning("kafka_stop_failed", client=what, error=str(exc))
-
-        closers = [close(what, c) for what, c in
+        closers = [_close(what, c) for what, c in
                    (("producer", self._producer), ("consumer", self._consumer),
                     ("query consumer", self._probe)) if c is not None]
         self._producer = self._consumer = self._probe = None
         await asyncio.gather(*closers)
+
+
+async def _close(what: str, client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Stop ``client`` within STOP_TIMEOUT seconds; a failure is logged, not raised."""
+    try:
+        async with asyncio.timeout(STOP_TIMEOUT):
+            await client.stop()
+    except TimeoutError:
+        log.warning("kafka_stop_timeout", client=what, timeout_s=STOP_TIMEOUT)
+    except asyncio.CancelledError:
+        # aiokafka re-raises the cancellation of its own fetch task (one
+        # waiting to retry an unreachable broker) from stop(): a failed
+        # close, unless this task itself is being cancelled.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("kafka_stop_failed", client=what, error="cancelled inside aiokafka")
+    except Exception as exc:  # shutting down: report, don't mask the cause
+        log.warning("kafka_stop_failed", client=what, error=str(exc))
 
 
 async def _started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
