@@ -115,9 +115,17 @@ class Outbound:
         self._own_lock = asyncio.Lock()
         self._doomed: list[tuple[str, str]] = []  # (subtree, outbox path) acked, to delete
         self._deleter: asyncio.Task[None] | None = None
+        self._own_writer: asyncio.Future[None] | None = None
+        self._beating: dict[str, asyncio.Event] = {}  # the last heartbeat's ack, per subtree
 
     def reset(self) -> None:
         self.queue = asyncio.Queue()
+        w, self._own_writer = self._own_writer, None
+        if w is not None:
+            w.cancel()  # the next leader reads the position back
+            if w.done() and not w.cancelled():
+                w.exception()  # retrieved: it failed with the term
+        self._beating.clear()
         for name in self.dirty:
             self.dirty[name].clear()
             self.frames[name].clear()
@@ -419,7 +427,7 @@ class Outbound:
         # The own-topic position only bounds a replay after a wipe: once a
         # second is plenty (heartbeats write what is left when it goes idle).
         if time.monotonic() - self._own_written >= OWN_POSITION_SECONDS:
-            await self._write_own_positions()
+            self._write_own_aside()
 
     async def _delete_acked(self) -> None:
         while self._doomed:
@@ -441,6 +449,8 @@ class Outbound:
         """Wait for outbox deletes in flight (end of term)."""
         if self._deleter is not None:
             await asyncio.gather(self._deleter, return_exceptions=True)
+        if self._own_writer is not None:
+            await asyncio.gather(self._own_writer, return_exceptions=True)
 
     async def store_own_position(self, subtree: str, parts: dict[int, int]) -> None:
         """Store the own topic's position the start-up replay reached.
@@ -454,6 +464,22 @@ class Outbound:
         for part, end in parts.items():
             cur[part] = max(cur.get(part, 0), end, acked.get((topic, part), 0))
         await self._write_own_positions()
+
+    def _write_own_aside(self) -> None:
+        """Store the own topic's acknowledged ends in the background, one write at a time.
+
+        Aside because a ZooKeeper slowed by an fsync stall (2 s seen on this
+        machine) held the publisher and the heartbeats up with the write, and
+        peers saw this region's heartbeats go stale. A failure that ended the
+        write (fenced, the term over) is raised here, by the next call.
+        """
+        w = self._own_writer
+        if w is not None and not w.done():
+            return
+        if w is not None and not w.cancelled() and (exc := w.exception()) is not None:
+            raise exc
+        self._own_writer = (asyncio.ensure_future(self._write_own_positions())
+                            if self._own_ends else None)
 
     async def _write_own_positions(self) -> None:
         async with self._own_lock:
@@ -494,8 +520,13 @@ class Outbound:
                          sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         b = self.bridge
         while True:
-            # Idle or nearly: a backlog already tells peers we are alive.
-            for name in b.stores if self.queue.qsize() < 10 else ():
+            for name in b.stores:
+                # Also behind a backlog: receivers judge liveness by heartbeats
+                # alone. But one at a time: a publisher that cannot reach Kafka
+                # is not handed one more every second.
+                last = self._beating.get(name)
+                if last is not None and not last.is_set():
+                    continue
                 # Causal stability counts on every event stamped below a heartbeat
                 # that carries `applied` being ahead of it on the topic: true when
                 # no capture is between stamping its events and queueing them.
@@ -510,7 +541,7 @@ class Outbound:
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
                            inc=b.incarnation, applied=applied)
                 # Through the publisher's queue: never inside another batch's records.
-                self.enqueue(name, None, [(hb.key, codec.encode(hb))])
-            if self._own_ends:
-                await self._write_own_positions()  # what the publisher left when it went idle
+                self._beating[name] = acked = asyncio.Event()
+                self.enqueue(name, None, [(hb.key, codec.encode(hb))], done=acked)
+            self._write_own_aside()  # what the publisher left when it went idle
             await sleep(interval())
