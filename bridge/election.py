@@ -30,8 +30,12 @@ class Election:
         self._candidate = ""
 
     async def wait(self) -> None:
-        """Return once this bridge's candidate is the oldest: it leads."""
-        self._candidate = ""
+        """Return once this bridge's candidate is the oldest: it leads.
+
+        A candidate that outlived the previous term (its start failed on a
+        lost connection, the session went on) keeps its place: a new one
+        behind it would wait for it forever.
+        """
         while not await self._retry("election", self._step):
             pass
 

@@ -60,6 +60,7 @@ T = TypeVar("T")
 _INC = re.compile(r"[0-9a-f]{1,64}")
 # Start-up twin check: how many of the own topic's last records to look at.
 TWIN_LOOKBACK = 50
+TERM_RESTART_DELAY = 1.0  # seconds before standing again after a term failed to start
 
 
 
@@ -184,6 +185,7 @@ class Bridge:
         self._lost.clear()
         self.kafka = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}")
         tasks: list[asyncio.Task[None]] = []
+        restart_after = 0.0
         try:
             await self._start(tasks)  # starts the publisher before the start-up scan
             tasks += [
@@ -227,6 +229,18 @@ class Bridge:
         except FencedError as exc:
             self._lost.set()
             log.warning("leadership_lost", reason=str(exc))
+        except BridgeError as exc:
+            if not exc.retriable:
+                raise
+            # A step of the term's start that is not retried by itself (taking
+            # the epoch: a retry after the session moved on could fence out
+            # the next leader; the start-up scan) met a lost connection. The
+            # term ends with nothing published past its outbox; the election
+            # decides again, and this bridge stands again after a pause.
+            self._lost.set()
+            log.warning("term_start_failed", error=str(exc),
+                        action="standing again for leadership", delay_s=TERM_RESTART_DELAY)
+            restart_after = TERM_RESTART_DELAY
         finally:
             tasks += list(self._reannouncing.values())
             self._reannouncing.clear()
@@ -244,6 +258,9 @@ class Bridge:
                     await self._write_status()
             await self.kafka.stop()
             self._reset_term()
+        if restart_after:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), restart_after)
 
     def _reset_term(self) -> None:
         """Forget in-memory work of a term: the next leader reads it back from ZooKeeper."""
@@ -273,6 +290,7 @@ class Bridge:
     async def _start(self, tasks: list[asyncio.Task[None]]) -> None:
         s = self.settings
         self.epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
+        failpoints.hit(failpoints.EPOCH_TAKEN)
         log.info("epoch_taken", epoch=self.epoch, identity=self.identity,
                  session=f"{self.zk.session_id or 0:#x}")
         # A connection lost while starting is retried like any later one (a

@@ -421,3 +421,24 @@ def test_a_capture_whose_answer_was_lost_after_it_committed_is_still_published(
     fed.wait_converged(["r1", "r2"], timeout=60)
     assert fed.count_events("r1", "outbox_reread") >= 1
     fed.assert_clean_logs()
+
+
+def test_a_term_whose_start_lost_its_connection_ends_and_the_bridge_leads_again(
+        federation: Federation) -> None:
+    # A lost connection at a step of the term's start that is not retried by
+    # itself (here the answer to taking the epoch, which was carried out)
+    # used to stop the bridge with an error: now that term ends and the
+    # bridge stands again, takes the next epoch and replicates.
+    fed = federation
+    fed.start("r2")
+    fed.start("r1", env={"ZKBRIDGE_FAILPOINTS": "epoch_taken=lose@1"})
+    r1, r2 = fed["r1"], fed["r2"]
+    assert r1.proc is not None and r1.proc.poll() is None
+    assert fed.count_events("r1", "term_start_failed") == 1
+    # The first epoch was taken (its answer lost), so the term that leads holds the second.
+    ready = [e["epoch"] for e in fed.events("r1") if e.get("event") == "bridge_ready"]
+    assert ready == [2], ready
+    r1.client.create(r1.path("/after-a-failed-start"), b"x")
+    r2.client.create(r2.path("/to-r1"), b"y")
+    fed.wait_converged(["r1", "r2"], timeout=60)
+    fed.assert_clean_logs(allowed={"term_start_failed", "leadership_lost"})
