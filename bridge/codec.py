@@ -284,11 +284,7 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
             raise CodecError(BAD_FIELD, "acl: expected a list of perms:scheme:id strings")
         acl = tuple(raw_acl)
 
-    inc: str | None = None
-    if "inc" in m:
-        inc = _str(m, "inc")
-        if not _INC.fullmatch(inc):
-            raise CodecError(BAD_FIELD, "inc: not a hex incarnation id [0-9a-f]{1,64}")
+    inc = _inc(m)
 
     applied: tuple[tuple[str, int], ...] | None = None
     if "applied" in m:
@@ -383,6 +379,25 @@ def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:
     if len(m) > MAX_TOP_LEVEL_KEYS:
         raise CodecError(MALFORMED, f"more than {MAX_TOP_LEVEL_KEYS} keys")
     return _event_from_map(m)
+
+
+def incarnation_of(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str | None:
+    """The ``inc`` field of a record value, and nothing else checked (None: absent).
+
+    For reading one's own topic back, where only the publisher's incarnation
+    matters: a full ``decode`` of every record a start-up capture publishes
+    was about a tenth of the origin's CPU during a catch-up (profiled).
+    """
+    return _inc(_map(_unpack(raw, max_bytes=max_bytes), "event"))
+
+
+def _inc(m: Mapping[str, object]) -> str | None:
+    if "inc" not in m:
+        return None
+    inc = _str(m, "inc")
+    if not _INC.fullmatch(inc):
+        raise CodecError(BAD_FIELD, "inc: not a hex incarnation id [0-9a-f]{1,64}")
+    return inc
 
 
 def check_size(event: Event, max_data_bytes: int) -> None:

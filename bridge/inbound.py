@@ -391,13 +391,13 @@ class Inbound:
         """A record on this region's own topic: ours, or a second ensemble's."""
         b = self.bridge
         try:
-            event = codec.decode(rec.value) if rec.value is not None else None
+            inc = codec.incarnation_of(rec.value) if rec.value is not None else None
         except CodecError:
             return
-        if event is None or event.inc is None or event.inc == b.incarnation:
+        if inc is None or inc == b.incarnation:
             return
         raise DuplicateRegionError(duplicate_message(
-            b.region, rec.topic, theirs=event.inc, ours=b.incarnation,
+            b.region, rec.topic, theirs=inc, ours=b.incarnation,
             seen=f"a record at offset {rec.offset}"))
 
     async def _take(self, rec: Record) -> None:

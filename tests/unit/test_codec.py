@@ -622,3 +622,17 @@ def test_conflict_garbage() -> None:
     for raw in (b"\xc1", msgpack.packb({}), msgpack.packb({"local": {"h": "zz"}})):
         with pytest.raises(CodecError):
             codec.decode_conflict(raw)
+
+
+@SETTINGS
+@given(events())
+def test_incarnation_of_reads_the_field_decode_reads(event: Event) -> None:
+    assert codec.incarnation_of(codec.encode(event)) == event.inc
+
+
+def test_incarnation_of_rejects_what_decode_rejects_of_it() -> None:
+    with pytest.raises(CodecError):
+        codec.incarnation_of(b"\xc1garbage")
+    with pytest.raises(CodecError):
+        codec.incarnation_of(msgpack.packb({"inc": "NOT-HEX"}))
+    assert codec.incarnation_of(msgpack.packb({"v": "1.3"})) is None
