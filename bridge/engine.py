@@ -79,6 +79,9 @@ class Bridge:
         # One lock per subtree: its captures and applies never overlap.
         self.locks: dict[str, asyncio.Lock] = {}
         self._rescan = asyncio.Event()
+        # Bumped when the ZooKeeper connection drops; subtrees not rescanned since.
+        self.session_gen = 0
+        self.unseen: set[str] = set()
         self._lost = asyncio.Event()
         self._stop = asyncio.Event()
         self.tree_watch = True  # False: the server lacks addWatch, per-node watches instead
@@ -552,6 +555,13 @@ class Bridge:
         if state == "LOST" and self.role == "leader":
             # The session held our candidate znode: someone else may lead now.
             self._lost.set()
+        if state != "CONNECTED":
+            # Changes made from now until the rescan after the reconnect are
+            # never notified: no capture may close a batch over them
+            # (``Outbound.flush``; chaos seed 705621 saw a retried capture
+            # publish a pointer whose record was written during the gap).
+            self.session_gen += 1
+            self.unseen = set(self.stores)
         if state == "CONNECTED" and new_session:
             # The ephemeral member znode died with the old session.
             self.background(self.retry("register member", self._register_member))
@@ -625,30 +635,10 @@ class Bridge:
                 await self.retry(f"rescan {name}", lambda n=name: self._scan(n))  # type: ignore[misc]
 
     async def _scan(self, name: str) -> None:
-        """Watch the mount, read everything, capture what changed unseen (one batch or more).
-
-        The watch goes first, so a change during the scan is either read by
-        it or notified after; the subtree's lock keeps applies out while the
-        metadata cache is rebuilt.
-        """
-        store, scanner = self.stores[name], self.scanners[name]
-        if self.tree_watch:
-            self.tree_watch = await self.retry(
-                f"watch {name}", lambda: self.zk.add_recursive_watch(store.layout.mount))
-            if not self.tree_watch:
-                log.warning("persistent_watch_unsupported", subtree=name,
-                            hint="ZooKeeper < 3.6: falling back to a watch per znode")
+        """Watch the mount, read everything, capture what changed unseen (one batch or more)."""
+        store = self.stores[name]
         async with self.locks[name]:
-            result = await self.retry(
-                f"scan {name}", lambda: scanner.scan(allow_mass_delete=self.allow_mass_delete))
-            self.stats[f"scans:{name}"] += 1
-            self.scan_seconds[name] = result.seconds
-            log.info("scan_done", subtree=name, znodes=result.znodes,
-                     changes=len(result.changed), seconds=round(result.seconds, 3))
-            if not self.tree_watch:
-                self._watched[name].clear()
-                await self._arm(name, ["/", *result.present])
-            await self.outbound.flush(name, set(result.changed))
+            await self._rescan_locked(name)
             if store.held_events:
                 # Held back for want of permission: tried again at every scan
                 # (their records go once they apply, in the same multi).
@@ -658,6 +648,40 @@ class Bridge:
                 applied = await self.inbound.apply_events(store, events, peer=None,
                                                           positions=None)
                 self.inbound.record(store, applied)
+
+    async def ensure_seen(self, name: str) -> None:
+        """Before a capture (the subtree's lock held): rescan if the connection dropped since
+        the last scan, until one scan ran without a drop (``Outbound.flush``)."""
+        while name in self.unseen:
+            await self._rescan_locked(name)
+
+    async def _rescan_locked(self, name: str) -> None:
+        """The scan proper, the subtree's lock held (it keeps applies out while the
+        metadata cache is rebuilt).
+
+        The watch goes first, so a change during the scan is either read by
+        it or notified after.
+        """
+        store, scanner = self.stores[name], self.scanners[name]
+        gen = self.session_gen
+        if self.tree_watch:
+            self.tree_watch = await self.retry(
+                f"watch {name}", lambda: self.zk.add_recursive_watch(store.layout.mount))
+            if not self.tree_watch:
+                log.warning("persistent_watch_unsupported", subtree=name,
+                            hint="ZooKeeper < 3.6: falling back to a watch per znode")
+        result = await self.retry(
+            f"scan {name}", lambda: scanner.scan(allow_mass_delete=self.allow_mass_delete))
+        self.stats[f"scans:{name}"] += 1
+        self.scan_seconds[name] = result.seconds
+        log.info("scan_done", subtree=name, znodes=result.znodes,
+                 changes=len(result.changed), seconds=round(result.seconds, 3))
+        if not self.tree_watch:
+            self._watched[name].clear()
+            await self._arm(name, ["/", *result.present])
+        await self.outbound.flush(name, set(result.changed), since=gen)
+        if self.session_gen == gen:
+            self.unseen.discard(name)
 
     # -- change notification -------------------------------------------------
     def _subtree_of(self, path: str) -> tuple[str, str] | None:

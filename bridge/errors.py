@@ -47,6 +47,12 @@ class VersionConflict(ZooKeeperError):
     """A version check in a ``multi`` failed: someone wrote meanwhile; read again."""
 
 
+class NotificationGap(BridgeError):
+    """The ZooKeeper connection dropped during a capture: changes made while it was
+    away were never notified, so what the capture read may not be closed. Its
+    paths wait for the rescan that follows the reconnect."""
+
+
 class FencedError(BridgeError):
     """The epoch check failed: another bridge leads this region; stop writing."""
 

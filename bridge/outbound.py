@@ -41,7 +41,7 @@ import structlog
 
 from bridge import codec, failpoints
 from bridge.clock import hlc_to_ms
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, NotificationGap
 from bridge.model import Event, Op, VectorClock
 from bridge.store import CapturedBatch, SubtreeStore
 
@@ -194,9 +194,22 @@ class Outbound:
             async with self.bridge.locks[name]:
                 await self.flush(name)
 
-    async def flush(self, name: str, extra: set[str] | None = None) -> None:
-        """Capture every pending local change of ``name`` (caller holds its lock)."""
-        store = self.bridge.stores[name]
+    async def flush(self, name: str, extra: set[str] | None = None,
+                    since: int | None = None) -> None:
+        """Capture every pending local change of ``name`` (caller holds its lock).
+
+        A batch is closed only over changes that were all notified, so none
+        commits if the connection dropped since ``since`` (a scan's start)
+        or since this capture began: changes made while it was away reached
+        no watch. After a drop, the first capture is a rescan's, which finds
+        them (``Bridge.ensure_seen``); a capture the drop interrupted leaves
+        its paths pending for it.
+        """
+        b = self.bridge
+        if since is None:
+            await b.ensure_seen(name)
+            since = b.session_gen
+        store = b.stores[name]
         rels = self.take(name) | (extra or set())
         if not rels:
             return
@@ -218,14 +231,22 @@ class Outbound:
             self.recheck_outbox(store)
             self.captured(store, batch)
 
+        def unbroken() -> None:  # before each commit
+            if b.session_gen != since:
+                raise NotificationGap(f"capture {name}: the ZooKeeper connection dropped")
+
         store.requeue = requeue
         self.capturing[name] += 1  # from before its first stamp until its batches are queued
         try:
             try:
-                await self.bridge.retry(f"capture {name}",
-                                        lambda: store.capture(rels, notified, committed))
-            except BaseException:
+                await b.retry(f"capture {name}",
+                              lambda: store.capture(rels, notified, committed, unbroken))
+            except BaseException as exc:
                 self.restore(name, taken)  # not captured: the next attempt reads them again
+                if isinstance(exc, NotificationGap):
+                    b.stats[f"captures_deferred:{name}"] += 1
+                    self.recheck_outbox(store)  # a commit whose answer the drop took
+                    return
                 raise
             await self.bridge.after_capture(name, taken)
             self.recheck_outbox(store)

@@ -230,6 +230,7 @@ class SubtreeStore(Planner):
     async def capture(self, rels: Iterable[str],
                       notified: Callable[[], Mapping[str, tuple[int, int] | None]] = dict,
                       on_batch: Callable[[CapturedBatch], None] | None = None,
+                      unbroken: Callable[[], None] = lambda: None,
                       ) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
@@ -243,7 +244,8 @@ class SubtreeStore(Planner):
 
         ``on_batch`` gets each batch as soon as its ``multi`` committed, so a
         large capture (a start-up one) is published while the rest is written;
-        the batches are returned only without it.
+        the batches are returned only without it. ``unbroken`` runs before each
+        commit and raises if the notifications the batch relies on may have a gap.
         """
         await self._settle()
         taken = {r for r in rels if self._replicable(r)}
@@ -278,7 +280,7 @@ class SubtreeStore(Planner):
             try:
                 batch = reads if len(found.batch) == len(reads) else {
                     r: reads[r] for r in found.batch}  # (every batch path was read)
-                return await self._capture(batch, on_batch)
+                return await self._capture(batch, on_batch, unbroken)
             except NeedRead as more_rels:
                 taken |= more_rels.rels
                 todo = set(more_rels.rels)
@@ -288,6 +290,7 @@ class SubtreeStore(Planner):
 
     async def _capture(self, reads: dict[str, Node | NoPermission | None],
                        on_batch: Callable[[CapturedBatch], None] | None = None,
+                       unbroken: Callable[[], None] = lambda: None,
                        ) -> list[CapturedBatch]:
         changes: list[tuple[tuple[int, int, int, str], Op, str, Node | None]] = []
         cleanup: list[str] = []  # tombstoned placeholders left empty by local deletes
@@ -377,6 +380,7 @@ class SubtreeStore(Planner):
             part = batching.stamp([events[i] for i in chunk], self.clock.now())
             enc = [codec.encode(e) for e in part]
             await self._outbox_ops(plan, codec.encode_outbox(enc))
+            unbroken()
             try:
                 results, _ = await self._multi(plan)
                 failpoints.hit(failpoints.CAPTURE_COMMITTED)

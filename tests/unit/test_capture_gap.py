@@ -1,0 +1,85 @@
+"""A capture that a ZooKeeper connection drop interrupted commits nothing.
+
+No servers: a stand-in store whose capture "reads" across a drop (the
+bridge's connection generation moves, as ``Bridge._on_session`` makes it),
+then reaches its commit. Changes made while the connection was away were
+never notified, so the batch would not be closed over them (chaos seed
+705621 published a pointer without its record that way): the paths go back
+to pending for the rescan, and a capture after a drop starts with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bridge.outbound import Outbound
+
+
+class Store:
+    outbox_unsure = False
+    requeue: Any = None
+
+    def __init__(self, bridge: FakeBridge, drop: bool) -> None:
+        self.bridge = bridge
+        self.drop = drop
+        self.committed = 0
+
+    async def capture(self, rels: Any, notified: Callable[[], Any], on_batch: Any,
+                      unbroken: Callable[[], None]) -> list[Any]:
+        notified()
+        if self.drop:
+            self.bridge.session_gen += 1  # the connection dropped while reading
+        unbroken()
+        self.committed += 1
+        return []
+
+
+class FakeBridge:
+    region = "r1"
+    incarnation = "ab12"
+
+    def __init__(self, drop: bool) -> None:
+        self.session_gen = 0
+        self.rescans = 0
+        self.store = Store(self, drop)
+        self.stores: dict[str, Any] = {"s": self.store}
+        self.stats: Counter[str] = Counter()
+
+    async def ensure_seen(self, name: str) -> None:
+        self.rescans += 1
+
+    async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        return await fn()
+
+    async def after_capture(self, name: str, rels: set[str]) -> None:
+        pass
+
+
+def test_a_capture_interrupted_by_a_drop_commits_nothing_and_leaves_its_paths_pending() -> None:
+    async def main() -> None:
+        b = FakeBridge(drop=True)
+        out = Outbound(b)  # type: ignore[arg-type]
+        out.mark("s", "/data/d25")
+        out.mark("s", "/ptr")
+        await out.flush("s")
+        assert b.store.committed == 0
+        assert out.dirty["s"] == {"/data/d25", "/ptr"}
+        assert b.stats["captures_deferred:s"] == 1
+        assert out.queue.empty()
+
+    asyncio.run(main())
+
+
+def test_a_capture_without_a_drop_commits_after_the_rescan_check() -> None:
+    async def main() -> None:
+        b = FakeBridge(drop=False)
+        out = Outbound(b)  # type: ignore[arg-type]
+        out.mark("s", "/ptr")
+        await out.flush("s")
+        assert b.rescans == 1 and b.store.committed == 1
+        assert not out.dirty["s"]
+
+    asyncio.run(main())
