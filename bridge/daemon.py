@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -32,6 +33,8 @@ DUPLICATE_REGION_EXIT = 4
 # stays in the outbox); at STOP_DEADLINE the process exits regardless.
 STOP_GRACE = 0.6
 STOP_DEADLINE = 1.5
+# Allocations (less frees) before a young-generation collection; the default is 700.
+GC_THRESHOLD = 20_000
 
 
 class Daemon:
@@ -148,6 +151,19 @@ class Daemon:
         return 0
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper cycle collections.
+
+    A capture or apply of thousands of events allocates millions of small
+    objects that reference counting frees; the default thresholds still ran
+    hundreds of collections over them (about a fifth of the bridge's CPU at
+    the bench's catch-up, gc.callbacks). What the imports made lives as long
+    as the process: frozen, later collections skip it.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def _exit_now() -> None:
     log.warning("stop_deadline_exceeded", deadline_s=STOP_DEADLINE,
                 action="exiting now; unpublished changes stay in the outbox")
@@ -159,4 +175,5 @@ def _exit_now() -> None:
 
 def run(settings: Settings, *, allow_mass_delete: bool = False) -> int:
     logsetup.configure(settings.log_format, settings.log_level)
+    _tune_gc()
     return asyncio.run(Daemon(settings, allow_mass_delete).serve())
