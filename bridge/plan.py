@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -186,9 +186,15 @@ class Planner:
         d = decide(local.version(), event.version())
         return d.action is Action.APPLY or (d.action is Action.CONFLICT and d.remote_wins)
 
-    def _meta_op(self, plan: Plan, rel: str, meta: NodeMeta) -> None:
-        """Write ``rel``'s metadata, creating missing metadata directories first."""
-        entry = plan.metas.get(rel) or self.metas.get(rel)
+    def _meta_op(self, plan: Plan, rel: str, meta: NodeMeta,
+                 before: Mapping[str, MetaEntry] | None = None) -> None:
+        """Write ``rel``'s metadata, creating missing metadata directories first.
+
+        ``before``: the metadata a plan sent ahead of this one writes (not yet
+        committed; this plan is sent only once it has).
+        """
+        before = before or {}
+        entry = plan.metas.get(rel) or before.get(rel) or self.metas.get(rel)
         data = codec.encode_meta(meta)
         path = self.layout.meta(rel)
         if entry is not None:
@@ -196,7 +202,7 @@ class Planner:
             plan.metas[rel] = MetaEntry(meta, entry.version + 1)
             return
         for anc in reversed(ancestors(rel)):
-            if anc not in plan.metas and anc not in self.metas:
+            if anc not in plan.metas and anc not in before and anc not in self.metas:
                 plan.ops.append(Create(self.layout.meta(anc), b""))
                 plan.metas[anc] = MetaEntry(None, 0)
         plan.ops.append(Create(path, data))

@@ -18,6 +18,7 @@ again, the batch is planned afresh, never reordered.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -368,26 +369,38 @@ class SubtreeStore(Planner):
         if len(chunks) > 1:
             log.info("batch_split", subtree=self.layout.name, events=len(events),
                      pieces=len(chunks))
-        for n, chunk in enumerate(chunks):
+        def prepare(chunk: Sequence[int], before: Mapping[str, MetaEntry]
+                    ) -> tuple[Plan, list[Event], list[bytes]]:
             plan = Plan()
             for i in chunk:
                 e = events[i]
                 self._meta_op(plan, e.path, NodeMeta(
                     vc=e.vc, data_hash=content_hash(e.data), deleted=e.op is Op.DELETE,
-                    writer=self.region, ts=e.ts))
-            if n == len(chunks) - 1:
-                self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
+                    writer=self.region, ts=e.ts), before)
             part = batching.stamp([events[i] for i in chunk], self.clock.now())
-            enc = [codec.encode(e) for e in part]
+            return plan, part, [codec.encode(e) for e in part]
+
+        ahead = prepare(chunks[0], {})
+        for n in range(len(chunks)):
+            plan, part, enc = ahead
+            if n == len(chunks) - 1:
+                # Over the committed metadata: every earlier piece has committed.
+                self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
             await self._outbox_ops(plan, codec.encode_outbox(enc))
             unbroken()
+            sending = asyncio.ensure_future(self._multi(plan))
             try:
-                results, _ = await self._multi(plan)
-                failpoints.hit(failpoints.CAPTURE_COMMITTED)
-            except ZooKeeperError:
-                self._bucket_known = False  # a lost answer may have created it
-                self.outbox_unsure = True
-                raise
+                await asyncio.sleep(0)  # sent: the next piece is built meanwhile
+                if n + 1 < len(chunks):
+                    ahead = prepare(chunks[n + 1], plan.metas)
+            finally:
+                try:
+                    results, _ = await sending
+                    failpoints.hit(failpoints.CAPTURE_COMMITTED)
+                except ZooKeeperError:
+                    self._bucket_known = False  # a lost answer may have created it
+                    self.outbox_unsure = True
+                    raise
             self._commit(plan)
             created = str(results[-1])
             self._outbox_written(created)
