@@ -64,22 +64,28 @@ class Scanner:
                    for op in ((("children", lay.znode(rel)),) if zkids else ())
                    + ((("children", lay.meta(rel)),) if mkids else ())]
             listings = iter(await self._read(ops))
-            rels: set[str] = set()
+            # What a listing did not name is not read: the watch went first, so
+            # a znode created since is notified; metadata changes only under
+            # the subtree's lock, which the scan holds.
+            listed: tuple[set[str], set[str]] = (set(), set())
             for rel, zkids, mkids in level:
-                for want in (zkids, mkids):
+                for want, into in ((zkids, listed[0]), (mkids, listed[1])):
                     if not want:
                         continue
                     names = next(listings)
                     if isinstance(names, NoPermission):
                         store.hold(rel, "read")
                     elif names:
-                        rels.update(join(rel, n) for n in names)
-            todo = sorted(r for r in rels if not store.excluded(r))
-            reads = await self._read([op for r in todo for op in (
-                ("data", lay.znode(r)), ("data", lay.meta(r)))])
+                        into.update(join(rel, n) for n in names)
+            todo = sorted(r for r in listed[0] | listed[1] if not store.excluded(r))
+            ops = [op for r in todo for op in (
+                (("data", lay.znode(r)),) if r in listed[0] else ()) + (
+                (("data", lay.meta(r)),) if r in listed[1] else ())]
+            answers = iter(await self._read(ops))
             level = []
-            for i, rel in enumerate(todo):
-                node, mnode = reads[2 * i], reads[2 * i + 1]
+            for rel in todo:
+                node = next(answers) if rel in listed[0] else None
+                mnode = next(answers) if rel in listed[1] else None
                 store.load_meta(rel, mnode if isinstance(mnode, Node) else None)
                 if isinstance(node, NoPermission):
                     store.hold(rel, "read")
