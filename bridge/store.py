@@ -360,7 +360,8 @@ class SubtreeStore(Planner):
                                 vc=vc, ts=ts, writer=self.region, data=data,
                                 acl=acl if isinstance(acl, tuple) else None,
                                 inc=self.incarnation))
-        if not events and not cleanup:
+        if not events:
+            # Nothing to announce: a placeholder's cleanup rides on a later batch.
             return []
         out: list[CapturedBatch] = []
         # Split first (by an estimate of each record's size), then stamp and
