@@ -67,9 +67,10 @@ class Scanner:
             # What a listing did not name is not read: the watch went first, so
             # a znode created since is notified; metadata changes only under
             # the subtree's lock, which the scan holds.
-            listed: tuple[set[str], set[str]] = (set(), set())
+            in_tree: set[str] = set()
+            in_meta: set[str] = set()
             for rel, zkids, mkids in level:
-                for want, into in ((zkids, listed[0]), (mkids, listed[1])):
+                for want, into in ((zkids, in_tree), (mkids, in_meta)):
                     if not want:
                         continue
                     names = next(listings)
@@ -77,15 +78,15 @@ class Scanner:
                         store.hold(rel, "read")
                     elif names:
                         into.update(join(rel, n) for n in names)
-            todo = sorted(r for r in listed[0] | listed[1] if not store.excluded(r))
+            todo = sorted(r for r in in_tree | in_meta if not store.excluded(r))
             ops = [op for r in todo for op in (
-                (("data", lay.znode(r)),) if r in listed[0] else ()) + (
-                (("data", lay.meta(r)),) if r in listed[1] else ())]
+                (("data", lay.znode(r)),) if r in in_tree else ()) + (
+                (("data", lay.meta(r)),) if r in in_meta else ())]
             answers = iter(await self._read(ops))
             level = []
             for rel in todo:
-                node = next(answers) if rel in listed[0] else None
-                mnode = next(answers) if rel in listed[1] else None
+                node = next(answers) if rel in in_tree else None
+                mnode = next(answers) if rel in in_meta else None
                 store.load_meta(rel, mnode if isinstance(mnode, Node) else None)
                 if isinstance(node, NoPermission):
                     store.hold(rel, "read")

@@ -20,7 +20,7 @@ from kazoo.exceptions import NoNodeError
 from bridge.config import ZooKeeperSettings
 from bridge.zk import Node, ZooKeeper
 from tests.harness.procs import wait_for
-from tests.integration.federation import Federation
+from tests.integration.federation import Federation, Region
 
 pytestmark = pytest.mark.integration
 
@@ -314,17 +314,22 @@ def test_exactly_once_apply_across_a_crash_after_the_multi(federation: Federatio
     fed.assert_clean_logs()
 
 
+def write_large_records(region: Region, count: int) -> None:
+    """``count`` records of 300 KB under /data, then /ptr naming the last."""
+    region.client.ensure_path(region.path("/data"))
+    big = b"z" * 300_000
+    for i in range(1, count + 1):
+        region.client.create(region.path(f"/data/d{i}"), big + str(i).encode())
+    region.client.create(region.path("/ptr"), str(count).encode())
+
+
 def test_a_batch_over_a_megabyte_is_split_in_order(federation: Federation) -> None:
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
     fed.start("r2")
-    r1.client.ensure_path(r1.path("/data"))
     # Written while r1's bridge is down: its start-up scan captures them as one
     # change set of about 1.5 MB, more than one ZooKeeper request carries.
-    big = b"z" * 300_000
-    for i in range(1, 6):
-        r1.client.create(r1.path(f"/data/d{i}"), big + str(i).encode())
-    r1.client.create(r1.path("/ptr"), b"5")
+    write_large_records(r1, 5)
     with PointerReader(r2.client, r2.mount) as reader:
         fed.start("r1")
         wait_for(lambda: reader.last == 5, 60, message="ptr never arrived")
@@ -343,11 +348,7 @@ def test_a_split_batch_whose_middle_piece_lost_its_answer_keeps_order(
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
     fed.start("r2")
-    r1.client.ensure_path(r1.path("/data"))
-    big = b"z" * 300_000
-    for i in range(1, 8):
-        r1.client.create(r1.path(f"/data/d{i}"), big + str(i).encode())
-    r1.client.create(r1.path("/ptr"), b"7")
+    write_large_records(r1, 7)
     with PointerReader(r2.client, r2.mount) as reader:
         fed.start("r1", env={"ZKBRIDGE_FAILPOINTS": "capture_committed=lose@2"})
         wait_for(lambda: reader.last == 7, 60, message="ptr never arrived")
