@@ -282,7 +282,7 @@ class Inbound:
                 for p, (_, now) in parts.items():
                     self.own_max_end[(topic, p)] = now
                     self._own_suspect.pop((topic, p), None)
-                await b.own_topic_replaced(self.own[topic], topic, parts, why, new)
+                await b.reannounce.replaced(self.own[topic], topic, parts, why, new)
                 continue
             peer = self.peers[topic]
             for part in list(peer.assemblers):
@@ -305,7 +305,7 @@ class Inbound:
             if before is not None and end < before:
                 why = f"end offset {end} is below the {before} this bridge published"
                 self.own_max_end[tp] = end
-                b.own_topic_lost(self.own[tp[0]], tp[0], tp[1], before, end, why)
+                b.reannounce.lost(self.own[tp[0]], tp[0], tp[1], before, end, why)
             elif end < seen:
                 self._own_suspect[tp] = seen
         for tp in answer.peer_tps:
@@ -433,7 +433,7 @@ class Inbound:
             asm.skip(rec.offset)
             end = self.bridge.kafka.highwater(rec.topic, {rec.partition: 0})[rec.partition]
             if rec.offset + 3 >= end:  # fresh, not a backlog read late
-                self.bridge.clock_sample(peer.peer, hlc_to_ms(event.ts))
+                self.bridge.reporter.clock_sample(peer.peer, hlc_to_ms(event.ts))
             return
         dropped = asm.dropped
         completed = asm.feed(rec.offset, event, null=null)

@@ -181,7 +181,7 @@ class BridgeCollector(Collector):
                     families[kind].add_metric([p.subtree, p.peer], 0)
         yield from families.values()
         offsets = family("zkbridge_clock_offset_seconds")
-        for peer, seen in b.clock_offsets.items():
+        for peer, seen in b.reporter.clock_offsets.items():
             if seen:
                 offsets.add_metric([peer], min(seen) / 1000)
         yield offsets

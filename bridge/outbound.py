@@ -202,13 +202,13 @@ class Outbound:
         commits if the connection dropped since ``since`` (a scan's start)
         or since this capture began: changes made while it was away reached
         no watch. After a drop, the first capture is a rescan's, which finds
-        them (``Bridge.ensure_seen``); a capture the drop interrupted leaves
+        them (``Watching.ensure_seen``); a capture the drop interrupted leaves
         its paths pending for it.
         """
         b = self.bridge
         if since is None:
-            await b.ensure_seen(name)
-            since = b.session_gen
+            await b.watching.ensure_seen(name)
+            since = b.watching.session_gen
         store = b.stores[name]
         rels = self.take(name) | (extra or set())
         if not rels:
@@ -232,7 +232,7 @@ class Outbound:
             self.captured(store, batch)
 
         def unbroken() -> None:  # before each commit
-            if b.session_gen != since:
+            if b.watching.session_gen != since:
                 raise NotificationGap(f"capture {name}: the ZooKeeper connection dropped")
 
         store.requeue = requeue
@@ -248,7 +248,7 @@ class Outbound:
                     self.recheck_outbox(store)  # a commit whose answer the drop took
                     return
                 raise
-            await self.bridge.after_capture(name, taken)
+            await self.bridge.watching.after_capture(name, taken)
             self.recheck_outbox(store)
         finally:
             self.capturing[name] -= 1

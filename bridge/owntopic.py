@@ -86,7 +86,7 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
             if old_id is not None and new_id is not None and old_id != new_id:
                 # Re-created while we were down: what we published is gone,
                 # whatever the offsets say (the new topic may have grown past them).
-                await b.own_topic_replaced(
+                await b.reannounce.replaced(
                     name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
                     f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
                     "or rebuilt)", new_id)
@@ -100,7 +100,7 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                 b.inbound.own_ids[topic] = new_id
             lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
             for (t, p), end in lost.items():
-                b.own_topic_lost(name, t, p, stored[p], end,
+                b.reannounce.lost(name, t, p, stored[p], end,
                                  f"stored publish position {stored[p]} is above the "
                                  f"end offset {end}")
             if lost:

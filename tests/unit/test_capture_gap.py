@@ -1,7 +1,7 @@
 """A capture that a ZooKeeper connection drop interrupted commits nothing.
 
 No servers: a stand-in store whose capture "reads" across a drop (the
-bridge's connection generation moves, as ``Bridge._on_session`` makes it),
+bridge's connection generation moves, as ``Watching.disconnected`` makes it),
 then reaches its commit. Changes made while the connection was away were
 never notified, so the batch would not be closed over them (chaos seed
 705621 published a pointer without its record that way): the paths go back
@@ -31,10 +31,22 @@ class Store:
                       unbroken: Callable[[], None]) -> list[Any]:
         notified()
         if self.drop:
-            self.bridge.session_gen += 1  # the connection dropped while reading
+            self.bridge.watching.session_gen += 1  # the connection dropped while reading
         unbroken()
         self.committed += 1
         return []
+
+
+class FakeWatching:
+    def __init__(self) -> None:
+        self.session_gen = 0
+        self.rescans = 0
+
+    async def ensure_seen(self, name: str) -> None:
+        self.rescans += 1
+
+    async def after_capture(self, name: str, rels: set[str]) -> None:
+        pass
 
 
 class FakeBridge:
@@ -42,20 +54,13 @@ class FakeBridge:
     incarnation = "ab12"
 
     def __init__(self, drop: bool) -> None:
-        self.session_gen = 0
-        self.rescans = 0
+        self.watching = FakeWatching()
         self.store = Store(self, drop)
         self.stores: dict[str, Any] = {"s": self.store}
         self.stats: Counter[str] = Counter()
 
-    async def ensure_seen(self, name: str) -> None:
-        self.rescans += 1
-
     async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         return await fn()
-
-    async def after_capture(self, name: str, rels: set[str]) -> None:
-        pass
 
 
 def test_a_capture_interrupted_by_a_drop_commits_nothing_and_leaves_its_paths_pending() -> None:
@@ -79,7 +84,7 @@ def test_a_capture_without_a_drop_commits_after_the_rescan_check() -> None:
         out = Outbound(b)  # type: ignore[arg-type]
         out.mark("s", "/ptr")
         await out.flush("s")
-        assert b.rescans == 1 and b.store.committed == 1
+        assert b.watching.rescans == 1 and b.store.committed == 1
         assert not out.dirty["s"]
 
     asyncio.run(main())

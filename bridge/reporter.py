@@ -1,0 +1,134 @@
+"""The bridge's status record, and what its peers' heartbeats say about this region's clock.
+
+The record lives under the state path, rewritten every ``STATUS_INTERVAL``
+and at once after an incident, so that ``zkbridge status`` and ``lag`` read
+a fresh one from any host, also while the bridge is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge.errors import BridgeError, VersionConflict
+from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
+from bridge.zk import Create, SetData
+from bridge.zk import Op as ZkOp
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.reporter")
+
+
+class Reporter:
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        # Set by an incident: the status record shows it now, not at the next tick.
+        self.due = asyncio.Event()
+        # Our wall clock minus each peer's heartbeat stamps, recent ones:
+        # the smallest is the least delayed, the best guess of the offset.
+        self.clock_offsets: dict[str, deque[int]] = {}
+        self._clock_said = ""
+
+    @property
+    def path(self) -> str:
+        return f"{self.bridge.settings.state_path}/status"
+
+    # -- clock ---------------------------------------------------------------
+    def clock_sample(self, peer: str, stamp_ms: int) -> None:
+        """A peer's fresh heartbeat, stamped by its clock (HLC physical part)."""
+        self.clock_offsets.setdefault(peer, deque(maxlen=10)).append(
+            self.bridge.clock.wall_ms() - stamp_ms)
+
+    def clock_check(self) -> str:
+        """Why this region's own clock looks wrong, or "".
+
+        The clock is judged against a majority of the peers heard from: one
+        peer that disagrees with everyone else is that peer's problem (its
+        own bridge reports it); with a single peer both sides report it.
+        """
+        bound = 1000 * self.bridge.settings.max_clock_skew
+        offsets = {p: min(d) for p, d in self.clock_offsets.items() if d}
+        off = {p: v for p, v in offsets.items() if abs(v) > bound}
+        said = ""
+        if off and 2 * len(off) > len(offsets):
+            mean = sum(off.values()) / len(off) / 1000
+            way = "ahead of" if mean > 0 else "behind"
+            said = (f"this region's clock is about {abs(mean):.0f}s {way} the heartbeats of "
+                    f"{', '.join(sorted(off))} (more than max_clock_skew "
+                    f"{bound / 1000:g}s): check NTP on this host")
+        if said and not self._clock_said:
+            log.error("clock_disagrees", offsets_s={p: round(v / 1000, 1) for p, v in
+                                                    offsets.items()}, detail=said)
+        elif self._clock_said and not said:
+            log.info("clock_agrees")
+        self._clock_said = said
+        return said
+
+    # -- the record ----------------------------------------------------------
+    def status(self) -> Status:
+        b = self.bridge
+        peers = tuple(
+            PeerStatus(
+                subtree=p.subtree, peer=p.peer, topic=p.topic, positions=dict(p.positions),
+                highwater=b.kafka.highwater(p.topic, p.positions),
+                last_heartbeat_ms=p.last_heartbeat_ms, last_event_ms=p.last_event_ms,
+                last_applied_ms=p.last_applied_ms,
+            )
+            for p in b.peers.values()
+        )
+        errors = tuple(b.errors)
+        incidents = tuple(b.incidents)
+        clock = self.clock_check()
+        return Status(
+            region=b.region, identity=b.identity, epoch=b.epoch, role=b.role,
+            health=health(errors, peers, b.settings.heartbeat_interval,
+                          incidents=incidents, clock=clock),
+            started_ms=b.started_ms, updated_ms=now_ms(), counters=dict(b.stats),
+            outbox={n: b.backlog(n) for n in b.stores},
+            oversized={n: sorted(st.oversized) for n, st in b.stores.items()},
+            held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
+                       for n, st in b.stores.items()},
+            peers=peers, errors=errors, incidents=incidents, waiting=dict(b.waiting),
+            clock=clock,
+            state={n: self.state_of(n) for n in b.stores},
+        )
+
+    def state_of(self, subtree: str) -> dict[str, object]:
+        """Bounded state of ``subtree`` for the status record."""
+        b = self.bridge
+        store, now = b.stores[subtree], now_ms()
+        return {
+            "tombstones": store.tombstones_held(),
+            "tombstones_collected": store.gc_collected,
+            "nulls_published": b.stats[f"nulls_published:{subtree}"],
+            "nulls_applied": b.stats[f"nulls_applied:{subtree}"],
+            "outbox_age_seconds": round(b.outbound.oldest_age(subtree), 1),
+            "stable_prefix_age_seconds": {
+                origin: None if at is None else round(max(0, now - at) / 1000, 1)
+                for origin, at in b.stable_prefixes(subtree).items()},
+        }
+
+    async def write(self) -> None:
+        zk = self.bridge.zk
+        record = self.status().encode()
+        stat = await zk.exists(self.path)
+        op: ZkOp = SetData(self.path, record, stat.version) if stat else Create(self.path, record)
+        with contextlib.suppress(VersionConflict):  # a racing write of our own
+            await zk.multi([op])
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.write()
+            except BridgeError as exc:
+                if not exc.retriable:
+                    raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.due.wait(), STATUS_INTERVAL)
+            self.due.clear()

@@ -1,0 +1,161 @@
+"""Knowing what changed: the subtree watches, the scans, and what a dropped connection hid.
+
+One persistent recursive watch per mount (ZooKeeper ≥ 3.6) marks every
+changed path for the outbound pipeline; a server without ``addWatch`` gets
+one-shot watches per znode instead, re-armed after each capture. A scan
+reads the whole subtree and captures what changed unseen: at a term's start,
+and after every reconnect, since nothing is delivered while away and the
+persistent watch is gone with the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge.errors import BridgeError
+from bridge.zk import Watch
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.watching")
+
+
+class Watching:
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.rescan = asyncio.Event()
+        # Bumped when the ZooKeeper connection drops; subtrees not rescanned since.
+        self.session_gen = 0
+        self.unseen: set[str] = set()
+        self.tree_watch = True  # False: the server lacks addWatch, per-node watches instead
+        self._watched: dict[str, dict[str, set[str]]] = {n: {} for n in bridge.stores}
+
+    def reset(self) -> None:
+        for seen in self._watched.values():
+            seen.clear()
+
+    def disconnected(self) -> None:
+        """Changes made from now until the rescan after the reconnect are never notified:
+        no capture may close a batch over them (``Outbound.flush``; chaos seed 705621 saw a
+        retried capture publish a pointer whose record was written during the gap)."""
+        self.session_gen += 1
+        self.unseen = set(self.bridge.stores)
+
+    async def rescanner(self) -> None:
+        b = self.bridge
+        while True:
+            await self.rescan.wait()
+            self.rescan.clear()
+            for name in b.stores:
+                await b.retry(f"rescan {name}", lambda n=name: self.scan(n))  # type: ignore[misc]
+
+    async def scan(self, name: str) -> None:
+        """Watch the mount, read everything, capture what changed unseen (one batch or more)."""
+        b = self.bridge
+        store = b.stores[name]
+        async with b.locks[name]:
+            await self._rescan_locked(name)
+            if store.held_events:
+                # Held back for want of permission: tried again at every scan
+                # (their records go once they apply, in the same multi).
+                events = list(store.held_events.values())
+                for e in events:
+                    store.held_back.pop(e.path, None)
+                applied = await b.inbound.apply_events(store, events, peer=None, positions=None)
+                b.inbound.record(store, applied)
+
+    async def ensure_seen(self, name: str) -> None:
+        """Before a capture (the subtree's lock held): rescan if the connection dropped since
+        the last scan, until one scan ran without a drop (``Outbound.flush``)."""
+        while name in self.unseen:
+            await self._rescan_locked(name)
+
+    async def _rescan_locked(self, name: str) -> None:
+        """The scan proper, the subtree's lock held (it keeps applies out while the
+        metadata cache is rebuilt).
+
+        The watch goes first, so a change during the scan is either read by
+        it or notified after.
+        """
+        b = self.bridge
+        store, scanner = b.stores[name], b.scanners[name]
+        gen = self.session_gen
+        if self.tree_watch:
+            self.tree_watch = await b.retry(
+                f"watch {name}", lambda: b.zk.add_recursive_watch(store.layout.mount))
+            if not self.tree_watch:
+                log.warning("persistent_watch_unsupported", subtree=name,
+                            hint="ZooKeeper < 3.6: falling back to a watch per znode")
+        result = await b.retry(
+            f"scan {name}", lambda: scanner.scan(allow_mass_delete=b.allow_mass_delete))
+        b.stats[f"scans:{name}"] += 1
+        b.scan_seconds[name] = result.seconds
+        log.info("scan_done", subtree=name, znodes=result.znodes,
+                 changes=len(result.changed), seconds=round(result.seconds, 3))
+        if not self.tree_watch:
+            self._watched[name].clear()
+            await self._arm(name, ["/", *result.present])
+        await b.outbound.flush(name, set(result.changed), since=gen)
+        if self.session_gen == gen:
+            self.unseen.discard(name)
+
+    # -- change notification -------------------------------------------------
+    def _subtree_of(self, path: str) -> tuple[str, str] | None:
+        for name, store in self.bridge.stores.items():
+            rel = store.layout.rel_of(path)
+            if rel is not None:
+                return name, rel
+        return None
+
+    def on_tree(self, path: str, frame: int) -> None:
+        found = self._subtree_of(path)
+        if (found is not None and found[1] != "/"
+                and not self.bridge.stores[found[0]].excluded(found[1])):
+            self.bridge.outbound.mark(*found, frame)
+
+    def on_watch(self, kind: Watch, path: str, deleted: bool) -> None:
+        """Fallback one-shot watches (no addWatch): where to look, then re-armed."""
+        if self.tree_watch:
+            return
+        found = self._subtree_of(path)
+        if found is None:
+            return
+        name, rel = found
+        if kind is Watch.CHILDREN:
+            self.bridge.background(self._relist(name, rel))
+        elif rel != "/":
+            self.bridge.outbound.mark(name, rel)
+
+    async def _relist(self, name: str, rel: str) -> None:
+        with contextlib.suppress(BridgeError):
+            async with self.bridge.locks[name]:
+                self._watched[name].pop(rel, None)
+                await self._arm(name, [rel])
+
+    async def after_capture(self, name: str, rels: set[str]) -> None:
+        if not self.tree_watch:
+            await self._arm(name, sorted(rels))
+
+    async def _arm(self, name: str, rels: list[str]) -> None:
+        """Per-node watches: data on each, children on each present one (new children marked)."""
+        b = self.bridge
+        store, seen = b.stores[name], self._watched[name]
+        for rel in rels:
+            path = store.layout.znode(rel)
+            stat = await b.zk.exists(path, watch=True)
+            if stat is None or stat.ephemeral:
+                seen.pop(rel, None)
+                continue
+            if rel in seen:
+                continue
+            names = await b.zk.children(path, watch=True) or []
+            seen[rel] = set(names)
+            for child in names:
+                child_rel = f"/{child}" if rel == "/" else f"{rel}/{child}"
+                if child_rel not in seen and not store.excluded(child_rel):
+                    b.outbound.mark(name, child_rel)
