@@ -65,6 +65,11 @@ MAX_RECORD_BYTES = 1_048_576
 # publish. Half of a broker's default message.max.bytes (1 MB); a record
 # larger than this still goes, in a batch of its own.
 PRODUCE_BATCH_BYTES = 512 * 1024
+# Upper bound on an idle fetch's wait. Kafka answers as soon as data
+# arrives anyway; some compatible brokers (tansu) only answer on this timer,
+# which then adds up to this much to every event's latency. An idle bridge
+# pays 20 fetches a second per connection for it.
+FETCH_MAX_WAIT_MS = 50
 QUERY_TIMEOUT_MS = 5000  # offset and metadata queries (see Kafka._querier)
 STOP_TIMEOUT = 0.4
 # The broker no longer knows this idempotent producer's sequence (it restarted
@@ -453,11 +458,7 @@ class Kafka:
             enable_auto_commit=False,
             auto_offset_reset=reset,
             max_partition_fetch_bytes=2 * MAX_RECORD_BYTES,
-            # Upper bound on an idle fetch's wait. Kafka answers as soon as data
-            # arrives anyway; some compatible brokers (tansu) only answer on this
-            # timer, which then adds up to this much to every event's latency.
-            # An idle bridge pays 20 fetches a second per connection for it.
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             fetch_max_bytes=8 * MAX_RECORD_BYTES,
         )
         self._consumer = await _started(consumer)
