@@ -29,6 +29,7 @@ import structlog
 
 from bridge import codec, collector, failpoints, owntopic, twin
 from bridge.acl import AclPolicy
+from bridge.applying import Applier
 from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
 from bridge.election import Election
@@ -102,6 +103,7 @@ class Bridge:
         self.stability = {n: Stability(self.region, tuple(settings.peers)) for n in self.stores}
         self.outbound = Outbound(self)
         self.inbound = Inbound(self)
+        self.applier = Applier(self, self.inbound)
         self.watching = Watching(self)
         self.reannounce = Reannouncer(self)
         self.reporter = Reporter(self)
@@ -183,7 +185,7 @@ class Bridge:
             tasks += [asyncio.create_task(self.guarded(f"outbox[{n}]", self.outbound.feeder, n))
                       for n in self.stores]
             tasks += [asyncio.create_task(self.guarded(f"apply[{n}]",
-                                                        self.inbound.apply_loop, n))
+                                                        self.applier.apply_loop, n))
                       for n in self.stores]
             tasks += [
                 asyncio.create_task(self.guarded("fetcher", self.inbound.fetcher)),

@@ -139,8 +139,8 @@ async def replay(bridge: Bridge, found: Survey) -> None:
                     if rec.offset < todo.end[tp]:  # not one published this term
                         records.append(rec)
                 if len(records) >= FETCH_MAX_RECORDS:
-                    await b.inbound.replay(store, records)
+                    await b.applier.replay(store, records)
                     records = []
-            await b.inbound.replay(store, records)
+            await b.applier.replay(store, records)
             await b.outbound.store_own_position(todo.subtree, {
                 p: min(o, todo.end[(t, p)]) for (t, p), o in done.items()})

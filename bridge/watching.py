@@ -66,8 +66,8 @@ class Watching:
                 events = list(store.held_events.values())
                 for e in events:
                     store.held_back.pop(e.path, None)
-                applied = await b.inbound.apply_events(store, events, peer=None, positions=None)
-                b.inbound.record(store, applied)
+                applied = await b.applier.apply_events(store, events, peer=None, positions=None)
+                b.applier.record(store, applied)
 
     async def ensure_seen(self, name: str) -> None:
         """Before a capture (the subtree's lock held): rescan if the connection dropped since

@@ -1,0 +1,253 @@
+"""Topic checks: every second, each topic's id and offsets against what this bridge
+read and published.
+
+A peer's topic that lost records (a new topic id, a position above its end,
+an end that went back, a log start past the position) is reported and that
+stream rewound to the start of the current topic; this region's own topic
+that lost what it published is re-announced (``bridge.reannounce``); a topic
+that vanished is created again. A loss seen by offsets alone must be seen
+twice in a row; the fetcher never waits for a check's answers, only the
+decisions are taken between fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge.batching import Assembler
+from bridge.errors import KafkaError
+
+if TYPE_CHECKING:
+    from bridge.inbound import Inbound, PeerState
+
+log = structlog.get_logger("bridge.topiccheck")
+
+TOPIC_CHECK_SECONDS = 1.0  # how often offsets are compared with the topics' ends
+TOPIC_CHECK_TIMEOUT = 5.0  # longest a topic check waits for each of its answers
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the broker answered to one topic check, with what was known when asking."""
+
+    ids: Mapping[str, str]  # topic → id
+    ends: Mapping[tuple[str, int], int]
+    begins: Mapping[tuple[str, int], int]
+    acked: Mapping[tuple[str, int], int]  # own partitions' ends acknowledged before asking
+    peer_tps: list[tuple[str, int]]
+    since: int  # wall-clock ms the check before this one started
+    started_ms: int
+
+
+class TopicCheck:
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
+        # An own partition whose end was seen below what we had published:
+        # the end acknowledged before that check, confirmed at the next one.
+        self._own_suspect: dict[tuple[str, int], int] = {}
+        self._checked = 0.0
+        self._checked_ms = 0  # wall clock of the last topic check's start
+        self._check_failures = 0  # consecutive topic checks that failed
+
+    def reset(self) -> None:
+        self._own_suspect.clear()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._checked >= TOPIC_CHECK_SECONDS
+
+    async def check(self, forced: dict[tuple[str, int], int] | None = None) -> None:
+        """Compare every position with its topic's id and offsets; rewind or re-announce on a loss.
+
+        A loss seen by offsets alone must be seen twice in a row (a new
+        partition leader may briefly report a lower end); one the broker
+        reported (out of range) or a changed topic id is acted on at once.
+        A topic the broker does not know is created again at once.
+        """
+        await self.settle(await self.ask(), forced or {})
+
+    async def ask(self) -> Answer | TimeoutError | KafkaError | None:
+        """The broker's side of a topic check: topic ids, then offsets (None: nothing to ask).
+
+        Only asks: what it decides is for ``settle``, in the fetcher.
+        """
+        b = self.inbound.bridge
+        self._checked = time.monotonic()
+        since, started_ms = self._checked_ms, int(time.time() * 1000)
+        peer_tps = [(t, p) for t, peer in self.inbound.peers.items() for p in peer.assemblers]
+        # What was acknowledged *before* asking: an ack that lands while the
+        # request is in flight is for a record the answer may not count yet.
+        acked = dict(self.inbound.own_max_end)
+        tps = peer_tps + list(acked)
+        if not tps:
+            return None
+        try:
+            async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
+                ids = await b.kafka.topic_ids([*self.inbound.peers, *self.inbound.own])
+            missing = sorted(ids.missing & (self.inbound.peers.keys() | self.inbound.own.keys()))
+            if missing:
+                # Asking for its offsets would only wait out a request timeout.
+                raise KafkaError(f"topics missing: {', '.join(missing)}")
+            async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
+                ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
+                                                    b.kafka.beginning_offsets(tps))
+        except TimeoutError as exc:
+            # A connection that had requests in flight through a network cut
+            # may wait out TCP's retransmission backoff (seconds, growing
+            # with the cut) after the heal: the next check asks on a new one.
+            await b.kafka.reset_queries()
+            return exc
+        except KafkaError as exc:
+            return exc
+        return Answer(ids.ids, ends, begins, acked, peer_tps, since, started_ms)
+
+    async def settle(self, answer: Answer | TimeoutError | KafkaError | None,
+                      forced: dict[tuple[str, int], int]) -> None:
+        """Act on a topic check's answer: rewind, re-announce, or recreate topics."""
+        b = self.inbound.bridge
+        if answer is None:
+            return
+        if isinstance(answer, TimeoutError):
+            b.note_error("topic check", f"no answer within {TOPIC_CHECK_TIMEOUT:g}s")
+            return  # looked at again next round; nothing is decided on no answer
+        if isinstance(answer, KafkaError):
+            # A topic that vanished (deleted, broker rebuilt empty): recreate
+            # what this bridge may create, and look again next round.
+            # The check runs every second: one warning per outage, not one a second.
+            self._check_failures += 1
+            emit = log.warning if self._check_failures == 1 else log.debug
+            emit("topic_check_failed", error=str(answer),
+                 hint="a topic may be missing, or the broker unreachable; the bridge "
+                      "recreates its topics and looks again every second")
+            b.note_error("topic check", str(answer))
+            await b.recreate_topics()
+            return
+        if self._check_failures:
+            log.info("topic_check_recovered", failed_checks=self._check_failures)
+            self._check_failures = 0
+        replaced = await self._replaced(answer.ids)
+        ends, begins, acked = dict(answer.ends), answer.begins, answer.acked
+        self._checked_ms = answer.started_ms
+        for tp, hw in b.kafka.highwaters_since(list(ends), answer.since).items():
+            # Some brokers answer ListOffsets with less than the fetch high
+            # watermark (tansu does, for good). The high watermark of a fetch
+            # answered since the last check is what reading really finds; a
+            # fetch refused after a loss leaves it older than that, unused.
+            ends[tp] = max(ends[tp], hw)
+        for topic, (old, new) in replaced.items():
+            why = f"topic id changed from {old} to {new} (deleted and re-created, or rebuilt)"
+            if topic in self.inbound.own:
+                parts = {p: (acked.get((topic, p), 0), ends.get((topic, p), 0))
+                         for p in {p for t, p in acked if t == topic} or {0}}
+                for p, (_, now) in parts.items():
+                    self.inbound.own_max_end[(topic, p)] = now
+                    self._own_suspect.pop((topic, p), None)
+                await b.reannounce.replaced(self.inbound.own[topic], topic, parts, why, new)
+                continue
+            peer = self.inbound.peers[topic]
+            for part in list(peer.assemblers):
+                pos = max(peer.positions.get(part, 0), peer.assemblers[part].resume_offset)
+                await self.rewind(peer, part, pos=pos, begin=begins.get((topic, part), 0),
+                                  end=ends.get((topic, part), 0), why=why)
+            store = b.stores[peer.subtree]
+            # Stored after the rewound positions: a crash in between only rewinds again.
+            await b.retry("store topic id", lambda s=store, p=peer, i=new:  # type: ignore[misc]
+                          s.write_topic_id(p.peer, i))
+            peer.topic_id = new
+        for tp, seen in acked.items():
+            end = ends.get(tp)
+            if end is None or tp[0] in replaced:
+                continue
+            # Confirmed against what was acknowledged before the *previous*
+            # check: a broker may answer ListOffsets a little behind the acks
+            # it sent (tansu does, under load), never a whole second behind.
+            before = self._own_suspect.pop(tp, None)
+            if before is not None and end < before:
+                why = f"end offset {end} is below the {before} this bridge published"
+                self.inbound.own_max_end[tp] = end
+                b.reannounce.lost(self.inbound.own[tp[0]], tp[0], tp[1], before, end, why)
+            elif end < seen:
+                self._own_suspect[tp] = seen
+        for tp in answer.peer_tps:
+            topic, part = tp
+            peer = self.inbound.peers[topic]
+            end, begin = ends.get(tp), begins.get(tp, 0)
+            if end is None or topic in replaced:
+                continue
+            pos = max(peer.positions.get(part, 0), peer.assemblers[part].resume_offset)
+            seen = peer.max_end.get(part, 0)
+            why = ""
+            if tp in forced:
+                why = f"the broker refused offset {forced[tp]} as out of range"
+            elif pos > end:
+                why = f"position {pos} is above the end offset {end}"
+            elif end < seen:
+                why = f"end offset {end} went back from {seen}"
+            elif begin > pos:
+                why = f"log start offset {begin} is past position {pos}"
+            if not why:
+                peer.suspect.pop(part, None)
+                peer.max_end[part] = max(seen, end)
+                continue
+            if tp not in forced and peer.suspect.pop(part, None) is None:
+                peer.suspect[part] = why
+                continue
+            await self.rewind(peer, part, pos=pos, begin=begin, end=end, why=why)
+
+    async def _replaced(self, ids: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+        """Topics whose id changed: topic → (old id, new id). First sightings are stored."""
+        b = self.inbound.bridge
+        out: dict[str, tuple[str, str]] = {}
+        for topic, new in ids.items():
+            if topic in self.inbound.own:
+                old = self.inbound.own_ids.get(topic)
+                if old is None:
+                    name = self.inbound.own[topic]
+                    await b.retry("store topic id", lambda n=name, i=new:  # type: ignore[misc]
+                                  b.stores[n].write_topic_id(b.region, i))
+                    self.inbound.own_ids[topic] = new
+            elif topic in self.inbound.peers:
+                peer = self.inbound.peers[topic]
+                old = peer.topic_id
+                if old is None:
+                    await b.retry("store topic id", lambda p=peer, i=new:  # type: ignore[misc]
+                                  b.stores[p.subtree].write_topic_id(p.peer, i))
+                    peer.topic_id = new
+            else:
+                continue
+            if old is not None and old != new:
+                out[topic] = (old, new)
+        return out
+
+    async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
+                     why: str) -> None:
+        """Read ``peer``'s partition again from the start of the current topic, stored so."""
+        b = self.inbound.bridge
+        store = b.stores[peer.subtree]
+        async with b.locks[peer.subtree]:
+            peer.generation += 1
+            peer.positions = {**peer.positions, part: begin}
+            peer.assemblers[part] = Assembler(begin)
+            peer.max_end[part] = end
+            peer.suspect.pop(part, None)
+            b.kafka.seek(peer.topic, part, begin)
+            new = dict(peer.positions)
+            await b.retry("store positions", lambda: store.write_positions(peer.peer, new))
+            tp = (peer.topic, part)
+            if tp in self.inbound.catch_up_to:
+                self.inbound.catch_up_to[tp] = min(self.inbound.catch_up_to[tp], end)
+        b.stats[f"topic_resets:{peer.subtree}:{peer.peer}"] += 1
+        log.error("topic_lost_records", topic=peer.topic, partition=part, stored_position=pos,
+                  end_offset=end, log_start=begin, reason=why,
+                  action="rewound to the start of the current topic; events already held "
+                         "are skipped as equal or dominated, nothing is passed over",
+                  hint=f"the topic was re-created, truncated or rebuilt empty; {peer.peer} "
+                       "re-announces its state by itself once it notices")
+        b.incident("TOPIC_RESET",
+                   f"{peer.topic}[{part}] lost records ({why}); rewound to offset {begin}, "
+                   f"nothing skipped; {peer.peer} re-announces its state by itself")
