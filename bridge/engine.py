@@ -292,7 +292,7 @@ class Bridge:
             # Left by an earlier term: published first, whole batches, in order,
             # streamed from the outbox by the feeder (Outbound.feed); this
             # term's captures wait in the outbox behind them.
-            newest, pending = await self.retry("read outbox", store.open_after_pending)
+            newest, pending = await self.retry("read outbox", store.outbox.open_after_pending)
             for payload in newest:
                 # New batch ids must sort after the ones still pending.
                 with contextlib.suppress(BridgeError):

@@ -119,10 +119,10 @@ class Inbound:
         positions: dict[tuple[str, int], int | None] = {}
         for topic, peer in self.peers.items():
             store = self.bridge.stores[peer.subtree]
-            peer.positions = await store.read_positions(peer.peer)
+            peer.positions = await store.positions.read(peer.peer)
             # The id the positions were taken from: the fetcher's first topic
             # check compares it with the topic's id now, before applying.
-            peer.topic_id = await store.read_topic_id(peer.peer)
+            peer.topic_id = await store.positions.read_topic_id(peer.peer)
             peer.assemblers = {}
             peer.max_end, peer.suspect = {}, {}
             for part in await self.bridge.retry(
@@ -251,7 +251,7 @@ class Inbound:
                     continue
                 new = {**peer.positions, **resume}
                 await self.bridge.retry("store positions", lambda s=store, p=peer, n=new:
-                                        s.write_positions(p.peer, n))  # type: ignore[misc]
+                                        s.positions.write(p.peer, n))  # type: ignore[misc]
                 peer.positions = new
                 peer.stored_at = now
 

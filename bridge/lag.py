@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass
 
 from bridge.config import Settings
 from bridge.kafka import Kafka, topic_name
+from bridge.outbox import outbox_depth
+from bridge.positions import read_positions
 from bridge.status import Status, now_ms
-from bridge.store import Layout, outbox_depth, read_positions
+from bridge.store import Layout
 from bridge.zk import ZooKeeper
 
 

@@ -280,7 +280,7 @@ class Outbound:
         if outbox_path is not None:
             self.queued[subtree] += len(records)
             self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
-            self.cursor[subtree] = self.bridge.stores[subtree].outbox_key(outbox_path)
+            self.cursor[subtree] = self.bridge.stores[subtree].outbox.key(outbox_path)
 
     def recheck_outbox(self, store: SubtreeStore) -> None:
         """After a lost answer to an outbox write: let the feeder queue what is there.
@@ -292,8 +292,8 @@ class Outbound:
         ZooKeeper majority loss, committed, and its entry was never published).
         Call it before queueing the retry's own entries, under the subtree's lock.
         """
-        if store.outbox_unsure:
-            store.outbox_unsure = False
+        if store.outbox.unsure:
+            store.outbox.unsure = False
             self.spill(store.layout.name, why="an outbox write's answer was lost")
 
     def spill(self, subtree: str, *, start: bool = False, why: str | None = None) -> None:
@@ -335,12 +335,12 @@ class Outbound:
         b = self.bridge
         store = b.stores[name]
         fed = 0
-        for index, directory in await b.retry("list outbox", store.outbox_dirs):
+        for index, directory in await b.retry("list outbox", store.outbox.dirs):
             if index < self.cursor[name][0]:
                 continue
 
             async def names(i: int = index, d: str = directory) -> list[str]:
-                return await store.outbox_names(i, d)
+                return await store.outbox.names(i, d)
 
             after = [n for n in await b.retry("list outbox", names)
                      if (index, n) > self.cursor[name]]
@@ -353,7 +353,7 @@ class Outbound:
                 paths = [f"{directory}/{n}" for n in part]
 
                 async def read(p: list[str] = paths) -> list[tuple[str, list[bytes]]]:
-                    return await store.read_outbox(p)
+                    return await store.outbox.read(p)
 
                 self.enqueue_pending(name, await b.retry("read outbox", read))
                 # Past the chunk even if entries vanished meanwhile (published).
@@ -464,7 +464,7 @@ class Outbound:
             await b.retry("outbox delete", lambda: b.zk.delete_many(paths))
             for subtree in sorted({s for s, _ in entries}):
                 done = [p for s, p in entries if s == subtree]
-                await b.stores[subtree].drop_empty_buckets(done)
+                await b.stores[subtree].outbox.drop_empty_buckets(done)
 
     async def settle(self) -> None:
         """Wait for outbox deletes in flight (end of term)."""
@@ -511,7 +511,7 @@ class Outbound:
                     store = self.bridge.stores[subtree]
                     await self.bridge.retry(
                         "store publish position", lambda s=store, p=dict(parts):
-                        s.write_positions(self.bridge.region, p))  # type: ignore[misc]
+                        s.positions.write(self.bridge.region, p))  # type: ignore[misc]
             except BaseException:
                 for subtree, parts in ends.items():  # written again next time
                     cur = self._own_ends.setdefault(subtree, {})

@@ -75,13 +75,13 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
             topic = b.topic(name, b.region)
             parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
             stored = {} if fresh else await b.retry(
-                "read publish position", partial(store.read_positions, b.region))
+                "read publish position", partial(store.positions.read, b.region))
             ends = await b.retry("end offsets", partial(
                 reader.end_offsets, [(topic, p) for p in parts]))
             all_ends.update(ends)
             at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
             old_id = None if fresh else await b.retry(
-                "read topic id", partial(store.read_topic_id, b.region))
+                "read topic id", partial(store.positions.read_topic_id, b.region))
             new_id = ids.ids.get(topic)
             if old_id is not None and new_id is not None and old_id != new_id:
                 # Re-created while we were down: what we published is gone,
@@ -91,12 +91,12 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                     f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
                     "or rebuilt)", new_id)
                 await b.retry("store publish position",
-                              partial(store.write_positions, b.region, at_end))
+                              partial(store.positions.write, b.region, at_end))
                 continue
             if new_id is not None:
                 if new_id != old_id:
                     await b.retry("store topic id",
-                                  partial(store.write_topic_id, b.region, new_id))
+                                  partial(store.positions.write_topic_id, b.region, new_id))
                 b.inbound.own_ids[topic] = new_id
             lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
             for (t, p), end in lost.items():
@@ -105,7 +105,7 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
                                  f"end offset {end}")
             if lost:
                 await b.retry("store publish position",
-                              partial(store.write_positions, b.region, at_end))
+                              partial(store.positions.write, b.region, at_end))
                 continue
             start = {(topic, p): stored.get(p, 0) for p in parts}
             todo = {tp: end for tp, end in ends.items() if end > start[tp]}

@@ -68,7 +68,8 @@ class Reannouncer:
             self.lost(name, topic, part, published, end, why)
         marker = self.marker(name)
         await b.retry("mark re-announce", lambda: b.zk.ensure_path(marker))
-        await b.retry("store topic id", lambda: b.stores[name].write_topic_id(b.region, new_id))
+        positions = b.stores[name].positions
+        await b.retry("store topic id", lambda: positions.write_topic_id(b.region, new_id))
         b.inbound.own_ids[topic] = new_id
 
     def start(self, name: str) -> None:

@@ -11,8 +11,10 @@ from bridge import codec
 from bridge.config import Settings
 from bridge.lag import read_status
 from bridge.model import Conflict, Version
+from bridge.outbox import outbox_depth
+from bridge.positions import read_positions
 from bridge.status import Status, now_ms
-from bridge.store import Layout, outbox_depth, read_positions
+from bridge.store import Layout
 from bridge.verdict import STALE_RECORD_S, events_behind, judge
 from bridge.zk import ZooKeeper
 

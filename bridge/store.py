@@ -1,9 +1,11 @@
 """One subtree's replication state in the region's own ensemble, and its two atomic writes.
 
 Holds the layout (metadata mirror, outbox, positions, conflicts under the
-state path), an in-memory copy of the metadata for the leadership term (the
-leader is its only writer, so it is read once, by the start-up scan), and the
-two writes that matter, each one ``multi`` behind the epoch check:
+state path; the outbox and the positions have modules of their own,
+``bridge.outbox`` and ``bridge.positions``), an in-memory copy of the
+metadata for the leadership term (the leader is its only writer, so it is
+read once, by the start-up scan), and the two writes that matter, each one
+``multi`` behind the epoch check:
 
 * capture: a closed batch of local changes becomes new metadata for every path
   in it plus one outbox entry holding the whole batch;
@@ -19,7 +21,6 @@ again, the batch is planned afresh, never reordered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from bridge.clock import HybridClock, Order, compare
 from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, ancestors, classify, is_excluded, join, parent
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
+from bridge.outbox import Outbox
 from bridge.plan import (
     Applied,
     CapturedBatch,
@@ -43,12 +45,11 @@ from bridge.plan import (
     Planner,
     view_of,
 )
+from bridge.positions import Positions
 from bridge.zk import Create, Delete, Node, SetData, ZooKeeper, gather_limited
-from bridge.zk import Op as ZkOp
 
 __all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout", "LocalChanges", "MetaEntry",
-           "Outcome", "SubtreeStore", "classify", "is_excluded", "join", "outbox_depth",
-           "read_positions"]
+           "Outcome", "SubtreeStore", "classify", "is_excluded", "join"]
 
 log = structlog.get_logger("bridge.store")
 
@@ -59,9 +60,6 @@ CLOSURE_ROUNDS = 50
 # The environment variable exists for tests of reads that take several replies.
 READ_CHUNK = int(os.environ.get("ZKBRIDGE_READ_CHUNK") or 500)
 READS_IN_FLIGHT = 4
-# Entries per outbox bucket: a listing of about 160 KB. The environment
-# variable exists for tests, which need several buckets from a few writes.
-OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
 
 
@@ -105,19 +103,13 @@ class SubtreeStore(Planner):
         # Told the znodes an apply wrote and the frame of its reply: their
         # notifications up to that frame are of that write (``written``).
         self.settled: Callable[[set[str], int], None] = lambda rels, frame: None
-        self._position_versions: dict[str, int] = {}
+        self.outbox = Outbox(zk, layout)
+        self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.
         self.gc_floor = 0
         self.gc_collected = 0
         self._gc_version: int | None = None
-        self._bucket = ""  # the outbox bucket new entries go to (see _open_bucket)
-        self._bucket_known = False
-        self._bucket_exists = False
-        # A multi that writes an outbox entry lost its answer: it may have
-        # committed, leaving an entry nobody queued (the retry then finds
-        # nothing to capture). The caller hands the outbox to the feeder.
-        self.outbox_unsure = False
         self._suspect: set[str] = set()  # metadata a lost multi may have changed
         self._suspect_peers: set[str] = set()
 
@@ -130,9 +122,9 @@ class SubtreeStore(Planner):
                      lay.held, lay.topic_ids):
             await self.zk.ensure_path(path)
         self.metas = {"/": MetaEntry(None, 0)}
-        self._position_versions.clear()
+        self.positions.forget()
         await self.load_held()
-        self._bucket = ""
+        self.outbox.reset()
         await self.read_gc()
 
     async def read_gc(self) -> None:
@@ -177,7 +169,7 @@ class SubtreeStore(Planner):
             await self.refresh_meta(self._suspect)
             self._suspect.clear()
         for peer in list(self._suspect_peers):
-            await self.read_positions(peer)
+            await self.positions.read(peer)
             self._suspect_peers.discard(peer)
 
     async def refresh_meta(self, rels: Iterable[str]) -> None:
@@ -387,7 +379,7 @@ class SubtreeStore(Planner):
             if n == len(chunks) - 1:
                 # Over the committed metadata: every earlier piece has committed.
                 self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
-            await self._outbox_ops(plan, codec.encode_outbox(enc))
+            await self.outbox.entry_ops(plan.ops, codec.encode_outbox(enc))
             unbroken()
             sending = asyncio.ensure_future(self._multi(plan))
             try:
@@ -399,12 +391,11 @@ class SubtreeStore(Planner):
                     results, _ = await sending
                     failpoints.hit(failpoints.CAPTURE_COMMITTED)
                 except ZooKeeperError:
-                    self._bucket_known = False  # a lost answer may have created it
-                    self.outbox_unsure = True
+                    self.outbox.answer_lost(held_entry=True)
                     raise
             self._commit(plan)
             created = str(results[-1])
-            self._outbox_written(created)
+            self.outbox.written(created)
             batch = CapturedBatch(tuple(part), tuple(enc), created)
             if on_batch is None:
                 out.append(batch)
@@ -452,7 +443,7 @@ class SubtreeStore(Planner):
                     reads.update(await self._read(more.rels - set(reads)))
             released = self._release_held(plan, result)
             if position is not None:
-                plan.ops.append(self.position_op(*position))
+                plan.ops.append(self.positions.op(*position))
             if not plan.ops:
                 return result
             try:
@@ -466,7 +457,7 @@ class SubtreeStore(Planner):
             except VersionConflict:
                 await self.refresh_meta(set(plan.metas) | wanted)
                 if position is not None:
-                    await self.read_positions(position[0])
+                    await self.positions.read(position[0])
                 continue
             self._commit(plan)
             self.settled(self.written(plan), frame)
@@ -477,7 +468,7 @@ class SubtreeStore(Planner):
                     del self.held_back[rel]
                 log.info("znode_released", subtree=self.layout.name, path=rel)
             if position is not None:
-                self.position_written(position[0])
+                self.positions.written(position[0])
             for rel, carried in plan.acls:
                 try:
                     await self.acl.converge(self.zk, self.layout.znode(rel), rel, carried)
@@ -542,7 +533,7 @@ class SubtreeStore(Planner):
             plan.ops.append(Create(self.layout.gc, record) if self._gc_version is None
                             else SetData(self.layout.gc, record, self._gc_version))
             if nulls:
-                await self._outbox_ops(plan, codec.encode_null_entry(nulls))
+                await self.outbox.entry_ops(plan.ops, codec.encode_null_entry(nulls))
             try:
                 results = await self.zk.multi(plan.ops)
             except VersionConflict:
@@ -551,8 +542,7 @@ class SubtreeStore(Planner):
                 break
             except ZooKeeperError:
                 self._suspect |= set(part)
-                self._bucket_known = False  # a lost answer may have created it
-                self.outbox_unsure = self.outbox_unsure or bool(nulls)
+                self.outbox.answer_lost(held_entry=bool(nulls))
                 await self.read_gc()  # may have committed: read again first
                 raise
             self._gc_version = 0 if self._gc_version is None else self._gc_version + 1
@@ -562,178 +552,16 @@ class SubtreeStore(Planner):
             done += part
             if nulls:
                 created = str(results[-1])
-                self._outbox_written(created)
+                self.outbox.written(created)
                 entries.append(CapturedBatch(tuple(nulls), (), created))
         return Collected(tuple(done), tuple(entries))
 
     def tombstones_held(self) -> int:
         return sum(1 for e in self.metas.values() if e.meta is not None and e.meta.deleted)
 
-    # -- outbox, positions, conflicts ------------------------------------
-    # The outbox is sharded: entries are sequential znodes inside *buckets*
-    # (``q-<index>``) of at most OUTBOX_BUCKET entries, so no listing the
-    # bridge makes comes near ZooKeeper's 1 MB reply limit however long Kafka
-    # is away (one flat directory held ~60,000 entries). Each term opens a
-    # bucket after the last one; entries of the previous release (``b-...``
-    # directly under the outbox) are older than every bucket and go first.
-    async def _open_bucket(self) -> None:
-        names = await self.zk.children(self.layout.outbox) or []
-        indexes = [int(n[2:]) for n in names if n.startswith("q-") and n[2:].isdigit()]
-        self._bucket = f"{self.layout.outbox}/q-{max(indexes, default=-1) + 1:010d}"
-        self._bucket_known = False
-
-    async def _outbox_ops(self, plan: Plan, data: bytes) -> None:
-        if not self._bucket:
-            await self._open_bucket()
-        if not self._bucket_known:
-            self._bucket_exists = await self.zk.exists(self._bucket) is not None
-            self._bucket_known = True
-        if not self._bucket_exists:
-            plan.ops.append(Create(self._bucket, b""))
-        plan.ops.append(Create(self._bucket + "/b-", data, sequential=True))
-
-    def _outbox_written(self, created: str) -> None:
-        self._bucket_exists = True
-        if int(created.rsplit("-", 1)[-1]) + 1 >= OUTBOX_BUCKET:
-            index = int(self._bucket.rsplit("-", 1)[-1]) + 1
-            self._bucket = f"{self.layout.outbox}/q-{index:010d}"
-            self._bucket_exists = False
-
-    # Reading the outbox back is streamed (``Outbound.feed``): a day of
-    # Kafka outage is millions of entries, more than a process should hold.
-    # An entry's place in capture order is its *key*: (bucket index, name),
-    # the previous release's flat entries being bucket -1.
-    def outbox_key(self, path: str) -> tuple[int, str]:
-        return outbox_key(self.layout.outbox, path)
-
-    async def outbox_dirs(self) -> list[tuple[int, str]]:
-        """(bucket index, directory) in capture order; the flat entries' directory is -1."""
-        names = await self.zk.children(self.layout.outbox) or []
-        out = [(int(n[2:]), f"{self.layout.outbox}/{n}") for n in names
-               if n.startswith("q-") and n[2:].isdigit()]
-        if any(not n.startswith("q-") for n in names):
-            out.append((-1, self.layout.outbox))
-        return sorted(out)
-
-    async def outbox_names(self, index: int, directory: str) -> list[str]:
-        """The entries of one bucket (``index`` -1: the flat ones), in capture order."""
-        names = await self.zk.children(directory) or []
-        return sorted(n for n in names if index >= 0 or not n.startswith("q-"))
-
-    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
-        """The payloads of outbox entries (those still there), in the order given."""
-        out = []
-        for i in range(0, len(paths), 500):
-            part = paths[i : i + 500]
-            nodes = await gather_limited([self.zk.get(p) for p in part], 64)
-            out += [(p, codec.decode_outbox(n.data))
-                    for p, n in zip(part, nodes, strict=True) if n is not None]
-        return out
-
-    async def open_after_pending(self) -> tuple[list[bytes], bool]:
-        """Start this term's bucket after every one left; return the newest batch's payloads,
-        and whether earlier terms left any entry at all.
-
-        Batches are stamped in capture order across terms, so the newest
-        batch entry holds the highest batch id an earlier term left
-        unpublished: the clock observes it so that new batch ids sort after
-        the pending ones. Entries of null records (stamped with the old
-        deletes they carry) are looked past, a bounded number of them.
-        """
-        newest: list[bytes] = []
-        looked = 0
-        for index, directory in reversed(await self.outbox_dirs()):
-            for name in reversed(await self.outbox_names(index, directory)):
-                got = await self.read_outbox([f"{directory}/{name}"])
-                payloads = got[0][1] if got else []
-                newest += payloads
-                looked += 1
-                if looked >= 100 or any(not codec.is_null_entry(p) for p in payloads):
-                    await self._open_bucket()  # this term's entries go after all of these
-                    return newest, True
-        await self._open_bucket()
-        return newest, looked > 0
-
-    async def drop_empty_buckets(self, deleted: Iterable[str]) -> None:
-        """Remove the buckets ``deleted`` emptied, except the one being filled."""
-        buckets = {parent_path(p) for p in deleted} - {self.layout.outbox, self._bucket}
-        for bucket in sorted(buckets):
-            stat = await self.zk.exists(bucket)
-            if stat is not None and stat.num_children == 0:
-                with contextlib.suppress(VersionConflict):  # refilled meanwhile: not ours
-                    await self.zk.delete(bucket, stat.version)
-
-    async def outbox_depth(self) -> int:
-        return await outbox_depth(self.zk, self.layout)
-
-    async def read_positions(self, peer: str) -> dict[int, int]:
-        node = await self.zk.get(f"{self.layout.positions}/{peer}")
-        if node is None:
-            self._position_versions.pop(peer, None)
-            return {}
-        self._position_versions[peer] = node.stat.version
-        return codec.decode_positions(node.data) if node.data else {}
-
-    def position_op(self, peer: str, positions: dict[int, int]) -> ZkOp:
-        """The write of ``peer``'s position, to commit with the batch it describes."""
-        path = f"{self.layout.positions}/{peer}"
-        data = codec.encode_positions(positions)
-        version = self._position_versions.get(peer)
-        return Create(path, data) if version is None else SetData(path, data, version)
-
-    def position_written(self, peer: str) -> None:
-        self._position_versions[peer] = self._position_versions.get(peer, -1) + 1
-
-    async def write_positions(self, peer: str, positions: dict[int, int]) -> None:
-        try:
-            await self.zk.multi([self.position_op(peer, positions)])
-        except VersionConflict:
-            await self.read_positions(peer)
-            raise
-        self.position_written(peer)
-
-    async def read_topic_id(self, region: str) -> str | None:
-        """The id of ``region``'s topic when positions were last taken from it (None: unknown)."""
-        node = await self.zk.get(f"{self.layout.topic_ids}/{region}")
-        if node is None or not node.data:
-            return None
-        return node.data.decode("ascii", errors="replace")
-
-    async def write_topic_id(self, region: str, topic_id: str) -> None:
-        # Its own znode, not a field of the position record: a release that
-        # does not know topic ids still reads the positions it wrote.
-        path = f"{self.layout.topic_ids}/{region}"
-        data = topic_id.encode("ascii")
-        node = await self.zk.get(path)
-        await self.zk.multi([Create(path, data) if node is None else SetData(path, data)])
-
+    # -- conflicts ---------------------------------------------------------
     async def trim_conflicts(self, keep: int) -> None:
         names = sorted(await self.zk.children(self.layout.conflicts) or [])
         for name in names[: max(0, len(names) - keep)]:
             await self.zk.delete(f"{self.layout.conflicts}/{name}")
 
-
-async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
-    """Outbox entries (batches) recorded but not yet acknowledged by Kafka."""
-    names = await zk.children(layout.outbox) or []
-    depth = sum(1 for n in names if not n.startswith("q-"))
-    stats = await gather_limited(
-        [zk.exists(f"{layout.outbox}/{n}") for n in names if n.startswith("q-")], 32)
-    return depth + sum(int(st.num_children) for st in stats if st is not None)
-
-
-def outbox_key(outbox: str, path: str) -> tuple[int, str]:
-    """An outbox entry's place in capture order: (bucket index, name); flat entries -1."""
-    rel = path[len(outbox) + 1 :]
-    bucket, _, name = rel.rpartition("/")
-    return (int(bucket[2:]), name) if bucket else (-1, name)
-
-
-def parent_path(path: str) -> str:
-    return path.rsplit("/", 1)[0]
-
-
-async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:
-    """Next offset to apply per partition of ``peer``'s topic (empty: from the start)."""
-    node = await zk.get(f"{layout.positions}/{peer}")
-    return codec.decode_positions(node.data) if node and node.data else {}

@@ -157,7 +157,7 @@ class TopicCheck:
             store = b.stores[peer.subtree]
             # Stored after the rewound positions: a crash in between only rewinds again.
             await b.retry("store topic id", lambda s=store, p=peer, i=new:  # type: ignore[misc]
-                          s.write_topic_id(p.peer, i))
+                          s.positions.write_topic_id(p.peer, i))
             peer.topic_id = new
         for tp, seen in acked.items():
             end = ends.get(tp)
@@ -209,14 +209,14 @@ class TopicCheck:
                 if old is None:
                     name = self.inbound.own[topic]
                     await b.retry("store topic id", lambda n=name, i=new:  # type: ignore[misc]
-                                  b.stores[n].write_topic_id(b.region, i))
+                                  b.stores[n].positions.write_topic_id(b.region, i))
                     self.inbound.own_ids[topic] = new
             elif topic in self.inbound.peers:
                 peer = self.inbound.peers[topic]
                 old = peer.topic_id
                 if old is None:
                     await b.retry("store topic id", lambda p=peer, i=new:  # type: ignore[misc]
-                                  b.stores[p.subtree].write_topic_id(p.peer, i))
+                                  b.stores[p.subtree].positions.write_topic_id(p.peer, i))
                     peer.topic_id = new
             else:
                 continue
@@ -237,7 +237,7 @@ class TopicCheck:
             peer.suspect.pop(part, None)
             b.kafka.seek(peer.topic, part, begin)
             new = dict(peer.positions)
-            await b.retry("store positions", lambda: store.write_positions(peer.peer, new))
+            await b.retry("store positions", lambda: store.positions.write(peer.peer, new))
             tp = (peer.topic, part)
             if tp in self.inbound.catch_up_to:
                 self.inbound.catch_up_to[tp] = min(self.inbound.catch_up_to[tp], end)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 from bridge.outbound import Outbound
 
 
 class Store:
-    outbox_unsure = False
+    outbox = SimpleNamespace(unsure=False)
     requeue: Any = None
 
     def __init__(self, bridge: FakeBridge, drop: bool) -> None:

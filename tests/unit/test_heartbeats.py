@@ -11,6 +11,7 @@ import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 from bridge import codec
@@ -25,9 +26,8 @@ class HangingStore:
         self.release = asyncio.Event()
         self.writes: list[tuple[str, dict[int, int]]] = []
         self.settled: Any = None
-
-    def outbox_key(self, path: str) -> tuple[int, str]:
-        return (-1, path)
+        self.outbox = SimpleNamespace(key=lambda path: (-1, path))
+        self.positions = SimpleNamespace(write=self.write_positions)
 
     async def write_positions(self, peer: str, parts: dict[int, int]) -> None:
         await self.release.wait()

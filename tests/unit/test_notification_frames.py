@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from bridge.closure import close, later
 from bridge.outbound import Outbound
-from tests.unit.test_outbox_feed import FakeBridge, FakeStore
+from tests.unit.test_outbox_feed import FakeBridge, FakeOutbox
 
 
 def outbound() -> Outbound:
-    return Outbound(FakeBridge(FakeStore({})))  # type: ignore[arg-type]
+    return Outbound(FakeBridge(FakeOutbox({})))  # type: ignore[arg-type]
 
 
 def test_taken_paths_carry_their_first_and_latest_frame() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from bridge import codec, outbound
 from bridge.model import Event, Op, VectorClock
 from bridge.outbound import START, Outbound
-from bridge.store import outbox_key
+from bridge.outbox import outbox_key
 
 ROOT = "/zkbridge/subtrees/s/outbox"
 
@@ -30,21 +31,21 @@ def payload(n: int) -> bytes:
                               data=b"%d" % n))
 
 
-class FakeStore:
+class FakeOutbox:
     def __init__(self, entries: dict[str, bytes]) -> None:
         self.entries = entries
 
-    def outbox_key(self, path: str) -> tuple[int, str]:
+    def key(self, path: str) -> tuple[int, str]:
         return outbox_key(ROOT, path)
 
-    async def outbox_dirs(self) -> list[tuple[int, str]]:
+    async def dirs(self) -> list[tuple[int, str]]:
         dirs = {p.rsplit("/", 1)[0] for p in self.entries}
         return sorted((-1 if d == ROOT else int(d.rsplit("-", 1)[1]), d) for d in dirs)
 
-    async def outbox_names(self, index: int, directory: str) -> list[str]:
+    async def names(self, index: int, directory: str) -> list[str]:
         return sorted(p.rsplit("/", 1)[1] for p in self.entries if p.rsplit("/", 1)[0] == directory)
 
-    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
+    async def read(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
         return [(p, codec.decode_outbox(codec.encode_outbox([self.entries[p]])))
                 for p in paths if p in self.entries]
 
@@ -53,8 +54,8 @@ class FakeBridge:
     region = "r1"
     incarnation = "ab12"
 
-    def __init__(self, store: FakeStore) -> None:
-        self.stores: dict[str, Any] = {"s": store}
+    def __init__(self, outbox: FakeOutbox) -> None:
+        self.stores: dict[str, Any] = {"s": SimpleNamespace(outbox=outbox)}
         self.locks = {"s": asyncio.Lock()}
         self.stats: Counter[str] = Counter()
 
@@ -78,7 +79,7 @@ def test_keys_put_flat_entries_first_then_buckets_in_order() -> None:
 def test_a_full_queue_spills_and_later_entries_wait_for_the_feeder(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outbound, "QUEUE_RECORDS", 2)
-    out = Outbound(FakeBridge(FakeStore({})))  # type: ignore[arg-type]
+    out = Outbound(FakeBridge(FakeOutbox({})))  # type: ignore[arg-type]
     for seq in range(4):
         out.enqueue("s", entry(0, seq), [(b"/k", b"v")])
     assert queued_paths(out) == [entry(0, 0), entry(0, 1)]
@@ -90,7 +91,7 @@ def test_a_full_queue_spills_and_later_entries_wait_for_the_feeder(
 
 def test_the_feeder_queues_what_follows_the_cursor_in_capture_order() -> None:
     paths = [entry(None, 3), entry(0, 0), entry(0, 1), entry(1, 0), entry(1, 1), entry(2, 0)]
-    store = FakeStore({p: payload(i) for i, p in enumerate(paths)})
+    store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
     out.spill("s", start=True)
     assert asyncio.run(out._feed_pass("s", wait=False)) == len(paths)
@@ -108,7 +109,7 @@ def test_the_feeder_catches_up_under_the_lock_and_direct_queueing_resumes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outbound, "FEED_CHUNK", 2)
     paths = [entry(0, i) for i in range(5)]
-    store = FakeStore({p: payload(i) for i, p in enumerate(paths)})
+    store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
     out.spill("s", start=True)
     out.enqueue("s", entry(0, 4), [(b"/n4", b"v")])  # captured while spilled: waits
@@ -130,7 +131,7 @@ def test_the_feeder_catches_up_under_the_lock_and_direct_queueing_resumes(
 def test_null_entries_are_queued_as_null_records() -> None:
     tomb = Event(origin="r1", subtree="s", path="/gone", op=Op.DELETE,
                  vc=VectorClock.of({"r2": 3}), ts=50, writer="r2")
-    store = FakeStore({})
+    store = FakeOutbox({})
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
     out.enqueue_pending("s", [(entry(0, 0), codec.decode_outbox(codec.encode_null_entry([tomb])))])
     unit = out.queue.get_nowait()
@@ -138,7 +139,7 @@ def test_null_entries_are_queued_as_null_records() -> None:
     assert codec.decode(unit.records[0][1]).vc == tomb.vc
 
 
-class BigEntryStore(FakeStore):
+class BigEntryOutbox(FakeOutbox):
     """Entries of a start-up capture: a thousand events each; records what each read asked for."""
 
     def __init__(self, entries: dict[str, bytes], out: list[tuple[int, int]]) -> None:
@@ -146,7 +147,7 @@ class BigEntryStore(FakeStore):
         self.reads = out
         self.outbound: Outbound | None = None
 
-    async def read_outbox(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
+    async def read(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
         assert self.outbound is not None
         self.reads.append((len(paths), self.outbound.queued["s"]))
         return [(p, [self.entries[p]] * 1000) for p in paths if p in self.entries]
@@ -156,7 +157,7 @@ def test_the_feeder_reads_large_entries_a_few_at_a_time_as_room_appears() -> Non
     """A spilled start-up capture (bench `--large`): never hundreds of 700 KB reads at once."""
     paths = [entry(0, i) for i in range(100)]
     reads: list[tuple[int, int]] = []
-    store = BigEntryStore({p: payload(i) for i, p in enumerate(paths)}, reads)
+    store = BigEntryOutbox({p: payload(i) for i, p in enumerate(paths)}, reads)
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
     store.outbound = out
     out.spill("s", start=True)

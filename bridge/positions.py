@@ -1,0 +1,76 @@
+"""Where this region stands in each topic: the next offset per partition, and the topic's id.
+
+A peer's position is written in the same ``multi`` as the batch it follows
+(``op``, then ``written`` once committed), so a restart resumes exactly
+after the last batch applied. The version of each position znode is kept
+for the term: that check fences a write made from a stale view.
+"""
+
+from __future__ import annotations
+
+from bridge import codec
+from bridge.errors import VersionConflict
+from bridge.layout import Layout
+from bridge.zk import Create, SetData, ZooKeeper
+from bridge.zk import Op as ZkOp
+
+__all__ = ["Positions", "read_positions"]
+
+
+class Positions:
+    def __init__(self, zk: ZooKeeper, layout: Layout) -> None:
+        self.zk = zk
+        self.root = layout.positions
+        self.topic_ids = layout.topic_ids
+        self._versions: dict[str, int] = {}
+
+    def forget(self) -> None:
+        """At a term's start: versions are read again before a write."""
+        self._versions.clear()
+
+    async def read(self, peer: str) -> dict[int, int]:
+        node = await self.zk.get(f"{self.root}/{peer}")
+        if node is None:
+            self._versions.pop(peer, None)
+            return {}
+        self._versions[peer] = node.stat.version
+        return codec.decode_positions(node.data) if node.data else {}
+
+    def op(self, peer: str, positions: dict[int, int]) -> ZkOp:
+        """The write of ``peer``'s position, to commit with the batch it describes."""
+        path = f"{self.root}/{peer}"
+        data = codec.encode_positions(positions)
+        version = self._versions.get(peer)
+        return Create(path, data) if version is None else SetData(path, data, version)
+
+    def written(self, peer: str) -> None:
+        self._versions[peer] = self._versions.get(peer, -1) + 1
+
+    async def write(self, peer: str, positions: dict[int, int]) -> None:
+        try:
+            await self.zk.multi([self.op(peer, positions)])
+        except VersionConflict:
+            await self.read(peer)
+            raise
+        self.written(peer)
+
+    async def read_topic_id(self, region: str) -> str | None:
+        """The id of ``region``'s topic when positions were last taken from it (None: unknown)."""
+        node = await self.zk.get(f"{self.topic_ids}/{region}")
+        if node is None or not node.data:
+            return None
+        return node.data.decode("ascii", errors="replace")
+
+    async def write_topic_id(self, region: str, topic_id: str) -> None:
+        # Its own znode, not a field of the position record: a release that
+        # does not know topic ids still reads the positions it wrote.
+        path = f"{self.topic_ids}/{region}"
+        data = topic_id.encode("ascii")
+        node = await self.zk.get(path)
+        await self.zk.multi([Create(path, data) if node is None else SetData(path, data)])
+
+
+async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:
+    """Next offset to apply per partition of ``peer``'s topic (empty: from the start)."""
+    node = await zk.get(f"{layout.positions}/{peer}")
+    return codec.decode_positions(node.data) if node and node.data else {}
