@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from bridge import codec
 from bridge.errors import VersionConflict
-from bridge.layout import Layout
+from bridge.layout import Layout, parent
 from bridge.zk import Create, ZooKeeper, gather_limited
 from bridge.zk import Op as ZkOp
 
@@ -136,7 +136,7 @@ class Outbox:
 
     async def drop_empty_buckets(self, deleted: Iterable[str]) -> None:
         """Remove the buckets ``deleted`` emptied, except the one being filled."""
-        buckets = {p.rsplit("/", 1)[0] for p in deleted} - {self.outbox, self._bucket}
+        buckets = {parent(p) for p in deleted} - {self.outbox, self._bucket}
         for bucket in sorted(buckets):
             stat = await self.zk.exists(bucket)
             if stat is not None and stat.num_children == 0:

@@ -29,6 +29,7 @@ class Positions:
         self._versions.clear()
 
     async def read(self, peer: str) -> dict[int, int]:
+        """Next offset to apply per partition of ``peer``'s topic (empty: from the start)."""
         node = await self.zk.get(f"{self.root}/{peer}")
         if node is None:
             self._versions.pop(peer, None)
@@ -72,5 +73,4 @@ class Positions:
 
 async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:
     """Next offset to apply per partition of ``peer``'s topic (empty: from the start)."""
-    node = await zk.get(f"{layout.positions}/{peer}")
-    return codec.decode_positions(node.data) if node and node.data else {}
+    return await Positions(zk, layout).read(peer)

@@ -20,10 +20,10 @@ from bridge.outbound import Outbound
 
 
 class Store:
-    outbox = SimpleNamespace(unsure=False)
     requeue: Any = None
 
     def __init__(self, bridge: FakeBridge, drop: bool) -> None:
+        self.outbox = SimpleNamespace(unsure=False)
         self.bridge = bridge
         self.drop = drop
         self.committed = 0
