@@ -2,7 +2,7 @@
 
 ZooKeeper sends a session the notification of a change before the reply to
 any later request, and the adapter numbers every frame it receives in order
-(``bridge.zk._Connection``). So for any read reply at frame L, a change is
+(``bridge.zk.wire.Connection``). So for any read reply at frame L, a change is
 notified below L exactly when it is at or before the zxid that reply saw.
 
 A batch closed at reply L holds every path that changed at or before L (the

@@ -748,7 +748,7 @@ class Bench:
         assert epoch_stat is not None
         version = epoch_stat.version
         # Stock kazoo sends one request per wake-up of its connection thread;
-        # the bridge's adapter batches its socket I/O (bridge/zk.py). Both are
+        # the bridge's adapter batches its socket I/O (bridge/zk/wire.py). Both are
         # measured, and the faster is the ceiling the bridge is compared to.
         batched = BatchedClient(hosts=self.a.server.hosts, timeout=30)
         batched.start(timeout=30)

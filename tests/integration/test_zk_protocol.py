@@ -1,4 +1,4 @@
-"""The request types zk.py adds to kazoo (multiRead, addWatch), against a real server.
+"""The request types bridge.zk adds to kazoo (multiRead, addWatch), against a real server.
 
 Batch closure rests on two server facts checked here: a read-only multi is
 answered as one snapshot (never half before and half after a write), and a

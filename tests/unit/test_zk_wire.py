@@ -1,6 +1,6 @@
 """The adapter's own ``multi`` serialization against kazoo's, byte for byte.
 
-No servers: ``_Multi`` replaces kazoo's TransactionRequest for speed only,
+No servers: ``bridge.zk.wire.Multi`` replaces kazoo's TransactionRequest for speed only,
 so what goes on the wire must be exactly what kazoo would have sent.
 """
 
@@ -12,7 +12,8 @@ from kazoo.client import TransactionRequest
 from kazoo.protocol.serialization import Transaction
 from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
-from bridge.zk import Check, Create, Delete, SetData, _Multi
+from bridge.zk import Check, Create, Delete, SetData
+from bridge.zk.wire import Multi
 
 
 class FakeClient:
@@ -52,9 +53,9 @@ OPS: list[tuple[object, list[object] | None]] = [
 
 def test_multi_serializes_as_kazoo_does() -> None:
     for chroot in ("", "/tenant"):
-        ours = _Multi([(op, acl) for op, acl in OPS], chroot).serialize()  # type: ignore[misc]
+        ours = Multi([(op, acl) for op, acl in OPS], chroot).serialize()  # type: ignore[misc]
         assert bytes(ours) == kazoo_bytes(chroot, OPS)
 
 
 def test_an_empty_multi_is_just_the_end_marker() -> None:
-    assert bytes(_Multi([], "").serialize()) == kazoo_bytes("", [])
+    assert bytes(Multi([], "").serialize()) == kazoo_bytes("", [])
