@@ -14,6 +14,10 @@ relevant raw rate.
 2. zk-shell ``mirror`` (from its own venv in the ignored ``.cache/``,
    created on first use) copying the pre-populated tree from one of the
    bench's servers to the other: the peer copier the catch-up is compared to.
+   Then the catch-up's floor: the ZooKeeper work the design asks of both
+   servers for that tree (the origin's getACLs and metadata multis, the
+   receiver's znode and metadata creates), done by a bare batched client,
+   each side alone and both at once.
 3. zkbridge with two regions (two ZooKeeper servers, one broker, two
    ``python -m bridge run``): initial scan and catch-up of the same tree,
    steady-state throughput, latency at a fixed write rate, a conflict storm,
@@ -64,7 +68,10 @@ from kazoo.exceptions import NoNodeError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bridge import codec  # noqa: E402
+from bridge.batching import MAX_BATCH_EVENTS  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
+from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash  # noqa: E402
 from bridge.verify import verify  # noqa: E402
 from bridge.zk import BatchedClient  # noqa: E402
 from tests.harness import procs  # noqa: E402  (the same server management the tests use)
@@ -74,6 +81,8 @@ from tests.harness.zookeeper import ZooKeeperServer, start_all  # noqa: E402
 REGIONS = ("region-a", "region-b")
 MOUNT = "/critical"
 RAW_ROOT = "/rawbench"
+FLOOR_ROOT = "/floorbench"  # the catch-up floor's scratch trees, outside the mounts
+FLOOR_WINDOW = 4  # multis in flight for the floor (the bridge sends one at a time)
 WINDOW = 2000  # requests in flight for the pipelined raw rates
 RECORD_BYTES = 264
 VALUE_BYTES = 64
@@ -839,6 +848,126 @@ class Bench:
         say(f"  zk-shell copied {total:,} znodes in {wall:.1f} s wall ({total / wall:,.0f}/s; "
             f"it reports {fmt(own)} s without its own start-up)")
 
+    def leaves_of(self, directory: str) -> list[str]:
+        return [f"{directory}/l{j:03d}" for j in range(self.scale.leaves)]
+
+    # -- 2a. what a catch-up cannot avoid asking of the servers ------------
+    def catch_up_floor(self, znodes: list[str]) -> None:
+        """The catch-up's own ZooKeeper work, done by a bare client on the same servers.
+
+        What the design asks of the servers for one region to bootstrap
+        another, whatever the bridge does around it. At the origin: every
+        znode's ACL (``getACL``, one request each: a ``multiRead`` cannot
+        carry it) and one metadata znode per znode, in multis of a batch
+        (1,000) each with the batch's outbox entry. At the receiver: each
+        znode and its metadata znode, in multis of a batch. Done with the
+        bridge's batched client, several multis in flight, in scratch trees
+        outside the mounts (removed after): first each side alone, then both
+        at once, as in a catch-up. The catch-up cannot be faster than both
+        at once, and the bridges share the same two cores with the servers.
+        """
+        a, b, n = self.a, self.b, len(znodes)
+        step(f"Catch-up floor: the same {n:,} znodes' ZooKeeper work by a bare batched client")
+        meta = codec.encode_meta(NodeMeta(vc=VectorClock.of({a.name: 1}),
+                                          data_hash=content_hash(value("v0", 0)), deleted=False,
+                                          writer=a.name, ts=time.time_ns()))
+        event = codec.encode(Event(origin=a.name, subtree="critical", path=znodes[-1],
+                                   op=Op.PUT, vc=VectorClock.of({a.name: 1}), ts=time.time_ns(),
+                                   writer=a.name, data=value("v0", 0)))
+        entry = codec.encode_outbox([event] * MAX_BATCH_EVENTS)
+        pieces = [znodes[i:i + MAX_BATCH_EVENTS] for i in range(0, n, MAX_BATCH_EVENTS)]
+        clients = {r.name: BatchedClient(hosts=r.server.hosts, timeout=30) for r in (a, b)}
+        for c in clients.values():
+            c.start(timeout=30)
+        za, zb = clients[a.name], clients[b.name]
+        roots = {a.name: (f"{FLOOR_ROOT}/meta", f"{FLOOR_ROOT}/outbox"),
+                 b.name: (f"{FLOOR_ROOT}/tree", f"{FLOOR_ROOT}/meta")}
+        times: dict[str, float] = {}
+
+        def origin(alone: bool = False) -> None:
+            t0 = time.perf_counter()
+            pipelined(lambda i: za.get_acls_async(znodes[i]), n)
+            if alone:
+                times["acl"] = time.perf_counter() - t0
+
+            def piece(k: int) -> Any:
+                t = za.transaction()
+                for p in pieces[k]:
+                    t.create(f"{FLOOR_ROOT}/meta{p}", meta)
+                t.create(f"{FLOOR_ROOT}/outbox/e-", entry, sequence=True)
+                return t.commit_async()
+
+            pipelined(piece, len(pieces), window=FLOOR_WINDOW)
+            if alone:
+                times["a"] = time.perf_counter() - t0
+
+        def receiver(alone: bool = False) -> None:
+            t0 = time.perf_counter()
+
+            def piece(k: int) -> Any:
+                t = zb.transaction()
+                for p in pieces[k]:
+                    t.create(f"{FLOOR_ROOT}/tree{p}", value("v0", k))
+                    t.create(f"{FLOOR_ROOT}/meta{p}", meta)
+                return t.commit_async()
+
+            pipelined(piece, len(pieces), window=FLOOR_WINDOW)
+            if alone:
+                times["b"] = time.perf_counter() - t0
+
+        def prepare() -> None:
+            for name, c in clients.items():
+                for root in roots[name]:
+                    c.ensure_path(root + (MOUNT if not root.endswith("outbox") else ""))
+
+        def clear() -> None:
+            for name, c in clients.items():
+                for root in roots[name]:
+                    if root.endswith("outbox"):
+                        c.delete(root, recursive=True)
+                        continue
+                    gone = list(reversed(znodes))  # children before their parents
+                    chunks = [gone[i:i + MAX_BATCH_EVENTS]
+                              for i in range(0, n, MAX_BATCH_EVENTS)]
+
+                    def drop(k: int, cl: Any = c, r: str = root, ch: list[list[str]] = chunks
+                             ) -> Any:
+                        t = cl.transaction()
+                        for p in ch[k]:
+                            t.delete(f"{r}{p}")
+                        return t.commit_async()
+
+                    pipelined(drop, len(chunks), window=FLOOR_WINDOW)
+                c.delete(FLOOR_ROOT, recursive=True)
+
+        try:
+            for label, work in (("floor_a", origin), ("floor_b", receiver)):
+                prepare()
+                with self.phase(label):
+                    work(True)
+                clear()
+            prepare()
+            with self.phase("floor_both"):
+                t0 = time.perf_counter()
+                side = threading.Thread(target=receiver)
+                side.start()
+                origin()
+                side.join()
+                times["both"] = time.perf_counter() - t0
+            clear()
+        finally:
+            for c in clients.values():
+                c.stop()
+                c.close()
+        bridge = self.res.bridge
+        bridge |= {"floor_acl_s": times["acl"], "floor_a_s": times["a"],
+                   "floor_b_s": times["b"], "floor_both_s": times["both"]}
+        cpu = self.res.phases["floor_both"]["cpu_s"]
+        bridge["floor_both_server_cpu_s"] = cpu.get("zk-a", 0.0) + cpu.get("zk-b", 0.0)
+        say(f"  origin alone {times['a']:.2f} s ({n:,} getACL {times['acl']:.2f} s, then the "
+            f"metadata multis); receiver alone {times['b']:.2f} s; both at once "
+            f"{times['both']:.2f} s, servers' CPU {bridge['floor_both_server_cpu_s']:.2f} s")
+
     # -- 2a. initial scan and catch-up ------------------------------------
     def catch_up(self) -> None:
         s, a, b = self.scale, self.a, self.b
@@ -846,6 +975,7 @@ class Bench:
         step(f"Initial scan and catch-up: {total:,} znodes in {a.name} before its bridge starts")
         dirs = self.populate()
         self.zkshell_mirror(total)
+        self.catch_up_floor([p for d in dirs for p in (d, *self.leaves_of(d))])
 
         # Polling must not load B's server much: list the mount, then only the
         # directories that exist and are not yet complete.
@@ -1230,6 +1360,19 @@ class Bench:
                 Row("bridge A RSS after the scan", br["rss_a_after_scan_mb"], "MB"),
                 Row("catch-up: ZooKeeper requests/znode A / B", req["zk-a"], "req",
                     note=f"B: {req['zk-b']:.3f}; the bridges' sessions only (cons)"),
+            ]
+        if "floor_both_s" in br:
+            both, mirror = br["floor_both_s"], br.get("zkshell_mirror_s")
+            rows += [
+                Row("floor: origin's ZooKeeper work alone", br["floor_a_s"], "s",
+                    note=f"getACL of every znode {br['floor_acl_s']:.2f} s, then metadata "
+                         "+ outbox multis"),
+                Row("floor: receiver's ZooKeeper work alone", br["floor_b_s"], "s",
+                    note="each znode and its metadata znode, a multi per batch"),
+                Row("floor: both at once, bare client", both, "s",
+                    f"{mirror / both:.2f}x zk-shell at best" if mirror else "",
+                    f"servers' CPU {br['floor_both_server_cpu_s']:.2f} s; catch-up "
+                    f"{br['catch_up_s'] / both:.2f}x this" if "catch_up_s" in br else ""),
             ]
         if "steady_s" in br:
             req = br["steady_zk_requests_per_update"]
