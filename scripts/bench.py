@@ -15,7 +15,7 @@ relevant raw rate.
    created on first use) copying the pre-populated tree from one of the
    bench's servers to the other: the peer copier the catch-up is compared to.
    Then the catch-up's floor: the ZooKeeper work the design asks of both
-   servers for that tree (the origin's getACLs and metadata multis, the
+   servers for that tree (the origin's reads, getACLs and metadata multis, the
    receiver's znode and metadata creates), done by a bare batched client,
    each side alone and both at once.
 3. zkbridge with two regions (two ZooKeeper servers, one broker, two
@@ -72,6 +72,7 @@ from bridge import codec  # noqa: E402
 from bridge.batching import MAX_BATCH_EVENTS  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash  # noqa: E402
+from bridge.store import READ_CHUNK  # noqa: E402
 from bridge.verify import verify  # noqa: E402
 from bridge.zk import BatchedClient  # noqa: E402
 from tests.harness import procs  # noqa: E402  (the same server management the tests use)
@@ -857,8 +858,9 @@ class Bench:
 
         What the design asks of the servers for one region to bootstrap
         another, whatever the bridge does around it. At the origin: every
-        znode's ACL (``getACL``, one request each: a ``multiRead`` cannot
-        carry it) and one metadata znode per znode, in multis of a batch
+        znode's data (``multiRead``, 500 per request, as the bridge reads),
+        its ACL (``getACL``, one request each: a ``multiRead`` cannot carry
+        it) and one metadata znode per znode, in multis of a batch
         (1,000) each with the batch's outbox entry. At the receiver: each
         znode and its metadata znode, in multis of a batch. Done with the
         bridge's batched client, several multis in flight, in scratch trees
@@ -876,6 +878,7 @@ class Bench:
                                    writer=a.name, data=value("v0", 0)))
         entry = codec.encode_outbox([event] * MAX_BATCH_EVENTS)
         pieces = [znodes[i:i + MAX_BATCH_EVENTS] for i in range(0, n, MAX_BATCH_EVENTS)]
+        reads = [znodes[i:i + READ_CHUNK] for i in range(0, n, READ_CHUNK)]
         clients = {r.name: BatchedClient(hosts=r.server.hosts, timeout=30) for r in (a, b)}
         for c in clients.values():
             c.start(timeout=30)
@@ -886,9 +889,12 @@ class Bench:
 
         def origin(alone: bool = False) -> None:
             t0 = time.perf_counter()
+            pipelined(lambda k: za.multi_read_async([("data", p) for p in reads[k]]),
+                      len(reads), window=FLOOR_WINDOW)
+            t1 = time.perf_counter()
             pipelined(lambda i: za.get_acls_async(znodes[i]), n)
             if alone:
-                times["acl"] = time.perf_counter() - t0
+                times["read"], times["acl"] = t1 - t0, time.perf_counter() - t1
 
             def piece(k: int) -> Any:
                 t = za.transaction()
@@ -960,13 +966,15 @@ class Bench:
                 c.stop()
                 c.close()
         bridge = self.res.bridge
-        bridge |= {"floor_acl_s": times["acl"], "floor_a_s": times["a"],
+        bridge |= {"floor_read_s": times["read"], "floor_acl_s": times["acl"],
+                   "floor_a_s": times["a"],
                    "floor_b_s": times["b"], "floor_both_s": times["both"]}
         cpu = self.res.phases["floor_both"]["cpu_s"]
         bridge["floor_both_server_cpu_s"] = cpu.get("zk-a", 0.0) + cpu.get("zk-b", 0.0)
-        say(f"  origin alone {times['a']:.2f} s ({n:,} getACL {times['acl']:.2f} s, then the "
-            f"metadata multis); receiver alone {times['b']:.2f} s; both at once "
-            f"{times['both']:.2f} s, servers' CPU {bridge['floor_both_server_cpu_s']:.2f} s")
+        say(f"  origin alone {times['a']:.2f} s (reading the {n:,} znodes {times['read']:.2f} s, "
+            f"their getACL {times['acl']:.2f} s, then the metadata multis); receiver alone "
+            f"{times['b']:.2f} s; both at once {times['both']:.2f} s, servers' CPU "
+            f"{bridge['floor_both_server_cpu_s']:.2f} s")
 
     # -- 2a. initial scan and catch-up ------------------------------------
     def catch_up(self) -> None:
@@ -1365,8 +1373,8 @@ class Bench:
             both, mirror = br["floor_both_s"], br.get("zkshell_mirror_s")
             rows += [
                 Row("floor: origin's ZooKeeper work alone", br["floor_a_s"], "s",
-                    note=f"getACL of every znode {br['floor_acl_s']:.2f} s, then metadata "
-                         "+ outbox multis"),
+                    note=f"read {br['floor_read_s']:.2f} s, getACL {br['floor_acl_s']:.2f} s, "
+                         "then metadata + outbox multis"),
                 Row("floor: receiver's ZooKeeper work alone", br["floor_b_s"], "s",
                     note="each znode and its metadata znode, a multi per batch"),
                 Row("floor: both at once, bare client", both, "s",
