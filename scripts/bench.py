@@ -1177,6 +1177,8 @@ class Bench:
         started: dict[str, float] = {}
         wall: dict[str, float] = {}
         sent: list[Any] = []
+        for r in (a, b):
+            r.server.four_letter("srst")  # the servers' own latency figures, this phase only
         with self.phase("latency", requests=True):
             t0 = time.monotonic()
             for i, p in enumerate(paths):
@@ -1210,6 +1212,22 @@ class Bench:
             + f"; writes issued at {self.res.bridge['latency_rate_achieved']:.0f}/s; bridges' "
             "ZooKeeper requests per update: " + ", ".join(f"{k} {v}" for k, v in per.items()))
         self.latency_split(paths, started, wall, w.seen_at)
+        self.server_latency()
+
+    def server_latency(self) -> None:
+        """What each ZooKeeper server saw of its own latency in the phase (``mntr``, reset
+        before it): a tail there is the servers' (a slow fsync), not the bridges'."""
+        keys = ("zk_p99_updatelatency", "zk_max_latency", "zk_max_fsynctime")
+        got: dict[str, dict[str, float]] = {}
+        for r in (self.a, self.b):
+            stats = dict(line.split("\t", 1) for line in
+                         r.server.four_letter("mntr").splitlines() if "\t" in line)
+            got[f"zk-{r.name[-1]}"] = {k: float(stats[k]) for k in keys if k in stats}
+        self.res.bridge["latency_server_ms"] = got
+        say("  the servers' own, in ms: " + "; ".join(
+            f"{k} update p99 {fmt(v.get('zk_p99_updatelatency'))}, any request max "
+            f"{fmt(v.get('zk_max_latency'))}, fsync max {fmt(v.get('zk_max_fsynctime'))}"
+            for k, v in got.items()))
 
     def latency_split(self, paths: Sequence[str], started: Mapping[str, float],
                       wall: Mapping[str, float], seen: Mapping[str, float]) -> None:
@@ -1406,6 +1424,10 @@ class Bench:
             req = br["latency_zk_requests_per_update"]
             rows += [Row(f"latency phase: ZooKeeper requests/update {k[-1].upper()}", v, "req",
                          note="the bridge's session only (cons)") for k, v in req.items()]
+            rows += [Row(f"latency phase: {k}'s own update p99", v.get(
+                "zk_p99_updatelatency"), "ms", note=f"any request max "
+                f"{fmt(v.get('zk_max_latency'))} ms, fsync max {fmt(v.get('zk_max_fsynctime'))} "
+                "ms (mntr)") for k, v in br.get("latency_server_ms", {}).items()]
         if "large_scan_s" in br:
             zn = br["large_znodes"]
             cap = br.get("large_capture_s")
