@@ -59,9 +59,8 @@ class Outbox:
         self.unsure = self.unsure or held_entry
 
     async def _open_bucket(self) -> None:
-        names = await self.zk.children(self.outbox) or []
-        indexes = [int(n[2:]) for n in names if n.startswith("q-") and n[2:].isdigit()]
-        self._bucket = f"{self.outbox}/q-{max(indexes, default=-1) + 1:010d}"
+        last = max((index for index, _ in await self.dirs()), default=-1)
+        self._bucket = f"{self.outbox}/q-{last + 1:010d}"
         self._bucket_known = False
 
     async def entry_ops(self, ops: list[ZkOp], data: bytes) -> None:

@@ -310,6 +310,11 @@ def pipelined(issue: Callable[[int], Any], n: int, window: int = WINDOW) -> floa
     return time.perf_counter() - t0
 
 
+def chunked(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    """``items`` in consecutive pieces of at most ``size``, order kept."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def count_tree(zk: KazooClient, root: str) -> int:
     """Znodes in the tree at ``root`` (itself included), listing one level at a time."""
     if zk.exists(root) is None:
@@ -877,14 +882,13 @@ class Bench:
                                    op=Op.PUT, vc=VectorClock.of({a.name: 1}), ts=time.time_ns(),
                                    writer=a.name, data=value("v0", 0)))
         entry = codec.encode_outbox([event] * MAX_BATCH_EVENTS)
-        pieces = [znodes[i:i + MAX_BATCH_EVENTS] for i in range(0, n, MAX_BATCH_EVENTS)]
-        reads = [znodes[i:i + READ_CHUNK] for i in range(0, n, READ_CHUNK)]
+        pieces, reads = chunked(znodes, MAX_BATCH_EVENTS), chunked(znodes, READ_CHUNK)
         clients = {r.name: BatchedClient(hosts=r.server.hosts, timeout=30) for r in (a, b)}
         for c in clients.values():
             c.start(timeout=30)
         za, zb = clients[a.name], clients[b.name]
-        roots = {a.name: (f"{FLOOR_ROOT}/meta", f"{FLOOR_ROOT}/outbox"),
-                 b.name: (f"{FLOOR_ROOT}/tree", f"{FLOOR_ROOT}/meta")}
+        # Scratch trees mirroring the mount, under FLOOR_ROOT on each server.
+        trees = {a.name: ("meta",), b.name: ("tree", "meta")}
         times: dict[str, float] = {}
 
         def origin(alone: bool = False) -> None:
@@ -923,28 +927,23 @@ class Bench:
 
         def prepare() -> None:
             for name, c in clients.items():
-                for root in roots[name]:
-                    c.ensure_path(root + (MOUNT if not root.endswith("outbox") else ""))
+                for tree in trees[name]:
+                    c.ensure_path(f"{FLOOR_ROOT}/{tree}{MOUNT}")
+            za.ensure_path(f"{FLOOR_ROOT}/outbox")
 
         def clear() -> None:
+            gone = chunked(znodes[::-1], MAX_BATCH_EVENTS)  # children before their parents
             for name, c in clients.items():
-                for root in roots[name]:
-                    if root.endswith("outbox"):
-                        c.delete(root, recursive=True)
-                        continue
-                    gone = list(reversed(znodes))  # children before their parents
-                    chunks = [gone[i:i + MAX_BATCH_EVENTS]
-                              for i in range(0, n, MAX_BATCH_EVENTS)]
+                for tree in trees[name]:
 
-                    def drop(k: int, cl: Any = c, r: str = root, ch: list[list[str]] = chunks
-                             ) -> Any:
+                    def drop(k: int, cl: Any = c, root: str = f"{FLOOR_ROOT}/{tree}") -> Any:
                         t = cl.transaction()
-                        for p in ch[k]:
-                            t.delete(f"{r}{p}")
+                        for p in gone[k]:
+                            t.delete(f"{root}{p}")
                         return t.commit_async()
 
-                    pipelined(drop, len(chunks), window=FLOOR_WINDOW)
-                c.delete(FLOOR_ROOT, recursive=True)
+                    pipelined(drop, len(gone), window=FLOOR_WINDOW)
+                c.delete(FLOOR_ROOT, recursive=True)  # the roots and the outbox's few entries
 
         try:
             for label, work in (("floor_a", origin), ("floor_b", receiver)):
