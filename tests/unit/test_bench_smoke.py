@@ -125,3 +125,28 @@ def test_cpu_table_shows_share_of_one_core(bench: ModuleType) -> None:
     assert lines[0].split() == ["phase", "wall", "s", "load", "zk-a", "bridge-a"]
     assert lines[1].split() == ["steady", "2.0", "3.2", "50%", "25%"]
     assert lines[2].split() == ["raw_get", "4.0", "100%"]
+
+
+def test_jit_seconds_sums_the_compiler_threads_only(bench: ModuleType, tmp_path: Path) -> None:
+    tick = bench.os.sysconf("SC_CLK_TCK")
+
+    def thread(tid: str, name: str, utime: int, stime: int) -> None:
+        d = tmp_path / "4242" / "task" / tid
+        d.mkdir(parents=True)
+        # pid (comm) state ppid ... : utime and stime are fields 14 and 15.
+        fields = ["S", *["0"] * 10, str(utime), str(stime), *["0"] * 30]
+        (d / "stat").write_text(f"{tid} ({name}) " + " ".join(fields) + "\n")
+
+    thread("1", "java", 10 * tick, 0)
+    thread("2", "C2 CompilerThre", 2 * tick, tick)
+    thread("3", "C1 CompilerThre", tick, 0)
+    thread("4", "SyncThread:0", 5 * tick, 0)
+    assert bench.jit_seconds(4242, proc=tmp_path) == pytest.approx(4.0)
+    assert bench.jit_seconds(999, proc=tmp_path) == 0.0  # gone
+
+
+def test_warm_up_bounds_hold(bench: ModuleType) -> None:
+    assert 1 <= bench.WARM_MIN_ROUNDS <= bench.WARM_MAX_ROUNDS
+    # A round's writes fit in the latency paths of either scale (no path twice a round).
+    for scale in (bench.FULL, bench.QUICK):
+        assert scale.latency_rate * bench.WARM_ROUND_S <= scale.latency_writes
