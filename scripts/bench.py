@@ -81,6 +81,7 @@ from tests.harness.zookeeper import ZooKeeperServer, start_all  # noqa: E402
 
 REGIONS = ("region-a", "region-b")
 MOUNT = "/critical"
+MOUNT2 = "/critical2"  # the second subtree of the catch-up again (Bench.catch_up_again)
 RAW_ROOT = "/rawbench"
 FLOOR_ROOT = "/floorbench"  # the catch-up floor's scratch trees, outside the mounts
 FLOOR_WINDOW = 4  # multis in flight for the floor (the bridge sends one at a time)
@@ -591,6 +592,7 @@ class Bench:
         self.a, self.b = (self.regions[r] for r in REGIONS)
         self.res = Results()
         self._watchers: list[Watcher] = []
+        self.mounts = [("critical", MOUNT)]  # (subtree name, path) in the bridges' configs
 
     # -- lifecycle -------------------------------------------------------
     def up(self) -> None:
@@ -640,7 +642,7 @@ class Bench:
             "kafka": {"bootstrap_servers": self.broker.bootstrap,
                       "enable_idempotence": self.idempotence},
             "peers": [p for p in REGIONS if p != r.name],
-            "subtrees": [{"name": "critical", "path": MOUNT}],
+            "subtrees": [{"name": name, "path": path} for name, path in self.mounts],
             "log": {"format": "json"},
         }
         r.config.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -848,11 +850,11 @@ class Bench:
         self.res.raw["kafka_latency_max_ms"] = max(ms)
         say(f"  p50 {percentile(ms, 50):.1f} ms, max {max(ms):.1f} ms")
 
-    def populate(self) -> list[str]:
+    def populate(self, mount: str = MOUNT) -> list[str]:
         """The catch-up tree in A: ``dirs`` directories of ``leaves`` leaves, one multi each."""
         s, zk = self.scale, self.a.zk
-        dirs = [f"{MOUNT}/d{d:03d}" for d in range(s.dirs)]
-        zk.ensure_path(MOUNT)
+        dirs = [f"{mount}/d{d:03d}" for d in range(s.dirs)]
+        zk.ensure_path(mount)
 
         def one_dir(i: int) -> Any:
             t = zk.transaction()
@@ -1029,46 +1031,7 @@ class Bench:
         self.zkshell_mirror(total)
         self.catch_up_floor([p for d in dirs for p in (d, *self.leaves_of(d))])
 
-        # Polling must not load B's server much: list the mount, then only the
-        # directories that exist and are not yet complete.
-        complete: set[str] = set()
-        seen = {"n": 0, "requests": 0}
-
-        def count_b() -> int:
-            seen["requests"] += 1
-            try:
-                names = set(b.zk.get_children(MOUNT))
-            except NoNodeError:
-                return 0
-            todo = [d for d in dirs if d not in complete and d.rsplit("/", 1)[1] in names]
-            ars = [(d, b.zk.get_children_async(d)) for d in todo]
-            seen["requests"] += len(todo)
-            n = len(complete) * (1 + s.leaves)
-            for d, ar in ars:
-                with contextlib.suppress(NoNodeError):
-                    kids = len(ar.get(timeout=30))
-                    n += 1 + kids
-                    if kids >= s.leaves:
-                        complete.add(d)
-            return n
-
-        def done() -> bool:
-            self.check_bridges()
-            seen["n"] = count_b()
-            return seen["n"] >= total
-
-        def progress() -> str:
-            stage = ("scanning" if not a.log_events("scan_done") else
-                     "capturing" if not a.log_events("bridge_ready") else "publishing/applying")
-            return f"{b.name} holds {seen['n']:,}/{total:,}; {a.name} bridge: {stage}"
-
-        with self.phase("catch_up", requests=True):
-            say("starting both bridges; waiting until region-b holds every znode…")
-            wall0, t0 = time.time(), time.monotonic()
-            self.start_bridge(a)
-            self.start_bridge(b)
-            t_done = poll(done, 900, "catch-up", progress, interval=0.2)
-        elapsed = t_done - t0
+        elapsed, wall0 = self.timed_catch_up(dirs, MOUNT, "catch_up", first=True)
         poll(lambda: all(r.log_events("bridge_ready") for r in (a, b)), 60, "bridges ready")
         scan = a.log_events("scan_done")[0]
         ready = a.log_events("bridge_ready")[0]
@@ -1099,6 +1062,78 @@ class Bench:
         say(f"{a.name} bridge RSS {fmt(bridge['rss_a_after_scan_mb'])} MB after the scan; "
             "ZooKeeper requests per replicated znode, the bridges' own: " + ", ".join(
                 f"{k} {v}" for k, v in bridge["catch_up_zk_requests_per_znode"].items()))
+
+    def timed_catch_up(self, dirs: Sequence[str], mount: str, phase: str,
+                       first: bool = False) -> tuple[float, float]:
+        """Start both bridges; the seconds until B holds every znode of ``dirs`` under
+        ``mount``, and the wall clock at the start."""
+        s, a, b = self.scale, self.a, self.b
+        total = s.dirs + s.dirs * s.leaves
+        # Polling must not load B's server much: list the mount, then only the
+        # directories that exist and are not yet complete.
+        complete: set[str] = set()
+        seen = {"n": 0}
+
+        def count_b() -> int:
+            try:
+                names = set(b.zk.get_children(mount))
+            except NoNodeError:
+                return 0
+            todo = [d for d in dirs if d not in complete and d.rsplit("/", 1)[1] in names]
+            ars = [(d, b.zk.get_children_async(d)) for d in todo]
+            n = len(complete) * (1 + s.leaves)
+            for d, ar in ars:
+                with contextlib.suppress(NoNodeError):
+                    kids = len(ar.get(timeout=30))
+                    n += 1 + kids
+                    if kids >= s.leaves:
+                        complete.add(d)
+            return n
+
+        def done() -> bool:
+            self.check_bridges()
+            seen["n"] = count_b()
+            return seen["n"] >= total
+
+        def progress() -> str:
+            if not first:
+                return f"{b.name} holds {seen['n']:,}/{total:,}"
+            stage = ("scanning" if not a.log_events("scan_done") else
+                     "capturing" if not a.log_events("bridge_ready") else "publishing/applying")
+            return f"{b.name} holds {seen['n']:,}/{total:,}; {a.name} bridge: {stage}"
+
+        with self.phase(phase, requests=True):
+            say(f"starting both bridges; waiting until {b.name} holds every znode of {mount}…")
+            wall0, t0 = time.time(), time.monotonic()
+            self.start_bridge(a)
+            self.start_bridge(b)
+            t_done = poll(done, 900, "catch-up", progress, interval=0.2)
+        return t_done - t0, wall0
+
+    def catch_up_again(self) -> None:
+        """The catch-up once more: a second subtree of the same shape, on servers that have
+        done every phase before (the first catch-up ran while they were still compiling)."""
+        s, a, b = self.scale, self.a, self.b
+        total = s.dirs + s.dirs * s.leaves
+        step(f"Catch-up again: a second subtree {MOUNT2} of {total:,} znodes, both bridges "
+             "restarted with it")
+        for r in (a, b):
+            if r.proc is not None:
+                procs.stop(r.proc, signal.SIGTERM, deadline=10)
+                r.proc = None
+        self.mounts.append(("critical2", MOUNT2))
+        for r in (a, b):
+            self._write_config(r)
+        dirs = self.populate(MOUNT2)
+        elapsed, _ = self.timed_catch_up(dirs, MOUNT2, "catch_up_again")
+        bridge = self.res.bridge
+        bridge["catch_up_again_s"] = elapsed
+        mirror = bridge.get("zkshell_mirror_s")
+        if mirror:
+            bridge["catch_up_again_vs_zkshell"] = mirror / elapsed
+        say(f"{b.name} holds all {total:,} of {MOUNT2} after {elapsed:.2f} s; servers "
+            f"compiling meanwhile: {self.jit_share('catch_up_again')} (first catch-up: "
+            f"{self.jit_share('catch_up')})")
 
     # -- --large ----------------------------------------------------------
     def large(self) -> None:
@@ -1176,15 +1211,17 @@ class Bench:
             raise BenchError(f"only {len(out)} leaves from d{first_dir:03d}; need {count}")
         return out[:count]
 
-    def steady(self) -> None:
+    def steady(self, again: bool = False) -> None:
+        """``again``: the same updates once more (new values), on servers that just did them."""
         n, a, b = self.scale.steady, self.a, self.b
-        step(f"Steady state: {n:,} updates to existing znodes in {a.name}, as fast as async set "
-             "(batched client)")
+        name, tag = ("steady_again", "v1b") if again else ("steady", "v1")
+        step(f"Steady state{' again' if again else ''}: {n:,} updates to existing znodes in "
+             f"{a.name}, as fast as async set (batched client)")
         paths = self.leaves(0, n)
         w = self.watcher(b.fast, paths)
-        want = {p: value("v1", i) for i, p in enumerate(paths)}
+        want = {p: value(tag, i) for i, p in enumerate(paths)}
         w.expect(want)
-        with self.phase("steady", requests=True):
+        with self.phase(name, requests=True):
             t0 = time.monotonic()
             write_s = pipelined(lambda i: a.fast.set_async(paths[i], want[paths[i]]), n)
             say(f"{a.name}: {n:,} updates written in {write_s:.2f} s "
@@ -1193,21 +1230,21 @@ class Bench:
                        lambda: f"{b.name} shows {n - w.remaining:,}/{n:,} final values")
             elapsed = max(w.seen_at.values()) - t0
         w.close()
-        self.res.bridge["steady_updates"] = n
-        self.res.bridge["steady_s"] = elapsed
-        self.res.bridge["steady_per_s"] = n / elapsed
-        self.res.bridge["steady_write_per_s"] = n / write_s
-        req = self.res.phases["steady"]["bridge_zk_requests"]
+        per_s = n / elapsed
+        req = self.res.phases[name]["bridge_zk_requests"]
         per = {k: round(v / n, 3) for k, v in req.items()}
-        self.res.bridge["steady_zk_requests_per_update"] = per
-        self.res.bridge["steady_requests_a"] = per["zk-a"]
-        self.res.bridge["steady_requests_b"] = per["zk-b"]
-        self.res.bridge["steady_vs_multi"] = n / elapsed / self.res.raw["zk_async_multi_per_s"]
+        vs_multi = per_s / self.res.raw["zk_async_multi_per_s"]
+        if again:
+            self.res.bridge |= {"steady_again_per_s": per_s, "steady_again_vs_multi": vs_multi}
+        else:
+            self.res.bridge |= {
+                "steady_updates": n, "steady_s": elapsed, "steady_per_s": per_s,
+                "steady_write_per_s": n / write_s, "steady_zk_requests_per_update": per,
+                "steady_requests_a": per["zk-a"], "steady_requests_b": per["zk-b"],
+                "steady_vs_multi": vs_multi}
         say(f"{b.name} shows all {n:,} final values after {elapsed:.2f} s "
-            f"({n / elapsed:,.0f} updates/s end to end); the bridges' ZooKeeper requests "
-            "per update: "
-            + ", ".join(f"{k} {v}" for k, v in
-                        self.res.bridge["steady_zk_requests_per_update"].items()))
+            f"({per_s:,.0f} updates/s end to end, {vs_multi:.3f}x multi); the bridges' "
+            "ZooKeeper requests per update: " + ", ".join(f"{k} {v}" for k, v in per.items()))
 
     # -- 2c. latency ---------------------------------------------------
     def latency(self) -> None:
@@ -1426,6 +1463,13 @@ class Bench:
             f"pass took {verify_s:.2f} s); {resolved:,} conflict_resolved log lines")
 
     # -- summary ---------------------------------------------------------
+    def jit_share(self, phase: str) -> str:
+        """Each JVM's compiler threads during ``phase``, in % of one core."""
+        ph = self.res.phases.get(phase)
+        if not ph or not ph["wall_s"]:
+            return "n/a"
+        return ", ".join(f"{k} {v / ph['wall_s']:.0%}" for k, v in ph["jit_s"].items())
+
     def summarise(self) -> list[Row]:
         raw, br = self.res.raw, self.res.bridge
         rows = [
@@ -1467,6 +1511,11 @@ class Bench:
                     f"{br['catch_up_s']:.1f} s from both bridges' start"),
                 Row("catch-up: wall time", br["catch_up_s"], "s", vs_zks,
                     "bridge process start → B holds every znode"),
+                Row("catch-up again: a second tree, at the end", br.get("catch_up_again_s"),
+                    "s", f"{br['catch_up_again_vs_zkshell']:.2f}x faster than zk-shell"
+                    if br.get("catch_up_again_vs_zkshell") else "",
+                    f"servers compiling: {self.jit_share('catch_up_again')} (first catch-up: "
+                    f"{self.jit_share('catch_up')})"),
                 Row("scan: A's scan_done seconds", br["scan_s"], "s",
                     ratio(br["scan_znodes"] / br["scan_s"] if br["scan_s"] else None, get_,
                           "get"),
@@ -1505,6 +1554,12 @@ class Bench:
                 Row("steady: ZooKeeper requests/update B", req["zk-b"], "req",
                     note="bridge B's session only (cons), counted until quiet"),
             ]
+            if "steady_again_per_s" in br:
+                rows.append(Row("steady again: the same updates, new values",
+                                br["steady_again_per_s"], "updates/s",
+                                ratio(br["steady_again_per_s"], multi, "multi"),
+                                f"servers compiling: {self.jit_share('steady_again')} "
+                                f"(first time: {self.jit_share('steady')})"))
         if "latency_ms" in br:
             lat = br["latency_ms"]
             rate = br.get("latency_rate_achieved") or 0.0
@@ -1785,8 +1840,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.raw_kafka()
             bench.catch_up()
             bench.steady()
+            bench.steady(again=True)
             bench.latency()
             bench.conflicts()
+            bench.catch_up_again()
     except KeyboardInterrupt:
         failed = "interrupted"
     except (BenchError, AssertionError) as exc:
