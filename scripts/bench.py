@@ -20,8 +20,11 @@ relevant raw rate.
    each side alone and both at once.
 3. zkbridge with two regions (two ZooKeeper servers, one broker, two
    ``python -m bridge run``): initial scan and catch-up of the same tree,
-   steady-state throughput, latency at a fixed write rate, a conflict storm,
-   and the bridge's memory after the scan.
+   steady-state throughput (twice), latency at a fixed write rate (after a
+   warm-up of the same load until the JVMs' JIT compilers are idle), a
+   conflict storm, the bridge's memory after the scan, and at the end the
+   catch-up again, of a second tree, with zk-shell mirroring it too: the
+   second steady phase and catch-up run on servers that are done compiling.
 
 ZooKeeper requests are counted per session from the servers' ``cons``
 output (the last client xid of each session, which pings do not move), so
