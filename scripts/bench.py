@@ -654,7 +654,9 @@ class Bench:
         argv = [sys.executable]
         if self.profile_dir is not None:
             # The daemon stops cleanly on SIGTERM, so cProfile gets to write its file.
-            argv += ["-m", "cProfile", "-o", str(self.profile_dir / f"{r.name}.prof")]
+            # The second catch-up's processes get files of their own.
+            again = "" if self.mounts[0][1] == MOUNT else "-again"
+            argv += ["-m", "cProfile", "-o", str(self.profile_dir / f"{r.name}{again}.prof")]
         argv += ["-m", "bridge", "run", "-c", str(r.config)]
         r.proc = procs.spawn(argv, r.log, env={"PYTHONPATH": str(REPO)}, cwd=REPO)
 
@@ -1825,6 +1827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="keep the work directory (configs, server and bridge logs)")
     ap.add_argument("--profile", metavar="DIR", type=Path,
                     help="run both bridges under cProfile, writing DIR/<region>.prof "
+                         "(DIR/<region>-again.prof for the second catch-up) "
                          "(slows the bridges: for finding bottlenecks, not for numbers)")
     args = ap.parse_args(argv)
     scale = QUICK if args.quick else LARGE if args.large else FULL
