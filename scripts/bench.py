@@ -121,6 +121,11 @@ class Scale:
     latency_rate: float  # writes per second in the latency phase
     conflict_paths: int
 
+    @property
+    def tree_znodes(self) -> int:
+        """Znodes of the catch-up tree: the directories and their leaves."""
+        return self.dirs * (self.leaves + 1)
+
 
 FULL = Scale(
     raw_create=4000, raw_set=20_000, raw_multi=20_000, raw_get=30_000, raw_records=240_000,
@@ -270,12 +275,15 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
+def mntr(server: ZooKeeperServer) -> dict[str, str]:
+    """The server's ``mntr`` figures, by key."""
+    return dict(line.split("\t", 1) for line in server.four_letter("mntr").splitlines()
+                if "\t" in line)
+
+
 def zk_packets(server: ZooKeeperServer) -> int:
     """Packets the server has received so far, everyone's, pings included (``mntr``)."""
-    for line in server.four_letter("mntr").splitlines():
-        if line.startswith("zk_packets_received"):
-            return int(line.split()[1])
-    return 0
+    return int(mntr(server).get("zk_packets_received", 0))
 
 
 _CONS = re.compile(r"sid=0x([0-9a-f]+).*?lcxid=0x([0-9a-f]+)")
@@ -871,15 +879,16 @@ class Bench:
         secs = pipelined(one_dir, len(dirs), window=50)
         if len(zk.get_children(dirs[-1])) != s.leaves:
             raise BenchError(f"populating {dirs[-1]} failed")
-        total = s.dirs * (s.leaves + 1)
+        total = s.tree_znodes
         say(f"{self.a.name}: created {s.dirs:,} dirs x {s.leaves} leaves of {VALUE_BYTES} B "
             f"({total / secs:,.0f} znodes/s, one multi per directory)")
         return dirs
 
-    def zkshell_mirror(self, total: int, src: str = MOUNT, again: bool = False) -> None:
+    def zkshell_mirror(self, total: int, src: str = MOUNT) -> None:
         """zk-shell ``mirror`` of A's tree ``src`` into B (outside B's mounts), timed, same
-        servers. ``again``: the second time, for the second catch-up."""
+        servers; a ``src`` other than the first mount is the second catch-up's."""
         a, b = self.a, self.b
+        again = src != MOUNT
         try:
             exe = zkshell()
         except BenchError as exc:
@@ -1034,13 +1043,13 @@ class Bench:
     # -- 2a. initial scan and catch-up ------------------------------------
     def catch_up(self) -> None:
         s, a, b = self.scale, self.a, self.b
-        total = s.dirs + s.dirs * s.leaves
+        total = s.tree_znodes
         step(f"Initial scan and catch-up: {total:,} znodes in {a.name} before its bridge starts")
         dirs = self.populate()
         self.zkshell_mirror(total)
         self.catch_up_floor([p for d in dirs for p in (d, *self.leaves_of(d))])
 
-        elapsed, wall0 = self.timed_catch_up(dirs, MOUNT, "catch_up", first=True)
+        elapsed, wall0 = self.timed_catch_up(dirs, MOUNT)
         poll(lambda: all(r.log_events("bridge_ready") for r in (a, b)), 60, "bridges ready")
         scan = a.log_events("scan_done")[0]
         ready = a.log_events("bridge_ready")[0]
@@ -1072,12 +1081,13 @@ class Bench:
             "ZooKeeper requests per replicated znode, the bridges' own: " + ", ".join(
                 f"{k} {v}" for k, v in bridge["catch_up_zk_requests_per_znode"].items()))
 
-    def timed_catch_up(self, dirs: Sequence[str], mount: str, phase: str,
-                       first: bool = False) -> tuple[float, float]:
+    def timed_catch_up(self, dirs: Sequence[str], mount: str) -> tuple[float, float]:
         """Start both bridges; the seconds until B holds every znode of ``dirs`` under
-        ``mount``, and the wall clock at the start."""
+        ``mount``, and the wall clock at the start (phase ``catch_up``, or
+        ``catch_up_again`` for the second tree)."""
         s, a, b = self.scale, self.a, self.b
-        total = s.dirs + s.dirs * s.leaves
+        first = mount == MOUNT
+        total = s.tree_znodes
         # Polling must not load B's server much: list the mount, then only the
         # directories that exist and are not yet complete.
         complete: set[str] = set()
@@ -1111,7 +1121,7 @@ class Bench:
                      "capturing" if not a.log_events("bridge_ready") else "publishing/applying")
             return f"{b.name} holds {seen['n']:,}/{total:,}; {a.name} bridge: {stage}"
 
-        with self.phase(phase, requests=True):
+        with self.phase("catch_up" if first else "catch_up_again", requests=True):
             say(f"starting both bridges; waiting until {b.name} holds every znode of {mount}…")
             wall0, t0 = time.time(), time.monotonic()
             self.start_bridge(a)
@@ -1123,7 +1133,7 @@ class Bench:
         """The catch-up once more: a second subtree of the same shape, on servers that have
         done every phase before (the first catch-up ran while they were still compiling)."""
         s, a, b = self.scale, self.a, self.b
-        total = s.dirs + s.dirs * s.leaves
+        total = s.tree_znodes
         step(f"Catch-up again: a second subtree {MOUNT2} of {total:,} znodes, both bridges "
              "restarted with it alone")
         for r in (a, b):
@@ -1136,8 +1146,8 @@ class Bench:
             self._write_config(r)
         dirs = self.populate(MOUNT2)
         # zk-shell again too: it also ran on servers still compiling the first time.
-        self.zkshell_mirror(total, MOUNT2, again=True)
-        elapsed, _ = self.timed_catch_up(dirs, MOUNT2, "catch_up_again")
+        self.zkshell_mirror(total, MOUNT2)
+        elapsed, _ = self.timed_catch_up(dirs, MOUNT2)
         bridge = self.res.bridge
         bridge["catch_up_again_s"] = elapsed
         mirror = bridge.get("zkshell_again_s")
@@ -1150,7 +1160,7 @@ class Bench:
     # -- --large ----------------------------------------------------------
     def large(self) -> None:
         s, a = self.scale, self.a
-        total = s.dirs * (s.leaves + 1)
+        total = s.tree_znodes
         step(f"Large subtree: {total:,} znodes in {a.name}, then its bridge starts alone")
         self.populate()
         with self.phase("large_scan", requests=True):
@@ -1334,6 +1344,7 @@ class Bench:
              f"{', '.join(jvms)} use under {WARM_IDLE_JIT_S:.2f} s of CPU in a round "
              f"(at most {WARM_MAX_ROUNDS} rounds)")
         rounds: list[dict[str, Any]] = []
+        warm = False
         t0 = time.monotonic()
         for k in range(WARM_MAX_ROUNDS):
             part = [paths[(k * size + j) % len(paths)] for j in range(size)]
@@ -1344,9 +1355,9 @@ class Bench:
             rounds.append({"p99_ms": p99, "jit_s": jit})
             say(f"  round {k + 1}: p99 {p99:.0f} ms; JIT compiling "
                 + ", ".join(f"{name} {v:.2f} s" for name, v in jit.items()))
-            if k + 1 >= WARM_MIN_ROUNDS and max(jit.values(), default=0.0) < WARM_IDLE_JIT_S:
+            warm = max(jit.values(), default=0.0) < WARM_IDLE_JIT_S
+            if warm and k + 1 >= WARM_MIN_ROUNDS:
                 break
-        warm = max(rounds[-1]["jit_s"].values(), default=0.0) < WARM_IDLE_JIT_S
         self.res.bridge["latency_warmup"] = {
             "seconds": time.monotonic() - t0, "rounds": rounds, "warm": warm,
             "p99_first_ms": rounds[0]["p99_ms"]}
@@ -1361,8 +1372,7 @@ class Bench:
         keys = ("zk_p99_updatelatency", "zk_max_latency", "zk_max_fsynctime")
         got: dict[str, dict[str, float]] = {}
         for r in (self.a, self.b):
-            stats = dict(line.split("\t", 1) for line in
-                         r.server.four_letter("mntr").splitlines() if "\t" in line)
+            stats = mntr(r.server)
             got[f"zk-{r.name[-1]}"] = {k: float(stats[k]) for k in keys if k in stats}
         self.res.bridge["latency_server_ms"] = got
         say("  the servers' own, in ms: " + "; ".join(
