@@ -60,6 +60,10 @@ class Bridge:
         self.region = settings.region
         self.allow_mass_delete = allow_mass_delete
         self.zk = ZooKeeper(settings.zookeeper, private_root=settings.state_path)
+        # Large captures' ACL reads (SubtreeStore._pieces): connected in the
+        # background, never waited for; the main session serves until then.
+        self.acl_zk = ZooKeeper(settings.zookeeper)
+        self._acl_zk_starting: asyncio.Future[None] | None = None
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{self.region}")
         self.clock = HybridClock(failpoints.wall_ms)
@@ -127,6 +131,7 @@ class Bridge:
             self.zk.on_watch(self.watching.on_watch)
             self.zk.on_tree(self.watching.on_tree)
             self.zk.on_session(self._on_session)
+            self._acl_zk_starting = asyncio.ensure_future(self._start_acl_reader())
             await self._register_member()
             self.background(self._connection_watchdog())
             while not self._stop.is_set() and self._fatal is None:
@@ -156,6 +161,23 @@ class Bridge:
     async def _close_clients(self) -> None:
         await self.kafka.stop()
         await self.zk.stop()
+        if self._acl_zk_starting is not None:
+            # kazoo cannot stop a client whose start is still running.
+            await self._acl_zk_starting
+            await self.acl_zk.stop()
+
+    async def _start_acl_reader(self) -> None:
+        if os.environ.get("ZKBRIDGE_NO_ACL_READER") == "1":
+            return  # tests of captures without it
+        try:
+            await self.acl_zk.start()
+        except BridgeError as exc:
+            # Only slower without it: large captures read on the main session.
+            log.warning("acl_session_unavailable", error=str(exc))
+            return
+        log.info("acl_session_connected", session=f"{self.acl_zk.session_id or 0:#x}")
+        for store in self.stores.values():
+            store.acl_reader = self.acl_zk
 
     def _standing_by(self, leader: str) -> None:
         if self.role != "standby":

@@ -26,6 +26,7 @@ AFTER_PUBLISH = "after_publish_before_outbox_delete"
 AFTER_APPLY = "after_apply_before_position"
 BEFORE_APPLY = "before_apply"
 CAPTURE_COMMITTED = "capture_committed"  # the capture multi (metadata + outbox) committed
+ACL_READ = "acl_read"  # a group of a capture's ACL reads was answered
 EPOCH_TAKEN = "epoch_taken"  # a term took the epoch (its first write)
 
 _rules: dict[str, tuple[str, float]] = {}

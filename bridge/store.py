@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -61,6 +62,10 @@ CLOSURE_ROUNDS = 50
 READ_CHUNK = int(os.environ.get("ZKBRIDGE_READ_CHUNK") or 500)
 READS_IN_FLIGHT = 4
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
+# A large capture's ACL reads: changes per group (one piece's worth), and
+# groups read ahead of the piece being written.
+ACL_GROUP = batching.MAX_BATCH_EVENTS
+ACL_GROUPS_AHEAD = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,9 @@ class SubtreeStore(Planner):
     ) -> None:
         self.zk = zk
         self.acl = acl or AclPolicy("copy", None)
+        # A second session to the same ensemble, for a large capture's ACL
+        # reads (``_pieces``); without it (or while it is down) they use ``zk``.
+        self.acl_reader: ZooKeeper | None = None
         self.layout = layout
         self.region = region
         self.clock = clock
@@ -327,14 +335,119 @@ class SubtreeStore(Planner):
         # capture of 100,000 puts would build as many for nothing.
         views = {r: view_of(n) for r, n in reads.items()
                  if not isinstance(n, NoPermission)} if deleted or cleanup else {}
-        carried = await self.acl.announce_many(self.zk, [
-            (self.layout.znode(rel), rel, node.stat.aversion)
-            for _, op, rel, node in changes if node is not None])
-        acls = dict(zip([rel for _, _, rel, node in changes if node is not None], carried,
-                        strict=True))
+        # A large capture reads its ACLs on a session of its own, a group at a
+        # time (see _pieces); a small one, or one without that session, reads
+        # them all first on its own session, as one group.
+        reader = self.zk
+        if len(changes) > ACL_GROUP and self.acl_reader and self.acl_reader.connected:
+            reader = self.acl_reader
+        pieces = self._pieces(changes, reader,
+                             ACL_GROUP if reader is not self.zk else max(len(changes), 1))
+        out: list[CapturedBatch] = []
+        try:
+            nxt = await anext(pieces, None)
+            if nxt is None:
+                # Nothing to announce: a placeholder's cleanup rides on a later batch.
+                return []
+
+            def prepare(part: list[Event], before: Mapping[str, MetaEntry]
+                        ) -> tuple[Plan, list[Event], list[bytes]]:
+                plan = Plan()
+                for e in part:
+                    self._meta_op(plan, e.path, NodeMeta(
+                        vc=e.vc, data_hash=content_hash(e.data), deleted=e.op is Op.DELETE,
+                        writer=self.region, ts=e.ts), before)
+                part = batching.stamp(part, self.clock.now())
+                return plan, part, [codec.encode(e) for e in part]
+
+            ahead = prepare(nxt, {})
+            nxt = await anext(pieces, None)
+            if nxt is not None:
+                log.info("batch_split", subtree=self.layout.name, events=len(changes))
+            while True:
+                plan, part, enc = ahead
+                if nxt is None:
+                    # Over the committed metadata: every earlier piece has committed.
+                    self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
+                await self.outbox.entry_ops(plan.ops, codec.encode_outbox(enc))
+                unbroken()
+                sending = asyncio.ensure_future(self._multi(plan))
+                try:
+                    await asyncio.sleep(0)  # sent: the next piece is built meanwhile
+                    if nxt is not None:
+                        ahead = prepare(nxt, plan.metas)
+                finally:
+                    try:
+                        results, _ = await sending
+                        failpoints.hit(failpoints.CAPTURE_COMMITTED)
+                    except ZooKeeperError:
+                        self.outbox.answer_lost(held_entry=True)
+                        raise
+                self._commit(plan)
+                created = str(results[-1])
+                self.outbox.written(created)
+                batch = CapturedBatch(tuple(part), tuple(enc), created)
+                for e in part:
+                    self.oversized.pop(e.path, None)
+                if on_batch is None:
+                    out.append(batch)
+                else:
+                    # Handed on, not kept: a start-up capture's batches are
+                    # published (and freed) while the rest is still written.
+                    on_batch(batch)
+                if nxt is None:
+                    return out
+                nxt = await anext(pieces, None)
+        finally:
+            await pieces.aclose()
+
+    async def _pieces(self, changes: Sequence[tuple[object, Op, str, Node | None]],
+                      reader: ZooKeeper, group: int) -> AsyncGenerator[list[Event], None]:
+        """The events of ``changes`` (in order), cut into pieces within a ``multi``'s bounds.
+
+        Their ACLs are read ``group`` changes at a time, a few groups ahead of
+        the piece being written, on ``reader``. Reading every ACL before the
+        first piece kept the receiving regions idle for most of a start-up
+        capture; on the capture's own session a read queued behind a
+        piece's ``multi`` waits for its commit (tried), hence a second one.
+        """
+        if reader is not self.zk:
+            # Its server may lag the one that answered the capture's reads: a
+            # znode of the batch must not look gone to it.
+            await reader.sync(self.layout.mount)
+        groups = [changes[i:i + group] for i in range(0, len(changes), group)]
+        reading: deque[asyncio.Future[list[tuple[str, ...] | str | None]]] = deque()
+        started = 0
+
+        async def read(part: Sequence[tuple[object, Op, str, Node | None]]
+                       ) -> list[tuple[str, ...] | str | None]:
+            got = await self.acl.announce_many(reader, [
+                (self.layout.znode(rel), rel, node.stat.aversion)
+                for _, _, rel, node in part if node is not None])
+            failpoints.hit(failpoints.ACL_READ)
+            return got
+
+        try:
+            for part in groups:
+                while started < len(groups) and len(reading) < ACL_GROUPS_AHEAD:
+                    reading.append(asyncio.ensure_future(read(groups[started])))
+                    started += 1
+                carried = iter(await reading.popleft())
+                events = self._events(part, carried)
+                for chunk in batching.split([batching.size_estimate(e) for e in events]):
+                    yield [events[i] for i in chunk]
+        finally:
+            for task in reading:
+                task.cancel()
+            await asyncio.gather(*reading, return_exceptions=True)
+
+    def _events(self, changes: Sequence[tuple[object, Op, str, Node | None]],
+                carried: Iterator[tuple[str, ...] | str | None]) -> list[Event]:
+        """The events announcing ``changes``; ``carried``: each put's ACL, in order."""
         events: list[Event] = []
         for _, op, rel, node in changes:
-            if acls.get(rel) == HOLD:
+            acl = next(carried) if node is not None else None
+            if acl == HOLD:
                 # Narrower than `acl: open` may publish: never widened elsewhere.
                 self.hold(rel, HOLD)
                 continue
@@ -346,66 +459,12 @@ class SubtreeStore(Planner):
             vc = (prev.vc.incremented(self.region) if prev
                   else VectorClock.of({self.region: self.gc_floor + 1}))
             ts = self.clock.now(after=prev.ts if prev else 0)
-            data = node.data if node is not None else None
-            acl = acls.get(rel)
             events.append(Event(origin=self.region, subtree=self.layout.name, path=rel, op=op,
-                                vc=vc, ts=ts, writer=self.region, data=data,
+                                vc=vc, ts=ts, writer=self.region,
+                                data=node.data if node is not None else None,
                                 acl=acl if isinstance(acl, tuple) else None,
                                 inc=self.incarnation))
-        if not events:
-            # Nothing to announce: a placeholder's cleanup rides on a later batch.
-            return []
-        out: list[CapturedBatch] = []
-        # Split first (by an estimate of each record's size), then stamp and
-        # encode each piece once: a piece is a batch of its own, in order.
-        chunks = batching.split([batching.size_estimate(e) for e in events])
-        if len(chunks) > 1:
-            log.info("batch_split", subtree=self.layout.name, events=len(events),
-                     pieces=len(chunks))
-        def prepare(chunk: Sequence[int], before: Mapping[str, MetaEntry]
-                    ) -> tuple[Plan, list[Event], list[bytes]]:
-            plan = Plan()
-            for i in chunk:
-                e = events[i]
-                self._meta_op(plan, e.path, NodeMeta(
-                    vc=e.vc, data_hash=content_hash(e.data), deleted=e.op is Op.DELETE,
-                    writer=self.region, ts=e.ts), before)
-            part = batching.stamp([events[i] for i in chunk], self.clock.now())
-            return plan, part, [codec.encode(e) for e in part]
-
-        ahead = prepare(chunks[0], {})
-        for n in range(len(chunks)):
-            plan, part, enc = ahead
-            if n == len(chunks) - 1:
-                # Over the committed metadata: every earlier piece has committed.
-                self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
-            await self.outbox.entry_ops(plan.ops, codec.encode_outbox(enc))
-            unbroken()
-            sending = asyncio.ensure_future(self._multi(plan))
-            try:
-                await asyncio.sleep(0)  # sent: the next piece is built meanwhile
-                if n + 1 < len(chunks):
-                    ahead = prepare(chunks[n + 1], plan.metas)
-            finally:
-                try:
-                    results, _ = await sending
-                    failpoints.hit(failpoints.CAPTURE_COMMITTED)
-                except ZooKeeperError:
-                    self.outbox.answer_lost(held_entry=True)
-                    raise
-            self._commit(plan)
-            created = str(results[-1])
-            self.outbox.written(created)
-            batch = CapturedBatch(tuple(part), tuple(enc), created)
-            if on_batch is None:
-                out.append(batch)
-            else:
-                # Handed on, not kept: a start-up capture's batches are
-                # published (and freed) while the rest is still written.
-                on_batch(batch)
-        for e in events:
-            self.oversized.pop(e.path, None)
-        return out
+        return events
 
     # -- apply -------------------------------------------------------------------
     async def apply(self, events: Sequence[Event],

@@ -227,3 +227,57 @@ def test_bridge_state_is_writable_by_the_bridge_identity_only(federation: Federa
     wait_for(lambda: r1.client.get(r1.path("/app/x"))[0] == b"v2", 20)
     fed.assert_clean_logs()
     _no_secret_anywhere(fed)
+
+
+@pytest.mark.parametrize(("own_session", "env"), [
+    (True, {}),
+    # The third group's reads fail after the first piece was written: the
+    # capture is made again, and the rest arrives.
+    (True, {"ZKBRIDGE_FAILPOINTS": "acl_read=lose@3"}),
+    (False, {"ZKBRIDGE_NO_ACL_READER": "1"}),
+], ids=["acl-session", "acl-session-read-fails", "main-session"])
+def test_a_large_start_up_capture_copies_each_znodes_own_acl(
+    federation: Federation, own_session: bool, env: dict[str, str],
+) -> None:
+    # More changes than one group of ACL reads: a start-up capture reads
+    # them group by group on a session of its own while the pieces before
+    # are written, or all first on its main session when it has no other.
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}})
+    protected = [ALICE, make_digest_acl("bridge", BRIDGE_PW, all=True)]
+    count = 2500
+    with _session(fed, "r1") as alice:
+        alice.ensure_path(fed["r1"].path("/many"))
+        for base in range(0, count, 250):
+            t = alice.transaction()
+            for i in range(base, base + 250):
+                t.create(fed["r1"].path(f"/many/n{i:04d}"), f"v{i}".encode(),
+                         acl=protected if i % 7 == 0 else OPEN_ACL_UNSAFE)
+            assert all(r is not None and not isinstance(r, Exception) for r in t.commit())
+    fed.start("r2")
+    fed.start("r1", env=env)
+    fed.wait_converged(["r1", "r2"])
+    r1, r2 = fed["r1"], fed["r2"]
+    connected = [e for e in fed.events("r1") if e.get("event") == "acl_session_connected"]
+    if own_session:
+        # That session sent the capture's getACLs: one per znode, and a sync.
+        sid = f"sid={connected[0]['session']},"
+        line = next(x for x in r1.server.four_letter("cons").splitlines() if sid in x)
+        assert int(line.split("recved=")[1].split(",")[0]) >= count, line
+    else:
+        assert not connected
+    if "ZKBRIDGE_FAILPOINTS" in env:
+        assert fed.count_events("r1", "retrying") >= 1
+    with _session(fed, "r1") as owner, _session(fed, "r2") as reader:
+        for i in range(count):
+            rel = f"/many/n{i:04d}"
+            origin = sorted(map(str, owner.get_acls(r1.path(rel))[0]))
+            copy = sorted(map(str, reader.get_acls(r2.path(rel))[0]))
+            if i % 7 == 0:
+                assert copy == origin, rel
+                assert reader.get(r2.path(rel))[0] == f"v{i}".encode()
+            else:
+                assert any("perms=31" in e and "scheme='world'" in e for e in copy), (rel, copy)
+    fed.assert_clean_logs()
+    _no_secret_anywhere(fed)
