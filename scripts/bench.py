@@ -93,10 +93,13 @@ RECORD_BYTES = 264
 # The JVM's JIT compiler threads, by the name the kernel keeps (15 characters).
 JIT_THREADS = ("C1 CompilerThre", "C2 CompilerThre")
 # The latency warm-up (Bench.warm_up): rounds of this many seconds of writes,
-# until every JVM's compilers used less CPU than this in one round.
+# until every JVM's compilers used less CPU than this in a round (WARM_IDLE_ROUNDS in a row).
 WARM_ROUND_S = 2.0
 WARM_IDLE_JIT_S = 0.04
 WARM_MIN_ROUNDS = 2
+# Idle rounds in a row that end the warm-up: after one idle round, zk-a's
+# compilers came back in the measured phase in three runs (0.8 core-seconds).
+WARM_IDLE_ROUNDS = 2
 WARM_MAX_ROUNDS = 20
 VALUE_BYTES = 64
 
@@ -1398,10 +1401,11 @@ class Bench:
         size = min(len(paths), int(rate * WARM_ROUND_S))
         jvms = self.jvms()
         step(f"Warm-up: {size} writes at {rate:.0f}/s per round, until the JIT compilers of "
-             f"{', '.join(jvms)} use under {WARM_IDLE_JIT_S:.2f} s of CPU in a round "
-             f"(at most {WARM_MAX_ROUNDS} rounds)")
+             f"{', '.join(jvms)} use under {WARM_IDLE_JIT_S:.2f} s of CPU in "
+             f"{WARM_IDLE_ROUNDS} rounds in a row (at most {WARM_MAX_ROUNDS} rounds)")
         rounds: list[dict[str, Any]] = []
         warm = False
+        idle = 0  # idle rounds in a row
         t0 = time.monotonic()
         for k in range(WARM_MAX_ROUNDS):
             part = [paths[(k * size + j) % len(paths)] for j in range(size)]
@@ -1412,7 +1416,8 @@ class Bench:
             rounds.append({"p99_ms": p99, "jit_s": jit})
             say(f"  round {k + 1}: p99 {p99:.0f} ms; JIT compiling "
                 + ", ".join(f"{name} {v:.2f} s" for name, v in jit.items()))
-            warm = max(jit.values(), default=0.0) < WARM_IDLE_JIT_S
+            idle = idle + 1 if max(jit.values(), default=0.0) < WARM_IDLE_JIT_S else 0
+            warm = idle >= WARM_IDLE_ROUNDS
             if warm and k + 1 >= WARM_MIN_ROUNDS:
                 break
         self.res.bridge["latency_warmup"] = {

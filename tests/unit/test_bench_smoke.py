@@ -147,6 +147,7 @@ def test_jit_seconds_sums_the_compiler_threads_only(bench: ModuleType, tmp_path:
 
 def test_warm_up_bounds_hold(bench: ModuleType) -> None:
     assert 1 <= bench.WARM_MIN_ROUNDS <= bench.WARM_MAX_ROUNDS
+    assert 1 <= bench.WARM_IDLE_ROUNDS <= bench.WARM_MAX_ROUNDS
     # A round's writes fit in the latency paths of either scale (no path twice a round).
     for scale in (bench.FULL, bench.QUICK):
         assert scale.latency_rate * bench.WARM_ROUND_S <= scale.latency_writes
