@@ -335,14 +335,7 @@ class SubtreeStore(Planner):
         # capture of 100,000 puts would build as many for nothing.
         views = {r: view_of(n) for r, n in reads.items()
                  if not isinstance(n, NoPermission)} if deleted or cleanup else {}
-        # A large capture reads its ACLs on a session of its own, a group at a
-        # time (see _pieces); a small one, or one without that session, reads
-        # them all first on its own session, as one group.
-        reader = self.zk
-        if len(changes) > ACL_GROUP and self.acl_reader and self.acl_reader.connected:
-            reader = self.acl_reader
-        pieces = self._pieces(changes, reader,
-                             ACL_GROUP if reader is not self.zk else max(len(changes), 1))
+        pieces = self._pieces(changes)
         out: list[CapturedBatch] = []
         try:
             nxt = await anext(pieces, None)
@@ -401,17 +394,21 @@ class SubtreeStore(Planner):
         finally:
             await pieces.aclose()
 
-    async def _pieces(self, changes: Sequence[tuple[object, Op, str, Node | None]],
-                      reader: ZooKeeper, group: int) -> AsyncGenerator[list[Event], None]:
+    async def _pieces(self, changes: Sequence[tuple[object, Op, str, Node | None]]
+                      ) -> AsyncGenerator[list[Event], None]:
         """The events of ``changes`` (in order), cut into pieces within a ``multi``'s bounds.
 
-        Their ACLs are read ``group`` changes at a time, a few groups ahead of
-        the piece being written, on ``reader``. Reading every ACL before the
-        first piece kept the receiving regions idle for most of a start-up
-        capture; on the capture's own session a read queued behind a
-        piece's ``multi`` waits for its commit (tried), hence a second one.
+        A large capture reads their ACLs ``ACL_GROUP`` changes at a time, a
+        few groups ahead of the piece being written, on ``acl_reader``.
+        Reading every ACL before the first piece kept the receiving regions
+        idle for most of a start-up capture; on the capture's own session a
+        read queued behind a piece's ``multi`` waits for its commit (tried),
+        hence a second one. A small capture, or one without that session,
+        reads them all first on its own session, as one group.
         """
-        if reader is not self.zk:
+        reader, group = self.zk, max(len(changes), 1)
+        if len(changes) > ACL_GROUP and self.acl_reader and self.acl_reader.connected:
+            reader, group = self.acl_reader, ACL_GROUP
             # Its server may lag the one that answered the capture's reads: a
             # znode of the batch must not look gone to it.
             await reader.sync(self.layout.mount)

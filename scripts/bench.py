@@ -360,9 +360,9 @@ def pipelined(issue: Callable[[int], Any], n: int, window: int = WINDOW) -> floa
 
 
 def read_values(client: BatchedClient, paths: Sequence[str]) -> list[bytes | None]:
-    """The data of each path (None: absent), 500 per ``multiRead``."""
+    """The data of each path (None: absent), as many per ``multiRead`` as the bridge reads."""
     out: list[bytes | None] = []
-    for part in chunked(paths, 500):
+    for part in chunked(paths, READ_CHUNK):
         for got in client.multi_read_async([("data", p) for p in part]).get(timeout=60):
             out.append(got[0] if isinstance(got, tuple) else None)
     return out
