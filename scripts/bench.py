@@ -25,6 +25,9 @@ relevant raw rate.
    conflict storm, the bridge's memory after the scan, and at the end the
    catch-up again, of a second tree, with zk-shell mirroring it too: the
    second steady phase and catch-up run on servers that are done compiling.
+   After the second steady phase, its floor: the same updates' ZooKeeper work
+   (the writes, the origin's reads and metadata multis, the receiver's reads
+   and content + metadata multis) by a bare batched client.
 
 ZooKeeper requests are counted per session from the servers' ``cons``
 output (the last client xid of each session, which pings do not move), so
@@ -366,6 +369,38 @@ def read_values(client: BatchedClient, paths: Sequence[str]) -> list[bytes | Non
         for got in client.multi_read_async([("data", p) for p in part]).get(timeout=60):
             out.append(got[0] if isinstance(got, tuple) else None)
     return out
+
+
+def run_threads(work: Sequence[Callable[[], None]]) -> float:
+    """Run each function in a thread of its own, all at once; seconds until the last ended."""
+    failed: list[BaseException] = []
+
+    def guarded(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failed.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(fn,)) for fn in work]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+    return time.perf_counter() - t0
+
+
+def floor_payloads(region: str, path: str) -> tuple[bytes, bytes]:
+    """A metadata value and a full batch's outbox entry, as the bridge encodes them."""
+    meta = codec.encode_meta(NodeMeta(vc=VectorClock.of({region: 1}),
+                                      data_hash=content_hash(value("v0", 0)), deleted=False,
+                                      writer=region, ts=time.time_ns()))
+    event = codec.encode(Event(origin=region, subtree="critical", path=path, op=Op.PUT,
+                               vc=VectorClock.of({region: 1}), ts=time.time_ns(), writer=region,
+                               data=value("v0", 0)))
+    return meta, codec.encode_outbox([event] * MAX_BATCH_EVENTS)
 
 
 def chunked(items: Sequence[str], size: int) -> list[Sequence[str]]:
@@ -965,22 +1000,10 @@ class Bench:
         at once, as in a catch-up. The catch-up cannot be faster than both
         at once, and the bridges share the same two cores with the servers.
         """
-        a, b, n = self.a, self.b, len(znodes)
+        a, n = self.a, len(znodes)
         step(f"Catch-up floor: the same {n:,} znodes' ZooKeeper work by a bare batched client")
-        meta = codec.encode_meta(NodeMeta(vc=VectorClock.of({a.name: 1}),
-                                          data_hash=content_hash(value("v0", 0)), deleted=False,
-                                          writer=a.name, ts=time.time_ns()))
-        event = codec.encode(Event(origin=a.name, subtree="critical", path=znodes[-1],
-                                   op=Op.PUT, vc=VectorClock.of({a.name: 1}), ts=time.time_ns(),
-                                   writer=a.name, data=value("v0", 0)))
-        entry = codec.encode_outbox([event] * MAX_BATCH_EVENTS)
+        meta, entry = floor_payloads(a.name, znodes[-1])
         pieces, reads = chunked(znodes, MAX_BATCH_EVENTS), chunked(znodes, READ_CHUNK)
-        clients = {r.name: BatchedClient(hosts=r.server.hosts, timeout=30) for r in (a, b)}
-        for c in clients.values():
-            c.start(timeout=30)
-        za, zb = clients[a.name], clients[b.name]
-        # Scratch trees mirroring the mount, under FLOOR_ROOT on each server.
-        trees = {a.name: ("meta",), b.name: ("tree", "meta")}
         times: dict[str, float] = {}
 
         def origin(alone: bool = False) -> None:
@@ -1017,27 +1040,22 @@ class Bench:
             if alone:
                 times["b"] = time.perf_counter() - t0
 
-        def prepare() -> None:
-            for name, c in clients.items():
-                for tree in trees[name]:
-                    c.ensure_path(f"{FLOOR_ROOT}/{tree}{MOUNT}")
-            za.ensure_path(f"{FLOOR_ROOT}/outbox")
+        with self.floor_clients() as (za, zb):
+            # Scratch trees mirroring the mount, under FLOOR_ROOT on each server.
+            trees = ((za, ("meta",)), (zb, ("tree", "meta")))
 
-        def clear() -> None:
-            gone = chunked(znodes[::-1], MAX_BATCH_EVENTS)  # children before their parents
-            for name, c in clients.items():
-                for tree in trees[name]:
+            def prepare() -> None:
+                for c, names in trees:
+                    for tree in names:
+                        c.ensure_path(f"{FLOOR_ROOT}/{tree}{MOUNT}")
+                za.ensure_path(f"{FLOOR_ROOT}/outbox")
 
-                    def drop(k: int, cl: Any = c, root: str = f"{FLOOR_ROOT}/{tree}") -> Any:
-                        t = cl.transaction()
-                        for p in gone[k]:
-                            t.delete(f"{root}{p}")
-                        return t.commit_async()
+            def clear() -> None:
+                for c, names in trees:
+                    for tree in names:
+                        self.drop_tree(c, f"{FLOOR_ROOT}/{tree}", znodes)
+                    c.delete(FLOOR_ROOT, recursive=True)  # the roots, the outbox's entries
 
-                    pipelined(drop, len(gone), window=FLOOR_WINDOW)
-                c.delete(FLOOR_ROOT, recursive=True)  # the roots and the outbox's few entries
-
-        try:
             for label, work in (("floor_a", origin), ("floor_b", receiver)):
                 prepare()
                 with self.phase(label):
@@ -1045,17 +1063,8 @@ class Bench:
                 clear()
             prepare()
             with self.phase("floor_both"):
-                t0 = time.perf_counter()
-                side = threading.Thread(target=receiver)
-                side.start()
-                origin()
-                side.join()
-                times["both"] = time.perf_counter() - t0
+                times["both"] = run_threads((origin, receiver))
             clear()
-        finally:
-            for c in clients.values():
-                c.stop()
-                c.close()
         bridge = self.res.bridge
         bridge |= {"floor_read_s": times["read"], "floor_acl_s": times["acl"],
                    "floor_a_s": times["a"],
@@ -1066,6 +1075,141 @@ class Bench:
             f"their getACL {times['acl']:.2f} s, then the metadata multis); receiver alone "
             f"{times['b']:.2f} s; both at once {times['both']:.2f} s, servers' CPU "
             f"{bridge['floor_both_server_cpu_s']:.2f} s")
+
+    # -- 2b. what steady state cannot avoid asking of the servers ----------
+    def steady_floor(self) -> None:
+        """The steady phase's own ZooKeeper work, done by a bare client on the same servers.
+
+        A floor under the steady rate, as ``catch_up_floor`` is under the
+        catch-up: the application's updates at the origin (the bench's writer
+        sends them in the steady phase too), the origin's read of the updated
+        znodes (``multiRead``, 500 per request) and one ``multi`` per batch of
+        1,000 setting each znode's metadata with the batch's outbox entry,
+        then the entries' delete; at the receiver, the read of the znodes and
+        their parents, then one ``multi`` per batch setting each znode and its
+        metadata and the peer's position. No bridge, no broker, no waiting of
+        one side for the other, several requests in flight: the steady phase
+        cannot go faster than this, on servers that share the 2 cores with
+        nothing but the bench. In scratch trees outside the mounts, removed
+        after: each side alone, then both at once.
+        """
+        n, a = self.scale.steady, self.a
+        paths = self.leaves(0, n)
+        parents = sorted({p.rsplit("/", 1)[0] for p in paths})
+        step(f"Steady floor: the ZooKeeper work of {n:,} replicated updates, by a bare "
+             "batched client")
+        meta, entry = floor_payloads(a.name, paths[-1])
+        pieces = chunked(paths, MAX_BATCH_EVENTS)
+        times: dict[str, float] = {}
+        root = FLOOR_ROOT
+
+        def reads(c: BatchedClient, tree: str, names: Sequence[str]) -> None:
+            parts = chunked(names, READ_CHUNK)
+            pipelined(lambda k: c.multi_read_async([("data", f"{root}/{tree}{p}")
+                                                    for p in parts[k]]), len(parts),
+                      window=FLOOR_WINDOW)
+
+        with self.floor_clients() as (za, zb):
+            trees = ((za, ("app", "meta")), (zb, ("tree", "meta")))
+
+            def writer() -> None:
+                pipelined(lambda i: za.set_async(f"{root}/app{paths[i]}", value("f", i)), n)
+
+            def origin() -> None:
+                reads(za, "app", paths)
+
+                def piece(k: int) -> Any:
+                    t = za.transaction()
+                    for p in pieces[k]:
+                        t.set_data(f"{root}/meta{p}", meta)
+                    t.create(f"{root}/outbox/e-", entry, sequence=True)
+                    return t.commit_async()
+
+                pipelined(piece, len(pieces), window=FLOOR_WINDOW)
+                t = za.transaction()
+                for name in za.get_children(f"{root}/outbox"):
+                    t.delete(f"{root}/outbox/{name}")
+                t.commit()
+
+            def receiver() -> None:
+                reads(zb, "tree", [*paths, *parents])
+
+                def piece(k: int) -> Any:
+                    t = zb.transaction()
+                    for p in pieces[k]:
+                        t.set_data(f"{root}/tree{p}", value("f", k))
+                        t.set_data(f"{root}/meta{p}", meta)
+                    t.set_data(f"{root}/position", b"%d" % k)
+                    return t.commit_async()
+
+                pipelined(piece, len(pieces), window=FLOOR_WINDOW)
+
+            try:
+                for c, names in trees:
+                    for tree in names:
+                        self.scratch_tree(c, f"{root}/{tree}", paths)
+                za.ensure_path(f"{root}/outbox")
+                zb.create(f"{root}/position", b"")
+                sides = {"a": (writer, origin), "b": (receiver,),
+                         "both": (writer, origin, receiver)}
+                for label, work in sides.items():
+                    with self.phase(f"steady_floor_{label}"):
+                        times[label] = run_threads(work)
+            finally:
+                for c, names in trees:
+                    for tree in names:
+                        self.drop_tree(c, f"{root}/{tree}", paths)
+                    c.delete(root, recursive=True)
+        cpu = self.res.phases["steady_floor_both"]["cpu_s"]
+        server_cpu = cpu.get("zk-a", 0.0) + cpu.get("zk-b", 0.0)
+        vs_multi = n / times["both"] / self.res.raw["zk_async_multi_per_s"]
+        self.res.bridge |= {"steady_floor_a_s": times["a"], "steady_floor_b_s": times["b"],
+                            "steady_floor_both_s": times["both"],
+                            "steady_floor_vs_multi": vs_multi,
+                            "steady_floor_server_cpu_s": server_cpu}
+        say(f"  origin alone {times['a']:.2f} s (the application's updates, the reads and "
+            f"the metadata multis); receiver alone {times['b']:.2f} s; both at once "
+            f"{times['both']:.2f} s ({n / times['both']:,.0f} updates/s, {vs_multi:.3f}x "
+            f"multi), servers' CPU {server_cpu:.2f} s")
+
+    def scratch_tree(self, c: BatchedClient, root: str, leaves: Sequence[str]) -> None:
+        """Create ``root`` + each leaf's path (directories first), a multi per 1,000 leaves."""
+        for d in sorted({p.rsplit("/", 1)[0] for p in leaves}):
+            c.ensure_path(f"{root}{d}")
+        parts = chunked(leaves, MAX_BATCH_EVENTS)
+
+        def piece(k: int) -> Any:
+            t = c.transaction()
+            for p in parts[k]:
+                t.create(f"{root}{p}", b"")
+            return t.commit_async()
+
+        pipelined(piece, len(parts), window=FLOOR_WINDOW)
+
+    def drop_tree(self, c: BatchedClient, root: str, znodes: Sequence[str]) -> None:
+        """Delete ``root`` + each of ``znodes`` (listed parents first), a multi per 1,000."""
+        gone = chunked(znodes[::-1], MAX_BATCH_EVENTS)  # children before their parents
+
+        def drop(k: int) -> Any:
+            t = c.transaction()
+            for p in gone[k]:
+                t.delete(f"{root}{p}")
+            return t.commit_async()
+
+        pipelined(drop, len(gone), window=FLOOR_WINDOW)
+
+    @contextlib.contextmanager
+    def floor_clients(self) -> Iterator[tuple[BatchedClient, BatchedClient]]:
+        """A bare batched session on each region's server, closed after."""
+        clients = [BatchedClient(hosts=r.server.hosts, timeout=30) for r in (self.a, self.b)]
+        try:
+            for c in clients:
+                c.start(timeout=30)
+            yield clients[0], clients[1]
+        finally:
+            for c in clients:
+                c.stop()
+                c.close()
 
     # -- 2a. initial scan and catch-up ------------------------------------
     def catch_up(self) -> None:
@@ -1645,6 +1789,13 @@ class Bench:
                                 ratio(br["steady_again_per_s"], multi, "multi"),
                                 f"servers compiling: {self.jit_share('steady_again')} "
                                 f"(first time: {self.jit_share('steady')})"))
+            if "steady_floor_both_s" in br:
+                fl = br["steady_floor_both_s"]
+                rows.append(Row("floor: steady's ZooKeeper work, both at once", fl, "s",
+                                f"{br['steady_floor_vs_multi']:.3f}x multi at best",
+                                f"alone: A {br['steady_floor_a_s']:.2f} s, B "
+                                f"{br['steady_floor_b_s']:.2f} s; servers' CPU "
+                                f"{br['steady_floor_server_cpu_s']:.2f} s"))
         if "latency_ms" in br:
             lat = br["latency_ms"]
             rate = br.get("latency_rate_achieved") or 0.0
@@ -1927,6 +2078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.catch_up()
             bench.steady()
             bench.steady(again=True)
+            bench.steady_floor()
             bench.latency()
             bench.conflicts()
             bench.catch_up_again()
