@@ -60,7 +60,7 @@ class Bridge:
         self.region = settings.region
         self.allow_mass_delete = allow_mass_delete
         self.zk = ZooKeeper(settings.zookeeper, private_root=settings.state_path)
-        # Large captures' ACL reads (SubtreeStore._pieces): connected in the
+        # Large captures' ACL reads (Capturing._pieces, bridge.capture): connected in the
         # background, never waited for; the main session serves until then.
         self.acl_zk = ZooKeeper(settings.zookeeper)
         self._acl_zk_starting: asyncio.Future[None] | None = None

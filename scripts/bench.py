@@ -78,7 +78,7 @@ from bridge import codec  # noqa: E402
 from bridge.batching import MAX_BATCH_EVENTS  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash  # noqa: E402
-from bridge.store import READ_CHUNK  # noqa: E402
+from bridge.storecore import READ_CHUNK  # noqa: E402
 from bridge.verify import verify  # noqa: E402
 from bridge.zk import BatchedClient  # noqa: E402
 from tests.harness import procs  # noqa: E402  (the same server management the tests use)
@@ -390,6 +390,24 @@ def run_threads(work: Sequence[Callable[[], None]]) -> float:
     if failed:
         raise failed[0]
     return time.perf_counter() - t0
+
+
+def origin_multis(c: BatchedClient, pieces: Sequence[Sequence[str]], meta: bytes, entry: bytes,
+                  *, update: bool) -> None:
+    """The origin's part of a floor: per batch, a metadata znode per path (created, or set
+    with ``update``) and the batch's outbox entry, in one ``multi``; several in flight."""
+
+    def piece(k: int) -> Any:
+        t = c.transaction()
+        for p in pieces[k]:
+            if update:
+                t.set_data(f"{FLOOR_ROOT}/meta{p}", meta)
+            else:
+                t.create(f"{FLOOR_ROOT}/meta{p}", meta)
+        t.create(f"{FLOOR_ROOT}/outbox/e-", entry, sequence=True)
+        return t.commit_async()
+
+    pipelined(piece, len(pieces), window=FLOOR_WINDOW)
 
 
 def floor_payloads(region: str, path: str) -> tuple[bytes, bytes]:
@@ -1014,15 +1032,7 @@ class Bench:
             pipelined(lambda i: za.get_acls_async(znodes[i]), n)
             if alone:
                 times["read"], times["acl"] = t1 - t0, time.perf_counter() - t1
-
-            def piece(k: int) -> Any:
-                t = za.transaction()
-                for p in pieces[k]:
-                    t.create(f"{FLOOR_ROOT}/meta{p}", meta)
-                t.create(f"{FLOOR_ROOT}/outbox/e-", entry, sequence=True)
-                return t.commit_async()
-
-            pipelined(piece, len(pieces), window=FLOOR_WINDOW)
+            origin_multis(za, pieces, meta, entry, update=False)
             if alone:
                 times["a"] = time.perf_counter() - t0
 
@@ -1117,15 +1127,7 @@ class Bench:
 
             def origin() -> None:
                 reads(za, "app", paths)
-
-                def piece(k: int) -> Any:
-                    t = za.transaction()
-                    for p in pieces[k]:
-                        t.set_data(f"{root}/meta{p}", meta)
-                    t.create(f"{root}/outbox/e-", entry, sequence=True)
-                    return t.commit_async()
-
-                pipelined(piece, len(pieces), window=FLOOR_WINDOW)
+                origin_multis(za, pieces, meta, entry, update=True)
                 t = za.transaction()
                 for name in za.get_children(f"{root}/outbox"):
                     t.delete(f"{root}/outbox/{name}")

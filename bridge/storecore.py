@@ -1,0 +1,171 @@
+"""A subtree store's state, and the primitives its writes share: reads, commits, the metadata cache.
+
+The leader is the only writer of a subtree's metadata, so its in-memory copy
+is read once per leadership term (by the start-up scan) and kept current by
+the writes themselves (``_commit``). A ``multi`` whose answer was lost may or
+may not have committed: what it touched is marked, and read again before the
+next write (``_settle``). ``bridge.capture`` and ``bridge.store`` build the
+two writes that matter on these.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+from bridge import codec
+from bridge.acl import AclPolicy
+from bridge.clock import HybridClock
+from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
+from bridge.layout import Layout
+from bridge.model import Event
+from bridge.outbox import Outbox
+from bridge.plan import MetaEntry, Plan, Planner
+from bridge.positions import Positions
+from bridge.zk import Create, Delete, Node, SetData, ZooKeeper, gather_limited
+
+RETRIES = 20
+# Znodes per multiRead, and multiReads in flight: a reply holds each znode's
+# data (up to 1 MB each), so neither side buffers more than a few chunks.
+# The environment variable exists for tests of reads that take several replies.
+READ_CHUNK = int(os.environ.get("ZKBRIDGE_READ_CHUNK") or 500)
+READS_IN_FLIGHT = 4
+
+
+class StoreCore(Planner):
+    """A subtree's replication state and I/O primitives (``Capturing`` and
+    ``SubtreeStore`` build the writes on it)."""
+
+    def __init__(
+        self,
+        zk: ZooKeeper,
+        layout: Layout,
+        *,
+        region: str,
+        clock: HybridClock,
+        max_data_bytes: int,
+        exclude: Sequence[str] = (),
+        acl: AclPolicy | None = None,
+    ) -> None:
+        self.zk = zk
+        self.acl = acl or AclPolicy("copy", None)
+        # A second session to the same ensemble, for a large capture's ACL
+        # reads (``_pieces``); without it (or while it is down) they use ``zk``.
+        self.acl_reader: ZooKeeper | None = None
+        self.layout = layout
+        self.region = region
+        self.clock = clock
+        self.max_data_bytes = max_data_bytes
+        self.exclude = tuple(exclude)
+        # This ensemble's incarnation (set at each term's start), stamped on
+        # captured events: the outbox holds each record's value as published.
+        self.incarnation: str | None = None
+        self.oversized: dict[str, int] = {}  # rel → size, for status and metrics
+        # rel → "read" or "write": znodes the bridge's identity may not touch.
+        self.held_back: dict[str, str] = {}
+        self.held_events: dict[str, Event] = {}  # remote events waiting for permission
+        self.metas: dict[str, MetaEntry] = {}
+        # Where paths go back when a batch had to be cut before closing.
+        self.requeue: Callable[[set[str]], None] = lambda rels: None
+        # Told the znodes an apply wrote and the frame of its reply: their
+        # notifications up to that frame are of that write (``written``).
+        self.settled: Callable[[set[str], int], None] = lambda rels, frame: None
+        self.outbox = Outbox(zk, layout)
+        self.positions = Positions(zk, layout)
+        # Tombstone collection (see bridge.tombstones): own counters of new
+        # paths start above ``gc_floor``; the record's version fences its update.
+        self.gc_floor = 0
+        self.gc_collected = 0
+        self._gc_version: int | None = None
+        self._suspect: set[str] = set()  # metadata a lost multi may have changed
+        self._suspect_peers: set[str] = set()
+
+    def _replicable(self, rel: str) -> bool:
+        return rel != "/" and not self.excluded(rel)
+
+    # -- the metadata cache --------------------------------------------------
+    def load_meta(self, rel: str, node: Node | None) -> None:
+        """Record a metadata znode read by a scan (``None``: it does not exist)."""
+        if node is None:
+            self.metas.pop(rel, None)
+        else:
+            self.metas[rel] = MetaEntry(codec.decode_meta(node.data), node.stat.version)
+
+    def live_children(self, rel: str) -> list[str]:
+        prefix = "/" if rel == "/" else rel + "/"
+        return [r for r, e in self.metas.items()
+                if r.startswith(prefix) and "/" not in r[len(prefix):]
+                and e.meta is not None and not e.meta.deleted]
+
+    async def _multi(self, plan: Plan, peer: str | None = None) -> tuple[list[object], int]:
+        """Commit a plan; when the answer is lost, what it touched is read again first.
+
+        A ``multi`` cut off by a lost connection may or may not have committed:
+        the cached metadata (and the peer's position version) of what it
+        touched is unknown until read back, or the next capture would take our
+        own write for an application's.
+        """
+        try:
+            return await self.zk.commit(plan.ops)
+        except (VersionConflict, NoPermission):
+            raise
+        except ZooKeeperError:
+            self._suspect |= set(plan.metas)
+            if peer is not None:
+                self._suspect_peers.add(peer)
+            raise
+
+    async def _settle(self) -> None:
+        if self._suspect:
+            await self.refresh_meta(self._suspect)
+            self._suspect.clear()
+        for peer in list(self._suspect_peers):
+            await self.positions.read(peer)
+            self._suspect_peers.discard(peer)
+
+    async def refresh_meta(self, rels: Iterable[str]) -> None:
+        """Read metadata again after a failed multi (the cache may be behind)."""
+        todo = sorted(set(rels))
+        nodes = await self.zk.read_many([("data", self.layout.meta(r)) for r in todo])
+        for rel, node in zip(todo, nodes, strict=True):
+            self.load_meta(rel, node if isinstance(node, Node) else None)
+
+    async def _read(self, rels: Iterable[str]) -> dict[str, Node | NoPermission | None]:
+        return (await self._read_framed(rels))[0]
+
+    async def _read_framed(self, rels: Iterable[str]
+                           ) -> tuple[dict[str, Node | NoPermission | None], dict[str, int]]:
+        """The znodes, and the frame of the reply that read each (chunks of 500).
+
+        A few chunks are in flight at once; the session answers them in order.
+        """
+        todo = sorted(set(rels))
+        parts = [todo[i : i + READ_CHUNK] for i in range(0, len(todo), READ_CHUNK)]
+        replies = await gather_limited([self.zk.read_many_framed(
+            [("data", self.layout.znode(r)) for r in part]) for part in parts], READS_IN_FLIGHT)
+        out: dict[str, Node | NoPermission | None] = {}
+        at: dict[str, int] = {}
+        for part, (nodes, frame) in zip(parts, replies, strict=True):
+            out.update(zip(part, nodes, strict=True))
+            at.update(dict.fromkeys(part, frame))
+        return out, at
+
+    def _commit(self, plan: Plan) -> None:
+        self.metas.update(plan.metas)
+
+    def written(self, plan: Plan) -> set[str]:
+        """The replicated znodes a plan writes, each behind a check of the version it read.
+
+        Once such a ``multi`` committed, every change to these znodes that was
+        notified before its reply is accounted for: made before the apply read
+        the znode (a local change then stops the apply, ``LocalChanges``), or
+        by the apply itself; one in between would have failed the ``multi``.
+        So the capture need not read them back for those notifications.
+        """
+        out = set()
+        for op in plan.ops:
+            if isinstance(op, Create) or (isinstance(op, SetData | Delete) and op.version >= 0):
+                rel = self.layout.rel_of(op.path)
+                if rel is not None and rel != "/":
+                    out.add(rel)
+        return out
