@@ -1,5 +1,8 @@
 """The outbound pipeline: watch → closed batch → outbox → publish, in order.
 
+This module takes changes from the watches to the publisher's queue;
+``bridge.publishing`` sends the queue to Kafka and deletes what was acked.
+
 Ordering invariant: for each subtree, batches are captured one at a time
 (under the subtree's lock, which apply shares), committed to the outbox in
 that order, and published in that order by a single publisher; heartbeats go
@@ -34,7 +37,7 @@ import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -43,6 +46,7 @@ from bridge import codec, failpoints
 from bridge.clock import hlc_to_ms
 from bridge.errors import BridgeError, NotificationGap
 from bridge.model import Event, Op, VectorClock
+from bridge.publishing import Outgoing, Publishing
 from bridge.store import CapturedBatch, SubtreeStore
 
 if TYPE_CHECKING:
@@ -50,7 +54,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bridge.outbound")
 
-PUBLISH_MAX_RECORDS = 2000
 # Records of outbox entries the queue holds before the subtree spills (see the
 # module docstring). The environment variable exists for tests.
 QUEUE_RECORDS = int(os.environ.get("ZKBRIDGE_QUEUE_RECORDS") or 20_000)
@@ -60,37 +63,12 @@ FEED_CHUNK = 500  # a feeder pass that found fewer entries is near the end: the 
 # did, ran a 256 MB ZooKeeper out of heap on `scripts/bench --large`.
 FEED_GROUP = 16
 START = (-2, "")  # an outbox key before every entry
-# Acknowledged outbox entries are deleted together, at most every DELETE_GAP
-# seconds, DELETE_CHUNK per multi (well under jute.maxbuffer): one delete per
-# published batch was a third of the origin's ZooKeeper requests at 200
-# writes/s. An entry acked but not yet deleted when the bridge dies is only
-# published again, which receivers skip as equal.
-DELETE_GAP = 0.1
 CAPTURE_GATHER = 0.005
-DELETE_CHUNK = 1000
-# The own topic's position (it bounds a replay after a wipe) is written at most
-# this often; a stale one only replays a little more.
-OWN_POSITION_SECONDS = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One unit for the publisher: a batch's records and its outbox entry (None: heartbeat)."""
-
-    subtree: str
-    records: tuple[tuple[bytes, bytes], ...]  # (key, value)
-    outbox_path: str | None
-    reannounce: bool = False  # the whole state again, after the own topic lost records
-    done: asyncio.Event | None = None  # set once Kafka acknowledged these records
-    captured_ms: int = 0  # wall clock of the capture (outbox age)
-    # Null-value records of collected tombstones: each record's value goes in
-    # the NULL_HEADER header (the collected delete) and the record's own is None.
-    nulls: bool = False
-
-
-class Outbound:
+class Outbound(Publishing):
     def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
+        super().__init__(bridge)
         self.dirty: dict[str, set[str]] = {n: set() for n in bridge.stores}
         # rel → frame of its latest tree notification, for rels in ``dirty`` marked
         # since it was last taken (see ``settled``); absent: never settled by an apply.
@@ -99,23 +77,12 @@ class Outbound:
         for name, store in bridge.stores.items():
             store.settled = functools.partial(self.settled, name)
         self.wake: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
-        self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
-        self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
         self.capturing: dict[str, int] = dict.fromkeys(bridge.stores, 0)
-        # outbox path → capture wall ms, until Kafka acknowledged the entry.
-        self.unacked: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
         # Spilled subtrees: their outbox entries are queued by the feeder only,
         # from the entry after ``cursor`` (the last one queued).
         self.draining: dict[str, bool] = dict.fromkeys(bridge.stores, False)
         self.cursor: dict[str, tuple[int, str]] = dict.fromkeys(bridge.stores, START)
         self.spilled: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
-        self._room = asyncio.Condition()
-        self._own_ends: dict[str, dict[int, int]] = {}
-        self._own_written = 0.0
-        self._own_lock = asyncio.Lock()
-        self._doomed: list[tuple[str, str]] = []  # (subtree, outbox path) acked, to delete
-        self._deleter: asyncio.Task[None] | None = None
-        self._own_writer: asyncio.Future[None] | None = None
         self._beating: dict[str, asyncio.Event] = {}  # the last heartbeat's ack, per subtree
 
     def reset(self) -> None:
@@ -396,145 +363,6 @@ class Outbound:
                                 else self.stamp(event)))
                 captured = captured or hlc_to_ms(event.batch or event.ts)
             self.enqueue(subtree, path, records, captured_ms=captured, fed=True)
-
-    # -- publish ---------------------------------------------------------------
-    async def publisher(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            size = len(batch[0].records)
-            while not self.queue.empty() and size < PUBLISH_MAX_RECORDS:
-                nxt = self.queue.get_nowait()
-                batch.append(nxt)
-                size += len(nxt.records)
-            await self.publish(batch)
-
-    async def publish(self, units: list[Outgoing]) -> None:
-        b = self.bridge
-        records: list[tuple[str, bytes, bytes | None]] = []
-        headers: dict[int, list[tuple[str, bytes]]] = {}
-        for u in units:
-            topic = b.topic(u.subtree, b.region)
-            for k, v in u.records:
-                if u.nulls:
-                    headers[len(records)] = [(codec.NULL_HEADER, v)]
-                records.append((topic, k, None if u.nulls else v))
-        ends = await b.retry("publish", lambda: b.kafka.send_all(records, headers))
-        for u in units:
-            if u.done is not None:
-                u.done.set()
-            if u.reannounce:
-                b.stats[f"reannounced:{u.subtree}"] += len(u.records)
-                continue
-            if u.outbox_path is None:
-                b.stats["heartbeats_sent"] += 1
-                continue
-            self.queued[u.subtree] -= len(u.records)
-            self.unacked[u.subtree].pop(u.outbox_path, None)
-            b.stats[f"{'nulls_published' if u.nulls else 'published'}:{u.subtree}"] += len(
-                u.records)
-        async with self._room:
-            self._room.notify_all()  # a feeder may be waiting for the queue to shrink
-        failpoints.hit(failpoints.AFTER_PUBLISH)
-        paths = [(u.subtree, u.outbox_path) for u in units if u.outbox_path is not None]
-        if paths:
-            # Acknowledged entries go while the next batch is already published.
-            self._doomed += paths
-            if self._deleter is None or self._deleter.done():
-                self._deleter = asyncio.ensure_future(self._delete_acked())
-        for (topic, part), end in ends.items():
-            subtree = next(u.subtree for u in units if b.topic(u.subtree, b.region) == topic)
-            self._own_ends.setdefault(subtree, {})[part] = end
-            b.inbound.own_acked(topic, part, end)
-        # The own-topic position only bounds a replay after a wipe: once a
-        # second is plenty (heartbeats write what is left when it goes idle).
-        if time.monotonic() - self._own_written >= OWN_POSITION_SECONDS:
-            self._write_own_aside()
-
-    async def _delete_acked(self) -> None:
-        while self._doomed:
-            await asyncio.sleep(DELETE_GAP)  # let more acks gather
-            entries, self._doomed = self._doomed, []
-            for i in range(0, len(entries), DELETE_CHUNK):
-                await self._delete(entries[i : i + DELETE_CHUNK])
-
-    async def _delete(self, entries: list[tuple[str, str]]) -> None:
-        b = self.bridge
-        paths = [p for _, p in entries]
-        with contextlib.suppress(BridgeError, asyncio.CancelledError):
-            await b.retry("outbox delete", lambda: b.zk.delete_many(paths))
-            for subtree in sorted({s for s, _ in entries}):
-                done = [p for s, p in entries if s == subtree]
-                await b.stores[subtree].outbox.drop_empty_buckets(done)
-
-    async def settle(self) -> None:
-        """Wait for outbox deletes in flight (end of term)."""
-        if self._deleter is not None:
-            await asyncio.gather(self._deleter, return_exceptions=True)
-        if self._own_writer is not None:
-            await asyncio.gather(self._own_writer, return_exceptions=True)
-
-    async def store_own_position(self, subtree: str, parts: dict[int, int]) -> None:
-        """Store the own topic's position the start-up replay reached.
-
-        Never below what Kafka acknowledged: the publisher runs meanwhile and
-        may already have stored a later one.
-        """
-        topic = self.bridge.topic(subtree, self.bridge.region)
-        acked = self.bridge.inbound.own_max_end
-        cur = self._own_ends.setdefault(subtree, {})
-        for part, end in parts.items():
-            cur[part] = max(cur.get(part, 0), end, acked.get((topic, part), 0))
-        await self._write_own_positions()
-
-    def _write_own_aside(self) -> None:
-        """Store the own topic's acknowledged ends in the background, one write at a time.
-
-        Aside because a ZooKeeper slowed by an fsync stall (2 s seen on this
-        machine) held the publisher and the heartbeats up with the write, and
-        peers saw this region's heartbeats go stale. A failure that ended the
-        write (fenced, the term over) is raised here, by the next call.
-        """
-        w = self._own_writer
-        if w is not None and not w.done():
-            return
-        if w is not None and not w.cancelled() and (exc := w.exception()) is not None:
-            raise exc
-        self._own_writer = (asyncio.ensure_future(self._write_own_positions())
-                            if self._own_ends else None)
-
-    async def _write_own_positions(self) -> None:
-        async with self._own_lock:
-            self._own_written = time.monotonic()
-            ends, self._own_ends = self._own_ends, {}
-            try:
-                for subtree, parts in ends.items():
-                    store = self.bridge.stores[subtree]
-                    await self.bridge.retry(
-                        "store publish position", lambda s=store, p=dict(parts):
-                        s.positions.write(self.bridge.region, p))  # type: ignore[misc]
-            except BaseException:
-                for subtree, parts in ends.items():  # written again next time
-                    cur = self._own_ends.setdefault(subtree, {})
-                    for part, end in parts.items():
-                        cur[part] = max(cur.get(part, 0), end)
-                raise
-
-    async def drain(self, deadline: float = 10.0) -> None:
-        """On shutdown, publish what is queued; what is left stays in the outbox."""
-        units: list[Outgoing] = []
-        while not self.queue.empty():
-            units.append(self.queue.get_nowait())
-        units = [u for u in units if u.outbox_path is not None]
-        try:
-            async with asyncio.timeout(deadline):
-                if units:
-                    await self.publish(units)
-                await self.settle()
-                if self._own_ends:
-                    await self._write_own_positions()
-        except (TimeoutError, BridgeError) as exc:
-            log.warning("drain_incomplete", left=len(units), error=str(exc),
-                        hint="kept in the outbox; published at next start")
 
     # -- heartbeats --------------------------------------------------------
     async def heartbeats(self, interval: Callable[[], float],
