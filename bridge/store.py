@@ -21,7 +21,6 @@ meanwhile): the metadata read again, the batch is planned afresh, never
 reordered.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,9 +46,8 @@ from bridge.plan import (
 from bridge.storecore import RETRIES
 from bridge.zk import Create, Delete, SetData
 
-__all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout",
-           "LocalChanges", "MetaEntry", "Outcome", "SubtreeStore", "classify", "is_excluded",
-           "join"]
+__all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout", "LocalChanges", "MetaEntry",
+           "Outcome", "SubtreeStore", "classify", "is_excluded", "join"]
 
 log = structlog.get_logger("bridge.store")
 

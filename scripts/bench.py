@@ -1060,21 +1060,15 @@ class Bench:
                         c.ensure_path(f"{FLOOR_ROOT}/{tree}{MOUNT}")
                 za.ensure_path(f"{FLOOR_ROOT}/outbox")
 
-            def clear() -> None:
-                for c, names in trees:
-                    for tree in names:
-                        self.drop_tree(c, f"{FLOOR_ROOT}/{tree}", znodes)
-                    c.delete(FLOOR_ROOT, recursive=True)  # the roots, the outbox's entries
-
             for label, work in (("floor_a", origin), ("floor_b", receiver)):
                 prepare()
                 with self.phase(label):
                     work(True)
-                clear()
+                self.drop_trees(trees, znodes)
             prepare()
             with self.phase("floor_both"):
                 times["both"] = run_threads((origin, receiver))
-            clear()
+            self.drop_trees(trees, znodes)
         bridge = self.res.bridge
         bridge |= {"floor_read_s": times["read"], "floor_acl_s": times["acl"],
                    "floor_a_s": times["a"],
@@ -1146,22 +1140,16 @@ class Bench:
 
                 pipelined(piece, len(pieces), window=FLOOR_WINDOW)
 
-            try:
-                for c, names in trees:
-                    for tree in names:
-                        self.scratch_tree(c, f"{root}/{tree}", paths)
-                za.ensure_path(f"{root}/outbox")
-                zb.create(f"{root}/position", b"")
-                sides = {"a": (writer, origin), "b": (receiver,),
-                         "both": (writer, origin, receiver)}
-                for label, work in sides.items():
-                    with self.phase(f"steady_floor_{label}"):
-                        times[label] = run_threads(work)
-            finally:
-                for c, names in trees:
-                    for tree in names:
-                        self.drop_tree(c, f"{root}/{tree}", paths)
-                    c.delete(root, recursive=True)
+            for c, names in trees:
+                for tree in names:
+                    self.scratch_tree(c, f"{root}/{tree}", paths)
+            za.ensure_path(f"{root}/outbox")
+            zb.create(f"{root}/position", b"")
+            sides = {"a": (writer, origin), "b": (receiver,), "both": (writer, origin, receiver)}
+            for label, work in sides.items():
+                with self.phase(f"steady_floor_{label}"):
+                    times[label] = run_threads(work)
+            self.drop_trees(trees, paths)
         cpu = self.res.phases["steady_floor_both"]["cpu_s"]
         server_cpu = cpu.get("zk-a", 0.0) + cpu.get("zk-b", 0.0)
         vs_multi = n / times["both"] / self.res.raw["zk_async_multi_per_s"]
@@ -1188,17 +1176,23 @@ class Bench:
 
         pipelined(piece, len(parts), window=FLOOR_WINDOW)
 
-    def drop_tree(self, c: BatchedClient, root: str, znodes: Sequence[str]) -> None:
-        """Delete ``root`` + each of ``znodes`` (listed parents first), a multi per 1,000."""
+    def drop_trees(self, trees: Sequence[tuple[BatchedClient, Sequence[str]]],
+                   znodes: Sequence[str]) -> None:
+        """Remove a floor's scratch trees: ``znodes`` (listed parents first) under each
+        client's FLOOR_ROOT/<tree>, a multi per 1,000, then what is left of FLOOR_ROOT."""
         gone = chunked(znodes[::-1], MAX_BATCH_EVENTS)  # children before their parents
+        for c, names in trees:
+            for tree in names:
 
-        def drop(k: int) -> Any:
-            t = c.transaction()
-            for p in gone[k]:
-                t.delete(f"{root}{p}")
-            return t.commit_async()
+                def drop(k: int, cl: BatchedClient = c, root: str = f"{FLOOR_ROOT}/{tree}"
+                         ) -> Any:
+                    t = cl.transaction()
+                    for p in gone[k]:
+                        t.delete(f"{root}{p}")
+                    return t.commit_async()
 
-        pipelined(drop, len(gone), window=FLOOR_WINDOW)
+                pipelined(drop, len(gone), window=FLOOR_WINDOW)
+            c.delete(FLOOR_ROOT, recursive=True)  # directories, roots, the outbox's entries
 
     @contextlib.contextmanager
     def floor_clients(self) -> Iterator[tuple[BatchedClient, BatchedClient]]:
