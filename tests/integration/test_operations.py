@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from kazoo.exceptions import NodeExistsError
 
 from bridge.config import load_settings
 from bridge.errors import FencedError
@@ -306,16 +307,28 @@ def test_status_and_conflicts_commands(federation: Federation) -> None:
     r1, r2 = fed["r1"], fed["r2"]
     barrier = threading.Barrier(2)
 
+    failed: list[BaseException] = []
+
     def write(r: object, value: bytes) -> None:
         barrier.wait()
-        for i in range(30):
-            r.client.create(r.path(f"/c{i}"), value)  # type: ignore[attr-defined]
+        try:
+            for i in range(30):
+                path = r.path(f"/c{i}")  # type: ignore[attr-defined]
+                try:
+                    r.client.create(path, value)  # type: ignore[attr-defined]
+                except NodeExistsError:
+                    # The other region's create was replicated here first: still
+                    # a concurrent write of the same path, as a set.
+                    r.client.set(path, value)  # type: ignore[attr-defined]
+        except BaseException as exc:  # a thread's error would otherwise only be a warning
+            failed.append(exc)
 
     threads = [threading.Thread(target=write, args=(r, r.name.encode())) for r in (r1, r2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not failed, failed
     fed.wait_converged()
     out = fed.cli("conflicts", "-c", str(r1.config_path), "--json", "--limit", "100")
     assert out.returncode == 0, out.stderr
