@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mappin
 
 import structlog
 
-from bridge import batching, closure, codec, failpoints
+from bridge import batching, closure, codec, failpoints, statecodec
 from bridge.acl import HOLD
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, ancestors, classify, parent
@@ -171,7 +171,7 @@ class Capturing(StoreCore):
                 if nxt is None:
                     # Over the committed metadata: every earlier piece has committed.
                     self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
-                await self.outbox.entry_ops(plan.ops, codec.encode_outbox(enc))
+                await self.outbox.entry_ops(plan.ops, statecodec.encode_outbox(enc))
                 unbroken()
                 sending = asyncio.ensure_future(self._multi(plan))
                 try:

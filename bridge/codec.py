@@ -1,4 +1,4 @@
-"""Bytes ⇄ values for everything zkbridge stores or sends: events, metadata, positions, conflicts.
+"""Bytes ⇄ values for what travels on the topics: the replication event wire codec.
 
 Events arrive from other regions, so ``decode`` treats its input as hostile:
 size is bounded before unpacking, msgpack's own limits bound every container,
@@ -6,6 +6,8 @@ every field is type- and range-checked, and a failure is always a
 ``CodecError`` whose ``reason`` is a short stable slug (used as a metric label)
 and whose detail never quotes payload bytes. The wire format is documented in
 ``schemas/README.md`` and pinned by the golden vectors in ``schemas/vectors``.
+The bridge's own records in ZooKeeper are in ``bridge.statecodec``, which shares
+the bounded unpacking and the field checks below.
 """
 
 from __future__ import annotations
@@ -17,29 +19,16 @@ from typing import Any
 import msgpack
 
 from bridge.errors import CodecError, OversizedError
-from bridge.model import SCHEMA_VERSION, Conflict, Event, NodeMeta, Op, VectorClock, Version
+from bridge.model import SCHEMA_VERSION, Event, Op, VectorClock
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_EVENT_BYTES",
     "NULL_HEADER",
-    "NULL_MARK",
     "REASONS",
     "check_size",
     "decode",
-    "decode_conflict",
-    "decode_gc",
-    "decode_meta",
-    "decode_outbox",
-    "decode_positions",
     "encode",
-    "encode_conflict",
-    "encode_gc",
-    "encode_meta",
-    "encode_null_entry",
-    "encode_outbox",
-    "encode_positions",
-    "is_null_entry",
     "normalise_path",
 ]
 
@@ -64,8 +53,6 @@ MAX_VC_ENTRIES = 256
 # No legitimate string in an event (path, region, subtree) comes near this;
 # bounding it keeps a hostile record from smuggling large text past the checks.
 MAX_STR_LEN = 65_536
-MAX_HASH_LEN = 64
-MAX_PARTITIONS = 65_536
 
 _REGION = re.compile(r"[a-z0-9-]{1,32}")
 _SUBTREE = re.compile(r"[a-z0-9_-]+")
@@ -85,6 +72,8 @@ _INC = re.compile(r"[0-9a-f]{1,64}")
 _APPLIED = re.compile(r"([a-z0-9-]{1,32}):(0|[1-9][0-9]{0,18})")
 # A batch is bounded by ZooKeeper's request size long before this.
 MAX_BATCH_SIZE = 100_000
+# The header of a null-value record: the collected tombstone, as a delete event.
+NULL_HEADER = "zkbridge-tombstone"
 
 
 # ---------------------------------------------------------------- unpacking
@@ -411,190 +400,3 @@ def check_size(event: Event, max_data_bytes: int) -> None:
     size = len(encode(event))
     if size > MAX_EVENT_BYTES:
         raise OversizedError(f"event {size} bytes exceeds limit {MAX_EVENT_BYTES}")
-
-
-# ---------------------------------------------------------------- outbox
-
-
-def encode_outbox(payloads: list[bytes]) -> bytes:
-    """One outbox entry: the encoded events of one batch, in publish order."""
-    return _pack([bytes(p) for p in payloads])
-
-
-# An outbox entry of null-value records (collected tombstones): each payload is
-# the collected tombstone as a delete event plus this key. A bridge that does
-# not know the key (before null records) decodes the payload as an ordinary
-# delete event and publishes it as one: a harmless re-announcement of a
-# tombstone, never a crash. This release publishes the event without the key
-# in the record's ``NULL_HEADER`` header, with a null value.
-NULL_MARK = "null_record"
-# The header of a null-value record: the collected tombstone, as a delete event.
-NULL_HEADER = "zkbridge-tombstone"
-
-
-def encode_null_entry(events: list[Event]) -> bytes:
-    """One outbox entry holding null records for the tombstones ``events`` (deletes)."""
-    payloads = []
-    for event in events:
-        if event.op is not Op.DELETE:
-            raise ValueError("a null record stands for a delete")
-        m = _event_to_map(event)
-        _event_from_map(m)
-        m[NULL_MARK] = True
-        payloads.append(_pack(m))
-    return encode_outbox(payloads)
-
-
-def is_null_entry(payload: bytes) -> bool:
-    """Whether an outbox payload stands for a null record (see ``NULL_MARK``)."""
-    try:
-        obj = _unpack(payload, max_bytes=DEFAULT_MAX_BYTES)
-    except CodecError:
-        return False
-    return isinstance(obj, dict) and obj.get(NULL_MARK) is True
-
-
-def decode_outbox(raw: bytes) -> list[bytes]:
-    """The payloads of an outbox entry; an entry written before 1.1 holds one event."""
-    obj = _unpack(raw, max_bytes=DEFAULT_MAX_BYTES + 65_536, max_map_len=MAX_TOP_LEVEL_KEYS,
-                  max_array_len=MAX_BATCH_SIZE)
-    if isinstance(obj, dict):
-        return [bytes(raw)]
-    if isinstance(obj, list) and all(isinstance(p, bytes) for p in obj):
-        return list(obj)
-    raise CodecError(MALFORMED, "outbox entry is neither an event nor a list of events")
-
-
-# ---------------------------------------------------------------- metadata
-
-
-def encode_meta(meta: NodeMeta) -> bytes:
-    return _pack(
-        {
-            "vc": meta.vc.as_dict(),
-            "h": bytes(meta.data_hash),
-            "d": meta.deleted,
-            "w": meta.writer,
-            "ts": meta.ts,
-            "ph": meta.placeholder,
-        }
-    )
-
-
-def decode_meta(raw: bytes) -> NodeMeta | None:
-    """Parse a metadata znode; empty bytes mean a hierarchy-only node (``None``)."""
-    if len(raw) == 0:
-        return None
-    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "metadata")
-    data_hash = _bytes(m, "h")
-    if len(data_hash) > MAX_HASH_LEN:
-        raise CodecError(BAD_FIELD, f"h: longer than {MAX_HASH_LEN} bytes")
-    return NodeMeta(
-        # Our own ensemble wrote this, so region names are not re-policed, but a
-        # placeholder may legitimately have an empty clock and writer.
-        vc=_vc(_require(m, "vc"), "vc", min_counter=0, check_regions=False),
-        data_hash=data_hash,
-        deleted=_bool(m, "d"),
-        writer=_str(m, "w"),
-        ts=_int(m, "ts", 0),
-        # Absent in records written before placeholders existed.
-        placeholder=_bool(m, "ph") if "ph" in m else False,
-    )
-
-
-# ---------------------------------------------------------------- positions
-
-
-def encode_positions(d: Mapping[int, int]) -> bytes:
-    """Partition → next offset to consume."""
-    for partition, offset in d.items():
-        if partition < 0 or offset < 0:
-            raise CodecError(BAD_FIELD, "positions: negative partition or offset")
-    return _pack({int(p): int(o) for p, o in sorted(d.items())})
-
-
-def decode_positions(raw: bytes) -> dict[int, int]:
-    if len(raw) == 0:
-        return {}
-    obj = _unpack(raw, max_bytes=DEFAULT_MAX_BYTES, int_keys=True, max_map_len=MAX_PARTITIONS)
-    if not isinstance(obj, dict):
-        raise CodecError(MALFORMED, "positions is not a map")
-    out: dict[int, int] = {}
-    for partition, offset in obj.items():
-        for value in (partition, offset):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise CodecError(BAD_FIELD, "positions: entries must be ints >= 0")
-        out[partition] = offset
-    return out
-
-
-# ---------------------------------------------------------------- tombstone collection
-
-
-def encode_gc(floor: int, collected: int) -> bytes:
-    """The subtree's collection record: counter floor for recreated paths, total collected."""
-    return _pack({"floor": floor, "collected": collected})
-
-
-def decode_gc(raw: bytes) -> tuple[int, int]:
-    if len(raw) == 0:
-        return 0, 0
-    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "gc record")
-    return _int(m, "floor", 0), _int(m, "collected", 0)
-
-
-# ---------------------------------------------------------------- conflicts
-
-
-def _version_to_map(v: Version) -> dict[str, object]:
-    return {"vc": v.vc.as_dict(), "ts": v.ts, "w": v.writer, "h": v.data_hash.hex(), "d": v.deleted}
-
-
-def _version_from_map(obj: object, key: str) -> Version:
-    m = _map(obj, key)
-    h = _str(m, "h")
-    try:
-        data_hash = bytes.fromhex(h)
-    except ValueError as exc:
-        raise CodecError(BAD_FIELD, f"{key}.h: not hex") from exc
-    return Version(
-        vc=_vc(_require(m, "vc"), f"{key}.vc", min_counter=0, check_regions=False),
-        ts=_int(m, "ts", 0),
-        writer=_str(m, "w"),
-        data_hash=data_hash,
-        deleted=_bool(m, "d"),
-    )
-
-
-def encode_conflict(c: Conflict) -> bytes:
-    return _pack(
-        {
-            "subtree": c.subtree,
-            "path": c.path,
-            "local": _version_to_map(c.local),
-            "remote": _version_to_map(c.remote),
-            "winner": c.winner,
-            "rule": c.rule,
-            "merged": c.merged.as_dict(),
-            "at_ms": c.at_ms,
-            "extra": dict(c.extra),
-        }
-    )
-
-
-def decode_conflict(raw: bytes) -> Conflict:
-    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "conflict")
-    extra = _map(m.get("extra", {}), "extra")
-    if any(not isinstance(v, str) for v in extra.values()):
-        raise CodecError(BAD_FIELD, "extra: values must be strings")
-    return Conflict(
-        subtree=_str(m, "subtree"),
-        path=_str(m, "path"),
-        local=_version_from_map(_require(m, "local"), "local"),
-        remote=_version_from_map(_require(m, "remote"), "remote"),
-        winner=_str(m, "winner"),
-        rule=_str(m, "rule"),
-        merged=_vc(_require(m, "merged"), "merged", min_counter=0, check_regions=False),
-        at_ms=_int(m, "at_ms", 0),
-        extra=dict(extra),
-    )

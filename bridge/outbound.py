@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import codec, failpoints
+from bridge import codec, failpoints, statecodec
 from bridge.clock import hlc_to_ms
 from bridge.errors import BridgeError, NotificationGap
 from bridge.model import Event, Op, VectorClock
@@ -344,7 +344,7 @@ class Outbound(Publishing):
     def enqueue_pending(self, subtree: str, entries: list[tuple[str, list[bytes]]]) -> None:
         """Outbox entries read back (the feeder's), in their order."""
         for path, payloads in entries:
-            if payloads and all(codec.is_null_entry(p) for p in payloads):
+            if payloads and all(statecodec.is_null_entry(p) for p in payloads):
                 with contextlib.suppress(BridgeError):
                     events = [codec.decode(p) for p in payloads]
                     self.enqueue(subtree, path, [(e.key, self.stamp(e)) for e in events],

@@ -23,7 +23,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Sequence
 
-from bridge import codec
+from bridge import statecodec
 from bridge.errors import VersionConflict
 from bridge.layout import Layout, parent
 from bridge.zk import Create, ZooKeeper, gather_limited
@@ -105,7 +105,7 @@ class Outbox:
         for i in range(0, len(paths), READ_GROUP):
             part = paths[i : i + READ_GROUP]
             nodes = await gather_limited([self.zk.get(p) for p in part], 64)
-            out += [(p, codec.decode_outbox(n.data))
+            out += [(p, statecodec.decode_outbox(n.data))
                     for p, n in zip(part, nodes, strict=True) if n is not None]
         return out
 
@@ -127,7 +127,7 @@ class Outbox:
                 payloads = got[0][1] if got else []
                 newest += payloads
                 looked += 1
-                if looked >= 100 or any(not codec.is_null_entry(p) for p in payloads):
+                if looked >= 100 or any(not statecodec.is_null_entry(p) for p in payloads):
                     await self._open_bucket()  # this term's entries go after all of these
                     return newest, True
         await self._open_bucket()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from bridge import batching, codec
+from bridge import batching, codec, statecodec
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission
@@ -195,7 +195,7 @@ class Planner:
         """
         before = before or {}
         entry = plan.metas.get(rel) or before.get(rel) or self.metas.get(rel)
-        data = codec.encode_meta(meta)
+        data = statecodec.encode_meta(meta)
         path = self.layout.meta(rel)
         if entry is not None:
             plan.ops.append(SetData(path, data, entry.version))
@@ -258,7 +258,7 @@ class Planner:
             if conflict is not None:
                 conflicts.append(conflict)
                 plan.ops.append(Create(self.layout.conflicts + "/c-",
-                                       codec.encode_conflict(conflict), sequential=True))
+                                       statecodec.encode_conflict(conflict), sequential=True))
         return plan, Applied(tuple(outcomes), tuple(conflicts))
 
 

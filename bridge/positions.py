@@ -8,7 +8,7 @@ for the term: that check fences a write made from a stale view.
 
 from __future__ import annotations
 
-from bridge import codec
+from bridge import statecodec
 from bridge.errors import VersionConflict
 from bridge.layout import Layout
 from bridge.zk import Create, SetData, ZooKeeper
@@ -35,12 +35,12 @@ class Positions:
             self._versions.pop(peer, None)
             return {}
         self._versions[peer] = node.stat.version
-        return codec.decode_positions(node.data) if node.data else {}
+        return statecodec.decode_positions(node.data) if node.data else {}
 
     def op(self, peer: str, positions: dict[int, int]) -> ZkOp:
         """The write of ``peer``'s position, to commit with the batch it describes."""
         path = f"{self.root}/{peer}"
-        data = codec.encode_positions(positions)
+        data = statecodec.encode_positions(positions)
         version = self._versions.get(peer)
         return Create(path, data) if version is None else SetData(path, data, version)
 

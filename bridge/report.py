@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge import codec
+from bridge import statecodec
 from bridge.config import Settings
 from bridge.lag import read_status
 from bridge.model import Conflict, Version
@@ -167,7 +167,7 @@ async def read_conflicts(settings: Settings, limit: int) -> list[Conflict]:
             for name in names:
                 node = await zk.get(f"{layout.conflicts}/{name}")
                 if node is not None:
-                    out.append(codec.decode_conflict(node.data))
+                    out.append(statecodec.decode_conflict(node.data))
         return sorted(out, key=lambda c: c.at_ms, reverse=True)[:limit]
     finally:
         await zk.stop()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bridge import codec, tombstones
+from bridge import codec, statecodec, tombstones
 from bridge.capture import Capturing
 from bridge.clock import Order, compare
 from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
@@ -78,7 +78,7 @@ class SubtreeStore(Capturing):
     async def read_gc(self) -> None:
         node = await self.zk.get(self.layout.gc)
         self._gc_version = node.stat.version if node else None
-        self.gc_floor, self.gc_collected = codec.decode_gc(node.data) if node else (0, 0)
+        self.gc_floor, self.gc_collected = statecodec.decode_gc(node.data) if node else (0, 0)
 
 
     # -- apply -------------------------------------------------------------------
@@ -203,11 +203,11 @@ class SubtreeStore(Capturing):
                                            subtree=self.layout.name)
             count = sum(1 for r in part if (e := self.metas.get(r)) and e.meta is not None)
             plan = Plan(ops=[Delete(self.layout.meta(r), self.metas[r].version) for r in part])
-            record = codec.encode_gc(floor, self.gc_collected + count)
+            record = statecodec.encode_gc(floor, self.gc_collected + count)
             plan.ops.append(Create(self.layout.gc, record) if self._gc_version is None
                             else SetData(self.layout.gc, record, self._gc_version))
             if nulls:
-                await self.outbox.entry_ops(plan.ops, codec.encode_null_entry(nulls))
+                await self.outbox.entry_ops(plan.ops, statecodec.encode_null_entry(nulls))
             try:
                 results = await self.zk.multi(plan.ops)
             except VersionConflict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-from bridge import codec
+from bridge import statecodec
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
@@ -89,7 +89,7 @@ class StoreCore(Planner):
         if node is None:
             self.metas.pop(rel, None)
         else:
-            self.metas[rel] = MetaEntry(codec.decode_meta(node.data), node.stat.version)
+            self.metas[rel] = MetaEntry(statecodec.decode_meta(node.data), node.stat.version)
 
     def live_children(self, rel: str) -> list[str]:
         prefix = "/" if rel == "/" else rel + "/"

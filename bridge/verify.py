@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from bridge import codec
+from bridge import statecodec
 from bridge.config import Settings
 from bridge.errors import NoPermission
 from bridge.layout import Layout, is_excluded, join
@@ -86,7 +86,7 @@ async def read_meta(zk: ZooKeeper, layout: Layout,
     """Every metadata record of a subtree: rel path → NodeMeta."""
     out: dict[str, NodeMeta] = {}
     async for rel, node in _walk(zk, layout.meta, tick=tick):
-        meta = codec.decode_meta(node.data)
+        meta = statecodec.decode_meta(node.data)
         if meta is not None:
             out[rel] = meta
     return out

@@ -74,7 +74,7 @@ from kazoo.exceptions import NoNodeError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bridge import codec  # noqa: E402
+from bridge import codec, statecodec  # noqa: E402
 from bridge.batching import MAX_BATCH_EVENTS  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash  # noqa: E402
@@ -412,13 +412,13 @@ def origin_multis(c: BatchedClient, pieces: Sequence[Sequence[str]], meta: bytes
 
 def floor_payloads(region: str, path: str) -> tuple[bytes, bytes]:
     """A metadata value and a full batch's outbox entry, as the bridge encodes them."""
-    meta = codec.encode_meta(NodeMeta(vc=VectorClock.of({region: 1}),
+    meta = statecodec.encode_meta(NodeMeta(vc=VectorClock.of({region: 1}),
                                       data_hash=content_hash(value("v0", 0)), deleted=False,
                                       writer=region, ts=time.time_ns()))
     event = codec.encode(Event(origin=region, subtree="critical", path=path, op=Op.PUT,
                                vc=VectorClock.of({region: 1}), ts=time.time_ns(), writer=region,
                                data=value("v0", 0)))
-    return meta, codec.encode_outbox([event] * MAX_BATCH_EVENTS)
+    return meta, statecodec.encode_outbox([event] * MAX_BATCH_EVENTS)
 
 
 def chunked(items: Sequence[str], size: int) -> list[Sequence[str]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from kazoo.client import KazooClient
 
-from bridge import codec
+from bridge import codec, statecodec
 from bridge.clock import hlc_to_ms
 from tests.chaos.topology import MOUNT, REGIONS, REPO, STATE_PATH, SUBTREE, Cluster
 from tests.chaos.workload import History, Op
@@ -82,7 +82,7 @@ def snapshot(hosts: str) -> Snapshot:
         def walk_meta(rel: str) -> None:
             path = META_ROOT + (rel if rel != "/" else "")
             raw, _ = client.get(path)
-            m = codec.decode_meta(raw)
+            m = statecodec.decode_meta(raw)
             if m is not None:
                 meta[rel] = {"vc": dict(sorted(m.vc.as_dict().items())),
                              "h": m.data_hash.hex(), "d": m.deleted, "w": m.writer,

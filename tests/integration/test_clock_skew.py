@@ -13,7 +13,7 @@ import time
 import msgpack
 import pytest
 
-from bridge import codec
+from bridge import statecodec
 from bridge.clock import hlc_from_ms, hlc_to_ms
 from tests.harness.procs import wait_for
 from tests.integration.federation import Federation
@@ -40,7 +40,7 @@ def test_a_far_future_event_waits_and_never_poisons_the_clock(federation: Federa
     r2.client.create(r2.path("/local"), b"now")
     wait_for(lambda: r1.client.exists(r1.path("/local")) is not None, 30)
     meta_path = f"{fed.state_path}/subtrees/{fed.subtree}/meta/local"
-    meta = codec.decode_meta(r2.client.get(meta_path)[0])
+    meta = statecodec.decode_meta(r2.client.get(meta_path)[0])
     assert meta is not None
     assert hlc_to_ms(meta.ts) < time.time() * 1000 + 60_000
 

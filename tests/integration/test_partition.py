@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import pytest
 from kazoo.client import KazooClient
 
-from bridge import codec
+from bridge import statecodec
 from bridge.clock import hlc_to_ms
 from bridge.layout import Layout
 from bridge.model import content_hash
@@ -272,7 +272,7 @@ def check_acknowledged(p: Partitioned, logs: dict[str, Path]) -> tuple[int, int]
                     problems.append(f"{rel}: {final!r}, last acknowledged {w['value']!r}")
                 continue
             contended += 1
-            meta = codec.decode_meta(client.get(layout.meta(rel))[0])
+            meta = statecodec.decode_meta(client.get(layout.meta(rel))[0])
             assert meta is not None, rel
             writer = final.split(":")[0]
             if meta.writer != writer:
@@ -305,7 +305,7 @@ def explain(p: Partitioned) -> str:
             client.start(timeout=30)
             try:
                 data, stat = client.get(region.mount + d.path)
-                meta = codec.decode_meta(client.get(layout.meta(d.path))[0])
+                meta = statecodec.decode_meta(client.get(layout.meta(d.path))[0])
                 pending = len(client.get_children(layout.outbox))
             finally:
                 client.stop()

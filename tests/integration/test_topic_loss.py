@@ -19,9 +19,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.codec import decode_positions
 from bridge.config import KafkaSettings
 from bridge.kafka import Kafka
+from bridge.statecodec import decode_positions
 from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness.broker import Broker, KafkaBroker, TansuBroker
 from tests.harness.procs import wait_for

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge import codec
+from bridge import codec, statecodec
 from bridge.errors import CodecError, OversizedError
 from bridge.model import Conflict, Event, NodeMeta, Op, VectorClock, Version, content_hash
 
@@ -550,37 +550,37 @@ hashes = st.one_of(st.just(b""), st.binary(min_size=16, max_size=16))
     )
 )
 def test_meta_round_trip(meta: NodeMeta) -> None:
-    assert codec.decode_meta(codec.encode_meta(meta)) == meta
+    assert statecodec.decode_meta(statecodec.encode_meta(meta)) == meta
 
 
 def test_meta_empty_and_garbage() -> None:
-    assert codec.decode_meta(b"") is None
+    assert statecodec.decode_meta(b"") is None
     with pytest.raises(CodecError) as info:
-        codec.decode_meta(b"\xc1garbage")
+        statecodec.decode_meta(b"\xc1garbage")
     assert info.value.reason == "malformed"
     with pytest.raises(CodecError) as info:
-        codec.decode_meta(msgpack.packb([1, 2]))
+        statecodec.decode_meta(msgpack.packb([1, 2]))
     assert info.value.reason == "malformed"
     with pytest.raises(CodecError) as info:
-        codec.decode_meta(msgpack.packb({"vc": {}, "h": b"", "d": 1, "w": "", "ts": 0}))
+        statecodec.decode_meta(msgpack.packb({"vc": {}, "h": b"", "d": 1, "w": "", "ts": 0}))
     assert info.value.reason == "bad_field"
     assert "d" in str(info.value)
 
 
 def test_meta_without_placeholder_flag_is_not_a_placeholder() -> None:
     raw = msgpack.packb({"vc": {"a": 1}, "h": content_hash(b"x"), "d": False, "w": "a", "ts": 3})
-    meta = codec.decode_meta(raw)
+    meta = statecodec.decode_meta(raw)
     assert meta == NodeMeta(VectorClock.of({"a": 1}), content_hash(b"x"), False, "a", 3)
 
 
 @SETTINGS
 @given(st.dictionaries(st.integers(0, 10_000), st.integers(0, 2**63 - 1), max_size=50))
 def test_positions_round_trip(d: dict[int, int]) -> None:
-    assert codec.decode_positions(codec.encode_positions(d)) == d
+    assert statecodec.decode_positions(statecodec.encode_positions(d)) == d
 
 
 def test_positions_edge_cases() -> None:
-    assert codec.decode_positions(b"") == {}
+    assert statecodec.decode_positions(b"") == {}
     for raw in (
         b"\xc1",
         msgpack.packb([1]),
@@ -589,9 +589,9 @@ def test_positions_edge_cases() -> None:
         msgpack.packb({0: True}),
     ):
         with pytest.raises(CodecError):
-            codec.decode_positions(raw)
+            statecodec.decode_positions(raw)
     with pytest.raises(CodecError):
-        codec.encode_positions({-1: 0})
+        statecodec.encode_positions({-1: 0})
 
 
 versions = st.builds(
@@ -615,13 +615,13 @@ versions = st.builds(
     )
 )
 def test_conflict_round_trip(c: Conflict) -> None:
-    assert codec.decode_conflict(codec.encode_conflict(c)) == c
+    assert statecodec.decode_conflict(statecodec.encode_conflict(c)) == c
 
 
 def test_conflict_garbage() -> None:
     for raw in (b"\xc1", msgpack.packb({}), msgpack.packb({"local": {"h": "zz"}})):
         with pytest.raises(CodecError):
-            codec.decode_conflict(raw)
+            statecodec.decode_conflict(raw)
 
 
 @SETTINGS

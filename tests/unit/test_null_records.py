@@ -8,7 +8,7 @@ wins against.
 
 from __future__ import annotations
 
-from bridge import codec, tombstones
+from bridge import codec, statecodec, tombstones
 from bridge.acl import AclPolicy
 from bridge.batching import Assembler, stamp
 from bridge.clock import HybridClock
@@ -63,14 +63,14 @@ def test_null_events_carry_the_collected_tombstones_unchanged() -> None:
 
 def test_a_null_outbox_entry_is_read_by_an_older_bridge_as_a_plain_delete() -> None:
     events = [delete("/a"), delete("/b/c", writer="r3", r3=4)]
-    raw = codec.encode_null_entry(events)
-    payloads = codec.decode_outbox(raw)
+    raw = statecodec.encode_null_entry(events)
+    payloads = statecodec.decode_outbox(raw)
     # What a release before null records does with the entry: decode each
     # payload as an event (the unknown marker is ignored) and publish it.
     assert [codec.decode(p) for p in payloads] == events
-    assert all(codec.is_null_entry(p) for p in payloads)
-    assert not codec.is_null_entry(codec.encode(events[0]))
-    assert not codec.is_null_entry(b"\xc1garbage")
+    assert all(statecodec.is_null_entry(p) for p in payloads)
+    assert not statecodec.is_null_entry(codec.encode(events[0]))
+    assert not statecodec.is_null_entry(b"\xc1garbage")
 
 
 # -- the receiver: stream order ------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bridge import codec, outbound
+from bridge import codec, outbound, statecodec
 from bridge.model import Event, Op, VectorClock
 from bridge.outbound import START, Outbound
 from bridge.outbox import outbox_key
@@ -46,7 +46,7 @@ class FakeOutbox:
         return sorted(p.rsplit("/", 1)[1] for p in self.entries if p.rsplit("/", 1)[0] == directory)
 
     async def read(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
-        return [(p, codec.decode_outbox(codec.encode_outbox([self.entries[p]])))
+        return [(p, statecodec.decode_outbox(statecodec.encode_outbox([self.entries[p]])))
                 for p in paths if p in self.entries]
 
 
@@ -133,7 +133,8 @@ def test_null_entries_are_queued_as_null_records() -> None:
                  vc=VectorClock.of({"r2": 3}), ts=50, writer="r2")
     store = FakeOutbox({})
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
-    out.enqueue_pending("s", [(entry(0, 0), codec.decode_outbox(codec.encode_null_entry([tomb])))])
+    nulls = statecodec.decode_outbox(statecodec.encode_null_entry([tomb]))
+    out.enqueue_pending("s", [(entry(0, 0), nulls)])
     unit = out.queue.get_nowait()
     assert unit.nulls and unit.records[0][0] == b"/gone"
     assert codec.decode(unit.records[0][1]).vc == tomb.vc
