@@ -4,7 +4,7 @@ Every call is issued with kazoo's ``*_async`` variant (or queued in bulk,
 ``bridge.zk.wire``) and its result handed to the event loop with
 ``call_soon_threadsafe``, so the loop never blocks on ZooKeeper. Watch and
 session callbacks are handed over the same way. kazoo's exceptions are
-translated here into ``bridge.errors``.
+translated into ``bridge.errors`` by ``bridge.zk.errors``.
 """
 
 from __future__ import annotations
@@ -17,21 +17,7 @@ from typing import Any, TypeVar
 
 import structlog
 from kazoo.client import KazooState
-from kazoo.exceptions import (
-    BadVersionError,
-    ConnectionLoss,
-    KazooException,
-    NoAuthError,
-    NodeExistsError,
-    NoNodeError,
-    NotEmptyError,
-    OperationTimeoutError,
-    RolledBackError,
-    SessionExpiredError,
-    UnimplementedError,
-    ZookeeperError,
-)
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.exceptions import NoAuthError, NoNodeError, RolledBackError, UnimplementedError
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import GetACL
 from kazoo.protocol.states import EventType, WatchedEvent
@@ -46,6 +32,7 @@ from bridge.errors import (
     VersionConflict,
     ZooKeeperError,
 )
+from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
     Create,
@@ -68,23 +55,6 @@ log = structlog.get_logger("bridge.zk")
 
 T = TypeVar("T")
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
-
-
-def translate(exc: BaseException, what: str) -> BaseException:
-    if isinstance(exc, NoNodeError):
-        return MissingNode(what)
-    if isinstance(exc, NoAuthError):
-        return NoPermission(f"{what}: not allowed by the znode's ACL")
-    if isinstance(exc, BadVersionError | NodeExistsError | NotEmptyError):
-        return VersionConflict(f"{what}: {type(exc).__name__}")
-    if isinstance(exc, ConnectionLoss | SessionExpiredError | OperationTimeoutError):
-        return ZooKeeperError(f"{what}: {type(exc).__name__}")
-    if isinstance(exc, KazooTimeoutError):
-        return ZooKeeperError(f"{what}: timed out")
-    if isinstance(exc, ZookeeperError | KazooException):
-        err = ZooKeeperError(f"{what}: {type(exc).__name__} {exc}")
-        return err
-    return exc
 
 
 

@@ -1,0 +1,36 @@
+"""kazoo's exceptions translated into ``bridge.errors``: the adapter's one error boundary."""
+
+from __future__ import annotations
+
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    NotEmptyError,
+    OperationTimeoutError,
+    SessionExpiredError,
+    ZookeeperError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+
+from bridge.errors import MissingNode, NoPermission, VersionConflict, ZooKeeperError
+
+
+def translate(exc: BaseException, what: str) -> BaseException:
+    if isinstance(exc, NoNodeError):
+        return MissingNode(what)
+    if isinstance(exc, NoAuthError):
+        return NoPermission(f"{what}: not allowed by the znode's ACL")
+    if isinstance(exc, BadVersionError | NodeExistsError | NotEmptyError):
+        return VersionConflict(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, ConnectionLoss | SessionExpiredError | OperationTimeoutError):
+        return ZooKeeperError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, KazooTimeoutError):
+        return ZooKeeperError(f"{what}: timed out")
+    if isinstance(exc, ZookeeperError | KazooException):
+        err = ZooKeeperError(f"{what}: {type(exc).__name__} {exc}")
+        return err
+    return exc
