@@ -1,11 +1,12 @@
 """The ZooKeeper adapter: the only package that imports kazoo.
 
-``session`` is the asyncio API over one session (``ZooKeeper``), ``values``
-what it takes and returns, ``wire`` the request types and socket I/O kazoo
-2.11 lacks. Everything else in the bridge imports from here.
+``zookeeper`` is the asyncio API over one session (``ZooKeeper``), built on
+``session`` (its lifecycle, callbacks and call plumbing) and ``errors`` (kazoo's
+exceptions in the bridge's terms); ``values`` is what it takes and returns,
+``wire`` the request types and socket I/O kazoo 2.11 lacks. Everything else in
+the bridge imports from here.
 """
 
-from bridge.zk.session import ACL_CHUNK, ZooKeeper, gather_limited
 from bridge.zk.values import (
     WORLD_ALL,
     Check,
@@ -23,6 +24,7 @@ from bridge.zk.values import (
     own_acl,
 )
 from bridge.zk.wire import BatchedClient
+from bridge.zk.zookeeper import ACL_CHUNK, ZooKeeper, gather_limited
 
 __all__ = ["ACL_CHUNK", "WORLD_ALL", "BatchedClient", "Check", "Create", "Delete", "Node", "Op",
            "SessionCallback", "SetData", "Stat", "TreeCallback", "Watch", "WatchCallback",
