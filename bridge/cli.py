@@ -18,7 +18,8 @@ import threading
 from collections.abc import Sequence
 
 from bridge import __version__
-from bridge.config import Settings, describe, load_settings
+from bridge.config import Settings, describe
+from bridge.configload import load_settings
 from bridge.errors import BridgeError, ConfigError
 
 

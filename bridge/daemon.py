@@ -14,7 +14,8 @@ from collections.abc import Callable
 import structlog
 
 from bridge import log as logsetup
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
+from bridge.configload import load_settings
 from bridge.engine import Bridge
 from bridge.errors import BridgeError, ConfigError, DuplicateRegionError, MassDeleteError
 from bridge.metrics import MetricsServer

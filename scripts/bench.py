@@ -76,7 +76,7 @@ sys.path.insert(0, str(REPO))
 
 from bridge import codec, statecodec  # noqa: E402
 from bridge.batching import MAX_BATCH_EVENTS  # noqa: E402
-from bridge.config import load_settings  # noqa: E402
+from bridge.configload import load_settings  # noqa: E402
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash  # noqa: E402
 from bridge.storecore import READ_CHUNK  # noqa: E402
 from bridge.verify import verify  # noqa: E402

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 from kazoo.client import KazooClient
 
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
+from bridge.configload import load_settings
 from bridge.verify import Difference, verify
 from tests.harness import procs
 from tests.harness.broker import Broker

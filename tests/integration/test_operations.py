@@ -25,7 +25,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from kazoo.exceptions import NodeExistsError
 
-from bridge.config import load_settings
+from bridge.configload import load_settings
 from bridge.errors import FencedError
 from bridge.zk import Create, ZooKeeper
 from tests.harness import procs

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
+from bridge.configload import load_settings
 from bridge.metrics import exported
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,10 +25,9 @@ from bridge.config import (
     SubtreeSettings,
     ZooKeeperSettings,
     describe,
-    load_settings,
-    parse_settings,
     reloaded,
 )
+from bridge.configload import load_settings, parse_settings
 from bridge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
