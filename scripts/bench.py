@@ -1875,13 +1875,13 @@ def cpu_table(phases: Mapping[str, Any]) -> str:
 
 async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool) -> Any:
     """A one-partition topic and a started producer with the bridge's settings
-    (bridge/kafka.py: acks=all, linger 2 ms, its batch size), so the raw ceiling is
+    (bridge/kafka/client.py: acks=all, linger 2 ms, its batch size), so the raw ceiling is
     comparable."""
     # aiokafka is imported here so that --help stays quick.
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from bridge.kafka import PRODUCE_BATCH_BYTES
+    from bridge.kafka.client import PRODUCE_BATCH_BYTES
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -1945,7 +1945,7 @@ async def _kafka_latency(bootstrap: str, samples: int, gap: float, idempotence: 
     """Milliseconds from send() to the record arriving at a waiting consumer, one at a time."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from bridge.kafka import FETCH_MAX_WAIT_MS
+    from bridge.kafka.client import FETCH_MAX_WAIT_MS
 
     topic = "bench.latency"
     producer = await _raw_topic_and_producer(bootstrap, topic, idempotence)

@@ -1,4 +1,4 @@
-"""The Kafka adapter: the only module that imports aiokafka.
+"""The Kafka adapter's client: everything it does, in one module for now.
 
 Topic creation (compacted), publishing with acks=all, consuming manually
 assigned partitions from positions the caller supplies, offset queries and
