@@ -8,6 +8,7 @@ package. Everything else in the bridge imports from here.
 """
 
 from bridge.config import topic_name
-from bridge.kafka.client import Kafka, Record, TopicIds
+from bridge.kafka.client import Kafka, Record
+from bridge.kafka.topicids import TopicIds
 
 __all__ = ["Kafka", "Record", "TopicIds", "topic_name"]
