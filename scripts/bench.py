@@ -1881,7 +1881,7 @@ async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool)
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from bridge.kafka.client import PRODUCE_BATCH_BYTES
+    from bridge.kafka.values import PRODUCE_BATCH_BYTES
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -1945,7 +1945,7 @@ async def _kafka_latency(bootstrap: str, samples: int, gap: float, idempotence: 
     """Milliseconds from send() to the record arriving at a waiting consumer, one at a time."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from bridge.kafka.client import FETCH_MAX_WAIT_MS
+    from bridge.kafka.values import FETCH_MAX_WAIT_MS
 
     topic = "bench.latency"
     producer = await _raw_topic_and_producer(bootstrap, topic, idempotence)

@@ -8,7 +8,8 @@ package. Everything else in the bridge imports from here.
 """
 
 from bridge.config import topic_name
-from bridge.kafka.client import Kafka, Record
+from bridge.kafka.client import Kafka
 from bridge.kafka.topicids import TopicIds
+from bridge.kafka.values import Record
 
 __all__ = ["Kafka", "Record", "TopicIds", "topic_name"]

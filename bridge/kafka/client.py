@@ -3,32 +3,26 @@
 Topic creation (compacted), publishing with acks=all, consuming manually
 assigned partitions from positions the caller supplies, offset queries and
 topic ids (the request itself is in ``topicids``).
-aiokafka's exceptions are translated here into ``bridge.errors``.
+aiokafka's exceptions are translated into ``bridge.errors`` through ``boundary``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
-    AuthenticationFailedError,
-    ClusterAuthorizationFailedError,
-    GroupAuthorizationFailedError,
     IncompatibleBrokerVersion,
     InvalidProducerEpoch,
     OffsetOutOfRangeError,
     OutOfOrderSequenceNumber,
-    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
-    TopicAuthorizationFailedError,
     UnknownProducerId,
 )
 from aiokafka.errors import (
@@ -38,71 +32,24 @@ from aiokafka.helpers import create_ssl_context
 
 from bridge.config import KafkaSettings
 from bridge.errors import FatalKafkaError, KafkaError, OffsetOutOfRange
+from bridge.kafka.boundary import _FATAL, _close, _guard, _started
 from bridge.kafka.topicids import _UNKNOWN_TOPIC, _ZERO_ID, TopicIds, _id_text, _TopicIdsRequest
+from bridge.kafka.values import (
+    DELETE_RETENTION_MS,
+    FETCH_MAX_WAIT_MS,
+    MAX_RECORD_BYTES,
+    PRODUCE_BATCH_BYTES,
+    QUERY_TIMEOUT_MS,
+    STOP_TIMEOUT,
+    Record,
+)
 
 log = structlog.get_logger("bridge.kafka")
 
-T = TypeVar("T")
-
-MAX_RECORD_BYTES = 1_048_576
-# Bytes per produce batch. aiokafka sends one batch per partition per request
-# and one request at a time per broker: with its default (16 KB, some 60
-# records) a thousand-event capture took 17 round trips, 0.2-0.3 s, to
-# publish. Half of a broker's default message.max.bytes (1 MB); a record
-# larger than this still goes, in a batch of its own.
-PRODUCE_BATCH_BYTES = 512 * 1024
-# Upper bound on an idle fetch's wait. Kafka answers as soon as data
-# arrives anyway; some compatible brokers (tansu) only answer on this timer,
-# which then adds up to this much to every event's latency. An idle bridge
-# pays 20 fetches a second per connection for it.
-FETCH_MAX_WAIT_MS = 50
-QUERY_TIMEOUT_MS = 5000  # offset and metadata queries (see Kafka._querier)
-STOP_TIMEOUT = 0.4
 # The broker no longer knows this idempotent producer's sequence (it restarted
 # and lost the tail of a log, or expired the producer's state): that producer
 # can never send again; a new one (new producer id) can.
 _PRODUCER_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
-_FATAL = (
-    AuthenticationFailedError,
-    SaslAuthenticationFailed,
-    TopicAuthorizationFailedError,
-    GroupAuthorizationFailedError,
-    ClusterAuthorizationFailedError,
-)
-
-
-# How long the cleaner keeps a null-value record (a Kafka tombstone) after
-# compacting the records it covers. A bridge publishes one for each tombstone
-# it collects; a region reading the topic within this time still sees the
-# null, and the collected delete it carries, after the key's older records
-# are gone (README, "Tombstones"). A region bootstrapping later finds
-# neither, which is fine: the key's older records went with them.
-DELETE_RETENTION_MS = 7 * 24 * 3600 * 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
-async def _guard(what: str, coro: Awaitable[T]) -> T:
-    try:
-        return await coro
-    except _FATAL as exc:
-        raise FatalKafkaError(
-            f"{what}: {type(exc).__name__}: refused by the broker; check kafka.sasl "
-            "credentials and the ACLs of this region's principal"
-        ) from exc
-    except AioKafkaError as exc:
-        raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
-    except (OSError, TimeoutError) as exc:
-        raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
 
 
 class Kafka:
@@ -548,35 +495,6 @@ class Kafka:
                     ("query consumer", self._probe)) if c is not None]
         self._producer = self._consumer = self._probe = None
         await asyncio.gather(*closers)
-
-
-async def _close(what: str, client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
-    """Stop ``client`` within STOP_TIMEOUT seconds; a failure is logged, not raised."""
-    try:
-        async with asyncio.timeout(STOP_TIMEOUT):
-            await client.stop()
-    except TimeoutError:
-        log.warning("kafka_stop_timeout", client=what, timeout_s=STOP_TIMEOUT)
-    except asyncio.CancelledError:
-        # aiokafka re-raises the cancellation of its own fetch task (one
-        # waiting to retry an unreachable broker) from stop(): a failed
-        # close, unless this task itself is being cancelled.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        log.warning("kafka_stop_failed", client=what, error="cancelled inside aiokafka")
-    except Exception as exc:  # shutting down: report, don't mask the cause
-        log.warning("kafka_stop_failed", client=what, error=str(exc))
-
-
-async def _started(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
-    """``consumer``, started; closed again if it could not start."""
-    try:
-        await _guard("connect consumer", consumer.start())
-    except BaseException:
-        await consumer.stop()
-        raise
-    return consumer
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
