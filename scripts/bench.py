@@ -1875,7 +1875,7 @@ def cpu_table(phases: Mapping[str, Any]) -> str:
 
 async def _raw_topic_and_producer(bootstrap: str, topic: str, idempotence: bool) -> Any:
     """A one-partition topic and a started producer with the bridge's settings
-    (bridge/kafka/client.py: acks=all, linger 2 ms, its batch size), so the raw ceiling is
+    (bridge/kafka/producing.py: acks=all, linger 2 ms, its batch size), so the raw ceiling is
     comparable."""
     # aiokafka is imported here so that --help stays quick.
     from aiokafka import AIOKafkaProducer

@@ -1,10 +1,12 @@
 """The Kafka adapter: the only package that imports aiokafka.
 
-``client`` is the client one bridge uses (``Kafka``): topic creation
-(compacted), publishing with acks=all, consuming manually assigned
-partitions from positions the caller supplies, offset queries and topic ids.
-aiokafka's exceptions are translated into ``bridge.errors`` inside this
-package. Everything else in the bridge imports from here.
+``client`` is the client one bridge uses (``Kafka``), made of ``connection``
+(settings, client options, the security check), ``admin`` (compacted topics),
+``producing`` (acks=all) and ``consuming`` (manually assigned partitions from
+positions the caller supplies, offset queries, topic ids); ``topicids`` the
+Metadata v12 request aiokafka lacks, ``values`` the record and the limits,
+``boundary`` aiokafka's exceptions translated into ``bridge.errors``.
+Everything else in the bridge imports from here.
 """
 
 from bridge.config import topic_name

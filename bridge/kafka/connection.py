@@ -1,0 +1,115 @@
+"""What every part of the Kafka client shares: the settings, the clients'
+state, the options each aiokafka client connects with, and the security check
+made before the first one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaError as AioKafkaError,
+)
+from aiokafka.helpers import create_ssl_context
+
+from bridge.config import KafkaSettings
+from bridge.errors import FatalKafkaError, KafkaError
+from bridge.kafka.boundary import _FATAL
+
+
+class Connection:
+    """The base of ``Kafka``: one config, the clients it started, how to connect."""
+
+    def __init__(self, settings: KafkaSettings, *, client_id: str) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        # Offset and metadata queries go on a connection of their own: a broker
+        # answers one request per connection at a time, so on the fetching
+        # consumer's connection each waited behind a long-polling fetch (up to
+        # fetch_max_wait_ms: 200 ms for the two offset lookups of a topic check,
+        # which held every applied batch back by as much once a second).
+        self._probe: AIOKafkaConsumer | None = None
+        self._probe_lock = asyncio.Lock()
+        self._secure_ok = False
+        self._producer_lock = asyncio.Lock()
+        self._producer_started = False
+        self._ids_unsupported = False
+
+    def _common(self) -> dict[str, Any]:
+        s = self.settings
+        opts: dict[str, Any] = {
+            "bootstrap_servers": s.bootstrap_servers,
+            "client_id": self.client_id,
+            "request_timeout_ms": int(s.request_timeout * 1000),
+            "security_protocol": s.security_protocol,
+        }
+        if s.ssl is not None:
+            opts["ssl_context"] = create_ssl_context(
+                cafile=s.ssl.cafile, certfile=s.ssl.certfile, keyfile=s.ssl.keyfile
+            )
+        elif s.security_protocol in ("SSL", "SASL_SSL"):
+            opts["ssl_context"] = create_ssl_context()
+        if s.sasl is not None:
+            opts["sasl_mechanism"] = s.sasl.mechanism
+            opts["sasl_plain_username"] = s.sasl.username
+            opts["sasl_plain_password"] = s.sasl.password
+        return opts
+
+    async def _check_security(self) -> None:
+        """Fail at once on a broker we must not or cannot talk to (untrusted TLS, bad SASL).
+
+        aiokafka's bootstrap logs such a cause and then raises the same retriable
+        "Unable to bootstrap" it raises for a broker that is merely down, so one
+        connection made here first tells the two apart. Unreachable brokers stay
+        retriable.
+        """
+        if self._secure_ok or self.settings.security_protocol == "PLAINTEXT":
+            return
+        opts = self._common()
+        unreachable: list[str] = []
+        # The first server that answers decides; only if none does is it retriable.
+        for server in (s.strip() for s in self.settings.bootstrap_servers.split(",")):
+            host, _, port = server.rpartition(":")
+            try:
+                conn = await create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    client_id=self.client_id,
+                    request_timeout_ms=opts["request_timeout_ms"],
+                    ssl_context=opts.get("ssl_context"),
+                    security_protocol=opts["security_protocol"],
+                    sasl_mechanism=opts.get("sasl_mechanism", "PLAIN"),
+                    sasl_plain_username=opts.get("sasl_plain_username"),
+                    sasl_plain_password=opts.get("sasl_plain_password"),
+                )
+            except ssl.SSLCertVerificationError as exc:
+                raise FatalKafkaError(
+                    f"TLS to {server}: the broker's certificate is not trusted "
+                    f"({exc.verify_message}); check kafka.ssl.cafile"
+                ) from exc
+            except ssl.SSLError as exc:
+                raise FatalKafkaError(
+                    f"TLS to {server}: handshake failed ({exc.reason or exc}); check "
+                    "kafka.security_protocol and kafka.ssl"
+                ) from exc
+            except _FATAL as exc:
+                user = self.settings.sasl.username if self.settings.sasl else "?"
+                raise FatalKafkaError(
+                    f"SASL to {server}: authentication of {user!r} failed "
+                    f"({type(exc).__name__}); check kafka.sasl.username, "
+                    "kafka.sasl.password and kafka.sasl.mechanism"
+                ) from exc
+            except (AioKafkaError, OSError, TimeoutError) as exc:
+                unreachable.append(f"{server}: {type(exc).__name__} {exc}")
+                continue
+            conn.close()
+            self._secure_ok = True
+            return
+        # Down or unreachable: the caller retries.
+        raise KafkaError("connect: " + "; ".join(unreachable))
