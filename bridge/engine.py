@@ -10,14 +10,14 @@ Retriable errors back off and retry; everything else stops the bridge
 What each part does lives in its own module: ``watching`` (watches and
 scans), ``twin`` (this ensemble's incarnation, no second ensemble as this
 region), ``reannounce`` (the own topic lost records), ``reporter`` (the
-status record).
+status record), ``clients`` (the ZooKeeper session, membership, closing the
+clients).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import time
@@ -30,10 +30,11 @@ import structlog
 from bridge import codec, collector, failpoints, owntopic, twin
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
+from bridge.clients import Clients
 from bridge.clock import HybridClock, hlc_to_ms
 from bridge.config import Settings, reloaded
 from bridge.election import Election
-from bridge.errors import BridgeError, FencedError, VersionConflict
+from bridge.errors import BridgeError, FencedError
 from bridge.inbound import Inbound, decode_record
 from bridge.kafka import Kafka, Record, topic_name
 from bridge.model import Event
@@ -63,7 +64,6 @@ class Bridge:
         # Large captures' ACL reads (Capturing._pieces, bridge.capture): connected in the
         # background, never waited for; the main session serves until then.
         self.acl_zk = ZooKeeper(settings.zookeeper)
-        self._acl_zk_starting: asyncio.Future[None] | None = None
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{self.region}")
         self.clock = HybridClock(failpoints.wall_ms)
@@ -111,6 +111,7 @@ class Bridge:
         self.watching = Watching(self)
         self.reannounce = Reannouncer(self)
         self.reporter = Reporter(self)
+        self.clients = Clients(self, self._lost, self._stop)
         self.peers = self.inbound.peers
 
     def topic(self, subtree: str, region: str) -> str:
@@ -130,10 +131,10 @@ class Bridge:
             await self.retry("connect to ZooKeeper", self.zk.start)
             self.zk.on_watch(self.watching.on_watch)
             self.zk.on_tree(self.watching.on_tree)
-            self.zk.on_session(self._on_session)
-            self._acl_zk_starting = asyncio.ensure_future(self._start_acl_reader())
-            await self._register_member()
-            self.background(self._connection_watchdog())
+            self.zk.on_session(self.clients.on_session)
+            self.clients.acl_zk_starting = asyncio.ensure_future(self.clients.start_acl_reader())
+            await self.clients.register_member()
+            self.background(self.clients.watchdog())
             while not self._stop.is_set() and self._fatal is None:
                 self.role = "candidate"
                 elected = asyncio.create_task(self.election.wait())
@@ -149,7 +150,7 @@ class Bridge:
             # The daemon cancels run() when a stop outlasts its grace; the
             # clients must still close in order (kazoo cannot close a client
             # whose stop is still running in a thread).
-            closing = asyncio.ensure_future(self._close_clients())
+            closing = asyncio.ensure_future(self.clients.close())
             try:
                 await asyncio.shield(closing)
             except asyncio.CancelledError:
@@ -157,27 +158,6 @@ class Bridge:
                 raise
         if self._fatal is not None:
             raise self._fatal
-
-    async def _close_clients(self) -> None:
-        await self.kafka.stop()
-        await self.zk.stop()
-        if self._acl_zk_starting is not None:
-            # kazoo cannot stop a client whose start is still running.
-            await self._acl_zk_starting
-            await self.acl_zk.stop()
-
-    async def _start_acl_reader(self) -> None:
-        if os.environ.get("ZKBRIDGE_NO_ACL_READER") == "1":
-            return  # tests of captures without it
-        try:
-            await self.acl_zk.start()
-        except BridgeError as exc:
-            # Only slower without it: large captures read on the main session.
-            log.warning("acl_session_unavailable", error=str(exc))
-            return
-        log.info("acl_session_connected", session=f"{self.acl_zk.session_id or 0:#x}")
-        for store in self.stores.values():
-            store.acl_reader = self.acl_zk
 
     def _standing_by(self, leader: str) -> None:
         if self.role != "standby":
@@ -345,19 +325,6 @@ class Bridge:
             "end offsets", lambda: self.kafka.end_offsets(list(positions)))
         self.inbound.check_caught_up()
 
-    @property
-    def member_path(self) -> str:
-        return f"{self.settings.state_path}/members/{self.identity}"
-
-    async def _register_member(self) -> None:
-        """An ephemeral znode per running bridge: who is alive, seen by status and tests."""
-        await self.zk.ensure_path(f"{self.settings.state_path}/members")
-        member = {"identity": self.identity, "region": self.region,
-                  "session": f"{self.zk.session_id or 0:#x}"}
-        # Already there when this same session registered it before a reconnect.
-        with contextlib.suppress(VersionConflict):
-            await self.zk.create(self.member_path, json.dumps(member).encode(), ephemeral=True)
-
     def incident(self, kind: str, text: str) -> None:
         """Something happened to the replicated data: status shows it for a while."""
         self.incidents.append({"at_ms": now_ms(), "kind": kind, "text": text})
@@ -390,25 +357,6 @@ class Bridge:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    # -- ZooKeeper session and client --------------------------------------
-    def _on_session(self, state: str, new_session: bool) -> None:
-        log.info("zookeeper_session", state=state, new_session=new_session)
-        if state == "LOST" and self.role == "leader":
-            # The session held our candidate znode: someone else may lead now.
-            self._lost.set()
-        if state != "CONNECTED":
-            self.watching.disconnected()
-        if state == "CONNECTED" and new_session:
-            # The ephemeral member znode died with the old session.
-            self.background(self.retry("register member", self._register_member))
-        if state == "CONNECTED":
-            # Nothing was delivered while away, and the persistent watch is
-            # gone (kazoo does not restore it): re-add it and rescan. Also
-            # during a term's start-up, before ready: the rescanner runs as
-            # soon as the term's tasks do (a reconnect mid-start-up scan
-            # otherwise left the term without a watch).
-            self.watching.rescan.set()
-
     def reload(self, new: Settings) -> tuple[list[str], list[str]]:
         """Apply what can change without a restart; return (applied, needs restart) keys."""
         self.settings, applied, restart = reloaded(self.settings, new)
@@ -424,35 +372,6 @@ class Bridge:
         if any(st.held_back for st in self.stores.values()):
             self.watching.rescan.set()
         return applied, restart
-
-    async def _connection_watchdog(self) -> None:
-        """Restart the ZooKeeper client after a disconnection that does not heal.
-
-        kazoo reconnects by itself through ordinary outages; what it cannot get
-        past is an ensemble that lost its data (wiped, restored from an old
-        backup), which refuses a client that has seen later transactions.
-        """
-        limit = max(15.0, 3 * self.settings.zookeeper.session_timeout)
-        down_since: float | None = None
-        while not self._stop.is_set():
-            await asyncio.sleep(1.0)
-            if self.zk.connected:
-                down_since = None
-                continue
-            now = time.monotonic()
-            down_since = down_since or now
-            if now - down_since < limit:
-                continue
-            log.warning("zookeeper_client_restart", disconnected_for=round(now - down_since, 1),
-                        hint="the ensemble may have been wiped or restored; reconnecting afresh")
-            self.note_error("zookeeper", f"disconnected for {now - down_since:.0f}s; restarted")
-            if self.role == "leader":
-                self._lost.set()
-            try:
-                await self.zk.restart()
-            except Exception as exc:  # the next round tries again
-                log.warning("zookeeper_client_restart_failed", error=str(exc))
-            down_since = None
 
     def background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
