@@ -223,7 +223,7 @@ class Applier:
             if rec.value is None:  # a Kafka tombstone: nothing to apply
                 asm.skip(rec.offset)
                 continue
-            event = self.bridge.decode(rec, store.layout.name, self.bridge.region)
+            event = self.bridge.streams.decode(rec, store.layout.name, self.bridge.region)
             if event is not None and event.op is Op.HEARTBEAT:
                 asm.skip(rec.offset)
                 continue

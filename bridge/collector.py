@@ -55,7 +55,7 @@ async def collect_once(bridge: Bridge, name: str) -> int:
         # Entries still in the outbox are not in the queue, where busy_paths
         # looks; stability alone would cover them, but wait for the feeder.
         return 0
-    bridge.applied_report(name)  # count the heartbeats applied past so far
+    bridge.streams.applied_report(name)  # count the heartbeats applied past so far
     cutoff_ms = int(time.time() * 1000) - int(1000 * bridge.settings.tombstone_grace)
     async with bridge.locks[name]:
         chosen = tombstones.candidates(

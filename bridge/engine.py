@@ -11,7 +11,7 @@ What each part does lives in its own module: ``watching`` (watches and
 scans), ``twin`` (this ensemble's incarnation, no second ensemble as this
 region), ``reannounce`` (the own topic lost records), ``reporter`` (the
 status record), ``clients`` (the ZooKeeper session, membership, closing the
-clients).
+clients), ``streams`` (records decoded, applied and stable positions, backlog).
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from bridge import codec, collector, failpoints, owntopic, twin
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
 from bridge.clients import Clients
-from bridge.clock import HybridClock, hlc_to_ms
+from bridge.clock import HybridClock
 from bridge.config import Settings, reloaded
 from bridge.election import Election
 from bridge.errors import BridgeError, FencedError
-from bridge.inbound import Inbound, decode_record
-from bridge.kafka import Kafka, Record, topic_name
-from bridge.model import Event
+from bridge.inbound import Inbound
+from bridge.kafka import Kafka, topic_name
 from bridge.outbound import Outbound
 from bridge.reannounce import Reannouncer
 from bridge.reporter import Reporter
@@ -45,6 +44,7 @@ from bridge.scan import Scanner
 from bridge.stability import Stability
 from bridge.status import now_ms
 from bridge.store import Layout, SubtreeStore
+from bridge.streams import Streams
 from bridge.watching import Watching
 from bridge.zk import ZooKeeper, own_acl
 
@@ -112,6 +112,7 @@ class Bridge:
         self.reannounce = Reannouncer(self)
         self.reporter = Reporter(self)
         self.clients = Clients(self, self._lost, self._stop)
+        self.streams = Streams(self)
         self.peers = self.inbound.peers
 
     def topic(self, subtree: str, region: str) -> str:
@@ -381,37 +382,3 @@ class Bridge:
     def note_error(self, what: str, error: str) -> None:
         """Remember a recent problem for ``zkbridge status``."""
         self.errors.append({"at_ms": int(time.time() * 1000), "what": what, "error": error})
-
-    # -- inbound helpers -----------------------------------------------------
-    def decode(self, rec: Record, subtree: str, origin: str) -> Event | None:
-        """Decode and contain one record: anything off is counted, logged and skipped."""
-        event, reason, detail = decode_record(rec, subtree, origin)
-        if reason:
-            self.stats[f"rejected:{reason}"] += 1
-            self.note_error(f"event rejected ({reason})", f"{rec.topic}@{rec.offset}")
-            log.warning("event_rejected", reason=reason, topic=rec.topic,
-                        partition=rec.partition, offset=rec.offset, detail=detail)
-        return event
-
-    def applied_report(self, subtree: str) -> tuple[tuple[str, int], ...]:
-        """How far this region applied each peer's stream of ``subtree`` (for heartbeats)."""
-        stab = self.stability[subtree]
-        for p in self.peers.values():
-            if p.subtree == subtree:
-                for part, pos in p.positions.items():
-                    stab.passed(p.peer, part, pos)
-        return stab.report()
-
-    def stable_prefixes(self, subtree: str) -> dict[str, int | None]:
-        """Per origin, the wall-clock ms of its stream's stable prefix (None: not known)."""
-        self.applied_report(subtree)
-        stab = self.stability[subtree]
-        out: dict[str, int | None] = {}
-        for origin in (self.region, *self.settings.peers):
-            prefix = stab.stable(origin)
-            out[origin] = None if prefix is None else min(hlc_to_ms(prefix), now_ms())
-        return out
-
-    def backlog(self, subtree: str) -> int:
-        """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
-        return self.outbound.queued[subtree]

@@ -202,7 +202,7 @@ class Inbound:
             # order, through the apply queue, only where it wins over a live
             # version (``bridge.tombstones``).
             rec = replace(rec, value=carried)
-        event = self.bridge.decode(rec, peer.subtree, peer.peer)
+        event = self.bridge.streams.decode(rec, peer.subtree, peer.peer)
         if null and event is not None and event.op is not Op.DELETE:
             self.bridge.stats["rejected:bad_field"] += 1
             log.warning("event_rejected", reason="bad_field", topic=rec.topic,

@@ -150,7 +150,7 @@ class BridgeCollector(Collector):
         yield from (lag_e, lag_s, hb)
         outbox = family("zkbridge_outbox_depth")
         for name in b.stores:
-            outbox.add_metric([name], b.backlog(name))
+            outbox.add_metric([name], b.streams.backlog(name))
         yield outbox
         yield from state_families(b)
         scan = family("zkbridge_scan_seconds")
@@ -199,7 +199,7 @@ def state_families(b: Bridge) -> Iterator[Metric]:
     for name, store in b.stores.items():
         age.add_metric([name], b.outbound.oldest_age(name))
         held.add_metric([name], store.tombstones_held())
-        for origin, prefix_ms in b.stable_prefixes(name).items():
+        for origin, prefix_ms in b.streams.stable_prefixes(name).items():
             if prefix_ms is not None:
                 stable.add_metric([name, origin], max(0.0, (now - prefix_ms) / 1000))
     yield from (age, held, stable)

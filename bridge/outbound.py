@@ -385,7 +385,7 @@ class Outbound(Publishing):
                 # A spilled subtree has captures still in the outbox, stamped
                 # below this heartbeat and not ahead of it: liveness only.
                 applied = (None if self.capturing[name] or self.draining[name]
-                           else b.applied_report(name))
+                           else b.streams.applied_report(name))
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
                            inc=b.incarnation, applied=applied)

@@ -90,7 +90,7 @@ class Reporter:
             health=health(errors, peers, b.settings.heartbeat_interval,
                           incidents=incidents, clock=clock),
             started_ms=b.started_ms, updated_ms=now_ms(), counters=dict(b.stats),
-            outbox={n: b.backlog(n) for n in b.stores},
+            outbox={n: b.streams.backlog(n) for n in b.stores},
             oversized={n: sorted(st.oversized) for n, st in b.stores.items()},
             held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]
                        for n, st in b.stores.items()},
@@ -111,7 +111,7 @@ class Reporter:
             "outbox_age_seconds": round(b.outbound.oldest_age(subtree), 1),
             "stable_prefix_age_seconds": {
                 origin: None if at is None else round(max(0, now - at) / 1000, 1)
-                for origin, at in b.stable_prefixes(subtree).items()},
+                for origin, at in b.streams.stable_prefixes(subtree).items()},
         }
 
     async def write(self) -> None:

@@ -42,6 +42,11 @@ class Clock:
         return next(self.ticks)
 
 
+class FakeStreams:
+    def applied_report(self, subtree: str) -> dict[str, Any]:
+        return {}
+
+
 class FakeBridge:
     region = "r1"
     incarnation = "ab12"
@@ -51,9 +56,7 @@ class FakeBridge:
         self.stores: dict[str, Any] = {"s": self.store}
         self.stats: Counter[str] = Counter()
         self.clock = Clock()
-
-    def applied_report(self, subtree: str) -> dict[str, Any]:
-        return {}
+        self.streams = FakeStreams()
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         return await fn()
