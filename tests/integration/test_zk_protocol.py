@@ -18,7 +18,7 @@ import pytest
 from kazoo.exceptions import NoNodeError
 
 from bridge.config import ZooKeeperSettings
-from bridge.errors import NoPermission
+from bridge.errors import NoPermission, VersionConflict
 from bridge.zk import Create, Node, SetData, ZooKeeper
 from tests.conftest import ZkServers
 from tests.harness.zookeeper import KazooFactory
@@ -179,6 +179,51 @@ def test_notifications_of_a_multi_are_numbered_below_its_reply_and_later_ones_ab
     assert frame < seen[2][1] < second
     assert seen[3][0] == f"{root}/y" and seen[2][1] < seen[3][1] < second
     assert len(seen) == 4
+
+
+def test_a_read_sent_behind_a_multi_sees_its_outcome(
+    zk_servers: ZkServers, zk: KazooFactory, token: str
+) -> None:
+    """Sent on the session right after a ``multi``, not waiting for its reply, a
+    read is answered after it: never older than the multi, and it waits for the
+    commit (why a large capture reads its ACLs on a second session)."""
+    app = zk()
+    root = f"/{token}"
+    paths = [f"{root}/n{i:03}" for i in range(300)]
+    for p in paths:
+        app.create(p, b"0", makepath=True)
+
+    async def run() -> list[tuple[list[bytes], bool]]:
+        adapter = _adapter(zk_servers)
+        await adapter.start()
+        out: list[tuple[list[bytes], bool]] = []
+        try:
+            for k in range(1, 41):
+                # Every fourth multi fails on its last check, so changes nothing.
+                fails = k % 4 == 0
+                version = -1 if not fails else 10_000
+                ops = [SetData(p, str(k).encode(), -1) for p in paths[:-1]]
+                ops.append(SetData(paths[-1], str(k).encode(), version))
+                sending = asyncio.ensure_future(adapter.commit(ops, fenced=False))
+                await asyncio.sleep(0)
+                reading = asyncio.ensure_future(adapter.read_many([("data", p) for p in paths]))
+                committed = True
+                try:
+                    await sending
+                except VersionConflict:
+                    committed = False
+                nodes = await reading
+                out.append(([n.data for n in nodes], committed))
+        finally:
+            await adapter.stop()
+        return out
+
+    last = b"0"
+    for k, (values, committed) in enumerate(asyncio.run(run()), start=1):
+        assert committed == (k % 4 != 0)
+        if committed:
+            last = str(k).encode()
+        assert values == [last] * len(paths), (k, sorted(set(values)))
 
 
 def test_refused_add_watch_is_reported_as_unsupported(zk_servers: ZkServers, token: str) -> None:
