@@ -79,7 +79,7 @@ NULL_HEADER = "zkbridge-tombstone"
 # ---------------------------------------------------------------- unpacking
 
 
-def _unpack(
+def unpack_bounded(
     raw: bytes, *, max_bytes: int, int_keys: bool = False, max_map_len: int = MAX_VC_ENTRIES,
     max_array_len: int = MAX_TOP_LEVEL_KEYS,
 ) -> object:
@@ -107,7 +107,7 @@ def _unpack(
         raise CodecError(MALFORMED, type(exc).__name__) from exc
 
 
-def _pack(obj: object) -> bytes:
+def pack(obj: object) -> bytes:
     packed: bytes = msgpack.packb(obj, use_bin_type=True)
     return packed
 
@@ -115,14 +115,14 @@ def _pack(obj: object) -> bytes:
 # ---------------------------------------------------------------- field checks
 
 
-def _require(m: Mapping[str, object], key: str) -> object:
+def require(m: Mapping[str, object], key: str) -> object:
     if key not in m:
         raise CodecError(BAD_FIELD, f"{key}: missing")
     return m[key]
 
 
-def _int(m: Mapping[str, object], key: str, lo: int, hi: int = MAX_INT64) -> int:
-    value = _require(m, key)
+def int_field(m: Mapping[str, object], key: str, lo: int, hi: int = MAX_INT64) -> int:
+    value = require(m, key)
     # bool is an int in Python but never a valid counter or timestamp.
     if not isinstance(value, int) or isinstance(value, bool):
         raise CodecError(BAD_FIELD, f"{key}: expected int, got {type(value).__name__}")
@@ -131,35 +131,35 @@ def _int(m: Mapping[str, object], key: str, lo: int, hi: int = MAX_INT64) -> int
     return value
 
 
-def _str(m: Mapping[str, object], key: str) -> str:
-    value = _require(m, key)
+def str_field(m: Mapping[str, object], key: str) -> str:
+    value = require(m, key)
     if not isinstance(value, str):
         raise CodecError(BAD_FIELD, f"{key}: expected str, got {type(value).__name__}")
     return value
 
 
-def _bool(m: Mapping[str, object], key: str) -> bool:
-    value = _require(m, key)
+def bool_field(m: Mapping[str, object], key: str) -> bool:
+    value = require(m, key)
     if not isinstance(value, bool):
         raise CodecError(BAD_FIELD, f"{key}: expected bool, got {type(value).__name__}")
     return value
 
 
-def _bytes(m: Mapping[str, object], key: str) -> bytes:
-    value = _require(m, key)
+def bytes_field(m: Mapping[str, object], key: str) -> bytes:
+    value = require(m, key)
     if not isinstance(value, bytes):
         raise CodecError(BAD_FIELD, f"{key}: expected bin, got {type(value).__name__}")
     return value
 
 
 def _region(m: Mapping[str, object], key: str) -> str:
-    value = _str(m, key)
+    value = str_field(m, key)
     if not _REGION.fullmatch(value):
         raise CodecError(BAD_FIELD, f"{key}: not a region name [a-z0-9-]{{1,32}}")
     return value
 
 
-def _vc(value: object, key: str, *, min_counter: int, check_regions: bool) -> VectorClock:
+def vc_field(value: object, key: str, *, min_counter: int, check_regions: bool) -> VectorClock:
     if not isinstance(value, dict):
         raise CodecError(BAD_FIELD, f"{key}: expected map, got {type(value).__name__}")
     if len(value) > MAX_VC_ENTRIES:
@@ -174,7 +174,7 @@ def _vc(value: object, key: str, *, min_counter: int, check_regions: bool) -> Ve
     return VectorClock.of(value)
 
 
-def _map(obj: object, what: str) -> dict[str, Any]:
+def as_map(obj: object, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CodecError(MALFORMED, f"{what} is not a map")
     if any(not isinstance(k, str) for k in obj):
@@ -219,37 +219,37 @@ def normalise_path(path: object) -> str:
 # ---------------------------------------------------------------- events
 
 
-def _event_from_map(m: Mapping[str, object]) -> Event:
+def event_from_map(m: Mapping[str, object]) -> Event:
     # Version first: a future major may change any other field, and its
     # events must be reported as unknown_version, not as a field error.
-    v = _require(m, "v")
+    v = require(m, "v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise CodecError(UNKNOWN_VERSION, f"v is {type(v).__name__}, not an int")
     if v != SCHEMA_VERSION:
         raise CodecError(UNKNOWN_VERSION, f"v={v}" if -1000 < v < 1000 else "v out of range")
 
-    op_name = _str(m, "op")
+    op_name = str_field(m, "op")
     op = _OPS.get(op_name)
     if op is None:
         raise CodecError(BAD_FIELD, "op: not put, delete or heartbeat")
     origin = _region(m, "origin")
-    subtree = _str(m, "subtree")
+    subtree = str_field(m, "subtree")
     if not _SUBTREE.fullmatch(subtree):
         raise CodecError(BAD_FIELD, "subtree: not a subtree name [a-z0-9_-]+")
-    path = normalise_path(_require(m, "path"))
+    path = normalise_path(require(m, "path"))
     if op is Op.HEARTBEAT and path != "/":
         raise CodecError(BAD_PATH, "heartbeat path must be /")
     if op is not Op.HEARTBEAT and path == "/":
         # The mount point itself belongs to each region's configuration.
         raise CodecError(BAD_PATH, "the mount root is not replicated")
     writer = _region(m, "writer")
-    vc = _vc(_require(m, "vc"), "vc", min_counter=1, check_regions=True)
+    vc = vc_field(require(m, "vc"), "vc", min_counter=1, check_regions=True)
     if op is not Op.HEARTBEAT and not vc.entries:
         raise CodecError(BAD_FIELD, "vc: empty")
-    ts = _int(m, "ts", 0)
+    ts = int_field(m, "ts", 0)
     data: bytes | None = None
     if op is Op.PUT:
-        data = _bytes(m, "data")
+        data = bytes_field(m, "data")
     elif "data" in m:
         raise CodecError(BAD_FIELD, f"data: not allowed for op={op.value}")
 
@@ -258,9 +258,9 @@ def _event_from_map(m: Mapping[str, object]) -> Event:
     if "batch" in m:
         if op is Op.HEARTBEAT:
             raise CodecError(BAD_FIELD, "batch: not allowed for a heartbeat")
-        batch = _int(m, "batch", 0)
-        batch_size = _int(m, "batch_size", 1, MAX_BATCH_SIZE)
-        batch_index = _int(m, "batch_index", 0, batch_size - 1)
+        batch = int_field(m, "batch", 0)
+        batch_size = int_field(m, "batch_size", 1, MAX_BATCH_SIZE)
+        batch_index = int_field(m, "batch_index", 0, batch_size - 1)
     elif "batch_index" in m or "batch_size" in m:
         raise CodecError(BAD_FIELD, "batch_index/batch_size without batch")
     acl: tuple[str, ...] | None = None
@@ -325,7 +325,7 @@ def _applied(raw: object, op: Op) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(out.items()))
 
 
-def _event_to_map(event: Event) -> dict[str, object]:
+def event_to_map(event: Event) -> dict[str, object]:
     m: dict[str, object] = {
         "v": event.v,
         "origin": event.origin,
@@ -357,17 +357,17 @@ def encode(event: Event) -> bytes:
     The event is validated with the decoder's own rules first, so this region
     never publishes a record its peers would refuse.
     """
-    m = _event_to_map(event)
-    _event_from_map(m)
-    return _pack(m)
+    m = event_to_map(event)
+    event_from_map(m)
+    return pack(m)
 
 
 def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:
     """Parse one Kafka record value; raise ``CodecError`` for anything unacceptable."""
-    m = _map(_unpack(raw, max_bytes=max_bytes), "event")
+    m = as_map(unpack_bounded(raw, max_bytes=max_bytes), "event")
     if len(m) > MAX_TOP_LEVEL_KEYS:
         raise CodecError(MALFORMED, f"more than {MAX_TOP_LEVEL_KEYS} keys")
-    return _event_from_map(m)
+    return event_from_map(m)
 
 
 def incarnation_of(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str | None:
@@ -377,13 +377,13 @@ def incarnation_of(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str | N
     matters: a full ``decode`` of every record a start-up capture publishes
     was about a tenth of the origin's CPU during a catch-up (profiled).
     """
-    return _inc(_map(_unpack(raw, max_bytes=max_bytes), "event"))
+    return _inc(as_map(unpack_bounded(raw, max_bytes=max_bytes), "event"))
 
 
 def _inc(m: Mapping[str, object]) -> str | None:
     if "inc" not in m:
         return None
-    inc = _str(m, "inc")
+    inc = str_field(m, "inc")
     if not _INC.fullmatch(inc):
         raise CodecError(BAD_FIELD, "inc: not a hex incarnation id [0-9a-f]{1,64}")
     return inc

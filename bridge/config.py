@@ -33,14 +33,14 @@ from bridge.configrules import (
     Text,
     TopicPrefix,
     ZnodePath,
-    _digest_form,
-    _duplicates,
-    _items,
-    _overlap,
-    _replication_factor,
-    _rules,
-    _secret_from,
-    _valid,
+    check_replication_factor,
+    digest_form,
+    duplicates,
+    items_of,
+    overlap,
+    rules,
+    secret_from,
+    valid,
 )
 
 MAX_SESSION_TIMEOUT = 600
@@ -80,7 +80,7 @@ class ZooKeeperAuth:
     """Name of the environment variable holding the digest credential; it must be set and
     non-empty."""
 
-    _source = _secret_from("credential", _digest_form)
+    _source = secret_from("credential", digest_form)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -114,7 +114,7 @@ class KafkaSasl:
     password_env: EnvName | None = None
     """Name of the environment variable holding the SASL password; it must be set and non-empty."""
 
-    _source = _secret_from("password")
+    _source = secret_from("password")
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -129,7 +129,7 @@ class KafkaSsl:
     keyfile: ReadableFile | None = None
     """Private key (PEM) of certfile; requires certfile."""
 
-    @_rules
+    @rules
     def _key_pairs(cls, data: Mapping[str, Any]) -> Iterator[Problem]:
         if data.get("keyfile") is not None and data.get("certfile") is None:
             yield ("keyfile",), "requires certfile"
@@ -150,7 +150,7 @@ class KafkaSettings:
     key."""
     replication_factor: Annotated[
         Count,
-        AfterValidator(_replication_factor),
+        AfterValidator(check_replication_factor),
         Field(json_schema_extra={"minimum": -1, "not": {"const": 0}}),
     ] = -1
     """Replication factor for topics the bridge creates; -1 uses the broker default."""
@@ -162,9 +162,9 @@ class KafkaSettings:
     request_timeout: Positive = 30.0
     """Seconds a single Kafka request may take before it counts as failed."""
 
-    @_rules
+    @rules
     def _security(cls, data: Mapping[str, Any]) -> Iterator[Problem]:
-        protocol = _valid(SecurityProtocol, data.get("security_protocol", "PLAINTEXT"))
+        protocol = valid(SecurityProtocol, data.get("security_protocol", "PLAINTEXT"))
         if protocol is None:
             return  # the blocks cannot be judged without a protocol
         sasl = data.get("sasl") is not None
@@ -284,34 +284,34 @@ class Settings:
                 return subtree
         raise KeyError(name)
 
-    @_rules
+    @rules
     def _across(cls, data: Mapping[str, Any]) -> Iterator[Problem]:
         for name in ("metrics_listen", "log_format", "log_level", "source"):
             if name in data:
                 yield (name,), "unknown key"
         if data.get("subtrees") == []:
             yield ("subtrees",), "must not be empty"
-        region = _valid(Region, data.get("region"))
-        peers = _items(data.get("peers"))
+        region = valid(Region, data.get("region"))
+        peers = items_of(data.get("peers"))
         for i, peer in enumerate(peers):
             if region is not None and peer == region:
                 yield ("peers", i), f"must not be this bridge's own region {region}"
-        for i, first in _duplicates(peers, Region):
+        for i, first in duplicates(peers, Region):
             if peers[i] != region:
                 yield ("peers", i), f"duplicate of peers[{first}]"
-        subtrees = [s if isinstance(s, Mapping) else {} for s in _items(data.get("subtrees"))]
-        for i, first in _duplicates([s.get("name") for s in subtrees], SubtreeName):
+        subtrees = [s if isinstance(s, Mapping) else {} for s in items_of(data.get("subtrees"))]
+        for i, first in duplicates([s.get("name") for s in subtrees], SubtreeName):
             yield ("subtrees", i, "name"), f"duplicate of subtrees[{first}].name"
         for i, s in enumerate(subtrees):
-            for j, first in _duplicates(_items(s.get("exclude")), ZnodePath):
+            for j, first in duplicates(items_of(s.get("exclude")), ZnodePath):
                 yield ("subtrees", i, "exclude", j), f"duplicate of subtrees[{i}].exclude[{first}]"
-        state = _valid(MountPath, data.get("state_path", "/zkbridge"))
-        mounts = [(i, _valid(MountPath, s.get("path"))) for i, s in enumerate(subtrees)]
+        state = valid(MountPath, data.get("state_path", "/zkbridge"))
+        mounts = [(i, valid(MountPath, s.get("path"))) for i, s in enumerate(subtrees)]
         for i, path in mounts:
             for j, other in mounts[:i]:
-                if path and other and _overlap(path, other):
+                if path and other and overlap(path, other):
                     yield ("subtrees", i, "path"), f"{path} overlaps subtrees[{j}].path {other}"
-            if path and state and _overlap(path, state):
+            if path and state and overlap(path, state):
                 yield ("subtrees", i, "path"), f"{path} overlaps state_path {state}"
         grace, skew = data.get("tombstone_grace", 604800.0), data.get("max_clock_skew", 60.0)
         if _is_number(grace) and _is_number(skew) and 0 < grace <= skew:
@@ -320,10 +320,10 @@ class Settings:
         # Topic names within Kafka's limit, for the longest of the region and its peers.
         kafka = data.get("kafka")
         given = kafka.get("topic_prefix", "zkbridge") if isinstance(kafka, Mapping) else None
-        prefix = _valid(TopicPrefix, given)
-        longest = max((r for r in (region, *peers) if _valid(Region, r)), key=len, default=None)
+        prefix = valid(TopicPrefix, given)
+        longest = max((r for r in (region, *peers) if valid(Region, r)), key=len, default=None)
         for i, s in enumerate(subtrees):
-            name = _valid(SubtreeName, s.get("name"))
+            name = valid(SubtreeName, s.get("name"))
             topic = topic_name(prefix, name, longest) if prefix and name and longest else ""
             if len(topic) > MAX_TOPIC_NAME:
                 limit = f"Kafka's limit of {MAX_TOPIC_NAME} characters"

@@ -19,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from bridge.config import Settings
-from bridge.configrules import Loc, _adapter, _problem
+from bridge.configrules import Loc, adapter, problem
 from bridge.errors import ConfigError
 
 # --------------------------------------------------------------------------- problem lines
@@ -42,7 +42,7 @@ def _rank(loc: Loc) -> list[int]:
 
 
 def _lines(exc: ValidationError) -> list[str]:
-    found = sorted((_problem(error) for error in exc.errors()), key=lambda p: _rank(p[0]))
+    found = sorted((problem(error) for error in exc.errors()), key=lambda p: _rank(p[0]))
     return [
         "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:] + f": {message}"
         for loc, message in found
@@ -106,7 +106,7 @@ def _settings(doc: object, base_dir: Path, env: Mapping[str, str], problems: lis
         raise ConfigError([*problems, f"{label}: must be a mapping of settings, got {what}"])
     try:
         context = {"base_dir": base_dir, "env": env}
-        settings: Settings = _adapter(Settings).validate_python(doc, context=context)
+        settings: Settings = adapter(Settings).validate_python(doc, context=context)
     except ValidationError as exc:
         raise ConfigError(problems + _lines(exc)) from None
     if problems:  # duplicate YAML keys

@@ -2,7 +2,7 @@
 
 ``bridge.config`` writes the settings classes with these constrained types
 (names, host lists, znode paths, readable files) and model validators (keys
-judged together, a secret read from exactly one source); ``_problem`` words
+judged together, a secret read from exactly one source); ``problem`` words
 pydantic's errors as the lines ``zkbridge check-config`` prints. The only side
 effects are reading the files and environment variables a configuration names.
 """
@@ -97,7 +97,7 @@ def _context(info: ValidationInfo) -> Mapping[str, Any]:
     return info.context if isinstance(info.context, Mapping) else {}
 
 
-def _replication_factor(value: int) -> int:
+def check_replication_factor(value: int) -> int:
     if value == 0 or value < -1:
         raise ValueError("must be -1 (broker default) or at least 1")
     return value
@@ -138,31 +138,31 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
 @functools.cache
-def _adapter(kind: Any) -> TypeAdapter[Any]:
+def adapter(kind: Any) -> TypeAdapter[Any]:
     return TypeAdapter(kind)
 
 
-def _valid(kind: Any, value: object) -> Any:
+def valid(kind: Any, value: object) -> Any:
     """``value`` if it passes ``kind``'s own checks, else None (rules judge only such values)."""
     try:
-        return _adapter(kind).validate_python(value)
+        return adapter(kind).validate_python(value)
     except ValidationError:
         return None
 
 
-def _items(value: object) -> list[Any]:
+def items_of(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _duplicates(values: list[object], kind: Any) -> Iterator[tuple[int, int]]:
+def duplicates(values: list[object], kind: Any) -> Iterator[tuple[int, int]]:
     """(index, index of its first occurrence) for each repeated valid value."""
     first: dict[object, int] = {}
     for i, value in enumerate(values):
-        if _valid(kind, value) is not None and first.setdefault(value, i) != i:
+        if valid(kind, value) is not None and first.setdefault(value, i) != i:
             yield i, first[value]
 
 
-def _overlap(a: str, b: str) -> bool:
+def overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
@@ -175,7 +175,7 @@ def _checked(handler: Callable[[Any], Any], data: Any, problems: Iterable[Proble
     try:
         result = handler(data)
     except ValidationError as exc:
-        found[:0] = map(_problem, exc.errors())
+        found[:0] = map(problem, exc.errors())
     if not found:
         return result
     raise ValidationError.from_exception_data("settings", [
@@ -184,12 +184,12 @@ def _checked(handler: Callable[[Any], Any], data: Any, problems: Iterable[Proble
     ])
 
 
-def _rules(rules: Callable[[Any, Mapping[str, Any]], Iterable[Problem]]) -> Any:
+def rules(rules: Callable[[Any, Mapping[str, Any]], Iterable[Problem]]) -> Any:
     """A model validator adding the problems ``rules`` find in the mapping as written.
 
     An after-validator only runs once every field is valid, which would hide e.g.
     a mount overlap behind an unrelated typo; the rules therefore see the raw
-    mapping and judge only values that pass their own type (``_valid``).
+    mapping and judge only values that pass their own type (``valid``).
     Settings built in code (``dataclasses.replace``) are not judged again.
     """
 
@@ -201,7 +201,7 @@ def _rules(rules: Callable[[Any, Mapping[str, Any]], Iterable[Problem]]) -> Any:
     return model_validator(mode="wrap")(validate)
 
 
-def _secret_from(stem: str, check: Callable[[str], str | None] = lambda secret: None) -> Any:
+def secret_from(stem: str, check: Callable[[str], str | None] = lambda secret: None) -> Any:
     """A model validator reading ``stem`` from exactly one of stem, stem_file, stem_env.
 
     ``check`` judges the secret. Problems name keys, paths and variables, never the secret.
@@ -218,9 +218,9 @@ def _secret_from(stem: str, check: Callable[[str], str | None] = lambda secret: 
             return _checked(handler, data, [((), got if given else f"one of {wanted} is required")])
         try:
             secret = _secret(given[0], data[given[0]], info)
-            problem = check(secret) if secret else None  # "": the key's own type says why
-            if problem:
-                raise ValueError(problem)
+            wrong = check(secret) if secret else None  # "": the key's own type says why
+            if wrong:
+                raise ValueError(wrong)
         except ValueError as exc:
             return _checked(handler, data, [((given[0],), str(exc))])
         return _checked(handler, {**data, stem: secret} if secret else data, [])
@@ -230,7 +230,7 @@ def _secret_from(stem: str, check: Callable[[str], str | None] = lambda secret: 
 
 def _secret(key: str, value: Any, info: ValidationInfo) -> str:
     """The secret ``key`` holds or names; "" when ``value`` fails the key's own type."""
-    if _valid(EnvName if key.endswith("_env") else Text, value) is None:
+    if valid(EnvName if key.endswith("_env") else Text, value) is None:
         return ""
     if key.endswith("_env"):
         secret: str | None = _context(info).get("env", os.environ).get(value)
@@ -251,7 +251,7 @@ def _secret(key: str, value: Any, info: ValidationInfo) -> str:
     return secret
 
 
-def _digest_form(credential: str) -> str | None:
+def digest_form(credential: str) -> str | None:
     return None if ":" in credential else "a digest credential must have the form user:password"
 
 
@@ -278,7 +278,7 @@ _MESSAGES = {
 }
 
 
-def _problem(error: ErrorDetails) -> Problem:
+def problem(error: ErrorDetails) -> Problem:
     """One of pydantic's errors as a key path and a message in house wording."""
     kind, loc = error["type"], error["loc"]
     ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in error.get("ctx", {}).items()}

@@ -17,17 +17,17 @@ from bridge.codec import (
     MALFORMED,
     MAX_BATCH_SIZE,
     MAX_TOP_LEVEL_KEYS,
-    _bool,
-    _bytes,
-    _event_from_map,
-    _event_to_map,
-    _int,
-    _map,
-    _pack,
-    _require,
-    _str,
-    _unpack,
-    _vc,
+    as_map,
+    bool_field,
+    bytes_field,
+    event_from_map,
+    event_to_map,
+    int_field,
+    pack,
+    require,
+    str_field,
+    unpack_bounded,
+    vc_field,
 )
 from bridge.errors import CodecError
 from bridge.model import Conflict, Event, NodeMeta, Op, Version
@@ -57,7 +57,7 @@ MAX_PARTITIONS = 65_536
 
 def encode_outbox(payloads: list[bytes]) -> bytes:
     """One outbox entry: the encoded events of one batch, in publish order."""
-    return _pack([bytes(p) for p in payloads])
+    return pack([bytes(p) for p in payloads])
 
 
 # An outbox entry of null-value records (collected tombstones): each payload is
@@ -75,17 +75,17 @@ def encode_null_entry(events: list[Event]) -> bytes:
     for event in events:
         if event.op is not Op.DELETE:
             raise ValueError("a null record stands for a delete")
-        m = _event_to_map(event)
-        _event_from_map(m)
+        m = event_to_map(event)
+        event_from_map(m)
         m[NULL_MARK] = True
-        payloads.append(_pack(m))
+        payloads.append(pack(m))
     return encode_outbox(payloads)
 
 
 def is_null_entry(payload: bytes) -> bool:
     """Whether an outbox payload stands for a null record (see ``NULL_MARK``)."""
     try:
-        obj = _unpack(payload, max_bytes=DEFAULT_MAX_BYTES)
+        obj = unpack_bounded(payload, max_bytes=DEFAULT_MAX_BYTES)
     except CodecError:
         return False
     return isinstance(obj, dict) and obj.get(NULL_MARK) is True
@@ -93,7 +93,7 @@ def is_null_entry(payload: bytes) -> bool:
 
 def decode_outbox(raw: bytes) -> list[bytes]:
     """The payloads of an outbox entry; an entry written before 1.1 holds one event."""
-    obj = _unpack(raw, max_bytes=DEFAULT_MAX_BYTES + 65_536, max_map_len=MAX_TOP_LEVEL_KEYS,
+    obj = unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES + 65_536, max_map_len=MAX_TOP_LEVEL_KEYS,
                   max_array_len=MAX_BATCH_SIZE)
     if isinstance(obj, dict):
         return [bytes(raw)]
@@ -106,7 +106,7 @@ def decode_outbox(raw: bytes) -> list[bytes]:
 
 
 def encode_meta(meta: NodeMeta) -> bytes:
-    return _pack(
+    return pack(
         {
             "vc": meta.vc.as_dict(),
             "h": bytes(meta.data_hash),
@@ -122,20 +122,20 @@ def decode_meta(raw: bytes) -> NodeMeta | None:
     """Parse a metadata znode; empty bytes mean a hierarchy-only node (``None``)."""
     if len(raw) == 0:
         return None
-    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "metadata")
-    data_hash = _bytes(m, "h")
+    m = as_map(unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES), "metadata")
+    data_hash = bytes_field(m, "h")
     if len(data_hash) > MAX_HASH_LEN:
         raise CodecError(BAD_FIELD, f"h: longer than {MAX_HASH_LEN} bytes")
     return NodeMeta(
         # Our own ensemble wrote this, so region names are not re-policed, but a
         # placeholder may legitimately have an empty clock and writer.
-        vc=_vc(_require(m, "vc"), "vc", min_counter=0, check_regions=False),
+        vc=vc_field(require(m, "vc"), "vc", min_counter=0, check_regions=False),
         data_hash=data_hash,
-        deleted=_bool(m, "d"),
-        writer=_str(m, "w"),
-        ts=_int(m, "ts", 0),
+        deleted=bool_field(m, "d"),
+        writer=str_field(m, "w"),
+        ts=int_field(m, "ts", 0),
         # Absent in records written before placeholders existed.
-        placeholder=_bool(m, "ph") if "ph" in m else False,
+        placeholder=bool_field(m, "ph") if "ph" in m else False,
     )
 
 
@@ -147,13 +147,14 @@ def encode_positions(d: Mapping[int, int]) -> bytes:
     for partition, offset in d.items():
         if partition < 0 or offset < 0:
             raise CodecError(BAD_FIELD, "positions: negative partition or offset")
-    return _pack({int(p): int(o) for p, o in sorted(d.items())})
+    return pack({int(p): int(o) for p, o in sorted(d.items())})
 
 
 def decode_positions(raw: bytes) -> dict[int, int]:
     if len(raw) == 0:
         return {}
-    obj = _unpack(raw, max_bytes=DEFAULT_MAX_BYTES, int_keys=True, max_map_len=MAX_PARTITIONS)
+    obj = unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES, int_keys=True,
+                         max_map_len=MAX_PARTITIONS)
     if not isinstance(obj, dict):
         raise CodecError(MALFORMED, "positions is not a map")
     out: dict[int, int] = {}
@@ -170,14 +171,14 @@ def decode_positions(raw: bytes) -> dict[int, int]:
 
 def encode_gc(floor: int, collected: int) -> bytes:
     """The subtree's collection record: counter floor for recreated paths, total collected."""
-    return _pack({"floor": floor, "collected": collected})
+    return pack({"floor": floor, "collected": collected})
 
 
 def decode_gc(raw: bytes) -> tuple[int, int]:
     if len(raw) == 0:
         return 0, 0
-    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "gc record")
-    return _int(m, "floor", 0), _int(m, "collected", 0)
+    m = as_map(unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES), "gc record")
+    return int_field(m, "floor", 0), int_field(m, "collected", 0)
 
 
 # ---------------------------------------------------------------- conflicts
@@ -188,23 +189,23 @@ def _version_to_map(v: Version) -> dict[str, object]:
 
 
 def _version_from_map(obj: object, key: str) -> Version:
-    m = _map(obj, key)
-    h = _str(m, "h")
+    m = as_map(obj, key)
+    h = str_field(m, "h")
     try:
         data_hash = bytes.fromhex(h)
     except ValueError as exc:
         raise CodecError(BAD_FIELD, f"{key}.h: not hex") from exc
     return Version(
-        vc=_vc(_require(m, "vc"), f"{key}.vc", min_counter=0, check_regions=False),
-        ts=_int(m, "ts", 0),
-        writer=_str(m, "w"),
+        vc=vc_field(require(m, "vc"), f"{key}.vc", min_counter=0, check_regions=False),
+        ts=int_field(m, "ts", 0),
+        writer=str_field(m, "w"),
         data_hash=data_hash,
-        deleted=_bool(m, "d"),
+        deleted=bool_field(m, "d"),
     )
 
 
 def encode_conflict(c: Conflict) -> bytes:
-    return _pack(
+    return pack(
         {
             "subtree": c.subtree,
             "path": c.path,
@@ -220,18 +221,18 @@ def encode_conflict(c: Conflict) -> bytes:
 
 
 def decode_conflict(raw: bytes) -> Conflict:
-    m = _map(_unpack(raw, max_bytes=DEFAULT_MAX_BYTES), "conflict")
-    extra = _map(m.get("extra", {}), "extra")
+    m = as_map(unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES), "conflict")
+    extra = as_map(m.get("extra", {}), "extra")
     if any(not isinstance(v, str) for v in extra.values()):
         raise CodecError(BAD_FIELD, "extra: values must be strings")
     return Conflict(
-        subtree=_str(m, "subtree"),
-        path=_str(m, "path"),
-        local=_version_from_map(_require(m, "local"), "local"),
-        remote=_version_from_map(_require(m, "remote"), "remote"),
-        winner=_str(m, "winner"),
-        rule=_str(m, "rule"),
-        merged=_vc(_require(m, "merged"), "merged", min_counter=0, check_regions=False),
-        at_ms=_int(m, "at_ms", 0),
+        subtree=str_field(m, "subtree"),
+        path=str_field(m, "path"),
+        local=_version_from_map(require(m, "local"), "local"),
+        remote=_version_from_map(require(m, "remote"), "remote"),
+        winner=str_field(m, "winner"),
+        rule=str_field(m, "rule"),
+        merged=vc_field(require(m, "merged"), "merged", min_counter=0, check_regions=False),
+        at_ms=int_field(m, "at_ms", 0),
         extra=dict(extra),
     )
