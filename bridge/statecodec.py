@@ -3,7 +3,7 @@
 Outbox entries (including null entries for collected tombstones), node
 metadata, consumer positions, the tombstone-collection record and conflicts.
 Our own ensemble writes these, yet they are read with the event codec's
-bounded unpacking and field checks (shared from ``bridge.codec``), so a damaged
+bounded unpacking and field checks (``bridge.msgfields``), so a damaged
 znode fails as a ``CodecError`` rather than as whatever msgpack raises.
 """
 
@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from bridge.codec import (
+from bridge.codec import DEFAULT_MAX_BYTES, MAX_BATCH_SIZE, event_from_map, event_to_map
+from bridge.errors import CodecError
+from bridge.model import Conflict, Event, NodeMeta, Op, Version
+from bridge.msgfields import (
     BAD_FIELD,
-    DEFAULT_MAX_BYTES,
     MALFORMED,
-    MAX_BATCH_SIZE,
     MAX_TOP_LEVEL_KEYS,
     as_map,
     bool_field,
     bytes_field,
-    event_from_map,
-    event_to_map,
     int_field,
     pack,
     require,
@@ -29,8 +28,6 @@ from bridge.codec import (
     unpack_bounded,
     vc_field,
 )
-from bridge.errors import CodecError
-from bridge.model import Conflict, Event, NodeMeta, Op, Version
 
 __all__ = [
     "NULL_MARK",

@@ -636,3 +636,114 @@ def test_incarnation_of_rejects_what_decode_rejects_of_it() -> None:
     with pytest.raises(CodecError):
         codec.incarnation_of(msgpack.packb({"inc": "NOT-HEX"}))
     assert codec.incarnation_of(msgpack.packb({"v": "1.3"})) is None
+
+
+# ---------------------------------------------------------------- the usual event's inline checks
+
+
+acl_entries = st.one_of(
+    st.from_regex(r"(0|[1-9][0-9]?):[a-z0-9]{1,32}:[^\x00-\x1f]{0,20}", fullmatch=True),
+    st.text(max_size=12),
+)
+usual_values = st.one_of(
+    field_values,
+    st.integers(-1, 2),
+    st.integers(2**63 - 2, 2**63 + 1),
+    st.lists(acl_entries, max_size=3),
+    st.from_regex(r"[0-9a-f]{1,70}", fullmatch=True),
+    st.sampled_from(["/a/./b", "/a/../b", "/a//b", "/a/", "/\x01", "/", "a"]),
+)
+ALL_KEYS = [*EVENT_KEYS, "batch", "batch_index", "batch_size", "acl", "inc", "applied"]
+
+
+def both_checks(m: dict[str, Any]) -> tuple[Event | None, Event | None]:
+    """(what the inline checks build, or None) and (what the full checks build, or None)."""
+    try:
+        checked: Event | None = codec._checked_event(m)
+    except CodecError:
+        checked = None
+    usual = codec.event_from_map(m) if codec._usual(m) is not None else None
+    return usual, checked
+
+
+@SETTINGS
+@given(events(), st.data())
+def test_inline_checks_build_what_the_full_checks_build(event: Event, data: st.DataObject) -> None:
+    if event.op is not Op.HEARTBEAT:
+        size = data.draw(st.integers(1, 1000))
+        event = Event(**{**{f: getattr(event, f) for f in Event.__dataclass_fields__},
+                         "batch": data.draw(st.none() | st.integers(0, 2**63 - 1)),
+                         "batch_index": data.draw(st.integers(0, size - 1)), "batch_size": size,
+                         "acl": data.draw(st.none() | st.lists(
+                             st.sampled_from(["31:world:anyone", "1:digest:u:x="]), max_size=2
+                         ).map(tuple)) if event.op is Op.PUT else None,
+                         "inc": data.draw(st.none() | st.from_regex(r"[0-9a-f]{1,64}",
+                                                                    fullmatch=True))})
+        if event.batch is None:
+            event = Event(**{**{f: getattr(event, f) for f in Event.__dataclass_fields__},
+                             "batch_index": 0, "batch_size": 1})
+    m = codec.event_to_map(event)
+    usual, checked = both_checks(m)
+    assert checked == event
+    # Every event a bridge writes takes the inline path, heartbeats aside.
+    assert usual == (None if event.op is Op.HEARTBEAT else event)
+    assert codec.decode(codec.encode(event)) == event
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(st.sampled_from([*ALL_KEYS, "x"]), usual_values, max_size=4),
+    st.sets(st.sampled_from(ALL_KEYS), max_size=2),
+    st.booleans(),
+)
+def test_inline_checks_never_accept_what_the_full_checks_refuse(
+    overrides: dict[str, Any], dropped: set[str], batched: bool
+) -> None:
+    start = base_map(batch=7, batch_index=1, batch_size=3, inc="ab12",
+                     acl=["31:world:anyone"]) if batched else base_map()
+    m = {k: v for k, v in {**start, **overrides}.items() if k not in dropped}
+    usual, checked = both_checks(m)
+    if checked is None:
+        assert usual is None, m
+    elif usual is not None:
+        assert usual == checked, m
+
+
+NEAR_MISSES: list[dict[str, Any]] = [
+    *({"path": p} for p in ["/a/../b", "/a/./b", "/..", "/.", "/a//b", "/a/", "", "a", "/",
+                            "/\x00", "/\x7f", "/a\x9f", 7]),
+    *({"vc": vc} for vc in [{}, {"us-east": 0}, {"us-east": -1}, {"us-east": 2**63},
+                            {"us-east": True}, {"US": 1}, {"a" * 33: 1}, {1: 1}, [],
+                            {"us-east": 1.0}, {f"r{i}": 1 for i in range(257)}]),
+    *({"ts": t} for t in [-1, 2**63, True, 1.0, "1", None]),
+    *({"v": v} for v in [2, 0, True, 1.0, "1"]),
+    *({"op": op} for op in ["heartbeat", "PUT", "del", 1]),
+    *({key: r} for key in ("origin", "writer") for r in ["US", "", "a" * 33, 1, "a_b"]),
+    *({"subtree": s} for s in ["", "A", "a b", 1]),
+    {"data": "d"}, {"data": None}, {"op": "delete"}, {"op": "delete", "data": None, "acl": None},
+    *({"batch": b} for b in [-1, 2**63, True, None, "1"]),
+    *({"batch_size": b} for b in [0, 100_001, True, None]),
+    *({"batch_index": i} for i in [-1, 3, True, None]),
+    {"batch": None, "batch_size": None}, {"batch": None, "batch_index": None},
+    *({"acl": a} for a in ["x", ["bad"], [1], ["999:world:anyone"], ["31:World:anyone"], [],
+                           ["31:world:any\x01one"]]),
+    {"op": "delete", "data": None},
+    *({"inc": i} for i in ["", "G", "a" * 65, 1]),
+    {"applied": []}, {"x": 1}, {"x": [1, 2]}, {"x": {"nested": 1}},
+    *({"op": "heartbeat", "path": p, "data": None, "acl": None, "batch": None,
+       "batch_index": None, "batch_size": None} for p in ["/a", "/"]),
+]
+
+
+@pytest.mark.parametrize("fields", NEAR_MISSES, ids=repr)
+def test_inline_checks_agree_on_near_misses(fields: dict[str, Any]) -> None:
+    m = {**base_map(batch=7, batch_index=1, batch_size=3, inc="ab12", acl=["31:world:anyone"])}
+    for key, value in fields.items():
+        if value is None:
+            m.pop(key, None)
+        else:
+            m[key] = value
+    usual, checked = both_checks(m)
+    assert usual == (None if checked is None else usual)
+    if usual is not None:
+        assert usual == checked
