@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from bridge.errors import CodecError, OversizedError
 from bridge.model import VectorClock
+
+_T = TypeVar("_T")
 
 MALFORMED = "malformed"
 UNKNOWN_VERSION = "unknown_version"
@@ -90,25 +92,23 @@ def int_field(m: Mapping[str, object], key: str, lo: int, hi: int = MAX_INT64) -
     return value
 
 
-def str_field(m: Mapping[str, object], key: str) -> str:
+def _typed(m: Mapping[str, object], key: str, kind: type[_T], wire: str) -> _T:
     value = require(m, key)
-    if not isinstance(value, str):
-        raise CodecError(BAD_FIELD, f"{key}: expected str, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise CodecError(BAD_FIELD, f"{key}: expected {wire}, got {type(value).__name__}")
     return value
+
+
+def str_field(m: Mapping[str, object], key: str) -> str:
+    return _typed(m, key, str, "str")
 
 
 def bool_field(m: Mapping[str, object], key: str) -> bool:
-    value = require(m, key)
-    if not isinstance(value, bool):
-        raise CodecError(BAD_FIELD, f"{key}: expected bool, got {type(value).__name__}")
-    return value
+    return _typed(m, key, bool, "bool")
 
 
 def bytes_field(m: Mapping[str, object], key: str) -> bytes:
-    value = require(m, key)
-    if not isinstance(value, bytes):
-        raise CodecError(BAD_FIELD, f"{key}: expected bin, got {type(value).__name__}")
-    return value
+    return _typed(m, key, bytes, "bin")
 
 
 def region_field(m: Mapping[str, object], key: str) -> str:
