@@ -115,12 +115,7 @@ def normalise_path(path: object) -> str:
 def event_from_map(m: Mapping[str, object]) -> Event:
     """The event a map holds, or ``CodecError`` saying what is wrong with it."""
     usual = _usual(m)
-    if usual is None:
-        return _checked_event(m)
-    op, vc, batch, batch_index, batch_size, acl = usual
-    return Event(m["origin"], m["subtree"], m["path"], op, VectorClock(vc),  # type: ignore[arg-type]
-                 m["ts"], m["writer"], m.get("data"), SCHEMA_VERSION,  # type: ignore[arg-type]
-                 batch, batch_index, batch_size, acl, m.get("inc"), None)  # type: ignore[arg-type]
+    return _checked_event(m) if usual is None else Event(*usual)
 
 
 def check_event_map(m: Mapping[str, object]) -> None:
@@ -130,7 +125,9 @@ def check_event_map(m: Mapping[str, object]) -> None:
 
 
 _KNOWN_KEYS = frozenset(_EVENT_KEYS)
-_Usual = tuple[Op, tuple[tuple[str, int], ...], int | None, int, int, tuple[str, ...] | None]
+# ``Event``'s fields, in order.
+_Usual = tuple[str, str, str, Op, VectorClock, int, str, bytes | None, int, int | None, int, int,
+               tuple[str, ...] | None, str | None, None]
 
 
 def _usual(m: Mapping[str, object]) -> _Usual | None:
@@ -142,8 +139,8 @@ def _usual(m: Mapping[str, object]) -> _Usual | None:
     event). This accepts only what those rules accept, with exact types (what
     msgpack returns), and returns None for anything else, heartbeats and
     unknown keys included: ``_checked_event`` then decides, with its reasons.
-    A property test holds the two to the same answers. Returns the parts of
-    the event that are not plain copies of a field.
+    A property test holds the two to the same answers. Returns the event's
+    fields, in order (building it costs 2 µs the encoder's check does not need).
     """
     if not _KNOWN_KEYS.issuperset(m) or "applied" in m:
         return None
@@ -170,9 +167,12 @@ def _usual(m: Mapping[str, object]) -> _Usual | None:
     for component in path[1:].split("/"):
         if component in ("", ".", ".."):
             return None
+    data: bytes | None = None
     if op is Op.PUT:
-        if type(m.get("data")) is not bytes:
+        given = m.get("data")
+        if not isinstance(given, bytes):
             return None
+        data = given
     elif "data" in m:
         return None
     batch: int | None = None
@@ -193,11 +193,14 @@ def _usual(m: Mapping[str, object]) -> _Usual | None:
                 type(x) is str and _ACL_ENTRY.fullmatch(x) for x in raw_acl):
             return None
         acl = tuple(raw_acl)
+    inc: str | None = None
     if "inc" in m:
-        inc = m["inc"]
-        if type(inc) is not str or not _INC.fullmatch(inc):
+        stamp = m["inc"]
+        if not isinstance(stamp, str) or not _INC.fullmatch(stamp):
             return None
-    return op, tuple(sorted(vc.items())), batch, batch_index, batch_size, acl
+        inc = stamp
+    return (origin, subtree, path, op, VectorClock(tuple(sorted(vc.items()))), ts, writer,
+            data, v, batch, batch_index, batch_size, acl, inc, None)
 
 
 def _checked_event(m: Mapping[str, object]) -> Event:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -670,18 +671,15 @@ def both_checks(m: dict[str, Any]) -> tuple[Event | None, Event | None]:
 @given(events(), st.data())
 def test_inline_checks_build_what_the_full_checks_build(event: Event, data: st.DataObject) -> None:
     if event.op is not Op.HEARTBEAT:
-        size = data.draw(st.integers(1, 1000))
-        event = Event(**{**{f: getattr(event, f) for f in Event.__dataclass_fields__},
-                         "batch": data.draw(st.none() | st.integers(0, 2**63 - 1)),
-                         "batch_index": data.draw(st.integers(0, size - 1)), "batch_size": size,
-                         "acl": data.draw(st.none() | st.lists(
-                             st.sampled_from(["31:world:anyone", "1:digest:u:x="]), max_size=2
-                         ).map(tuple)) if event.op is Op.PUT else None,
-                         "inc": data.draw(st.none() | st.from_regex(r"[0-9a-f]{1,64}",
-                                                                    fullmatch=True))})
-        if event.batch is None:
-            event = Event(**{**{f: getattr(event, f) for f in Event.__dataclass_fields__},
-                             "batch_index": 0, "batch_size": 1})
+        batch = data.draw(st.none() | st.integers(0, 2**63 - 1))
+        size = data.draw(st.integers(1, 1000)) if batch is not None else 1
+        event = replace(
+            event, batch=batch, batch_index=data.draw(st.integers(0, size - 1)),
+            batch_size=size,
+            acl=data.draw(st.none() | st.lists(st.sampled_from(
+                ["31:world:anyone", "1:digest:u:x="]), max_size=2).map(tuple))
+            if event.op is Op.PUT else None,
+            inc=data.draw(st.none() | st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True)))
     m = codec.event_to_map(event)
     usual, checked = both_checks(m)
     assert checked == event
@@ -753,8 +751,6 @@ def test_inline_checks_agree_on_near_misses(fields: dict[str, Any]) -> None:
 @given(events(), st.integers(0, 2**63 - 1), st.integers(1, 1000), st.data())
 def test_in_batch_is_replace_of_the_batch_fields(event: Event, batch: int, size: int,
                                                  data: st.DataObject) -> None:
-    from dataclasses import replace
-
     index = data.draw(st.integers(0, size - 1))
     # Every field distinct from its neighbours', so a field out of order shows.
     event = replace(event, inc=data.draw(st.from_regex(r"[0-9a-f]{1,8}", fullmatch=True)),
