@@ -41,6 +41,7 @@ class Capturing(StoreCore):
                       notified: Callable[[], Mapping[str, tuple[int, int] | None]] = dict,
                       on_batch: Callable[[CapturedBatch], None] | None = None,
                       unbroken: Callable[[], None] = lambda: None,
+                      prefetched: Mapping[str, tuple[Node, int]] | None = None,
                       ) -> list[CapturedBatch]:
         """Announce the local changes among ``rels``: a closed batch (or several, if large).
 
@@ -56,6 +57,8 @@ class Capturing(StoreCore):
         large capture (a start-up one) is published while the rest is written;
         the batches are returned only without it. ``unbroken`` runs before each
         commit and raises if the notifications the batch relies on may have a gap.
+        ``prefetched``: paths already read on this session (by a scan, with the
+        frame of each reply), not notified since: not read again.
         """
         await self._settle()
         taken = {r for r in rels if self._replicable(r)}
@@ -63,7 +66,12 @@ class Capturing(StoreCore):
         at: dict[str, int] = {}  # path → frame of the reply that read it
         seen: dict[str, list[tuple[int, int] | None]] = {}  # notifications, by call of notified()
         snapshots: list[int] = []  # the last reply frame of each read
-        todo = set(taken)
+        for r, (node, frame) in (prefetched or {}).items():
+            if r in taken:
+                reads[r], at[r] = node, frame
+        if at:
+            snapshots.append(max(at.values()))
+        todo = taken - reads.keys()
         rounds = 0
         for _ in range(RETRIES + CLOSURE_ROUNDS):
             if todo:

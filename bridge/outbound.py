@@ -36,7 +36,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,7 @@ from bridge.errors import BridgeError, NotificationGap
 from bridge.model import Event, Op, VectorClock
 from bridge.publishing import Outgoing, Publishing
 from bridge.store import CapturedBatch, SubtreeStore
+from bridge.zk import Node
 
 if TYPE_CHECKING:
     from bridge.engine import Bridge
@@ -162,7 +163,8 @@ class Outbound(Publishing):
                 await self.flush(name)
 
     async def flush(self, name: str, extra: set[str] | None = None,
-                    since: int | None = None) -> None:
+                    since: int | None = None,
+                    prefetched: Mapping[str, tuple[Node, int]] | None = None) -> None:
         """Capture every pending local change of ``name`` (caller holds its lock).
 
         A batch is closed only over changes that were all notified, so none
@@ -171,16 +173,23 @@ class Outbound(Publishing):
         no watch. After a drop, the first capture is a rescan's, which finds
         them (``Watching.ensure_seen``); a capture the drop interrupted leaves
         its paths pending for it.
+
+        ``prefetched``: a scan's reads of ``extra`` (``ScanResult.reads``), used
+        by the first attempt for the paths not notified since the scan began.
         """
         b = self.bridge
         if since is None:
             await b.watching.ensure_seen(name)
             since = b.watching.session_gen
         store = b.stores[name]
-        rels = self.take(name) | (extra or set())
+        pending = self.take(name)
+        rels = pending | (extra or set())
         if not rels:
             return
         taken: set[str] = set(rels)
+        # A path notified since the scan read it may have changed after that read
+        # (a taken notification's frame is not kept: any pending one counts).
+        fresh = [{r: v for r, v in (prefetched or {}).items() if r not in pending}]
 
         def notified() -> dict[str, tuple[int, int] | None]:  # once per read of the capture
             self.bridge.stats[f"capture_reads:{name}"] += 1
@@ -206,8 +215,9 @@ class Outbound(Publishing):
         self.capturing[name] += 1  # from before its first stamp until its batches are queued
         try:
             try:
-                await b.retry(f"capture {name}",
-                              lambda: store.capture(rels, notified, committed, unbroken))
+                # Only the first attempt: a retry's notifications start after the scan's.
+                await b.retry(f"capture {name}", lambda: store.capture(
+                    rels, notified, committed, unbroken, fresh.pop() if fresh else None))
             except BaseException as exc:
                 self.restore(name, taken)  # not captured: the next attempt reads them again
                 if isinstance(exc, NotificationGap):

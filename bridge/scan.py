@@ -11,7 +11,8 @@ store's metadata cache filled for the term.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -37,6 +38,9 @@ class ScanResult:
     deletes: int
     seconds: float
     present: tuple[str, ...] = ()  # every replicated znode found (for per-node watches)
+    # Changed znodes as the scan read them, each with its reply's frame: the
+    # capture that follows reads again only what was notified since.
+    reads: Mapping[str, tuple[Node, int]] = field(default_factory=dict)
 
 
 class Scanner:
@@ -44,10 +48,13 @@ class Scanner:
         self.store = store
         self.mass_delete = mass_delete
 
-    async def _read(self, ops: list[tuple[str, str]]) -> list[Any]:
+    async def _read(self, ops: list[tuple[str, str]]) -> tuple[list[Any], list[int]]:
+        """The answers, and the frame of the reply that gave each."""
         chunks = [ops[i : i + CHUNK] for i in range(0, len(ops), CHUNK)]
-        parts = await gather_limited([self.store.zk.read_many(c) for c in chunks], CONCURRENCY)
-        return [r for part in parts for r in part]
+        parts = await gather_limited([self.store.zk.read_many_framed(c) for c in chunks],
+                                     CONCURRENCY)
+        return ([r for got, _ in parts for r in got],
+                [frame for got, frame in parts for _ in got])
 
     async def scan(self, *, allow_mass_delete: bool = False) -> ScanResult:
         started = time.monotonic()
@@ -56,6 +63,7 @@ class Scanner:
         store.metas = {"/": MetaEntry(None, 0)}
         changed: list[str] = []
         present: list[str] = []
+        reads: dict[str, tuple[Node, int]] = {}
         znodes = replicated = deletes = 0
         # (rel, list its znode children?, list its metadata children?)
         level: list[tuple[str, bool, bool]] = [("/", True, True)]
@@ -63,7 +71,7 @@ class Scanner:
             ops = [op for rel, zkids, mkids in level
                    for op in ((("children", lay.znode(rel)),) if zkids else ())
                    + ((("children", lay.meta(rel)),) if mkids else ())]
-            listings = iter(await self._read(ops))
+            listings = iter((await self._read(ops))[0])
             # What a listing did not name is not read: the watch went first, so
             # a znode created since is notified; metadata changes only under
             # the subtree's lock, which the scan holds.
@@ -82,11 +90,11 @@ class Scanner:
             ops = [op for r in todo for op in (
                 (("data", lay.znode(r)),) if r in in_tree else ()) + (
                 (("data", lay.meta(r)),) if r in in_meta else ())]
-            answers = iter(await self._read(ops))
+            answers = iter(zip(*await self._read(ops), strict=True))
             level = []
             for rel in todo:
-                node = next(answers) if rel in in_tree else None
-                mnode = next(answers) if rel in in_meta else None
+                node, frame = next(answers) if rel in in_tree else (None, 0)
+                mnode = next(answers)[0] if rel in in_meta else None
                 store.load_meta(rel, mnode if isinstance(mnode, Node) else None)
                 if isinstance(node, NoPermission):
                     store.hold(rel, "read")
@@ -100,6 +108,8 @@ class Scanner:
                     replicated += 1
                 if change in (Change.PUT, Change.DELETE, Change.MAYBE_PLACEHOLDER):
                     changed.append(rel)
+                    if isinstance(node, Node):
+                        reads[rel] = (node, frame)
                 if change is Change.DELETE:
                     deletes += 1
                 zkids = node is not None and change is not Change.IGNORE and (
@@ -112,7 +122,7 @@ class Scanner:
             if rel not in changed:
                 changed.append(rel)
         result = ScanResult(tuple(changed), znodes, replicated, deletes,
-                            time.monotonic() - started, tuple(present))
+                            time.monotonic() - started, tuple(present), reads)
         self._breaker(result, allow_mass_delete)
         return result
 

@@ -100,7 +100,10 @@ class Watching:
         if not self.tree_watch:
             self._watched[name].clear()
             await self._arm(name, ["/", *result.present])
-        await b.outbound.flush(name, set(result.changed), since=gen)
+        # Per-node watches were armed after the scan read: a change in between
+        # was notified to nobody, so the capture must read everything again.
+        await b.outbound.flush(name, set(result.changed), since=gen,
+                               prefetched=result.reads if self.tree_watch else None)
         if self.session_gen == gen:
             self.unseen.discard(name)
 

@@ -206,6 +206,53 @@ def test_pointer_pattern_holds_while_the_receiver_is_killed(federation: Federati
     fed.assert_clean_logs()
 
 
+def test_pointer_pattern_holds_while_the_origin_is_killed(federation: Federation) -> None:
+    """The origin's start-up scan finds what changed while it was down, with the writer
+    still going: its capture reads again what was notified since the scan read it."""
+    fed = federation
+    fed.start_all()
+
+    def kill_and_restart(i: int) -> None:
+        if i in (100, 300):
+            fed.kill("r1")
+        if i in (150, 350):
+            fed.start("r1", wait=False)
+
+    reader = _pointer_run(fed, 500, kill_and_restart)
+    print(f"pointer pattern, origin killed: {reader.reads} reads, {reader.dangling} dangling, "
+          f"{reader.backwards} backwards")
+    assert reader.dangling == 0
+    assert reader.backwards == 0
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def test_values_changed_during_the_origin_start_up_scan_arrive(federation: Federation) -> None:
+    """The capture after a scan reads again what was notified since the scan read it:
+    a value the scan read and an application changed right after must not stay behind."""
+    fed = federation
+    fed.start("r2")
+    r1 = fed["r1"]
+    n = 2000
+    r1.client.ensure_path(r1.path("/s"))
+    in_windows((r1.client.create_async(r1.path(f"/s/k{i:04d}"), b"0") for i in range(n)), 400)
+    fed.start("r1", wait=False)
+    # Every znode set once per round, until the start-up scan is done: some are set
+    # after the scan read them, and the round in progress is the last change of each.
+    rounds = 0
+    while not any(e.get("event") == "scan_done" and e.get("znodes", 0) >= n
+                  for e in fed.events("r1")):
+        rounds += 1
+        assert rounds < 1000, "the start-up scan never finished"
+        in_windows((r1.client.set_async(r1.path(f"/s/k{i:04d}"), str(rounds).encode())
+                    for i in range(n)), 400)
+    print(f"{rounds} rounds of {n} sets while r1 started")
+    fed.wait_ready("r1")
+    fed.wait_converged(["r1", "r2"], meta=False)
+    assert fed.tree("r2")["/s/k0000"] != b"0"
+    fed.assert_clean_logs()
+
+
 def test_an_application_multi_arrives_whole(federation: Federation) -> None:
     fed = federation
     fed.start_all()

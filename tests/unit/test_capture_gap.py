@@ -1,4 +1,5 @@
-"""A capture that a ZooKeeper connection drop interrupted commits nothing.
+"""A capture that a ZooKeeper connection drop interrupted commits nothing; a capture
+after a scan reads again only what was notified since the scan read it.
 
 No servers: a stand-in store whose capture "reads" across a drop (the
 bridge's connection generation moves, as ``Watching.disconnected`` makes it),
@@ -16,7 +17,9 @@ from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
+from bridge.errors import ZooKeeperError
 from bridge.outbound import Outbound
+from bridge.zk import Node, Stat
 
 
 class Store:
@@ -27,10 +30,16 @@ class Store:
         self.bridge = bridge
         self.drop = drop
         self.committed = 0
+        self.fail = 0  # attempts that fail with a retriable error first
+        self.given: list[tuple[set[str], Any]] = []  # (rels, prefetched) of each attempt
 
     async def capture(self, rels: Any, notified: Callable[[], Any], on_batch: Any,
-                      unbroken: Callable[[], None]) -> list[Any]:
+                      unbroken: Callable[[], None], prefetched: Any = None) -> list[Any]:
+        self.given.append((set(rels), prefetched))
         notified()
+        if self.fail:
+            self.fail -= 1
+            raise ZooKeeperError("connection loss")
         if self.drop:
             self.bridge.watching.session_gen += 1  # the connection dropped while reading
         unbroken()
@@ -61,7 +70,11 @@ class FakeBridge:
         self.stats: Counter[str] = Counter()
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        return await fn()
+        while True:
+            try:
+                return await fn()
+            except ZooKeeperError:
+                continue
 
 
 def test_a_capture_interrupted_by_a_drop_commits_nothing_and_leaves_its_paths_pending() -> None:
@@ -87,5 +100,40 @@ def test_a_capture_without_a_drop_commits_after_the_rescan_check() -> None:
         await out.flush("s")
         assert b.watching.rescans == 1 and b.store.committed == 1
         assert not out.dirty["s"]
+
+    asyncio.run(main())
+
+
+def node(value: bytes) -> Node:
+    return Node(value, Stat(version=0, cversion=0, num_children=0, ephemeral=False,
+                            czxid=1, mzxid=1))
+
+
+def test_a_scan_capture_reads_again_only_what_was_notified_since_the_scan() -> None:
+    async def main() -> None:
+        b = FakeBridge(drop=False)
+        out = Outbound(b)  # type: ignore[arg-type]
+        scanned = {"/a": (node(b"1"), 10), "/b": (node(b"2"), 11)}
+        out.mark("s", "/b", 12)  # changed after the scan read it
+        out.mark("s", "/c", 13)
+        await out.flush("s", {"/a", "/b"}, since=0, prefetched=scanned)
+        [(rels, prefetched)] = b.store.given
+        assert rels == {"/a", "/b", "/c"}
+        assert prefetched == {"/a": scanned["/a"]}
+        assert b.store.committed == 1
+
+    asyncio.run(main())
+
+
+def test_a_retried_capture_reads_everything_again() -> None:
+    """A retry's notifications start after the failed attempt took some: what the
+    scan read may have changed unseen by it."""
+    async def main() -> None:
+        b = FakeBridge(drop=False)
+        b.store.fail = 1
+        out = Outbound(b)  # type: ignore[arg-type]
+        await out.flush("s", {"/a"}, since=0, prefetched={"/a": (node(b"1"), 10)})
+        assert [p for _, p in b.store.given] == [{"/a": (node(b"1"), 10)}, None]
+        assert b.store.committed == 1
 
     asyncio.run(main())
