@@ -171,20 +171,34 @@ class Capturing(StoreCore):
                 return plan, part, [codec.encode(e) for e in part]
 
             ahead = prepare(nxt, {})
-            nxt = await anext(pieces, None)
-            if nxt is not None:
-                log.info("batch_split", subtree=self.layout.name, events=len(changes))
+            # Only the last piece carries the cleanup of local deletes. With one
+            # due, each piece waits for the next (its ACL reads) to know whether
+            # it is the last; without, it goes at once, and the next is read and
+            # built while its multi is in flight.
+            last_matters = bool(deleted or cleanup)
+            nxt = await anext(pieces, None) if last_matters else None
+            split = False
             while True:
                 plan, part, enc = ahead
-                if nxt is None:
+                if last_matters and nxt is None:
                     # Over the committed metadata: every earlier piece has committed.
                     self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
                 await self.outbox.entry_ops(plan.ops, statecodec.encode_outbox(enc))
                 unbroken()
                 sending = asyncio.ensure_future(self._multi(plan))
+                failed: Exception | None = None  # raised once this piece is recorded
                 try:
                     await asyncio.sleep(0)  # sent: the next piece is built meanwhile
-                    if nxt is not None:
+                    if not last_matters:
+                        try:
+                            nxt = await anext(pieces, None)
+                        except Exception as exc:
+                            failed = exc
+                    if nxt is not None and failed is None:
+                        if not split:
+                            split = True
+                            log.info("batch_split", subtree=self.layout.name,
+                                     events=len(changes))
                         ahead = prepare(nxt, plan.metas)
                 finally:
                     try:
@@ -193,6 +207,8 @@ class Capturing(StoreCore):
                     except ZooKeeperError:
                         self.outbox.answer_lost(held_entry=True)
                         raise
+                # Recorded before anything else may fail: an entry that committed
+                # and was not queued would be published out of order.
                 self._commit(plan)
                 created = str(results[-1])
                 self.outbox.written(created)
@@ -205,9 +221,12 @@ class Capturing(StoreCore):
                     # Handed on, not kept: a start-up capture's batches are
                     # published (and freed) while the rest is still written.
                     on_batch(batch)
+                if failed is not None:
+                    raise failed
                 if nxt is None:
                     return out
-                nxt = await anext(pieces, None)
+                if last_matters:
+                    nxt = await anext(pieces, None)
         finally:
             await pieces.aclose()
 

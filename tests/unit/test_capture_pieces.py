@@ -1,4 +1,5 @@
-"""A capture's next piece is planned while the piece before it is being written.
+"""A capture's next piece is planned (and its ACLs read) while the piece before it is
+being written.
 
 No servers. The metadata a piece writes is committed to the cache only once
 its ``multi`` answered, so the next piece, planned meanwhile, must see it
@@ -11,14 +12,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import pytest
+
+from bridge import capture
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
-from bridge.errors import NoPermission
+from bridge.errors import NoPermission, ZooKeeperError
 from bridge.layout import Layout
 from bridge.model import NodeMeta, VectorClock, content_hash
-from bridge.plan import MetaEntry, Plan, Planner
+from bridge.plan import CapturedBatch, MetaEntry, Plan, Planner
 from bridge.store import SubtreeStore
-from bridge.zk import Create, Node, SetData, Stat
+from bridge.zk import WORLD_ALL, Create, Node, SetData, Stat
 
 
 class FakePlanner(Planner):
@@ -91,3 +95,80 @@ def test_a_capture_with_only_a_placeholder_cleanup_due_writes_nothing() -> None:
     assert asyncio.run(store._capture(reads)) == []
     assert store.held_back == {"/p/c": "read"}
     assert store.metas["/p"].meta is not None and store.metas["/p"].meta.deleted
+
+
+class Pieces:
+    """A ZooKeeper stand-in for a capture cut into pieces: it logs the ``multi``s and ACL
+    reads in the order they happen; the second group's ACLs come only when released."""
+
+    def __init__(self, fail_second_group: bool = False) -> None:
+        self.log: list[str] = []
+        self.release = asyncio.Event()
+        self.fail = fail_second_group
+        self.groups = 0
+        self.connected = True
+
+    async def children(self, path: str) -> list[str]:
+        return []
+
+    async def exists(self, path: str) -> None:
+        return None
+
+    async def sync(self, path: str) -> None:
+        pass
+
+    async def commit(self, ops: list[object]) -> tuple[list[object], int]:
+        n = len([x for x in self.log if x.startswith("multi")])
+        self.log.append(f"multi{n + 1}")
+        self.release.set()
+        return [*([None] * (len(ops) - 1)), f"/zkbridge/s/outbox/q-0000000000/b-{n:010d}"], 1
+
+    async def get_acls_many(self, paths: list[str]) -> list[tuple[tuple[str, ...], int]]:
+        self.groups += 1
+        group = self.groups
+        if group == 2:
+            await self.release.wait()
+            if self.fail:
+                raise ZooKeeperError("connection loss")
+        self.log.append(f"acl{group}")
+        return [(WORLD_ALL, 0)] * len(paths)
+
+
+def large_capture(monkeypatch: pytest.MonkeyPatch, zk: Pieces
+                  ) -> tuple[SubtreeStore, dict[str, Node | NoPermission | None]]:
+    monkeypatch.setattr(capture, "ACL_GROUP", 2)
+    store = SubtreeStore(zk, Layout("/zkbridge", "s", "/app"),  # type: ignore[arg-type]
+                         region="r1", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+    store.acl_reader = zk  # type: ignore[assignment]
+    store.metas = {"/": MetaEntry(None, 0)}
+    reads: dict[str, Node | NoPermission | None] = {
+        f"/n{i}": Node(b"v", Stat(version=0, cversion=0, num_children=0, ephemeral=False,
+                                  czxid=10 + i, mzxid=10 + i)) for i in range(6)}
+    return store, reads
+
+
+def test_a_piece_goes_before_the_next_pieces_acls_are_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without local deletes no piece carries a cleanup, so none waits to know whether
+    it is the last: the next one's ACL reads overlap its multi."""
+    zk = Pieces()
+    store, reads = large_capture(monkeypatch, zk)
+    batches: list[object] = []
+    asyncio.run(asyncio.wait_for(store._capture(reads, batches.append), 10))
+    assert zk.log.index("multi1") < zk.log.index("acl2")  # (acl3 is read ahead: no wait)
+    assert [x for x in zk.log if x.startswith("multi")] == ["multi1", "multi2", "multi3"]
+    assert len(batches) == 3
+
+
+def test_acls_that_fail_after_a_piece_went_leave_that_piece_recorded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The piece in flight committed: it is handed on (to be queued in order) before the
+    error ends the capture, which is then made again."""
+    zk = Pieces(fail_second_group=True)
+    store, reads = large_capture(monkeypatch, zk)
+    batches: list[CapturedBatch] = []
+    with pytest.raises(ZooKeeperError):
+        asyncio.run(asyncio.wait_for(store._capture(reads, batches.append), 10))
+    assert [x for x in zk.log if x.startswith("multi")] == ["multi1"]
+    assert [e.path for b in batches for e in b.events] == ["/n0", "/n1"]
+    assert set(store.metas) == {"/", "/n0", "/n1"}  # committed to the cache
