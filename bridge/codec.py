@@ -170,7 +170,7 @@ def _usual(m: Mapping[str, object]) -> _Usual | None:
     data: bytes | None = None
     if op is Op.PUT:
         given = m.get("data")
-        if not isinstance(given, bytes):
+        if type(given) is not bytes:
             return None
         data = given
     elif "data" in m:
@@ -196,7 +196,7 @@ def _usual(m: Mapping[str, object]) -> _Usual | None:
     inc: str | None = None
     if "inc" in m:
         stamp = m["inc"]
-        if not isinstance(stamp, str) or not _INC.fullmatch(stamp):
+        if type(stamp) is not str or not _INC.fullmatch(stamp):
             return None
         inc = stamp
     return (origin, subtree, path, op, VectorClock(tuple(sorted(vc.items()))), ts, writer,
