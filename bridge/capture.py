@@ -193,8 +193,8 @@ class Capturing(StoreCore):
                         try:
                             nxt = await anext(pieces, None)
                         except Exception as exc:
-                            failed = exc
-                    if nxt is not None and failed is None:
+                            failed, nxt = exc, None
+                    if nxt is not None:
                         if not split:
                             split = True
                             log.info("batch_split", subtree=self.layout.name,
