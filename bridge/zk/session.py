@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,8 @@ class Session:
         self._watch_cb: WatchCallback | None = None
         self._tree_cb: TreeCallback | None = None
         self._tree_roots: tuple[str, ...] = ()
+        self._notes: list[tuple[str, int]] = []  # persistent events not yet handed on
+        self._notes_lock = threading.Lock()
         self._client._connection.on_persistent = self._persistent_events
         # Stands in for a server older than 3.6 (tests of the per-node fallback).
         self.refuse_add_watch = os.environ.get("ZKBRIDGE_REFUSE_ADDWATCH") == "1"
@@ -77,6 +80,8 @@ class Session:
     # -- lifecycle -----------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        with self._notes_lock:
+            self._notes = []  # a handing-on due on an earlier loop never runs
         try:
             await asyncio.to_thread(self._client.start, self._settings.connect_timeout)
         except Exception as exc:
@@ -143,18 +148,28 @@ class Session:
         # kazoo's connection thread; persistent events carry no "child" kind.
         # Handed to the loop directly, while replies go through kazoo's
         # completion thread: every notification numbered below a reply
-        # reaches the loop before that reply does.
+        # reaches the loop before that reply does. Runs that arrive while one
+        # handing-on is still due join it: a write burst's notifications come
+        # in many small reads, and a wake-up of the loop each was a tenth of
+        # the connection thread's time (profiled).
         loop, cb = self._loop, self._tree_cb
         if loop is None or cb is None or loop.is_closed():
             return
         roots = self._tree_roots
+        under = tuple(r + "/" for r in roots)
         mine = [(path, frame) for kind, path, frame in notes if kind != EventType_CHILD
-                and any(path == r or path.startswith(r + "/") for r in roots)]
-        if mine:
-            loop.call_soon_threadsafe(self._deliver, cb, mine)
+                and (path.startswith(under) or path in roots)]
+        if not mine:
+            return
+        with self._notes_lock:
+            due = bool(self._notes)
+            self._notes += mine
+        if not due:
+            loop.call_soon_threadsafe(self._deliver, cb)
 
-    @staticmethod
-    def _deliver(cb: TreeCallback, notes: list[tuple[str, int]]) -> None:
+    def _deliver(self, cb: TreeCallback) -> None:
+        with self._notes_lock:
+            notes, self._notes = self._notes, []
         for path, frame in notes:
             cb(path, frame)
 
