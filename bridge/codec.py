@@ -364,6 +364,11 @@ def incarnation_of(raw: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> str | N
     return _inc(as_map(unpack_bounded(raw, max_bytes=max_bytes), "event"))
 
 
+def incarnation_field(inc: str) -> bytes:
+    """The bytes of the field ``inc: <inc>`` as ``encode`` writes it (key, then value)."""
+    return pack("inc") + pack(inc)
+
+
 def _inc(m: Mapping[str, object]) -> str | None:
     if "inc" not in m:
         return None

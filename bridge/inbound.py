@@ -95,6 +95,8 @@ class Inbound:
         # publishes there (a second ensemble as this region) and whether
         # they lost what we published.
         self.own: dict[str, str] = {bridge.topic(n, bridge.region): n for n in bridge.stores}
+        # (incarnation, its field as encoded), made again when the incarnation changes.
+        self._own_field: tuple[str | None, bytes] = (None, b"")
         self.own_max_end: dict[tuple[str, int], int] = {}
         self.own_ids: dict[str, str] = {}  # own topic → the id this bridge published to
         self.topics = TopicCheck(self)
@@ -174,8 +176,18 @@ class Inbound:
     def _own_record(self, rec: Record) -> None:
         """A record on this region's own topic: ours, or a second ensemble's."""
         b = self.bridge
+        if rec.value is None:
+            return
+        if self._own_field[0] != b.incarnation:
+            self._own_field = (b.incarnation, codec.incarnation_field(b.incarnation))
+        # Our own field, byte for byte: the record is ours, unless an
+        # application stored those very bytes in a znode (then a second
+        # ensemble's other records still tell). Unpacking every record
+        # instead was a tenth of the origin's main thread in steady state.
+        if self._own_field[1] in rec.value:
+            return
         try:
-            inc = codec.incarnation_of(rec.value) if rec.value is not None else None
+            inc = codec.incarnation_of(rec.value)
         except CodecError:
             return
         if inc is None or inc == b.incarnation:
