@@ -189,7 +189,7 @@ class Handler(SequentialThreadingHandler):  # type: ignore[misc]
         for objects, into in ((rlist, reads), (wlist, writes)):
             for obj in objects:
                 into.setdefault(fileobj_to_fd(obj), []).append(obj)
-        for fd in reads.keys() | writes.keys():
+        for fd in dict.fromkeys([*reads, *writes]):  # in the caller's order, kept by poll
             poller.register(fd, (select.POLLIN if fd in reads else 0)
                             | (select.POLLOUT if fd in writes else 0))
         readable: list[Any] = []
