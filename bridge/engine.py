@@ -51,8 +51,26 @@ from bridge.zk import ZooKeeper, own_acl
 log = structlog.get_logger("bridge.engine")
 
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 TERM_RESTART_DELAY = 1.0  # seconds before standing again after a term failed to start
+
+
+async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Run two steps at once; the first failure cancels the other and is raised as it is.
+
+    (A TaskGroup would wrap it in an ExceptionGroup, which the term's
+    handlers of fenced and retriable errors would not recognise.)
+    """
+    one, two = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    try:
+        a, b = await asyncio.gather(one, two)  # a list at run time, whatever the stubs say
+        return a, b
+    finally:
+        for task in (one, two):
+            task.cancel()
+        await asyncio.gather(one, two, return_exceptions=True)
 
 
 class Bridge:
@@ -173,7 +191,7 @@ class Bridge:
         tasks: list[asyncio.Task[None]] = []
         restart_after = 0.0
         try:
-            await self._start(tasks)  # starts the publisher before the start-up scan
+            await self._start(tasks)  # starts the publisher once the own-topic checks pass
             tasks += [
                 asyncio.create_task(self.guarded(
                     "heartbeat", self.outbound.heartbeats,
@@ -284,13 +302,6 @@ class Bridge:
         for store in self.stores.values():
             store.incarnation = self.incarnation
             await self.retry(f"set up {store.layout.name}", store.setup)
-        own = [self.topic(n, self.region) for n in self.stores]
-        created = await self.retry("create topics", lambda: self.kafka.ensure_topics(
-            own + list(self.peers)))
-        if created:
-            log.info("topics_created", topics=created)
-        await twin.check(self)
-        await self.retry("start producer", self.kafka.start_producer)
         for name, store in self.stores.items():
             # Left by an earlier term: published first, whole batches, in order,
             # streamed from the outbox by the feeder (Outbound.feed); this
@@ -305,26 +316,45 @@ class Bridge:
                 self.outbound.spill(name, start=True)
             # Else nothing is waiting: this term's captures (the start-up scan's
             # first) are queued directly, not written and read back.
+        # The start-up scan needs only ZooKeeper, the checks before publishing
+        # only Kafka: each waits on its own round trips, so they run at once.
+        # Nothing is published before the checks pass (the publisher starts
+        # after them); the scan's captures wait in the queue or the outbox.
+        found, _ = await both(self._kafka_side(tasks, fresh), self._scan_all())
+        await owntopic.replay(self, found)
+        await self.reannounce.resume()
+        self.inbound.check_caught_up()
+
+    async def _scan_all(self) -> None:
+        for name in self.stores:
+            await self.watching.scan(name)
+
+    async def _kafka_side(self, tasks: list[asyncio.Task[None]], fresh: bool
+                          ) -> owntopic.Survey:
+        """Topics, the twin check and the own-topic survey, then publishing and the consumer."""
+        s = self.settings
+        own = [self.topic(n, self.region) for n in self.stores]
+        created = await self.retry("create topics", lambda: self.kafka.ensure_topics(
+            own + list(self.peers)))
+        if created:
+            log.info("topics_created", topics=created)
+        await twin.check(self)
+        await self.retry("start producer", self.kafka.start_producer)
         found = await owntopic.survey(self, fresh)
         # From here on, what is captured is published as it commits: peers
         # apply the start-up capture while the rest of it is still written.
         tasks.append(asyncio.create_task(self.guarded("publisher", self.outbound.publisher)))
-        for name in self.stores:
-            await self.watching.scan(name)
-        await owntopic.replay(self, found)
-        own_ends = found.ends
-        await self.reannounce.resume()
         await self.retry("start consumer", lambda: self.kafka.start_consumer(
             f"{s.kafka.topic_prefix}.{self.region}", reset="none"))
         positions = await self.retry("read positions", self.inbound.start)
-        for tp, end in own_ends.items():  # the publisher's acks may be ahead already
+        for tp, end in found.ends.items():  # the publisher's acks may be ahead already
             self.inbound.own_max_end[tp] = max(self.inbound.own_max_end.get(tp, 0), end)
-        await self.kafka.assign({**positions, **own_ends})
+        await self.kafka.assign({**positions, **found.ends})
         # Caught up = applied what the peers had published when this term began
         # (an empty fetch is not a usable signal: heartbeats never stop).
         self.inbound.catch_up_to = await self.retry(
             "end offsets", lambda: self.kafka.end_offsets(list(positions)))
-        self.inbound.check_caught_up()
+        return found
 
     def incident(self, kind: str, text: str) -> None:
         """Something happened to the replicated data: status shows it for a while."""

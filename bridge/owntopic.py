@@ -1,9 +1,9 @@
 """This region's own topic at the start of a term: what the topic lost, and what the ensemble lost.
 
-Two steps, with the start-up scan between them. ``survey`` runs before this
-term publishes anything: it compares the stored publish positions with the
-topic's id and ends, so nothing published this term can pass for records the
-topic kept or lost. Publishing then starts, and the start-up capture is
+Two steps. ``survey`` runs while the start-up scan reads the tree, and before
+this term publishes anything: it compares the stored publish positions with
+the topic's id and ends, so nothing published this term can pass for records
+the topic kept or lost. Publishing then starts, and the start-up capture is
 published while it is still being written. ``replay`` runs after the scan
 (which rebuilt the metadata cache and showed the mass-delete breaker the local
 deletions first) and re-applies the records up to the ends the survey saw.

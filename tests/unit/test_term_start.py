@@ -1,0 +1,71 @@
+"""The two halves of a term's start (the ZooKeeper scan, the Kafka checks) run at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.engine import both
+from bridge.errors import FencedError
+
+
+def test_both_run_at_once_and_answer_in_order() -> None:
+    order: list[str] = []
+
+    async def step(name: str, delay: float) -> str:
+        order.append(f"{name} started")
+        await asyncio.sleep(delay)
+        order.append(f"{name} done")
+        return name
+
+    async def main() -> tuple[str, str]:
+        return await both(step("kafka", 0.05), step("scan", 0.01))
+
+    assert asyncio.run(main()) == ("kafka", "scan")
+    assert order == ["kafka started", "scan started", "scan done", "kafka done"]
+
+
+def test_a_failure_cancels_the_other_and_is_raised_unwrapped() -> None:
+    # The term's handlers catch FencedError and BridgeError by type: an
+    # ExceptionGroup would slip past them.
+    cancelled = asyncio.Event()
+
+    async def scan() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def checks() -> None:
+        await asyncio.sleep(0.01)
+        raise FencedError("another bridge leads")
+
+    async def main() -> None:
+        with pytest.raises(FencedError):
+            await both(checks(), scan())
+        assert cancelled.is_set()
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_term_cancels_both() -> None:
+    stopped: list[str] = []
+
+    async def forever(name: str) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.append(name)
+            raise
+
+    async def main() -> None:
+        task = asyncio.ensure_future(both(forever("kafka"), forever("scan")))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(stopped) == ["kafka", "scan"]
+
+    asyncio.run(main())
