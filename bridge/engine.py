@@ -318,8 +318,8 @@ class Bridge:
             # first) are queued directly, not written and read back.
         # The start-up scan needs only ZooKeeper, the checks before publishing
         # only Kafka: each waits on its own round trips, so they run at once.
-        # Nothing is published before the checks pass (the publisher starts
-        # after them); the scan's captures wait in the queue or the outbox.
+        # The scan's capture waits for the publisher (Outbound.publishing),
+        # which starts once the checks pass: nothing is published before them.
         found, _ = await both(self._kafka_side(tasks, fresh), self._scan_all())
         await owntopic.replay(self, found)
         await self.reannounce.resume()
@@ -344,6 +344,7 @@ class Bridge:
         # From here on, what is captured is published as it commits: peers
         # apply the start-up capture while the rest of it is still written.
         tasks.append(asyncio.create_task(self.guarded("publisher", self.outbound.publisher)))
+        self.outbound.publishing.set()
         await self.retry("start consumer", lambda: self.kafka.start_consumer(
             f"{s.kafka.topic_prefix}.{self.region}", reset="none"))
         positions = await self.retry("read positions", self.inbound.start)

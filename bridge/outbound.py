@@ -85,9 +85,14 @@ class Outbound(Publishing):
         self.cursor: dict[str, tuple[int, str]] = dict.fromkeys(bridge.stores, START)
         self.spilled: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
         self._beating: dict[str, asyncio.Event] = {}  # the last heartbeat's ack, per subtree
+        # Set once this term's publisher runs (the own-topic checks passed). The
+        # start-up scan reads meanwhile, and captures only then: each batch is
+        # published as it commits, none waits in the queue for the checks.
+        self.publishing = asyncio.Event()
 
     def reset(self) -> None:
         self.queue = asyncio.Queue()
+        self.publishing.clear()
         w, self._own_writer = self._own_writer, None
         if w is not None:
             w.cancel()  # the next leader reads the position back

@@ -100,6 +100,7 @@ class Watching:
         if not self.tree_watch:
             self._watched[name].clear()
             await self._arm(name, ["/", *result.present])
+        await b.outbound.publishing.wait()  # at a term's start: until the checks pass
         # Per-node watches were armed after the scan read: a change in between
         # was notified to nobody, so the capture must read everything again.
         await b.outbound.flush(name, set(result.changed), since=gen,
