@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -295,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bridge import log as logsetup
 
         logsetup.quiet()
+        gc.enable()  # off while the entry point imported (bridge.__main__); run: bridge.daemon
     try:
         if args.command == "check-config":
             return _check_config(args.config)

@@ -163,6 +163,7 @@ def _tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+    gc.enable()  # off while the entry point imported (bridge.__main__)
 
 
 def _exit_now() -> None:
