@@ -50,8 +50,8 @@ MAX_TOPIC_NAME = 249  # Kafka refuses longer topic names
 # --------------------------------------------------------------------------- settings
 
 LIVE: dict[str, Any] = {"x-reload": "live"}  # a reload (SIGHUP) applies it; else: restart
-# Descriptions are the attribute docstrings below each field.
-_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+# Descriptions are the attribute docstrings below each field (read by bridge.configdoc).
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _no_default(schema: dict[str, Any]) -> None:

@@ -16,7 +16,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     out = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # Plain tracebacks (format_exc_info), whether or not structlog saw rich (bridge/__init__).
+        structlog.dev.ConsoleRenderer(colors=out.isatty(),
+                                      exception_formatter=structlog.dev.plain_traceback)
         if console
         else structlog.processors.JSONRenderer(sort_keys=False)
     )

@@ -8,28 +8,11 @@ cron mails and ``--json`` consumers see just the result.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    ProgressColumn,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as RichProgress
-from rich.progress import Task as RichTask
-from rich.text import Text
-
-
-class RateColumn(ProgressColumn):
-    def render(self, task: RichTask) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f} znodes/s", style="cyan")
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 
 class Task:
@@ -62,18 +45,11 @@ class Progress:
     def __init__(self, stream: TextIO | None) -> None:
         self._bars: RichProgress | None = None
         if stream is not None and stream.isatty():
-            self._bars = RichProgress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                RateColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=Console(file=stream),
-                transient=False,
-            )
+            # rich only where bars are drawn: the daemon imports this module
+            # (resync) and would pay for rich at every start.
+            from bridge.progressbars import bars
+
+            self._bars = bars(stream)
 
     @property
     def shown(self) -> bool:
