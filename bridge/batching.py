@@ -22,6 +22,8 @@ from bridge.model import Event, Op
 # multi carries its payloads plus metadata, so payloads stay well under it.
 MAX_BATCH_BYTES = 700_000
 MAX_BATCH_EVENTS = 1000
+# Groups of a receiver's backlog in flight at once (``bridge.chain``).
+CHAIN_GROUPS = 4
 
 
 def depth(rel: str) -> int:

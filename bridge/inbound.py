@@ -4,7 +4,7 @@ Ordering invariant: each peer's topic is read in offset order, and a batch
 is queued for applying (``bridge.applying``) only once all of it has
 arrived, in the order its records were read; applying keeps that order, one
 ``multi`` per batch with the peer's new position. Fetching runs ahead of
-applying by up to ``QUEUE_BATCHES`` batches per subtree. Records on this
+applying by up to ``QUEUE_WEIGHT`` of batches per subtree. Records on this
 region's own topic are read only to see who else publishes there.
 
 Never skipping: a peer topic that lost records is reported and that stream
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge import codec
-from bridge.batching import Assembler, Complete
+from bridge.batching import CHAIN_GROUPS, MAX_BATCH_BYTES, Assembler, Complete
 from bridge.clock import hlc_to_ms
 from bridge.errors import (
     BridgeError,
@@ -44,7 +44,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bridge.inbound")
 
 FETCH_MAX_RECORDS = 2000
-QUEUE_BATCHES = 64  # complete batches fetched ahead of applying, per subtree
+# Complete batches fetched ahead of applying, per subtree, by ``weight``: a
+# chain's worth (``bridge.chain``) whatever their sizes. A count of batches
+# held a few hundred events when origins write a few znodes at a time, and
+# 45 MB when their batches are full.
+QUEUE_WEIGHT = CHAIN_GROUPS * MAX_BATCH_BYTES
 IDLE_POSITION_SECONDS = 0.2  # heartbeat-only progress is stored at most this often
 
 
@@ -89,6 +93,8 @@ class Inbound:
         self.peers: dict[str, PeerState] = {}  # by topic
         self.queues: dict[str, asyncio.Queue[Ready]] = {}
         self.pending: dict[str, int] = {}  # batches fetched and not yet applied
+        self.queued: dict[str, int] = {}  # the weight of what the queue holds
+        self.room: dict[str, asyncio.Event] = {}  # set while below QUEUE_WEIGHT
         self.caught_up = asyncio.Event()
         self.catch_up_to: dict[tuple[str, int], int] = {}
         # This region's own topics: read from their end, only to see who else
@@ -101,8 +107,7 @@ class Inbound:
         self.own_ids: dict[str, str] = {}  # own topic → the id this bridge published to
         self.topics = TopicCheck(self)
         for name in bridge.stores:
-            self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
-            self.pending[name] = 0
+            self._new_queue(name)
             for peer in bridge.settings.peers:
                 topic = bridge.topic(name, peer)
                 self.peers[topic] = PeerState(name, peer, topic)
@@ -113,8 +118,19 @@ class Inbound:
         self.own_ids.clear()
         self.topics.reset()
         for name in self.queues:
-            self.queues[name] = asyncio.Queue(QUEUE_BATCHES)
-            self.pending[name] = 0
+            self._new_queue(name)
+
+    def _new_queue(self, name: str) -> None:
+        self.queues[name] = asyncio.Queue()
+        self.pending[name] = self.queued[name] = 0
+        self.room[name] = asyncio.Event()
+        self.room[name].set()
+
+    def taken(self, name: str, ready: Ready) -> None:
+        """The applier took ``ready`` off the queue: room for more."""
+        self.queued[name] -= weight(ready)
+        if self.queued[name] < QUEUE_WEIGHT:
+            self.room[name].set()
 
     async def start(self) -> dict[tuple[str, int], int | None]:
         """Read stored positions; returns where to assign each partition."""
@@ -241,9 +257,14 @@ class Inbound:
             asm.dropped = dropped = 0
         for done in completed:
             peer.last_event_ms = rec.timestamp_ms
-            self.pending[peer.subtree] += 1
-            await self.queues[peer.subtree].put(
-                Ready(peer, rec.partition, done, rec.timestamp_ms, peer.generation))
+            name = peer.subtree
+            while self.queued[name] >= QUEUE_WEIGHT:
+                self.room[name].clear()
+                await self.room[name].wait()
+            ready = Ready(peer, rec.partition, done, rec.timestamp_ms, peer.generation)
+            self.pending[name] += 1
+            self.queued[name] += weight(ready)
+            self.queues[name].put_nowait(ready)
 
     async def _idle_positions(self) -> None:
         """Store positions moved only by heartbeats or skipped records, now and then."""

@@ -243,10 +243,13 @@ class Planner:
 
     def _plan_apply(self, events: Sequence[Event],
                     reads: dict[str, Node | NoPermission | None],
-                    if_live: frozenset[int] = frozenset()) -> tuple[Plan, Applied]:
+                    if_live: frozenset[int] = frozenset(),
+                    views: dict[str, View | None] | None = None) -> tuple[Plan, Applied]:
+        """``views``: the znodes as the plans before this one leave them (``bridge.chain``),
+        updated in place; by default, as ``reads`` found them."""
         plan = Plan()
-        views: dict[str, View | None] = {
-            r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
+        if views is None:
+            views = {r: view_of(n) for r, n in reads.items() if not isinstance(n, NoPermission)}
         outcomes: list[tuple[Event, Outcome]] = []
         conflicts: list[Conflict] = []
         for i, event in enumerate(events):

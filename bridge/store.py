@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import structlog
 
 from bridge import codec, statecodec, tombstones
-from bridge.capture import Capturing
+from bridge.chain import Chaining
 from bridge.clock import Order, compare
 from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, classify, is_excluded, join, parent
@@ -62,7 +62,7 @@ class Collected:
     nulls: tuple[CapturedBatch, ...]  # events: the collected tombstones as deletes
 
 
-class SubtreeStore(Capturing):
+class SubtreeStore(Chaining):
     async def setup(self) -> None:
         lay = self.layout
         for path in (lay.mount, lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
@@ -102,11 +102,7 @@ class SubtreeStore(Capturing):
         for _ in range(RETRIES):
             reads = await self._read(wanted)
             while True:
-                local = [r for r, n in reads.items() if not isinstance(n, NoPermission)
-                         and not self.excluded(r) and r not in self.oversized
-                         and r not in self.held_back
-                         and classify(n, self.meta(r)) in (Change.PUT, Change.DELETE,
-                                                            Change.MAYBE_PLACEHOLDER)]
+                local = self.unannounced(reads)
                 if local:
                     raise LocalChanges(local)
                 try:

@@ -11,13 +11,13 @@ two writes that matter on these.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from bridge import statecodec
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
-from bridge.layout import Layout
+from bridge.layout import Change, Layout, classify
 from bridge.model import Event
 from bridge.outbox import Outbox
 from bridge.plan import MetaEntry, Plan, Planner
@@ -149,6 +149,17 @@ class StoreCore(Planner):
             out.update(zip(part, nodes, strict=True))
             at.update(dict.fromkeys(part, frame))
         return out, at
+
+    def unannounced(self, reads: Mapping[str, Node | NoPermission | None],
+                    among: Iterable[str] | None = None) -> list[str]:
+        """The paths of ``reads`` (or of ``among``) that the application changed and
+        no capture announced yet: an apply must not write over them."""
+        return [r for r in (reads if among is None else among)
+                if not isinstance(n := reads[r], NoPermission)
+                and not self.excluded(r) and r not in self.oversized
+                and r not in self.held_back
+                and classify(n, self.meta(r)) in (Change.PUT, Change.DELETE,
+                                                   Change.MAYBE_PLACEHOLDER)]
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)
