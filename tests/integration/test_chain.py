@@ -16,6 +16,7 @@ import pytest
 
 from bridge import statecodec
 from bridge.acl import AclPolicy
+from bridge.batching import MAX_BATCH_EVENTS
 from bridge.clock import HybridClock
 from bridge.config import ZooKeeperSettings
 from bridge.layout import Layout
@@ -175,14 +176,10 @@ def test_after_a_failed_multi_nothing_later_commits_and_the_caches_go_back(
     assert meta is not None and meta.vc == VectorClock.of({PEER: 1})  # the seed's
 
 
-def test_a_backlog_arrives_as_chains_and_the_pointer_never_dangles(
-    federation: Federation,
-) -> None:
-    fed = federation
-    r1, r2 = fed["r1"], fed["r2"]
-    fed.start("r1")
+def _published_backlog(fed: Federation, n: int) -> None:
+    """r1 writes ``n`` records and flips /ptr after each, while r2 is down; until published."""
+    r1 = fed["r1"]
     r1.client.ensure_path(r1.path("/data"))
-    n = 1500  # 3,000 events: groups of 1,000 at most, so several chain
     for i in range(1, n + 1):
         r1.client.create(r1.path(f"/data/d{i}"), str(i).encode())
         if i == 1:
@@ -198,12 +195,56 @@ def test_a_backlog_arrives_as_chains_and_the_pointer_never_dangles(
         return len(seen) > 4 and seen[-1] > n and seen[-1] == seen[-5]
 
     wait_for(quiet, 60, message=lambda: f"r1 never published the backlog: {_counters(fed, 'r1')}")
+
+
+BACKLOG = 1500  # 3,000 events: groups of 1,000 at most, so several chain
+
+
+def test_a_backlog_arrives_as_chains_and_the_pointer_never_dangles(
+    federation: Federation,
+) -> None:
+    fed = federation
+    r2 = fed["r2"]
+    fed.start("r1")
+    _published_backlog(fed, BACKLOG)
     r2.client.ensure_path(r2.mount)
     with PointerReader(r2.client, r2.mount) as reader:
         fed.start("r2")
-        wait_for(lambda: reader.last == n, 90, message="r2's reader never saw the last ptr")
+        wait_for(lambda: reader.last == BACKLOG, 90,
+                 message="r2's reader never saw the last ptr")
     assert reader.dangling == 0 and reader.backwards == 0, vars(reader)
     fed.wait_converged(["r1", "r2"])
     wait_for(lambda: _counters(fed, "r2").get(f"apply_chains:{fed.subtree}", 0) >= 1, 15,
              message=lambda: f"r2 applied no chain: {_counters(fed, 'r2')}")
+    fed.assert_clean_logs()
+
+
+def test_a_receiver_killed_inside_a_chain_resumes_exactly_after_what_committed(
+    federation: Federation,
+) -> None:
+    fed = federation
+    r2 = fed["r2"]
+    fed.start("r1")
+    _published_backlog(fed, BACKLOG)
+    r2.client.ensure_path(r2.mount)
+    with PointerReader(r2.client, r2.mount) as reader:
+        # Dies right after the chain's first group answered, later ones in flight.
+        fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "after_apply_before_position=crash@1"},
+                  wait=False)
+        proc = r2.proc
+        assert proc is not None
+        wait_for(lambda: proc.poll() is not None, 60, message="failpoint never fired")
+        r2.proc = None
+        before = {c: r2.client.exists(r2.path(f"/data/{c}")).mzxid
+                  for c in r2.client.get_children(r2.path("/data"))}
+        # More than one group's worth: the groups after the first were in flight.
+        assert len(before) > MAX_BATCH_EVENTS, len(before)
+        fed.start("r2")
+        wait_for(lambda: reader.last == BACKLOG, 90,
+                 message="r2's reader never saw the last ptr")
+    assert reader.dangling == 0 and reader.backwards == 0, vars(reader)
+    fed.wait_converged(["r1", "r2"])
+    after = {c: r2.client.exists(r2.path(f"/data/{c}")).mzxid
+             for c in before}
+    assert after == before  # what committed before the crash was not applied again
     fed.assert_clean_logs()
