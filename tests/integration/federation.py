@@ -153,6 +153,16 @@ class Federation:
             self.wait_ready(name)
         return r
 
+    def crash_at(self, name: str, failpoints: str, timeout: float = 60) -> None:
+        """Start ``name``'s bridge with ``ZKBRIDGE_FAILPOINTS`` and wait until one kills it."""
+        r = self.start(name, env={"ZKBRIDGE_FAILPOINTS": failpoints}, wait=False)
+        proc = r.proc
+        assert proc is not None
+        procs.wait_for(lambda: proc.poll() is not None, timeout,
+                       message=f"{name}: {failpoints} never fired")
+        assert proc.returncode == -9, proc.returncode
+        r.proc = None
+
     def start_all(self) -> None:
         for name in self.regions:
             self.start(name, wait=False)

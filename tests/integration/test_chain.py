@@ -26,7 +26,7 @@ from bridge.store import LocalChanges, SubtreeStore
 from bridge.zk import ZooKeeper
 from tests.harness.procs import wait_for
 from tests.harness.zookeeper import KazooFactory, ZkServers
-from tests.integration.federation import Federation
+from tests.integration.federation import Federation, Region
 from tests.integration.test_ordering import PointerReader, _counters
 
 pytestmark = pytest.mark.integration
@@ -200,18 +200,26 @@ def _published_backlog(fed: Federation, n: int) -> None:
 BACKLOG = 1500  # 3,000 events: groups of 1,000 at most, so several chain
 
 
+def _backlog_for_r2(fed: Federation) -> Region:
+    fed.start("r1")
+    _published_backlog(fed, BACKLOG)
+    r2 = fed["r2"]
+    r2.client.ensure_path(r2.mount)
+    return r2
+
+
+def _read_to_the_end(fed: Federation, reader: PointerReader) -> None:
+    wait_for(lambda: reader.last == BACKLOG, 90, message="r2's reader never saw the last ptr")
+
+
 def test_a_backlog_arrives_as_chains_and_the_pointer_never_dangles(
     federation: Federation,
 ) -> None:
     fed = federation
-    r2 = fed["r2"]
-    fed.start("r1")
-    _published_backlog(fed, BACKLOG)
-    r2.client.ensure_path(r2.mount)
+    r2 = _backlog_for_r2(fed)
     with PointerReader(r2.client, r2.mount) as reader:
         fed.start("r2")
-        wait_for(lambda: reader.last == BACKLOG, 90,
-                 message="r2's reader never saw the last ptr")
+        _read_to_the_end(fed, reader)
     assert reader.dangling == 0 and reader.backwards == 0, vars(reader)
     fed.wait_converged(["r1", "r2"])
     wait_for(lambda: _counters(fed, "r2").get(f"apply_chains:{fed.subtree}", 0) >= 1, 15,
@@ -223,28 +231,18 @@ def test_a_receiver_killed_inside_a_chain_resumes_exactly_after_what_committed(
     federation: Federation,
 ) -> None:
     fed = federation
-    r2 = fed["r2"]
-    fed.start("r1")
-    _published_backlog(fed, BACKLOG)
-    r2.client.ensure_path(r2.mount)
+    r2 = _backlog_for_r2(fed)
     with PointerReader(r2.client, r2.mount) as reader:
         # Dies right after the chain's first group answered, later ones in flight.
-        fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "after_apply_before_position=crash@1"},
-                  wait=False)
-        proc = r2.proc
-        assert proc is not None
-        wait_for(lambda: proc.poll() is not None, 60, message="failpoint never fired")
-        r2.proc = None
+        fed.crash_at("r2", "after_apply_before_position=crash@1")
         before = {c: r2.client.exists(r2.path(f"/data/{c}")).mzxid
                   for c in r2.client.get_children(r2.path("/data"))}
         # More than one group's worth: the groups after the first were in flight.
         assert len(before) > MAX_BATCH_EVENTS, len(before)
         fed.start("r2")
-        wait_for(lambda: reader.last == BACKLOG, 90,
-                 message="r2's reader never saw the last ptr")
+        _read_to_the_end(fed, reader)
     assert reader.dangling == 0 and reader.backwards == 0, vars(reader)
     fed.wait_converged(["r1", "r2"])
-    after = {c: r2.client.exists(r2.path(f"/data/{c}")).mzxid
-             for c in before}
+    after = {c: r2.client.exists(r2.path(f"/data/{c}")).mzxid for c in before}
     assert after == before  # what committed before the crash was not applied again
     fed.assert_clean_logs()

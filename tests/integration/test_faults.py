@@ -131,12 +131,7 @@ def test_start_up_capture_is_published_as_it_commits_and_survives_a_crash_in_it(
         for i in range(100):
             t.create(r2.path(f"/boot/d{d}/k{i}"), b"v%d" % i)
         t.commit()
-    fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "capture_committed=crash@3"}, wait=False)
-    proc = r2.proc
-    assert proc is not None
-    wait_for(lambda: proc.poll() is not None, 120, message="capture_committed never fired")
-    assert proc.returncode == -9
-    r2.proc = None
+    fed.crash_at("r2", "capture_committed=crash@3", timeout=120)
     r1 = fed["r1"]
 
     def copied() -> int:

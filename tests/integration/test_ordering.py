@@ -324,12 +324,7 @@ def test_exactly_once_apply_across_a_crash_after_the_multi(federation: Federatio
     for i in range(30):
         r1.client.create(r1.path(f"/x{i}"), b"v")
     # r2 dies right after its first apply multi committed (content and position).
-    fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "after_apply_before_position=crash@1"},
-              wait=False)
-    proc = r2.proc
-    assert proc is not None
-    wait_for(lambda: proc.poll() is not None, 60, message="failpoint never fired")
-    r2.proc = None
+    fed.crash_at("r2", "after_apply_before_position=crash@1")
     before = {}
     for i in range(30):
         stat = r2.client.exists(r2.path(f"/x{i}"))
