@@ -28,7 +28,7 @@ from bridge.batching import (
 )
 from bridge.clock import hlc_to_ms
 from bridge.errors import BridgeError
-from bridge.inbound import Inbound, PeerState, Ready, weight
+from bridge.inbound import Inbound, PeerState, Ready
 from bridge.kafka import Record
 from bridge.model import Event, Op
 from bridge.store import Applied, LocalChanges, Outcome, SubtreeStore
@@ -79,15 +79,15 @@ class Applier:
         jute.maxbuffer, and would for ever.
         """
         group = [first]
-        count, size = len(first.batch.events), weight(first)
+        count, size = len(first.batch.events), first.weight
         while not queue.empty():
             nxt: Ready = queue._queue[0]  # type: ignore[attr-defined]
             if (not self._same_stream(first, nxt)
                     or count + len(nxt.batch.events) > MAX_BATCH_EVENTS
-                    or size + weight(nxt) > MAX_BATCH_BYTES):
+                    or size + nxt.weight > MAX_BATCH_BYTES):
                 break
             group.append(queue.get_nowait())
-            count, size = count + len(nxt.batch.events), size + weight(nxt)
+            count, size = count + len(nxt.batch.events), size + nxt.weight
         return group
 
     async def apply_chain(self, name: str, groups: list[list[Ready]]) -> int:
@@ -121,13 +121,17 @@ class Applier:
                 return 0  # read again and retried one by one, as ever
             for applied, (_, positions) in zip(done, parts, strict=False):
                 peer.positions = positions
-                failpoints.hit(failpoints.AFTER_APPLY)
-                peer.stored_at = time.monotonic()
-                peer.last_applied_ms = int(time.time() * 1000)
-                self.record(store, applied)
+                self._applied(peer, store, applied)
         if done:
             b.stats[f"apply_chains:{name}"] += 1
         return len(done)
+
+    def _applied(self, peer: PeerState, store: SubtreeStore, applied: Applied) -> None:
+        """After a group's ``multi`` committed (its positions with it)."""
+        failpoints.hit(failpoints.AFTER_APPLY)
+        peer.stored_at = time.monotonic()
+        peer.last_applied_ms = int(time.time() * 1000)
+        self.record(store, applied)
 
     async def apply_group(self, name: str, group: list[Ready]) -> None:
         b = self.bridge
@@ -149,10 +153,7 @@ class Applier:
             applied = await self.apply_events(store, events, peer=peer.peer, positions=positions,
                                               if_live=frozenset(nulls))
             peer.positions = positions
-        failpoints.hit(failpoints.AFTER_APPLY)
-        peer.stored_at = time.monotonic()
-        peer.last_applied_ms = int(time.time() * 1000)
-        self.record(store, applied)
+        self._applied(peer, store, applied)
         for i in sorted(nulls):
             event, outcome = applied.outcomes[i]
             if outcome in (Outcome.APPLIED, Outcome.CONFLICT_REMOTE):

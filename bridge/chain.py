@@ -44,8 +44,9 @@ class Chaining(Capturing):
         """Apply consecutive groups of ``peer``'s events, each with its new positions.
 
         Returns what each group of the committed prefix did; the caller
-        applies the others one by one (``SubtreeStore.apply``). Raises only
-        what the first read raises, or a cancellation.
+        applies the others one by one (``SubtreeStore.apply``). Raises what
+        a read raises (what was sent is then read again before the next
+        write, as after a failed ``multi``), or a cancellation.
         """
         await self._settle()
         if self.held_events:

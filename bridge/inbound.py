@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -79,12 +80,13 @@ class Ready:
     partition: int
     batch: Complete
     timestamp_ms: int
-    generation: int = 0
+    generation: int
+    weight: int  # about what it adds to the apply ``multi`` (``weight``)
 
 
-def weight(ready: Ready) -> int:
+def weight(events: Iterable[Event]) -> int:
     """About what a batch adds to the apply ``multi``: content, paths, metadata."""
-    return sum(len(e.data or b"") + 2 * len(e.path) + 128 for e in ready.batch.events)
+    return sum(len(e.data or b"") + 2 * len(e.path) + 128 for e in events)
 
 
 class Inbound:
@@ -128,7 +130,7 @@ class Inbound:
 
     def taken(self, name: str, ready: Ready) -> None:
         """The applier took ``ready`` off the queue: room for more."""
-        self.queued[name] -= weight(ready)
+        self.queued[name] -= ready.weight
         if self.queued[name] < QUEUE_WEIGHT:
             self.room[name].set()
 
@@ -261,9 +263,10 @@ class Inbound:
             while self.queued[name] >= QUEUE_WEIGHT:
                 self.room[name].clear()
                 await self.room[name].wait()
-            ready = Ready(peer, rec.partition, done, rec.timestamp_ms, peer.generation)
+            ready = Ready(peer, rec.partition, done, rec.timestamp_ms, peer.generation,
+                          weight(done.events))
             self.pending[name] += 1
-            self.queued[name] += weight(ready)
+            self.queued[name] += ready.weight
             self.queues[name].put_nowait(ready)
 
     async def _idle_positions(self) -> None:
