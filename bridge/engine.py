@@ -354,7 +354,7 @@ class Bridge:
         # Caught up = applied what the peers had published when this term began
         # (an empty fetch is not a usable signal: heartbeats never stop).
         self.inbound.catch_up_to = await self.retry(
-            "end offsets", lambda: self.kafka.end_offsets(list(positions)))
+            "end offsets", lambda: self.kafka.readable_ends(list(positions)))
         return found
 
     def incident(self, kind: str, text: str) -> None:

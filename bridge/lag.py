@@ -78,7 +78,7 @@ class LagProbe:
                 topic = topic_name(settings.kafka.topic_prefix, st.name, peer)
                 positions = await read_positions(zk, layout, peer)
                 parts = await kafka.partitions(topic)
-                ends = await kafka.end_offsets([(topic, p) for p in parts])
+                ends = await kafka.readable_ends([(topic, p) for p in parts])
                 begins = await kafka.beginning_offsets(list(ends))
                 notes = []
                 for (t, p), end in ends.items():

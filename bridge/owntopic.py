@@ -77,7 +77,7 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
             stored = {} if fresh else await b.retry(
                 "read publish position", partial(store.positions.read, b.region))
             ends = await b.retry("end offsets", partial(
-                reader.end_offsets, [(topic, p) for p in parts]))
+                reader.readable_ends, [(topic, p) for p in parts]))
             all_ends.update(ends)
             at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
             old_id = None if fresh else await b.retry(

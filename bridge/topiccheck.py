@@ -164,8 +164,9 @@ class TopicCheck:
             if end is None or tp[0] in replaced:
                 continue
             # Confirmed against what was acknowledged before the *previous*
-            # check: a broker may answer ListOffsets a little behind the acks
-            # it sent (tansu does, under load), never a whole second behind.
+            # check: where no fetch answered since (its high watermark is the
+            # end then), tansu lists one past the base offset of the last
+            # batch, below the acks it sent until a later batch moves it.
             before = self._own_suspect.pop(tp, None)
             if before is not None and end < before:
                 why = f"end offset {end} is below the {before} this bridge published"

@@ -88,7 +88,7 @@ async def check(b: Bridge) -> None:
             topic = b.topic(name, b.region)
             tps += [(topic, p) for p in await b.retry(
                 f"partitions of {topic}", partial(reader.partitions, topic))]
-        ends = await b.retry("end offsets", lambda: reader.end_offsets(tps))
+        ends = await b.retry("end offsets", lambda: reader.readable_ends(tps))
         begins = await b.retry("beginning offsets", lambda: reader.beginning_offsets(tps))
         tail = {tp: max(begins.get(tp, 0), end - TWIN_LOOKBACK)
                 for tp, end in ends.items() if end > begins.get(tp, 0)}

@@ -36,6 +36,7 @@ class Connection:
         # which held every applied batch back by as much once a second).
         self._probe: AIOKafkaConsumer | None = None
         self._probe_lock = asyncio.Lock()
+        self._probe_fetch = asyncio.Lock()  # readable_ends assigns the query consumer
         self._secure_ok = False
         self._producer_lock = asyncio.Lock()
         self._producer_started = False

@@ -37,3 +37,15 @@ def make_federation(
 @pytest.fixture
 def federation(make_federation: Callable[..., Federation]) -> Federation:
     return make_federation()
+
+
+@pytest.fixture
+def on_tansu(tmp_path: Path, token: str, tansu: Broker, zk_servers: ZkServers
+             ) -> Iterator[Federation]:
+    """A federation on tansu whatever the suite's broker: what only the demo's broker shows."""
+    fed = Federation(tmp_path, token, tansu, dict(zip(REGION_NAMES, zk_servers.regions,
+                                                      strict=True)))
+    try:
+        yield fed
+    finally:
+        fed.close()

@@ -49,16 +49,6 @@ def _fed(tmp: Path, token: str, broker: Broker, zk: ZkServers, *, spare: bool = 
 
 
 @pytest.fixture
-def on_tansu(tmp_path: Path, token: str, tansu: Broker, zk_servers: ZkServers
-             ) -> Iterator[Federation]:
-    fed = _fed(tmp_path, token, tansu, zk_servers)
-    try:
-        yield fed
-    finally:
-        fed.close()
-
-
-@pytest.fixture
 def on_proxied(tmp_path: Path, token: str, proxied_broker: Broker, zk_servers: ZkServers
                ) -> Iterator[Federation]:
     fed = _fed(tmp_path, token, proxied_broker, zk_servers)
