@@ -46,17 +46,17 @@ class Survey:
 
 
 @asynccontextmanager
-async def _reader(b: Bridge) -> AsyncIterator[Kafka]:
+async def own_reader(b: Bridge) -> AsyncIterator[Kafka]:
     """A consumer of its own (no group) for reading this region's topics, stopped after."""
-    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-replay")
-    await b.retry("start replay consumer", lambda: reader.start_consumer(None))
+    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-own")
+    await b.retry("start own-topic reader", lambda: reader.start_consumer(None))
     try:
         yield reader
     finally:
         await reader.stop()
 
 
-async def survey(bridge: Bridge, fresh: bool) -> Survey:
+async def survey(bridge: Bridge, fresh: bool, reader: Kafka) -> Survey:
     """Check every own topic against what this region stored; the replays still to do.
 
     A wiped or restored ensemble lost writes that only its own topic still
@@ -68,49 +68,48 @@ async def survey(bridge: Bridge, fresh: bool) -> Survey:
     b = bridge
     all_ends: dict[TopicPartition, int] = {}
     replays: list[Replay] = []
-    async with _reader(b) as reader:
-        ids = await b.retry("topic ids", lambda: reader.topic_ids(
-            [b.topic(n, b.region) for n in b.stores]))
-        for name, store in b.stores.items():
-            topic = b.topic(name, b.region)
-            parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
-            stored = {} if fresh else await b.retry(
-                "read publish position", partial(store.positions.read, b.region))
-            ends = await b.retry("end offsets", partial(
-                reader.readable_ends, [(topic, p) for p in parts]))
-            all_ends.update(ends)
-            at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
-            old_id = None if fresh else await b.retry(
-                "read topic id", partial(store.positions.read_topic_id, b.region))
-            new_id = ids.ids.get(topic)
-            if old_id is not None and new_id is not None and old_id != new_id:
-                # Re-created while we were down: what we published is gone,
-                # whatever the offsets say (the new topic may have grown past them).
-                await b.reannounce.replaced(
-                    name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
-                    f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
-                    "or rebuilt)", new_id)
-                await b.retry("store publish position",
-                              partial(store.positions.write, b.region, at_end))
-                continue
-            if new_id is not None:
-                if new_id != old_id:
-                    await b.retry("store topic id",
-                                  partial(store.positions.write_topic_id, b.region, new_id))
-                b.inbound.own_ids[topic] = new_id
-            lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
-            for (t, p), end in lost.items():
-                b.reannounce.lost(name, t, p, stored[p], end,
-                                 f"stored publish position {stored[p]} is above the "
-                                 f"end offset {end}")
-            if lost:
-                await b.retry("store publish position",
-                              partial(store.positions.write, b.region, at_end))
-                continue
-            start = {(topic, p): stored.get(p, 0) for p in parts}
-            todo = {tp: end for tp, end in ends.items() if end > start[tp]}
-            if todo:
-                replays.append(Replay(name, {tp: start[tp] for tp in todo}, todo))
+    ids = await b.retry("topic ids", lambda: reader.topic_ids(
+        [b.topic(n, b.region) for n in b.stores]))
+    for name, store in b.stores.items():
+        topic = b.topic(name, b.region)
+        parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
+        stored = {} if fresh else await b.retry(
+            "read publish position", partial(store.positions.read, b.region))
+        ends = await b.retry("end offsets", partial(
+            reader.readable_ends, [(topic, p) for p in parts]))
+        all_ends.update(ends)
+        at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
+        old_id = None if fresh else await b.retry(
+            "read topic id", partial(store.positions.read_topic_id, b.region))
+        new_id = ids.ids.get(topic)
+        if old_id is not None and new_id is not None and old_id != new_id:
+            # Re-created while we were down: what we published is gone,
+            # whatever the offsets say (the new topic may have grown past them).
+            await b.reannounce.replaced(
+                name, topic, {p: (stored.get(p, 0), e) for (_, p), e in ends.items()},
+                f"topic id changed from {old_id} to {new_id} (deleted and re-created, "
+                "or rebuilt)", new_id)
+            await b.retry("store publish position",
+                          partial(store.positions.write, b.region, at_end))
+            continue
+        if new_id is not None:
+            if new_id != old_id:
+                await b.retry("store topic id",
+                              partial(store.positions.write_topic_id, b.region, new_id))
+            b.inbound.own_ids[topic] = new_id
+        lost = {tp: end for tp, end in ends.items() if stored.get(tp[1], 0) > end}
+        for (t, p), end in lost.items():
+            b.reannounce.lost(name, t, p, stored[p], end,
+                             f"stored publish position {stored[p]} is above the "
+                             f"end offset {end}")
+        if lost:
+            await b.retry("store publish position",
+                          partial(store.positions.write, b.region, at_end))
+            continue
+        start = {(topic, p): stored.get(p, 0) for p in parts}
+        todo = {tp: end for tp, end in ends.items() if end > start[tp]}
+        if todo:
+            replays.append(Replay(name, {tp: start[tp] for tp in todo}, todo))
     return Survey(all_ends, tuple(replays))
 
 
@@ -123,7 +122,7 @@ async def replay(bridge: Bridge, found: Survey) -> None:
     if not found.replays:
         return
     b = bridge
-    async with _reader(b) as reader:
+    async with own_reader(b) as reader:
         for todo in found.replays:
             store = b.stores[todo.subtree]
             topic = next(iter(todo.end))[0]

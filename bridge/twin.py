@@ -68,7 +68,7 @@ def marker(raw: bytes) -> str:
     return text if _INC.fullmatch(text) else uuid.uuid5(uuid.NAMESPACE_OID, text).hex
 
 
-async def check(b: Bridge) -> None:
+async def check(b: Bridge, reader: Kafka) -> None:
     """Refuse to start while another ensemble is publishing as this region.
 
     Records of another incarnation on the own topic are history after a
@@ -80,36 +80,31 @@ async def check(b: Bridge) -> None:
     twin.
     """
     window = 3 * b.settings.heartbeat_interval + 1.0
-    reader = Kafka(b.settings.kafka, client_id=f"zkbridge-{b.region}-twin")
-    await b.retry("start twin check", lambda: reader.start_consumer(None))
-    try:
-        tps = []
-        for name in b.stores:
-            topic = b.topic(name, b.region)
-            tps += [(topic, p) for p in await b.retry(
-                f"partitions of {topic}", partial(reader.partitions, topic))]
-        ends = await b.retry("end offsets", lambda: reader.readable_ends(tps))
-        begins = await b.retry("beginning offsets", lambda: reader.beginning_offsets(tps))
-        tail = {tp: max(begins.get(tp, 0), end - TWIN_LOOKBACK)
-                for tp, end in ends.items() if end > begins.get(tp, 0)}
-        if not tail:
-            return
-        recent = now_ms() - int(1000 * window)
-        others = {inc: ts for inc, ts, _ in await _own_records(b, reader, tail, ends, 10.0)
-                  if inc != b.incarnation and ts >= recent}
-        if not others:
-            return
-        log.warning("twin_check", incarnations=sorted(others), window_s=window,
-                    hint="another incarnation of this region published moments ago: a "
-                         "restore, or a second ensemble with this region's name; watching")
-        fresh = await _own_records(b, reader, dict(ends), None, window)
-        for inc, _ts, where in fresh:
-            if inc != b.incarnation:
-                raise DuplicateRegionError(duplicate_message(
-                    b.region, where[0], theirs=inc, ours=b.incarnation,
-                    seen=f"a record at offset {where[1]} while starting"))
-    finally:
-        await reader.stop()
+    tps = []
+    for name in b.stores:
+        topic = b.topic(name, b.region)
+        tps += [(topic, p) for p in await b.retry(
+            f"partitions of {topic}", partial(reader.partitions, topic))]
+    ends = await b.retry("end offsets", lambda: reader.readable_ends(tps))
+    begins = await b.retry("beginning offsets", lambda: reader.beginning_offsets(tps))
+    tail = {tp: max(begins.get(tp, 0), end - TWIN_LOOKBACK)
+            for tp, end in ends.items() if end > begins.get(tp, 0)}
+    if not tail:
+        return
+    recent = now_ms() - int(1000 * window)
+    others = {inc: ts for inc, ts, _ in await _own_records(b, reader, tail, ends, 10.0)
+              if inc != b.incarnation and ts >= recent}
+    if not others:
+        return
+    log.warning("twin_check", incarnations=sorted(others), window_s=window,
+                hint="another incarnation of this region published moments ago: a "
+                     "restore, or a second ensemble with this region's name; watching")
+    fresh = await _own_records(b, reader, dict(ends), None, window)
+    for inc, _ts, where in fresh:
+        if inc != b.incarnation:
+            raise DuplicateRegionError(duplicate_message(
+                b.region, where[0], theirs=inc, ours=b.incarnation,
+                seen=f"a record at offset {where[1]} while starting"))
 
 
 async def _own_records(b: Bridge, reader: Kafka, start: dict[TopicPartition, int],
