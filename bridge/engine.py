@@ -341,8 +341,8 @@ class Bridge:
 
         async def checks() -> owntopic.Survey:
             async with owntopic.own_reader(self) as reader:
-                await twin.check(self, reader)
-                return await owntopic.survey(self, fresh, reader)
+                ends = await twin.check(self, reader)
+                return await owntopic.survey(self, fresh, reader, ends)
 
         async def connect() -> None:
             await self.retry("start producer", self.kafka.start_producer)

@@ -11,7 +11,7 @@ deletions first) and re-applies the records up to the ends the survey saw.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -56,8 +56,12 @@ async def own_reader(b: Bridge) -> AsyncIterator[Kafka]:
         await reader.stop()
 
 
-async def survey(bridge: Bridge, fresh: bool, reader: Kafka) -> Survey:
+async def survey(bridge: Bridge, fresh: bool, reader: Kafka,
+                 seen: Mapping[TopicPartition, int] | None = None) -> Survey:
     """Check every own topic against what this region stored; the replays still to do.
+
+    ``seen``: every own partition's end, read just before (by the twin
+    check, nothing published since); read here when None.
 
     A wiped or restored ensemble lost writes that only its own topic still
     records (peers applied them but never re-publish): they are replayed from
@@ -72,11 +76,15 @@ async def survey(bridge: Bridge, fresh: bool, reader: Kafka) -> Survey:
         [b.topic(n, b.region) for n in b.stores]))
     for name, store in b.stores.items():
         topic = b.topic(name, b.region)
-        parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
         stored = {} if fresh else await b.retry(
             "read publish position", partial(store.positions.read, b.region))
-        ends = await b.retry("end offsets", partial(
-            reader.readable_ends, [(topic, p) for p in parts]))
+        if seen is None:
+            parts = await b.retry(f"partitions of {topic}", partial(reader.partitions, topic))
+            ends = await b.retry("end offsets", partial(
+                reader.readable_ends, [(topic, p) for p in parts]))
+        else:
+            ends = {tp: end for tp, end in seen.items() if tp[0] == topic}
+            parts = sorted(p for _, p in ends)
         all_ends.update(ends)
         at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
         old_id = None if fresh else await b.retry(

@@ -68,8 +68,11 @@ def marker(raw: bytes) -> str:
     return text if _INC.fullmatch(text) else uuid.uuid5(uuid.NAMESPACE_OID, text).hex
 
 
-async def check(b: Bridge, reader: Kafka) -> None:
+async def check(b: Bridge, reader: Kafka) -> dict[TopicPartition, int] | None:
     """Refuse to start while another ensemble is publishing as this region.
+
+    Returns the own partitions' ends it read, for the own-topic survey to
+    go on from, unless it watched the topics (then they are old: None).
 
     Records of another incarnation on the own topic are history after a
     restore (the wiped ensemble's bridge published them) and live only
@@ -90,12 +93,12 @@ async def check(b: Bridge, reader: Kafka) -> None:
     tail = {tp: max(begins.get(tp, 0), end - TWIN_LOOKBACK)
             for tp, end in ends.items() if end > begins.get(tp, 0)}
     if not tail:
-        return
+        return ends
     recent = now_ms() - int(1000 * window)
     others = {inc: ts for inc, ts, _ in await _own_records(b, reader, tail, ends, 10.0)
               if inc != b.incarnation and ts >= recent}
     if not others:
-        return
+        return ends
     log.warning("twin_check", incarnations=sorted(others), window_s=window,
                 hint="another incarnation of this region published moments ago: a "
                      "restore, or a second ensemble with this region's name; watching")
@@ -105,6 +108,7 @@ async def check(b: Bridge, reader: Kafka) -> None:
             raise DuplicateRegionError(duplicate_message(
                 b.region, where[0], theirs=inc, ours=b.incarnation,
                 seen=f"a record at offset {where[1]} while starting"))
+    return None
 
 
 async def _own_records(b: Bridge, reader: Kafka, start: dict[TopicPartition, int],
