@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bridge.zk import WORLD_ALL, ZooKeeper
+from bridge.zk import WORLD_ALL, AclRead, ZooKeeper
 
 HOLD = "acl"  # held-back reason: the ACL is narrower than the policy may publish
 
@@ -48,25 +48,28 @@ def _redacted(entry: str) -> bool:
 class AclPolicy:
     policy: str  # "copy" or "open"
     own: str | None  # this bridge's own ACL entry (digest auth), if it has an identity
-    # rel → (aversion, entries): ACLs already read, so each is read once per change.
-    _seen: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    # rel → its ACL as last read: read once per change of the znode's ACL.
+    _seen: dict[str, AclRead] = field(default_factory=dict)
 
-    async def announce_many(self, zk: ZooKeeper, puts: Sequence[tuple[str, str, int]]
+    def _known(self, rel: str, czxid: int, aversion: int) -> bool:
+        seen = self._seen.get(rel)
+        return seen is not None and seen.czxid == czxid and seen.aversion == aversion
+
+    async def announce_many(self, zk: ZooKeeper, puts: Sequence[tuple[str, str, int, int]]
                             ) -> list[tuple[str, ...] | str | None]:
-        """What each captured put (path, rel, aversion) carries: entries, ``None``
+        """What each captured put (path, rel, czxid, aversion) carries: entries, ``None``
         (world-open), or ``HOLD``; the ACLs not yet known are read in bulk."""
-        unread = [(path, rel) for path, rel, aversion in puts
-                  if (seen := self._seen.get(rel)) is None or seen[0] != aversion]
+        unread = [(path, rel) for path, rel, czxid, aversion in puts
+                  if not self._known(rel, czxid, aversion)]
         gone: set[str] = set()
         got = await zk.get_acls_many([path for path, _ in unread]) if unread else []
         for (_, rel), acl in zip(unread, got, strict=True):
             if acl is None:
                 gone.add(rel)  # gone meanwhile: the next batch announces the delete
             else:
-                entries, version = acl
-                self._seen[rel] = (version, entries)
-        return [None if rel in gone else self._carried(self._seen[rel][1])
-                for _, rel, _ in puts]
+                self._seen[rel] = acl
+        return [None if rel in gone else self._carried(self._seen[rel].entries)
+                for _, rel, _, _ in puts]
 
     def _carried(self, entries: tuple[str, ...]) -> tuple[str, ...] | str | None:
         mine = tuple(e for e in entries if e != self.own)

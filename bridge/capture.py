@@ -255,7 +255,7 @@ class Capturing(StoreCore):
         async def read(part: Sequence[tuple[object, Op, str, Node | None]]
                        ) -> list[tuple[str, ...] | str | None]:
             got = await self.acl.announce_many(reader, [
-                (self.layout.znode(rel), rel, node.stat.aversion)
+                (self.layout.znode(rel), rel, node.stat.czxid, node.stat.aversion)
                 for _, _, rel, node in part if node is not None])
             failpoints.hit(failpoints.ACL_READ)
             return got

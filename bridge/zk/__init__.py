@@ -9,6 +9,7 @@ the bridge imports from here.
 
 from bridge.zk.values import (
     WORLD_ALL,
+    AclRead,
     Check,
     Create,
     Delete,
@@ -26,6 +27,6 @@ from bridge.zk.values import (
 from bridge.zk.wire import BatchedClient
 from bridge.zk.zookeeper import ACL_CHUNK, ZooKeeper, gather_limited
 
-__all__ = ["ACL_CHUNK", "WORLD_ALL", "BatchedClient", "Check", "Create", "Delete", "Node", "Op",
-           "SessionCallback", "SetData", "Stat", "TreeCallback", "Watch", "WatchCallback",
-           "ZooKeeper", "acl_text", "gather_limited", "own_acl"]
+__all__ = ["ACL_CHUNK", "WORLD_ALL", "AclRead", "BatchedClient", "Check",
+           "Create", "Delete", "Node", "Op", "SessionCallback", "SetData", "Stat", "TreeCallback",
+           "Watch", "WatchCallback", "ZooKeeper", "acl_text", "gather_limited", "own_acl"]

@@ -35,6 +35,17 @@ class Node:
     stat: Stat
 
 
+@dataclass(frozen=True, slots=True)
+class AclRead:
+    """A znode's ACL ("perms:scheme:id" entries) as read, and which znode and ACL version
+    it belongs to: a znode deleted and created again has a new ``czxid``, and its
+    ``aversion`` starts again at 0."""
+
+    entries: tuple[str, ...]
+    aversion: int
+    czxid: int
+
+
 # Operations of an atomic multi.
 @dataclass(frozen=True, slots=True)
 class Check:

@@ -26,6 +26,7 @@ from bridge.errors import (
 )
 from bridge.zk.session import Session
 from bridge.zk.values import (
+    AclRead,
     Check,
     Create,
     Delete,
@@ -166,8 +167,7 @@ class ZooKeeper(Session):
             return None
         return tuple(acl_text(a) for a in acls), stat.aversion
 
-    async def get_acls_many(self, paths: Sequence[str]
-                            ) -> list[tuple[tuple[str, ...], int] | None]:
+    async def get_acls_many(self, paths: Sequence[str]) -> list[AclRead | None]:
         """``get_acls`` of every path, pipelined (``multiRead`` cannot read ACLs).
 
         Each chunk's answers become plain tuples as they arrive, equal ACLs
@@ -176,11 +176,11 @@ class ZooKeeper(Session):
         """
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-        async def chunk(part: Sequence[str]) -> list[tuple[tuple[str, ...], int] | None]:
+        async def chunk(part: Sequence[str]) -> list[AclRead | None]:
             what = f"getACL of {len(part)} from {part[0]}"
             got = await self._many([GetACL(_prefix_root(self._client.chroot, p)) for p in part],
                                    what)
-            out: list[tuple[tuple[str, ...], int] | None] = []
+            out: list[AclRead | None] = []
             for item in got:
                 if isinstance(item, MissingNode):
                     out.append(None)
@@ -189,7 +189,8 @@ class ZooKeeper(Session):
                 else:
                     acls, stat = item
                     entries = tuple(acl_text(a) for a in acls)
-                    out.append((shared.setdefault(entries, entries), stat.aversion))
+                    out.append(AclRead(shared.setdefault(entries, entries), stat.aversion,
+                                       stat.czxid))
             return out
 
         parts = [paths[i:i + ACL_CHUNK] for i in range(0, len(paths), ACL_CHUNK)]

@@ -198,6 +198,39 @@ def test_open_policy_holds_back_what_it_would_widen(federation: Federation) -> N
     fed.assert_clean_logs()
 
 
+def test_a_znode_created_again_narrower_is_not_announced_with_its_old_acl(
+    federation: Federation,
+) -> None:
+    # Its aversion starts at 0 again: known by path and aversion alone, the
+    # ACL read for the first znode passed for the second one's, and the new
+    # znode's secret went out world-readable.
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}},
+                         subtrees=[{"name": fed.subtree, "path": fed[name].mount,
+                                    "acl": "open"}])
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/x"), b"public")
+    wait_for(lambda: r2.client.exists(r2.path("/x")) is not None, 20)
+    bridge_acl = make_digest_acl("bridge", BRIDGE_PW, all=True)
+    with _session(fed, "r1") as alice:
+        alice.delete(r1.path("/x"))
+        alice.create(r1.path("/x"), b"secret", acl=[ALICE, bridge_acl])
+    r1.client.create(r1.path("/after"), b"later")
+    wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20)
+    # r1 announced all before /after, in order: /x too, had it gone out.
+    got = r2.client.exists(r2.path("/x"))
+    assert got is None or r2.client.get(r2.path("/x"))[0] != b"secret", "widened into r2"
+
+    def listed() -> bool:
+        held = _status(fed, "r1").get("held_back", {})
+        return isinstance(held, dict) and "/x (acl)" in held.get("critical", [])
+
+    wait_for(listed, 20, message="status does not list the narrower /x as held back")
+    fed.assert_clean_logs()
+
+
 def test_bridge_state_is_writable_by_the_bridge_identity_only(federation: Federation) -> None:
     fed = federation
     for name in fed.regions:

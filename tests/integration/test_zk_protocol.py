@@ -278,7 +278,7 @@ def test_batched_socket_io_matches_thousands_of_pipelined_replies(
     acls, nodes = asyncio.run(run())
     for i in range(n):
         entry = acls[i]
-        assert entry is not None and entry[0] == (f"{_perms(i)}:world:anyone",)
+        assert entry is not None and entry.entries == (f"{_perms(i)}:world:anyone",)
         node = nodes[i]
         assert isinstance(node, Node) and node.data == f"v{i}".encode() * (i % 50)
     assert acls[n:] == [None] * 200 and nodes[n:] == [None] * 200

@@ -22,7 +22,7 @@ from bridge.layout import Layout
 from bridge.model import NodeMeta, VectorClock, content_hash
 from bridge.plan import CapturedBatch, MetaEntry, Plan, Planner
 from bridge.store import SubtreeStore
-from bridge.zk import WORLD_ALL, Create, Node, SetData, Stat
+from bridge.zk import WORLD_ALL, AclRead, Create, Node, SetData, Stat
 
 
 class FakePlanner(Planner):
@@ -123,7 +123,7 @@ class Pieces:
         self.release.set()
         return [*([None] * (len(ops) - 1)), f"/zkbridge/s/outbox/q-0000000000/b-{n:010d}"], 1
 
-    async def get_acls_many(self, paths: list[str]) -> list[tuple[tuple[str, ...], int]]:
+    async def get_acls_many(self, paths: list[str]) -> list[AclRead]:
         self.groups += 1
         group = self.groups
         if group == 2:
@@ -131,7 +131,7 @@ class Pieces:
             if self.fail:
                 raise ZooKeeperError("connection loss")
         self.log.append(f"acl{group}")
-        return [(WORLD_ALL, 0)] * len(paths)
+        return [AclRead(WORLD_ALL, 0, 1)] * len(paths)
 
 
 def large_capture(monkeypatch: pytest.MonkeyPatch, zk: Pieces
