@@ -20,10 +20,16 @@ resync); a receiver sets it right after the ``multi`` that wrote the content.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bridge.zk import WORLD_ALL, AclRead, ZooKeeper
+import structlog
+
+from bridge.errors import BridgeError
+from bridge.zk import ACL_CHUNK, ACL_CHUNKS_IN_FLIGHT, WORLD_ALL, AclRead, ZooKeeper, gather_limited
+
+log = structlog.get_logger("bridge.acl")
 
 HOLD = "acl"  # held-back reason: the ACL is narrower than the policy may publish
 
@@ -50,6 +56,9 @@ class AclPolicy:
     own: str | None  # this bridge's own ACL entry (digest auth), if it has an identity
     # rel → its ACL as last read: read once per change of the znode's ACL.
     _seen: dict[str, AclRead] = field(default_factory=dict)
+    # rel → the read ahead (``prefetch``) that will fill ``_seen`` for it.
+    _pending: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    _reading: set[asyncio.Task[None]] = field(default_factory=set)
 
     def _known(self, rel: str, czxid: int, aversion: int) -> bool:
         seen = self._seen.get(rel)
@@ -59,6 +68,10 @@ class AclPolicy:
                             ) -> list[tuple[str, ...] | str | None]:
         """What each captured put (path, rel, czxid, aversion) carries: entries, ``None``
         (world-open), or ``HOLD``; the ACLs not yet known are read in bulk."""
+        ahead = {f for _, rel, czxid, aversion in puts
+                 if not self._known(rel, czxid, aversion) and (f := self._pending.get(rel))}
+        if ahead:
+            await asyncio.gather(*ahead)  # they never fail: what they missed is read here
         unread = [(path, rel) for path, rel, czxid, aversion in puts
                   if not self._known(rel, czxid, aversion)]
         gone: set[str] = set()
@@ -70,6 +83,75 @@ class AclPolicy:
                 self._seen[rel] = acl
         return [None if rel in gone else self._carried(self._seen[rel].entries)
                 for _, rel, _, _ in puts]
+
+    def prefetch(self, zk: ZooKeeper, znodes: Sequence[tuple[str, str]], sync_path: str) -> None:
+        """Read the ACLs of ``znodes`` (path, rel) in the background, for a capture to come.
+
+        A start-up capture of new znodes waited on their ACL reads, a
+        request each (``multiRead`` cannot read ACLs): most of the origin's
+        ZooKeeper work at a catch-up. A scan that lists new znodes starts
+        them here, while it reads their data. ``zk`` is a session of its
+        own: ``sync`` first, as its server may lag the one that listed them.
+        What a read ahead missed or got wrong (a znode created again, an
+        ACL set since) the capture reads itself.
+        """
+        todo = [(p, r) for p, r in znodes if r not in self._seen and r not in self._pending]
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+        chunks = [todo[i:i + ACL_CHUNK] for i in range(0, len(todo), ACL_CHUNK)]
+        done = [loop.create_future() for _ in chunks]
+        for part, fut in zip(chunks, done, strict=True):
+            for _, rel in part:
+                self._pending[rel] = fut
+        task = asyncio.ensure_future(self._read_ahead(zk, sync_path, chunks, done))
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
+
+    async def _read_ahead(self, zk: ZooKeeper, sync_path: str,
+                          chunks: list[list[tuple[str, str]]],
+                          done: list[asyncio.Future[None]]) -> None:
+        failed: list[BridgeError] = []
+
+        async def one(part: list[tuple[str, str]], fut: asyncio.Future[None]) -> None:
+            try:
+                if not failed:
+                    got = await zk.get_acls_many([p for p, _ in part])
+                    for (_, rel), acl in zip(part, got, strict=True):
+                        if acl is not None:
+                            self._seen[rel] = acl
+            except BridgeError as exc:
+                failed.append(exc)
+            finally:
+                self._release(part, fut)
+
+        try:
+            await zk.sync(sync_path)
+            await gather_limited([one(p, f) for p, f in zip(chunks, done, strict=True)],
+                                 ACL_CHUNKS_IN_FLIGHT)
+        except BridgeError as exc:
+            failed.append(exc)
+        finally:
+            if failed:
+                log.info("acl_read_ahead_failed", error=str(failed[0]),
+                         action="the capture reads the ACLs itself")
+            for part, fut in zip(chunks, done, strict=True):
+                self._release(part, fut)
+
+    def _release(self, part: list[tuple[str, str]], fut: asyncio.Future[None]) -> None:
+        if fut.done():
+            return
+        for _, rel in part:
+            if self._pending.get(rel) is fut:
+                del self._pending[rel]
+        fut.set_result(None)
+
+    async def stop_reading_ahead(self) -> None:
+        """Cancel the reads ahead (the term ended); whoever waits on them goes on."""
+        tasks = list(self._reading)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _carried(self, entries: tuple[str, ...]) -> tuple[str, ...] | str | None:
         mine = tuple(e for e in entries if e != self.own)

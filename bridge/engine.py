@@ -260,6 +260,8 @@ class Bridge:
                 with contextlib.suppress(BridgeError):
                     await self.reporter.write()
             await self.kafka.stop()
+            for store in self.stores.values():
+                await store.acl.stop_reading_ahead()
             self._reset_term()
         if restart_after:
             with contextlib.suppress(TimeoutError):

@@ -87,6 +87,12 @@ class Scanner:
                     elif names:
                         into.update(join(rel, n) for n in names)
             todo = sorted(r for r in in_tree | in_meta if not store.excluded(r))
+            # A znode without metadata is new here: the capture after the scan
+            # announces it, with its ACL. Read ahead while its data is read.
+            reader = store.acl_reader
+            if reader is not None and reader.connected:
+                store.acl.prefetch(reader, [(lay.znode(r), r) for r in todo if r not in in_meta],
+                                   lay.mount)
             ops = [op for r in todo for op in (
                 (("data", lay.znode(r)),) if r in in_tree else ()) + (
                 (("data", lay.meta(r)),) if r in in_meta else ())]

@@ -25,8 +25,8 @@ from bridge.zk.values import (
     own_acl,
 )
 from bridge.zk.wire import BatchedClient
-from bridge.zk.zookeeper import ACL_CHUNK, ZooKeeper, gather_limited
+from bridge.zk.zookeeper import ACL_CHUNK, ACL_CHUNKS_IN_FLIGHT, ZooKeeper, gather_limited
 
-__all__ = ["ACL_CHUNK", "WORLD_ALL", "AclRead", "BatchedClient", "Check",
+__all__ = ["ACL_CHUNK", "ACL_CHUNKS_IN_FLIGHT", "WORLD_ALL", "AclRead", "BatchedClient", "Check",
            "Create", "Delete", "Node", "Op", "SessionCallback", "SetData", "Stat", "TreeCallback",
            "Watch", "WatchCallback", "ZooKeeper", "acl_text", "gather_limited", "own_acl"]

@@ -298,10 +298,11 @@ def test_a_large_start_up_capture_copies_each_znodes_own_acl(
     r1, r2 = fed["r1"], fed["r2"]
     connected = [e for e in fed.events("r1") if e.get("event") == "acl_session_connected"]
     if own_session:
-        # That session sent the capture's getACLs: one per znode, and a sync.
+        # That session sent the getACLs: one per znode (read ahead by the scan,
+        # which listed them new, and taken by the capture), and syncs.
         sid = f"sid={connected[0]['session']},"
         line = next(x for x in r1.server.four_letter("cons").splitlines() if sid in x)
-        assert int(line.split("recved=")[1].split(",")[0]) >= count, line
+        assert count <= int(line.split("recved=")[1].split(",")[0]) < count + 100, line
     else:
         assert not connected
     if "ZKBRIDGE_FAILPOINTS" in env:
