@@ -177,9 +177,9 @@ class AclPolicy:
         if want is None:
             return
         got = await zk.get_acls(path)
-        if got is None or set(got[0]) == set(want):
+        if got is None or set(got.entries) == set(want):
             return
-        await zk.set_acls(path, want, got[1])  # NoPermission: the caller holds the path back
+        await zk.set_acls(path, want, got.aversion)  # NoPermission: the caller holds it back
         self._seen.pop(rel, None)
 
     def forget(self, rel: str) -> None:

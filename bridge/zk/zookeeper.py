@@ -156,8 +156,8 @@ class ZooKeeper(Session):
             self._tree_roots = (*self._tree_roots, path)
         return True
 
-    async def get_acls(self, path: str) -> tuple[tuple[str, ...], int] | None:
-        """The znode's ACL as "perms:scheme:id" entries, with its aversion; None if absent."""
+    async def get_acls(self, path: str) -> AclRead | None:
+        """The znode's ACL as "perms:scheme:id" entries, with its versions; None if absent."""
         try:
             acls, stat = await self._await(
                 self._call(self._client.get_acls_async, path, what=f"getACL {path}"),
@@ -165,7 +165,7 @@ class ZooKeeper(Session):
             )
         except MissingNode:
             return None
-        return tuple(acl_text(a) for a in acls), stat.aversion
+        return AclRead(tuple(acl_text(a) for a in acls), stat.aversion, stat.czxid)
 
     async def get_acls_many(self, paths: Sequence[str]) -> list[AclRead | None]:
         """``get_acls`` of every path, pipelined (``multiRead`` cannot read ACLs).
