@@ -6,7 +6,10 @@ seeded by ``ZKBRIDGE_FAILPOINT_SEED``). Dying is SIGKILL to ourselves, the
 same abrupt end as an OOM kill or power loss: no cleanup runs.
 ``name=lose@N`` instead raises, at the N-th hit only, the error of a request
 whose answer was lost although it was carried out (placed right after a
-ZooKeeper write succeeded). Unset in production, ``hit`` is a dictionary lookup.
+ZooKeeper write succeeded). ``name=stop@N`` stops the process (SIGSTOP to
+itself) at the N-th hit, until a test sends SIGCONT: a pause at a chosen
+step, long enough for its ZooKeeper session to expire. Unset in production,
+``hit`` is a dictionary lookup.
 
 ``ZKBRIDGE_CLOCK_OFFSET_MS`` shifts the bridge's wall clock, as a host whose
 clock is off would (the clock-skew checks are tested with it).
@@ -28,6 +31,7 @@ BEFORE_APPLY = "before_apply"
 CAPTURE_COMMITTED = "capture_committed"  # the capture multi (metadata + outbox) committed
 ACL_READ = "acl_read"  # a group of a capture's ACL reads was answered
 EPOCH_TAKEN = "epoch_taken"  # a term took the epoch (its first write)
+OWN_TOPIC_SURVEY = "own_topic_survey"  # a term checks its own topics (after reading their ends)
 
 _rules: dict[str, tuple[str, float]] = {}
 _hits: dict[str, int] = {}
@@ -48,6 +52,8 @@ def configure(spec: str | None, seed: str | None = None) -> None:
             _rules[name] = ("p", float(rule[6:]))
         elif rule.startswith("lose@"):
             _rules[name] = ("lose", float(rule[5:]))
+        elif rule.startswith("stop@"):
+            _rules[name] = ("stop", float(rule[5:]))
         else:
             raise ValueError(f"failpoint {name}: unknown rule {rule!r}")
 
@@ -61,6 +67,10 @@ def hit(name: str) -> None:
     if kind == "lose":
         if _hits[name] == value:
             raise ZooKeeperError(f"failpoint {name}: answer lost (the request was carried out)")
+        return
+    if kind == "stop":
+        if _hits[name] == value:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return
     if (kind == "at" and _hits[name] >= value) or (kind == "p" and _rng.random() < value):
         os.kill(os.getpid(), signal.SIGKILL)

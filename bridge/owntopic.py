@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from bridge import failpoints
 from bridge.inbound import FETCH_MAX_RECORDS
 from bridge.kafka import Kafka, Record
 
@@ -70,6 +71,7 @@ async def survey(bridge: Bridge, fresh: bool, reader: Kafka,
     topic lost what we published: the whole state is re-announced instead.
     """
     b = bridge
+    failpoints.hit(failpoints.OWN_TOPIC_SURVEY)
     all_ends: dict[TopicPartition, int] = {}
     replays: list[Replay] = []
     ids = await b.retry("topic ids", lambda: reader.topic_ids(
@@ -85,6 +87,13 @@ async def survey(bridge: Bridge, fresh: bool, reader: Kafka,
         else:
             ends = {tp: end for tp, end in seen.items() if tp[0] == topic}
             parts = sorted(p for _, p in ends)
+        if any(stored.get(p, 0) > end for (_, p), end in ends.items()):
+            # Confirmed on ends read after the positions. Positions are stored
+            # only once Kafka acknowledged, so those ends are at or past them
+            # unless the topic lost records. The ends read first may be older
+            # than a position that a bridge leading meanwhile stored (this
+            # term's session expired in between: chaos seed 793460).
+            ends = await b.retry("end offsets", partial(reader.readable_ends, list(ends)))
         all_ends.update(ends)
         at_end = {p: e for (_, p), e in ends.items()}  # stored after a loss
         old_id = None if fresh else await b.retry(

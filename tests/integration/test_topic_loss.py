@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +25,10 @@ from bridge.config import KafkaSettings
 from bridge.kafka import Kafka
 from bridge.statecodec import decode_positions
 from tests.conftest import REGION_NAMES, ZkServers
+from tests.harness import procs
 from tests.harness.broker import Broker, KafkaBroker, TansuBroker
 from tests.harness.procs import wait_for
-from tests.integration.federation import Federation
+from tests.integration.federation import REPO, Federation
 
 Report = Callable[[str], None]
 # Each incident is an error log line on purpose; nothing else may be.
@@ -344,4 +347,63 @@ def test_region_rebuilt_from_tansu_replays_its_last_batch_too(on_tansu: Federati
     fed.wait_converged(timeout=120)
     # Only r3's own topic still had them: the peers never publish them again.
     assert sorted(fed.tree("r3")) == [f"/mine{i:03d}" for i in range(200)]
+    fed.assert_clean_logs()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): state T in /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
+def test_a_term_paused_at_its_start_takes_no_newer_leaders_position_for_lost_records(
+    federation: Federation,
+) -> None:
+    """Found by chaos seed 793460 (Apache Kafka): not a loss, and no error line.
+
+    A bridge read its own topic's ends at the start of its term, then its
+    session expired before it read the stored publish position; the bridge
+    that led meanwhile had published past those ends and stored its
+    position. The paused bridge took that position for records the topic
+    lost. Here a failpoint stops it at that step until the other bridge has
+    done the same.
+    """
+    fed = federation
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(20):
+        r1.client.create(r1.path(f"/before{i:02d}"), b"x")
+    fed.wait_converged()
+    fed.stop("r1")
+    before = _stored_position(fed, "r1", "r1")
+    paused = fed.start("r1", env={"ZKBRIDGE_FAILPOINTS": "own_topic_survey=stop@1"}, wait=False)
+    proc = paused.proc
+    assert proc is not None
+    wait_for(lambda: _stopped(proc.pid), 60, message="own_topic_survey=stop@1 never stopped it")
+    log = fed.tmp / "bridge-r1-next.log"
+    other = procs.spawn([sys.executable, "-m", "bridge", "run", "-c", str(r1.config_path)], log,
+                        env={"PYTHONPATH": str(REPO)}, cwd=REPO)
+    try:
+        # It leads once the paused bridge's session expired (4 s).
+        wait_for(lambda: '"bridge_ready"' in log.read_text(), 60,
+                 message=lambda: f"the next bridge never led:\n{procs.log_tail(log)}")
+        for i in range(20):
+            r1.client.create(r1.path(f"/after{i:02d}"), b"x")
+        fed.wait_converged()
+        wait_for(lambda: _stored_position(fed, "r1", "r1") >= before + 20, 30,
+                 message="the next leader never stored its position past the old ends")
+        proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: fed.count_events("r1", "leadership_lost") >= 1, 60,
+                 message=lambda: f"the paused bridge never stood down:\n"
+                                 f"{procs.log_tail(r1.log_path)}")
+        assert fed.count_events("r1", "own_topic_lost_records") == 0
+        assert fed.count_events("r1", "own_topic_reannounced") == 0
+        assert '"own_topic_lost_records"' not in log.read_text()
+        r1.client.create(r1.path("/last"), b"x")
+        fed.wait_converged()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # also when the test failed while it was stopped
+        procs.stop(other)
+    assert '"level": "error"' not in log.read_text()
     fed.assert_clean_logs()
