@@ -62,7 +62,8 @@ async def survey(bridge: Bridge, fresh: bool, reader: Kafka,
     """Check every own topic against what this region stored; the replays still to do.
 
     ``seen``: every own partition's end, read just before (by the twin
-    check, nothing published since); read here when None.
+    check; this term published nothing since, but a bridge that led while
+    this one's session expired may have); read here when None.
 
     A wiped or restored ensemble lost writes that only its own topic still
     records (peers applied them but never re-publish): they are replayed from
