@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import structlog
@@ -97,7 +98,7 @@ class Scanner:
             # them at the server, by 1-2.5 s, and the start was no shorter.)
             reader = store.acl_reader
             if reader is not None and reader.connected and ahead > 0:
-                new = [(lay.znode(r), r) for r in todo if r not in in_meta][:ahead]
+                new = list(islice(((lay.znode(r), r) for r in todo if r not in in_meta), ahead))
                 ahead -= len(new)
                 store.acl.prefetch(reader, new, lay.mount)
             ops = [op for r in todo for op in (
