@@ -71,7 +71,7 @@ class Clients:
 
     def on_session(self, state: str, new_session: bool) -> None:
         log.info("zookeeper_session", state=state, new_session=new_session)
-        if state == "LOST" and self.bridge.role == "leader":
+        if state == "LOST" and self.bridge.in_term:
             # The session held our candidate znode: someone else may lead now.
             self._lost.set()
         if state != "CONNECTED":
@@ -109,7 +109,7 @@ class Clients:
                         hint="the ensemble may have been wiped or restored; reconnecting afresh")
             self.bridge.note_error("zookeeper",
                                    f"disconnected for {now - down_since:.0f}s; restarted")
-            if self.bridge.role == "leader":
+            if self.bridge.in_term:
                 self._lost.set()
             try:
                 await self.bridge.zk.restart()

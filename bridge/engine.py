@@ -45,32 +45,15 @@ from bridge.stability import Stability
 from bridge.status import now_ms
 from bridge.store import Layout, SubtreeStore
 from bridge.streams import Streams
+from bridge.termsteps import both, unless_lost
 from bridge.watching import Watching
 from bridge.zk import ZooKeeper, own_acl
 
 log = structlog.get_logger("bridge.engine")
 
 T = TypeVar("T")
-A = TypeVar("A")
-B = TypeVar("B")
 
 TERM_RESTART_DELAY = 1.0  # seconds before standing again after a term failed to start
-
-
-async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """Run two steps at once; the first failure cancels the other and is raised as it is.
-
-    (A TaskGroup would wrap it in an ExceptionGroup, which the term's
-    handlers of fenced and retriable errors would not recognise.)
-    """
-    one, two = asyncio.ensure_future(first), asyncio.ensure_future(second)
-    try:
-        a, b = await asyncio.gather(one, two)  # a list at run time, whatever the stubs say
-        return a, b
-    finally:
-        for task in (one, two):
-            task.cancel()
-        await asyncio.gather(one, two, return_exceptions=True)
 
 
 class Bridge:
@@ -96,6 +79,9 @@ class Bridge:
         # status shows and what `zkbridge skip` checks before it asks.
         self.waiting: dict[str, dict[str, object]] = {}
         self.role = "starting"
+        # From taking the epoch to the term's end: a lost session ends the term
+        # then, also while it is still starting (role is "leader" only once it runs).
+        self.in_term = False
         self.epoch = 0
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
@@ -187,11 +173,13 @@ class Bridge:
     async def _lead(self) -> None:
         """One leadership term: take the epoch, run both pipelines until it ends."""
         self._lost.clear()
+        self.in_term = True
         self.kafka = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}")
         tasks: list[asyncio.Task[None]] = []
         restart_after = 0.0
         try:
-            await self._start(tasks)  # starts the publisher once the own-topic checks pass
+            # Starts the publisher once the own-topic checks pass.
+            await unless_lost(self._start(tasks), self._lost)
             tasks += [
                 asyncio.create_task(self.guarded(
                     "heartbeat", self.outbound.heartbeats,
@@ -263,6 +251,7 @@ class Bridge:
             for store in self.stores.values():
                 await store.acl.stop_reading_ahead()
             self._reset_term()
+            self.in_term = False
         if restart_after:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), restart_after)

@@ -366,7 +366,9 @@ def test_a_term_paused_at_its_start_takes_no_newer_leaders_position_for_lost_rec
     that led meanwhile had published past those ends and stored its
     position. The paused bridge took that position for records the topic
     lost. Here a failpoint stops it at that step until the other bridge has
-    done the same.
+    done the same. The paused bridge now ends its term as soon as it sees its
+    session lost, before it reads anything more; the re-read of the ends in
+    ``survey`` still guards the moment before that.
     """
     fed = federation
     fed.start_all()
@@ -396,6 +398,10 @@ def test_a_term_paused_at_its_start_takes_no_newer_leaders_position_for_lost_rec
         wait_for(lambda: fed.count_events("r1", "leadership_lost") >= 1, 60,
                  message=lambda: f"the paused bridge never stood down:\n"
                                  f"{procs.log_tail(r1.log_path)}")
+        reasons = [e.get("reason", "") for e in fed.events("r1")
+                   if e.get("event") == "leadership_lost" and "reason" in e]
+        # Not a fenced write failing later on: the term ended on the session's loss.
+        assert reasons == ["the ZooKeeper session was lost while the term started"], reasons
         assert fed.count_events("r1", "own_topic_lost_records") == 0
         assert fed.count_events("r1", "own_topic_reannounced") == 0
         assert '"own_topic_lost_records"' not in log.read_text()

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from bridge.engine import both
-from bridge.errors import FencedError
+from bridge.errors import BridgeError, FencedError
+from bridge.termsteps import both, unless_lost
 
 
 def test_both_run_at_once_and_answer_in_order() -> None:
@@ -67,5 +67,46 @@ def test_cancelling_the_term_cancels_both() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sorted(stopped) == ["kafka", "scan"]
+
+    asyncio.run(main())
+
+
+def test_a_start_that_ends_is_not_affected_by_the_lost_event() -> None:
+    async def main() -> None:
+        await unless_lost(asyncio.sleep(0.01), asyncio.Event())
+
+    asyncio.run(main())
+
+
+def test_a_lost_session_cancels_the_start_and_ends_the_term() -> None:
+    # A term whose session expired while it started stood on until a fenced
+    # write failed (chaos seed 793460): now it ends as soon as the loss is seen.
+    cancelled = asyncio.Event()
+
+    async def start() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main() -> None:
+        lost = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.01, lost.set)
+        with pytest.raises(FencedError, match="session was lost"):
+            await unless_lost(start(), lost)
+        assert cancelled.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_start_that_fails_raises_its_own_error() -> None:
+    async def start() -> None:
+        await asyncio.sleep(0.01)
+        raise BridgeError("no route to the broker")
+
+    async def main() -> None:
+        with pytest.raises(BridgeError, match="no route"):
+            await unless_lost(start(), asyncio.Event())
 
     asyncio.run(main())
