@@ -106,6 +106,12 @@ def alive(pid: int) -> bool:
     return True
 
 
+def stopped(pid: int) -> bool:
+    """Is ``pid`` stopped (SIGSTOP): state T in /proc?"""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
 def stop(
     proc: subprocess.Popen[bytes] | int,
     sig: int = signal.SIGTERM,

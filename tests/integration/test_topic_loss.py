@@ -350,12 +350,6 @@ def test_region_rebuilt_from_tansu_replays_its_last_batch_too(on_tansu: Federati
     fed.assert_clean_logs()
 
 
-def _stopped(pid: int) -> bool:
-    """Whether the process is stopped (SIGSTOP): state T in /proc."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] in "Tt"
-
-
 def test_a_term_paused_at_its_start_takes_no_newer_leaders_position_for_lost_records(
     federation: Federation,
 ) -> None:
@@ -381,7 +375,8 @@ def test_a_term_paused_at_its_start_takes_no_newer_leaders_position_for_lost_rec
     paused = fed.start("r1", env={"ZKBRIDGE_FAILPOINTS": "own_topic_survey=stop@1"}, wait=False)
     proc = paused.proc
     assert proc is not None
-    wait_for(lambda: _stopped(proc.pid), 60, message="own_topic_survey=stop@1 never stopped it")
+    wait_for(lambda: procs.stopped(proc.pid), 60,
+             message="own_topic_survey=stop@1 never stopped it")
     log = fed.tmp / "bridge-r1-next.log"
     other = procs.spawn([sys.executable, "-m", "bridge", "run", "-c", str(r1.config_path)], log,
                         env={"PYTHONPATH": str(REPO)}, cwd=REPO)

@@ -18,6 +18,7 @@ import pytest
 
 from bridge import failpoints
 from bridge.errors import ZooKeeperError
+from tests.harness import procs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,22 +69,15 @@ def test_crash_kills_the_process_at_the_named_hit() -> None:
     assert out.split("\n") == ["passed 1", ""]
 
 
-def _state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
-
-
 def test_stop_pauses_the_process_at_the_named_hit_until_continued() -> None:
     child = _child("stop@2", 3)
     try:
         assert child.stdout is not None
         assert child.stdout.readline() == "passed 1\n"
-        deadline = time.monotonic() + 30
-        while _state(child.pid) not in "Tt":
-            assert time.monotonic() < deadline, "stop@2 never stopped the process"
-            time.sleep(0.02)
+        procs.wait_for(lambda: procs.stopped(child.pid), 30, interval=0.02,
+                       message="stop@2 never stopped the process")
         time.sleep(0.3)
-        assert _state(child.pid) in "Tt"  # still stopped: nothing resumes it but SIGCONT
+        assert procs.stopped(child.pid)  # still stopped: nothing resumes it but SIGCONT
         child.send_signal(signal.SIGCONT)
         out, _ = child.communicate(timeout=30)
         assert out.split("\n") == ["passed 2", "passed 3", ""]
