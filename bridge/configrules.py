@@ -105,6 +105,7 @@ def check_replication_factor(value: int) -> int:
 
 Text = Annotated[str, StringConstraints(strict=True, min_length=1)]
 Positive = Annotated[float, Field(strict=True, gt=0)]
+NonNegative = Annotated[float, Field(strict=True, ge=0)]
 Count = Annotated[int, Field(strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 Region = Annotated[

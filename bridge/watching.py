@@ -47,19 +47,34 @@ class Watching:
         self.unseen = set(self.bridge.stores)
 
     async def rescanner(self) -> None:
+        """Rescan when asked (a reload), and every ``rescan_interval`` seconds: a
+        persistent watch is not told of a znode the bridge may not read (servers
+        with the CVE-2024-23944 fix), nor of anything while the connection is down."""
         b = self.bridge
         while True:
-            await self.rescan.wait()
+            interval = b.settings.rescan_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rescan.wait(), interval if interval > 0 else None)
             self.rescan.clear()
             for name in b.stores:
-                await b.retry(f"rescan {name}", lambda n=name: self.scan(n))  # type: ignore[misc]
+                await b.retry(f"rescan {name}",
+                              lambda n=name: self.scan(n, watched=True))  # type: ignore[misc]
 
-    async def scan(self, name: str) -> None:
-        """Watch the mount, read everything, capture what changed unseen (one batch or more)."""
+    async def scan(self, name: str, *, watched: bool = False) -> None:
+        """Watch the mount, read everything, capture what changed unseen (one batch or more).
+
+        ``watched``: the subtree was watched since its last scan (a periodic or
+        reload rescan), so the deletes this one finds were notified, or made
+        to znodes the bridge may not read. The mass-delete breaker guards
+        against an ensemble restored or wiped while nobody watched; here it
+        would stop the bridge for an application's own large delete whose
+        notifications are still being captured. It applies again if the
+        connection dropped since the last scan.
+        """
         b = self.bridge
         store = b.stores[name]
         async with b.locks[name]:
-            await self._rescan_locked(name)
+            await self._rescan_locked(name, breaker=not watched or name in self.unseen)
             if store.held_events:
                 # Held back for want of permission: tried again at every scan
                 # (their records go once they apply, in the same multi).
@@ -75,7 +90,7 @@ class Watching:
         while name in self.unseen:
             await self._rescan_locked(name)
 
-    async def _rescan_locked(self, name: str) -> None:
+    async def _rescan_locked(self, name: str, *, breaker: bool = True) -> None:
         """The scan proper, the subtree's lock held (it keeps applies out while the
         metadata cache is rebuilt).
 
@@ -92,7 +107,8 @@ class Watching:
                 log.warning("persistent_watch_unsupported", subtree=name,
                             hint="ZooKeeper < 3.6: falling back to a watch per znode")
         result = await b.retry(
-            f"scan {name}", lambda: scanner.scan(allow_mass_delete=b.allow_mass_delete))
+            f"scan {name}",
+            lambda: scanner.scan(allow_mass_delete=b.allow_mass_delete or not breaker))
         b.stats[f"scans:{name}"] += 1
         b.scan_seconds[name] = result.seconds
         log.info("scan_done", subtree=name, znodes=result.znodes,

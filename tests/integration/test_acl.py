@@ -94,6 +94,42 @@ def test_unreadable_znodes_are_held_back_and_never_stall_the_rest(federation: Fe
     _no_secret_anywhere(fed)
 
 
+def test_an_unreadable_znode_created_while_running_is_found_by_the_periodic_rescan(
+    federation: Federation,
+) -> None:
+    # ZooKeeper 3.8.4+ and 3.9.2+ (and Debian's 3.8.0 with the CVE-2024-23944
+    # fix) send a persistent watch no event for a znode its session may not
+    # read: only a listing of the parent shows it. Without the periodic
+    # rescan it stayed unreported until the next reconnect or election.
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, rescan_interval=2)
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/open"), b"x")
+    wait_for(lambda: r2.client.exists(r2.path("/open")) is not None, 20)
+    scans = fed.count_events("r1", "scan_done")
+    with _session(fed, "r1") as alice:
+        alice.create(r1.path("/hidden"), b"secret", acl=[ALICE])
+
+    def listed() -> bool:
+        held = _status(fed, "r1").get("held_back", {})
+        return isinstance(held, dict) and "/hidden (read)" in held.get("critical", [])
+
+    wait_for(listed, 20, message="an unreadable znode created while running was not reported")
+    assert fed.count_events("r1", "scan_done") > scans  # found by a rescan, not a notification
+    assert r2.client.exists(r2.path("/hidden")) is None
+    # Readable again (the owner opens it up): the next rescan replicates it, no SIGHUP.
+    with _session(fed, "r1") as owner:
+        owner.set_acls(r1.path("/hidden"), OPEN_ACL_UNSAFE)
+    wait_for(lambda: r2.client.exists(r2.path("/hidden")) is not None, 20,
+             message="a znode that became readable was not replicated by the rescan")
+    assert r2.client.get(r2.path("/hidden"))[0] == b"secret"
+    wait_for(lambda: not _status(fed, "r1").get("held_back", {}).get("critical"), 20,
+             message="the replicated znode is still listed as held back")
+    fed.assert_clean_logs()
+
+
 def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
     federation: Federation,
 ) -> None:

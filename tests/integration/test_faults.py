@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import msgpack
@@ -15,6 +17,7 @@ from kazoo.exceptions import NodeExistsError
 
 from bridge import codec
 from bridge.model import Event, Op, VectorClock
+from tests.harness import procs
 from tests.harness.procs import wait_for
 from tests.harness.proxy import TcpProxy
 from tests.integration.federation import Federation
@@ -393,6 +396,47 @@ def test_mass_delete_breaker_stops_and_can_be_overridden(federation: Federation)
     fed.wait_converged()
     assert len(fed.tree("r3")) == 5
     fed.assert_clean_logs(allowed={"mass_delete_refused"})
+
+
+def test_a_periodic_rescan_during_a_live_mass_delete_does_not_stop_the_bridge(
+    federation: Federation,
+) -> None:
+    # The breaker is for what a bridge could not have watched (a restored or
+    # wiped ensemble, seen at a start or a reconnect). A periodic rescan that
+    # meets deletes whose notifications are still pending (here: the bridge
+    # paused, the application deletes most of the subtree in one multi, the
+    # rescan is due when it resumes) is looking at deletes it was told of.
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, rescan_interval=1)
+    fed.start_all()
+    r1 = fed["r1"]
+    for i in range(40):
+        r1.client.create(r1.path(f"/m{i}"), b"v")
+    fed.wait_converged()
+    assert r1.proc is not None
+    # Paused right after a rescan, so the next one comes due during the pause.
+    scans = fed.count_events("r1", "scan_done")
+    wait_for(lambda: fed.count_events("r1", "scan_done") > scans, 10, interval=0.02)
+    scans = fed.count_events("r1", "scan_done")
+    r1.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: procs.stopped(r1.proc.pid), 10)
+        tx = r1.client.transaction()
+        for i in range(35):
+            tx.delete(r1.path(f"/m{i}"))
+        assert all(r is True for r in tx.commit())
+        time.sleep(2.5)  # past the rescan's due time, within the session timeout
+    finally:
+        r1.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: fed.count_events("r1", "scan_done") > scans + 1, 20,
+             message="no periodic rescan after the pause")
+    assert r1.proc.poll() is None, "the bridge stopped"
+    found = [e.get("changes") for e in fed.events("r1") if e.get("event") == "scan_done"]
+    assert 35 in found[scans:], f"no rescan met the pending deletes: {found}"
+    fed.wait_converged()
+    assert len(fed.tree("r2")) == 5
+    fed.assert_clean_logs()
 
 
 def test_event_roundtrip_helper_is_consistent() -> None:
