@@ -59,6 +59,13 @@ class Scanner:
                 [frame for got, frame in parts for _ in got])
 
     async def scan(self, *, allow_mass_delete: bool = False) -> ScanResult:
+        self.store.rebuilding = True
+        try:
+            return await self._scan(allow_mass_delete)
+        finally:
+            self.store.rebuilding = False
+
+    async def _scan(self, allow_mass_delete: bool) -> ScanResult:
         started = time.monotonic()
         store, lay = self.store, self.store.layout
         await store.zk.sync(lay.mount)

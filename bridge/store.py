@@ -227,7 +227,10 @@ class SubtreeStore(Chaining):
         return Collected(tuple(done), tuple(entries))
 
     def tombstones_held(self) -> int:
-        return sum(1 for e in self.metas.values() if e.meta is not None and e.meta.deleted)
+        if not self.rebuilding:
+            self._tombstones = sum(1 for e in self.metas.values()
+                                   if e.meta is not None and e.meta.deleted)
+        return self._tombstones
 
     # -- conflicts ---------------------------------------------------------
     async def trim_conflicts(self, keep: int) -> None:
