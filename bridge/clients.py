@@ -85,7 +85,7 @@ class Clients:
             # during a term's start-up, before ready: the rescanner runs as
             # soon as the term's tasks do (a reconnect mid-start-up scan
             # otherwise left the term without a watch).
-            self.bridge.watching.rescan.set()
+            self.bridge.watching.request()
 
     async def watchdog(self) -> None:
         """Restart the ZooKeeper client after a disconnection that does not heal.

@@ -398,12 +398,13 @@ class Bridge:
             if store.exclude != tuple(st.exclude):
                 store.exclude = tuple(st.exclude)
                 # Newly included paths were never watched: look at everything again.
-                self.watching.rescan.set()
+                self.watching.request()
         for scanner in self.scanners.values():
             scanner.mass_delete = self.settings.mass_delete
         # Paths held back for want of permission are tried again (an ACL may have changed).
         if any(st.held_back for st in self.stores.values()):
-            self.watching.rescan.set()
+            self.watching.request()
+        self.watching.retime()
         return applied, restart
 
     def background(self, coro: Awaitable[None]) -> None:

@@ -28,7 +28,8 @@ log = structlog.get_logger("bridge.watching")
 class Watching:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.rescan = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._requested = False
         # Bumped when the ZooKeeper connection drops; subtrees not rescanned since.
         self.session_gen = 0
         self.unseen: set[str] = set()
@@ -46,19 +47,38 @@ class Watching:
         self.session_gen += 1
         self.unseen = set(self.bridge.stores)
 
+    def request(self) -> None:
+        """Rescan every subtree now: after a reconnect, or a reload that includes new
+        paths or may have made held-back ones accessible."""
+        self._requested = True
+        self._wake.set()
+
+    def retime(self) -> None:
+        """A reload may have changed ``rescan_interval``: the next periodic rescan is
+        due that long after the last scan, not after the wait already begun."""
+        self._wake.set()
+
     async def rescanner(self) -> None:
-        """Rescan when asked (a reload), and every ``rescan_interval`` seconds: a
-        persistent watch is not told of a znode the bridge may not read (servers
-        with the CVE-2024-23944 fix), nor of anything while the connection is down."""
+        """Rescan when asked, and every ``rescan_interval`` seconds: a persistent watch
+        is not told of a znode the bridge may not read (servers with the CVE-2024-23944
+        fix), nor of anything while the connection is down."""
         b = self.bridge
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             interval = b.settings.rescan_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.rescan.wait(), interval if interval > 0 else None)
-            self.rescan.clear()
+            due = last + interval if interval > 0 else None
+            if not self._requested and (due is None or loop.time() < due):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(),
+                                           None if due is None else due - loop.time())
+                self._wake.clear()
+                continue
+            self._requested = False
             for name in b.stores:
                 await b.retry(f"rescan {name}",
                               lambda n=name: self.scan(n, watched=True))  # type: ignore[misc]
+            last = loop.time()
 
     async def scan(self, name: str, *, watched: bool = False) -> None:
         """Watch the mount, read everything, capture what changed unseen (one batch or more).
