@@ -726,7 +726,7 @@ class Bench:
             out.add(self.broker.pid)
         return out
 
-    def _write_config(self, r: Region) -> None:
+    def _write_config(self, r: Region, **extra: Any) -> None:
         doc = {
             "region": r.name,
             "zookeeper": {"hosts": r.server.hosts},
@@ -735,6 +735,7 @@ class Bench:
             "peers": [p for p in REGIONS if p != r.name],
             "subtrees": [{"name": name, "path": path} for name, path in self.mounts],
             "log": {"format": "json"},
+            **extra,
         }
         r.config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -1397,6 +1398,7 @@ class Bench:
                  lambda: f"{got['n']:,}/{wanted:,} records on {topic}; " + rss(),
                  interval=1.0, every=10)
             self.res.bridge["large_publish_s"] = time.monotonic() - t_ready
+        self.large_rescan()
         znodes = self.res.bridge["large_znodes"]
         req = self.res.phases["large_scan"]["bridge_zk_requests"]["zk-a"]
         self.res.bridge |= {
@@ -1414,6 +1416,24 @@ class Bench:
             f"{fmt(br['large_rss_ready_mb'])} MB when ready, "
             f"peak {fmt(br['large_rss_peak_mb'])} MB (through publishing all, "
             f"{br['large_publish_s']:.1f} s after ready)")
+
+    def large_rescan(self) -> None:
+        """One periodic rescan of the large subtree, all of it replicated: how long the
+        subtree's captures and applies wait for it (``rescan_interval``)."""
+        a = self.a
+        assert a.proc is not None
+        before = len(a.log_events("scan_done"))
+        self._write_config(a, rescan_interval=1)
+        os.kill(a.proc.pid, signal.SIGHUP)  # counted from the last scan: due at once
+        poll(lambda: len(a.log_events("scan_done")) > before, 300, "periodic rescan",
+             interval=0.2)
+        self._write_config(a)
+        os.kill(a.proc.pid, signal.SIGHUP)
+        scan = a.log_events("scan_done")[before]
+        self.res.bridge |= {"large_rescan_s": float(scan["seconds"]),
+                            "large_rescan_changes": int(scan["changes"])}
+        say(f"{a.name}: a periodic rescan of {int(scan['znodes']):,} znodes took "
+            f"{float(scan['seconds']):.2f} s ({int(scan['changes'])} changes found)")
 
     # -- 2b. steady state ------------------------------------------------
     def leaves(self, first_dir: int, count: int) -> list[str]:
@@ -1830,6 +1850,8 @@ class Bench:
                     note="through publishing" if cap else "as of scan_done"),
                 Row("large: ZooKeeper requests/znode", br.get("large_zk_requests_per_znode"),
                     "req", note="start → ready, bridge A's session (cons)"),
+                Row("large: a periodic rescan", br.get("large_rescan_s"), "s",
+                    note="tree and metadata read again; the subtree's applies wait"),
             ]
         if "conflict_per_s" in br:
             rows += [
