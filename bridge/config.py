@@ -245,11 +245,12 @@ class Settings:
     local ensemble; same path rules as a mount and disjoint from every mount."""
     heartbeat_interval: Positive = Field(default=5.0, json_schema_extra=LIVE)
     """Seconds between heartbeats this bridge publishes per subtree (they drive lag reporting)."""
-    rescan_interval: NonNegative = Field(default=600.0, json_schema_extra=LIVE)
-    """Seconds between full rescans of each subtree by the leader (0: scan only at the start of a
-    term and after a reconnect). A rescan finds what no watch reports: ZooKeeper 3.8.4+ and 3.9.2+
-    send no watch event for a znode the bridge may not read, so such a znode is held back and
-    reported once a scan lists it. A new value applies on reload, counted from the last scan."""
+    audit_interval: NonNegative = Field(default=600.0, json_schema_extra=LIVE)
+    """Seconds between audits of each subtree by the leader (0: none): every znode is listed and
+    compared with the bridge's metadata, and what differs is captured. This finds what no watch
+    reports: ZooKeeper 3.8.4+ and 3.9.2+ send no watch event for a znode the bridge may not read,
+    so such a znode is held back and reported once an audit lists it. A new value applies on
+    reload, counted from the last audit or scan."""
     max_clock_skew: Positive = Field(default=60.0, json_schema_extra=LIVE)
     """Seconds. A peer event stamped further ahead of the local wall clock than this waits (loudly)
     instead of being applied, and the bridge's hybrid clock never runs further than this ahead of

@@ -1,11 +1,13 @@
-"""Full scans of one subtree: what changed while nobody watched, and the metadata cache.
+"""Full scans and audits of one subtree: what changed while nobody watched, and the
+metadata cache.
 
 Nothing is delivered while disconnected and a persistent watch does not
 survive a reconnect, so watches only tell *where* to look; the full scan
 (after ``sync``) at the start of every term and after every reconnect is what
 guarantees no change is missed. It reads the znodes and the metadata mirror
 level by level with many reads per request (``multiRead``), and leaves the
-store's metadata cache filled for the term.
+store's metadata cache filled for the term. An audit (every ``audit_interval``)
+only lists the tree and compares it with that cache.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import structlog
 
 from bridge.config import MassDeleteSettings
 from bridge.errors import MassDeleteError, NoPermission
-from bridge.layout import Change, classify, join
+from bridge.layout import Change, classify, join, parent
 from bridge.plan import MetaEntry
 from bridge.store import SubtreeStore
 from bridge.zk import ACL_CHUNK, Node, gather_limited
@@ -43,6 +45,13 @@ class ScanResult:
     # Changed znodes as the scan read them, each with its reply's frame: the
     # capture that follows reads again only what was notified since.
     reads: Mapping[str, tuple[Node, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    suspects: tuple[str, ...]  # paths a capture must read: the listings and the cache differ
+    listed: int  # znodes listed
+    seconds: float
 
 
 class Scanner:
@@ -146,6 +155,55 @@ class Scanner:
                             time.monotonic() - started, tuple(present), reads)
         self._breaker(result, allow_mass_delete)
         return result
+
+    async def audit(self) -> AuditResult:
+        """Every znode's listing against the metadata cache (the periodic check).
+
+        While the session holds, the persistent watch reports every change the
+        bridge may read, and the cache is exact (the leader is its only
+        writer), so neither data nor metadata is read again. What the watch
+        misses is a znode the bridge may not read (servers with the
+        CVE-2024-23944 fix send no event for it): a name the cache does not
+        know, a live path of the cache the listing lacks, a listing refused.
+        Those, and the paths held back for reading, are the suspects a capture
+        reads. No lock is held: a path that changes meanwhile is at worst read
+        once more by that capture.
+        """
+        started = time.monotonic()
+        store, lay = self.store, self.store.layout
+        live: dict[str, list[str]] = {}
+        for rel, entry in store.metas.items():
+            if rel != "/" and entry.meta is not None and not entry.meta.deleted:
+                live.setdefault(parent(rel), []).append(rel)
+        suspects: set[str] = set()
+        listed = 0
+        level = ["/"]
+        while level:
+            listings = (await self._read([("children", lay.znode(r)) for r in level]))[0]
+            below: list[str] = []
+            for rel, names in zip(level, listings, strict=True):
+                listed += 1
+                if isinstance(names, NoPermission):
+                    suspects.add(rel)
+                    continue
+                here = {join(rel, n) for n in names or ()}
+                for child in here:
+                    if not store.excluded(child):
+                        below.append(child)
+                        if child not in store.metas:
+                            suspects.add(child)
+                suspects.update(c for c in live.get(rel, ())
+                                if c not in here and not store.excluded(c))
+            level = below
+        # Names the cache does not know are mostly ephemeral znodes (never
+        # replicated): read them here, so that only the others go to a capture.
+        unknown = sorted(r for r in suspects if r not in store.metas)
+        nodes = (await self._read([("data", lay.znode(r)) for r in unknown]))[0]
+        suspects.difference_update(r for r, node in zip(unknown, nodes, strict=True)
+                                   if node is None or (isinstance(node, Node)
+                                                       and node.stat.ephemeral))
+        suspects.update(r for r, what in store.held_back.items() if what == "read")
+        return AuditResult(tuple(sorted(suspects)), listed, time.monotonic() - started)
 
     def _breaker(self, result: ScanResult, allow: bool) -> None:
         md = self.mass_delete

@@ -65,8 +65,8 @@ class StoreCore(Planner):
         self.held_back: dict[str, str] = {}
         self.held_events: dict[str, Event] = {}  # remote events waiting for permission
         self.metas: dict[str, MetaEntry] = {}
-        # True while a scan rebuilds ``metas``: counts over it would dip (a periodic
-        # rescan's would show on a dashboard), so the last one stands meanwhile.
+        # True while a scan rebuilds ``metas``: counts over it would dip (after each
+        # reconnect, on a dashboard), so the last one stands meanwhile.
         self.rebuilding = False
         self._tombstones = 0
         # Where paths go back when a batch had to be cut before closing.

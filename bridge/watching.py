@@ -54,19 +54,19 @@ class Watching:
         self._wake.set()
 
     def retime(self) -> None:
-        """A reload may have changed ``rescan_interval``: the next periodic rescan is
-        due that long after the last scan, not after the wait already begun."""
+        """A reload may have changed ``audit_interval``: the next audit is due that
+        long after the last audit or scan, not after the wait already begun."""
         self._wake.set()
 
     async def rescanner(self) -> None:
-        """Rescan when asked, and every ``rescan_interval`` seconds: a persistent watch
-        is not told of a znode the bridge may not read (servers with the CVE-2024-23944
-        fix), nor of anything while the connection is down."""
+        """Rescan when asked (a reconnect, a reload), and audit every
+        ``audit_interval`` seconds: a persistent watch is not told of a znode the
+        bridge may not read (servers with the CVE-2024-23944 fix)."""
         b = self.bridge
         loop = asyncio.get_running_loop()
         last = loop.time()
         while True:
-            interval = b.settings.rescan_interval
+            interval = b.settings.audit_interval
             due = last + interval if interval > 0 else None
             if not self._requested and (due is None or loop.time() < due):
                 with contextlib.suppress(TimeoutError):
@@ -74,11 +74,27 @@ class Watching:
                                            None if due is None else due - loop.time())
                 self._wake.clear()
                 continue
-            self._requested = False
+            periodic, self._requested = not self._requested, False
             for name in b.stores:
-                await b.retry(f"rescan {name}",
-                              lambda n=name: self.scan(n, watched=True))  # type: ignore[misc]
+                if periodic:
+                    await self.audit(name)
+                else:
+                    await b.retry(f"rescan {name}",
+                                  lambda n=name: self.scan(n, watched=True))  # type: ignore[misc]
             last = loop.time()
+
+    async def audit(self, name: str) -> None:
+        """The periodic check: the tree's listings against the metadata cache
+        (``Scanner.audit``), and a capture of the paths where they differ. Unlike a
+        scan it holds the subtree's lock only for that capture, if any."""
+        b = self.bridge
+        result = await b.retry(f"audit {name}", b.scanners[name].audit)
+        b.stats[f"audits:{name}"] += 1
+        log.info("audit_done", subtree=name, znodes=result.listed,
+                 suspects=len(result.suspects), seconds=round(result.seconds, 3))
+        if result.suspects:
+            async with b.locks[name]:
+                await b.outbound.flush(name, set(result.suspects))
 
     async def scan(self, name: str, *, watched: bool = False) -> None:
         """Watch the mount, read everything, capture what changed unseen (one batch or more).

@@ -191,8 +191,8 @@ class Cluster:
             "subtrees": [{"name": SUBTREE, "path": MOUNT}],
             "state_path": STATE_PATH,
             "heartbeat_interval": 1,
-            # Periodic rescans (10 minutes by default) run amid the round's writes and faults.
-            "rescan_interval": 5,
+            # Audits (10 minutes by default) run amid the round's writes and faults.
+            "audit_interval": 5,
             "log": {"format": "json", "level": "info"},
         }
 

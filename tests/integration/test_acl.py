@@ -94,15 +94,16 @@ def test_unreadable_znodes_are_held_back_and_never_stall_the_rest(federation: Fe
     _no_secret_anywhere(fed)
 
 
-def test_an_unreadable_znode_created_while_running_is_found_by_the_periodic_rescan(
+def test_what_the_watch_is_not_told_of_an_unreadable_znode_the_periodic_audit_finds(
     federation: Federation,
 ) -> None:
     # ZooKeeper 3.8.4+ and 3.9.2+ (and Debian's 3.8.0 with the CVE-2024-23944
     # fix) send a persistent watch no event for a znode its session may not
-    # read: only a listing of the parent shows it. Without the periodic
-    # rescan it stayed unreported until the next reconnect or election.
+    # read: only a listing of the parent shows it. Without the periodic audit
+    # its creation went unreported, and its deletion unreplicated, until the
+    # next reconnect or election.
     fed = federation
-    fed.start_all()  # rescan_interval 600 s
+    fed.start_all()  # audit_interval 600 s
     r1, r2 = fed["r1"], fed["r2"]
     r1.client.create(r1.path("/open"), b"x")
     wait_for(lambda: r2.client.exists(r2.path("/open")) is not None, 20)
@@ -111,7 +112,7 @@ def test_an_unreadable_znode_created_while_running_is_found_by_the_periodic_resc
         alice.create(r1.path("/hidden"), b"secret", acl=[ALICE])
     # A shorter interval by reload counts from the last scan, not after the
     # 600 s wait already begun.
-    fed.write_config("r1", rescan_interval=2)
+    fed.write_config("r1", audit_interval=2)
     assert r1.proc is not None
     r1.proc.send_signal(signal.SIGHUP)
 
@@ -120,16 +121,23 @@ def test_an_unreadable_znode_created_while_running_is_found_by_the_periodic_resc
         return isinstance(held, dict) and "/hidden (read)" in held.get("critical", [])
 
     wait_for(listed, 20, message="an unreadable znode created while running was not reported")
-    assert fed.count_events("r1", "scan_done") > scans  # found by a rescan, not a notification
+    assert fed.count_events("r1", "audit_done") > 0
+    assert fed.count_events("r1", "scan_done") == scans  # an audit, not a full scan
     assert r2.client.exists(r2.path("/hidden")) is None
-    # Readable again (the owner opens it up): the next rescan replicates it, no SIGHUP.
+    # Readable again (the owner opens it up): the next audit replicates it, no SIGHUP.
     with _session(fed, "r1") as owner:
         owner.set_acls(r1.path("/hidden"), OPEN_ACL_UNSAFE)
     wait_for(lambda: r2.client.exists(r2.path("/hidden")) is not None, 20,
-             message="a znode that became readable was not replicated by the rescan")
+             message="a znode that became readable was not replicated by the audit")
     assert r2.client.get(r2.path("/hidden"))[0] == b"secret"
     wait_for(lambda: not _status(fed, "r1").get("held_back", {}).get("critical"), 20,
              message="the replicated znode is still listed as held back")
+    # Unreadable again, then deleted: no event for the delete either.
+    with _session(fed, "r1") as owner:
+        owner.set_acls(r1.path("/hidden"), [ALICE])
+        owner.delete(r1.path("/hidden"))
+    wait_for(lambda: r2.client.exists(r2.path("/hidden")) is None, 20,
+             message="the delete of a znode the bridge may no longer read was not replicated")
     fed.assert_clean_logs()
 
 

@@ -304,8 +304,8 @@ ONE_MISTAKE: list[tuple[str, object, str] | tuple[dict[str, Any], str]] = [
     ("heartbeat_interval", 0, "must be greater than 0"),
     ("max_clock_skew", 0, "must be greater than 0"),
     ("max_clock_skew", -0.5, "must be greater than 0"),
-    ("rescan_interval", -1, "must be at least 0"),
-    ("rescan_interval", "10m", "must be a number"),
+    ("audit_interval", -1, "must be at least 0"),
+    ("audit_interval", "10m", "must be a number"),
     ("max_data_bytes", 0, "must be at least 1"),
     ("max_data_bytes", 1_000_001, "must be at most 1000000"),
     ("mass_delete.max_ratio", 0, "must be greater than 0"),
@@ -597,7 +597,7 @@ def test_readme_table_one_row_per_key_with_default_and_reload() -> None:
     assert rows["zookeeper.auth.credential"][0] == "—"
     # The keys a SIGHUP applies (Bridge.reload); every other key needs a restart.
     assert {key for key, (_, reload, _) in rows.items() if reload == "live"} == {
-        "heartbeat_interval", "rescan_interval", "max_clock_skew", "tombstone_grace",
+        "heartbeat_interval", "audit_interval", "max_clock_skew", "tombstone_grace",
         "conflict_policy", "mass_delete.max_ratio", "mass_delete.min_nodes", "log.format",
         "log.level", "subtrees[].exclude"}
     # The full example shows every key that has a default (optional blocks are comments).

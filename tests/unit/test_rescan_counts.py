@@ -2,7 +2,7 @@
 
 No servers. A scan empties the cache and fills it again level by level; the
 status record and the tombstone gauge, read meanwhile, would show a dip at
-every periodic rescan (``rescan_interval``) on a dashboard.
+every rescan on a dashboard.
 """
 
 from __future__ import annotations

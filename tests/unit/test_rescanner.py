@@ -1,6 +1,7 @@
-"""When the leader rescans: every ``rescan_interval`` after the last scan, and when asked.
+"""When the leader audits (every ``audit_interval`` after the last check) and rescans
+(when asked: a reconnect, a reload).
 
-No servers: the scans themselves are recorded, not run (they are tested
+No servers: the audits and scans are recorded, not run (they are tested
 against real servers in test_acl.py and test_faults.py).
 """
 
@@ -17,7 +18,7 @@ from bridge.watching import Watching
 
 @dataclass
 class Settings:
-    rescan_interval: float
+    audit_interval: float
 
 
 class FakeBridge:
@@ -29,7 +30,7 @@ class FakeBridge:
         return await fn()
 
 
-Scans = list[tuple[float, str, bool]]
+Scans = list[tuple[float, str, str]]  # (seconds since the start, subtree, audit or rescan)
 
 
 async def until(scans: Scans, n: int) -> None:
@@ -42,7 +43,7 @@ async def until(scans: Scans, n: int) -> None:
 
 def run(interval: float, script: Callable[[Watching, FakeBridge, Scans], Awaitable[None]]
         ) -> Scans:
-    """The scans made while ``script`` runs: (seconds since the start, subtree, watched)."""
+    """The audits and scans made while ``script`` runs."""
     scans: Scans = []
 
     async def main() -> None:
@@ -52,9 +53,14 @@ def run(interval: float, script: Callable[[Watching, FakeBridge, Scans], Awaitab
         t0 = loop.time()
 
         async def scan(name: str, *, watched: bool = False) -> None:
-            scans.append((loop.time() - t0, name, watched))
+            assert watched
+            scans.append((loop.time() - t0, name, "rescan"))
+
+        async def audit(name: str) -> None:
+            scans.append((loop.time() - t0, name, "audit"))
 
         w.scan = scan  # type: ignore[method-assign]
+        w.audit = audit  # type: ignore[method-assign]
         task = asyncio.create_task(w.rescanner())
         try:
             await script(w, bridge, scans)
@@ -65,19 +71,19 @@ def run(interval: float, script: Callable[[Watching, FakeBridge, Scans], Awaitab
     return scans
 
 
-def test_every_interval_each_subtree_as_a_watched_rescan() -> None:
+def test_every_interval_each_subtree_is_audited() -> None:
     async def wait(w: Watching, b: FakeBridge, scans: Scans) -> None:
         await until(scans, 6)
 
     scans = run(0.1, wait)
-    assert [(name, watched) for _, name, watched in scans[:6]] == [
-        ("a", True), ("b", True)] * 3
+    assert [(name, what) for _, name, what in scans[:6]] == [
+        ("a", "audit"), ("b", "audit")] * 3
     starts = [t for t, name, _ in scans if name == "a"]
     assert starts[0] >= 0.1
     assert all(later - earlier >= 0.1 for earlier, later in itertools.pairwise(starts))
 
 
-def test_zero_scans_only_when_asked() -> None:
+def test_zero_rescans_only_when_asked() -> None:
     async def ask(w: Watching, b: FakeBridge, scans: Scans) -> None:
         await asyncio.sleep(0.3)
         assert scans == []
@@ -85,18 +91,18 @@ def test_zero_scans_only_when_asked() -> None:
         await until(scans, 2)
 
     scans = run(0, ask)
-    assert [name for _, name, _ in scans] == ["a", "b"]
+    assert [(name, what) for _, name, what in scans] == [("a", "rescan"), ("b", "rescan")]
 
 
 def test_a_reload_to_a_shorter_interval_counts_from_the_last_scan() -> None:
     async def shorten(w: Watching, b: FakeBridge, scans: Scans) -> None:
         await asyncio.sleep(0.2)
-        b.settings.rescan_interval = 0.1  # already due
+        b.settings.audit_interval = 0.1  # already due
         w.retime()
         await until(scans, 2)
 
     scans = run(600, shorten)
-    assert [name for _, name, _ in scans] == ["a", "b"]  # not after 600 s
+    assert [(name, what) for _, name, what in scans] == [("a", "audit"), ("b", "audit")]
 
 
 def test_a_request_made_before_the_rescanner_runs_is_kept() -> None:
