@@ -92,33 +92,39 @@ class Watching:
         b.stats[f"audits:{name}"] += 1
         log.info("audit_done", subtree=name, znodes=result.listed,
                  suspects=len(result.suspects), seconds=round(result.seconds, 3))
-        if result.suspects:
+        if result.suspects or b.stores[name].held_events:
             async with b.locks[name]:
-                await b.outbound.flush(name, set(result.suspects))
+                if result.suspects:
+                    await b.outbound.flush(name, set(result.suspects))
+                await self._apply_held(name)
 
     async def scan(self, name: str, *, watched: bool = False) -> None:
         """Watch the mount, read everything, capture what changed unseen (one batch or more).
 
-        ``watched``: the subtree was watched since its last scan (a periodic or
-        reload rescan), so the deletes this one finds were notified, or made
+        ``watched``: the subtree was watched since its last scan (a rescan a
+        reload asks for), so the deletes this one finds were notified, or made
         to znodes the bridge may not read. The mass-delete breaker guards
         against an ensemble restored or wiped while nobody watched; here it
         would stop the bridge for an application's own large delete whose
         notifications are still being captured. It applies again if the
         connection dropped since the last scan.
         """
+        async with self.bridge.locks[name]:
+            await self._rescan_locked(name, breaker=not watched or name in self.unseen)
+            await self._apply_held(name)
+
+    async def _apply_held(self, name: str) -> None:
+        """Peers' events held back for want of permission to write, tried again (at every
+        scan and audit; the subtree's lock held): their records go once they apply, in
+        the same multi."""
         b = self.bridge
         store = b.stores[name]
-        async with b.locks[name]:
-            await self._rescan_locked(name, breaker=not watched or name in self.unseen)
-            if store.held_events:
-                # Held back for want of permission: tried again at every scan
-                # (their records go once they apply, in the same multi).
-                events = list(store.held_events.values())
-                for e in events:
-                    store.held_back.pop(e.path, None)
-                applied = await b.applier.apply_events(store, events, peer=None, positions=None)
-                b.applier.record(store, applied)
+        if store.held_events:
+            events = list(store.held_events.values())
+            for e in events:
+                store.held_back.pop(e.path, None)
+            applied = await b.applier.apply_events(store, events, peer=None, positions=None)
+            b.applier.record(store, applied)
 
     async def ensure_seen(self, name: str) -> None:
         """Before a capture (the subtree's lock held): rescan if the connection dropped since

@@ -194,6 +194,29 @@ def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
     fed.assert_clean_logs()
 
 
+def test_a_held_event_is_applied_by_the_next_audit_once_the_znode_is_writable(
+    federation: Federation,
+) -> None:
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.write_config("r2", audit_interval=2)
+    with _session(fed, "r2") as alice:
+        acl = [ALICE, make_digest_acl("anyone", "x", read=True)]
+        acl[1] = acl[1]._replace(id=acl[1].id._replace(scheme="world", id="anyone"))
+        alice.create(r2.path("/locked"), b"r2-own", acl=acl)
+    fed.start_all()
+    r1.client.create(r1.path("/locked"), b"from-r1")
+    held = f"{fed.state_path}/subtrees/{fed.subtree}/held"
+    wait_for(lambda: len(r2.client.get_children(held)) == 1, 20,
+             message="r1's event was not held back in r2")
+    with _session(fed, "r2") as opener:
+        opener.set_acls(r2.path("/locked"), OPEN_ACL_UNSAFE)
+    # No SIGHUP: the audit tries the held event again.
+    wait_for(lambda: not r2.client.get_children(held), 30,
+             message="the held event was not settled by an audit")
+    fed.assert_clean_logs()
+
+
 def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federation) -> None:
     fed = federation
     for name in fed.regions:
