@@ -46,6 +46,14 @@ def _status(fed: Federation, name: str) -> dict[str, object]:
     return doc
 
 
+def _locked_in_r2(fed: Federation) -> None:
+    """/locked in the receiving region r2: readable by all, writable only by alice."""
+    with _session(fed, "r2") as alice:
+        acl = [ALICE, make_digest_acl("anyone", "x", read=True)]
+        acl[1] = acl[1]._replace(id=acl[1].id._replace(scheme="world", id="anyone"))
+        alice.create(fed["r2"].path("/locked"), b"r2-own", acl=acl)
+
+
 def _no_secret_anywhere(fed: Federation) -> None:
     for name, r in fed.regions.items():
         text = r.log_path.read_text(errors="replace") if r.log_path.exists() else ""
@@ -146,11 +154,7 @@ def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
 ) -> None:
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
-    with _session(fed, "r2") as alice:
-        # Readable by all, writable only by alice, in the receiving region.
-        acl = [ALICE, make_digest_acl("anyone", "x", read=True)]
-        acl[1] = acl[1]._replace(id=acl[1].id._replace(scheme="world", id="anyone"))
-        alice.create(r2.path("/locked"), b"r2-own", acl=acl)
+    _locked_in_r2(fed)
     fed.start_all()
     # r1 writes the same path: r2's bridge may not write it (nor read its ACL,
     # so r2 does not announce it either).
@@ -200,10 +204,7 @@ def test_a_held_event_is_applied_by_the_next_audit_once_the_znode_is_writable(
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
     fed.write_config("r2", audit_interval=2)
-    with _session(fed, "r2") as alice:
-        acl = [ALICE, make_digest_acl("anyone", "x", read=True)]
-        acl[1] = acl[1]._replace(id=acl[1].id._replace(scheme="world", id="anyone"))
-        alice.create(r2.path("/locked"), b"r2-own", acl=acl)
+    _locked_in_r2(fed)
     fed.start_all()
     r1.client.create(r1.path("/locked"), b"from-r1")
     held = f"{fed.state_path}/subtrees/{fed.subtree}/held"
