@@ -92,6 +92,10 @@ class Watching:
         b.stats[f"audits:{name}"] += 1
         log.info("audit_done", subtree=name, znodes=result.listed,
                  suspects=len(result.suspects), seconds=round(result.seconds, 3))
+        if name in self.unseen:
+            # The connection dropped: the cache may miss what a lost answer
+            # committed, and the rescan the reconnect asked for reads everything.
+            return
         if result.suspects or b.stores[name].held_events:
             async with b.locks[name]:
                 if result.suspects:
