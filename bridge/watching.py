@@ -88,13 +88,15 @@ class Watching:
         (``Scanner.audit``), and a capture of the paths where they differ. Unlike a
         scan it holds the subtree's lock only for that capture, if any."""
         b = self.bridge
+        scans = b.stats[f"scans:{name}"]
         result = await b.retry(f"audit {name}", b.scanners[name].audit)
         b.stats[f"audits:{name}"] += 1
         log.info("audit_done", subtree=name, znodes=result.listed,
                  suspects=len(result.suspects), seconds=round(result.seconds, 3))
-        if name in self.unseen:
+        if name in self.unseen or b.stats[f"scans:{name}"] != scans:
             # The connection dropped: the cache may miss what a lost answer
-            # committed, and the rescan the reconnect asked for reads everything.
+            # committed, and the rescan the reconnect asked for reads everything
+            # (or a scan did meanwhile, rebuilding the cache the audit compared with).
             return
         if result.suspects or b.stores[name].held_events:
             async with b.locks[name]:
