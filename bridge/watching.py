@@ -88,15 +88,15 @@ class Watching:
         (``Scanner.audit``), and a capture of the paths where they differ. Unlike a
         scan it holds the subtree's lock only for that capture, if any."""
         b = self.bridge
-        scans = b.stats[f"scans:{name}"]
+        gen = self.session_gen
         result = await b.retry(f"audit {name}", b.scanners[name].audit)
         b.stats[f"audits:{name}"] += 1
         log.info("audit_done", subtree=name, znodes=result.listed,
                  suspects=len(result.suspects), seconds=round(result.seconds, 3))
-        if name in self.unseen or b.stats[f"scans:{name}"] != scans:
+        if name in self.unseen or self.session_gen != gen:
             # The connection dropped: the cache may miss what a lost answer
-            # committed, and the rescan the reconnect asked for reads everything
-            # (or a scan did meanwhile, rebuilding the cache the audit compared with).
+            # committed, and the rescan after the reconnect reads everything (a
+            # capture's may have run meanwhile, rebuilding the cache compared with).
             return
         if result.suspects or b.stores[name].held_events:
             async with b.locks[name]:

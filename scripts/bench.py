@@ -1424,7 +1424,7 @@ class Bench:
         assert a.proc is not None
         before = len(a.log_events("audit_done"))
         self._write_config(a, audit_interval=1)
-        os.kill(a.proc.pid, signal.SIGHUP)  # counted from the last scan: due at once
+        os.kill(a.proc.pid, signal.SIGHUP)  # counted from the last audit or scan: due now
         poll(lambda: len(a.log_events("audit_done")) > before, 300, "periodic audit",
              interval=0.2)
         self._write_config(a)
