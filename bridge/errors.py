@@ -77,18 +77,31 @@ class MissingNode(ZooKeeperError):
     retriable = False
 
 
-class NoPermission(ZooKeeperError):
-    """The bridge's identity may not read or write a znode (ZooKeeper's NoAuth).
+class Refused(ZooKeeperError):
+    """The server refuses an operation on one znode for a reason of that znode.
 
-    Not retriable: waiting does not grant a permission. Callers treat it as a
-    condition of that one path (held back and reported), never of the stream.
+    Not retriable: waiting does not lift it. Callers treat it as a condition
+    of that one path (held back and reported), never of the stream; a write
+    refused so is held back as ``hold``.
     """
 
     retriable = False
+    hold = "write"
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class NoPermission(Refused):
+    """The bridge's identity may not read or write a znode (ZooKeeper's NoAuth)."""
+
+
+class QuotaExceeded(Refused):
+    """A write would take a subtree past a hard quota (``setquota -N``/``-B``, enforced
+    where the server runs with ``zookeeper.enforceQuota``)."""
+
+    hold = "quota"
 
 
 class ClockSkewError(BridgeError):

@@ -29,6 +29,14 @@ from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.store")
 
+# Why a peer's event waits (``held_back``): the bridge may not write the znode,
+# or a hard quota of this region refuses it. Either is retried, never skipped.
+WRITE_HOLDS = ("write", "quota")
+PERMISSION_HINT = ("the bridge's ZooKeeper identity lacks permission; it is retried at the "
+                   "next audit or scan and on SIGHUP")
+QUOTA_HINT = ("a hard quota of this region (setquota -N/-B) refuses it: raise the quota or "
+              "free room; it is retried at the next audit or scan and on SIGHUP")
+
 
 class Outcome(enum.Enum):
     APPLIED = "applied"
@@ -129,8 +137,7 @@ class Planner:
     def hold(self, rel: str, what: str) -> None:
         if self.held_back.get(rel) != what:
             log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
-                        hint="the bridge's ZooKeeper identity lacks permission; it is retried "
-                             "at the next scan and on SIGHUP")
+                        hint=QUOTA_HINT if what == "quota" else PERMISSION_HINT)
         self.held_back[rel] = what
 
     def _report_oversized(self, rel: str, size: int) -> None:
@@ -276,7 +283,7 @@ class Planner:
             return Outcome.OVERSIZED, None
         if rel in self.oversized:  # a local version too large to announce stays put
             return Outcome.OVERSIZED, None
-        if isinstance(reads.get(rel), NoPermission) or self.held_back.get(rel) == "write":
+        if isinstance(reads.get(rel), NoPermission) or self.held_back.get(rel) in WRITE_HOLDS:
             self.hold(rel, self.held_back.get(rel, "read"))
             self._keep_held(plan, event)
             return Outcome.HELD_BACK, None

@@ -134,7 +134,7 @@ def render_status(o: dict[str, Any]) -> str:
         lines.append(f"also     {problem['kind']}: {problem['text']} -> {problem['look']}")
     for name, paths in o["held_back"].items():
         if paths:
-            lines.append(f"held back in {name} (no permission): {', '.join(paths[:10])}")
+            lines.append(f"held back in {name}: {', '.join(paths[:10])}")
     for name, paths in o["oversized"].items():
         if paths:
             lines.append(f"oversized in {name}: {', '.join(paths[:10])}")

@@ -31,10 +31,11 @@ import structlog
 from bridge import codec, statecodec, tombstones
 from bridge.chain import Chaining
 from bridge.clock import Order, compare
-from bridge.errors import CodecError, NoPermission, VersionConflict, ZooKeeperError
+from bridge.errors import CodecError, NoPermission, Refused, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, classify, is_excluded, join, parent
 from bridge.model import Event
 from bridge.plan import (
+    WRITE_HOLDS,
     Applied,
     CapturedBatch,
     LocalChanges,
@@ -52,6 +53,12 @@ __all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout", "LocalCh
 log = structlog.get_logger("bridge.store")
 
 GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuffer
+
+
+def _under(rel: str, events: Sequence[Event]) -> list[str]:
+    """The paths of ``events`` at or below ``rel`` (``rel`` itself if none is)."""
+    below = rel.rstrip("/") + "/"
+    return sorted({e.path for e in events if e.path == rel or e.path.startswith(below)}) or [rel]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +106,8 @@ class SubtreeStore(Chaining):
         await self._settle()
         wanted = {e.path for e in events} | {parent(e.path) for e in events}
         wanted.discard("/")
-        for _ in range(RETRIES):
+        # Each refusal holds back at least one more event: it never uses up a retry.
+        for _ in range(RETRIES + len(events)):
             reads = await self._read(wanted)
             while True:
                 local = self.unannounced(reads)
@@ -118,11 +126,13 @@ class SubtreeStore(Chaining):
                 return result
             try:
                 _, frame = await self._multi(plan, position[0] if position else None)
-            except NoPermission as exc:
+            except Refused as exc:
                 rel = self.layout.rel_of(exc.path or "")
                 if rel is None:
                     raise
-                self.hold(rel, "write")
+                # A placeholder parent refused stands for the events below it.
+                for culprit in _under(rel, events):
+                    self.hold(culprit, exc.hold)
                 continue
             except VersionConflict:
                 await self.refresh_meta(set(plan.metas) | wanted)
@@ -134,7 +144,7 @@ class SubtreeStore(Chaining):
             self.held_events.update(plan.held)
             for rel in released:
                 self.held_events.pop(rel, None)
-                if self.held_back.get(rel) == "write":
+                if self.held_back.get(rel) in WRITE_HOLDS:
                     del self.held_back[rel]
                 log.info("znode_released", subtree=self.layout.name, path=rel)
             if position is not None:

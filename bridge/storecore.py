@@ -61,9 +61,10 @@ class StoreCore(Planner):
         # captured events: the outbox holds each record's value as published.
         self.incarnation: str | None = None
         self.oversized: dict[str, int] = {}  # rel → size, for status and metrics
-        # rel → "read" or "write": znodes the bridge's identity may not touch.
+        # rel → why it waits: "read" or "write" (the bridge's identity may not),
+        # "acl" (``bridge.acl``), "quota" (a hard quota here refuses a peer's write).
         self.held_back: dict[str, str] = {}
-        self.held_events: dict[str, Event] = {}  # remote events waiting for permission
+        self.held_events: dict[str, Event] = {}  # peers' events waiting to be writable
         self.metas: dict[str, MetaEntry] = {}
         # True while a scan rebuilds ``metas``: counts over it would dip (after each
         # reconnect, on a dashboard), so the last one stands meanwhile.

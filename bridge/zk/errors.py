@@ -11,12 +11,19 @@ from kazoo.exceptions import (
     NoNodeError,
     NotEmptyError,
     OperationTimeoutError,
+    QuotaExceededError,
     SessionExpiredError,
     ZookeeperError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
-from bridge.errors import MissingNode, NoPermission, VersionConflict, ZooKeeperError
+from bridge.errors import (
+    MissingNode,
+    NoPermission,
+    QuotaExceeded,
+    VersionConflict,
+    ZooKeeperError,
+)
 
 
 def translate(exc: BaseException, what: str) -> BaseException:
@@ -24,6 +31,8 @@ def translate(exc: BaseException, what: str) -> BaseException:
         return MissingNode(what)
     if isinstance(exc, NoAuthError):
         return NoPermission(f"{what}: not allowed by the znode's ACL")
+    if isinstance(exc, QuotaExceededError):
+        return QuotaExceeded(f"{what}: over a hard quota")
     if isinstance(exc, BadVersionError | NodeExistsError | NotEmptyError):
         return VersionConflict(f"{what}: {type(exc).__name__}")
     if isinstance(exc, ConnectionLoss | SessionExpiredError | OperationTimeoutError):

@@ -12,7 +12,13 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from kazoo.exceptions import NoAuthError, NoNodeError, RolledBackError, UnimplementedError
+from kazoo.exceptions import (
+    NoAuthError,
+    NoNodeError,
+    QuotaExceededError,
+    RolledBackError,
+    UnimplementedError,
+)
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import GetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
@@ -21,6 +27,7 @@ from bridge.errors import (
     FencedError,
     MissingNode,
     NoPermission,
+    QuotaExceeded,
     VersionConflict,
     ZooKeeperError,
 )
@@ -328,6 +335,9 @@ class ZooKeeper(Session):
             if isinstance(err, NoAuthError):
                 raise NoPermission(f"{type(op).__name__} {op.path}: not allowed by the ACL",
                                    path=op.path)
+            if isinstance(err, QuotaExceededError):
+                raise QuotaExceeded(f"{type(op).__name__} {op.path}: over a hard quota",
+                                    path=op.path)
             raise VersionConflict(f"multi failed at {type(op).__name__} {op.path}: "
                                   f"{type(err).__name__}")
         return list(results), frame

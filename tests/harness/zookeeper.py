@@ -90,6 +90,8 @@ class ZooKeeperServer(ServerProcess):
                     "4lw.commands.whitelist=*",
                     # Tests create thousands of short sessions from one address.
                     "maxClientCnxns=0",
+                    # Hard quotas (setquota -N/-B) are refused only when enforced.
+                    "enforceQuota=true",
                     "",
                 ]
             )
@@ -197,6 +199,22 @@ class ZooKeeperServer(ServerProcess):
 
     def __repr__(self) -> str:
         return f"ZooKeeperServer({self.name!r}, {self.hosts}, pid={self.pid})"
+
+
+def zk_cli(hosts: str, *command: str, timeout: float = 60) -> str:
+    """Run one command of ZooKeeper's own shell (``setquota -N 5 /p``); return its output.
+
+    Raises ZooKeeperError when the shell exits non-zero or prints that the command failed.
+    """
+    classpath = ":".join([*(str(JAVA_DIR / j) for j in CLASSPATH_JARS), str(CONF_DIR)])
+    out = subprocess.run(
+        ["java", "-cp", classpath, "org.apache.zookeeper.ZooKeeperMain", "-server", hosts,
+         *command],
+        capture_output=True, text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    if out.returncode != 0 or "Command failed" in text or "Exception" in text:
+        raise ZooKeeperError(f"zkCli {' '.join(command)} failed ({out.returncode}):\n{text}")
+    return text
 
 
 def start_all(servers: Iterable[ZooKeeperServer]) -> dict[str, float]:

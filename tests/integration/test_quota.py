@@ -1,0 +1,78 @@
+"""Hard quotas in a receiving region: a refused write is held back, never a stall.
+
+ZooKeeper (3.7+, with ``zookeeper.enforceQuota``, as the harness's servers
+run) refuses a create or set that would take a subtree past a hard quota
+(``setquota -N`` count, ``-B`` bytes). Before, the refusal failed the peer's
+whole batch as if a version check had: "kept changing, will retry", for
+ever, and nothing after it was applied.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from tests.harness.procs import wait_for
+from tests.harness.zookeeper import zk_cli
+from tests.integration.federation import Federation
+
+pytestmark = pytest.mark.integration
+
+
+def _held(fed: Federation, name: str) -> list[str]:
+    out = fed.cli("status", "-c", str(fed[name].config_path), "--json")
+    assert out.returncode in (0, 1), out.stderr
+    held = json.loads(out.stdout).get("held_back", {})
+    return list(held.get("critical", []))
+
+
+def test_a_hard_quota_here_holds_back_what_it_refuses_and_the_rest_flows(
+    federation: Federation,
+) -> None:
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/q"), b"count")
+    r1.client.create(r1.path("/b"), b"")
+    r1.client.create(r1.path("/b/v"), b"small")
+    wait_for(lambda: r2.client.exists(r2.path("/b/v")) is not None, 20)
+    zk_cli(r2.hosts, "setquota", "-N", "5", r2.path("/q"))  # /q and 4 children
+    zk_cli(r2.hosts, "setquota", "-B", "40", r2.path("/b"))
+    for i in range(10):
+        r1.client.create(r1.path(f"/q/n{i}"), b"x")
+    # Its parents are refused too: their creates stand for the events below them.
+    r1.client.create(r1.path("/q/deep/a/b"), b"leaf", makepath=True)
+    r1.client.set(r1.path("/b/v"), b"y" * 100)  # over 40 bytes
+    r1.client.create(r1.path("/after"), b"flows")
+    wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 30,
+             message="replication stalled behind writes a quota refuses")
+    assert len(r2.client.get_children(r2.path("/q"))) == 4
+    assert r2.client.get(r2.path("/b/v"))[0] == b"small"
+    refused = {"/b/v", "/q/deep", "/q/deep/a", "/q/deep/a/b",
+               *(f"/q/n{i}" for i in range(4, 10))}
+    wait_for(lambda: {h.rsplit(" ", 1)[0] for h in _held(fed, "r2")} == refused, 20,
+             message=lambda: f"status lists {_held(fed, 'r2')}")
+    assert all(h.endswith("(quota)") for h in _held(fed, "r2"))
+    reported = [e for e in fed.events("r2") if e.get("event") == "znode_held_back"]
+    assert sorted(e["path"] for e in reported) == sorted(refused)  # once each
+    assert all(e["operation"] == "quota" and "quota" in e["hint"] for e in reported)
+    stuck = [e for e in fed.events("r2") if e.get("event") == "retrying"]
+    assert not stuck, stuck[:3]
+    # Later writes to a held path wait with it, the newest kept.
+    r1.client.set(r1.path("/q/n9"), b"newer")
+    r1.client.create(r1.path("/after2"), b"flows")
+    wait_for(lambda: r2.client.exists(r2.path("/after2")) is not None, 30)
+
+    # The operator lifts the quotas; a SIGHUP (or the next audit) applies what waited.
+    zk_cli(r2.hosts, "delquota", r2.path("/q"))
+    zk_cli(r2.hosts, "delquota", r2.path("/b"))
+    assert r2.proc is not None
+    r2.proc.send_signal(signal.SIGHUP)
+    fed.wait_converged(timeout=60)
+    assert r2.client.get(r2.path("/q/n9"))[0] == b"newer"
+    assert r2.client.get(r2.path("/q/deep/a/b"))[0] == b"leaf"
+    assert r2.client.get(r2.path("/b/v"))[0] == b"y" * 100
+    wait_for(lambda: not _held(fed, "r2"), 20, message=lambda: f"still {_held(fed, 'r2')}")
+    fed.assert_clean_logs()
