@@ -218,6 +218,36 @@ def test_a_held_event_is_applied_by_the_next_audit_once_the_znode_is_writable(
     fed.assert_clean_logs()
 
 
+def test_a_new_branch_under_a_znode_the_bridge_may_not_write_is_held_back_whole(
+    federation: Federation,
+) -> None:
+    # r2 may not create children of /locked: the branch's first create is
+    # refused, and so is the placeholder that its deeper events would create
+    # in its place. Before, that placeholder was retried as a conflict until
+    # the apply gave up, and again, for ever: r1's later writes never came.
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    _locked_in_r2(fed)
+    fed.start_all()
+    r1.client.create(r1.path("/locked/branch/leaf/deeper"), b"x", makepath=True)
+    r1.client.create(r1.path("/after"), b"flows")
+    wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20,
+             message="r1's later writes were stalled behind the refused branch")
+    held = f"{fed.state_path}/subtrees/{fed.subtree}/held"
+    wait_for(lambda: len(r2.client.get_children(held)) == 4, 20,
+             message=lambda: f"held: {r2.client.get_children(held)}")
+    assert r2.client.get_children(r2.path("/locked")) == []
+    assert not [e for e in fed.events("r2") if e.get("event") == "retrying"]
+    # Once writable, the whole branch arrives.
+    with _session(fed, "r2") as opener:
+        opener.set_acls(r2.path("/locked"), OPEN_ACL_UNSAFE)
+    assert r2.proc is not None
+    r2.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: r2.client.exists(r2.path("/locked/branch/leaf/deeper")) is not None, 30,
+             message="the held branch was not applied once writable")
+    fed.assert_clean_logs()
+
+
 def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federation) -> None:
     fed = federation
     for name in fed.regions:
