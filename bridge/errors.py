@@ -97,6 +97,14 @@ class NoPermission(Refused):
     """The bridge's identity may not read or write a znode (ZooKeeper's NoAuth)."""
 
 
+class AclRefused(Refused):
+    """The server refuses the ACL a copy is created or set with (InvalidACL): an
+    authentication scheme it has no provider for (``sasl``, ``x509``), or an id
+    that scheme deems malformed."""
+
+    hold = "acl-refused"
+
+
 class QuotaExceeded(Refused):
     """A write would take a subtree past a hard quota (``setquota -N``/``-B``, enforced
     where the server runs with ``zookeeper.enforceQuota``)."""

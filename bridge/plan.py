@@ -30,12 +30,18 @@ from bridge.zk import Op as ZkOp
 log = structlog.get_logger("bridge.store")
 
 # Why a peer's event waits (``held_back``): the bridge may not write the znode,
-# or a hard quota of this region refuses it. Either is retried, never skipped.
-WRITE_HOLDS = ("write", "quota")
+# a hard quota of this region refuses it, or this region's server refuses its
+# ACL. Each is retried, never skipped.
+WRITE_HOLDS = ("write", "quota", "acl-refused")
 PERMISSION_HINT = ("the bridge's ZooKeeper identity lacks permission; it is retried at the "
                    "next audit or scan and on SIGHUP")
+ACL_REFUSED_HINT = ("this region's ZooKeeper refuses the origin's ACL (an authentication scheme "
+                    "it has no provider for, such as sasl or x509): configure the same "
+                    "authProvider in every region, or use acl: open for this subtree; it is "
+                    "retried at the next audit or scan and on SIGHUP")
 QUOTA_HINT = ("a hard quota of this region (setquota -N/-B) refuses it: raise the quota or "
               "free room; it is retried at the next audit or scan and on SIGHUP")
+HINTS = {"quota": QUOTA_HINT, "acl-refused": ACL_REFUSED_HINT}
 
 
 class Outcome(enum.Enum):
@@ -137,7 +143,7 @@ class Planner:
     def hold(self, rel: str, what: str) -> None:
         if self.held_back.get(rel) != what:
             log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
-                        hint=QUOTA_HINT if what == "quota" else PERMISSION_HINT)
+                        hint=HINTS.get(what, PERMISSION_HINT))
         self.held_back[rel] = what
 
     def _report_oversized(self, rel: str, size: int) -> None:

@@ -31,7 +31,7 @@ import structlog
 from bridge import codec, statecodec, tombstones
 from bridge.chain import Chaining
 from bridge.clock import Order, compare
-from bridge.errors import CodecError, NoPermission, Refused, VersionConflict, ZooKeeperError
+from bridge.errors import CodecError, Refused, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, classify, is_excluded, join, parent
 from bridge.model import Event
 from bridge.plan import (
@@ -152,8 +152,8 @@ class SubtreeStore(Chaining):
             for rel, carried in plan.acls:
                 try:
                     await self.acl.converge(self.zk, self.layout.znode(rel), rel, carried)
-                except NoPermission:
-                    self.hold(rel, "write")
+                except Refused as exc:
+                    self.hold(rel, exc.hold)
             return result
         raise VersionConflict(f"apply in {self.layout.name}: kept changing, will retry")
 

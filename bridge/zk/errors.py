@@ -5,6 +5,7 @@ from __future__ import annotations
 from kazoo.exceptions import (
     BadVersionError,
     ConnectionLoss,
+    InvalidACLError,
     KazooException,
     NoAuthError,
     NodeExistsError,
@@ -18,6 +19,7 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import KazooTimeoutError
 
 from bridge.errors import (
+    AclRefused,
     MissingNode,
     NoPermission,
     QuotaExceeded,
@@ -31,6 +33,8 @@ def translate(exc: BaseException, what: str) -> BaseException:
         return MissingNode(what)
     if isinstance(exc, NoAuthError):
         return NoPermission(f"{what}: not allowed by the znode's ACL")
+    if isinstance(exc, InvalidACLError):
+        return AclRefused(f"{what}: the ACL is refused here (InvalidACL)")
     if isinstance(exc, QuotaExceededError):
         return QuotaExceeded(f"{what}: over a hard quota")
     if isinstance(exc, BadVersionError | NodeExistsError | NotEmptyError):

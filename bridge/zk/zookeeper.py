@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kazoo.exceptions import (
+    InvalidACLError,
     NoAuthError,
     NoNodeError,
     QuotaExceededError,
@@ -24,6 +25,7 @@ from kazoo.protocol.serialization import GetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
 
 from bridge.errors import (
+    AclRefused,
     FencedError,
     MissingNode,
     NoPermission,
@@ -335,6 +337,9 @@ class ZooKeeper(Session):
             if isinstance(err, NoAuthError):
                 raise NoPermission(f"{type(op).__name__} {op.path}: not allowed by the ACL",
                                    path=op.path)
+            if isinstance(err, InvalidACLError):
+                raise AclRefused(f"{type(op).__name__} {op.path}: its ACL is refused here "
+                                 "(InvalidACL)", path=op.path)
             if isinstance(err, QuotaExceededError):
                 raise QuotaExceeded(f"{type(op).__name__} {op.path}: over a hard quota",
                                     path=op.path)

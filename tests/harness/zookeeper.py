@@ -54,8 +54,10 @@ class ZooKeeperServer(ServerProcess):
         *,
         host: str = "127.0.0.1",
         prefix: Sequence[str] = (),
+        extra_config: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.extra_config = tuple(extra_config)  # more zoo.cfg lines, e.g. an auth provider
         self.host = host
         self.prefix = tuple(prefix)
         self._own_dir = base_dir is None
@@ -92,6 +94,7 @@ class ZooKeeperServer(ServerProcess):
                     "maxClientCnxns=0",
                     # Hard quotas (setquota -N/-B) are refused only when enforced.
                     "enforceQuota=true",
+                    *self.extra_config,
                     "",
                 ]
             )

@@ -10,13 +10,17 @@ import contextlib
 import json
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
-from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
+from kazoo.security import ACL, OPEN_ACL_UNSAFE, Id, make_digest_acl
 
+from tests.conftest import ZkServers
+from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
+from tests.harness.zookeeper import ZooKeeperServer
 from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
@@ -246,6 +250,40 @@ def test_a_new_branch_under_a_znode_the_bridge_may_not_write_is_held_back_whole(
     wait_for(lambda: r2.client.exists(r2.path("/locked/branch/leaf/deeper")) is not None, 30,
              message="the held branch was not applied once writable")
     fed.assert_clean_logs()
+
+
+def test_an_acl_the_receiving_ensemble_refuses_is_held_back_not_a_stall(
+    tmp_path: Path, token: str, broker: Broker, zk_servers: ZkServers,
+) -> None:
+    # r1's ensemble has a SASL authentication provider, r2's has none: r2's
+    # server refuses an ACL entry "sasl:alice" (InvalidACL). Before, that
+    # failed r1's batch as a conflict, retried for ever.
+    sasl = ZooKeeperServer("r1-sasl", extra_config=[
+        "authProvider.1=org.apache.zookeeper.server.auth.SASLAuthenticationProvider"])
+    sasl.start()
+    fed = Federation(tmp_path, token, broker, {"r1": sasl, "r2": zk_servers.regions[1]})
+    try:
+        fed.start_all()
+        r1, r2 = fed["r1"], fed["r2"]
+        acl = [ACL(31, Id("sasl", "alice")), ACL(3, Id("world", "anyone"))]  # read, write
+        r1.client.create(r1.path("/kerberized"), b"v1", acl=acl)
+        r1.client.create(r1.path("/after"), b"flows")
+        wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20,
+                 message="r1's later writes were stalled behind an ACL r2 refuses")
+        assert r2.client.exists(r2.path("/kerberized")) is None
+        held = [e for e in fed.events("r2") if e.get("event") == "znode_held_back"]
+        assert [(e["path"], e["operation"]) for e in held] == [("/kerberized", "acl-refused")]
+        assert "authProvider" in held[0]["hint"]
+        assert not [e for e in fed.events("r2") if e.get("event") == "retrying"]
+        # A later version waits with it, the newer kept.
+        r1.client.set(r1.path("/kerberized"), b"v2")
+        r1.client.create(r1.path("/after2"), b"flows")
+        wait_for(lambda: r2.client.exists(r2.path("/after2")) is not None, 20)
+        assert r2.client.exists(r2.path("/kerberized")) is None
+        fed.assert_clean_logs()
+    finally:
+        fed.close()
+        sasl.close()
 
 
 def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federation) -> None:

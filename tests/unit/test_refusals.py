@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kazoo.exceptions import NoAuthError, QuotaExceededError
+from kazoo.exceptions import InvalidACLError, NoAuthError, QuotaExceededError
 
-from bridge.errors import NoPermission, QuotaExceeded, Refused
+from bridge.errors import AclRefused, NoPermission, QuotaExceeded, Refused
 from bridge.model import Event, Op, VectorClock
 from bridge.store import _under
 from bridge.zk.errors import translate
@@ -17,6 +17,9 @@ def test_a_quota_refusal_is_held_as_quota_and_never_retried_as_a_conflict() -> N
     assert "quota" in str(err)
     denied = translate(NoAuthError(), "set /p")
     assert isinstance(denied, NoPermission) and denied.hold == "write"
+    refused = translate(InvalidACLError(), "setACL /p")
+    assert isinstance(refused, AclRefused) and not refused.retriable
+    assert refused.hold == "acl-refused"
 
 
 def _event(path: str) -> Event:
