@@ -105,6 +105,13 @@ class AclRefused(Refused):
     hold = "acl-refused"
 
 
+class EphemeralParent(Refused):
+    """The znode's parent is an ephemeral znode here (NoChildrenForEphemerals), where
+    the origin has a persistent one: it can be created once that one is gone."""
+
+    hold = "ephemeral-parent"
+
+
 class QuotaExceeded(Refused):
     """A write would take a subtree past a hard quota (``setquota -N``/``-B``, enforced
     where the server runs with ``zookeeper.enforceQuota``)."""

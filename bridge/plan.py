@@ -30,9 +30,9 @@ from bridge.zk import Op as ZkOp
 log = structlog.get_logger("bridge.store")
 
 # Why a peer's event waits (``held_back``): the bridge may not write the znode,
-# a hard quota of this region refuses it, or this region's server refuses its
-# ACL. Each is retried, never skipped.
-WRITE_HOLDS = ("write", "quota", "acl-refused")
+# a hard quota of this region refuses it, this region's server refuses its ACL,
+# or its parent is ephemeral here. Each is retried, never skipped.
+WRITE_HOLDS = ("write", "quota", "acl-refused", "ephemeral-parent")
 PERMISSION_HINT = ("the bridge's ZooKeeper identity lacks permission; it is retried at the "
                    "next audit or scan and on SIGHUP")
 ACL_REFUSED_HINT = ("this region's ZooKeeper refuses the origin's ACL (an authentication scheme "
@@ -41,7 +41,11 @@ ACL_REFUSED_HINT = ("this region's ZooKeeper refuses the origin's ACL (an authen
                     "retried at the next audit or scan and on SIGHUP")
 QUOTA_HINT = ("a hard quota of this region (setquota -N/-B) refuses it: raise the quota or "
               "free room; it is retried at the next audit or scan and on SIGHUP")
-HINTS = {"quota": QUOTA_HINT, "acl-refused": ACL_REFUSED_HINT}
+EPHEMERAL_PARENT_HINT = ("its parent is an ephemeral znode in this region, persistent at the "
+                         "origin: it is applied at the next audit or scan, or on SIGHUP, "
+                         "once that ephemeral znode is gone")
+HINTS = {"quota": QUOTA_HINT, "acl-refused": ACL_REFUSED_HINT,
+         "ephemeral-parent": EPHEMERAL_PARENT_HINT}
 
 
 class Outcome(enum.Enum):
@@ -132,6 +136,7 @@ class Planner:
     oversized: dict[str, int]
     held_back: dict[str, str]
     held_events: dict[str, Event]
+    retried: dict[str, str]  # held events being tried again: why each waited
 
     def excluded(self, rel: str) -> bool:
         return is_excluded(rel, self.exclude)
@@ -141,7 +146,7 @@ class Planner:
         return entry.meta if entry else None
 
     def hold(self, rel: str, what: str) -> None:
-        if self.held_back.get(rel) != what:
+        if self.held_back.get(rel) != what and self.retried.get(rel) != what:
             log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
                         hint=HINTS.get(what, PERMISSION_HINT))
         self.held_back[rel] = what

@@ -65,6 +65,9 @@ class StoreCore(Planner):
         # "acl" (``bridge.acl``), "quota" (a hard quota here refuses a peer's write).
         self.held_back: dict[str, str] = {}
         self.held_events: dict[str, Event] = {}  # peers' events waiting to be writable
+        # While held events are tried again: why each waited (held back again
+        # for the same reason, it is not reported again).
+        self.retried: dict[str, str] = {}
         self.metas: dict[str, MetaEntry] = {}
         # True while a scan rebuilds ``metas``: counts over it would dip (after each
         # reconnect, on a dashboard), so the last one stands meanwhile.

@@ -127,9 +127,12 @@ class Watching:
         store = b.stores[name]
         if store.held_events:
             events = list(store.held_events.values())
-            for e in events:
-                store.held_back.pop(e.path, None)
-            applied = await b.applier.apply_events(store, events, peer=None, positions=None)
+            store.retried = {e.path: store.held_back.pop(e.path, "") for e in events}
+            try:
+                applied = await b.applier.apply_events(store, events, peer=None,
+                                                       positions=None)
+            finally:
+                store.retried = {}
             b.applier.record(store, applied)
 
     async def ensure_seen(self, name: str) -> None:

@@ -8,6 +8,7 @@ from kazoo.exceptions import (
     InvalidACLError,
     KazooException,
     NoAuthError,
+    NoChildrenForEphemeralsError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
@@ -20,23 +21,39 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from bridge.errors import (
     AclRefused,
+    EphemeralParent,
     MissingNode,
     NoPermission,
     QuotaExceeded,
+    Refused,
     VersionConflict,
     ZooKeeperError,
 )
+
+# The server's refusals of one znode's operation for a reason of that znode: not
+# retried, held back by the caller (``bridge.errors.Refused``), whatever else flows.
+_REFUSALS: dict[type[Exception], tuple[type[Refused], str]] = {
+    NoAuthError: (NoPermission, "not allowed by the ACL"),
+    InvalidACLError: (AclRefused, "its ACL is refused here (InvalidACL)"),
+    QuotaExceededError: (QuotaExceeded, "over a hard quota"),
+    NoChildrenForEphemeralsError: (EphemeralParent, "its parent is an ephemeral znode here"),
+}
+
+
+def refusal(exc: BaseException, what: str, path: str | None = None) -> Refused | None:
+    """``exc`` as a ``Refused`` of ``path`` (``what`` names the operation), or None."""
+    for kind, (error, reason) in _REFUSALS.items():
+        if isinstance(exc, kind):
+            return error(f"{what}: {reason}", path=path)
+    return None
 
 
 def translate(exc: BaseException, what: str) -> BaseException:
     if isinstance(exc, NoNodeError):
         return MissingNode(what)
-    if isinstance(exc, NoAuthError):
-        return NoPermission(f"{what}: not allowed by the znode's ACL")
-    if isinstance(exc, InvalidACLError):
-        return AclRefused(f"{what}: the ACL is refused here (InvalidACL)")
-    if isinstance(exc, QuotaExceededError):
-        return QuotaExceeded(f"{what}: over a hard quota")
+    refused = refusal(exc, what)
+    if refused is not None:
+        return refused
     if isinstance(exc, BadVersionError | NodeExistsError | NotEmptyError):
         return VersionConflict(f"{what}: {type(exc).__name__}")
     if isinstance(exc, ConnectionLoss | SessionExpiredError | OperationTimeoutError):

@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from kazoo.exceptions import (
-    InvalidACLError,
     NoAuthError,
     NoNodeError,
-    QuotaExceededError,
     RolledBackError,
     UnimplementedError,
 )
@@ -25,14 +23,13 @@ from kazoo.protocol.serialization import GetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
 
 from bridge.errors import (
-    AclRefused,
     FencedError,
     MissingNode,
     NoPermission,
-    QuotaExceeded,
     VersionConflict,
     ZooKeeperError,
 )
+from bridge.zk.errors import refusal
 from bridge.zk.session import Session
 from bridge.zk.values import (
     AclRead,
@@ -334,15 +331,9 @@ class ZooKeeper(Session):
                     f"epoch {self.fence.path if self.fence else ''} moved: another bridge "
                     "now leads this region"
                 )
-            if isinstance(err, NoAuthError):
-                raise NoPermission(f"{type(op).__name__} {op.path}: not allowed by the ACL",
-                                   path=op.path)
-            if isinstance(err, InvalidACLError):
-                raise AclRefused(f"{type(op).__name__} {op.path}: its ACL is refused here "
-                                 "(InvalidACL)", path=op.path)
-            if isinstance(err, QuotaExceededError):
-                raise QuotaExceeded(f"{type(op).__name__} {op.path}: over a hard quota",
-                                    path=op.path)
+            refused = refusal(err, f"{type(op).__name__} {op.path}", op.path)
+            if refused is not None:
+                raise refused
             raise VersionConflict(f"multi failed at {type(op).__name__} {op.path}: "
                                   f"{type(err).__name__}")
         return list(results), frame

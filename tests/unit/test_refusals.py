@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from kazoo.exceptions import InvalidACLError, NoAuthError, QuotaExceededError
+from kazoo.exceptions import (
+    InvalidACLError,
+    NoAuthError,
+    NoChildrenForEphemeralsError,
+    QuotaExceededError,
+)
 
-from bridge.errors import AclRefused, NoPermission, QuotaExceeded, Refused
+from bridge.errors import AclRefused, EphemeralParent, NoPermission, QuotaExceeded, Refused
 from bridge.model import Event, Op, VectorClock
 from bridge.store import _under
 from bridge.zk.errors import translate
@@ -20,6 +25,9 @@ def test_a_quota_refusal_is_held_as_quota_and_never_retried_as_a_conflict() -> N
     refused = translate(InvalidACLError(), "setACL /p")
     assert isinstance(refused, AclRefused) and not refused.retriable
     assert refused.hold == "acl-refused"
+    under = translate(NoChildrenForEphemeralsError(), "create /svc/child")
+    assert isinstance(under, EphemeralParent) and under.hold == "ephemeral-parent"
+    assert translate(ValueError("x"), "y").__class__ is ValueError  # not the server's refusal
 
 
 def _event(path: str) -> Event:

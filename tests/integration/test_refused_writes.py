@@ -1,18 +1,24 @@
-"""Hard quotas in a receiving region: a refused write is held back, never a stall.
+"""Writes a receiving region's server refuses are held back, never a stall.
 
-ZooKeeper (3.7+, with ``zookeeper.enforceQuota``, as the harness's servers
-run) refuses a create or set that would take a subtree past a hard quota
-(``setquota -N`` count, ``-B`` bytes). Before, the refusal failed the peer's
-whole batch as if a version check had: "kept changing, will retry", for
-ever, and nothing after it was applied.
+Before, each of these failed the peer's whole batch as if a version check
+had: "kept changing, will retry", for ever, and nothing after it was applied.
+(ACL refusals are in ``test_acl.py``.)
+
+- Hard quotas: ZooKeeper (3.7+, with ``zookeeper.enforceQuota``, as the
+  harness's servers run) refuses a create or set that would take a subtree
+  past one (``setquota -N`` count, ``-B`` bytes).
+- An ephemeral znode here where the origin has a persistent parent: ZooKeeper
+  refuses children under it (NoChildrenForEphemerals).
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
+from kazoo.client import KazooClient
 
 from tests.harness.procs import wait_for
 from tests.harness.zookeeper import zk_cli
@@ -74,5 +80,39 @@ def test_a_hard_quota_here_holds_back_what_it_refuses_and_the_rest_flows(
     assert r2.client.get(r2.path("/q/n9"))[0] == b"newer"
     assert r2.client.get(r2.path("/q/deep/a/b"))[0] == b"leaf"
     assert r2.client.get(r2.path("/b/v"))[0] == b"y" * 100
+    wait_for(lambda: not _held(fed, "r2"), 20, message=lambda: f"still {_held(fed, 'r2')}")
+    fed.assert_clean_logs()
+
+
+def test_a_child_under_a_znode_ephemeral_here_waits_until_that_znode_is_gone(
+    federation: Federation,
+) -> None:
+    fed = federation
+    fed.write_config("r2", audit_interval=2)
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    app = KazooClient(hosts=r2.hosts)
+    app.start(timeout=15)
+    try:
+        app.create(r2.path("/svc"), b"registered here", ephemeral=True)
+        r1.client.create(r1.path("/svc/child"), b"x", makepath=True)
+        r1.client.create(r1.path("/after"), b"flows")
+        wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20,
+                 message="r1's later writes were stalled behind a child r2 cannot create")
+        assert r2.client.get_children(r2.path("/svc")) == []
+        wait_for(lambda: {h.rsplit(" ", 1)[0] for h in _held(fed, "r2")} == {"/svc/child"}, 20,
+                 message=lambda: f"status lists {_held(fed, 'r2')}")
+        time.sleep(5)  # audits every 2 s try it again: it is not reported again
+        reported = [e for e in fed.events("r2") if e.get("event") == "znode_held_back"]
+        assert [(e["path"], e["operation"]) for e in reported] == [
+            ("/svc/child", "ephemeral-parent")]
+        assert not [e for e in fed.events("r2") if e.get("event") == "retrying"]
+    finally:
+        app.stop()
+        app.close()
+    # The ephemeral znode went with its session: the next audit applies the child.
+    wait_for(lambda: r2.client.exists(r2.path("/svc/child")) is not None, 30,
+             message="the held child was not applied once its parent's ephemeral was gone")
+    assert r2.client.get(r2.path("/svc/child"))[0] == b"x"
     wait_for(lambda: not _held(fed, "r2"), 20, message=lambda: f"still {_held(fed, 'r2')}")
     fed.assert_clean_logs()
