@@ -49,7 +49,8 @@ class Chaining(Capturing):
         write, as after a failed ``multi``), or a cancellation.
         """
         await self._settle()
-        if self.held_events:
+        if self.held_events and any(e.path in self.held_events for events, _ in parts
+                                    for e in events):
             return []  # their records ride on the apply that settles them
         wanted = [({e.path for e in events} | {parent(e.path) for e in events}) - {"/"}
                   for events, _ in parts]

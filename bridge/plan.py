@@ -31,8 +31,8 @@ log = structlog.get_logger("bridge.store")
 
 # Why a peer's event waits (``held_back``): the bridge may not write the znode,
 # a hard quota of this region refuses it, this region's server refuses its ACL,
-# or its parent is ephemeral here. Each is retried, never skipped.
-WRITE_HOLDS = ("write", "quota", "acl-refused", "ephemeral-parent")
+# or it or its parent is ephemeral here. Each is retried, never skipped.
+WRITE_HOLDS = ("write", "quota", "acl-refused", "ephemeral", "ephemeral-parent")
 PERMISSION_HINT = ("the bridge's ZooKeeper identity lacks permission; it is retried at the "
                    "next audit or scan and on SIGHUP")
 ACL_REFUSED_HINT = ("this region's ZooKeeper refuses the origin's ACL (an authentication scheme "
@@ -44,7 +44,10 @@ QUOTA_HINT = ("a hard quota of this region (setquota -N/-B) refuses it: raise th
 EPHEMERAL_PARENT_HINT = ("its parent is an ephemeral znode in this region, persistent at the "
                          "origin: it is applied at the next audit or scan, or on SIGHUP, "
                          "once that ephemeral znode is gone")
-HINTS = {"quota": QUOTA_HINT, "acl-refused": ACL_REFUSED_HINT,
+EPHEMERAL_HINT = ("an ephemeral znode of this region stands where the origin has a persistent "
+                  "one: it is applied at the next audit or scan, or on SIGHUP, once that "
+                  "ephemeral znode is gone")
+HINTS = {"quota": QUOTA_HINT, "acl-refused": ACL_REFUSED_HINT, "ephemeral": EPHEMERAL_HINT,
          "ephemeral-parent": EPHEMERAL_PARENT_HINT}
 
 
@@ -53,7 +56,6 @@ class Outcome(enum.Enum):
     CONFLICT_REMOTE = "conflict_remote_won"
     CONFLICT_LOCAL = "conflict_local_won"
     SKIPPED = "skipped"  # dominated or duplicate
-    EPHEMERAL = "ephemeral"
     OVERSIZED = "oversized"
     EXCLUDED = "excluded"
     HELD_BACK = "held_back"  # the bridge may not write the znode (ACL)
@@ -302,7 +304,11 @@ class Planner:
             raise NeedRead([rel])
         view = views[rel]
         if view is not None and view.ephemeral:
-            return Outcome.EPHEMERAL, None
+            # This region's ephemeral znode (an application's session) stands
+            # where the origin has a persistent one: it waits for that session.
+            self.hold(rel, "ephemeral")
+            self._keep_held(plan, event)
+            return Outcome.HELD_BACK, None
         entry = plan.metas.get(rel) or self.metas.get(rel)
         local = entry.meta if entry else None
         remote = event.version()

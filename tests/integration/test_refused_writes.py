@@ -7,8 +7,9 @@ had: "kept changing, will retry", for ever, and nothing after it was applied.
 - Hard quotas: ZooKeeper (3.7+, with ``zookeeper.enforceQuota``, as the
   harness's servers run) refuses a create or set that would take a subtree
   past one (``setquota -N`` count, ``-B`` bytes).
-- An ephemeral znode here where the origin has a persistent parent: ZooKeeper
-  refuses children under it (NoChildrenForEphemerals).
+- An ephemeral znode here where the origin has a persistent one: ZooKeeper
+  refuses children under it (NoChildrenForEphemerals). The znode's own
+  event used to be dropped, which left an empty placeholder here for good.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from kazoo.client import KazooClient
 from tests.harness.procs import wait_for
 from tests.harness.zookeeper import zk_cli
 from tests.integration.federation import Federation
+from tests.integration.test_chain import _published_backlog
+from tests.integration.test_ordering import _counters
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +46,15 @@ def test_a_hard_quota_here_holds_back_what_it_refuses_and_the_rest_flows(
     r1.client.create(r1.path("/q"), b"count")
     r1.client.create(r1.path("/b"), b"")
     r1.client.create(r1.path("/b/v"), b"small")
-    wait_for(lambda: r2.client.exists(r2.path("/b/v")) is not None, 20)
+    for i in range(4):
+        r1.client.create(r1.path(f"/q/n{i}"), b"x")
+    wait_for(lambda: r2.client.exists(r2.path("/b/v")) is not None
+             and len(r2.client.get_children(r2.path("/q"))) == 4, 20)
+    # Full from the start: ZooKeeper checks each request against what is
+    # committed, so one multi of several creates could pass a quota not yet full.
     zk_cli(r2.hosts, "setquota", "-N", "5", r2.path("/q"))  # /q and 4 children
     zk_cli(r2.hosts, "setquota", "-B", "40", r2.path("/b"))
-    for i in range(10):
+    for i in range(4, 10):
         r1.client.create(r1.path(f"/q/n{i}"), b"x")
     # Its parents are refused too: their creates stand for the events below them.
     r1.client.create(r1.path("/q/deep/a/b"), b"leaf", makepath=True)
@@ -84,7 +92,7 @@ def test_a_hard_quota_here_holds_back_what_it_refuses_and_the_rest_flows(
     fed.assert_clean_logs()
 
 
-def test_a_child_under_a_znode_ephemeral_here_waits_until_that_znode_is_gone(
+def test_a_znode_ephemeral_here_and_its_children_wait_until_it_is_gone(
     federation: Federation,
 ) -> None:
     fed = federation
@@ -95,17 +103,19 @@ def test_a_child_under_a_znode_ephemeral_here_waits_until_that_znode_is_gone(
     app.start(timeout=15)
     try:
         app.create(r2.path("/svc"), b"registered here", ephemeral=True)
-        r1.client.create(r1.path("/svc/child"), b"x", makepath=True)
+        r1.client.create(r1.path("/svc"), b"origin")
+        r1.client.create(r1.path("/svc/child"), b"x")
         r1.client.create(r1.path("/after"), b"flows")
         wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20,
                  message="r1's later writes were stalled behind a child r2 cannot create")
         assert r2.client.get_children(r2.path("/svc")) == []
-        wait_for(lambda: {h.rsplit(" ", 1)[0] for h in _held(fed, "r2")} == {"/svc/child"}, 20,
+        wait_for(lambda: sorted(_held(fed, "r2")) == [
+            "/svc (ephemeral)", "/svc/child (ephemeral-parent)"], 20,
                  message=lambda: f"status lists {_held(fed, 'r2')}")
         time.sleep(5)  # audits every 2 s try it again: it is not reported again
         reported = [e for e in fed.events("r2") if e.get("event") == "znode_held_back"]
         assert [(e["path"], e["operation"]) for e in reported] == [
-            ("/svc/child", "ephemeral-parent")]
+            ("/svc", "ephemeral"), ("/svc/child", "ephemeral-parent")]
         assert not [e for e in fed.events("r2") if e.get("event") == "retrying"]
     finally:
         app.stop()
@@ -114,5 +124,39 @@ def test_a_child_under_a_znode_ephemeral_here_waits_until_that_znode_is_gone(
     wait_for(lambda: r2.client.exists(r2.path("/svc/child")) is not None, 30,
              message="the held child was not applied once its parent's ephemeral was gone")
     assert r2.client.get(r2.path("/svc/child"))[0] == b"x"
+    assert r2.client.get(r2.path("/svc"))[0] == b"origin"  # r1's own, not a placeholder
+    fed.wait_converged(["r1", "r2"])
     wait_for(lambda: not _held(fed, "r2"), 20, message=lambda: f"still {_held(fed, 'r2')}")
+    fed.assert_clean_logs()
+
+
+def test_a_held_event_does_not_keep_a_backlog_of_other_paths_from_chaining(
+    federation: Federation,
+) -> None:
+    # Held events used to turn the chain off for the whole subtree: with an
+    # ephemeral znode that stays (a live service's registration), for good.
+    fed = federation
+    fed.write_config("r2", audit_interval=2)
+    r1, r2 = fed["r1"], fed["r2"]
+    app = KazooClient(hosts=r2.hosts)
+    app.start(timeout=15)
+    try:
+        app.create(r2.path("/svc"), b"registered here", ephemeral=True)
+        r1.client.create(r1.path("/svc"), b"origin")
+        fed.start("r2")
+        fed.start("r1")
+        wait_for(lambda: _held(fed, "r2") == ["/svc (ephemeral)"], 30,
+                 message=lambda: f"status lists {_held(fed, 'r2')}")
+        fed.stop("r2")
+        _published_backlog(fed, 1500)  # 3,000 events: several groups of 1,000
+        fed.start("r2")
+        wait_for(lambda: r2.client.exists(r2.path("/data/d1500")) is not None, 90)
+        key = f"apply_chains:{fed.subtree}"
+        wait_for(lambda: _counters(fed, "r2").get(key, 0) >= 1, 15,
+                 message=lambda: f"r2 applied no chain: {_counters(fed, 'r2')}")
+        assert _held(fed, "r2") == ["/svc (ephemeral)"]
+    finally:
+        app.stop()
+        app.close()
+    fed.wait_converged(["r1", "r2"])  # the next audit applies r1's /svc
     fed.assert_clean_logs()
