@@ -43,7 +43,7 @@ from bridge.reporter import Reporter
 from bridge.scan import Scanner
 from bridge.stability import Stability
 from bridge.status import now_ms
-from bridge.store import Layout, SubtreeStore
+from bridge.store import Layout, SubtreeStore, is_excluded
 from bridge.streams import Streams
 from bridge.termsteps import both, unless_lost
 from bridge.watching import Watching
@@ -396,9 +396,14 @@ class Bridge:
         for st in self.settings.subtrees:
             store = self.stores[st.name]
             if store.exclude != tuple(st.exclude):
+                included = [x for x in store.exclude if not is_excluded(x, st.exclude)]
                 store.exclude = tuple(st.exclude)
                 # Newly included paths were never watched: look at everything again.
                 self.watching.request()
+                if included:
+                    # The peers' events for them were passed over: read those again.
+                    before = self.inbound.read_again.get(st.name, ())
+                    self.inbound.read_again[st.name] = (*before, *included)
         for scanner in self.scanners.values():
             scanner.mass_delete = self.settings.mass_delete
         # Paths held back for want of permission are tried again (an ACL may have changed).

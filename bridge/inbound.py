@@ -36,6 +36,7 @@ from bridge.errors import (
     OffsetOutOfRange,
 )
 from bridge.kafka import Record
+from bridge.layout import is_excluded
 from bridge.model import Event, Op
 from bridge.topiccheck import Answer, TopicCheck
 
@@ -70,6 +71,10 @@ class PeerState:
     max_end: dict[int, int] = field(default_factory=dict)  # highest end offset seen
     suspect: dict[int, str] = field(default_factory=dict)  # a loss seen once, to confirm
     topic_id: str | None = None  # Kafka's id of the topic the positions belong to
+    # partition → (offset, paths): a topic read again for paths no longer excluded
+    # (``TopicCheck.read_again``) applies, below the offset it had reached, only
+    # the events of those paths; the rest were applied when first read.
+    only: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,10 @@ class Inbound:
         self.own_max_end: dict[tuple[str, int], int] = {}
         self.own_ids: dict[str, str] = {}  # own topic → the id this bridge published to
         self.topics = TopicCheck(self)
+        # Subtrees whose peers' topics are to be read again from their start, for
+        # paths a reload included again (their events were passed over). Kept
+        # over a term's end: the next term's fetcher does it.
+        self.read_again: dict[str, tuple[str, ...]] = {}
         for name in bridge.stores:
             self._new_queue(name)
             for peer in bridge.settings.peers:
@@ -180,6 +189,9 @@ class Inbound:
                     continue
                 for rec in records:
                     await self._take(rec)
+                while self.read_again:
+                    name, paths = self.read_again.popitem()
+                    await self.topics.read_again(name, paths)
                 await self._idle_positions()
                 if asking is not None and asking.done():
                     answer, asking = asking.result(), None
@@ -258,6 +270,7 @@ class Inbound:
                         hint="the origin republishes the whole batch from its outbox")
             asm.dropped = dropped = 0
         for done in completed:
+            done = _only(peer, rec.partition, done)
             peer.last_event_ms = rec.timestamp_ms
             name = peer.subtree
             while self.queued[name] >= QUEUE_WEIGHT:
@@ -305,6 +318,17 @@ class Inbound:
             if done < end:
                 return
         self.caught_up.set()
+
+
+def _only(peer: PeerState, part: int, done: Complete) -> Complete:
+    """``done`` as a topic read again for some paths applies it (``PeerState.only``)."""
+    if part not in peer.only:
+        return done
+    until, paths = peer.only[part]
+    if done.end_offset > until:
+        del peer.only[part]
+        return done
+    return replace(done, events=tuple(e for e in done.events if is_excluded(e.path, paths)))
 
 
 def decode_record(rec: Record, subtree: str, origin: str) -> tuple[Event | None, str, str]:

@@ -225,20 +225,51 @@ class TopicCheck:
                 out[topic] = (old, new)
         return out
 
+    async def _seek_back(self, peer: PeerState, part: int, begin: int) -> None:
+        """Read ``peer``'s partition again from ``begin``, stored so (in the fetcher, between
+        fetches: what was fetched before belongs to an older generation and is dropped)."""
+        b = self.inbound.bridge
+        store = b.stores[peer.subtree]
+        peer.generation += 1
+        peer.positions = {**peer.positions, part: begin}
+        peer.assemblers[part] = Assembler(begin)
+        peer.suspect.pop(part, None)
+        b.kafka.seek(peer.topic, part, begin)
+        new = dict(peer.positions)
+        await b.retry("store positions", lambda: store.positions.write(peer.peer, new))
+
+    async def read_again(self, subtree: str, paths: tuple[str, ...]) -> None:
+        """Read every peer's topic of ``subtree`` again from its start, for ``paths``
+        (no longer excluded here: their events were passed over).
+
+        Up to where each partition was, only those paths' events are applied:
+        the others were applied when first read, and a put whose tombstone this
+        region has since collected would come back until its origin's null.
+        """
+        b = self.inbound.bridge
+        for peer in [p for p in self.inbound.peers.values() if p.subtree == subtree]:
+            tps = [(peer.topic, part) for part in peer.assemblers]
+            begins = await b.retry("beginning offsets",
+                                   lambda t=tps: b.kafka.beginning_offsets(t))  # type: ignore[misc]
+            async with b.locks[subtree]:
+                for topic, part in tps:
+                    pos = peer.positions.get(part, 0)
+                    begin = begins.get((topic, part), 0)
+                    await self._seek_back(peer, part, begin)
+                    until, before = peer.only.get(part, (0, ()))
+                    peer.only[part] = (max(pos, until), (*before, *paths))
+                    log.info("topic_read_again", topic=topic, partition=part, from_offset=begin,
+                             up_to=max(pos, until), paths=list(paths),
+                             reason="no longer excluded")
+            b.stats[f"topic_rereads:{subtree}:{peer.peer}"] += 1
+
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
                      why: str) -> None:
         """Read ``peer``'s partition again from the start of the current topic, stored so."""
         b = self.inbound.bridge
-        store = b.stores[peer.subtree]
         async with b.locks[peer.subtree]:
-            peer.generation += 1
-            peer.positions = {**peer.positions, part: begin}
-            peer.assemblers[part] = Assembler(begin)
+            await self._seek_back(peer, part, begin)
             peer.max_end[part] = end
-            peer.suspect.pop(part, None)
-            b.kafka.seek(peer.topic, part, begin)
-            new = dict(peer.positions)
-            await b.retry("store positions", lambda: store.positions.write(peer.peer, new))
             tp = (peer.topic, part)
             if tp in self.inbound.catch_up_to:
                 self.inbound.catch_up_to[tp] = min(self.inbound.catch_up_to[tp], end)

@@ -32,6 +32,7 @@ from tests.harness import procs
 from tests.harness.procs import free_port, wait_for
 from tests.integration.federation import REPO, Federation
 from tests.integration.test_faults import Stream, assert_nothing_lost
+from tests.integration.test_ordering import _counters
 
 
 def lag_json(fed: Federation, name: str) -> list[dict[str, object]]:
@@ -521,4 +522,42 @@ def test_sd_notify_ready_watchdog_stopping_and_reload(
     assert r1.proc is not None and r1.proc.poll() is None and r1.proc.pid == pid
     assert fed.stop("r1") == 0
     wait_for(lambda: any("STOPPING=1" in m for m in drain()), 10, message="no STOPPING=1")
+    fed.assert_clean_logs()
+
+
+def test_paths_a_receiver_no_longer_excludes_arrive_from_the_peers_topics(
+    federation: Federation,
+) -> None:
+    # r2 passed over r1's events for /tmp while it excluded it; a reload that
+    # includes /tmp again reads r1's topic again from its start (before, r2
+    # lacked r1's /tmp until r1 happened to write each znode again).
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount,
+                                      "exclude": ["/tmp"]}])
+    fed.start_all()
+    r1.client.create(r1.path("/tmp/a"), b"a", makepath=True)
+    r1.client.create(r1.path("/tmp/b"), b"b")
+    r1.client.set(r1.path("/tmp/a"), b"a2")
+    for i in range(30):
+        r1.client.create(r1.path(f"/kept{i}"), b"k")
+    wait_for(lambda: r2.client.exists(r2.path("/kept29")), 30)
+    assert not r2.client.exists(r2.path("/tmp"))
+    skipped = f"applied:{fed.subtree}:skipped"
+    time.sleep(2.5)  # one status interval: the counters as they stand
+    before = _counters(fed, "r2").get(skipped, 0)
+    fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount}])
+    assert r2.proc is not None
+    r2.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: r2.client.exists(r2.path("/tmp/b")), 30,
+             message="r1's znodes under a path r2 no longer excludes never arrived")
+    fed.wait_converged()
+    assert r2.client.get(r2.path("/tmp/a"))[0] == b"a2"
+    # Only /tmp's events were applied again: r1's 30 others were not even tried.
+    wait_for(lambda: _counters(fed, "r2").get(f"topic_rereads:{fed.subtree}:r1"), 10)
+    time.sleep(2.5)
+    assert _counters(fed, "r2").get(skipped, 0) - before < 30, _counters(fed, "r2")
+    again = [e for e in fed.events("r2") if e.get("event") == "topic_read_again"]
+    assert {e["topic"] for e in again} == {f"{fed.prefix}.{fed.subtree}.{r}" for r in ("r1", "r3")}
+    assert all(e["paths"] == ["/tmp"] for e in again)
     fed.assert_clean_logs()
