@@ -154,10 +154,15 @@ class Inbound:
             peer.topic_id = await store.positions.read_topic_id(peer.peer)
             peer.assemblers = {}
             peer.max_end, peer.suspect = {}, {}
-            for part in await self.bridge.retry(
-                    f"partitions of {topic}", partial(self.bridge.kafka.partitions, topic)):
+            parts = await self.bridge.retry(f"partitions of {topic}",
+                                            partial(self.bridge.kafka.partitions, topic))
+            _one_partition(topic, parts)
+            for part in parts:
                 positions[(topic, part)] = peer.positions.get(part)
                 peer.assemblers[part] = Assembler(peer.positions.get(part, 0))
+        for topic in self.own:
+            _one_partition(topic, await self.bridge.retry(
+                f"partitions of {topic}", partial(self.bridge.kafka.partitions, topic)))
         return positions
 
     def own_acked(self, topic: str, partition: int, end: int) -> None:
@@ -318,6 +323,14 @@ class Inbound:
             if done < end:
                 return
         self.caught_up.set()
+
+
+def _one_partition(topic: str, parts: list[int]) -> None:
+    if len(parts) > 1:
+        log.warning("topic_partitions", topic=topic, partitions=len(parts),
+                    action="only partition 0 is written and read in order",
+                    hint="an origin's order needs one partition: create the bridge's topics "
+                         "with one (or let the bridge create them)")
 
 
 def _only(peer: PeerState, part: int, done: Complete) -> Complete:

@@ -261,7 +261,9 @@ def _highwaters(consumer: AIOKafkaConsumer, tps: Sequence[tuple[str, int]], sinc
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     parts = consumer.partitions_for_topic(topic)
     if not parts:
-        # Metadata may be stale right after topic creation; topics() refreshes it.
-        await consumer.topics()
-        parts = consumer.partitions_for_topic(topic)
+        # Not in the consumer's metadata (it holds only what it was assigned):
+        # ask for all of it. (``topics()`` asks too, but keeps what it learns to
+        # itself: this used to answer {0} for every topic.)
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = cluster.partitions_for_topic(topic)
     return set(parts or {0})

@@ -90,14 +90,17 @@ class Producing(Connection):
             # (profiled in steady state). Order within a partition is the
             # records' order either way; each partition still has one batch
             # queued at a time.
-            known: set[str] = set()  # topics whose partitions the producer has
+            known: set[str] = set()  # topics whose metadata the producer has
             filling: dict[tuple[str, int], tuple[Any, int]] = {}
             sent: list[tuple[tuple[str, int], asyncio.Future[Any], int]] = []
             for i, (topic, key, value) in enumerate(records):
                 if topic not in known:
                     await producer.partitions_for(topic)
                     known.add(topic)
-                tp = (topic, producer._partition(topic, None, key, value, key, value))
+                # Partition 0 always: one origin's order lives in one partition, also
+                # on a topic created with more (their keys would hash apart, and
+                # receivers would drop the pieces of a batch as incomplete).
+                tp = (topic, 0)
                 batch, n = filling.get(tp) or (producer.create_batch(), 0)
                 hdrs = list(extra.get(i, ()))
                 if batch.append(timestamp=None, key=key, value=value, headers=hdrs) is None:

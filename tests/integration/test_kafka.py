@@ -172,6 +172,44 @@ def test_topics_get_the_broker_default_replication_factor(
     harness_report(f"Kafka: bridge topics created with the broker default RF ({replicas})")
 
 
+def test_a_topic_created_with_several_partitions_keeps_the_origin_s_order(
+    federation: Federation,
+) -> None:
+    # An operator pre-created r1's topic with 3 partitions (a Kafka habit).
+    # Before, the producer hashed each key to a partition: a batch's records
+    # were split, receivers dropped the pieces as incomplete ("the origin
+    # republishes", which it never did) and r2 lost 29 of 30 creates.
+    fed = federation
+    topic = f"{fed.prefix}.{fed.subtree}.r1"
+
+    async def go() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=fed.broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(topic, 3, 1, topic_configs={"cleanup.policy": "compact"})])
+        finally:
+            await admin.close()
+
+    asyncio.run(go())
+    fed.start("r1")
+    fed.start("r2")
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.ensure_path(r1.path("/data"))
+    with r1.client.transaction() as t:  # one batch
+        for i in range(30):
+            t.create(r1.path(f"/data/d{i}"), b"x")
+    for i in range(30):
+        r1.client.set(r1.path("/data/d0"), str(i).encode())
+    fed.wait_converged(["r1", "r2"], timeout=30)
+    assert r2.client.get(r2.path("/data/d0"))[0] == b"29"
+    for name in ("r1", "r2"):  # r1 publishes to it, r2 reads it: both say so
+        warned = [e for e in fed.events(name) if e.get("event") == "topic_partitions"]
+        assert [(e["topic"], e["partitions"]) for e in warned] == [(topic, 3)], name
+    assert not [e for e in fed.events("r2") if e.get("event") == "incomplete_batch_dropped"]
+    fed.assert_clean_logs()
+
+
 def _create_compacting(bootstrap: str, topics: list[str]) -> None:
     # What an operator tuning compaction would set; the bridge only sets
     # cleanup.policy when it creates a topic itself, so these are made first.
