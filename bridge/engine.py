@@ -329,6 +329,7 @@ class Bridge:
             own + list(self.peers)))
         if created:
             log.info("topics_created", topics=created)
+        self.background(self._check_compacted(own + list(self.peers)))  # aside: a warning
 
         async def checks() -> owntopic.Survey:
             async with owntopic.own_reader(self) as reader:
@@ -357,6 +358,22 @@ class Bridge:
         self.inbound.catch_up_to = await self.retry(
             "end offsets", lambda: self.kafka.readable_ends(list(positions)))
         return found
+
+    async def _check_compacted(self, topics: list[str]) -> None:
+        """Warn of a topic that is not compacted (made beforehand): retention would drop
+        znodes no one changed lately, and a region bootstrapping from it would never
+        see them. Best effort: a broker that does not answer is not asked again."""
+        try:
+            async with asyncio.timeout(10):
+                policies = await self.kafka.cleanup_policies(topics)
+        except (BridgeError, TimeoutError):
+            return
+        for topic, policy in sorted(policies.items()):
+            if "compact" not in policy.split(","):
+                log.warning("topic_not_compacted", topic=topic, cleanup_policy=policy,
+                            hint="set cleanup.policy=compact on it (kafka-configs --alter): "
+                                 "deleted by retention, records of znodes no one changed "
+                                 "lately never reach a region that bootstraps")
 
     def incident(self, kind: str, text: str) -> None:
         """Something happened to the replicated data: status shows it for a while."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from bridge.errors import FatalKafkaError
@@ -56,6 +57,25 @@ class TopicAdmin(Connection):
         finally:
             await admin.close()
         return created
+
+    async def cleanup_policies(self, names: Sequence[str]) -> dict[str, str]:
+        """Each topic's ``cleanup.policy`` as the broker reports it (DescribeConfigs)."""
+        admin = AIOKafkaAdminClient(**self._common())
+        try:
+            await _guard("connect admin", admin.start())
+            answers = await _guard("describe topic configs", admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]))
+        finally:
+            await admin.close()
+        out: dict[str, str] = {}
+        for answer in answers:
+            # (error code, message, type, name, entries): entries (name, value, ...).
+            for resource in answer.resources:
+                if resource[0] == 0:
+                    policy = {e[0]: e[1] for e in resource[4]}.get("cleanup.policy")
+                    if policy is not None:
+                        out[resource[3]] = policy
+        return out
 
     async def delete_topics(self, names: Sequence[str]) -> None:
         admin = AIOKafkaAdminClient(**self._common())

@@ -210,6 +210,33 @@ def test_a_topic_created_with_several_partitions_keeps_the_origin_s_order(
     fed.assert_clean_logs()
 
 
+def test_a_topic_that_is_not_compacted_is_named_at_start(federation: Federation) -> None:
+    fed = federation
+    _kafka_only(fed.broker)
+    topic = f"{fed.prefix}.{fed.subtree}.r1"
+
+    async def go() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=fed.broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "delete"})])
+        finally:
+            await admin.close()
+
+    asyncio.run(go())
+    fed.start("r1")
+    fed.start("r2")
+    for name in ("r1", "r2"):
+        wait_for(lambda n=name: [(e["topic"], e["cleanup_policy"]) for e in fed.events(n)  # type: ignore[misc]
+                                 if e.get("event") == "topic_not_compacted"] == [(topic, "delete")],
+                 20, message=f"{name} did not name the topic that is not compacted")
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/x"), b"x")  # it still replicates
+    wait_for(lambda: r2.client.exists(r2.path("/x")) is not None, 20)
+    fed.assert_clean_logs()
+
+
 def _create_compacting(bootstrap: str, topics: list[str]) -> None:
     # What an operator tuning compaction would set; the bridge only sets
     # cleanup.policy when it creates a topic itself, so these are made first.
