@@ -12,6 +12,6 @@ Everything else in the bridge imports from here.
 from bridge.config import topic_name
 from bridge.kafka.client import Kafka
 from bridge.kafka.topicids import TopicIds
-from bridge.kafka.values import Record
+from bridge.kafka.values import Record, publish_limit
 
-__all__ = ["Kafka", "Record", "TopicIds", "topic_name"]
+__all__ = ["Kafka", "Record", "TopicIds", "publish_limit", "topic_name"]

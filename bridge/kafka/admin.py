@@ -58,8 +58,9 @@ class TopicAdmin(Connection):
             await admin.close()
         return created
 
-    async def cleanup_policies(self, names: Sequence[str]) -> dict[str, str]:
-        """Each topic's ``cleanup.policy`` as the broker reports it (DescribeConfigs)."""
+    async def topic_configs(self, names: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Each topic's ``cleanup.policy`` and ``max.message.bytes`` as the broker reports
+        them (DescribeConfigs)."""
         admin = AIOKafkaAdminClient(**self._common())
         try:
             await _guard("connect admin", admin.start())
@@ -67,14 +68,14 @@ class TopicAdmin(Connection):
                 [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]))
         finally:
             await admin.close()
-        out: dict[str, str] = {}
+        out: dict[str, dict[str, str]] = {}
         for answer in answers:
             # (error code, message, type, name, entries): entries (name, value, ...).
             for resource in answer.resources:
                 if resource[0] == 0:
-                    policy = {e[0]: e[1] for e in resource[4]}.get("cleanup.policy")
-                    if policy is not None:
-                        out[resource[3]] = policy
+                    out[resource[3]] = {e[0]: e[1] for e in resource[4]
+                                        if e[0] in ("cleanup.policy", "max.message.bytes")
+                                        and e[1] is not None}
         return out
 
     async def delete_topics(self, names: Sequence[str]) -> None:

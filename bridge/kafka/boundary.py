@@ -14,6 +14,7 @@ from aiokafka.errors import (
     AuthenticationFailedError,
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    MessageSizeTooLargeError,
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
 )
@@ -45,6 +46,12 @@ async def _guard(what: str, coro: Awaitable[T]) -> T:
             f"{what}: {type(exc).__name__}: refused by the broker; check kafka.sasl "
             "credentials and the ACLs of this region's principal"
         ) from exc
+    except MessageSizeTooLargeError as exc:
+        raise KafkaError(
+            f"{what}: {type(exc).__name__}: a record batch is larger than the topic's "
+            "max.message.bytes (or the broker's message.max.bytes) allows; raise it "
+            "(the bridge logs topic_message_limit with the value at start); retried until "
+            "then, nothing is lost") from exc
     except AioKafkaError as exc:
         raise KafkaError(f"{what}: {type(exc).__name__} {exc}") from exc
     except (OSError, TimeoutError) as exc:

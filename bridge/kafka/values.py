@@ -16,6 +16,17 @@ PRODUCE_BATCH_BYTES = 512 * 1024
 # which then adds up to this much to every event's latency. An idle bridge
 # pays 20 fetches a second per connection for it.
 FETCH_MAX_WAIT_MS = 50
+# What an event adds to its znode's data (its path twice, clock, ACL entries),
+# generously: a topic limit that passes the start's check passes real records.
+RECORD_HEADROOM = 16 * 1024
+
+
+def publish_limit(max_data_bytes: int) -> int:
+    """The smallest ``max.message.bytes`` a topic needs: a full produce batch, or the
+    record of the largest znode replicated."""
+    return max(PRODUCE_BATCH_BYTES, max_data_bytes + RECORD_HEADROOM)
+
+
 QUERY_TIMEOUT_MS = 5000  # offset and metadata queries (see Kafka._querier)
 STOP_TIMEOUT = 0.4
 

@@ -210,30 +210,55 @@ def test_a_topic_created_with_several_partitions_keeps_the_origin_s_order(
     fed.assert_clean_logs()
 
 
-def test_a_topic_that_is_not_compacted_is_named_at_start(federation: Federation) -> None:
+def test_a_topic_made_beforehand_with_a_wrong_config_is_named_and_a_low_limit_only_waits(
+    federation: Federation,
+) -> None:
+    # r1's topic: cleanup.policy=delete, max.message.bytes 100,000. Both are
+    # named at start; a 200 KB znode waits in the outbox (before, with an
+    # error naming no setting) until the limit is raised, then it replicates.
     fed = federation
     _kafka_only(fed.broker)
     topic = f"{fed.prefix}.{fed.subtree}.r1"
 
-    async def go() -> None:
+    async def admin_call(fn: Callable[[AIOKafkaAdminClient], Any]) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=fed.broker.bootstrap)
         await admin.start()
         try:
-            await admin.create_topics(
-                [NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "delete"})])
+            await fn(admin)
         finally:
             await admin.close()
 
-    asyncio.run(go())
+    asyncio.run(admin_call(lambda a: a.create_topics([NewTopic(
+        topic, 1, 1, topic_configs={"cleanup.policy": "delete",
+                                    "max.message.bytes": "100000"})])))
     fed.start("r1")
     fed.start("r2")
+
+    def named(name: str, event: str) -> list[dict[str, Any]]:
+        return [e for e in fed.events(name) if e.get("event") == event]
+
     for name in ("r1", "r2"):
-        wait_for(lambda n=name: [(e["topic"], e["cleanup_policy"]) for e in fed.events(n)  # type: ignore[misc]
-                                 if e.get("event") == "topic_not_compacted"] == [(topic, "delete")],
-                 20, message=f"{name} did not name the topic that is not compacted")
+        wait_for(lambda n=name: named(n, "topic_not_compacted")  # type: ignore[misc]
+                 and named(n, "topic_message_limit"), 20,
+                 message=f"{name} did not name the topic's settings")
+        assert [(e["topic"], e["cleanup_policy"])
+                for e in named(name, "topic_not_compacted")] == [(topic, "delete")]
+        [limit] = named(name, "topic_message_limit")
+        assert (limit["topic"], limit["max_message_bytes"]) == (topic, 100000)
+        assert limit["needed"] > 1_000_000
     r1, r2 = fed["r1"], fed["r2"]
-    r1.client.create(r1.path("/x"), b"x")  # it still replicates
-    wait_for(lambda: r2.client.exists(r2.path("/x")) is not None, 20)
+    r1.client.create(r1.path("/big"), b"x" * 200_000)
+    r1.client.create(r1.path("/after"), b"y")
+    wait_for(lambda: any("max.message.bytes" in e["error"] for e in named("r1", "retrying")),
+             20, message="the refused publish did not name the setting")
+    assert r2.client.exists(r2.path("/big")) is None
+    asyncio.run(admin_call(lambda a: a.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, topic,
+                        configs={"cleanup.policy": "compact",
+                                 "max.message.bytes": str(limit["needed"])})])))
+    wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 30,
+             message="publishing did not resume once the limit was raised")
+    assert r2.client.get(r2.path("/big"))[0] == b"x" * 200_000
     fed.assert_clean_logs()
 
 
