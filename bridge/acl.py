@@ -21,7 +21,7 @@ resync); a receiver sets it right after the ``multi`` that wrote the content.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -184,3 +184,14 @@ class AclPolicy:
 
     def forget(self, rel: str) -> None:
         self._seen.pop(rel, None)
+
+    def retain(self, live: Collection[str]) -> None:
+        """Keep only the ACLs of ``live`` (a scan's znodes): a cache of every path ever
+        captured grew without bound under churn (a queue's sequential znodes)."""
+        keep = live if isinstance(live, set | frozenset) else set(live)
+        for rel in [r for r in self._seen if r not in keep]:
+            del self._seen[rel]
+
+    @property
+    def cached(self) -> int:
+        return len(self._seen)

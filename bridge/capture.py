@@ -143,6 +143,8 @@ class Capturing(StoreCore):
             return []
         changes.sort(key=lambda c: c[0])
         deleted = {rel for _, op, rel, _ in changes if op is Op.DELETE}
+        for rel in deleted:
+            self.acl.forget(rel)
         parents = {parent(r) for r in deleted | set(cleanup)} - {"/"}
         need = [p for p in parents if p not in reads and (m := self.meta(p)) is not None
                 and m.deleted]

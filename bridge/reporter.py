@@ -105,6 +105,7 @@ class Reporter:
         store, now = b.stores[subtree], now_ms()
         return {
             "tombstones": store.tombstones_held(),
+            "acl_cache": store.acl.cached,
             "tombstones_collected": store.gc_collected,
             "nulls_published": b.stats[f"nulls_published:{subtree}"],
             "nulls_applied": b.stats[f"nulls_applied:{subtree}"],

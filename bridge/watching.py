@@ -164,6 +164,7 @@ class Watching:
         b.scan_seconds[name] = result.seconds
         log.info("scan_done", subtree=name, znodes=result.znodes,
                  changes=len(result.changed), seconds=round(result.seconds, 3))
+        b.stores[name].acl.retain(result.present)
         if not self.tree_watch:
             self._watched[name].clear()
             await self._arm(name, ["/", *result.present])

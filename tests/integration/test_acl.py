@@ -286,6 +286,32 @@ def test_an_acl_the_receiving_ensemble_refuses_is_held_back_not_a_stall(
         sasl.close()
 
 
+def test_the_acl_cache_forgets_deleted_znodes(federation: Federation) -> None:
+    # The origin caches each captured znode's ACL. It used to keep the
+    # entries of deleted znodes for ever: under churn (a queue's sequential
+    # znodes) its memory grew without bound.
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+
+    def cached() -> int:
+        state = _status(fed, "r1").get("state", {})
+        assert isinstance(state, dict)
+        return int(state["critical"]["acl_cache"])
+
+    r1.client.ensure_path(r1.path("/q"))
+    for _ in range(3):
+        names = [r1.client.create(r1.path("/q/item-"), b"x", sequence=True)
+                 for _ in range(100)]
+        wait_for(lambda n=names[-1]: r2.client.exists(  # type: ignore[misc]
+            r2.path("/q/" + n.rsplit("/", 1)[1])) is not None, 30)
+        for name in names:
+            r1.client.delete(name)
+    wait_for(lambda: r2.client.get_children(r2.path("/q")) == [], 30)
+    wait_for(lambda: cached() <= 2, 20, message=lambda: f"{cached()} ACLs still cached")
+    fed.assert_clean_logs()
+
+
 def test_copy_policy_replicates_acls_and_never_widens_access(federation: Federation) -> None:
     fed = federation
     for name in fed.regions:

@@ -118,3 +118,18 @@ def test_stopping_the_reads_ahead_lets_a_waiting_capture_go_on() -> None:
 
     got, asked = asyncio.run(run())
     assert got == [None] and asked == ["/a/x"]  # read by the capture itself
+
+
+def test_a_scan_keeps_only_the_acls_of_the_znodes_it_found() -> None:
+    async def run() -> tuple[int, int, int]:
+        zk = Acls({f"/a/{n}": AclRead(WORLD_ALL, 0, 1) for n in ("x", "y", "z")})
+        acl = _policy()
+        await acl.announce_many(zk, [(f"/a/{n}", f"/{n}", 1, 0)  # type: ignore[arg-type]
+                                     for n in ("x", "y", "z")])
+        full = acl.cached
+        acl.forget("/z")  # a captured delete
+        after_delete = acl.cached
+        acl.retain(["/x"])  # a scan found only /x
+        return full, after_delete, acl.cached
+
+    assert asyncio.run(run()) == (3, 2, 1)
