@@ -14,9 +14,11 @@ had: "kept changing, will retry", for ever, and nothing after it was applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 from kazoo.client import KazooClient
@@ -92,18 +94,30 @@ def test_a_hard_quota_here_holds_back_what_it_refuses_and_the_rest_flows(
     fed.assert_clean_logs()
 
 
-def test_a_znode_ephemeral_here_and_its_children_wait_until_it_is_gone(
-    federation: Federation,
-) -> None:
-    fed = federation
+@contextlib.contextmanager
+def _registered_in_r2(fed: Federation) -> Iterator[None]:
+    """/svc: an application's ephemeral znode in r2 while inside, persistent in r1;
+    r2 audits every 2 s."""
     fed.write_config("r2", audit_interval=2)
-    fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
     app = KazooClient(hosts=r2.hosts)
     app.start(timeout=15)
     try:
         app.create(r2.path("/svc"), b"registered here", ephemeral=True)
         r1.client.create(r1.path("/svc"), b"origin")
+        yield
+    finally:
+        app.stop()
+        app.close()
+
+
+def test_a_znode_ephemeral_here_and_its_children_wait_until_it_is_gone(
+    federation: Federation,
+) -> None:
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    with _registered_in_r2(fed):
+        fed.start_all()
         r1.client.create(r1.path("/svc/child"), b"x")
         r1.client.create(r1.path("/after"), b"flows")
         wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20,
@@ -117,9 +131,6 @@ def test_a_znode_ephemeral_here_and_its_children_wait_until_it_is_gone(
         assert [(e["path"], e["operation"]) for e in reported] == [
             ("/svc", "ephemeral"), ("/svc/child", "ephemeral-parent")]
         assert not [e for e in fed.events("r2") if e.get("event") == "retrying"]
-    finally:
-        app.stop()
-        app.close()
     # The ephemeral znode went with its session: the next audit applies the child.
     wait_for(lambda: r2.client.exists(r2.path("/svc/child")) is not None, 30,
              message="the held child was not applied once its parent's ephemeral was gone")
@@ -136,13 +147,8 @@ def test_a_held_event_does_not_keep_a_backlog_of_other_paths_from_chaining(
     # Held events used to turn the chain off for the whole subtree: with an
     # ephemeral znode that stays (a live service's registration), for good.
     fed = federation
-    fed.write_config("r2", audit_interval=2)
-    r1, r2 = fed["r1"], fed["r2"]
-    app = KazooClient(hosts=r2.hosts)
-    app.start(timeout=15)
-    try:
-        app.create(r2.path("/svc"), b"registered here", ephemeral=True)
-        r1.client.create(r1.path("/svc"), b"origin")
+    r2 = fed["r2"]
+    with _registered_in_r2(fed):
         fed.start("r2")
         fed.start("r1")
         wait_for(lambda: _held(fed, "r2") == ["/svc (ephemeral)"], 30,
@@ -155,8 +161,5 @@ def test_a_held_event_does_not_keep_a_backlog_of_other_paths_from_chaining(
         wait_for(lambda: _counters(fed, "r2").get(key, 0) >= 1, 15,
                  message=lambda: f"r2 applied no chain: {_counters(fed, 'r2')}")
         assert _held(fed, "r2") == ["/svc (ephemeral)"]
-    finally:
-        app.stop()
-        app.close()
     fed.wait_converged(["r1", "r2"])  # the next audit applies r1's /svc
     fed.assert_clean_logs()
