@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge.errors import BridgeError
+from bridge.plan import Applied, Outcome
 from bridge.zk import Watch
 
 if TYPE_CHECKING:
@@ -133,7 +134,10 @@ class Watching:
                                                        positions=None)
             finally:
                 store.retried = {}
-            b.applier.record(store, applied)
+            # Held again, an event was counted when it first came: not at each try.
+            b.applier.record(store, Applied(
+                tuple(o for o in applied.outcomes if o[1] is not Outcome.HELD_BACK),
+                applied.conflicts))
 
     async def ensure_seen(self, name: str) -> None:
         """Before a capture (the subtree's lock held): rescan if the connection dropped since

@@ -131,6 +131,8 @@ def test_a_znode_ephemeral_here_and_its_children_wait_until_it_is_gone(
         assert [(e["path"], e["operation"]) for e in reported] == [
             ("/svc", "ephemeral"), ("/svc/child", "ephemeral-parent")]
         assert not [e for e in fed.events("r2") if e.get("event") == "retrying"]
+        held = _counters(fed, "r2").get(f"applied:{fed.subtree}:held_back", 0)
+        assert held == 2, "counted at each audit's try, not once"
     # The ephemeral znode went with its session: the next audit applies the child.
     wait_for(lambda: r2.client.exists(r2.path("/svc/child")) is not None, 30,
              message="the held child was not applied once its parent's ephemeral was gone")
