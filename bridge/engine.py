@@ -389,13 +389,17 @@ class Bridge:
         self.incidents.append({"at_ms": now_ms(), "kind": kind, "text": text})
         self.reporter.due.set()
 
-    async def recreate_topics(self) -> None:
-        """Create this bridge's topics again if they vanished (the broker was rebuilt)."""
+    async def recreate_topics(self, *, again: bool = False) -> None:
+        """Create this bridge's topics again if they vanished (the broker was rebuilt).
+
+        ``again``: not the first try of this outage, whose failure is logged only
+        at debug level (the topic check tries every second).
+        """
         topics = [self.topic(n, self.region) for n in self.stores] + list(self.peers)
         try:
             created = await self.kafka.ensure_topics(topics)
         except BridgeError as exc:
-            log.warning("topics_recreate_failed", error=str(exc))
+            (log.debug if again else log.warning)("topics_recreate_failed", error=str(exc))
             return
         if created:
             log.warning("topics_recreated", topics=created,

@@ -125,7 +125,7 @@ class TopicCheck:
                  hint="a topic may be missing, or the broker unreachable; the bridge "
                       "recreates its topics and looks again every second")
             b.note_error("topic check", str(answer))
-            await b.recreate_topics()
+            await b.recreate_topics(again=self._check_failures > 1)
             return
         if self._check_failures:
             log.info("topic_check_recovered", failed_checks=self._check_failures)
