@@ -85,6 +85,28 @@ class ZooKeeperAuth:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class ZooKeeperTls:
+    """TLS to the ensemble (its secureClientPort; hosts name that port); relative paths are
+    resolved against this configuration file's directory and must be readable."""
+
+    cafile: ReadableFile | None = None
+    """CA bundle (PEM) to verify the servers; system CAs when absent."""
+    certfile: ReadableFile | None = None
+    """Client certificate (PEM) for servers that require one (ssl.clientAuth); may also hold the
+    key."""
+    keyfile: ReadableFile | None = None
+    """Private key (PEM) of certfile; requires certfile."""
+    check_hostname: Flag = True
+    """Check that each server's certificate names the host connected to (as ZooKeeper's own
+    client does, ssl.hostnameVerification)."""
+
+    @rules
+    def _key_pairs(cls, data: Mapping[str, Any]) -> Iterator[Problem]:
+        if data.get("keyfile") is not None and data.get("certfile") is None:
+            yield ("keyfile",), "requires certfile"
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class ZooKeeperSettings:
     """The local ZooKeeper ensemble (never a remote region's)."""
 
@@ -96,6 +118,7 @@ class ZooKeeperSettings:
     connect_timeout: Positive = 15.0
     """Seconds to wait for the first connection to the ensemble."""
     auth: ZooKeeperAuth | None = None
+    tls: ZooKeeperTls | None = None
 
 
 @dataclass(frozen=True, config=_CONFIG)

@@ -43,6 +43,11 @@ class ZooKeeperError(BridgeError):
     retriable = True
 
 
+class ZooKeeperTlsError(BridgeError):
+    """The ensemble's certificate is refused (an untrusted CA, another host name): no
+    retry cures it."""
+
+
 class VersionConflict(ZooKeeperError):
     """A version check in a ``multi`` failed: someone wrote meanwhile; read again."""
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,8 +23,8 @@ from kazoo.client import KazooState
 from kazoo.protocol.states import EventType, WatchedEvent
 from kazoo.retry import KazooRetry
 
-from bridge.config import ZooKeeperSettings
-from bridge.errors import ZooKeeperError
+from bridge.config import ZooKeeperSettings, ZooKeeperTls
+from bridge.errors import ZooKeeperError, ZooKeeperTlsError
 from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
@@ -38,6 +40,38 @@ from bridge.zk.wire import Client, Many
 log = structlog.get_logger("bridge.zk")
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
+
+
+def tls_refusal(settings: ZooKeeperSettings) -> str | None:
+    """Why the first reachable server's certificate is refused (a line naming the key to
+    fix), or None: trusted, or no server answered."""
+    tls = settings.tls
+    assert tls is not None
+    context = ssl.create_default_context(cafile=tls.cafile)
+    context.check_hostname = tls.check_hostname
+    if tls.certfile:
+        context.load_cert_chain(tls.certfile, tls.keyfile)
+    for hostport in settings.hosts.split(","):
+        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "2181")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            key = ("zookeeper.tls.check_hostname" if "mismatch" in (exc.verify_message or "")
+                   else "zookeeper.tls.cafile")
+            return (f"ZooKeeper at {hostport}: its certificate is refused "
+                    f"({exc.verify_message}); check {key}")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _tls_options(tls: ZooKeeperTls | None) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    return {"use_ssl": True, "verify_certs": True, "check_hostname": tls.check_hostname,
+            "ca": tls.cafile, "certfile": tls.certfile, "keyfile": tls.keyfile}
 
 
 class Session:
@@ -56,6 +90,7 @@ class Session:
             connection_retry=KazooRetry(max_tries=-1, max_delay=5.0),
             auth_data=auth,
             read_only=read_only,
+            **_tls_options(settings.tls),
         )
         self._settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +121,12 @@ class Session:
             await asyncio.to_thread(self._client.start, self._settings.connect_timeout)
         except Exception as exc:
             await asyncio.to_thread(self._client.stop)
+            if self._settings.tls is not None:
+                # kazoo logs a refused certificate and tries again for ever: ask once
+                # ourselves, so that what no retry can cure stops the bridge.
+                untrusted = await asyncio.to_thread(tls_refusal, self._settings)
+                if untrusted is not None:
+                    raise ZooKeeperTlsError(untrusted) from exc
             raise ZooKeeperError(
                 f"cannot connect to ZooKeeper at {self._settings.hosts} within "
                 f"{self._settings.connect_timeout:g}s: check zookeeper.hosts and that the "

@@ -25,6 +25,11 @@ CONF_DIR = Path("/etc/zookeeper/conf")
 # 1.2 makes the output deterministic and uses the packaged log4j.properties.
 CLASSPATH_JARS = ("zookeeper.jar", "slf4j-log4j12.jar", "log4j-1.2.jar")
 MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+# The TLS client port needs ZooKeeper's Netty connection factory (Debian's
+# libnetty-java, a dependency of its zookeeper package).
+NETTY_JARS = tuple(f"netty-{m}.jar" for m in (
+    "buffer", "codec", "common", "handler", "resolver", "transport",
+    "transport-native-unix-common"))
 
 KazooFactory = Callable[..., KazooClient]
 """The `zk` fixture: `zk(server_or_hosts=None, **kazoo_kwargs)` -> started client."""
@@ -58,6 +63,7 @@ class ZooKeeperServer(ServerProcess):
     ) -> None:
         self.name = name
         self.extra_config = tuple(extra_config)  # more zoo.cfg lines, e.g. an auth provider
+        self.tls = any(line.startswith("secureClientPort=") for line in self.extra_config)
         self.host = host
         self.prefix = tuple(prefix)
         self._own_dir = base_dir is None
@@ -105,7 +111,8 @@ class ZooKeeperServer(ServerProcess):
         if self.running:
             raise ZooKeeperError(f"{self.name} is already running (pid {self.pid})")
         self._write_config()
-        classpath = ":".join([*(str(JAVA_DIR / j) for j in CLASSPATH_JARS), str(CONF_DIR)])
+        jars = [*CLASSPATH_JARS, *(NETTY_JARS if self.tls else ())]
+        classpath = ":".join([*(str(JAVA_DIR / j) for j in jars), str(CONF_DIR)])
         argv = [
             *self.prefix,
             "java",

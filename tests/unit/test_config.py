@@ -368,6 +368,12 @@ ONE_MISTAKE: list[tuple[str, object, str] | tuple[dict[str, Any], str]] = [
      f"kafka.ssl: {SSL_ONLY}"),
     (SSL | {"kafka.ssl.cafile": "ca"}, f"kafka.ssl.cafile: cannot read /nonexistent/ca: {NO}"),
     (SSL | {"kafka.ssl.keyfile": README}, "kafka.ssl.keyfile: requires certfile"),
+    # zookeeper tls
+    ({"zookeeper.tls": {"keyfile": README}}, "zookeeper.tls.keyfile: requires certfile"),
+    ({"zookeeper.tls": {"cafile": "ca"}},
+     f"zookeeper.tls.cafile: cannot read /nonexistent/ca: {NO}"),
+    ({"zookeeper.tls": {"check_hostname": "sometimes"}},
+     "zookeeper.tls.check_hostname: must be a boolean"),
     # secrets: the key they came from, never their value
     (zk_auth(scheme="digest"), f"zookeeper.auth: one of {ZK_SOURCES} is required"),
     (zk_auth(credential="u:p", credential_env="ZKB_ZK"),
