@@ -66,6 +66,8 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
         fed.wait_converged()  # verify reads r1 over TLS too, from its config
         out = fed.cli("status", "-c", str(r1.config_path))
         assert out.returncode == 0 and "HEALTHY" in out.stdout, out.stdout + out.stderr
+        out = fed.cli("lag", "-c", str(r1.config_path), "--max-seconds", "30")
+        assert out.returncode == 0, out.stdout + out.stderr
         fed.assert_clean_logs()
 
         # A CA that signed nothing of the server's: a clear stop, naming the key.
