@@ -1,6 +1,6 @@
 """TLS to ZooKeeper (``zookeeper.tls``): a region whose bridge reaches its ensemble on the
-secureClientPort (ZooKeeper's Netty connection factory, a PKCS12 keystore made with openssl
-at test time).
+secureClientPort (ZooKeeper's Netty connection factory, a PKCS12 keystore and a client
+certificate made with openssl at test time; the server requires client certificates).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.conftest import ZkServers
 from tests.harness import procs
 from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
-from tests.harness.tls import TlsFiles, make_tls
+from tests.harness.tls import TlsFiles, make_client_cert, make_tls
 from tests.harness.zookeeper import ZooKeeperServer
 from tests.integration.federation import Federation
 
@@ -33,7 +33,9 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[ZooKeeperServer, int, TlsFiles]
         f"ssl.keyStore.location={files.keystore}",
         f"ssl.keyStore.password={files.keystore_password}",
         "ssl.keyStore.type=PKCS12",
-        "ssl.clientAuth=none",
+        f"ssl.trustStore.location={files.ca_cert}",
+        "ssl.trustStore.type=PEM",
+        "ssl.clientAuth=need",  # ZooKeeper's default: clients show a certificate
     ])
     server.start()
     try:
@@ -48,6 +50,8 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
 ) -> None:
     server, port, files = tls_server
     secure = f"127.0.0.1:{port}"
+    cert, key = make_client_cert(files)
+    mine = {"certfile": str(cert), "keyfile": str(key)}
     # Only TLS is spoken there: a plain client gets nowhere.
     plain = KazooClient(hosts=secure)
     with pytest.raises(KazooTimeoutError):
@@ -56,7 +60,7 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
     fed = Federation(tmp_path, token, broker, {"r1": server, "r2": zk_servers.regions[1]})
     try:
         fed.write_config("r1", zookeeper={"hosts": secure,
-                                          "tls": {"cafile": str(files.ca_cert)}})
+                                          "tls": {"cafile": str(files.ca_cert), **mine}})
         fed.start_all()
         r1, r2 = fed["r1"], fed["r2"]
         r1.client.create(r1.path("/from-tls"), b"a")
@@ -73,7 +77,8 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
         # A CA that signed nothing of the server's: a clear stop, naming the key.
         assert fed.stop("r1") == 0
         fed.write_config("r1", zookeeper={"hosts": secure, "connect_timeout": 3,
-                                          "tls": {"cafile": str(files.other_ca_cert)}})
+                                          "tls": {"cafile": str(files.other_ca_cert),
+                                                  **mine}})
         proc = fed.start("r1", wait=False).proc
         assert proc is not None
         proc.wait(timeout=60)
