@@ -146,6 +146,10 @@ class Inbound:
     async def start(self) -> dict[tuple[str, int], int | None]:
         """Read stored positions; returns where to assign each partition."""
         positions: dict[tuple[str, int], int | None] = {}
+        partitions = await self.bridge.retry("partitions of the topics", partial(
+            self.bridge.kafka.partitions_of, [*self.peers, *self.own]))
+        for topic, parts in partitions.items():
+            _one_partition(topic, parts)
         for topic, peer in self.peers.items():
             store = self.bridge.stores[peer.subtree]
             peer.positions = await store.positions.read(peer.peer)
@@ -154,15 +158,9 @@ class Inbound:
             peer.topic_id = await store.positions.read_topic_id(peer.peer)
             peer.assemblers = {}
             peer.max_end, peer.suspect = {}, {}
-            parts = await self.bridge.retry(f"partitions of {topic}",
-                                            partial(self.bridge.kafka.partitions, topic))
-            _one_partition(topic, parts)
-            for part in parts:
+            for part in partitions[topic]:
                 positions[(topic, part)] = peer.positions.get(part)
                 peer.assemblers[part] = Assembler(peer.positions.get(part, 0))
-        for topic in self.own:
-            _one_partition(topic, await self.bridge.retry(
-                f"partitions of {topic}", partial(self.bridge.kafka.partitions, topic)))
         return positions
 
     def own_acked(self, topic: str, partition: int, end: int) -> None:

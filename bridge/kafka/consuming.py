@@ -65,9 +65,12 @@ class Consuming(Connection):
             return self._probe
 
     async def partitions(self, topic: str) -> list[int]:
+        return (await self.partitions_of([topic]))[topic]
+
+    async def partitions_of(self, topics: Sequence[str]) -> dict[str, list[int]]:
+        """Each topic's partitions, with at most one metadata request for them all."""
         consumer = await self._querier()
-        parts = await _guard(f"partitions of {topic}", _partitions(consumer, topic))
-        return sorted(parts)
+        return await _guard("partitions of the topics", _partitions(consumer, topics))
 
     async def assign(self, positions: dict[tuple[str, int], int | None]) -> None:
         """Assign partitions and seek to each stored position (None: from the start)."""
@@ -258,12 +261,13 @@ def _highwaters(consumer: AIOKafkaConsumer, tps: Sequence[tuple[str, int]], sinc
     return out
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:
+async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]
+                      ) -> dict[str, list[int]]:
+    known = {t: consumer.partitions_for_topic(t) for t in topics}
+    if not all(known.values()):
         # Not in the consumer's metadata (it holds only what it was assigned):
-        # ask for all of it. (``topics()`` asks too, but keeps what it learns to
-        # itself: this used to answer {0} for every topic.)
+        # ask for all of it, once. (``topics()`` asks too, but keeps what it
+        # learns to itself: this used to answer {0} for every topic.)
         cluster = await consumer._client.fetch_all_metadata()
-        parts = cluster.partitions_for_topic(topic)
-    return set(parts or {0})
+        known = {t: parts or cluster.partitions_for_topic(t) for t, parts in known.items()}
+    return {t: sorted(parts or {0}) for t, parts in known.items()}
