@@ -188,7 +188,7 @@ class AclPolicy:
     def retain(self, live: Collection[str]) -> None:
         """Keep only the ACLs of ``live`` (a scan's znodes): a cache of every path ever
         captured grew without bound under churn (a queue's sequential znodes)."""
-        keep = live if isinstance(live, set | frozenset) else set(live)
+        keep = set(live)
         for rel in [r for r in self._seen if r not in keep]:
             del self._seen[rel]
 

@@ -57,8 +57,7 @@ GC_CHUNK = 500  # metadata deletes per collection multi, well under jute.maxbuff
 
 def _under(rel: str, events: Sequence[Event]) -> list[str]:
     """The paths of ``events`` at or below ``rel`` (``rel`` itself if none is)."""
-    below = rel.rstrip("/") + "/"
-    return sorted({e.path for e in events if e.path == rel or e.path.startswith(below)}) or [rel]
+    return sorted({e.path for e in events if is_excluded(e.path, (rel,))}) or [rel]
 
 
 @dataclass(frozen=True, slots=True)
