@@ -29,26 +29,27 @@ from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.store")
 
-# Why a peer's event waits (``held_back``): the bridge may not write the znode,
-# a hard quota of this region refuses it, this region's server refuses its ACL,
-# or it or its parent is ephemeral here. Each is retried, never skipped.
-WRITE_HOLDS = ("write", "quota", "acl-refused", "ephemeral", "ephemeral-parent")
-PERMISSION_HINT = ("the bridge's ZooKeeper identity lacks permission; it is retried at the "
-                   "next audit or scan and on SIGHUP")
-ACL_REFUSED_HINT = ("this region's ZooKeeper refuses the origin's ACL (an authentication scheme "
-                    "it has no provider for, such as sasl or x509): configure the same "
-                    "authProvider in every region, or use acl: open for this subtree; it is "
-                    "retried at the next audit or scan and on SIGHUP")
-QUOTA_HINT = ("a hard quota of this region (setquota -N/-B) refuses it: raise the quota or "
-              "free room; it is retried at the next audit or scan and on SIGHUP")
-EPHEMERAL_PARENT_HINT = ("its parent is an ephemeral znode in this region, persistent at the "
-                         "origin: it is applied at the next audit or scan, or on SIGHUP, "
-                         "once that ephemeral znode is gone")
-EPHEMERAL_HINT = ("an ephemeral znode of this region stands where the origin has a persistent "
-                  "one: it is applied at the next audit or scan, or on SIGHUP, once that "
-                  "ephemeral znode is gone")
-HINTS = {"quota": QUOTA_HINT, "acl-refused": ACL_REFUSED_HINT, "ephemeral": EPHEMERAL_HINT,
-         "ephemeral-parent": EPHEMERAL_PARENT_HINT}
+_RETRIED = "it is retried at the next audit or scan and on SIGHUP"
+_GONE = ("it is applied at the next audit or scan, or on SIGHUP, once that ephemeral znode "
+         "is gone")
+# Why a peer's event waits (``held_back``), and what ``znode_held_back`` tells the
+# operator: the bridge may not write the znode, a hard quota of this region refuses
+# it, this region's server refuses its ACL, or it or its parent is ephemeral here.
+# Each is retried, never skipped. (A capture's holds, "read" and "acl", are told
+# as a missing permission too.)
+HINTS = {
+    "write": f"the bridge's ZooKeeper identity lacks permission; {_RETRIED}",
+    "quota": "a hard quota of this region (setquota -N/-B) refuses it: raise the quota or free "
+             f"room; {_RETRIED}",
+    "acl-refused": "this region's ZooKeeper refuses the origin's ACL (an authentication scheme "
+                   "it has no provider for, such as sasl or x509): configure the same "
+                   f"authProvider in every region, or use acl: open for this subtree; {_RETRIED}",
+    "ephemeral": "an ephemeral znode of this region stands where the origin has a persistent "
+                 f"one: {_GONE}",
+    "ephemeral-parent": "its parent is an ephemeral znode in this region, persistent at the "
+                        f"origin: {_GONE}",
+}
+WRITE_HOLDS = tuple(HINTS)
 
 
 class Outcome(enum.Enum):
@@ -150,7 +151,7 @@ class Planner:
     def hold(self, rel: str, what: str) -> None:
         if self.held_back.get(rel) != what and self.retried.get(rel) != what:
             log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
-                        hint=HINTS.get(what, PERMISSION_HINT))
+                        hint=HINTS.get(what, HINTS["write"]))
         self.held_back[rel] = what
 
     def _report_oversized(self, rel: str, size: int) -> None:
