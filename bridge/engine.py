@@ -36,7 +36,7 @@ from bridge.config import Settings, reloaded
 from bridge.election import Election
 from bridge.errors import BridgeError, FencedError
 from bridge.inbound import Inbound
-from bridge.kafka import Kafka, publish_limit, topic_name
+from bridge.kafka import Kafka, topic_name
 from bridge.outbound import Outbound
 from bridge.reannounce import Reannouncer
 from bridge.reporter import Reporter
@@ -46,6 +46,7 @@ from bridge.status import now_ms
 from bridge.store import Layout, SubtreeStore, is_excluded
 from bridge.streams import Streams
 from bridge.termsteps import both, unless_lost
+from bridge.topiccheck import check_configs
 from bridge.watching import Watching
 from bridge.zk import ZooKeeper, own_acl
 
@@ -329,7 +330,7 @@ class Bridge:
             own + list(self.peers)))
         if created:
             log.info("topics_created", topics=created)
-        self.background(self._check_topics(own + list(self.peers)))  # aside: warnings
+        self.background(check_configs(self, own + list(self.peers)))  # aside: warnings
 
         async def checks() -> owntopic.Survey:
             async with owntopic.own_reader(self) as reader:
@@ -358,31 +359,6 @@ class Bridge:
         self.inbound.catch_up_to = await self.retry(
             "end offsets", lambda: self.kafka.readable_ends(list(positions)))
         return found
-
-    async def _check_topics(self, topics: list[str]) -> None:
-        """Warn of a topic made beforehand that is not compacted, or whose record limit is
-        below what the bridge may publish. Best effort: a broker that does not answer
-        is not asked again."""
-        try:
-            async with asyncio.timeout(10):
-                configs = await self.kafka.topic_configs(topics)
-        except (BridgeError, TimeoutError):
-            return
-        needed = publish_limit(self.settings.max_data_bytes)
-        for topic, config in sorted(configs.items()):
-            policy = config.get("cleanup.policy", "compact")
-            if "compact" not in policy.split(","):
-                log.warning("topic_not_compacted", topic=topic, cleanup_policy=policy,
-                            hint="set cleanup.policy=compact on it (kafka-configs --alter): "
-                                 "deleted by retention, records of znodes no one changed "
-                                 "lately never reach a region that bootstraps")
-            limit = int(config.get("max.message.bytes", needed))
-            if limit < needed:
-                log.warning("topic_message_limit", topic=topic, max_message_bytes=limit,
-                            needed=needed,
-                            hint=f"set max.message.bytes={needed} or more on it: a larger "
-                                 "znode or batch is refused, and publishing waits (nothing "
-                                 "is lost) until the limit is raised")
 
     def incident(self, kind: str, text: str) -> None:
         """Something happened to the replicated data: status shows it for a while."""

@@ -7,7 +7,8 @@ stream rewound to the start of the current topic; this region's own topic
 that lost what it published is re-announced (``bridge.reannounce``); a topic
 that vanished is created again. A loss seen by offsets alone must be seen
 twice in a row; the fetcher never waits for a check's answers, only the
-decisions are taken between fetches.
+decisions are taken between fetches. At a start, topics made beforehand with
+a config the bridge cannot work well with are named (``check_configs``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge.batching import Assembler
-from bridge.errors import KafkaError
+from bridge.errors import BridgeError, KafkaError
+from bridge.kafka import publish_limit
 
 if TYPE_CHECKING:
+    from bridge.engine import Bridge
     from bridge.inbound import Inbound, PeerState
 
 log = structlog.get_logger("bridge.topiccheck")
@@ -283,3 +286,28 @@ class TopicCheck:
         b.incident("TOPIC_RESET",
                    f"{peer.topic}[{part}] lost records ({why}); rewound to offset {begin}, "
                    f"nothing skipped; {peer.peer} re-announces its state by itself")
+
+async def check_configs(b: Bridge, topics: list[str]) -> None:
+    """Warn of a topic made beforehand that is not compacted, or whose record limit is
+    below what the bridge may publish. Best effort, once per start: a broker that does
+    not answer is not asked again."""
+    try:
+        async with asyncio.timeout(10):
+            configs = await b.kafka.topic_configs(topics)
+    except (BridgeError, TimeoutError):
+        return
+    needed = publish_limit(b.settings.max_data_bytes)
+    for topic, config in sorted(configs.items()):
+        policy = config.get("cleanup.policy", "compact")
+        if "compact" not in policy.split(","):
+            log.warning("topic_not_compacted", topic=topic, cleanup_policy=policy,
+                        hint="set cleanup.policy=compact on it (kafka-configs --alter): "
+                             "deleted by retention, records of znodes no one changed "
+                             "lately never reach a region that bootstraps")
+        limit = int(config.get("max.message.bytes", needed))
+        if limit < needed:
+            log.warning("topic_message_limit", topic=topic, max_message_bytes=limit,
+                        needed=needed,
+                        hint=f"set max.message.bytes={needed} or more on it: a larger "
+                             "znode or batch is refused, and publishing waits (nothing "
+                             "is lost) until the limit is raised")
