@@ -18,6 +18,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from bridge.configrules import (
+    CaFile,
     Count,
     EnvName,
     Flag,
@@ -35,6 +36,7 @@ from bridge.configrules import (
     TopicPrefix,
     ZnodePath,
     check_replication_factor,
+    client_identity,
     digest_form,
     duplicates,
     items_of,
@@ -89,7 +91,7 @@ class ZooKeeperTls:
     """TLS to the ensemble (its secureClientPort; hosts name that port); relative paths are
     resolved against this configuration file's directory and must be readable."""
 
-    cafile: ReadableFile | None = None
+    cafile: CaFile | None = None
     """CA bundle (PEM) to verify the servers; system CAs when absent."""
     certfile: ReadableFile | None = None
     """Client certificate (PEM) for servers that require one (ssl.clientAuth); may also hold the
@@ -104,6 +106,8 @@ class ZooKeeperTls:
     def _key_pairs(cls, data: Mapping[str, Any]) -> Iterator[Problem]:
         if data.get("keyfile") is not None and data.get("certfile") is None:
             yield ("keyfile",), "requires certfile"
+
+    _identity = client_identity()
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -146,7 +150,7 @@ class KafkaSsl:
     """TLS files; relative paths are resolved against this configuration file's directory and must
     be readable."""
 
-    cafile: ReadableFile | None = None
+    cafile: CaFile | None = None
     """CA bundle (PEM) to verify the brokers; system CAs when absent."""
     certfile: ReadableFile | None = None
     """Client certificate (PEM) for mutual TLS; may also hold the key."""
@@ -157,6 +161,8 @@ class KafkaSsl:
     def _key_pairs(cls, data: Mapping[str, Any]) -> Iterator[Problem]:
         if data.get("keyfile") is not None and data.get("certfile") is None:
             yield ("keyfile",), "requires certfile"
+
+    _identity = client_identity()
 
 
 @dataclass(frozen=True, config=_CONFIG)

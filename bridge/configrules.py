@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -135,6 +136,60 @@ ZnodePath = Annotated[Text, AfterValidator(_znode_path)]
 MountPath = Annotated[Text, AfterValidator(lambda value: _znode_path(value, mount=True))]
 # The path resolved against the configuration file's directory, once it proved readable.
 ReadableFile = Annotated[Text, AfterValidator(lambda value, info: str(_read(value, info, 0)[0]))]
+
+
+def _pem_certificates(value: str) -> str:
+    """``value`` if it holds a PEM certificate: a wrong file would fail every handshake
+    later, with a message naming no key."""
+    try:
+        ssl.create_default_context(cafile=value)
+    except ssl.SSLError:
+        raise ValueError(f"{value} holds no PEM certificate") from None
+    return value
+
+
+CaFile = Annotated[ReadableFile, AfterValidator(_pem_certificates)]
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's password.
+    raise ValueError("encrypted")
+
+
+def _identity_problem(cert: str, key: str | None) -> Problem | None:
+    try:
+        _pem_certificates(cert)
+    except ValueError as exc:
+        return ("certfile",), str(exc)
+    try:
+        ssl.create_default_context().load_cert_chain(cert, key, password=_no_password)
+    except ValueError:
+        return ("keyfile" if key else "certfile",), ("its private key is encrypted; give it "
+                                                     "unencrypted, readable by the bridge only")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return ("keyfile",), f"{key} is not the key of certfile {cert}"
+        if key:
+            return ("keyfile",), f"{key} holds no PEM private key"
+        return ("certfile",), f"{cert} holds no PEM private key; name it in keyfile"
+    return None
+
+
+def client_identity() -> Any:
+    """A model validator: certfile (with keyfile, or holding its key) loads as a client
+    certificate and its unencrypted private key."""
+
+    def check(self: Any) -> Any:
+        cert, key = self.certfile, self.keyfile
+        if cert is not None:
+            wrong = _identity_problem(cert, key)
+            if wrong:
+                raise _invalid([wrong])
+        return self
+
+    return model_validator(mode="after")(check)
+
+
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
@@ -179,9 +234,13 @@ def _checked(handler: Callable[[Any], Any], data: Any, problems: Iterable[Proble
         found[:0] = map(problem, exc.errors())
     if not found:
         return result
-    raise ValidationError.from_exception_data("settings", [
+    raise _invalid(found)
+
+
+def _invalid(problems: Iterable[Problem]) -> ValidationError:
+    return ValidationError.from_exception_data("settings", [
         InitErrorDetails(type=PydanticCustomError("config", "{m}", {"m": m}), loc=loc, input=None)
-        for loc, m in found
+        for loc, m in problems
     ])
 
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -29,6 +30,7 @@ from bridge.config import (
 )
 from bridge.configload import load_settings, parse_settings
 from bridge.errors import ConfigError
+from tests.harness.tls import make_client_cert, make_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "schemas" / "config.schema.json").read_text())
@@ -496,14 +498,53 @@ def test_secret_values_never_in_messages_or_repr(tmp_path: Path) -> None:
     assert "zksecret" not in text and "hunter2" not in text
 
 
-def test_ssl_files_resolved_against_the_config_directory(tmp_path: Path) -> None:
-    (tmp_path / "ca.pem").write_text("ca")
-    (tmp_path / "client.pem").write_text("cert")
+@pytest.fixture(scope="module")
+def pems(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a client certificate and key it signed, the same pair in one file, a key
+    encrypted with a password, and a file of no PEM at all (openssl, no server)."""
+    directory = tmp_path_factory.mktemp("pems")
+    files = make_tls(directory)
+    cert, key = make_client_cert(files)
+    (directory / "both.pem").write_bytes(cert.read_bytes() + key.read_bytes())
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:pw",
+                    "-out", str(directory / "encrypted.key")], check=True, capture_output=True)
+    (directory / "junk.pem").write_text("not a certificate\n")
+    return directory
+
+
+def test_ssl_files_resolved_against_the_config_directory(pems: Path) -> None:
     doc = mk({"kafka.security_protocol": "SSL", "kafka.ssl.cafile": "ca.pem",
-              "kafka.ssl.certfile": "client.pem"})
+              "kafka.ssl.certfile": "both.pem"})
     jsonschema.validate(doc, SCHEMA)
-    ssl = parse(doc, base_dir=tmp_path).kafka.ssl
-    assert ssl == KafkaSsl(str(tmp_path / "ca.pem"), str(tmp_path / "client.pem"), None)
+    ssl = parse(doc, base_dir=pems).kafka.ssl
+    assert ssl == KafkaSsl(str(pems / "ca.pem"), str(pems / "both.pem"), None)
+
+
+TLS_FILE_MISTAKES = [
+    ({"cafile": "junk.pem"}, "cafile: {d}/junk.pem holds no PEM certificate"),
+    ({"cafile": "client.key"}, "cafile: {d}/client.key holds no PEM certificate"),
+    ({"certfile": "junk.pem"}, "certfile: {d}/junk.pem holds no PEM certificate"),
+    ({"certfile": "client.pem"},
+     "certfile: {d}/client.pem holds no PEM private key; name it in keyfile"),
+    ({"certfile": "client.pem", "keyfile": "junk.pem"},
+     "keyfile: {d}/junk.pem holds no PEM private key"),
+    ({"certfile": "client.pem", "keyfile": "server.key"},
+     "keyfile: {d}/server.key is not the key of certfile {d}/client.pem"),
+    ({"certfile": "client.pem", "keyfile": "encrypted.key"},
+     "keyfile: its private key is encrypted; give it unencrypted, readable by the bridge only"),
+]
+
+
+@pytest.mark.parametrize("block", ["zookeeper.tls", "kafka.ssl"])
+@pytest.mark.parametrize(("files", "line"), TLS_FILE_MISTAKES,
+                         ids=[line.split("{d}/")[-1] for _, line in TLS_FILE_MISTAKES])
+def test_tls_files_that_would_fail_every_handshake(
+    pems: Path, block: str, files: dict[str, str], line: str,
+) -> None:
+    doc = mk({block: files} | (SSL if block == "kafka.ssl" else {}))
+    assert problems(doc, base_dir=pems) == [f"{block}.{line.format(d=pems)}"]
+    good = {"cafile": "ca.pem", "certfile": "client.pem", "keyfile": "client.key"}
+    parse(mk({block: good} | (SSL if block == "kafka.ssl" else {})), base_dir=pems)
 
 
 # --------------------------------------------------------------------------- files
