@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +24,7 @@ from kazoo.retry import KazooRetry
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import ZooKeeperError, ZooKeeperTlsError
 from bridge.zk.errors import translate
+from bridge.zk.tlsprobe import tls_refusal
 from bridge.zk.values import (
     Check,
     SessionCallback,
@@ -40,31 +39,6 @@ from bridge.zk.wire import Client, Many
 log = structlog.get_logger("bridge.zk")
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
-
-
-def tls_refusal(settings: ZooKeeperSettings) -> str | None:
-    """Why the first reachable server's certificate is refused (a line naming the key to
-    fix), or None: trusted, or no server answered."""
-    tls = settings.tls
-    assert tls is not None
-    context = ssl.create_default_context(cafile=tls.cafile)
-    context.check_hostname = tls.check_hostname
-    if tls.certfile:
-        context.load_cert_chain(tls.certfile, tls.keyfile)
-    for hostport in settings.hosts.split(","):
-        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "2181")
-        try:
-            with socket.create_connection((host, int(port)), timeout=5) as raw, \
-                    context.wrap_socket(raw, server_hostname=host):
-                return None
-        except ssl.SSLCertVerificationError as exc:
-            key = ("zookeeper.tls.check_hostname" if "mismatch" in (exc.verify_message or "")
-                   else "zookeeper.tls.cafile")
-            return (f"ZooKeeper at {hostport}: its certificate is refused "
-                    f"({exc.verify_message}); check {key}")
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def _tls_options(tls: ZooKeeperTls | None) -> dict[str, Any]:

@@ -66,16 +66,18 @@ def make_tls(directory: Path, keystore_password: str = "keystore-pass") -> TlsFi
     return TlsFiles(ca_cert, cert, key, keystore, keystore_password, other_ca)
 
 
-def make_client_cert(files: TlsFiles, name: str = "client") -> tuple[Path, Path]:
-    """A client certificate and key signed by ``files``' CA (mutual TLS), next to them."""
+def make_client_cert(files: TlsFiles, name: str = "client",
+                     signer: str = "ca") -> tuple[Path, Path]:
+    """A client certificate and key signed by ``files``' CA (mutual TLS), next to them;
+    ``signer="other-ca"``: by the unrelated CA, which the server does not trust."""
     directory = files.ca_cert.parent
     key, csr, cert = (directory / f"{name}{s}" for s in (".key", ".csr", ".pem"))
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
              "-subj", f"/CN={name}", cwd=directory)
     ext = directory / f"{name}.ext"
     ext.write_text("extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(files.ca_cert),
-             "-CAkey", str(directory / "ca.key"), "-CAcreateserial", "-out", str(cert),
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(directory / f"{signer}.pem"),
+             "-CAkey", str(directory / f"{signer}.key"), "-CAcreateserial", "-out", str(cert),
              "-days", "2", "-extfile", str(ext), cwd=directory)
     return cert, key
 

@@ -44,6 +44,20 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[ZooKeeperServer, int, TlsFiles]
         server.close()
 
 
+def assert_stops_naming(fed: Federation, key: str) -> str:
+    """r1's bridge stops by itself (exit 1), its last lines naming ``key``; those lines."""
+    before = fed["r1"].log_path.stat().st_size if fed["r1"].log_path.exists() else 0
+    proc = fed.start("r1", wait=False).proc
+    assert proc is not None
+    proc.wait(timeout=60)
+    with fed["r1"].log_path.open("rb") as f:
+        f.seek(before)
+        tail = f.read().decode(errors="replace")[-3000:]
+    assert proc.returncode != 0, tail
+    assert key in tail, tail
+    return tail
+
+
 def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
     tmp_path: Path, token: str, broker: Broker, zk_servers: ZkServers,
     tls_server: tuple[ZooKeeperServer, int, TlsFiles],
@@ -79,11 +93,19 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
         fed.write_config("r1", zookeeper={"hosts": secure, "connect_timeout": 3,
                                           "tls": {"cafile": str(files.other_ca_cert),
                                                   **mine}})
-        proc = fed.start("r1", wait=False).proc
-        assert proc is not None
-        proc.wait(timeout=60)
-        tail = r1.log_path.read_text(errors="replace")[-3000:]
-        assert proc.returncode != 0, tail
-        assert "zookeeper.tls.cafile" in tail, tail
+        assert_stops_naming(fed, "zookeeper.tls.cafile")
+
+        # The server requires a client certificate: none, or one its trust store does
+        # not hold, is as incurable, and names certfile (before: "check zookeeper.hosts
+        # and that the ensemble is up", retried for ever).
+        stranger, stranger_key = make_client_cert(files, "stranger", signer="other-ca")
+        for identity, says in [({}, "requires a client certificate"),
+                               ({"certfile": str(stranger), "keyfile": str(stranger_key)},
+                                "refuses this bridge's certificate")]:
+            fed.write_config("r1", zookeeper={"hosts": secure, "connect_timeout": 3,
+                                              "tls": {"cafile": str(files.ca_cert),
+                                                      **identity}})
+            tail = assert_stops_naming(fed, "zookeeper.tls.certfile")
+            assert says in tail, tail
     finally:
         fed.close()
