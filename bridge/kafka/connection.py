@@ -19,6 +19,7 @@ from aiokafka.helpers import create_ssl_context
 from bridge.config import KafkaSettings
 from bridge.errors import FatalKafkaError, KafkaError
 from bridge.kafka.boundary import _FATAL
+from bridge.tlsprobe import Refusal, probe
 
 
 class Connection:
@@ -107,6 +108,13 @@ class Connection:
                     "kafka.sasl.password and kafka.sasl.mechanism"
                 ) from exc
             except (AioKafkaError, OSError, TimeoutError) as exc:
+                context = opts.get("ssl_context")
+                if context is not None:
+                    # A TLS 1.3 broker refuses a client certificate after the
+                    # handshake: aiokafka sees only a closed connection.
+                    refusal = await asyncio.to_thread(probe, host.strip("[]"), int(port), context)
+                    if refusal is not None:
+                        raise FatalKafkaError(self._refused(server, refusal)) from exc
                 unreachable.append(f"{server}: {type(exc).__name__} {exc}")
                 continue
             conn.close()
@@ -114,3 +122,19 @@ class Connection:
             return
         # Down or unreachable: the caller retries.
         raise KafkaError("connect: " + "; ".join(unreachable))
+
+    def _refused(self, server: str, refusal: Refusal) -> str:
+        if refusal.refused == "hostname":
+            return (f"TLS to {server}: the broker's certificate names another host "
+                    f"({refusal.why}); name the broker as its certificate does in "
+                    "kafka.bootstrap_servers")
+        if refusal.refused == "server":
+            return (f"TLS to {server}: the broker's certificate is not trusted "
+                    f"({refusal.why}); check kafka.ssl.cafile")
+        if self.settings.ssl is None or self.settings.ssl.certfile is None:
+            return (f"TLS to {server}: the broker requires a client certificate "
+                    f"({refusal.why}); set kafka.ssl.certfile and keyfile to one signed by "
+                    "a CA in the listener's ssl.truststore")
+        return (f"TLS to {server}: the broker refused this bridge's certificate "
+                f"({refusal.why}); check kafka.ssl.certfile: the CA that signed it must be "
+                "in the listener's ssl.truststore, and it must be valid now")

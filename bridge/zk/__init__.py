@@ -3,8 +3,7 @@
 ``zookeeper`` is the asyncio API over one session (``ZooKeeper``), built on
 ``session`` (its lifecycle, callbacks and call plumbing) and ``errors`` (kazoo's
 exceptions in the bridge's terms); ``values`` is what it takes and returns,
-``wire`` the request types and socket I/O kazoo 2.11 lacks, ``tlsprobe`` why a TLS
-ensemble refuses the bridge. Everything else in
+``wire`` the request types and socket I/O kazoo 2.11 lacks. Everything else in
 the bridge imports from here.
 """
 

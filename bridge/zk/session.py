@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,8 +24,8 @@ from kazoo.retry import KazooRetry
 
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import ZooKeeperError, ZooKeeperTlsError
+from bridge.tlsprobe import probe
 from bridge.zk.errors import translate
-from bridge.zk.tlsprobe import tls_refusal
 from bridge.zk.values import (
     Check,
     SessionCallback,
@@ -39,6 +40,37 @@ from bridge.zk.wire import Client, Many
 log = structlog.get_logger("bridge.zk")
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
+
+
+def tls_refusal(settings: ZooKeeperSettings) -> str | None:
+    """Why the first reachable server refuses TLS with this bridge (a line naming the key
+    to fix), or None: accepted, or no server answered."""
+    tls = settings.tls
+    assert tls is not None
+    try:
+        context = ssl.create_default_context(cafile=tls.cafile)
+        context.check_hostname = tls.check_hostname
+        if tls.certfile:
+            context.load_cert_chain(tls.certfile, tls.keyfile)
+    except (OSError, ValueError) as exc:  # changed since the configuration was loaded
+        return f"cannot load the zookeeper.tls files: {exc}"
+    for hostport in settings.hosts.split(","):
+        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "2181")
+        refusal = probe(host, int(port), context)
+        if refusal is None:
+            continue
+        if refusal.refused == "client":
+            if not tls.certfile:
+                return (f"ZooKeeper at {hostport} requires a client certificate "
+                        f"({refusal.why}); set zookeeper.tls.certfile and keyfile to one "
+                        "signed by a CA in the servers' ssl.trustStore")
+            return (f"ZooKeeper at {hostport} refuses this bridge's certificate "
+                    f"({refusal.why}); check zookeeper.tls.certfile: the CA that signed it "
+                    "must be in the servers' ssl.trustStore, and it must be valid now")
+        key = "check_hostname" if refusal.refused == "hostname" else "cafile"
+        return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
+                f"check zookeeper.tls.{key}")
+    return None
 
 
 def _tls_options(tls: ZooKeeperTls | None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness import procs
 from tests.harness.broker import KafkaBroker, KafkaSecurity
 from tests.harness.procs import wait_for
-from tests.harness.tls import TlsFiles, make_tls
+from tests.harness.tls import TlsFiles, make_client_cert, make_tls
 from tests.integration.federation import Federation
 
 PASSWORDS = {name: f"Secret-{name}-Pa55word-7x" for name in REGION_NAMES}
@@ -40,8 +40,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls(tmp_path_factory.mktemp("tls"))
 
 
-def _broker(base: Path, security: KafkaSecurity) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(base, security=security)
+def _broker(base: Path, security: KafkaSecurity,
+            properties: dict[str, str] | None = None) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(base, security=security, properties=properties)
     try:
         broker.start()
         yield broker
@@ -53,6 +54,17 @@ def _broker(base: Path, security: KafkaSecurity) -> Iterator[KafkaBroker]:
 def ssl_kafka(tls: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     security = KafkaSecurity("SSL", tls.keystore, tls.keystore_password)
     yield from _broker(tmp_path_factory.mktemp("kafka-ssl"), security)
+
+
+@pytest.fixture(scope="module")
+def mtls_kafka(tls: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """SSL with client certificates required, trusting the CA of ``tls`` only."""
+    security = KafkaSecurity("SSL", tls.keystore, tls.keystore_password)
+    yield from _broker(tmp_path_factory.mktemp("kafka-mtls"), security, {
+        "listener.name.client.ssl.client.auth": "required",
+        "listener.name.client.ssl.truststore.location": str(tls.ca_cert),
+        "listener.name.client.ssl.truststore.type": "PEM",
+    })
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +177,43 @@ def test_ssl_bridges_replicate_and_an_untrusted_ca_fails_at_once(
         assert took < 20, f"took {took:.1f}s: a retry loop?"
         line = _one_error(fed, "r3")
         assert "not trusted" in line and "kafka.ssl.cafile" in line, line
+        fed.assert_clean_logs(allowed={"bridge_stopped"})
+    finally:
+        fed.close()
+
+
+def test_client_certificates_replicate_and_a_missing_or_untrusted_one_is_named(
+    mtls_kafka: KafkaBroker, tls: TlsFiles, tmp_path: Path, token: str, zk_servers: ZkServers
+) -> None:
+    fed = _federation(tmp_path, token, mtls_kafka, zk_servers)
+    try:
+        for name in ("r1", "r2"):
+            cert, key = make_client_cert(tls, name)
+            fed.write_config(name, kafka={"security_protocol": "SSL", "ssl": {
+                "cafile": str(tls.ca_cert), "certfile": str(cert), "keyfile": str(key)}})
+        fed.start("r1", wait=False)
+        fed.start("r2", wait=False)
+        fed.wait_ready("r1")
+        fed.wait_ready("r2")
+        r1, r2 = fed["r1"], fed["r2"]
+        r1.client.create(r1.path("/mtls"), b"with a client certificate")
+        wait_for(lambda: r2.client.exists(r2.path("/mtls")), 30)
+        fed.wait_converged(["r1", "r2"])
+
+        stranger, stranger_key = make_client_cert(tls, "stranger", signer="other-ca")
+        for identity, says in [({}, "requires a client certificate"),
+                               ({"certfile": str(stranger), "keyfile": str(stranger_key)},
+                                "refused this bridge's certificate")]:
+            fed.write_config("r3", kafka={"security_protocol": "SSL", "ssl": {
+                "cafile": str(tls.ca_cert), **identity}})
+            before = len(fed.events("r3"))
+            fed.start("r3", wait=False)
+            rc, took = _wait_exit(fed, "r3")
+            assert rc == 1
+            assert took < 20, f"took {took:.1f}s: a retry loop?"
+            errors = [e for e in fed.events("r3")[before:] if e.get("level") == "error"]
+            line = str(errors[-1].get("error"))
+            assert says in line and "kafka.ssl.certfile" in line, line
         fed.assert_clean_logs(allowed={"bridge_stopped"})
     finally:
         fed.close()

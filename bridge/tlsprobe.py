@@ -1,0 +1,51 @@
+"""Why a TLS server refuses this client, asked once over a plain socket with Python's ssl.
+
+The clients (kazoo, aiokafka) report a refused handshake as a lost or
+closed connection and try again for ever, like a server that is down. Some
+refusals no retry cures: the server's certificate is untrusted or names
+another host, or the server refuses the client's certificate (or its
+absence). A TLS 1.3 server judges the client's certificate only after the
+handshake, so the probe waits briefly for its alert too. Used by both
+adapters; each words the key to fix.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Literal
+
+ALERT_WAIT_SECONDS = 1.0  # how long a finished handshake waits for a TLS 1.3 server's alert
+
+# Alerts a server sends about the certificate the client showed (or did not show).
+_CLIENT_CERT_ALERT = re.compile(
+    r"ALERT_(BAD_CERTIFICATE|CERTIFICATE_\w+|UNKNOWN_CA|UNSUPPORTED_CERTIFICATE)")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Whose certificate a TLS connection failed on, and why in the TLS library's words."""
+
+    refused: Literal["server", "client", "hostname"]
+    why: str
+
+
+def probe(host: str, port: int, context: ssl.SSLContext, *,
+          timeout: float = 5.0) -> Refusal | None:
+    """Why ``host:port`` refuses TLS with ``context``; None: accepted, or no answer."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(ALERT_WAIT_SECONDS)
+            tls.recv(1)  # a server waits for the client's first request: nothing comes
+    except ssl.SSLCertVerificationError as exc:
+        why = exc.verify_message or str(exc)
+        return Refusal("hostname" if "mismatch" in why else "server", why)
+    except ssl.SSLError as exc:
+        if _CLIENT_CERT_ALERT.search(exc.reason or ""):
+            return Refusal("client", (exc.reason or "").replace("_", " ").lower())
+    except (OSError, ValueError):
+        pass  # unreachable, or timed out waiting: nothing refused
+    return None
