@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from bridge import __version__
 from bridge.config import Settings, describe
 from bridge.configload import load_settings
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, StateAccessError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +95,9 @@ def _positive(text: str) -> float:
 
 
 def _unreachable(command: str, exc: BaseException) -> int:
+    if isinstance(exc, StateAccessError):
+        print(f"zkbridge {command}: {exc}", file=sys.stderr)
+        return 2
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError):
         reason = "timed out reaching ZooKeeper or Kafka"
@@ -199,7 +202,7 @@ def _resync(path: str, as_json: bool) -> int:
 
 
 def _skip(path: str, topic: str, partition: int, offset: int, timeout: float) -> int:
-    from bridge import skip
+    from bridge import skip, stateaccess
     from bridge.lag import read_status
     from bridge.status import now_ms
     from bridge.verdict import STALE_RECORD_S
@@ -210,7 +213,7 @@ def _skip(path: str, topic: str, partition: int, offset: int, timeout: float) ->
 
     async def go() -> tuple[int, str]:
         zk = ZooKeeper(settings.zookeeper, private_root=settings.state_path)
-        await zk.start()
+        await stateaccess.start_checked(zk, settings)
         try:
             status = await read_status(zk, settings)
             if status is None or (now_ms() - status.updated_ms) / 1000 >= STALE_RECORD_S:

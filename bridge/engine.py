@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec, collector, failpoints, owntopic, twin
+from bridge import codec, collector, failpoints, owntopic, stateaccess, twin
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
 from bridge.clients import Clients
@@ -135,6 +135,8 @@ class Bridge:
         """
         try:
             await self.retry("connect to ZooKeeper", self.zk.start)
+            await self.retry("check the state's ACL",
+                             lambda: stateaccess.ensure(self.zk, self.settings, tighten=True))
             self.zk.on_watch(self.watching.on_watch)
             self.zk.on_tree(self.watching.on_tree)
             self.zk.on_session(self.clients.on_session)

@@ -48,6 +48,11 @@ class ZooKeeperTlsError(BridgeError):
     retry cures it."""
 
 
+class StateAccessError(BridgeError):
+    """This bridge's ZooKeeper identity (``zookeeper.auth``) may not use the bridge's own
+    state (made under another credential, or none): no retry cures it."""
+
+
 class VersionConflict(ZooKeeperError):
     """A version check in a ``multi`` failed: someone wrote meanwhile; read again."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass
 
+from bridge import stateaccess
 from bridge.config import Settings
 from bridge.kafka import Kafka, topic_name
 from bridge.outbox import outbox_depth
@@ -49,7 +50,7 @@ class LagProbe:
         self.kafka = Kafka(settings.kafka, client_id=f"zkbridge-{settings.region}-lag")
 
     async def __aenter__(self) -> LagProbe:
-        await self.zk.start()
+        await stateaccess.start_checked(self.zk, self.settings)
         try:
             await self.kafka.start_consumer(None)
         except BaseException:

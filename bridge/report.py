@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge import statecodec
+from bridge import stateaccess, statecodec
 from bridge.config import Settings
 from bridge.lag import read_status
 from bridge.model import Conflict, Version
@@ -22,7 +22,7 @@ from bridge.zk import ZooKeeper
 async def read_overview(settings: Settings, config: str = "FILE") -> dict[str, Any]:
     """Everything ``status`` shows; ``config`` is the path quoted in suggested commands."""
     zk = ZooKeeper(settings.zookeeper, read_only=True)
-    await zk.start()
+    await stateaccess.start_checked(zk, settings)
     try:
         state = settings.state_path
         status = await read_status(zk, settings)
@@ -158,7 +158,7 @@ def render_status(o: dict[str, Any]) -> str:
 
 async def read_conflicts(settings: Settings, limit: int) -> list[Conflict]:
     zk = ZooKeeper(settings.zookeeper, read_only=True)
-    await zk.start()
+    await stateaccess.start_checked(zk, settings)
     try:
         out: list[Conflict] = []
         for st in settings.subtrees:

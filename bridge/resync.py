@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 
-from bridge import codec
+from bridge import codec, stateaccess
 from bridge.config import Settings
 from bridge.kafka import Kafka, topic_name
 from bridge.layout import Layout
@@ -76,7 +76,7 @@ async def resync(settings: Settings, progress: Progress = QUIET) -> dict[str, in
     zk = ZooKeeper(settings.zookeeper, read_only=True)
     kafka = Kafka(settings.kafka, client_id=f"zkbridge-{settings.region}-resync")
     counts = {"published": 0, "uncaptured": 0}
-    await zk.start()
+    await stateaccess.start_checked(zk, settings)
     try:
         topics = [topic_name(settings.kafka.topic_prefix, st.name, settings.region)
                   for st in settings.subtrees]

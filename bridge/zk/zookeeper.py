@@ -19,7 +19,7 @@ from kazoo.exceptions import (
     UnimplementedError,
 )
 from kazoo.protocol.paths import _prefix_root
-from kazoo.protocol.serialization import GetACL
+from kazoo.protocol.serialization import GetACL, GetChildren, SetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
 
 from bridge.errors import (
@@ -202,6 +202,47 @@ class ZooKeeper(Session):
         parts = [paths[i:i + ACL_CHUNK] for i in range(0, len(paths), ACL_CHUNK)]
         return [item for got in await gather_limited([chunk(p) for p in parts],
                                                      ACL_CHUNKS_IN_FLIGHT) for item in got]
+
+    async def tree(self, root: str) -> list[str]:
+        """Every path of the tree at ``root``, parents before their children; [] if absent.
+
+        Each level's listings are pipelined, in chunks as ``get_acls_many``.
+        """
+        if await self.exists(root) is None:
+            return []
+        out, level = [root], [root]
+        while level:
+            parts = [level[i:i + ACL_CHUNK] for i in range(0, len(level), ACL_CHUNK)]
+            listed = await gather_limited(
+                [self._many([GetChildren(_prefix_root(self._client.chroot, p), None)
+                             for p in part], f"ls of {len(part)} from {part[0]}")
+                 for part in parts], ACL_CHUNKS_IN_FLIGHT)
+            paths = [p for part in parts for p in part]
+            names = [n for got in listed for n in got]
+            level = []
+            for parent, got in zip(paths, names, strict=True):
+                if isinstance(got, MissingNode):
+                    continue  # gone since its parent was listed
+                if isinstance(got, BaseException):
+                    raise got
+                level.extend(f"{parent.rstrip('/')}/{name}" for name in got)
+            out.extend(level)
+        return out
+
+    async def set_acls_many(self, paths: Sequence[str], entries: Sequence[str]) -> None:
+        """``set_acls`` of every path to ``entries``, pipelined; a path gone is passed over."""
+        acl = acl_entries(entries)
+        parts = [paths[i:i + ACL_CHUNK] for i in range(0, len(paths), ACL_CHUNK)]
+
+        async def chunk(part: Sequence[str]) -> None:
+            got = await self._many(
+                [SetACL(_prefix_root(self._client.chroot, p), acl, -1) for p in part],
+                f"setACL of {len(part)} from {part[0]}")
+            for item in got:
+                if isinstance(item, BaseException) and not isinstance(item, MissingNode):
+                    raise item
+
+        await gather_limited([chunk(p) for p in parts], ACL_CHUNKS_IN_FLIGHT)
 
     async def set_acls(self, path: str, entries: Sequence[str], version: int = -1) -> None:
         await self._await(

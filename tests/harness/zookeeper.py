@@ -211,8 +211,9 @@ class ZooKeeperServer(ServerProcess):
         return f"ZooKeeperServer({self.name!r}, {self.hosts}, pid={self.pid})"
 
 
-def zk_cli(hosts: str, *command: str, timeout: float = 60) -> str:
-    """Run one command of ZooKeeper's own shell (``setquota -N 5 /p``); return its output.
+def zk_cli(hosts: str, *command: str, script: str | None = None, timeout: float = 60) -> str:
+    """Run one command of ZooKeeper's own shell (``setquota -N 5 /p``), or ``script``'s
+    lines in one session (``addauth`` then what it allows); return its output.
 
     Raises ZooKeeperError when the shell exits non-zero or prints that the command failed.
     """
@@ -220,10 +221,14 @@ def zk_cli(hosts: str, *command: str, timeout: float = 60) -> str:
     out = subprocess.run(
         ["java", "-cp", classpath, "org.apache.zookeeper.ZooKeeperMain", "-server", hosts,
          *command],
-        capture_output=True, text=True, timeout=timeout)
+        input=script if script is not None else "", capture_output=True, text=True,
+        timeout=timeout)
     text = out.stdout + out.stderr
-    if out.returncode != 0 or "Command failed" in text or "Exception" in text:
-        raise ZooKeeperError(f"zkCli {' '.join(command)} failed ({out.returncode}):\n{text}")
+    failed = ("Command failed", "Exception", "Insufficient permission",
+              "Authentication is not valid")
+    if out.returncode != 0 or any(f in text for f in failed):
+        what = " ".join(command) or (script or "").replace("\n", "; ")
+        raise ZooKeeperError(f"zkCli {what} failed ({out.returncode}):\n{text}")
     return text
 
 

@@ -20,7 +20,7 @@ from kazoo.security import ACL, OPEN_ACL_UNSAFE, Id, make_digest_acl
 from tests.conftest import ZkServers
 from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
-from tests.harness.zookeeper import ZooKeeperServer
+from tests.harness.zookeeper import ZooKeeperServer, zk_cli
 from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
@@ -484,3 +484,88 @@ def test_a_large_start_up_capture_copies_each_znodes_own_acl(
                 assert any("perms=31" in e and "scheme='world'" in e for e in copy), (rel, copy)
     fed.assert_clean_logs()
     _no_secret_anywhere(fed)
+
+
+def _state_acls(fed: Federation, name: str, user: str, password: str) -> dict[str, list[ACL]]:
+    """Every state znode of region ``name`` with its ACL, read as ``user``."""
+    out: dict[str, list[ACL]] = {}
+    with _session(fed, name, user, password) as zk:
+        todo = [fed.state_path]
+        while todo:
+            path = todo.pop()
+            out[path] = zk.get_acls(path)[0]
+            todo.extend(f"{path}/{c}" for c in zk.get_children(path))
+    return out
+
+
+@pytest.mark.parametrize("change", ["rotated", "removed"])
+def test_a_changed_credential_stops_with_the_command_that_gives_it_the_state(
+    federation: Federation, change: str,
+) -> None:
+    # ZooKeeper's digest scheme takes any password: a new one is just another
+    # identity, which the state's ACL shuts out. Before: "create .../members/...:
+    # not allowed by the ACL", and systemd restarted it again and again.
+    fed = federation
+    for name in fed.regions:
+        fed.write_config(name, zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}})
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/app/x"), b"v1", makepath=True)
+    wait_for(lambda: r2.client.exists(r2.path("/app/x")) is not None, 20)
+    assert fed.stop("r2") == 0
+    new_pw = "bridge-New-Pw-5c1d"
+    fed.write_config("r2", zookeeper={"auth": {"credential": f"bridge:{new_pw}"}}
+                     if change == "rotated" else {})
+    before = len(fed.events("r2"))
+    proc = fed.start("r2", wait=False).proc
+    assert proc is not None
+    assert proc.wait(timeout=60) == 1
+    stopped = [e for e in fed.events("r2")[before:] if e["event"] == "bridge_stopped"]
+    assert len(stopped) == 1, fed.events("r2")[before:]
+    line = str(stopped[0]["error"])
+    assert stopped[0]["error_type"] == "StateAccessError", line
+    fix = line.rsplit(": ", 1)[1]
+    expected = (make_digest_acl("bridge", new_pw, all=True).id.id + ":cdrwa"
+                if change == "rotated" else "anyone:cdrwa")
+    assert fix.startswith(f"setAcl -R {fed.state_path} ") and fix.endswith(expected), line
+    out = fed.cli("status", "-c", str(r2.config_path))
+    assert out.returncode == 2 and "setAcl -R" in out.stderr, out.stdout + out.stderr
+    assert BRIDGE_PW not in line + out.stderr and new_pw not in line + out.stderr
+
+    # The runbook: in ZooKeeper's shell, authenticated with the old credential.
+    logins = [BRIDGE_PW, new_pw] if change == "rotated" else [BRIDGE_PW]
+    zk_cli(r2.hosts, script="".join(f"addauth digest bridge:{pw}\n" for pw in logins)
+           + f"{fix}\nquit\n")
+    fed.start("r2")
+    r1.client.set(r1.path("/app/x"), b"v2")
+    wait_for(lambda: r2.client.get(r2.path("/app/x"))[0] == b"v2", 20)
+    if change == "rotated":
+        new = make_digest_acl("bridge", new_pw, all=True)
+        acls = _state_acls(fed, "r2", "bridge", new_pw)
+        assert all(acl == [new] for acl in acls.values()), acls
+    fed.assert_clean_logs(allowed={"bridge_stopped"})
+
+
+def test_zookeeper_auth_added_later_makes_the_open_state_the_bridge_s_own(
+    federation: Federation,
+) -> None:
+    # README promises the state is the bridge identity's alone once zookeeper.auth
+    # is set. Before: state made by a bridge without it stayed open to everyone.
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/app/x"), b"v1", makepath=True)
+    wait_for(lambda: r2.client.exists(r2.path("/app/x")) is not None, 20)
+    assert fed.stop("r2") == 0
+    fed.write_config("r2", zookeeper={"auth": {"credential": f"bridge:{BRIDGE_PW}"}})
+    fed.start("r2")
+    own = make_digest_acl("bridge", BRIDGE_PW, all=True)
+    acls = _state_acls(fed, "r2", "bridge", BRIDGE_PW)
+    assert len(acls) > 5 and all(acl == [own] for acl in acls.values()), acls
+    tightened = [e for e in fed.events("r2") if e["event"] == "state_acl_tightened"]
+    assert len(tightened) == 1, tightened
+    with pytest.raises(NoAuthError):
+        r2.client.get(f"{fed.state_path}/incarnation")
+    r1.client.set(r1.path("/app/x"), b"v2")
+    wait_for(lambda: r2.client.get(r2.path("/app/x"))[0] == b"v2", 20)
+    fed.assert_clean_logs(allowed={"state_acl_tightened"})
