@@ -202,6 +202,7 @@ class Bridge:
             tasks += [
                 asyncio.create_task(self.guarded("fetcher", self.inbound.fetcher)),
                 asyncio.create_task(self.guarded("rescan", self.watching.rescanner)),
+                asyncio.create_task(self.guarded("held", self.watching.held_retrier)),
                 asyncio.create_task(self.guarded("tombstones", collector.run, self)),
             ]
             self.role = "leader"

@@ -29,9 +29,10 @@ from bridge.zk import Op as ZkOp
 
 log = structlog.get_logger("bridge.store")
 
-_RETRIED = "it is retried at the next audit or scan and on SIGHUP"
-_GONE = ("it is applied at the next audit or scan, or on SIGHUP, once that ephemeral znode "
-         "is gone")
+_RETRIED = ("it is tried again by itself (after 5 s, backing off to once a minute), at every "
+            "audit or scan and on SIGHUP")
+_GONE = ("it is applied once that ephemeral znode is gone (tried again by itself, backing off "
+         "to once a minute, and on SIGHUP)")
 # Why a peer's event waits (``held_back``), and what ``znode_held_back`` tells the
 # operator: the bridge may not write the znode, a hard quota of this region refuses
 # it, this region's server refuses its ACL, or it or its parent is ephemeral here.

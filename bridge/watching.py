@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge.errors import BridgeError
+from bridge.model import Event
 from bridge.plan import Applied, Outcome
 from bridge.zk import Watch
 
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
     from bridge.engine import Bridge
 
 log = structlog.get_logger("bridge.watching")
+
+# Held events are tried again by themselves this long after they were held,
+# doubling while they stay held: a quota raised or an ACL opened is seen
+# within a minute, not at the next audit (every 10 minutes by default).
+HELD_RETRY_FIRST = 5.0
+HELD_RETRY_MAX = 60.0
+HELD_RETRY_PROBE = 16  # held events tried first; the rest only once one of them applied
 
 
 class Watching:
@@ -36,6 +44,7 @@ class Watching:
         self.unseen: set[str] = set()
         self.tree_watch = True  # False: the server lacks addWatch, per-node watches instead
         self._watched: dict[str, dict[str, set[str]]] = {n: {} for n in bridge.stores}
+        self._held_turn = 0  # where the next probe of held events starts
 
     def reset(self) -> None:
         for seen in self._watched.values():
@@ -84,6 +93,25 @@ class Watching:
                                   lambda n=name: self.scan(n, watched=True))  # type: ignore[misc]
             last = loop.time()
 
+    async def held_retrier(self) -> None:
+        """Try held events again, backing off from ``HELD_RETRY_FIRST`` to
+        ``HELD_RETRY_MAX`` while any stay held (a scan, an audit and SIGHUP try them too)."""
+        b = self.bridge
+        delay = waited = 0.0
+        while True:
+            await asyncio.sleep(HELD_RETRY_FIRST)
+            held = [name for name, store in b.stores.items() if store.held_events]
+            if not held:
+                delay = waited = 0.0
+                continue
+            waited += HELD_RETRY_FIRST
+            if waited < delay:
+                continue
+            waited, delay = 0.0, min(max(delay * 2, HELD_RETRY_FIRST), HELD_RETRY_MAX)
+            for name in held:
+                async with b.locks[name]:
+                    await self._apply_held(name, probe=HELD_RETRY_PROBE)
+
     async def audit(self, name: str) -> None:
         """The periodic check: the tree's listings against the metadata cache
         (``Scanner.audit``), and a capture of the paths where they differ. Unlike a
@@ -120,24 +148,41 @@ class Watching:
             await self._rescan_locked(name, breaker=not watched or name in self.unseen)
             await self._apply_held(name)
 
-    async def _apply_held(self, name: str) -> None:
-        """Peers' events held back for want of permission to write, tried again (at every
-        scan and audit; the subtree's lock held): their records go once they apply, in
-        the same multi."""
+    async def _apply_held(self, name: str, probe: int | None = None) -> None:
+        """Peers' events held back for want of permission to write, tried again (the
+        subtree's lock held): their records go once they apply, in the same multi.
+
+        ``probe``: try that many first, and the rest only if one of them applied. Each
+        event still refused costs a read and a ``multi``; a thousand held events tried
+        every minute would keep the ensemble busy for nothing.
+        """
+        store = self.bridge.stores[name]
+        events = list(store.held_events.values())
+        if probe is not None and len(events) > probe:
+            # A different window each time: a few events held for good must not hide
+            # the others' cause going away.
+            start = self._held_turn % len(events)
+            self._held_turn = start + probe
+            before = len(store.held_events)
+            await self._try_held(name, (events[start:] + events[:start])[:probe])
+            if len(store.held_events) >= before:
+                return
+            events = list(store.held_events.values())
+        if events:
+            await self._try_held(name, events)
+
+    async def _try_held(self, name: str, events: list[Event]) -> None:
         b = self.bridge
         store = b.stores[name]
-        if store.held_events:
-            events = list(store.held_events.values())
-            store.retried = {e.path: store.held_back.pop(e.path, "") for e in events}
-            try:
-                applied = await b.applier.apply_events(store, events, peer=None,
-                                                       positions=None)
-            finally:
-                store.retried = {}
-            # Held again, an event was counted when it first came: not at each try.
-            b.applier.record(store, Applied(
-                tuple(o for o in applied.outcomes if o[1] is not Outcome.HELD_BACK),
-                applied.conflicts))
+        store.retried = {e.path: store.held_back.pop(e.path, "") for e in events}
+        try:
+            applied = await b.applier.apply_events(store, events, peer=None, positions=None)
+        finally:
+            store.retried = {}
+        # Held again, an event was counted when it first came: not at each try.
+        b.applier.record(store, Applied(
+            tuple(o for o in applied.outcomes if o[1] is not Outcome.HELD_BACK),
+            applied.conflicts))
 
     async def ensure_seen(self, name: str) -> None:
         """Before a capture (the subtree's lock held): rescan if the connection dropped since

@@ -202,12 +202,16 @@ def test_a_znode_the_receiver_may_not_write_does_not_block_later_batches(
     fed.assert_clean_logs()
 
 
-def test_a_held_event_is_applied_by_the_next_audit_once_the_znode_is_writable(
-    federation: Federation,
+@pytest.mark.parametrize("audit_interval", [2, 0], ids=["audit", "no-audit"])
+def test_a_held_event_is_applied_by_itself_once_the_znode_is_writable(
+    federation: Federation, audit_interval: int,
 ) -> None:
+    # Without audits (and by default, every 10 minutes) the bridge tries held
+    # events again by itself, backing off to once a minute. Before: only an audit,
+    # a rescan or SIGHUP did.
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
-    fed.write_config("r2", audit_interval=2)
+    fed.write_config("r2", audit_interval=audit_interval)
     _locked_in_r2(fed)
     fed.start_all()
     r1.client.create(r1.path("/locked"), b"from-r1")
@@ -216,9 +220,39 @@ def test_a_held_event_is_applied_by_the_next_audit_once_the_znode_is_writable(
              message="r1's event was not held back in r2")
     with _session(fed, "r2") as opener:
         opener.set_acls(r2.path("/locked"), OPEN_ACL_UNSAFE)
-    # No SIGHUP: the audit tries the held event again.
+    # No SIGHUP.
     wait_for(lambda: not r2.client.get_children(held), 30,
-             message="the held event was not settled by an audit")
+             message="the held event was not tried again")
+    fed.assert_clean_logs()
+
+
+def test_many_held_events_are_probed_a_few_at_a_time_and_all_go_once_one_does(
+    federation: Federation,
+) -> None:
+    # Each held event still refused costs a read and a multi: the bridge tries a
+    # window of them by itself, a different one each time, and all once one applied.
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.write_config("r2", audit_interval=0)
+    count = 40
+    with _session(fed, "r2") as alice:
+        for i in range(count):
+            alice.create(r2.path(f"/locked{i}"), b"r2-own", acl=[ALICE])
+    fed.start_all()
+    for i in range(count):
+        r1.client.create(r1.path(f"/locked{i}"), b"from-r1")
+    held = f"{fed.state_path}/subtrees/{fed.subtree}/held"
+    wait_for(lambda: len(r2.client.get_children(held)) == count, 30,
+             message="r1's events were not held back in r2")
+    with _session(fed, "r2") as alice:
+        alice.set_acls(r2.path(f"/locked{count - 1}"), OPEN_ACL_UNSAFE)
+    wait_for(lambda: len(r2.client.get_children(held)) == count - 1, 60,
+             message="the one event that became writable was never probed")
+    with _session(fed, "r2") as alice:
+        for i in range(count - 1):
+            alice.set_acls(r2.path(f"/locked{i}"), OPEN_ACL_UNSAFE)
+    wait_for(lambda: not r2.client.get_children(held), 60,
+             message="not all held events went once some applied")
     fed.assert_clean_logs()
 
 
