@@ -154,6 +154,7 @@ class Planner:
             log.warning("znode_held_back", subtree=self.layout.name, path=rel, operation=what,
                         hint=HINTS.get(what, HINTS["write"]))
         self.held_back[rel] = what
+        self.retried.pop(rel, None)  # tried and refused: planned as held from now on
 
     def _report_oversized(self, rel: str, size: int) -> None:
         if self.oversized.get(rel) != size:
@@ -298,7 +299,8 @@ class Planner:
             return Outcome.OVERSIZED, None
         if rel in self.oversized:  # a local version too large to announce stays put
             return Outcome.OVERSIZED, None
-        if isinstance(reads.get(rel), NoPermission) or self.held_back.get(rel) in WRITE_HOLDS:
+        if isinstance(reads.get(rel), NoPermission) or (
+                self.held_back.get(rel) in WRITE_HOLDS and rel not in self.retried):
             self.hold(rel, self.held_back.get(rel, "read"))
             self._keep_held(plan, event)
             return Outcome.HELD_BACK, None

@@ -174,7 +174,8 @@ class Watching:
     async def _try_held(self, name: str, events: list[Event]) -> None:
         b = self.bridge
         store = b.stores[name]
-        store.retried = {e.path: store.held_back.pop(e.path, "") for e in events}
+        # Still listed as held while tried (``status`` may look meanwhile).
+        store.retried = {e.path: store.held_back.get(e.path, "") for e in events}
         try:
             applied = await b.applier.apply_events(store, events, peer=None, positions=None)
         finally:
