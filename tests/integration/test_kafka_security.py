@@ -149,6 +149,18 @@ def _one_error(fed: Federation, name: str) -> str:
     return line
 
 
+def _r1_to_r2(fed: Federation, path: str) -> None:
+    """Start r1 and r2 together and see a znode of r1 arrive in r2."""
+    fed.start("r1", wait=False)
+    fed.start("r2", wait=False)
+    fed.wait_ready("r1")
+    fed.wait_ready("r2")
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path(path), b"over TLS")
+    wait_for(lambda: r2.client.exists(r2.path(path)), 30)
+    fed.wait_converged(["r1", "r2"])
+
+
 # -- SSL ---------------------------------------------------------------------------
 
 
@@ -162,14 +174,7 @@ def test_ssl_bridges_replicate_and_an_untrusted_ca_fails_at_once(
                                           "ssl": {"cafile": str(tls.ca_cert)}})
         fed.write_config("r3", kafka={"security_protocol": "SSL",
                                       "ssl": {"cafile": str(tls.other_ca_cert)}})
-        fed.start("r1", wait=False)
-        fed.start("r2", wait=False)
-        fed.wait_ready("r1")
-        fed.wait_ready("r2")
-        r1, r2 = fed["r1"], fed["r2"]
-        r1.client.create(r1.path("/tls"), b"over TLS")
-        wait_for(lambda: r2.client.exists(r2.path("/tls")), 30)
-        fed.wait_converged(["r1", "r2"])
+        _r1_to_r2(fed, "/tls")
 
         fed.start("r3", wait=False)
         rc, took = _wait_exit(fed, "r3")
@@ -191,14 +196,7 @@ def test_client_certificates_replicate_and_a_missing_or_untrusted_one_is_named(
             cert, key = make_client_cert(tls, name)
             fed.write_config(name, kafka={"security_protocol": "SSL", "ssl": {
                 "cafile": str(tls.ca_cert), "certfile": str(cert), "keyfile": str(key)}})
-        fed.start("r1", wait=False)
-        fed.start("r2", wait=False)
-        fed.wait_ready("r1")
-        fed.wait_ready("r2")
-        r1, r2 = fed["r1"], fed["r2"]
-        r1.client.create(r1.path("/mtls"), b"with a client certificate")
-        wait_for(lambda: r2.client.exists(r2.path("/mtls")), 30)
-        fed.wait_converged(["r1", "r2"])
+        _r1_to_r2(fed, "/mtls")
 
         stranger, stranger_key = make_client_cert(tls, "stranger", signer="other-ca")
         for identity, says in [({}, "requires a client certificate"),
