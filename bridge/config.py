@@ -218,8 +218,9 @@ class SubtreeSettings:
     state_path."""
     exclude: tuple[ZnodePath, ...] = Field(default=(), json_schema_extra=LIVE)
     """Paths relative to the mount, written absolute-looking and normalised (e.g. /tmp), whose whole
-    subtree is neither published nor applied. A reload rescans the subtree; one that includes paths
-    again also reads the peers' topics again from their start, for the events passed over."""
+    subtree is neither published nor applied. A reload rescans the subtree; a reload or restart that
+    includes paths again also reads the peers' topics again from their start, for the events passed
+    over."""
     acl: Literal["copy", "open"] = "copy"
     """copy: each znode's ACL travels in its event and is applied in the receiving region, plus an
     entry for the bridge's own identity so it can keep managing the znode. open: ACLs are not

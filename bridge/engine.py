@@ -409,10 +409,10 @@ class Bridge:
                 store.exclude = tuple(st.exclude)
                 # Newly included paths were never watched: look at everything again.
                 self.watching.request()
-                if included:
-                    # The peers' events for them were passed over: read those again.
-                    before = self.inbound.read_again.get(st.name, ())
-                    self.inbound.read_again[st.name] = (*before, *included)
+                # The peers' events for them were passed over: read those again (and
+                # store the exclude list the topics are read under).
+                before = self.inbound.read_again.get(st.name, ())
+                self.inbound.read_again[st.name] = (*before, *included)
         for scanner in self.scanners.values():
             scanner.mass_delete = self.settings.mass_delete
         # Paths held back for want of permission are tried again (an ACL may have changed).

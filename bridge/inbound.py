@@ -156,11 +156,30 @@ class Inbound:
             # The id the positions were taken from: the fetcher's first topic
             # check compares it with the topic's id now, before applying.
             peer.topic_id = await store.positions.read_topic_id(peer.peer)
+            # A topic read again for paths no longer excluded that this region had not
+            # read past before it stopped; one it passed is forgotten.
+            try:
+                stored = await store.positions.read_rereads(peer.peer)
+            except CodecError:
+                stored = {}  # every event applies again: needless, never lost
+            peer.only = {p: v for p, v in stored.items() if peer.positions.get(p, 0) < v[0]}
+            if peer.only != stored:
+                await store.positions.write_rereads(peer.peer, peer.only)
             peer.assemblers = {}
             peer.max_end, peer.suspect = {}, {}
             for part in partitions[topic]:
                 positions[(topic, part)] = peer.positions.get(part)
                 peer.assemblers[part] = Assembler(peer.positions.get(part, 0))
+        for name, store in self.bridge.stores.items():
+            # Paths excluded when the topics were last read and not now (a restart
+            # with a new exclude list): read again, as a reload would.
+            try:
+                excluded = await store.positions.read_excluded()
+            except CodecError:
+                excluded = None
+            if excluded != store.exclude:
+                included = tuple(x for x in excluded or () if not is_excluded(x, store.exclude))
+                self.read_again[name] = (*self.read_again.get(name, ()), *included)
         return positions
 
     def own_acked(self, topic: str, partition: int, end: int) -> None:

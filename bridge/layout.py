@@ -68,6 +68,18 @@ class Layout:
         return f"{self.base}/topic_ids"
 
     @property
+    def rereads(self) -> str:
+        """Peers' topics read again for paths no longer excluded: up to where only those
+        paths' events apply, per peer (``TopicCheck.read_again``)."""
+        return f"{self.base}/rereads"
+
+    @property
+    def excluded(self) -> str:
+        """The exclude list the peers' topics were last read under: paths it had that the
+        configuration no longer has are read again (``TopicCheck.read_again``)."""
+        return f"{self.base}/excluded"
+
+    @property
     def gc(self) -> str:
         """Tombstone collection's record (the counter floor for recreated paths)."""
         return f"{self.base}/gc"

@@ -1,4 +1,5 @@
-"""Where this region stands in each topic: the next offset per partition, and the topic's id.
+"""Where this region stands in each topic: the next offset per partition, the topic's id,
+and what applies of a topic read again for paths no longer excluded.
 
 A peer's position is written in the same ``multi`` as the batch it follows
 (``op``, then ``written`` once committed), so a restart resumes exactly
@@ -8,10 +9,12 @@ for the term: that check fences a write made from a stale view.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from bridge import statecodec
 from bridge.errors import VersionConflict
 from bridge.layout import Layout
-from bridge.zk import Create, SetData, ZooKeeper
+from bridge.zk import Create, Delete, SetData, ZooKeeper
 from bridge.zk import Op as ZkOp
 
 __all__ = ["Positions", "read_positions"]
@@ -22,6 +25,8 @@ class Positions:
         self.zk = zk
         self.root = layout.positions
         self.topic_ids = layout.topic_ids
+        self.rereads = layout.rereads
+        self.excluded = layout.excluded
         self._versions: dict[str, int] = {}
 
     def forget(self) -> None:
@@ -69,6 +74,41 @@ class Positions:
         data = topic_id.encode("ascii")
         node = await self.zk.get(path)
         await self.zk.multi([Create(path, data) if node is None else SetData(path, data)])
+
+
+    async def read_rereads(self, peer: str) -> dict[int, tuple[int, tuple[str, ...]]]:
+        """``peer``'s filter of a topic read again (empty: none)."""
+        node = await self.zk.get(f"{self.rereads}/{peer}")
+        return statecodec.decode_rereads(node.data) if node is not None else {}
+
+    async def rereads_op(self, peer: str,
+                         rereads: Mapping[int, tuple[int, tuple[str, ...]]]) -> ZkOp | None:
+        """The write of ``peer``'s filter of a topic read again (empty: its removal), to
+        commit with the rewound position it applies to; None: nothing to write."""
+        path = f"{self.rereads}/{peer}"
+        exists = await self.zk.exists(path) is not None
+        if not rereads:
+            return Delete(path, -1) if exists else None
+        data = statecodec.encode_rereads(rereads)
+        return SetData(path, data) if exists else Create(path, data)
+
+    async def write_rereads(self, peer: str,
+                            rereads: Mapping[int, tuple[int, tuple[str, ...]]]) -> None:
+        op = await self.rereads_op(peer, rereads)
+        if op is not None:
+            await self.zk.multi([op])
+
+    async def read_excluded(self) -> tuple[str, ...] | None:
+        """The exclude list the peers' topics were last read under (None: not known)."""
+        node = await self.zk.get(self.excluded)
+        return statecodec.decode_paths(node.data) if node is not None else None
+
+    async def excluded_op(self, exclude: tuple[str, ...]) -> ZkOp:
+        """The write of the exclude list the peers' topics are read under from now on."""
+        data = statecodec.encode_paths(exclude)
+        if await self.zk.exists(self.excluded) is None:
+            return Create(self.excluded, data)
+        return SetData(self.excluded, data)
 
 
 async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:

@@ -36,17 +36,20 @@ __all__ = [
     "decode_meta",
     "decode_outbox",
     "decode_positions",
+    "decode_rereads",
     "encode_conflict",
     "encode_gc",
     "encode_meta",
     "encode_null_entry",
     "encode_outbox",
     "encode_positions",
+    "encode_rereads",
     "is_null_entry",
 ]
 
 MAX_HASH_LEN = 64
 MAX_PARTITIONS = 65_536
+MAX_REREAD_PATHS = 4096
 
 
 # ---------------------------------------------------------------- outbox
@@ -145,6 +148,46 @@ def encode_positions(d: Mapping[int, int]) -> bytes:
         if partition < 0 or offset < 0:
             raise CodecError(BAD_FIELD, "positions: negative partition or offset")
     return pack({int(p): int(o) for p, o in sorted(d.items())})
+
+
+Rereads = Mapping[int, tuple[int, tuple[str, ...]]]
+
+
+def encode_rereads(d: Rereads) -> bytes:
+    """Partition → (offset up to which only ``paths``' events apply, paths): a topic read
+    again for paths no longer excluded (``TopicCheck.read_again``)."""
+    return pack({int(p): [int(until), list(paths)] for p, (until, paths) in sorted(d.items())})
+
+
+def decode_rereads(raw: bytes) -> dict[int, tuple[int, tuple[str, ...]]]:
+    if len(raw) == 0:
+        return {}
+    obj = unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES, int_keys=True,
+                         max_map_len=MAX_PARTITIONS, max_array_len=MAX_REREAD_PATHS)
+    if not isinstance(obj, dict):
+        raise CodecError(MALFORMED, "rereads is not a map")
+    out: dict[int, tuple[int, tuple[str, ...]]] = {}
+    for partition, entry in obj.items():
+        if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[1], list)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                           for v in (partition, entry[0]))
+                or not all(isinstance(path, str) and path.startswith("/")
+                           for path in entry[1])):
+            raise CodecError(BAD_FIELD, "rereads: entries must be [offset, [paths]]")
+        out[partition] = (entry[0], tuple(entry[1]))
+    return out
+
+
+def encode_paths(paths: tuple[str, ...]) -> bytes:
+    return pack(list(paths))
+
+
+def decode_paths(raw: bytes) -> tuple[str, ...]:
+    obj = unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES, max_array_len=MAX_REREAD_PATHS)
+    if not isinstance(obj, list) or not all(isinstance(p, str) and p.startswith("/")
+                                            for p in obj):
+        raise CodecError(BAD_FIELD, "paths: must be a list of absolute paths")
+    return tuple(obj)
 
 
 def decode_positions(raw: bytes) -> dict[int, int]:

@@ -72,7 +72,7 @@ class SubtreeStore(Chaining):
     async def setup(self) -> None:
         lay = self.layout
         for path in (lay.mount, lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
-                     lay.held, lay.topic_ids):
+                     lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)
         self.metas = {"/": MetaEntry(None, 0)}
         self.positions.forget()

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from bridge import failpoints
 from bridge.batching import Assembler
-from bridge.errors import BridgeError, KafkaError
+from bridge.errors import BridgeError, KafkaError, VersionConflict
 from bridge.kafka import publish_limit
 
 if TYPE_CHECKING:
@@ -228,50 +229,88 @@ class TopicCheck:
                 out[topic] = (old, new)
         return out
 
-    async def _seek_back(self, peer: PeerState, part: int, begin: int) -> None:
-        """Read ``peer``'s partition again from ``begin``, stored so (in the fetcher, between
-        fetches: what was fetched before belongs to an older generation and is dropped)."""
-        b = self.inbound.bridge
-        store = b.stores[peer.subtree]
+    def _seek_back(self, peer: PeerState, part: int, begin: int) -> None:
+        """Read ``peer``'s partition again from ``begin`` (in the fetcher, between fetches:
+        what was fetched before belongs to an older generation and is dropped); the
+        caller stores the position."""
         peer.generation += 1
         peer.positions = {**peer.positions, part: begin}
         peer.assemblers[part] = Assembler(begin)
         peer.suspect.pop(part, None)
-        b.kafka.seek(peer.topic, part, begin)
-        new = dict(peer.positions)
-        await b.retry("store positions", lambda: store.positions.write(peer.peer, new))
+        self.inbound.bridge.kafka.seek(peer.topic, part, begin)
 
     async def read_again(self, subtree: str, paths: tuple[str, ...]) -> None:
         """Read every peer's topic of ``subtree`` again from its start, for ``paths``
-        (no longer excluded here: their events were passed over).
+        (no longer excluded here: their events were passed over); none: only store
+        the exclude list the topics are read under from now on.
 
         Up to where each partition was, only those paths' events are applied:
         the others were applied when first read, and a put whose tombstone this
         region has since collected would come back until its origin's null.
+        Every peer's rewound position and filter and the new exclude list commit
+        in one ``multi``: a restart finds all of it or none, and then compares
+        the stored exclude list with its configuration again.
         """
         b = self.inbound.bridge
-        for peer in [p for p in self.inbound.peers.values() if p.subtree == subtree]:
-            tps = [(peer.topic, part) for part in peer.assemblers]
-            begins = await b.retry("beginning offsets",
-                                   lambda t=tps: b.kafka.beginning_offsets(t))  # type: ignore[misc]
-            async with b.locks[subtree]:
-                for topic, part in tps:
-                    pos = peer.positions.get(part, 0)
-                    begin = begins.get((topic, part), 0)
-                    await self._seek_back(peer, part, begin)
-                    until, before = peer.only.get(part, (0, ()))
-                    peer.only[part] = (max(pos, until), (*before, *paths))
-                    log.info("topic_read_again", topic=topic, partition=part, from_offset=begin,
-                             up_to=max(pos, until), paths=list(paths),
-                             reason="no longer excluded")
-            b.stats[f"topic_rereads:{subtree}:{peer.peer}"] += 1
+        store = b.stores[subtree]
+        peers = [p for p in self.inbound.peers.values() if p.subtree == subtree] if paths else []
+        tps = [(peer.topic, part) for peer in peers for part in peer.assemblers]
+        begins = await b.retry("beginning offsets",
+                               lambda: b.kafka.beginning_offsets(tps)) if tps else {}
+        async with b.locks[subtree]:
+            plans = []
+            for peer in peers:
+                only, rewound = dict(peer.only), dict(peer.positions)
+                for part in peer.assemblers:
+                    until, before = only.get(part, (0, ()))
+                    only[part] = (max(peer.positions.get(part, 0), until), (*before, *paths))
+                    rewound[part] = begins.get((peer.topic, part), 0)
+                plans.append((peer, only, rewound))
+
+            async def commit() -> None:
+                ops = [store.positions.op(peer.peer, rewound) for peer, _, rewound in plans]
+                for peer, only, _ in plans:
+                    op = await store.positions.rereads_op(peer.peer, only)
+                    ops += [op] if op is not None else []
+                ops.append(await store.positions.excluded_op(store.exclude))
+                try:
+                    await b.zk.multi(ops)
+                except VersionConflict:
+                    for peer, _, _ in plans:
+                        await store.positions.read(peer.peer)
+                    raise
+                for peer, _, _ in plans:
+                    store.positions.written(peer.peer)
+
+            await b.retry("store the re-read", commit)
+            for peer, only, rewound in plans:
+                peer.only = only
+                for part, begin in rewound.items():
+                    if part in only:
+                        self._seek_back(peer, part, begin)
+                        log.info("topic_read_again", topic=peer.topic, partition=part,
+                                 from_offset=begin, up_to=only[part][0],
+                                 paths=list(only[part][1]), reason="no longer excluded")
+                b.stats[f"topic_rereads:{subtree}:{peer.peer}"] += 1
+        if plans:
+            failpoints.hit(failpoints.REREAD_STORED)
 
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
                      why: str) -> None:
         """Read ``peer``'s partition again from the start of the current topic, stored so."""
         b = self.inbound.bridge
+        store = b.stores[peer.subtree]
         async with b.locks[peer.subtree]:
-            await self._seek_back(peer, part, begin)
+            if part in peer.only:
+                # Read again from the new topic's start, every event applies: the
+                # filter was of the old topic's offsets. Gone before the position is.
+                rest = {p: v for p, v in peer.only.items() if p != part}
+                await b.retry("store the re-read", lambda: store.positions.write_rereads(
+                    peer.peer, rest))
+                peer.only = rest
+            self._seek_back(peer, part, begin)
+            new = dict(peer.positions)
+            await b.retry("store positions", lambda: store.positions.write(peer.peer, new))
             peer.max_end[part] = end
             tp = (peer.topic, part)
             if tp in self.inbound.catch_up_to:

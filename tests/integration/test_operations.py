@@ -525,17 +525,26 @@ def test_sd_notify_ready_watchdog_stopping_and_reload(
     fed.assert_clean_logs()
 
 
+@pytest.mark.parametrize("how", ["reload", "reload-killed", "restart"])
 def test_paths_a_receiver_no_longer_excludes_arrive_from_the_peers_topics(
-    federation: Federation,
+    federation: Federation, how: str,
 ) -> None:
     # r2 passed over r1's events for /tmp while it excluded it; a reload that
     # includes /tmp again reads r1's topic again from its start (before, r2
-    # lacked r1's /tmp until r1 happened to write each znode again).
+    # lacked r1's /tmp until r1 happened to write each znode again). So does a
+    # restart with the new config: the exclude list the topics were read under
+    # is stored (before, a restart never read them again). Killed once the
+    # rewound positions are stored, r2 still applies only /tmp's events up to
+    # where it had been: the filter is stored with them (before, it was in
+    # memory only, and the restart applied all of r1's events again).
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
     fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount,
                                       "exclude": ["/tmp"]}])
-    fed.start_all()
+    fed.start("r1")
+    fed.start("r3")
+    crash = {"ZKBRIDGE_FAILPOINTS": "reread_stored=crash@1"} if how == "reload-killed" else None
+    fed.start("r2", env=crash)
     r1.client.create(r1.path("/tmp/a"), b"a", makepath=True)
     r1.client.create(r1.path("/tmp/b"), b"b")
     r1.client.set(r1.path("/tmp/a"), b"a2")
@@ -546,15 +555,26 @@ def test_paths_a_receiver_no_longer_excludes_arrive_from_the_peers_topics(
     skipped = f"applied:{fed.subtree}:skipped"
     time.sleep(2.5)  # one status interval: the counters as they stand
     before = _counters(fed, "r2").get(skipped, 0)
+    if how == "restart":
+        assert fed.stop("r2") == 0
     fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount}])
-    assert r2.proc is not None
-    r2.proc.send_signal(signal.SIGHUP)
+    if how == "restart":
+        before = 0  # the counters start again with the process
+        fed.start("r2")
+    else:
+        assert r2.proc is not None
+        r2.proc.send_signal(signal.SIGHUP)
+    if how == "reload-killed":
+        assert r2.proc is not None and r2.proc.wait(timeout=30) == -signal.SIGKILL
+        before = 0
+        fed.start("r2")
     wait_for(lambda: r2.client.exists(r2.path("/tmp/b")), 30,
              message="r1's znodes under a path r2 no longer excludes never arrived")
     fed.wait_converged()
     assert r2.client.get(r2.path("/tmp/a"))[0] == b"a2"
     # Only /tmp's events were applied again: r1's 30 others were not even tried.
-    wait_for(lambda: _counters(fed, "r2").get(f"topic_rereads:{fed.subtree}:r1"), 10)
+    if how != "reload-killed":  # the killed process had counted it
+        wait_for(lambda: _counters(fed, "r2").get(f"topic_rereads:{fed.subtree}:r1"), 10)
     time.sleep(2.5)
     assert _counters(fed, "r2").get(skipped, 0) - before < 30, _counters(fed, "r2")
     again = [e for e in fed.events("r2") if e.get("event") == "topic_read_again"]

@@ -595,6 +595,35 @@ def test_positions_edge_cases() -> None:
         statecodec.encode_positions({-1: 0})
 
 
+rel_paths = st.lists(st.text(st.characters(codec="utf-8"), max_size=20), max_size=4).map(
+    lambda parts: "/" + "/".join(parts))
+
+
+@SETTINGS
+@given(st.dictionaries(st.integers(0, 100), st.tuples(
+    st.integers(0, 2**63 - 1), st.lists(rel_paths, max_size=5).map(tuple)), max_size=5))
+def test_rereads_round_trip(d: dict[int, tuple[int, tuple[str, ...]]]) -> None:
+    assert statecodec.decode_rereads(statecodec.encode_rereads(d)) == d
+
+
+@SETTINGS
+@given(st.lists(rel_paths, max_size=20).map(tuple))
+def test_paths_round_trip(paths: tuple[str, ...]) -> None:
+    assert statecodec.decode_paths(statecodec.encode_paths(paths)) == paths
+
+
+def test_rereads_and_paths_garbage() -> None:
+    assert statecodec.decode_rereads(b"") == {}
+    for raw in (b"\xc1", msgpack.packb([1]), msgpack.packb({0: [1]}),
+                msgpack.packb({0: [-1, []]}), msgpack.packb({0: [1, ["tmp"]]}),
+                msgpack.packb({0: [True, []]}), msgpack.packb({0: [1, "/tmp"]})):
+        with pytest.raises(CodecError):
+            statecodec.decode_rereads(raw)
+    for raw in (b"\xc1", msgpack.packb({0: 1}), msgpack.packb(["tmp"]), msgpack.packb([1])):
+        with pytest.raises(CodecError):
+            statecodec.decode_paths(raw)
+
+
 versions = st.builds(
     Version, vc=clocks, ts=stamps, writer=regions, data_hash=hashes, deleted=st.booleans()
 )
