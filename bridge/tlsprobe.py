@@ -32,6 +32,14 @@ class Refusal:
     why: str
 
 
+def host_and_port(server: str, default_port: int) -> tuple[str, int]:
+    """"host", "host:port", "[v6]" or "[v6]:port" as a host to connect to and a port."""
+    host, sep, port = server.rpartition(":")
+    if not sep or (host.startswith("[") and not host.endswith("]")) or not port.isdigit():
+        host, port = server, str(default_port)  # no port: a bare name or "[v6]"
+    return host.strip("[]"), int(port)
+
+
 def probe(host: str, port: int, context: ssl.SSLContext, *,
           timeout: float = 5.0) -> Refusal | None:
     """Why ``host:port`` refuses TLS with ``context``; None: accepted, or no answer."""

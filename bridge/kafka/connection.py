@@ -19,7 +19,7 @@ from aiokafka.helpers import create_ssl_context
 from bridge.config import KafkaSettings
 from bridge.errors import FatalKafkaError, KafkaError
 from bridge.kafka.boundary import _FATAL
-from bridge.tlsprobe import Refusal, probe
+from bridge.tlsprobe import Refusal, host_and_port, probe
 
 
 class Connection:
@@ -77,11 +77,11 @@ class Connection:
         unreachable: list[str] = []
         # The first server that answers decides; only if none does is it retriable.
         for server in (s.strip() for s in self.settings.bootstrap_servers.split(",")):
-            host, _, port = server.rpartition(":")
+            host, port = host_and_port(server, 9092)
             try:
                 conn = await create_conn(
-                    host.strip("[]"),
-                    int(port),
+                    host,
+                    port,
                     client_id=self.client_id,
                     request_timeout_ms=opts["request_timeout_ms"],
                     ssl_context=opts.get("ssl_context"),
@@ -112,7 +112,7 @@ class Connection:
                 if context is not None:
                     # A TLS 1.3 broker refuses a client certificate after the
                     # handshake: aiokafka sees only a closed connection.
-                    refusal = await asyncio.to_thread(probe, host.strip("[]"), int(port), context)
+                    refusal = await asyncio.to_thread(probe, host, port, context)
                     if refusal is not None:
                         raise FatalKafkaError(self._refused(server, refusal)) from exc
                 unreachable.append(f"{server}: {type(exc).__name__} {exc}")

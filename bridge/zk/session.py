@@ -24,7 +24,7 @@ from kazoo.retry import KazooRetry
 
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import ZooKeeperError, ZooKeeperTlsError
-from bridge.tlsprobe import probe
+from bridge.tlsprobe import host_and_port, probe
 from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
@@ -55,8 +55,7 @@ def tls_refusal(settings: ZooKeeperSettings) -> str | None:
     except (OSError, ValueError) as exc:  # changed since the configuration was loaded
         return f"cannot load the zookeeper.tls files: {exc}"
     for hostport in settings.hosts.split(","):
-        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "2181")
-        refusal = probe(host, int(port), context)
+        refusal = probe(*host_and_port(hostport, 2181), context)
         if refusal is None:
             continue
         if refusal.refused == "client":
