@@ -31,6 +31,7 @@ BEFORE_APPLY = "before_apply"
 CAPTURE_COMMITTED = "capture_committed"  # the capture multi (metadata + outbox) committed
 ACL_READ = "acl_read"  # a group of a capture's ACL reads was answered
 EPOCH_TAKEN = "epoch_taken"  # a term took the epoch (its first write)
+TOPIC_REWOUND = "topic_rewound"  # a lost topic's stream rewound, all of it stored
 REREAD_STORED = "reread_stored"  # a topic read again: its filter and rewound position stored
 OWN_TOPIC_SURVEY = "own_topic_survey"  # a term checks its own topics (after reading their ends)
 

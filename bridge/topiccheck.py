@@ -163,6 +163,7 @@ class TopicCheck:
             await b.retry("store topic id", lambda s=store, p=peer, i=new:  # type: ignore[misc]
                           s.positions.write_topic_id(p.peer, i))
             peer.topic_id = new
+            failpoints.hit(failpoints.TOPIC_REWOUND)
         for tp, seen in acked.items():
             end = ends.get(tp)
             if end is None or tp[0] in replaced:
@@ -203,6 +204,7 @@ class TopicCheck:
                 peer.suspect[part] = why
                 continue
             await self.rewind(peer, part, pos=pos, begin=begin, end=end, why=why)
+            failpoints.hit(failpoints.TOPIC_REWOUND)
 
     async def _replaced(self, ids: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         """Topics whose id changed: topic → (old id, new id). First sightings are stored."""
@@ -301,13 +303,13 @@ class TopicCheck:
         b = self.inbound.bridge
         store = b.stores[peer.subtree]
         async with b.locks[peer.subtree]:
-            if part in peer.only:
-                # Read again from the new topic's start, every event applies: the
-                # filter was of the old topic's offsets. Gone before the position is.
-                rest = {p: v for p, v in peer.only.items() if p != part}
-                await b.retry("store the re-read", lambda: store.positions.write_rereads(
-                    peer.peer, rest))
-                peer.only = rest
+            # Read again from the new topic's start, every event applies: a filter
+            # was of the old topic's offsets. Gone before the position is, also one
+            # passed (kept stored until the next start), or a restart would apply it.
+            rest = {p: v for p, v in peer.only.items() if p != part}
+            await b.retry("store the re-read", lambda: store.positions.write_rereads(
+                peer.peer, rest))
+            peer.only = rest
             self._seek_back(peer, part, begin)
             new = dict(peer.positions)
             await b.retry("store positions", lambda: store.positions.write(peer.peer, new))

@@ -188,6 +188,48 @@ def test_topic_deleted_and_recreated_under_a_running_federation(
     fed.assert_clean_logs(allowed=INCIDENTS | {"topic_check_failed"})
 
 
+def test_a_topic_lost_after_a_re_read_is_read_whole_even_across_a_restart(
+    federation: Federation,
+) -> None:
+    # r2 read r1's topic again for /tmp (no longer excluded) and passed where only
+    # /tmp's events applied; that filter stays stored until r2's next start. Then
+    # r1's topic is lost: r2 rewinds to the new topic's start and must apply all
+    # of it. Killed right after that rewind, r2 must not take the old filter (of
+    # the old topic's offsets) back at its restart (before: it did, and r1's
+    # update below, early in the new topic, never reached r2).
+    fed = federation
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount,
+                                      "exclude": ["/tmp"]}])
+    fed.start("r1")
+    fed.start("r3")
+    fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "topic_rewound=crash@1"})
+    r1.client.create(r1.path("/tmp/a"), b"a", makepath=True)
+    for i in range(30):
+        r1.client.create(r1.path(f"/kept{i}"), b"k")
+    for i in range(300):  # the filter's end lies far past what a new topic starts with
+        r1.client.set(r1.path(f"/kept{i % 30}"), str(i).encode())
+    wait_for(lambda: r2.client.get(r2.path("/kept29"))[0] == b"299", 30)
+    fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount}])
+    assert r2.proc is not None
+    r2.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: r2.client.exists(r2.path("/tmp/a")), 30)
+    r1.client.create(r1.path("/past"), b"p")  # r2 reads past the filter's end
+    wait_for(lambda: r2.client.exists(r2.path("/past")), 30)
+    rereads = f"{fed.state_path}/subtrees/{fed.subtree}/rereads/r1"
+    assert r2.client.exists(rereads), "the filter read past is kept until the next start"
+
+    _recreate_topic(fed.broker.bootstrap, f"{fed.prefix}.{fed.subtree}.r1")
+    assert r2.proc.wait(timeout=60) == -signal.SIGKILL  # right after rewinding
+    assert not r2.client.exists(rereads)
+    r1.client.set(r1.path("/kept0"), b"after the loss")
+    fed.start("r2")
+    wait_for(lambda: r2.client.get(r2.path("/kept0"))[0] == b"after the loss", 60,
+             message="r1's update early in its new topic never reached r2")
+    fed.wait_converged(timeout=120)
+    fed.assert_clean_logs(allowed=INCIDENTS | {"topic_check_failed"})
+
+
 def _end_offset(bootstrap: str, topic: str) -> int:
     async def go() -> int:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
