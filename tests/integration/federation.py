@@ -129,6 +129,11 @@ class Federation:
         r.config_path.write_text(yaml.safe_dump(self.config_doc(name, peers)))
         return r.config_path
 
+    def write_exclude(self, name: str, exclude: Iterable[str] = ()) -> Path:
+        """``name``'s config with its subtree excluding ``exclude`` (nothing: the whole of it)."""
+        st: dict[str, Any] = {"name": self.subtree, "path": self.regions[name].mount}
+        return self.write_config(name, subtrees=[{**st, "exclude": list(exclude)}])
+
     # -- bridge processes ---------------------------------------------------
     def start(
         self,

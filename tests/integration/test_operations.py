@@ -496,8 +496,7 @@ def test_sd_notify_ready_watchdog_stopping_and_reload(
             except TimeoutError:
                 return received
 
-    fed.write_config("r1", subtrees=[{"name": fed.subtree, "path": fed["r1"].mount,
-                                      "exclude": ["/private"]}])
+    fed.write_exclude("r1", ["/private"])
     fed.start("r2")
     r1 = fed.start("r1", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}, wait=False)
     wait_for(lambda: any("READY=1" in m for m in drain()), 60, message="no READY=1")
@@ -511,7 +510,7 @@ def test_sd_notify_ready_watchdog_stopping_and_reload(
     assert not r2.client.exists(r2.path("/private/x"))
     # Reload without restart: the exclude goes, the subtree is rescanned.
     pid = r1.proc.pid  # type: ignore[union-attr]
-    fed.write_config("r1", subtrees=[{"name": fed.subtree, "path": r1.mount}])
+    fed.write_exclude("r1")
     os.kill(pid, signal.SIGHUP)
     wait_for(lambda: r2.client.exists(r2.path("/private/x")), 30,
              message="reloaded exclude list not applied")
@@ -539,8 +538,7 @@ def test_paths_a_receiver_no_longer_excludes_arrive_from_the_peers_topics(
     # memory only, and the restart applied all of r1's events again).
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
-    fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount,
-                                      "exclude": ["/tmp"]}])
+    fed.write_exclude("r2", ["/tmp"])
     fed.start("r1")
     fed.start("r3")
     crash = {"ZKBRIDGE_FAILPOINTS": "reread_stored=crash@1"} if how == "reload-killed" else None
@@ -557,7 +555,7 @@ def test_paths_a_receiver_no_longer_excludes_arrive_from_the_peers_topics(
     before = _counters(fed, "r2").get(skipped, 0)
     if how == "restart":
         assert fed.stop("r2") == 0
-    fed.write_config("r2", subtrees=[{"name": fed.subtree, "path": r2.mount}])
+    fed.write_exclude("r2")
     if how == "restart":
         before = 0  # the counters start again with the process
         fed.start("r2")
