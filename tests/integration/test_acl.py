@@ -562,9 +562,10 @@ def test_a_changed_credential_stops_with_the_command_that_gives_it_the_state(
     expected = (make_digest_acl("bridge", new_pw, all=True).id.id + ":cdrwa"
                 if change == "rotated" else "anyone:cdrwa")
     assert fix.startswith(f"setAcl -R {fed.state_path} ") and fix.endswith(expected), line
-    out = fed.cli("status", "-c", str(r2.config_path))
-    assert out.returncode == 2 and "setAcl -R" in out.stderr, out.stdout + out.stderr
-    assert BRIDGE_PW not in line + out.stderr and new_pw not in line + out.stderr
+    for command in (["status"], ["lag"], ["resync"], ["skip", "--topic", "t", "--offset", "0"]):
+        out = fed.cli(*command, "-c", str(r2.config_path))
+        assert out.returncode == 2 and fix in out.stderr, (command, out.stdout + out.stderr)
+        assert BRIDGE_PW not in line + out.stderr and new_pw not in line + out.stderr
 
     # The runbook: in ZooKeeper's shell, authenticated with the old credential.
     logins = [BRIDGE_PW, new_pw] if change == "rotated" else [BRIDGE_PW]
