@@ -18,7 +18,14 @@ import structlog
 
 from bridge.config import Settings
 from bridge.errors import NoPermission, StateAccessError
-from bridge.zk import WORLD_ALL, ZooKeeper, own_acl
+from bridge.zk import (
+    ACL_CHUNK,
+    ACL_CHUNKS_IN_FLIGHT,
+    WORLD_ALL,
+    ZooKeeper,
+    gather_limited,
+    own_acl,
+)
 
 log = structlog.get_logger("bridge.stateaccess")
 
@@ -37,7 +44,7 @@ async def ensure(zk: ZooKeeper, settings: Settings, *, tighten: bool) -> None:
     if not tighten or read.entries != WORLD_ALL:
         # Readable, but neither ours nor open: someone set it by hand; leave it.
         return
-    paths = await zk.tree(root)
+    paths = await _tree(zk, root)
     log.warning("state_acl_tightened", state_path=root, znodes=len(paths),
                 reason="zookeeper.auth is set and the state was open to everyone (made "
                        "by a bridge without it)",
@@ -48,6 +55,26 @@ async def ensure(zk: ZooKeeper, settings: Settings, *, tighten: bool) -> None:
         await zk.set_acls(root, [own])
     except NoPermission:
         raise StateAccessError(_locked_out(root, own)) from None
+
+
+async def _tree(zk: ZooKeeper, root: str) -> list[str]:
+    """Every path of the state, parents before their children, each level listed in
+    ``multiRead``s of ``ACL_CHUNK`` as a scan lists a subtree."""
+    out: list[str] = []
+    level = [root]
+    while level:
+        out.extend(level)
+        parts = [level[i:i + ACL_CHUNK] for i in range(0, len(level), ACL_CHUNK)]
+        listed = await gather_limited(
+            [zk.read_many([("children", p) for p in part]) for part in parts],
+            ACL_CHUNKS_IN_FLIGHT)
+        names = [got for answers in listed for got in answers]
+        level = []
+        for parent, got in zip([p for part in parts for p in part], names, strict=True):
+            if isinstance(got, NoPermission):
+                raise got
+            level.extend(f"{parent}/{name}" for name in got or ())  # None: gone meanwhile
+    return out
 
 
 def _locked_out(root: str, own: str | None) -> str:

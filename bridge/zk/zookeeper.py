@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kazoo.exceptions import (
     NoAuthError,
@@ -19,7 +19,7 @@ from kazoo.exceptions import (
     UnimplementedError,
 )
 from kazoo.protocol.paths import _prefix_root
-from kazoo.protocol.serialization import GetACL, GetChildren, SetACL
+from kazoo.protocol.serialization import GetACL, SetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
 
 from bridge.errors import (
@@ -50,6 +50,8 @@ from bridge.zk.wire import PERSISTENT_RECURSIVE, Multi
 # the adapter's timeout, so every attempt failed and started over.
 ACL_CHUNK = 1000
 ACL_CHUNKS_IN_FLIGHT = 4
+
+T = TypeVar("T")
 
 
 class ZooKeeper(Session):
@@ -182,67 +184,34 @@ class ZooKeeper(Session):
         """
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-        async def chunk(part: Sequence[str]) -> list[AclRead | None]:
-            what = f"getACL of {len(part)} from {part[0]}"
-            got = await self._many([GetACL(_prefix_root(self._client.chroot, p)) for p in part],
-                                   what)
-            out: list[AclRead | None] = []
-            for item in got:
-                if isinstance(item, MissingNode):
-                    out.append(None)
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    acls, stat = item
-                    entries = tuple(acl_text(a) for a in acls)
-                    out.append(AclRead(shared.setdefault(entries, entries), stat.aversion,
-                                       stat.czxid))
-            return out
+        def read(item: Any) -> AclRead | None:
+            if isinstance(item, MissingNode):
+                return None
+            acls, stat = _answer(item)
+            entries = tuple(acl_text(a) for a in acls)
+            return AclRead(shared.setdefault(entries, entries), stat.aversion, stat.czxid)
 
-        parts = [paths[i:i + ACL_CHUNK] for i in range(0, len(paths), ACL_CHUNK)]
-        return [item for got in await gather_limited([chunk(p) for p in parts],
-                                                     ACL_CHUNKS_IN_FLIGHT) for item in got]
-
-    async def tree(self, root: str) -> list[str]:
-        """Every path of the tree at ``root``, parents before their children; [] if absent.
-
-        Each level's listings are pipelined, in chunks as ``get_acls_many``.
-        """
-        if await self.exists(root) is None:
-            return []
-        out, level = [root], [root]
-        while level:
-            parts = [level[i:i + ACL_CHUNK] for i in range(0, len(level), ACL_CHUNK)]
-            listed = await gather_limited(
-                [self._many([GetChildren(_prefix_root(self._client.chroot, p), None)
-                             for p in part], f"ls of {len(part)} from {part[0]}")
-                 for part in parts], ACL_CHUNKS_IN_FLIGHT)
-            paths = [p for part in parts for p in part]
-            names = [n for got in listed for n in got]
-            level = []
-            for parent, got in zip(paths, names, strict=True):
-                if isinstance(got, MissingNode):
-                    continue  # gone since its parent was listed
-                if isinstance(got, BaseException):
-                    raise got
-                level.extend(f"{parent.rstrip('/')}/{name}" for name in got)
-            out.extend(level)
-        return out
+        return await self._each(paths, GetACL, read, "getACL")
 
     async def set_acls_many(self, paths: Sequence[str], entries: Sequence[str]) -> None:
         """``set_acls`` of every path to ``entries``, pipelined; a path gone is passed over."""
         acl = acl_entries(entries)
+        await self._each(paths, lambda path: SetACL(path, acl, -1),
+                         lambda item: item if isinstance(item, MissingNode) else _answer(item),
+                         "setACL")
+
+    async def _each(self, paths: Sequence[str], request: Callable[[str], Any],
+                    answer: Callable[[Any], T], what: str) -> list[T]:
+        """One request per path, ``ACL_CHUNK`` per wait and ``ACL_CHUNKS_IN_FLIGHT`` waits
+        at once; each chunk's answers through ``answer`` as they arrive."""
+        async def chunk(part: Sequence[str]) -> list[T]:
+            got = await self._many([request(_prefix_root(self._client.chroot, p)) for p in part],
+                                   f"{what} of {len(part)} from {part[0]}")
+            return [answer(item) for item in got]
+
         parts = [paths[i:i + ACL_CHUNK] for i in range(0, len(paths), ACL_CHUNK)]
-
-        async def chunk(part: Sequence[str]) -> None:
-            got = await self._many(
-                [SetACL(_prefix_root(self._client.chroot, p), acl, -1) for p in part],
-                f"setACL of {len(part)} from {part[0]}")
-            for item in got:
-                if isinstance(item, BaseException) and not isinstance(item, MissingNode):
-                    raise item
-
-        await gather_limited([chunk(p) for p in parts], ACL_CHUNKS_IN_FLIGHT)
+        return [item for got in await gather_limited([chunk(p) for p in parts],
+                                                     ACL_CHUNKS_IN_FLIGHT) for item in got]
 
     async def set_acls(self, path: str, entries: Sequence[str], version: int = -1) -> None:
         await self._await(
@@ -385,6 +354,13 @@ class ZooKeeper(Session):
         stat = await self.set_data(epoch_path, holder)
         self.fence = Check(epoch_path, stat.version)
         return stat.version
+
+
+def _answer(item: Any) -> Any:
+    """A pipelined answer, or its error raised."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 async def gather_limited(coros: Sequence[Any], limit: int) -> list[Any]:
