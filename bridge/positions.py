@@ -9,8 +9,6 @@ for the term: that check fences a write made from a stale view.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from bridge import statecodec
 from bridge.errors import VersionConflict
 from bridge.layout import Layout
@@ -71,29 +69,22 @@ class Positions:
         # Its own znode, not a field of the position record: a release that
         # does not know topic ids still reads the positions it wrote.
         path = f"{self.topic_ids}/{region}"
-        data = topic_id.encode("ascii")
-        node = await self.zk.get(path)
-        await self.zk.multi([Create(path, data) if node is None else SetData(path, data)])
-
+        await self.zk.multi([await self._put(path, topic_id.encode("ascii"))])
 
     async def read_rereads(self, peer: str) -> dict[int, tuple[int, tuple[str, ...]]]:
         """``peer``'s filter of a topic read again (empty: none)."""
         node = await self.zk.get(f"{self.rereads}/{peer}")
         return statecodec.decode_rereads(node.data) if node is not None else {}
 
-    async def rereads_op(self, peer: str,
-                         rereads: Mapping[int, tuple[int, tuple[str, ...]]]) -> ZkOp | None:
+    async def rereads_op(self, peer: str, rereads: statecodec.Rereads) -> ZkOp | None:
         """The write of ``peer``'s filter of a topic read again (empty: its removal), to
         commit with the rewound position it applies to; None: nothing to write."""
         path = f"{self.rereads}/{peer}"
-        exists = await self.zk.exists(path) is not None
-        if not rereads:
-            return Delete(path, -1) if exists else None
-        data = statecodec.encode_rereads(rereads)
-        return SetData(path, data) if exists else Create(path, data)
+        if rereads:
+            return await self._put(path, statecodec.encode_rereads(rereads))
+        return Delete(path, -1) if await self.zk.exists(path) is not None else None
 
-    async def write_rereads(self, peer: str,
-                            rereads: Mapping[int, tuple[int, tuple[str, ...]]]) -> None:
+    async def write_rereads(self, peer: str, rereads: statecodec.Rereads) -> None:
         op = await self.rereads_op(peer, rereads)
         if op is not None:
             await self.zk.multi([op])
@@ -105,10 +96,13 @@ class Positions:
 
     async def excluded_op(self, exclude: tuple[str, ...]) -> ZkOp:
         """The write of the exclude list the peers' topics are read under from now on."""
-        data = statecodec.encode_paths(exclude)
-        if await self.zk.exists(self.excluded) is None:
-            return Create(self.excluded, data)
-        return SetData(self.excluded, data)
+        return await self._put(self.excluded, statecodec.encode_paths(exclude))
+
+    async def _put(self, path: str, data: bytes) -> ZkOp:
+        """Write ``data`` at ``path``, a znode only the leader writes: made if absent."""
+        if await self.zk.exists(path) is None:
+            return Create(path, data)
+        return SetData(path, data)
 
 
 async def read_positions(zk: ZooKeeper, layout: Layout, peer: str) -> dict[int, int]:

@@ -31,10 +31,12 @@ from bridge.msgfields import (
 
 __all__ = [
     "NULL_MARK",
+    "Rereads",
     "decode_conflict",
     "decode_gc",
     "decode_meta",
     "decode_outbox",
+    "decode_paths",
     "decode_positions",
     "decode_rereads",
     "encode_conflict",
@@ -42,6 +44,7 @@ __all__ = [
     "encode_meta",
     "encode_null_entry",
     "encode_outbox",
+    "encode_paths",
     "encode_positions",
     "encode_rereads",
     "is_null_entry",
