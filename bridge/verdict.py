@@ -104,6 +104,7 @@ def judge(
             problems.append(Problem(
                 "ERRORS", f"{len(recent)} error(s) in the last minute, latest "
                 f"{last.get('what')}: {last.get('error')}", logs))
+        problems += _held_problems(status.held_back, logs)
         oversized = sum(len(v) for v in status.oversized.values())
         if oversized:
             problems.append(Problem(
@@ -120,6 +121,31 @@ def judge(
         return Verdict(False, f"{first.kind}: {first.text}{more} -> {first.look}",
                        tuple(problems))
     return Verdict(True, _healthy_line(leader, peers, now_ms), ())
+
+
+def held_reasons(held_back: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """How many znodes are held back for each reason, from the status record's
+    ``"<path> (<reason>)"`` entries."""
+    counts: dict[str, int] = {}
+    for entries in held_back.values():
+        for entry in entries:
+            _, _, why = entry.rpartition(" (")
+            reason = why.rstrip(")") or "?"
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def _held_problems(held_back: Mapping[str, Sequence[str]], logs: str) -> list[Problem]:
+    """Znodes left out of replication until someone acts: the regions differ there."""
+    counts = held_reasons(held_back)
+    if not counts:
+        return []
+    total = sum(counts.values())
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    return [Problem(
+        "HELD_BACK", f"{total} znode(s) held back ({why}): not replicated, the regions "
+        "differ there until they are readable and writable (listed below)",
+        f"{logs} | grep znode_held_back (each names its fix)")]
 
 
 # Worst first: a collision needs an operator; a topic reset heals by itself.

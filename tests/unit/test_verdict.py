@@ -98,6 +98,21 @@ def test_oversized_znodes_are_a_problem() -> None:
     assert v.problems[0].kind == "OVERSIZED" and "2 znode(s)" in v.line
 
 
+def test_held_back_znodes_are_a_problem_counted_by_reason() -> None:
+    # Before, status said HEALTHY while paths were held back and the regions
+    # differed there.
+    held = {"critical": ["/a (write)", "/b (quota)", "/odd (name) (write)"], "other": []}
+    v = verdict(record(peer(), held_back=held, oversized={"critical": ["/big"]}))
+    assert [p.kind for p in v.problems] == ["HELD_BACK", "OVERSIZED"]
+    assert v.line.startswith("HELD_BACK: 3 znode(s) held back (1 quota, 2 write)")
+    assert "journalctl -u zkbridge@us-east" in v.problems[0].look
+    assert "znode_held_back" in v.problems[0].look
+    assert verdict(record(peer(), held_back={"critical": []})).healthy
+    # A stale record's list is not judged: the leader may have applied them since.
+    stale = verdict(record(peer(), held_back=held, age_s=STALE_RECORD_S + 5))
+    assert [p.kind for p in stale.problems] == ["STALE"]
+
+
 def test_last_applied_round_trips_and_old_records_still_read() -> None:
     st = record(peer(applied_s=2.0))
     back = Status.decode(st.encode())
