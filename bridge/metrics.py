@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -19,6 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bridge.acl import HOLD
+from bridge.plan import WRITE_HOLDS
 from bridge.status import now_ms
 
 if TYPE_CHECKING:
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
     from bridge.engine import Bridge
 
 log = structlog.get_logger("bridge.metrics")
+
+# Why a znode is held back: the capture's (the bridge may not read it, or its
+# ACL is narrower than acl: open may publish) and the apply's.
+HELD_REASONS = ("read", HOLD, *WRITE_HOLDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_stable_prefix_age_seconds", "gauge",
          "age of the newest point of an origin's stream every region has applied "
          "(absent: not known yet)", ("subtree", "origin")),
+    Spec("zkbridge_held_back", "gauge",
+         "znodes held back now, not replicated until readable and writable (see status)",
+         ("subtree", "reason")),
+    Spec("zkbridge_oversized", "gauge",
+         "znodes larger than max_data_bytes, not replicated", ("subtree",)),
     Spec("zkbridge_scan_seconds", "gauge", "duration of the last full scan", ("subtree",)),
     Spec("zkbridge_published", "counter", "events published", ("subtree",)),
     Spec("zkbridge_captured", "counter", "local changes captured", ("subtree",)),
@@ -153,6 +165,7 @@ class BridgeCollector(Collector):
             outbox.add_metric([name], b.streams.backlog(name))
         yield outbox
         yield from state_families(b)
+        yield from unreplicated_families(b)
         scan = family("zkbridge_scan_seconds")
         for name, secs in b.scan_seconds.items():
             scan.add_metric([name], secs)
@@ -203,6 +216,21 @@ def state_families(b: Bridge) -> Iterator[Metric]:
             if prefix_ms is not None:
                 stable.add_metric([name, origin], max(0.0, (now - prefix_ms) / 1000))
     yield from (age, held, stable)
+
+
+def unreplicated_families(b: Bridge) -> Iterator[Metric]:
+    """Znodes left out of replication now: the regions differ there until someone acts.
+
+    Every reason is exported per subtree, 0 included, so an alert on it never
+    sees "no data"."""
+    held = family("zkbridge_held_back")
+    oversized = family("zkbridge_oversized")
+    for name, store in b.stores.items():
+        counts = Counter(store.held_back.values())
+        for reason in (*HELD_REASONS, *sorted(set(counts) - set(HELD_REASONS))):
+            held.add_metric([name, reason], counts.get(reason, 0))
+        oversized.add_metric([name], len(store.oversized))
+    yield from (held, oversized)
 
 
 def healthz(bridge: Bridge) -> tuple[int, dict[str, object]]:

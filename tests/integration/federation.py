@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,3 +306,15 @@ class Federation:
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A bridge's /metrics on ``port``: each series with its labels → its value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values

@@ -19,9 +19,9 @@ from kazoo.security import ACL, OPEN_ACL_UNSAFE, Id, make_digest_acl
 
 from tests.conftest import ZkServers
 from tests.harness.broker import Broker
-from tests.harness.procs import wait_for
+from tests.harness.procs import free_port, wait_for
 from tests.harness.zookeeper import ZooKeeperServer, zk_cli
-from tests.integration.federation import Federation
+from tests.integration.federation import Federation, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,13 @@ def _status(fed: Federation, name: str) -> dict[str, object]:
     assert out.returncode in (0, 1), out.stderr
     doc: dict[str, object] = json.loads(out.stdout)
     return doc
+
+
+def _verdict(fed: Federation, name: str) -> str:
+    """The verdict line of ``zkbridge status`` in region ``name``."""
+    verdict = _status(fed, name)["verdict"]
+    assert isinstance(verdict, dict)
+    return str(verdict["line"])
 
 
 def _locked_in_r2(fed: Federation) -> None:
@@ -211,18 +218,35 @@ def test_a_held_event_is_applied_by_itself_once_the_znode_is_writable(
     # a rescan or SIGHUP did.
     fed = federation
     r1, r2 = fed["r1"], fed["r2"]
-    fed.write_config("r2", audit_interval=audit_interval)
+    port = free_port()
+    fed.write_config("r2", audit_interval=audit_interval,
+                     metrics={"listen": f"127.0.0.1:{port}"})
     _locked_in_r2(fed)
     fed.start_all()
     r1.client.create(r1.path("/locked"), b"from-r1")
     held = f"{fed.state_path}/subtrees/{fed.subtree}/held"
     wait_for(lambda: len(r2.client.get_children(held)) == 1, 20,
              message="r1's event was not held back in r2")
+    # The divergence is visible where an operator looks: the gauge and the
+    # status verdict (before: no gauge, and the verdict said HEALTHY).
+    gauge = f'zkbridge_held_back{{reason="write",subtree="{fed.subtree}"}}'
+    assert scrape(port)[gauge] == 1
+    seen = [""]
+
+    def verdict_starts(prefix: str) -> bool:
+        seen[0] = _verdict(fed, "r2")
+        return seen[0].startswith(prefix)
+
+    wait_for(lambda: verdict_starts("HELD_BACK: 1 znode(s) held back (1 write)"), 10,
+             message=lambda: f"status did not name the held znode: {seen[0]}")
     with _session(fed, "r2") as opener:
         opener.set_acls(r2.path("/locked"), OPEN_ACL_UNSAFE)
     # No SIGHUP.
     wait_for(lambda: not r2.client.get_children(held), 30,
              message="the held event was not tried again")
+    assert scrape(port)[gauge] == 0
+    wait_for(lambda: verdict_starts("HEALTHY"), 10,
+             message=lambda: f"status is not healthy once nothing is held: {seen[0]}")
     fed.assert_clean_logs()
 
 

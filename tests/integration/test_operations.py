@@ -30,7 +30,7 @@ from bridge.errors import FencedError
 from bridge.zk import Create, ZooKeeper
 from tests.harness import procs
 from tests.harness.procs import free_port, wait_for
-from tests.integration.federation import REPO, Federation
+from tests.integration.federation import REPO, Federation, scrape
 from tests.integration.test_faults import Stream, assert_nothing_lost
 from tests.integration.test_ordering import _counters
 
@@ -254,17 +254,6 @@ def test_lag_exits_2_when_servers_are_unreachable(federation: Federation, tmp_pa
     assert out.returncode == 2, out.stdout + out.stderr
     assert "cannot reach" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
 
 
 def test_metrics_move_and_match_the_cli(federation: Federation) -> None:

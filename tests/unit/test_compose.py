@@ -406,6 +406,8 @@ def _rule_with(alert_rules: list[dict[str, Any]], expr: str) -> dict[str, Any]:
         ("zkbridge_heartbeat_age_seconds > 30", "2m"),
         ("zkbridge_outbox_depth > 1000", "5m"),
         ("max by (region) (zkbridge_leader) == 0", "1m"),
+        ("sum by (region, subtree, reason) (zkbridge_held_back) > 0", "15m"),
+        ("zkbridge_oversized > 0", "5m"),
     ],
 )
 def test_required_alerts(alert_rules: list[dict[str, Any]], expr: str, duration: str) -> None:
