@@ -20,7 +20,7 @@ from bridge.model import Event, Op, VectorClock
 from tests.harness import procs
 from tests.harness.procs import wait_for
 from tests.harness.proxy import TcpProxy
-from tests.integration.federation import Federation
+from tests.integration.federation import Federation, scrape
 
 
 class Stream:
@@ -265,18 +265,24 @@ def test_session_expiry_rescans_and_misses_nothing(federation: Federation,
 
 def test_oversized_znode_is_reported_and_skipped(federation: Federation) -> None:
     fed = federation
+    port = procs.free_port()
     for name in fed.regions:
-        fed.write_config(name, max_data_bytes=1000)
+        fed.write_config(name, max_data_bytes=1000,
+                         **({"metrics": {"listen": f"127.0.0.1:{port}"}} if name == "r1" else {}))
     fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
+    gauge = f'zkbridge_oversized{{subtree="{fed.subtree}"}}'
+    assert scrape(port)[gauge] == 0
     r1.client.create(r1.path("/big"), b"x" * 5000)
     r1.client.create(r1.path("/small"), b"ok")
     wait_for(lambda: r2.client.exists(r2.path("/small")), 30)
     wait_for(lambda: fed.count_events("r1", "znode_oversized") >= 1, 30)
     assert not r2.client.exists(r2.path("/big"))
+    assert scrape(port)[gauge] == 1
     # Shrunk below the limit, it is replicated after all.
     r1.client.set(r1.path("/big"), b"now small")
     wait_for(lambda: r2.client.exists(r2.path("/big")), 30)
+    assert scrape(port)[gauge] == 0
     fed.wait_converged()
     fed.assert_clean_logs(allowed={"znode_oversized"})
 
