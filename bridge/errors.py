@@ -44,8 +44,9 @@ class ZooKeeperError(BridgeError):
 
 
 class ZooKeeperTlsError(BridgeError):
-    """The ensemble's certificate is refused (an untrusted CA, another host name): no
-    retry cures it."""
+    """TLS with the ensemble cannot work as configured (its certificate untrusted or
+    naming another host, this bridge's refused or missing, or no ``zookeeper.tls`` for
+    a server that speaks only TLS): no retry cures it."""
 
 
 class StateAccessError(BridgeError):

@@ -5,8 +5,11 @@ closed connection and try again for ever, like a server that is down. Some
 refusals no retry cures: the server's certificate is untrusted or names
 another host, or the server refuses the client's certificate (or its
 absence). A TLS 1.3 server judges the client's certificate only after the
-handshake, so the probe waits briefly for its alert too. Used by both
-adapters; each words the key to fix.
+handshake, so the probe waits briefly for its alert too. Others a server's
+operator cures, so the callers keep retrying but say why: a server that ends
+the handshake without a word (a port that does not speak TLS, or no cipher
+suite in common, as a TLSv1.3-only ZooKeeper with its default ssl.ciphersuites
+offers). Used by both adapters; each words the key to fix.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ _CLIENT_CERT_ALERT = re.compile(
 class Refusal:
     """Whose certificate a TLS connection failed on, and why in the TLS library's words."""
 
-    refused: Literal["server", "client", "hostname"]
+    refused: Literal["server", "client", "hostname", "handshake"]
     why: str
+
+    @property
+    def curable_here(self) -> bool:
+        """A certificate this bridge shows or trusts: only its configuration cures it."""
+        return self.refused != "handshake"
 
 
 def host_and_port(server: str, default_port: int) -> tuple[str, int]:
@@ -44,16 +52,45 @@ def probe(host: str, port: int, context: ssl.SSLContext, *,
           timeout: float = 5.0) -> Refusal | None:
     """Why ``host:port`` refuses TLS with ``context``; None: accepted, or no answer."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname=host) as tls:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except (OSError, ValueError):
+        return None  # unreachable: nothing refused
+    shaken = False
+    try:
+        with raw, context.wrap_socket(raw, server_hostname=host) as tls:
+            shaken = True
             tls.settimeout(ALERT_WAIT_SECONDS)
             tls.recv(1)  # a server waits for the client's first request: nothing comes
     except ssl.SSLCertVerificationError as exc:
         why = exc.verify_message or str(exc)
         return Refusal("hostname" if "mismatch" in why else "server", why)
     except ssl.SSLError as exc:
+        why = (exc.reason or type(exc).__name__).replace("_", " ").lower()
         if _CLIENT_CERT_ALERT.search(exc.reason or ""):
-            return Refusal("client", (exc.reason or "").replace("_", " ").lower())
+            return Refusal("client", why)
+        if not shaken:
+            return Refusal("handshake", why)
+    except ConnectionError as exc:  # reset; a timeout is no answer, not a refusal
+        if not shaken:
+            return Refusal("handshake", type(exc).__name__)
     except (OSError, ValueError):
-        pass  # unreachable, or timed out waiting: nothing refused
+        pass
     return None
+
+
+def speaks_tls(host: str, port: int, *, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` answers a TLS handshake, its certificate unchecked: a
+    server that a client without TLS never gets a session from."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLError as exc:
+        # An alert is TLS spoken back (a client certificate asked for, say); a
+        # closed socket or bytes that are no TLS record are a plain server.
+        return "ALERT" in (exc.reason or "")
+    except (OSError, ValueError):
+        return False

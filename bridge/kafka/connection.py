@@ -113,8 +113,14 @@ class Connection:
                     # A TLS 1.3 broker refuses a client certificate after the
                     # handshake: aiokafka sees only a closed connection.
                     refusal = await asyncio.to_thread(probe, host, port, context)
-                    if refusal is not None:
+                    if refusal is not None and refusal.curable_here:
                         raise FatalKafkaError(self._refused(server, refusal)) from exc
+                    if refusal is not None:  # the broker's operator cures it
+                        unreachable.append(
+                            f"{server} ends the TLS handshake ({refusal.why}): check that "
+                            "it is an SSL listener and its ssl.enabled.protocols and "
+                            "ssl.cipher.suites")
+                        continue
                 unreachable.append(f"{server}: {type(exc).__name__} {exc}")
                 continue
             conn.close()

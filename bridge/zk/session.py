@@ -24,7 +24,7 @@ from kazoo.retry import KazooRetry
 
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import ZooKeeperError, ZooKeeperTlsError
-from bridge.tlsprobe import host_and_port, probe
+from bridge.tlsprobe import host_and_port, probe, speaks_tls
 from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
@@ -40,36 +40,51 @@ from bridge.zk.wire import Client, Many
 log = structlog.get_logger("bridge.zk")
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
+PROBE_TIMEOUT = 2.0  # per server, when a start failed: a blackholed one costs this much more
 
 
-def tls_refusal(settings: ZooKeeperSettings) -> str | None:
-    """Why the first reachable server refuses TLS with this bridge (a line naming the key
-    to fix), or None: accepted, or no server answered."""
+def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
+    """Why no session was had, asked once ourselves (kazoo only logs each failed try):
+    a line naming what to fix, and whether no retry can cure it (this bridge's
+    TLS settings are wrong, or missing for a server that speaks only TLS)."""
     tls = settings.tls
-    assert tls is not None
+    if tls is None:
+        for hostport in settings.hosts.split(","):
+            if speaks_tls(*host_and_port(hostport, 2181), timeout=PROBE_TIMEOUT):
+                return (f"ZooKeeper at {hostport} speaks TLS (a secureClientPort): set "
+                        "zookeeper.tls, or name the servers' clientPort in zookeeper.hosts",
+                        True)
+        return "check zookeeper.hosts and that the ensemble is up", False
     try:
         context = ssl.create_default_context(cafile=tls.cafile)
         context.check_hostname = tls.check_hostname
         if tls.certfile:
             context.load_cert_chain(tls.certfile, tls.keyfile)
     except (OSError, ValueError) as exc:  # changed since the configuration was loaded
-        return f"cannot load the zookeeper.tls files: {exc}"
+        return f"cannot load the zookeeper.tls files: {exc}", True
     for hostport in settings.hosts.split(","):
-        refusal = probe(*host_and_port(hostport, 2181), context)
+        refusal = probe(*host_and_port(hostport, 2181), context, timeout=PROBE_TIMEOUT)
         if refusal is None:
             continue
+        if refusal.refused == "handshake":
+            # The servers' operator cures it (or a rolling restart is under way).
+            return (f"ZooKeeper at {hostport} ends the TLS handshake ({refusal.why}): check "
+                    "that it is the servers' secureClientPort, and their ssl.protocol, "
+                    "ssl.enabledProtocols and ssl.ciphersuites (a TLSv1.3-only server needs "
+                    "TLS 1.3 suites in ssl.ciphersuites: ZooKeeper's default list has none)",
+                    False)
         if refusal.refused == "client":
             if not tls.certfile:
                 return (f"ZooKeeper at {hostport} requires a client certificate "
                         f"({refusal.why}); set zookeeper.tls.certfile and keyfile to one "
-                        "signed by a CA in the servers' ssl.trustStore")
+                        "signed by a CA in the servers' ssl.trustStore", True)
             return (f"ZooKeeper at {hostport} refuses this bridge's certificate "
                     f"({refusal.why}); check zookeeper.tls.certfile: the CA that signed it "
-                    "must be in the servers' ssl.trustStore, and it must be valid now")
+                    "must be in the servers' ssl.trustStore, and it must be valid now", True)
         key = "check_hostname" if refusal.refused == "hostname" else "cafile"
         return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
-                f"check zookeeper.tls.{key}")
-    return None
+                f"check zookeeper.tls.{key}", True)
+    return "check zookeeper.hosts and that the ensemble is up", False
 
 
 def _tls_options(tls: ZooKeeperTls | None) -> dict[str, Any]:
@@ -126,16 +141,14 @@ class Session:
             await asyncio.to_thread(self._client.start, self._settings.connect_timeout)
         except Exception as exc:
             await asyncio.to_thread(self._client.stop)
-            if self._settings.tls is not None:
-                # kazoo logs a refused certificate and tries again for ever: ask once
-                # ourselves, so that what no retry can cure stops the bridge.
-                untrusted = await asyncio.to_thread(tls_refusal, self._settings)
-                if untrusted is not None:
-                    raise ZooKeeperTlsError(untrusted) from exc
+            # kazoo logs a refused handshake and tries again for ever: ask once
+            # ourselves, so that what no retry can cure stops the bridge.
+            why, fatal = await asyncio.to_thread(connect_failure, self._settings)
+            if fatal:
+                raise ZooKeeperTlsError(why) from exc
             raise ZooKeeperError(
                 f"cannot connect to ZooKeeper at {self._settings.hosts} within "
-                f"{self._settings.connect_timeout:g}s: check zookeeper.hosts and that the "
-                "ensemble is up"
+                f"{self._settings.connect_timeout:g}s: {why}"
             ) from exc
         self._session_id = self._client.client_id[0] if self._client.client_id else None
         self._client.add_listener(self._on_state)

@@ -183,6 +183,20 @@ def test_ssl_bridges_replicate_and_an_untrusted_ca_fails_at_once(
         line = _one_error(fed, "r3")
         assert "not trusted" in line and "kafka.ssl.cafile" in line, line
         fed.assert_clean_logs(allowed={"bridge_stopped"})
+
+        # A listener that does not speak TLS ends the handshake: retried (its
+        # operator may be moving it to SSL), and the retries say so (before: only
+        # "Connection closed", as for a broker that is down).
+        fed.write_config("r3", kafka={"security_protocol": "SSL",
+                                      "bootstrap_servers": ssl_kafka.internal_bootstrap,
+                                      "ssl": {"cafile": str(tls.ca_cert)}})
+        before = len(fed.events("r3"))
+        fed.start("r3", wait=False)
+        wait_for(lambda: any("ends the TLS handshake" in str(e.get("error", ""))
+                             for e in fed.events("r3")[before:]), 30,
+                 message="r3's retries did not say the listener ends the TLS handshake")
+        r3 = fed["r3"]
+        assert r3.proc is not None and r3.proc.poll() is None, "r3's bridge gave up"
     finally:
         fed.close()
 

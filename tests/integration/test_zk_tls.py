@@ -5,6 +5,8 @@ certificate made with openssl at test time; the server requires client certifica
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +25,17 @@ from tests.integration.federation import Federation
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[tuple[ZooKeeperServer, int, TlsFiles]]:
-    files = make_tls(tmp_path / "tls")
-    port = procs.free_port()
-    server = ZooKeeperServer("r1-tls", extra_config=[
+# A server that allows only TLS 1.3. ZooKeeper's default ssl.ciphersuites are TLS 1.2
+# suites only, so such a server needs TLS 1.3 suites named, or it ends every
+# handshake, its own Java client's too (tried: "No appropriate protocol").
+TLS13_ONLY = ("ssl.protocol=TLSv1.3", "ssl.enabledProtocols=TLSv1.3")
+TLS13_SUITES = "ssl.ciphersuites=TLS_AES_128_GCM_SHA256,TLS_AES_256_GCM_SHA384"
+
+
+def secure_config(files: TlsFiles, port: int, *more: str) -> list[str]:
+    """zoo.cfg lines of a server speaking only TLS on ``port``, requiring client
+    certificates signed by the test CA."""
+    return [
         f"secureClientPort={port}",
         "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
         f"ssl.keyStore.location={files.keystore}",
@@ -36,7 +44,15 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[ZooKeeperServer, int, TlsFiles]
         f"ssl.trustStore.location={files.ca_cert}",
         "ssl.trustStore.type=PEM",
         "ssl.clientAuth=need",  # ZooKeeper's default: clients show a certificate
-    ])
+        *more,
+    ]
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[ZooKeeperServer, int, TlsFiles]]:
+    files = make_tls(tmp_path / "tls")
+    port = procs.free_port()
+    server = ZooKeeperServer("r1-tls", extra_config=secure_config(files, port))
     server.start()
     try:
         yield server, port, files
@@ -107,5 +123,58 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
                                                       **identity}})
             tail = assert_stops_naming(fed, "zookeeper.tls.certfile")
             assert says in tail, tail
+
+        # No zookeeper.tls for a port that speaks only TLS: as incurable (before:
+        # "check zookeeper.hosts and that the ensemble is up", retried for ever).
+        fed.write_config("r1", zookeeper={"hosts": secure, "connect_timeout": 3})
+        tail = assert_stops_naming(fed, "set zookeeper.tls")
+        assert "speaks TLS" in tail, tail
     finally:
         fed.close()
+
+
+def test_a_tls13_only_ensemble_is_named_until_it_offers_tls13_suites_then_replicates(
+    tmp_path: Path, token: str, broker: Broker, zk_servers: ZkServers,
+) -> None:
+    files = make_tls(tmp_path / "tls")
+    port = procs.free_port()
+    server = ZooKeeperServer("r1-tls13", extra_config=secure_config(files, port, *TLS13_ONLY))
+    server.start()
+    secure = f"127.0.0.1:{port}"
+    cert, key = make_client_cert(files)
+    fed = Federation(tmp_path, token, broker, {"r1": server, "r2": zk_servers.regions[1]})
+    try:
+        fed.write_config("r1", zookeeper={
+            "hosts": secure, "connect_timeout": 3,
+            "tls": {"cafile": str(files.ca_cert), "certfile": str(cert), "keyfile": str(key)}})
+        fed.start("r1", wait=False)
+        fed.start("r2")
+        # The server ends every handshake: a condition its operator cures, so the
+        # bridge keeps trying, and says why (before: "check zookeeper.hosts and that
+        # the ensemble is up").
+        wait_for(lambda: any("ssl.ciphersuites" in str(e.get("error", ""))
+                             for e in fed.events("r1")), 30,
+                 message="r1's bridge did not say the server ends the TLS handshake")
+        r1 = fed["r1"]
+        assert r1.proc is not None and r1.proc.poll() is None, "r1's bridge gave up"
+        # The servers' operator names TLS 1.3 suites: the bridge gets in by itself.
+        server.extra_config = (*server.extra_config, TLS13_SUITES)
+        server.restart()
+        fed.wait_ready("r1", timeout=60)
+        r2 = fed["r2"]
+        r1.client.create(r1.path("/over-tls13"), b"a")
+        r2.client.create(r2.path("/to-tls13"), b"b")
+        wait_for(lambda: r2.client.exists(r2.path("/over-tls13")) is not None, 20)
+        wait_for(lambda: r1.client.exists(r1.path("/to-tls13")) is not None, 20)
+        fed.wait_converged()
+        # Only TLS 1.3 is spoken there: a client that stops at 1.2 is refused.
+        context = ssl.create_default_context(cafile=str(files.ca_cert))
+        context.load_cert_chain(cert, key)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        with socket.create_connection(("127.0.0.1", port), 5) as raw, \
+                pytest.raises(ssl.SSLError):
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+        fed.assert_clean_logs(allowed={"retrying"})
+    finally:
+        fed.close()
+        server.close()
