@@ -19,7 +19,9 @@ from aiokafka.helpers import create_ssl_context
 from bridge.config import KafkaSettings
 from bridge.errors import FatalKafkaError, KafkaError
 from bridge.kafka.boundary import _FATAL
-from bridge.tlsprobe import Refusal, host_and_port, probe
+from bridge.tlsprobe import Refusal, host_and_port, probe, speaks_tls
+
+TLS_PROBE_TIMEOUT = 2.0  # per broker, asked only once a plain connection failed
 
 
 class Connection:
@@ -64,14 +66,15 @@ class Connection:
         return opts
 
     async def _check_security(self) -> None:
-        """Fail at once on a broker we must not or cannot talk to (untrusted TLS, bad SASL).
+        """Fail at once on a broker we must not or cannot talk to (untrusted TLS, bad SASL,
+        a TLS listener without kafka.ssl).
 
         aiokafka's bootstrap logs such a cause and then raises the same retriable
         "Unable to bootstrap" it raises for a broker that is merely down, so one
         connection made here first tells the two apart. Unreachable brokers stay
         retriable.
         """
-        if self._secure_ok or self.settings.security_protocol == "PLAINTEXT":
+        if self._secure_ok:
             return
         opts = self._common()
         unreachable: list[str] = []
@@ -109,6 +112,12 @@ class Connection:
                 ) from exc
             except (AioKafkaError, OSError, TimeoutError) as exc:
                 context = opts.get("ssl_context")
+                if context is None and await asyncio.to_thread(
+                        speaks_tls, host, port, timeout=TLS_PROBE_TIMEOUT):
+                    raise FatalKafkaError(
+                        f"{server} speaks TLS: set kafka.security_protocol to SSL or "
+                        "SASL_SSL (with kafka.ssl), or name a PLAINTEXT listener in "
+                        "kafka.bootstrap_servers") from exc
                 if context is not None:
                     # A TLS 1.3 broker refuses a client certificate after the
                     # handshake: aiokafka sees only a closed connection.

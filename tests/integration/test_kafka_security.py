@@ -197,6 +197,19 @@ def test_ssl_bridges_replicate_and_an_untrusted_ca_fails_at_once(
                  message="r3's retries did not say the listener ends the TLS handshake")
         r3 = fed["r3"]
         assert r3.proc is not None and r3.proc.poll() is None, "r3's bridge gave up"
+        fed.stop("r3")
+
+        # The reverse, no TLS configured for an SSL listener: only the config cures
+        # it (before: "Unable to bootstrap", retried for ever).
+        fed.write_config("r3", kafka={"security_protocol": "PLAINTEXT"})
+        before = len(fed.events("r3"))
+        fed.start("r3", wait=False)
+        rc, took = _wait_exit(fed, "r3")
+        assert rc == 1
+        assert took < 20, f"took {took:.1f}s: a retry loop?"
+        errors = [e for e in fed.events("r3")[before:] if e.get("level") == "error"]
+        line = str(errors[-1].get("error"))
+        assert "speaks TLS" in line and "kafka.security_protocol" in line, line
     finally:
         fed.close()
 
