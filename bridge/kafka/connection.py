@@ -6,6 +6,7 @@ made before the first one does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from typing import Any
 
@@ -22,6 +23,7 @@ from bridge.kafka.boundary import _FATAL
 from bridge.tlsprobe import Refusal, host_and_port, probe, speaks_tls
 
 TLS_PROBE_TIMEOUT = 2.0  # per broker, asked only once a plain connection failed
+DIAGNOSE_INTERVAL = 10.0  # seconds between two diagnoses of failures while running
 
 
 class Connection:
@@ -41,6 +43,7 @@ class Connection:
         self._probe_lock = asyncio.Lock()
         self._probe_fetch = asyncio.Lock()  # readable_ends assigns the query consumer
         self._secure_ok = False
+        self._diagnosed_at = float("-inf")
         self._producer_lock = asyncio.Lock()
         self._producer_started = False
         self._ids_unsupported = False
@@ -137,6 +140,28 @@ class Connection:
             return
         # Down or unreachable: the caller retries.
         raise KafkaError("connect: " + "; ".join(unreachable))
+
+    async def diagnose(self) -> None:
+        """After a failure while running (a topic check without an answer), ask the
+        brokers again whether they still take this bridge's identity; raise
+        FatalKafkaError if not, as at start.
+
+        A client certificate that expired or is no longer trusted, or a SASL
+        password changed on the brokers, shows once the clients reconnect, only
+        as closed connections and timeouts, retried for ever. Stopping with the
+        key to fix lets the service manager start the bridge again, which loads
+        the files anew (a renewed certificate or password file then just works).
+        Asked at most once every DIAGNOSE_INTERVAL seconds, and never for
+        PLAINTEXT (no identity to refuse).
+        """
+        now = asyncio.get_running_loop().time()
+        if (self.settings.security_protocol == "PLAINTEXT"
+                or now - self._diagnosed_at < DIAGNOSE_INTERVAL):
+            return
+        self._diagnosed_at = now
+        self._secure_ok = False
+        with contextlib.suppress(KafkaError):  # unreachable: the retry goes on
+            await self._check_security()
 
     def _refused(self, server: str, refusal: Refusal) -> str:
         if refusal.refused == "hostname":
