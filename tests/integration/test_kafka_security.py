@@ -32,7 +32,8 @@ from tests.integration.federation import Federation
 PASSWORDS = {name: f"Secret-{name}-Pa55word-7x" for name in REGION_NAMES}
 ADMIN_PASSWORD = "Secret-admin-Pa55word-7x"
 WRONG_PASSWORD = "Secret-WRONG-Pa55word-7x"
-ALL_SECRETS = (*PASSWORDS.values(), ADMIN_PASSWORD, WRONG_PASSWORD)
+NEW_PASSWORD = "Secret-rotated-Pa55word-7x"
+ALL_SECRETS = (*PASSWORDS.values(), ADMIN_PASSWORD, WRONG_PASSWORD, NEW_PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +357,50 @@ def test_wrong_sasl_password_fails_at_once_with_one_line_and_no_secret(
         _assert_no_secret(fed["r1"].log_path.read_text())
     finally:
         fed.close()
+
+
+def test_a_password_the_brokers_change_while_running_is_named_and_the_new_one_resumes(
+    tls: TlsFiles, tmp_path: Path, token: str, zk_servers: ZkServers,
+) -> None:
+    # r1's SCRAM password is changed on the brokers while the bridges run: its
+    # open connections stay authenticated, the next ones are refused. Before:
+    # publishing waited for ever. Now it stops naming the key, and its restart
+    # reads the new password from password_file.
+    security = KafkaSecurity("SASL_SSL", tls.keystore, tls.keystore_password,
+                             scram_users={"admin": ADMIN_PASSWORD, **PASSWORDS})
+    broker = KafkaBroker(tmp_path / "kafka", security=security)
+    broker.start()
+    fed = _federation(tmp_path, token, broker, zk_servers)
+    secret = tmp_path / "r1.password"
+    try:
+        secret.write_text(PASSWORDS["r1"] + "\n")
+        fed.write_config("r1", kafka={
+            "security_protocol": "SASL_SSL", "ssl": {"cafile": str(tls.ca_cert)},
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": "r1",
+                     "password_file": str(secret)}})
+        _sasl(fed, "r2", tls)
+        _r1_to_r2(fed, "/before")
+        broker.run_tool("kafka.admin.ConfigCommand", "--bootstrap-server",
+                        broker.internal_bootstrap, "--alter", "--add-config",
+                        f"SCRAM-SHA-512=[password={NEW_PASSWORD}]",
+                        "--entity-type", "users", "--entity-name", "r1")
+        broker.restart()  # the clients reconnect
+        rc, _ = _wait_exit(fed, "r1", timeout=90)
+        assert rc == 1
+        line = _last_error(fed, "r1")
+        assert "authentication of 'r1' failed" in line and "kafka.sasl.password" in line, line
+        r2 = fed["r2"]
+        assert r2.proc is not None and r2.proc.poll() is None, "r2's bridge stopped too"
+        secret.write_text(NEW_PASSWORD + "\n")
+        fed.start("r1")
+        r1 = fed["r1"]
+        r1.client.create(r1.path("/after"), b"new password")
+        wait_for(lambda: r2.client.exists(r2.path("/after")), 30)
+        _assert_no_secret(fed["r1"].log_path.read_text(), fed["r2"].log_path.read_text())
+        fed.assert_clean_logs(allowed={"bridge_stopped", "task_failed"})
+    finally:
+        fed.close()
+        broker.close()
 
 
 def test_a_principal_cannot_publish_into_another_regions_topic(
