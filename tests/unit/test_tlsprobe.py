@@ -1,10 +1,20 @@
-"""Where the TLS probe connects: each form a host list's entry may take."""
+"""The TLS probe: where it connects (each form a host list's entry may take), and what
+a server's answer to its handshake means."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 
-from bridge.tlsprobe import host_and_port
+from bridge.tlsprobe import host_and_port, probe, speaks_tls
+from tests.harness.tls import make_tls
 
 
 @pytest.mark.parametrize(("server", "expected"), [
@@ -18,3 +28,92 @@ from bridge.tlsprobe import host_and_port
 ])
 def test_host_and_port(server: str, expected: tuple[str, int]) -> None:
     assert host_and_port(server, 2181) == expected
+
+
+# -- what a server's answer to a handshake means, against local sockets ------------------
+
+
+@contextlib.contextmanager
+def _listening(answer: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback server whose accepted connections ``answer`` handles; its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def _closes(conn: socket.socket) -> None:
+    """A plain server given a ClientHello: it reads a few bytes and hangs up."""
+    conn.recv(4)
+
+
+def _silent(conn: socket.socket) -> None:
+    """A frozen server: the kernel accepted, nobody answers."""
+    time.sleep(1.5)
+
+
+def _client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def test_a_server_that_hangs_up_during_the_handshake_is_a_handshake_refusal() -> None:
+    with _listening(_closes) as port:
+        refusal = probe("127.0.0.1", port, _client_context(), timeout=2)
+        assert refusal is not None and refusal.refused == "handshake", refusal
+        assert not refusal.curable_here
+        assert not speaks_tls("127.0.0.1", port, timeout=2)
+
+
+def test_a_server_that_never_answers_refuses_nothing() -> None:
+    # A frozen server is "no answer", never "ends the handshake".
+    with _listening(_silent) as port:
+        assert probe("127.0.0.1", port, _client_context(), timeout=0.5) is None
+        assert not speaks_tls("127.0.0.1", port, timeout=0.5)
+
+
+def test_nobody_listening_refuses_nothing() -> None:
+    with _listening(_closes) as port:
+        pass
+    assert probe("127.0.0.1", port, _client_context(), timeout=0.5) is None
+    assert not speaks_tls("127.0.0.1", port, timeout=0.5)
+
+
+def test_a_tls_server_speaks_tls_whether_or_not_it_wants_a_client_certificate(
+    tmp_path: Path,
+) -> None:
+    files = make_tls(tmp_path)
+    for required in (False, True):
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(files.server_cert, files.server_key)
+        if required:
+            server.load_verify_locations(files.ca_cert)
+            server.verify_mode = ssl.CERT_REQUIRED
+
+        def handshake(conn: socket.socket, server: ssl.SSLContext = server) -> None:
+            with contextlib.suppress(ssl.SSLError, OSError), \
+                    server.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(1)
+                tls.recv(1)
+
+        with _listening(handshake) as port:
+            assert speaks_tls("127.0.0.1", port, timeout=2), required
