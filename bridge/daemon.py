@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -106,6 +107,7 @@ class Daemon:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_unawaited)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop(sig))
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -164,6 +166,22 @@ def _tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     gc.enable()  # off while the entry point imported (bridge.__main__)
+
+
+def _unawaited(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's report of an error nobody awaited, for the connection errors only as a
+    line at debug level.
+
+    aiokafka never awaits a connection's own end: the TLS alert that closed
+    one (a certificate the broker refused) came back as a traceback when the
+    future was collected, after the bridge had named the refusal in one line.
+    Anything else is reported as asyncio would.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and "never retrieved" in str(context.get("message", "")):
+        log.debug("connection_error_unawaited", error=f"{type(exc).__name__}: {exc}")
+        return
+    loop.default_exception_handler(context)
 
 
 def _exit_now() -> None:

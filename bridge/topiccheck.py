@@ -119,8 +119,9 @@ class TopicCheck:
         if isinstance(answer, TimeoutError | KafkaError):
             # The producer waits out a broker that refuses this bridge's identity
             # (an expired or no longer trusted certificate) without an error:
-            # this check, every second, is where it shows. Stops if so.
-            await b.kafka.diagnose()
+            # this check, every second, is where it shows; the bridge stops if
+            # so. Aside: a connection into a network cut may take a while.
+            b.background(b.guarded("diagnose kafka", b.kafka.diagnose))
         if isinstance(answer, TimeoutError):
             b.note_error("topic check", f"no answer within {TOPIC_CHECK_TIMEOUT:g}s")
             return  # looked at again next round; nothing is decided on no answer

@@ -44,6 +44,7 @@ class Connection:
         self._probe_fetch = asyncio.Lock()  # readable_ends assigns the query consumer
         self._secure_ok = False
         self._diagnosed_at = float("-inf")
+        self._diagnosing = False
         self._producer_lock = asyncio.Lock()
         self._producer_started = False
         self._ids_unsupported = False
@@ -155,13 +156,16 @@ class Connection:
         PLAINTEXT (no identity to refuse).
         """
         now = asyncio.get_running_loop().time()
-        if (self.settings.security_protocol == "PLAINTEXT"
+        if (self.settings.security_protocol == "PLAINTEXT" or self._diagnosing
                 or now - self._diagnosed_at < DIAGNOSE_INTERVAL):
             return
-        self._diagnosed_at = now
+        self._diagnosed_at, self._diagnosing = now, True
         self._secure_ok = False
-        with contextlib.suppress(KafkaError):  # unreachable: the retry goes on
-            await self._check_security()
+        try:
+            with contextlib.suppress(KafkaError):  # unreachable: the retry goes on
+                await self._check_security()
+        finally:
+            self._diagnosing = False
 
     def _refused(self, server: str, refusal: Refusal) -> str:
         if refusal.refused == "hostname":

@@ -3,7 +3,9 @@ a server's answer to its handshake means."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import socket
 import ssl
 import threading
@@ -117,3 +119,32 @@ def test_a_tls_server_speaks_tls_whether_or_not_it_wants_a_client_certificate(
 
         with _listening(handshake) as port:
             assert speaks_tls("127.0.0.1", port, timeout=2), required
+
+
+# -- the error that closed a connection, when nobody awaited it --------------------------
+
+
+@pytest.mark.parametrize(("error", "reported"), [
+    (ssl.SSLError(1, "[SSL: SSLV3_ALERT_CERTIFICATE_UNKNOWN] sslv3 alert certificate unknown"),
+     False),
+    (ConnectionResetError(104, "Connection reset by peer"), False),
+    (ValueError("a bug"), True),
+])
+def test_an_unawaited_connection_error_is_no_traceback_anything_else_is(
+    error: Exception, reported: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # CI saw aiokafka's unawaited TLS alert come back as a traceback in the
+    # bridge's log, after the bridge had named the refused certificate.
+    from bridge.daemon import _unawaited
+
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_unawaited)
+    try:
+        future = loop.create_future()
+        future.set_exception(error)
+        del future
+        gc.collect()
+    finally:
+        loop.close()
+    told = [r for r in caplog.records if r.name == "asyncio"]
+    assert bool(told) == reported, told
