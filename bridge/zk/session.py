@@ -41,6 +41,7 @@ log = structlog.get_logger("bridge.zk")
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
 PROBE_TIMEOUT = 2.0  # per server, when a start failed: a blackholed one costs this much more
+_UNREACHED = "check zookeeper.hosts and that the ensemble is up"
 
 
 def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
@@ -54,7 +55,7 @@ def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
                 return (f"ZooKeeper at {hostport} speaks TLS (a secureClientPort): set "
                         "zookeeper.tls, or name the servers' clientPort in zookeeper.hosts",
                         True)
-        return "check zookeeper.hosts and that the ensemble is up", False
+        return _UNREACHED, False
     try:
         context = ssl.create_default_context(cafile=tls.cafile)
         context.check_hostname = tls.check_hostname
@@ -84,7 +85,7 @@ def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
         key = "check_hostname" if refusal.refused == "hostname" else "cafile"
         return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
                 f"check zookeeper.tls.{key}", True)
-    return "check zookeeper.hosts and that the ensemble is up", False
+    return _UNREACHED, False
 
 
 def _tls_options(tls: ZooKeeperTls | None) -> dict[str, Any]:
