@@ -2,7 +2,8 @@
 
 Registers this bridge's member znode (again after a new session), reacts to
 session events (a lost session ends a leader's term; a reconnect rescans),
-restarts a ZooKeeper client whose disconnection does not heal, connects the
+asks the servers why a disconnection lasts (a certificate they refuse stops the
+bridge), restarts a ZooKeeper client whose disconnection does not heal, connects the
 separate ACL reader in the background, and closes the clients in order.
 """
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 # The logger these events always had: log routing and tests select them by it.
 log = structlog.get_logger("bridge.engine")
+
+DIAGNOSE_AFTER = 5.0  # seconds without a connection before the servers are asked why
+DIAGNOSE_INTERVAL = 10.0  # seconds between two such questions while it lasts
 
 
 class Clients:
@@ -87,8 +91,19 @@ class Clients:
             # otherwise left the term without a watch).
             self.bridge.watching.request()
 
+    async def _diagnose(self, down_for: float) -> None:
+        """Why the disconnection lasts, asked of the servers: a certificate they stopped
+        taking (expired, or its CA no longer in their trust store) shows only as refused
+        handshakes, which kazoo retries for ever. That stops the bridge naming the key,
+        as at start; the service manager's restart then loads the files anew."""
+        why = await self.bridge.zk.diagnose()
+        if why is not None:
+            log.warning("zookeeper_unreachable", disconnected_for=round(down_for, 1), error=why)
+            self.bridge.note_error("zookeeper", why)
+
     async def watchdog(self) -> None:
-        """Restart the ZooKeeper client after a disconnection that does not heal.
+        """Ask why a disconnection lasts, and restart the ZooKeeper client if it does not
+        heal.
 
         kazoo reconnects by itself through ordinary outages; what it cannot get
         past is an ensemble that lost its data (wiped, restored from an old
@@ -96,6 +111,7 @@ class Clients:
         """
         limit = max(15.0, 3 * self.bridge.settings.zookeeper.session_timeout)
         down_since: float | None = None
+        diagnosed_at = float("-inf")
         while not self._stop.is_set():
             await asyncio.sleep(1.0)
             if self.bridge.zk.connected:
@@ -103,6 +119,9 @@ class Clients:
                 continue
             now = time.monotonic()
             down_since = down_since or now
+            if now - down_since >= DIAGNOSE_AFTER and now - diagnosed_at >= DIAGNOSE_INTERVAL:
+                diagnosed_at = now
+                await self._diagnose(now - down_since)
             if now - down_since < limit:
                 continue
             log.warning("zookeeper_client_restart", disconnected_for=round(now - down_since, 1),

@@ -142,7 +142,7 @@ class Bridge:
             self.zk.on_session(self.clients.on_session)
             self.clients.acl_zk_starting = asyncio.ensure_future(self.clients.start_acl_reader())
             await self.clients.register_member()
-            self.background(self.clients.watchdog())
+            self.background(self.guarded("zookeeper watchdog", self.clients.watchdog))
             while not self._stop.is_set() and self._fatal is None:
                 self.role = "candidate"
                 elected = asyncio.create_task(self.election.wait())

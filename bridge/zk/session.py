@@ -154,6 +154,16 @@ class Session:
         self._session_id = self._client.client_id[0] if self._client.client_id else None
         self._client.add_listener(self._on_state)
 
+    async def diagnose(self) -> str | None:
+        """Ask the servers once why this session has no connection (kazoo only logs each
+        failed try): raise ZooKeeperTlsError if no retry can cure it (the servers stopped
+        taking this bridge's certificate, or now speak only TLS); else a line naming what
+        to check, or None when all that is known is that no server answers."""
+        why, fatal = await asyncio.to_thread(connect_failure, self._settings)
+        if fatal:
+            raise ZooKeeperTlsError(why)
+        return None if why == _UNREACHED else why
+
     async def stop(self) -> None:
         try:
             await asyncio.to_thread(self._client.stop)

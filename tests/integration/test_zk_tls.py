@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,64 @@ def test_a_tls13_only_ensemble_is_named_until_it_offers_tls13_suites_then_replic
     finally:
         fed.close()
         server.close()
+
+
+def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_new_one_resumes(
+    tmp_path: Path, token: str, broker: Broker, zk_servers: ZkServers,
+    tls_server: tuple[ZooKeeperServer, int, TlsFiles], harness_report: Callable[[str], None],
+) -> None:
+    server, port, files = tls_server
+    cert, key = make_client_cert(files)
+    fed = Federation(tmp_path, token, broker, {"r1": server, "r2": zk_servers.regions[1]})
+    try:
+        fed.write_config("r1", zookeeper={
+            "hosts": f"127.0.0.1:{port}", "connect_timeout": 3,
+            "tls": {"cafile": str(files.ca_cert), "certfile": str(cert), "keyfile": str(key)}})
+        fed.start_all()
+        r1, r2 = fed["r1"], fed["r2"]
+        r1.client.create(r1.path("/before"), b"a")
+        wait_for(lambda: r2.client.exists(r2.path("/before")) is not None, 20)
+        # A server that ends every handshake (TLS 1.3 only, without TLS 1.3 suites): its
+        # operator cures that, so the running bridge stays, and says why.
+        trusting = server.extra_config
+        server.extra_config = (*trusting, *TLS13_ONLY)
+        server.restart()
+        wait_for(lambda: any(e.get("event") == "zookeeper_unreachable"
+                             and "ssl.ciphersuites" in str(e.get("error"))
+                             for e in fed.events("r1")), 40,
+                 message="r1's bridge did not say the server ends the TLS handshake")
+        assert r1.proc is not None and r1.proc.poll() is None, "r1's bridge gave up"
+        # The servers' operator rotates the clients' CA: after a restart the servers
+        # trust only the new one, and the running bridge's next connection is refused.
+        # Before, the bridge reconnected for ever, its only hint "the ensemble may have
+        # been wiped or restored".
+        server.extra_config = tuple(
+            f"ssl.trustStore.location={files.other_ca_cert}"
+            if line.startswith("ssl.trustStore.location=") else line
+            for line in trusting)
+        before = r1.log_path.stat().st_size
+        proc = r1.proc
+        assert proc is not None
+        server.restart()
+        back = time.monotonic()
+        proc.wait(timeout=90)
+        harness_report(f"client certificate no longer trusted by ZooKeeper: the bridge "
+                       f"stopped {time.monotonic() - back:.1f}s after the server was back")
+        with r1.log_path.open("rb") as f:
+            f.seek(before)
+            tail = f.read().decode(errors="replace")[-3000:]
+        assert proc.returncode != 0, tail
+        assert "refuses this bridge's certificate" in tail, tail
+        assert "zookeeper.tls.certfile" in tail, tail
+        # A certificate from the new CA at the same paths: the bridge starts again as is
+        # (the service manager's restart) and catches up.
+        make_client_cert(files, signer="other-ca")
+        r2.client.create(r2.path("/while-refused"), b"b")
+        fed.start("r1")
+        wait_for(lambda: r1.client.exists(r1.path("/while-refused")) is not None, 30)
+        r1.client.create(r1.path("/after"), b"c")
+        wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20)
+        fed.wait_converged()
+        fed.assert_clean_logs(allowed={"bridge_stopped", "task_failed"})
+    finally:
+        fed.close()
