@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from bridge import certexpiry
 from bridge import log as logsetup
 from bridge.config import Settings
 from bridge.configload import load_settings
@@ -111,9 +112,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop(sig))
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        certificates = certexpiry.announce(self.settings)
         metrics = None
         if self.settings.metrics_listen:
-            metrics = MetricsServer(self.bridge, self.settings.metrics_listen)
+            metrics = MetricsServer(self.bridge, self.settings.metrics_listen, certificates)
             try:
                 await metrics.start()
             except OSError as exc:

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.acl import HOLD
+from bridge.certexpiry import Expiry
 from bridge.plan import WRITE_HOLDS
 from bridge.status import now_ms
 
@@ -101,6 +102,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          ("subtree", "peer")),
     Spec("zkbridge_operator_skips", "counter",
          "batches left out on an operator's zkbridge skip", ("subtree", "peer")),
+    Spec("zkbridge_certificate_expiry_timestamp_seconds", "gauge",
+         "when a certificate this bridge shows its servers expires (read at start; the "
+         "earliest in its file), seconds since the epoch", ("key",)),
     Spec("zkbridge_clock_offset_seconds", "gauge",
          "this host's wall clock minus a peer's heartbeat stamps (least delayed recent one)",
          ("peer",)),
@@ -137,8 +141,9 @@ def lag_of(bridge: Bridge) -> list[tuple[str, str, int, float]]:
 
 
 class BridgeCollector(Collector):
-    def __init__(self, bridge: Bridge) -> None:
+    def __init__(self, bridge: Bridge, certificates: tuple[Expiry, ...] = ()) -> None:
         self.bridge = bridge
+        self.certificates = certificates
 
     def collect(self) -> Iterator[Metric]:
         b = self.bridge
@@ -201,6 +206,10 @@ class BridgeCollector(Collector):
         retries = family("zkbridge_retries")
         retries.add_metric([], b.stats["retries"])
         yield retries
+        expiry = family("zkbridge_certificate_expiry_timestamp_seconds")
+        for cert in self.certificates:
+            expiry.add_metric([cert.key], cert.not_after)
+        yield expiry
 
 
 def state_families(b: Bridge) -> Iterator[Metric]:
@@ -244,12 +253,13 @@ def healthz(bridge: Bridge) -> tuple[int, dict[str, object]]:
 class MetricsServer:
     """A tiny HTTP/1.0 server: ``GET /metrics`` and ``GET /healthz``, nothing else."""
 
-    def __init__(self, bridge: Bridge, listen: str) -> None:
+    def __init__(self, bridge: Bridge, listen: str,
+                 certificates: tuple[Expiry, ...] = ()) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]") or "0.0.0.0", int(port)
         self.bridge = bridge
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(BridgeCollector(bridge))
+        self.registry.register(BridgeCollector(bridge, certificates))
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

@@ -7,7 +7,9 @@ wrongly told to trust.
 
 from __future__ import annotations
 
+import calendar
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +69,10 @@ def make_tls(directory: Path, keystore_password: str = "keystore-pass") -> TlsFi
 
 
 def make_client_cert(files: TlsFiles, name: str = "client",
-                     signer: str = "ca") -> tuple[Path, Path]:
-    """A client certificate and key signed by ``files``' CA (mutual TLS), next to them;
-    ``signer="other-ca"``: by the unrelated CA, which the server does not trust."""
+                     signer: str = "ca", days: int = 2) -> tuple[Path, Path]:
+    """A client certificate and key signed by ``files``' CA (mutual TLS), next to them,
+    valid for ``days``; ``signer="other-ca"``: by the unrelated CA, which the server does
+    not trust."""
     directory = files.ca_cert.parent
     key, csr, cert = (directory / f"{name}{s}" for s in (".key", ".csr", ".pem"))
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
@@ -78,6 +81,14 @@ def make_client_cert(files: TlsFiles, name: str = "client",
     ext.write_text("extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(directory / f"{signer}.pem"),
              "-CAkey", str(directory / f"{signer}.key"), "-CAcreateserial", "-out", str(cert),
-             "-days", "2", "-extfile", str(ext), cwd=directory)
+             "-days", str(days), "-extfile", str(ext), cwd=directory)
     return cert, key
+
+
+def not_after(cert: Path) -> float:
+    """The certificate's notAfter as openssl prints it, in seconds since the epoch."""
+    done = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    when = done.stdout.strip().split("=", 1)[1]
+    return float(calendar.timegm(time.strptime(when, "%b %d %H:%M:%S %Y GMT")))
 

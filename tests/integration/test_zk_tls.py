@@ -19,9 +19,9 @@ from tests.conftest import ZkServers
 from tests.harness import procs
 from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
-from tests.harness.tls import TlsFiles, make_client_cert, make_tls
+from tests.harness.tls import TlsFiles, make_client_cert, make_tls, not_after
 from tests.harness.zookeeper import ZooKeeperServer
-from tests.integration.federation import Federation
+from tests.integration.federation import Federation, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -188,12 +188,18 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
     server, port, files = tls_server
     cert, key = make_client_cert(files)
     fed = Federation(tmp_path, token, broker, {"r1": server, "r2": zk_servers.regions[1]})
+    metrics = procs.free_port()
     try:
-        fed.write_config("r1", zookeeper={
+        fed.write_config("r1", metrics={"listen": f"127.0.0.1:{metrics}"}, zookeeper={
             "hosts": f"127.0.0.1:{port}", "connect_timeout": 3,
             "tls": {"cafile": str(files.ca_cert), "certfile": str(cert), "keyfile": str(key)}})
         fed.start_all()
         r1, r2 = fed["r1"], fed["r2"]
+        # The certificate's expiry, as openssl reads it, and a warning: 2 days left.
+        gauge = 'zkbridge_certificate_expiry_timestamp_seconds{key="zookeeper.tls.certfile"}'
+        assert scrape(metrics)[gauge] == not_after(cert)
+        expiring = [e for e in fed.events("r1") if e.get("event") == "certificate_expiring"]
+        assert len(expiring) == 1 and 1.9 < float(expiring[0]["days_left"]) <= 2, expiring
         r1.client.create(r1.path("/before"), b"a")
         wait_for(lambda: r2.client.exists(r2.path("/before")) is not None, 20)
         # A server that ends every handshake (TLS 1.3 only, without TLS 1.3 suites): its
@@ -230,9 +236,13 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
         assert "zookeeper.tls.certfile" in tail, tail
         # A certificate from the new CA at the same paths: the bridge starts again as is
         # (the service manager's restart) and catches up.
-        make_client_cert(files, signer="other-ca")
+        make_client_cert(files, signer="other-ca", days=400)
         r2.client.create(r2.path("/while-refused"), b"b")
         fed.start("r1")
+        # The renewed file's expiry, read at this start; nothing due, so no new warning.
+        assert scrape(metrics)[gauge] == not_after(cert)
+        assert scrape(metrics)[gauge] - time.time() > 399 * 86400
+        assert len([e for e in fed.events("r1") if e.get("event") == "certificate_expiring"]) == 1
         wait_for(lambda: r1.client.exists(r1.path("/while-refused")) is not None, 30)
         r1.client.create(r1.path("/after"), b"c")
         wait_for(lambda: r2.client.exists(r2.path("/after")) is not None, 20)
