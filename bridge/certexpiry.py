@@ -120,6 +120,21 @@ def read(settings: Settings) -> tuple[tuple[Expiry, ...], list[str]]:
     return tuple(found), problems
 
 
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def describe(settings: Settings, now: float) -> list[str]:
+    """A line per configured certificate, for ``zkbridge check-config``."""
+    found, problems = read(settings)
+    lines = []
+    for e in found:
+        days = (e.not_after - now) / 86400
+        state = f"in {days:.1f} days" if days >= 0 else "EXPIRED: servers refuse it, renew it"
+        lines.append(f"{e.key} {e.path} expires {_when(e.not_after)} ({state})")
+    return lines + problems
+
+
 def announce(settings: Settings) -> tuple[Expiry, ...]:
     """Read the certificates' expiries at start, warning of those due within WARN_DAYS
     (or past: the servers refuse them, and the bridge stops naming the key)."""
@@ -131,6 +146,6 @@ def announce(settings: Settings) -> tuple[Expiry, ...]:
         days = (e.not_after - now) / 86400
         if days < WARN_DAYS:
             log.warning("certificate_expiring", key=e.key, path=e.path, days_left=round(days, 1),
-                        expires=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.not_after)),
+                        expires=_when(e.not_after),
                         hint="renew the file in place, then restart the bridge")
     return found

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from bridge import __version__
@@ -259,6 +260,10 @@ def _check_config(path: str) -> int:
     settings = _load(path)
     print(f"{path}: OK")
     print(describe(settings))
+    from bridge import certexpiry
+
+    for line in certexpiry.describe(settings, time.time()):
+        print(line)
     return 0
 
 

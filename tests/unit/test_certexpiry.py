@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.certexpiry import not_after_der, not_after_pem, read
+from bridge.certexpiry import describe, not_after_der, not_after_pem, read
 from bridge.configload import parse_settings
 from tests.harness.tls import make_client_cert, make_tls, not_after
 
@@ -132,3 +132,20 @@ def test_the_configured_client_certificates_are_read_and_a_changed_file_is_named
     plain = parse_settings({**doc, "zookeeper": {"hosts": "127.0.0.1:2181"},
                             "kafka": {"bootstrap_servers": "127.0.0.1:9092"}}, tmp_path, {})
     assert read(plain) == ((), [])
+
+
+def test_check_config_lists_each_certificate_and_says_which_expired(tmp_path: Path) -> None:
+    files = make_tls(tmp_path)
+    cert, key = make_client_cert(files, days=3)
+    settings = parse_settings({
+        "region": "us-east", "peers": ["eu-west"],
+        "subtrees": [{"name": "critical", "path": "/critical"}],
+        "zookeeper": {"hosts": "127.0.0.1:2281",
+                      "tls": {"certfile": str(cert), "keyfile": str(key)}},
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092"}}, tmp_path, {})
+    end = not_after(cert)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end))
+    assert describe(settings, end - 2.5 * 86400) == [
+        f"zookeeper.tls.certfile {cert} expires {stamp} (in 2.5 days)"]
+    assert describe(settings, end + 1) == [
+        f"zookeeper.tls.certfile {cert} expires {stamp} (EXPIRED: servers refuse it, renew it)"]
