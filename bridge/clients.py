@@ -95,7 +95,12 @@ class Clients:
         """Why the disconnection lasts, asked of the servers: a certificate they stopped
         taking (expired, or its CA no longer in their trust store) shows only as refused
         handshakes, which kazoo retries for ever. That stops the bridge naming the key,
-        as at start; the service manager's restart then loads the files anew."""
+        as at start; the service manager's restart then loads the files anew. Without
+        zookeeper.tls nothing is asked: a plain port that turns TLS-only under running
+        clients is rare, and the question (a TLS ClientHello) is a bad packet in a plain
+        server's log, every 10 s of an outage."""
+        if self.bridge.settings.zookeeper.tls is None:
+            return
         why = await self.bridge.zk.diagnose()
         if why is not None:
             log.warning("zookeeper_unreachable", disconnected_for=round(down_for, 1), error=why)
