@@ -23,6 +23,7 @@ from tests.harness.broker import EXTERNAL_ENV, Broker
 from tests.harness.namespace import Namespace, new_token
 from tests.harness.proxy import ProxyFactory, TcpProxy
 from tests.harness.zookeeper import KazooFactory, ZkServers, ZooKeeperServer, start_all
+from tests.harness.zookeeper import version as zookeeper_version
 
 REGION_NAMES = ("r1", "r2", "r3")
 SPARE_NAME = "spare"
@@ -70,7 +71,8 @@ def zk_servers(harness_report: Callable[[str], None]) -> Iterator[ZkServers]:
         timings = start_all(servers)
         timings["total"] = time.monotonic() - t0
         harness_report(
-            "ZooKeeper x4 parallel start: " + ", ".join(f"{k}={v:.2f}s" for k, v in timings.items())
+            f"ZooKeeper {zookeeper_version()} x4 parallel start: "
+            + ", ".join(f"{k}={v:.2f}s" for k, v in timings.items())
         )
         yield ZkServers(regions=tuple(servers[:3]), spare=servers[3], startup_seconds=timings)
     finally:

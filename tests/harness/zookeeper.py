@@ -1,7 +1,9 @@
-"""One real standalone ZooKeeper server (Debian's 3.8 jars) in a temporary directory."""
+"""One real standalone ZooKeeper server in a temporary directory: Debian's 3.8 jars, or
+Apache ZooKeeper 3.9 resolved by mvn (``ZKBRIDGE_TEST_ZOOKEEPER=3.9``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -30,6 +32,32 @@ MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 NETTY_JARS = tuple(f"netty-{m}.jar" for m in (
     "buffer", "codec", "common", "handler", "resolver", "transport",
     "transport-native-unix-common"))
+
+# ZooKeeper 3.9 from Maven (scripts/bootstrap resolves tests/harness/zookeeper39/pom.xml),
+# with a logback configuration that logs as the 3.8 servers do.
+ZK39_LIB = Path(__file__).resolve().parents[2] / ".cache" / "zookeeper-3.9" / "lib"
+ZK39_CONF = Path(__file__).resolve().parent / "zookeeper39"
+VERSIONS = ("3.8", "3.9")
+
+
+def version() -> str:
+    """The ZooKeeper the tests run: ZKBRIDGE_TEST_ZOOKEEPER, Debian's 3.8 by default."""
+    wanted = os.environ.get("ZKBRIDGE_TEST_ZOOKEEPER", "3.8")
+    if wanted not in VERSIONS:
+        raise ZooKeeperError(f"ZKBRIDGE_TEST_ZOOKEEPER={wanted}: not one of {', '.join(VERSIONS)}")
+    return wanted
+
+
+def classpath(tls: bool = False) -> str:
+    """The server's (and zkCli's) class path for the chosen version."""
+    if version() == "3.9":
+        jars = sorted(ZK39_LIB.glob("*.jar"))
+        if not jars:
+            raise ZooKeeperError(f"no ZooKeeper 3.9 jars in {ZK39_LIB}: run scripts/bootstrap")
+        return ":".join([*(str(j) for j in jars), str(ZK39_CONF)])
+    jars = [*CLASSPATH_JARS, *(NETTY_JARS if tls else ())]
+    return ":".join([*(str(JAVA_DIR / j) for j in jars), str(CONF_DIR)])
+
 
 KazooFactory = Callable[..., KazooClient]
 """The `zk` fixture: `zk(server_or_hosts=None, **kazoo_kwargs)` -> started client."""
@@ -111,8 +139,6 @@ class ZooKeeperServer(ServerProcess):
         if self.running:
             raise ZooKeeperError(f"{self.name} is already running (pid {self.pid})")
         self._write_config()
-        jars = [*CLASSPATH_JARS, *(NETTY_JARS if self.tls else ())]
-        classpath = ":".join([*(str(JAVA_DIR / j) for j in jars), str(CONF_DIR)])
         argv = [
             *self.prefix,
             "java",
@@ -124,7 +150,7 @@ class ZooKeeperServer(ServerProcess):
             "-Dzookeeper.root.logger=INFO,CONSOLE",
             "-Dzookeeper.jmx.log4j.disable=true",
             "-cp",
-            classpath,
+            classpath(self.tls),
             MAIN_CLASS,
             str(self.config_path),
         ]
@@ -217,9 +243,8 @@ def zk_cli(hosts: str, *command: str, script: str | None = None, timeout: float 
 
     Raises ZooKeeperError when the shell exits non-zero or prints that the command failed.
     """
-    classpath = ":".join([*(str(JAVA_DIR / j) for j in CLASSPATH_JARS), str(CONF_DIR)])
     out = subprocess.run(
-        ["java", "-cp", classpath, "org.apache.zookeeper.ZooKeeperMain", "-server", hosts,
+        ["java", "-cp", classpath(), "org.apache.zookeeper.ZooKeeperMain", "-server", hosts,
          *command],
         input=script if script is not None else "", capture_output=True, text=True,
         timeout=timeout)

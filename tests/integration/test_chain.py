@@ -29,7 +29,7 @@ from tests.harness.zookeeper import KazooFactory, ZkServers
 from tests.integration.federation import Federation, Region
 from tests.integration.test_ordering import PointerReader, _counters
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
 
 PEER = "r1"
 

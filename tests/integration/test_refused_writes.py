@@ -29,7 +29,7 @@ from tests.integration.federation import Federation
 from tests.integration.test_chain import _published_backlog
 from tests.integration.test_ordering import _counters
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
 
 
 def _held(fed: Federation, name: str) -> list[str]:

@@ -7,10 +7,13 @@ import os
 import random
 import threading
 
+import pytest
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from tests.harness.procs import wait_for
 from tests.integration.federation import Federation
+
+pytestmark = pytest.mark.every_zookeeper
 
 
 def _upsert(client: object, path: str, data: bytes) -> None:

@@ -23,7 +23,7 @@ from bridge.zk import Create, Node, SetData, ZooKeeper
 from tests.conftest import ZkServers
 from tests.harness.zookeeper import KazooFactory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
 
 
 def _adapter(zk_servers: ZkServers) -> ZooKeeper:

@@ -21,16 +21,22 @@ from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
 from tests.harness.tls import TlsFiles, make_client_cert, make_tls, not_after
 from tests.harness.zookeeper import ZooKeeperServer
+from tests.harness.zookeeper import version as zookeeper_version
 from tests.integration.federation import Federation, scrape
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
 
 
-# A server that allows only TLS 1.3. ZooKeeper's default ssl.ciphersuites are TLS 1.2
-# suites only, so such a server needs TLS 1.3 suites named, or it ends every
-# handshake, its own Java client's too (tried: "No appropriate protocol").
+# A server that allows only TLS 1.3. ZooKeeper 3.8's default ssl.ciphersuites are TLS 1.2
+# suites only, so there such a server needs TLS 1.3 suites named, or it ends every
+# handshake, its own Java client's too (tried: "No appropriate protocol"). 3.9's default
+# adds the TLS 1.3 suites (X509Util.getTLSv13Ciphers): there the TLS 1.2 suites are named
+# to make the same server.
 TLS13_ONLY = ("ssl.protocol=TLSv1.3", "ssl.enabledProtocols=TLSv1.3")
 TLS13_SUITES = "ssl.ciphersuites=TLS_AES_128_GCM_SHA256,TLS_AES_256_GCM_SHA384"
+NO_TLS13_SUITES = () if zookeeper_version() == "3.8" else (
+    "ssl.ciphersuites=TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,"
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",)
 
 
 def secure_config(files: TlsFiles, port: int, *more: str) -> list[str]:
@@ -139,7 +145,8 @@ def test_a_tls13_only_ensemble_is_named_until_it_offers_tls13_suites_then_replic
 ) -> None:
     files = make_tls(tmp_path / "tls")
     port = procs.free_port()
-    server = ZooKeeperServer("r1-tls13", extra_config=secure_config(files, port, *TLS13_ONLY))
+    server = ZooKeeperServer("r1-tls13", extra_config=secure_config(files, port, *TLS13_ONLY,
+                                                                     *NO_TLS13_SUITES))
     server.start()
     secure = f"127.0.0.1:{port}"
     cert, key = make_client_cert(files)
@@ -205,7 +212,7 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
         # A server that ends every handshake (TLS 1.3 only, without TLS 1.3 suites): its
         # operator cures that, so the running bridge stays, and says why.
         trusting = server.extra_config
-        server.extra_config = (*trusting, *TLS13_ONLY)
+        server.extra_config = (*trusting, *TLS13_ONLY, *NO_TLS13_SUITES)
         server.restart()
         wait_for(lambda: any(e.get("event") == "zookeeper_unreachable"
                              and "ssl.ciphersuites" in str(e.get("error"))
