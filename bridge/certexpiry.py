@@ -36,6 +36,9 @@ class Expiry:
     path: str
     not_after: float  # seconds since the epoch: the earliest notAfter in the file
 
+    def days_left(self, now: float) -> float:
+        return (self.not_after - now) / 86400
+
 
 def _element(der: bytes, at: int) -> tuple[int, int, int]:
     """The DER element at ``at``: its tag, where its content starts and where it ends."""
@@ -129,7 +132,7 @@ def describe(settings: Settings, now: float) -> list[str]:
     found, problems = read(settings)
     lines = []
     for e in found:
-        days = (e.not_after - now) / 86400
+        days = e.days_left(now)
         state = f"in {days:.1f} days" if days >= 0 else "EXPIRED: servers refuse it, renew it"
         lines.append(f"{e.key} {e.path} expires {_when(e.not_after)} ({state})")
     return lines + problems
@@ -143,7 +146,7 @@ def announce(settings: Settings) -> tuple[Expiry, ...]:
         log.warning("certificate_unreadable", error=problem)
     now = time.time()
     for e in found:
-        days = (e.not_after - now) / 86400
+        days = e.days_left(now)
         if days < WARN_DAYS:
             log.warning("certificate_expiring", key=e.key, path=e.path, days_left=round(days, 1),
                         expires=_when(e.not_after),

@@ -85,10 +85,14 @@ def make_client_cert(files: TlsFiles, name: str = "client",
     return cert, key
 
 
+def openssl_time(when: str) -> float:
+    """A time as openssl prints it ("Jan  4 15:08:08 2027 GMT"), in seconds since the epoch."""
+    return float(calendar.timegm(time.strptime(when, "%b %d %H:%M:%S %Y GMT")))
+
+
 def not_after(cert: Path) -> float:
     """The certificate's notAfter as openssl prints it, in seconds since the epoch."""
     done = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate"],
                           capture_output=True, text=True, timeout=60, check=True)
-    when = done.stdout.strip().split("=", 1)[1]
-    return float(calendar.timegm(time.strptime(when, "%b %d %H:%M:%S %Y GMT")))
+    return openssl_time(done.stdout.strip().split("=", 1)[1])
 

@@ -4,7 +4,6 @@ certificates (``openssl x509 -noout -enddate``) when they were made."""
 from __future__ import annotations
 
 import base64
-import calendar
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from bridge.certexpiry import describe, not_after_der, not_after_pem, read
 from bridge.configload import parse_settings
-from tests.harness.tls import make_client_cert, make_tls, not_after
+from tests.harness.tls import make_client_cert, make_tls, not_after, openssl_time
 
 # v3, EC, notAfter as UTCTime: "Jan  4 15:08:08 2027 GMT".
 UTC_TIME = b"""-----BEGIN CERTIFICATE-----
@@ -50,23 +49,19 @@ V74wCgYIKoZIzj0EAwIDSAAwRQIgShGZv8SDyxpo7OYgXk4Vb8eFTW+jQ4+QajEk
 """
 
 
-def _epoch(openssl_time: str) -> float:
-    return float(calendar.timegm(time.strptime(openssl_time, "%b %d %H:%M:%S %Y GMT")))
-
-
 @pytest.mark.parametrize(("pem", "expected"), [
     (UTC_TIME, "Jan  4 15:08:08 2027 GMT"),
     (GENERALIZED_TIME, "Apr 22 15:08:08 2054 GMT"),
     (VERSION_1, "Dec  8 15:08:22 2026 GMT"),
 ])
 def test_not_after(pem: bytes, expected: str) -> None:
-    assert not_after_pem(pem) == _epoch(expected)
+    assert not_after_pem(pem) == openssl_time(expected)
 
 
 def test_a_chain_expires_with_its_first_certificate_to_expire() -> None:
     # Any order, with text around the blocks (openssl's "subject=" lines, comments).
     chain = b"subject=CN = gen\n" + GENERALIZED_TIME + b"# next\n" + UTC_TIME + VERSION_1
-    assert not_after_pem(chain) == _epoch("Dec  8 15:08:22 2026 GMT")
+    assert not_after_pem(chain) == openssl_time("Dec  8 15:08:22 2026 GMT")
 
 
 def test_files_made_by_openssl_agree_with_its_own_reading(tmp_path: Path) -> None:
