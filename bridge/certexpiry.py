@@ -127,6 +127,17 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+def expired_on(path: str | Path, now: float | None = None) -> str | None:
+    """When the certificate file at ``path`` expired, if it has (for the line that names
+    a refused certificate: the servers' alert seldom says why); None if it is valid or
+    cannot be read."""
+    try:
+        not_after = not_after_pem(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return _when(not_after) if not_after <= (time.time() if now is None else now) else None
+
+
 def describe(settings: Settings, now: float) -> list[str]:
     """A line per configured certificate, for ``zkbridge check-config``."""
     found, problems = read(settings)

@@ -9,7 +9,9 @@ handshake, so the probe waits briefly for its alert too. Others a server's
 operator cures, so the callers keep retrying but say why: a server that ends
 the handshake without a word (a port that does not speak TLS, or no cipher
 suite in common, as a TLSv1.3-only ZooKeeper with its default ssl.ciphersuites
-offers). Used by both adapters; each words the key to fix.
+offers), or a server certificate outside its validity period by this host's clock
+(expired, or not yet valid: renewed on the servers, or this host's clock set
+right). Used by both adapters; each words the key to fix.
 """
 
 from __future__ import annotations
@@ -25,19 +27,21 @@ ALERT_WAIT_SECONDS = 1.0  # how long a finished handshake waits for a TLS 1.3 se
 # Alerts a server sends about the certificate the client showed (or did not show).
 _CLIENT_CERT_ALERT = re.compile(
     r"ALERT_(BAD_CERTIFICATE|CERTIFICATE_\w+|UNKNOWN_CA|UNSUPPORTED_CERTIFICATE)")
+# OpenSSL's verify codes for a certificate in the server's chain that is not valid now.
+_NOT_YET_VALID, _EXPIRED = 9, 10
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Whose certificate a TLS connection failed on, and why in the TLS library's words."""
 
-    refused: Literal["server", "client", "hostname", "handshake"]
+    refused: Literal["server", "client", "hostname", "handshake", "validity"]
     why: str
 
     @property
     def curable_here(self) -> bool:
         """A certificate this bridge shows or trusts: only its configuration cures it."""
-        return self.refused != "handshake"
+        return self.refused not in ("handshake", "validity")
 
 
 def host_and_port(server: str, default_port: int) -> tuple[str, int]:
@@ -46,6 +50,14 @@ def host_and_port(server: str, default_port: int) -> tuple[str, int]:
     if not sep or (host.startswith("[") and not host.endswith("]")) or not port.isdigit():
         host, port = server, str(default_port)  # no port: a bare name or "[v6]"
     return host.strip("[]"), int(port)
+
+
+def verification_refusal(exc: ssl.SSLCertVerificationError) -> Refusal:
+    """What this client's check of the server's certificate refused it for."""
+    why = exc.verify_message or str(exc)
+    if exc.verify_code in (_NOT_YET_VALID, _EXPIRED):
+        return Refusal("validity", why)
+    return Refusal("hostname" if "mismatch" in why else "server", why)
 
 
 def probe(host: str, port: int, context: ssl.SSLContext, *,
@@ -62,8 +74,7 @@ def probe(host: str, port: int, context: ssl.SSLContext, *,
             tls.settimeout(ALERT_WAIT_SECONDS)
             tls.recv(1)  # a server waits for the client's first request: nothing comes
     except ssl.SSLCertVerificationError as exc:
-        why = exc.verify_message or str(exc)
-        return Refusal("hostname" if "mismatch" in why else "server", why)
+        return verification_refusal(exc)
     except ssl.SSLError as exc:
         why = (exc.reason or type(exc).__name__).replace("_", " ").lower()
         if _CLIENT_CERT_ALERT.search(exc.reason or ""):

@@ -110,6 +110,13 @@ class TopicCheck:
             return exc
         return Answer(ids.ids, ends, begins, acked, peer_tps, since, started_ms)
 
+    async def _diagnose(self) -> None:
+        b = self.inbound.bridge
+        why = await b.kafka.diagnose()  # raises if no retry can cure it: the bridge stops
+        if why is not None:
+            log.warning("kafka_unreachable", error=why)
+            b.note_error("kafka", why)
+
     async def settle(self, answer: Answer | TimeoutError | KafkaError | None,
                       forced: dict[tuple[str, int], int]) -> None:
         """Act on a topic check's answer: rewind, re-announce, or recreate topics."""
@@ -121,7 +128,7 @@ class TopicCheck:
             # (an expired or no longer trusted certificate) without an error:
             # this check, every second, is where it shows; the bridge stops if
             # so. Aside: a connection into a network cut may take a while.
-            b.background(b.guarded("diagnose kafka", b.kafka.diagnose))
+            b.background(b.guarded("diagnose kafka", self._diagnose))
         if isinstance(answer, TimeoutError):
             b.note_error("topic check", f"no answer within {TOPIC_CHECK_TIMEOUT:g}s")
             return  # looked at again next round; nothing is decided on no answer

@@ -6,7 +6,6 @@ made before the first one does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from typing import Any
 
@@ -17,10 +16,11 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
+from bridge.certexpiry import expired_on
 from bridge.config import KafkaSettings
 from bridge.errors import FatalKafkaError, KafkaError
 from bridge.kafka.boundary import _FATAL
-from bridge.tlsprobe import Refusal, host_and_port, probe, speaks_tls
+from bridge.tlsprobe import Refusal, host_and_port, probe, speaks_tls, verification_refusal
 
 TLS_PROBE_TIMEOUT = 2.0  # per broker, asked only once a plain connection failed
 DIAGNOSE_INTERVAL = 10.0  # seconds between two diagnoses of failures while running
@@ -45,6 +45,7 @@ class Connection:
         self._secure_ok = False
         self._diagnosed_at = float("-inf")
         self._diagnosing = False
+        self.refusals: list[str] = []  # the last security check's, for diagnose
         self._producer_lock = asyncio.Lock()
         self._producer_started = False
         self._ids_unsupported = False
@@ -82,6 +83,7 @@ class Connection:
             return
         opts = self._common()
         unreachable: list[str] = []
+        refusals = self.refusals = []  # TLS refusals the brokers' operator cures
         # The first server that answers decides; only if none does is it retriable.
         for server in (s.strip() for s in self.settings.bootstrap_servers.split(",")):
             host, port = host_and_port(server, 9092)
@@ -98,10 +100,11 @@ class Connection:
                     sasl_plain_password=opts.get("sasl_plain_password"),
                 )
             except ssl.SSLCertVerificationError as exc:
-                raise FatalKafkaError(
-                    f"TLS to {server}: the broker's certificate is not trusted "
-                    f"({exc.verify_message}); check kafka.ssl.cafile"
-                ) from exc
+                mistrust = verification_refusal(exc)
+                if mistrust.curable_here:
+                    raise FatalKafkaError(self._refused(server, mistrust)) from exc
+                refusals.append(self._not_now(server, mistrust))
+                continue
             except ssl.SSLError as exc:
                 raise FatalKafkaError(
                     f"TLS to {server}: handshake failed ({exc.reason or exc}); check "
@@ -129,20 +132,17 @@ class Connection:
                     if refusal is not None and refusal.curable_here:
                         raise FatalKafkaError(self._refused(server, refusal)) from exc
                     if refusal is not None:  # the broker's operator cures it
-                        unreachable.append(
-                            f"{server} ends the TLS handshake ({refusal.why}): check that "
-                            "it is an SSL listener and its ssl.enabled.protocols and "
-                            "ssl.cipher.suites")
+                        refusals.append(self._not_now(server, refusal))
                         continue
                 unreachable.append(f"{server}: {type(exc).__name__} {exc}")
                 continue
             conn.close()
             self._secure_ok = True
             return
-        # Down or unreachable: the caller retries.
-        raise KafkaError("connect: " + "; ".join(unreachable))
+        # Down, unreachable or refusing until its operator acts: the caller retries.
+        raise KafkaError("connect: " + "; ".join([*refusals, *unreachable]))
 
-    async def diagnose(self) -> None:
+    async def diagnose(self) -> str | None:
         """After a failure while running (a topic check without an answer), ask the
         brokers again whether they still take this bridge's identity; raise
         FatalKafkaError if not, as at start.
@@ -153,19 +153,32 @@ class Connection:
         key to fix lets the service manager start the bridge again, which loads
         the files anew (a renewed certificate or password file then just works).
         Asked at most once every DIAGNOSE_INTERVAL seconds, and never for
-        PLAINTEXT (no identity to refuse).
+        PLAINTEXT (no identity to refuse). Returns what the brokers' operator
+        must cure (a listener that ends the handshake, a broker certificate
+        expired by this host's clock), or None.
         """
         now = asyncio.get_running_loop().time()
         if (self.settings.security_protocol == "PLAINTEXT" or self._diagnosing
                 or now - self._diagnosed_at < DIAGNOSE_INTERVAL):
-            return
+            return None
         self._diagnosed_at, self._diagnosing = now, True
         self._secure_ok = False
         try:
-            with contextlib.suppress(KafkaError):  # unreachable: the retry goes on
-                await self._check_security()
+            await self._check_security()
+        except KafkaError:  # unreachable: the retry goes on
+            return "; ".join(self.refusals) or None
         finally:
             self._diagnosing = False
+        return None
+
+    @staticmethod
+    def _not_now(server: str, refusal: Refusal) -> str:
+        if refusal.refused == "validity":
+            return (f"{server}: the broker's certificate is not valid now ({refusal.why}) by "
+                    "this host's clock; renew it in the listener's ssl.keystore, or set "
+                    "this host's clock right")
+        return (f"{server} ends the TLS handshake ({refusal.why}): check that it is an SSL "
+                "listener and its ssl.enabled.protocols and ssl.cipher.suites")
 
     def _refused(self, server: str, refusal: Refusal) -> str:
         if refusal.refused == "hostname":
@@ -179,6 +192,11 @@ class Connection:
             return (f"TLS to {server}: the broker requires a client certificate "
                     f"({refusal.why}); set kafka.ssl.certfile and keyfile to one signed by "
                     "a CA in the listener's ssl.truststore")
+        expired = expired_on(self.settings.ssl.certfile)
+        if expired:
+            return (f"TLS to {server}: the broker refused this bridge's certificate "
+                    f"({refusal.why}): kafka.ssl.certfile expired on {expired}; renew it "
+                    "in place and start the bridge again")
         return (f"TLS to {server}: the broker refused this bridge's certificate "
                 f"({refusal.why}); check kafka.ssl.certfile: the CA that signed it must be "
                 "in the listener's ssl.truststore, and it must be valid now")

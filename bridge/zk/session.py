@@ -22,6 +22,7 @@ from kazoo.client import KazooState
 from kazoo.protocol.states import EventType, WatchedEvent
 from kazoo.retry import KazooRetry
 
+from bridge.certexpiry import expired_on
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import ZooKeeperError, ZooKeeperTlsError
 from bridge.tlsprobe import host_and_port, probe, speaks_tls
@@ -79,9 +80,19 @@ def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
                 return (f"ZooKeeper at {hostport} requires a client certificate "
                         f"({refusal.why}); set zookeeper.tls.certfile and keyfile to one "
                         "signed by a CA in the servers' ssl.trustStore", True)
+            expired = expired_on(tls.certfile)
+            if expired:
+                return (f"ZooKeeper at {hostport} refuses this bridge's certificate "
+                        f"({refusal.why}): zookeeper.tls.certfile expired on {expired}; "
+                        "renew it in place and start the bridge again", True)
             return (f"ZooKeeper at {hostport} refuses this bridge's certificate "
                     f"({refusal.why}); check zookeeper.tls.certfile: the CA that signed it "
                     "must be in the servers' ssl.trustStore, and it must be valid now", True)
+        if refusal.refused == "validity":
+            # The servers' operator renews it (or this host's clock is wrong): retried.
+            return (f"ZooKeeper at {hostport}: its certificate is not valid now "
+                    f"({refusal.why}) by this host's clock; renew it in the servers' "
+                    "ssl.keyStore, or set this host's clock right", False)
         key = "check_hostname" if refusal.refused == "hostname" else "cafile"
         return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
                 f"check zookeeper.tls.{key}", True)

@@ -45,43 +45,76 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def make_tls(directory: Path, keystore_password: str = "keystore-pass") -> TlsFiles:
+def _sign(directory: Path, csr: Path, signer: str, cert: Path, ext: Path, *, days: int,
+          expired: bool) -> None:
+    """``csr`` signed by ``signer``'s CA into ``cert``: valid for ``days`` from now, or
+    (``expired``) from 60 days ago until yesterday, which only ``openssl ca`` can date."""
+    ca_cert, ca_key = directory / f"{signer}.pem", directory / f"{signer}.key"
+    if not expired:
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                 "-CAcreateserial", "-out", str(cert), "-days", str(days),
+                 "-extfile", str(ext), cwd=directory)
+        return
+    book = directory / f"{cert.stem}.ca"  # openssl ca's database, one per certificate
+    book.mkdir(exist_ok=True)
+    (book / "index.txt").write_text("")
+    (book / "serial").write_text(f"{time.time_ns() & 0xFFFFFFFF:08X}\n")
+    (book / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nnew_certs_dir = .\n"
+        "serial = serial\ndefault_md = sha256\npolicy = any\nunique_subject = no\n"
+        "[any]\ncommonName = supplied\n")
+    stamp = "%Y%m%d%H%M%SZ"
+    _openssl("ca", "-batch", "-config", "ca.cnf", "-cert", str(ca_cert.resolve()),
+             "-keyfile", str(ca_key.resolve()), "-in", str(csr.resolve()),
+             "-out", str(cert.resolve()), "-notext", "-extfile", str(ext.resolve()),
+             "-startdate", time.strftime(stamp, time.gmtime(time.time() - 60 * 86400)),
+             "-enddate", time.strftime(stamp, time.gmtime(time.time() - 86400)), cwd=book)
+
+
+def make_tls(directory: Path, keystore_password: str = "keystore-pass", *,
+             server_expired: bool = False) -> TlsFiles:
+    """``server_expired``: the server's certificate expired yesterday."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _ca(directory, "ca")
+    _, ca_cert = _ca(directory, "ca")
     _, other_ca = _ca(directory, "other-ca")
-    key, csr, cert = (directory / n for n in ("server.key", "server.csr", "server.pem"))
+    key, csr = directory / "server.key", directory / "server.csr"
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
              "-subj", "/CN=127.0.0.1", cwd=directory)
-    ext = directory / "server.ext"
-    ext.write_text(
+    (directory / "server.ext").write_text(
         "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
         "extendedKeyUsage=serverAuth\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
     )
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+    files = TlsFiles(ca_cert, directory / "server.pem", key, directory / "server.p12",
+                     keystore_password, other_ca)
+    reissue_server_cert(files, expired=server_expired)
+    return files
+
+
+def reissue_server_cert(files: TlsFiles, *, expired: bool = False) -> None:
+    """The server's certificate and keystore made anew in place, by the same CA for the
+    same key: valid for 2 days, or (``expired``) until yesterday."""
+    directory = files.ca_cert.parent
+    _sign(directory, directory / "server.csr", "ca", files.server_cert,
+          directory / "server.ext", days=2, expired=expired)
+    _openssl("pkcs12", "-export", "-in", str(files.server_cert), "-inkey",
+             str(files.server_key), "-certfile", str(files.ca_cert), "-name", "broker",
+             "-out", str(files.keystore), "-passout", f"pass:{files.keystore_password}",
              cwd=directory)
-    keystore = directory / "server.p12"
-    _openssl("pkcs12", "-export", "-in", str(cert), "-inkey", str(key),
-             "-certfile", str(ca_cert), "-name", "broker", "-out", str(keystore),
-             "-passout", f"pass:{keystore_password}", cwd=directory)
-    return TlsFiles(ca_cert, cert, key, keystore, keystore_password, other_ca)
 
 
-def make_client_cert(files: TlsFiles, name: str = "client",
-                     signer: str = "ca", days: int = 2) -> tuple[Path, Path]:
+def make_client_cert(files: TlsFiles, name: str = "client", signer: str = "ca",
+                     days: int = 2, *, expired: bool = False) -> tuple[Path, Path]:
     """A client certificate and key signed by ``files``' CA (mutual TLS), next to them,
-    valid for ``days``; ``signer="other-ca"``: by the unrelated CA, which the server does
-    not trust."""
+    valid for ``days`` (``expired``: until yesterday); ``signer="other-ca"``: by the
+    unrelated CA, which the server does not trust."""
     directory = files.ca_cert.parent
     key, csr, cert = (directory / f"{name}{s}" for s in (".key", ".csr", ".pem"))
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
              "-subj", f"/CN={name}", cwd=directory)
     ext = directory / f"{name}.ext"
     ext.write_text("extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(directory / f"{signer}.pem"),
-             "-CAkey", str(directory / f"{signer}.key"), "-CAcreateserial", "-out", str(cert),
-             "-days", str(days), "-extfile", str(ext), cwd=directory)
+    _sign(directory, csr, signer, cert, ext, days=days, expired=expired)
     return cert, key
 
 

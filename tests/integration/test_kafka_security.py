@@ -26,7 +26,13 @@ from tests.conftest import REGION_NAMES, ZkServers
 from tests.harness import procs
 from tests.harness.broker import KafkaBroker, KafkaSecurity
 from tests.harness.procs import wait_for
-from tests.harness.tls import TlsFiles, make_client_cert, make_tls
+from tests.harness.tls import (
+    TlsFiles,
+    make_client_cert,
+    make_tls,
+    not_after,
+    reissue_server_cert,
+)
 from tests.integration.federation import Federation
 
 PASSWORDS = {name: f"Secret-{name}-Pa55word-7x" for name in REGION_NAMES}
@@ -239,9 +245,14 @@ def test_client_certificates_replicate_and_a_missing_or_untrusted_one_is_named(
         _r1_to_r2(fed, "/mtls")
 
         stranger, stranger_key = make_client_cert(tls, "stranger", signer="other-ca")
+        # Expired yesterday: the broker's alert does not say why, the line does.
+        old, old_key = make_client_cert(tls, "old", expired=True)
+        expired = time.strftime("%Y-%m-%d", time.gmtime(not_after(old)))
         for identity, says in [({}, "requires a client certificate"),
                                ({"certfile": str(stranger), "keyfile": str(stranger_key)},
-                                "refused this bridge's certificate")]:
+                                "refused this bridge's certificate"),
+                               ({"certfile": str(old), "keyfile": str(old_key)},
+                                f"kafka.ssl.certfile expired on {expired}")]:
             fed.write_config("r3", kafka={"security_protocol": "SSL", "ssl": {
                 "cafile": str(tls.ca_cert), **identity}})
             line = _stops_at_once(fed, "r3")
@@ -283,6 +294,33 @@ def test_a_certificate_the_brokers_stop_trusting_while_running_is_named_and_a_ne
 
         configure("ca")
         _r1_to_r2(fed, "/before")
+        # The broker's own certificate expired: its operator's to renew (or this host's
+        # clock to set right), so the bridges stay and say so (before: both stopped,
+        # told to check kafka.ssl.cafile, which was right all along; the service
+        # manager's restarts would have repeated that until the renewal).
+        seen = {name: len(fed.events(name)) for name in ("r1", "r2")}
+        reissue_server_cert(files, expired=True)
+        broker.restart()
+        for name in ("r1", "r2"):
+            wait_for(lambda name=name: any(
+                e.get("event") == "kafka_unreachable"
+                and "certificate has expired" in str(e.get("error"))
+                and "ssl.keystore" in str(e.get("error"))
+                for e in fed.events(name)[seen[name]:]), 60,
+                message=f"{name} did not say the broker's certificate expired")
+            proc = fed[name].proc
+            assert proc is not None and proc.poll() is None, f"{name}'s bridge gave up"
+        before = len(fed.events("r3"))
+        fed.write_config("r3", kafka={"security_protocol": "SSL", "ssl": {
+            "cafile": str(files.ca_cert)}})
+        fed.start("r3", wait=False)
+        wait_for(lambda: any(e.get("event") == "retrying"
+                             and "certificate has expired" in str(e.get("error"))
+                             for e in fed.events("r3")[before:]), 30,
+                 message="r3's retries did not say the broker's certificate expired")
+        fed.stop("r3")
+        # The brokers' operator renews that and moves client trust to a new CA.
+        reissue_server_cert(files)
         broker.properties.update(_client_trust(files.other_ca_cert))
         broker.restart()
         back = time.monotonic()

@@ -20,7 +20,13 @@ from tests.conftest import ZkServers
 from tests.harness import procs
 from tests.harness.broker import Broker
 from tests.harness.procs import wait_for
-from tests.harness.tls import TlsFiles, make_client_cert, make_tls, not_after
+from tests.harness.tls import (
+    TlsFiles,
+    make_client_cert,
+    make_tls,
+    not_after,
+    reissue_server_cert,
+)
 from tests.harness.zookeeper import ZooKeeperServer
 from tests.harness.zookeeper import version as zookeeper_version
 from tests.integration.federation import Federation, scrape
@@ -139,6 +145,19 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
             tail = assert_stops_naming(fed, "zookeeper.tls.certfile")
             assert says in tail, tail
 
+        # A certificate that expired yesterday: the server's alert does not say why,
+        # the line does, with the date (before: "check zookeeper.tls.certfile: the CA
+        # that signed it must be in the servers' ssl.trustStore, and it must be valid
+        # now"); check-config says EXPIRED.
+        old, old_key = make_client_cert(files, "old", expired=True)
+        fed.write_config("r1", zookeeper={"hosts": secure, "connect_timeout": 3, "tls": {
+            "cafile": str(files.ca_cert), "certfile": str(old), "keyfile": str(old_key)}})
+        out = fed.cli("check-config", "-c", str(fed["r1"].config_path))
+        assert out.returncode == 0 and "EXPIRED" in out.stdout, out.stdout + out.stderr
+        tail = assert_stops_naming(fed, "zookeeper.tls.certfile expired on "
+                                   + time.strftime("%Y-%m-%d", time.gmtime(not_after(old))))
+        assert "renew it in place" in tail, tail
+
         # No zookeeper.tls for a port that speaks only TLS: as incurable (before:
         # "check zookeeper.hosts and that the ensemble is up", retried for ever).
         fed.write_config("r1", zookeeper={"hosts": secure, "connect_timeout": 3})
@@ -227,6 +246,20 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
                              for e in fed.events("r1")), 40,
                  message="r1's bridge did not say the server ends the TLS handshake")
         assert r1.proc is not None and r1.proc.poll() is None, "r1's bridge gave up"
+        # The servers' certificate expired: theirs to renew (or this host's clock to set
+        # right), so the bridge stays and says so (before: it stopped, told to check
+        # zookeeper.tls.cafile, which was right all along).
+        reissue_server_cert(files, expired=True)
+        server.extra_config = trusting
+        seen = len(fed.events("r1"))
+        server.restart()
+        wait_for(lambda: any(e.get("event") == "zookeeper_unreachable"
+                             and "certificate has expired" in str(e.get("error"))
+                             and "ssl.keyStore" in str(e.get("error"))
+                             for e in fed.events("r1")[seen:]), 40,
+                 message="r1's bridge did not say the servers' certificate expired")
+        assert r1.proc is not None and r1.proc.poll() is None, "r1's bridge gave up"
+        reissue_server_cert(files)
         # The servers' operator rotates the clients' CA: after a restart the servers
         # trust only the new one, and the running bridge's next connection is refused.
         # Before, the bridge reconnected for ever, its only hint "the ensemble may have

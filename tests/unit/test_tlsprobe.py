@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from bridge.certexpiry import expired_on
+from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.tlsprobe import host_and_port, probe, speaks_tls
-from tests.harness.tls import make_tls
+from bridge.zk.session import connect_failure
+from tests.harness.tls import TlsFiles, make_client_cert, make_tls
 
 
 @pytest.mark.parametrize(("server", "expected"), [
@@ -148,3 +151,68 @@ def test_an_unawaited_connection_error_is_no_traceback_anything_else_is(
         loop.close()
     told = [r for r in caplog.records if r.name == "asyncio"]
     assert bool(told) == reported, told
+
+
+# -- certificates outside their validity period ------------------------------------------
+
+
+def _tls_answer(server: ssl.SSLContext) -> Callable[[socket.socket], None]:
+    def handshake(conn: socket.socket) -> None:
+        with contextlib.suppress(ssl.SSLError, OSError), \
+                server.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(1)
+            tls.recv(1)
+    return handshake
+
+
+def _server_context(files: TlsFiles, *, clients_signed_by: Path | None = None) -> ssl.SSLContext:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(files.server_cert, files.server_key)
+    if clients_signed_by is not None:
+        server.load_verify_locations(clients_signed_by)
+        server.verify_mode = ssl.CERT_REQUIRED
+    return server
+
+
+def _zookeeper(port: int, files: TlsFiles, cert: Path | None = None,
+               key: Path | None = None) -> ZooKeeperSettings:
+    return ZooKeeperSettings(f"127.0.0.1:{port}", tls=ZooKeeperTls(
+        cafile=str(files.ca_cert), certfile=str(cert) if cert else None,
+        keyfile=str(key) if key else None))
+
+
+def test_an_expired_server_certificate_is_the_servers_to_renew_and_retried(
+    tmp_path: Path,
+) -> None:
+    files = make_tls(tmp_path, server_expired=True)
+    with _listening(_tls_answer(_server_context(files))) as port:
+        context = ssl.create_default_context(cafile=files.ca_cert)
+        refusal = probe("127.0.0.1", port, context, timeout=2)
+        assert refusal is not None and refusal.refused == "validity", refusal
+        assert "expired" in refusal.why
+        assert not refusal.curable_here
+        why, fatal = connect_failure(_zookeeper(port, files))
+    assert not fatal
+    assert "not valid now (certificate has expired)" in why, why
+    assert "ssl.keyStore" in why and "clock" in why, why
+
+
+def test_an_expired_client_certificate_is_named_with_its_date(tmp_path: Path) -> None:
+    files = make_tls(tmp_path)
+    expired, expired_key = make_client_cert(files, "old", expired=True)
+    valid, valid_key = make_client_cert(files, "new")
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    server = _server_context(files, clients_signed_by=files.ca_cert)
+    with _listening(_tls_answer(server)) as port:
+        why, fatal = connect_failure(_zookeeper(port, files, expired, expired_key))
+        assert fatal
+        assert f"zookeeper.tls.certfile expired on {yesterday}T" in why, why
+        assert "renew it in place" in why, why
+        # A valid certificate the server takes: nothing refused.
+        assert probe("127.0.0.1", port, ssl.create_default_context(cafile=files.ca_cert),
+                     timeout=2) is not None  # no certificate shown: refused
+        context = ssl.create_default_context(cafile=files.ca_cert)
+        context.load_cert_chain(valid, valid_key)
+        assert probe("127.0.0.1", port, context, timeout=2) is None
+    assert expired_on(expired) is not None and expired_on(valid) is None
+    assert expired_on(tmp_path / "missing.pem") is None
