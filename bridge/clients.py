@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge.errors import BridgeError, VersionConflict
+from bridge.errors import BridgeError, VersionConflict, ZooKeeperTlsError
 
 if TYPE_CHECKING:
     from bridge.engine import Bridge
@@ -137,6 +137,8 @@ class Clients:
                 self._lost.set()
             try:
                 await self.bridge.zk.restart()
+            except ZooKeeperTlsError:
+                raise  # no retry cures it: the bridge stops naming the key
             except Exception as exc:  # the next round tries again
                 log.warning("zookeeper_client_restart_failed", error=str(exc))
             down_since = None

@@ -190,8 +190,19 @@ class Session:
         A client that has seen zxids newer than what a restored or wiped
         ensemble holds is refused by it forever; only a new client state
         (kazoo's restart resets the last zxid seen) gets back in.
+
+        kazoo's own restart waits 15 s and, if no server took it by then, leaves
+        the client stopped until the next restart: started in the background
+        instead, it keeps trying as after the first start, and what no retry
+        cures (a refused certificate) raises ZooKeeperTlsError, as at start.
         """
-        await asyncio.to_thread(self._client.restart)
+        await asyncio.to_thread(self._client.stop)
+        connected = self._client.start_async()
+        await asyncio.to_thread(connected.wait, self._settings.connect_timeout)
+        if not self._client.connected:
+            why, fatal = await asyncio.to_thread(connect_failure, self._settings)
+            if fatal:
+                raise ZooKeeperTlsError(why)
 
     @property
     def connected(self) -> bool:
