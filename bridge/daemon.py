@@ -112,10 +112,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop(sig))
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        certificates = certexpiry.announce(self.settings)
+        self.bridge.certificates = certexpiry.announce(self.settings)
         metrics = None
         if self.settings.metrics_listen:
-            metrics = MetricsServer(self.bridge, self.settings.metrics_listen, certificates)
+            metrics = MetricsServer(self.bridge, self.settings.metrics_listen)
             try:
                 await metrics.start()
             except OSError as exc:

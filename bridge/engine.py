@@ -30,6 +30,7 @@ import structlog
 from bridge import codec, collector, failpoints, owntopic, stateaccess, twin
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
+from bridge.certexpiry import Expiry
 from bridge.clients import Clients
 from bridge.clock import HybridClock
 from bridge.config import Settings, reloaded
@@ -87,6 +88,9 @@ class Bridge:
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
         self.incidents: deque[dict[str, object]] = deque(maxlen=50)
+        # The client certificates' expiries, read once at start (the clients load
+        # the files once): /metrics and the status record show them.
+        self.certificates: tuple[Expiry, ...] = ()
         self.incarnation = ""  # this ensemble's marker, read at each term's start
         self._tasks: set[asyncio.Future[None]] = set()
         self.election = Election(self.zk, f"{settings.state_path}/election", self.identity,

@@ -21,7 +21,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.acl import HOLD
-from bridge.certexpiry import Expiry
 from bridge.plan import WRITE_HOLDS
 from bridge.status import now_ms
 
@@ -141,9 +140,8 @@ def lag_of(bridge: Bridge) -> list[tuple[str, str, int, float]]:
 
 
 class BridgeCollector(Collector):
-    def __init__(self, bridge: Bridge, certificates: tuple[Expiry, ...] = ()) -> None:
+    def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.certificates = certificates
 
     def collect(self) -> Iterator[Metric]:
         b = self.bridge
@@ -207,7 +205,7 @@ class BridgeCollector(Collector):
         retries.add_metric([], b.stats["retries"])
         yield retries
         expiry = family("zkbridge_certificate_expiry_timestamp_seconds")
-        for cert in self.certificates:
+        for cert in b.certificates:
             expiry.add_metric([cert.key], cert.not_after)
         yield expiry
 
@@ -253,13 +251,12 @@ def healthz(bridge: Bridge) -> tuple[int, dict[str, object]]:
 class MetricsServer:
     """A tiny HTTP/1.0 server: ``GET /metrics`` and ``GET /healthz``, nothing else."""
 
-    def __init__(self, bridge: Bridge, listen: str,
-                 certificates: tuple[Expiry, ...] = ()) -> None:
+    def __init__(self, bridge: Bridge, listen: str) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]") or "0.0.0.0", int(port)
         self.bridge = bridge
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(BridgeCollector(bridge, certificates))
+        self.registry.register(BridgeCollector(bridge))
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

@@ -74,6 +74,7 @@ async def read_overview(settings: Settings, config: str = "FILE") -> dict[str, A
             "waiting": dict(status.waiting) if status and fresh else {},
             "subtrees": subtrees,
             "state": dict(status.state) if status and fresh else {},
+            "certificates": dict(status.certificates) if status and fresh else {},
             "peers": _peers(status, now) if fresh else [],
         }
     finally:
@@ -128,6 +129,9 @@ def render_status(o: dict[str, Any]) -> str:
                 line += (f"; {p['events_behind']} behind; last batch applied {applied}; "
                          f"heartbeat {_ago(p['heartbeat_age_seconds'])}")
             lines.append(line)
+    for key, not_after in sorted(o.get("certificates", {}).items()):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
+        lines.append(f"cert     {key} expires {when}")
     if o["counters"]:
         lines.append("counters " + ", ".join(f"{k}={v}" for k, v in sorted(o["counters"].items())))
     for problem in o["verdict"]["problems"][1:]:

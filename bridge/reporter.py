@@ -97,6 +97,7 @@ class Reporter:
             peers=peers, errors=errors, incidents=incidents, waiting=dict(b.waiting),
             clock=clock,
             state={n: self.state_of(n) for n in b.stores},
+            certificates={e.key: e.not_after for e in b.certificates},
         )
 
     def state_of(self, subtree: str) -> dict[str, object]:

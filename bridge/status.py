@@ -63,6 +63,9 @@ class Status:
     # Per subtree, bounded state: tombstones held and collected, the outbox's
     # oldest entry, the stable prefix's age per origin (None: not known yet).
     state: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # When the client certificates the leader loaded expire, by configuration key
+    # (seconds since the epoch).
+    certificates: Mapping[str, float] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         doc = {
@@ -84,6 +87,7 @@ class Status:
             "waiting": dict(self.waiting),
             "clock": self.clock,
             "state": dict(self.state),
+            "certificates": dict(self.certificates),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -114,6 +118,8 @@ class Status:
                 waiting=d.get("waiting", {}),
                 clock=str(d.get("clock", "")),
                 state=d.get("state", {}),
+                certificates={str(k): float(v)
+                              for k, v in d.get("certificates", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

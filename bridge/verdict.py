@@ -7,6 +7,7 @@ without servers. Problems come out worst first; the first one is the verdict.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ STUCK_APPLY_S = 30.0
 BACKLOG_EVENTS = 100
 RECENT_ERROR_S = 60.0
 OUTBOX_HIGH = 1000
+# A client certificate this close to its expiry is due for renewal (compose/alerts.yml
+# warns as early).
+CERTIFICATE_DAYS = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,8 @@ def judge(
             problems.append(Problem(
                 "OVERSIZED", f"{oversized} znode(s) too large to replicate (listed below)",
                 f"zkbridge status -c {config} --json"))
+        problems += _certificate_problems(status.certificates, now_ms,
+                                          f"zkbridge check-config -c {config}")
     for subtree, depth in sorted(outbox.items()):
         if depth > OUTBOX_HIGH:
             problems.append(Problem(
@@ -121,6 +127,25 @@ def judge(
         return Verdict(False, f"{first.kind}: {first.text}{more} -> {first.look}",
                        tuple(problems))
     return Verdict(True, _healthy_line(leader, peers, now_ms), ())
+
+
+def _certificate_problems(certificates: Mapping[str, float], now_ms: int,
+                          look: str) -> list[Problem]:
+    """A client certificate that expired (the servers refuse it at the next connection,
+    and the bridge then stops) or is due for renewal."""
+    out = []
+    for key, not_after in sorted(certificates.items(), key=lambda kv: kv[1]):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
+        days = (not_after * 1000 - now_ms) / 86_400_000
+        if days <= 0:
+            out.append(Problem(
+                "CERT_EXPIRED", f"{key} expired at {when}: the servers refuse it at the "
+                "next connection; renew the file in place, then restart the bridge", look))
+        elif days < CERTIFICATE_DAYS:
+            out.append(Problem(
+                "CERT_EXPIRING", f"{key} expires in {days:.1f} days ({when}): renew the "
+                "file in place, then restart the bridge", look))
+    return out
 
 
 def held_reasons(held_back: Mapping[str, Sequence[str]]) -> dict[str, int]:

@@ -113,6 +113,28 @@ def test_held_back_znodes_are_a_problem_counted_by_reason() -> None:
     assert [p.kind for p in stale.problems] == ["STALE"]
 
 
+def test_client_certificates_due_for_renewal_or_expired_are_problems() -> None:
+    day_s = 86_400
+    now_s = NOW / 1000
+    certs = {"kafka.ssl.certfile": now_s + 3.5 * day_s,
+             "zookeeper.tls.certfile": now_s - 60.0}
+    v = verdict(record(peer(), certificates=certs))
+    assert [p.kind for p in v.problems] == ["CERT_EXPIRED", "CERT_EXPIRING"]
+    assert v.line.startswith("CERT_EXPIRED: zookeeper.tls.certfile expired at "
+                             "2027-01-15T07:59:00Z: the servers refuse it")
+    assert "kafka.ssl.certfile expires in 3.5 days" in v.problems[1].text
+    assert v.problems[0].look == "zkbridge check-config -c /etc/zkbridge/us-east.yaml"
+    # Further off than the alert's 14 days: healthy; a record without the field reads so.
+    assert verdict(record(peer(), certificates={"kafka.ssl.certfile":
+                                                now_s + 15 * day_s})).healthy
+    back = Status.decode(record(peer(), certificates=certs).encode())
+    assert back is not None and back.certificates == certs
+    doc = json.loads(record(peer()).encode())
+    del doc["certificates"]
+    old = Status.decode(json.dumps(doc).encode())
+    assert old is not None and old.certificates == {}
+
+
 def test_last_applied_round_trips_and_old_records_still_read() -> None:
     st = record(peer(applied_s=2.0))
     back = Status.decode(st.encode())
