@@ -194,12 +194,14 @@ class Session:
         kazoo's own restart waits 15 s and, if no server took it by then, leaves
         the client stopped until the next restart: started in the background
         instead, it keeps trying as after the first start, and what no retry
-        cures (a refused certificate) raises ZooKeeperTlsError, as at start.
+        cures (a refused certificate) raises ZooKeeperTlsError, as at start. Only
+        with zookeeper.tls, as the watchdog's questions: without it the question is
+        a TLS ClientHello, a bad packet in a plain server's log.
         """
         await asyncio.to_thread(self._client.stop)
         connected = self._client.start_async()
         await asyncio.to_thread(connected.wait, self._settings.connect_timeout)
-        if not self._client.connected:
+        if not self._client.connected and self._settings.tls is not None:
             why, fatal = await asyncio.to_thread(connect_failure, self._settings)
             if fatal:
                 raise ZooKeeperTlsError(why)
