@@ -1,12 +1,14 @@
-"""When the certificates this bridge shows its servers stop being valid.
+"""When the certificates this bridge shows its servers, and the CAs it checks theirs
+with, stop being valid.
 
 A client certificate that expires is refused at the next handshake, and the
 bridge stops (``bridge.zk.session``, ``bridge.kafka.connection``): correct,
-but late. Read from the configured ``certfile``s when the bridge starts, the
-expiry is exported as a gauge and warned of ahead, so the renewal is due
-before anything is refused. Python's ``ssl`` decodes no certificate file
-(and ``cryptography`` is not a dependency), so this reads the one field it
-needs, ``notAfter``, from the DER itself.
+but late; once the CA in a ``cafile`` expires, every server's certificate is.
+Read from the configured ``certfile``s and ``cafile``s when the bridge
+starts, the expiry is exported as a gauge, shown in ``status`` and warned of
+ahead, so the renewal is due before anything is refused. Python's ``ssl``
+decodes no certificate file (and ``cryptography`` is not a dependency), so
+this reads the one field it needs, ``notAfter``, from the DER itself.
 """
 
 from __future__ import annotations
@@ -92,22 +94,30 @@ def not_after_der(der: bytes) -> float:
     return _time(tag, der[start:end])
 
 
-def not_after_pem(pem: bytes) -> float:
+def not_after_pem(pem: bytes, *, latest: bool = False) -> float:
     """The earliest notAfter of the certificates in a PEM file (a chain stops being
-    accepted when its first certificate expires)."""
+    accepted when its first certificate expires); ``latest``: the last one's (a CA
+    bundle is of no use only once all its CAs expired, and an old CA kept in it
+    beside its successor must not raise an alarm)."""
     blocks = _PEM.findall(pem)
     if not blocks:
         raise ValueError("no PEM certificate")
-    return min(not_after_der(base64.b64decode(b"".join(b.split()))) for b in blocks)
+    times = [not_after_der(base64.b64decode(b"".join(b.split()))) for b in blocks]
+    return max(times) if latest else min(times)
 
 
 def configured(settings: Settings) -> dict[str, str]:
-    """The certificate files this bridge shows its servers, by configuration key."""
+    """The certificate files this bridge shows its servers, and the CA files it checks
+    theirs with, by configuration key (no cafile: the system's CAs, not ours to watch)."""
     files = {}
-    if settings.zookeeper.tls is not None and settings.zookeeper.tls.certfile:
-        files["zookeeper.tls.certfile"] = str(settings.zookeeper.tls.certfile)
-    if settings.kafka.ssl is not None and settings.kafka.ssl.certfile:
-        files["kafka.ssl.certfile"] = str(settings.kafka.ssl.certfile)
+    for prefix, tls in (("zookeeper.tls", settings.zookeeper.tls),
+                        ("kafka.ssl", settings.kafka.ssl)):
+        if tls is None:
+            continue
+        if tls.certfile:
+            files[f"{prefix}.certfile"] = str(tls.certfile)
+        if tls.cafile:
+            files[f"{prefix}.cafile"] = str(tls.cafile)
     return files
 
 
@@ -117,7 +127,8 @@ def read(settings: Settings) -> tuple[tuple[Expiry, ...], list[str]]:
     found, problems = [], []
     for key, path in configured(settings).items():
         try:
-            found.append(Expiry(key, path, not_after_pem(Path(path).read_bytes())))
+            pem = Path(path).read_bytes()
+            found.append(Expiry(key, path, not_after_pem(pem, latest=key.endswith("cafile"))))
         except (OSError, ValueError) as exc:
             problems.append(f"{key}: cannot read its expiry from {path}: {exc}")
     return tuple(found), problems
@@ -144,7 +155,8 @@ def describe(settings: Settings, now: float) -> list[str]:
     lines = []
     for e in found:
         days = e.days_left(now)
-        state = f"in {days:.1f} days" if days >= 0 else "EXPIRED: servers refuse it, renew it"
+        state = (f"in {days:.1f} days" if days >= 0
+                 else "EXPIRED: refused at the next connection, renew it")
         lines.append(f"{e.key} {e.path} expires {_when(e.not_after)} ({state})")
     return lines + problems
 

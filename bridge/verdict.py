@@ -131,16 +131,16 @@ def judge(
 
 def _certificate_problems(certificates: Mapping[str, float], now_ms: int,
                           look: str) -> list[Problem]:
-    """A client certificate that expired (the servers refuse it at the next connection,
-    and the bridge then stops) or is due for renewal."""
+    """A client certificate or CA file that expired (refused at the next connection,
+    and the bridge then stops or waits) or is due for renewal."""
     out = []
     for key, not_after in sorted(certificates.items(), key=lambda kv: kv[1]):
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
         days = (not_after * 1000 - now_ms) / 86_400_000
         if days <= 0:
             out.append(Problem(
-                "CERT_EXPIRED", f"{key} expired at {when}: the servers refuse it at the "
-                "next connection; renew the file in place, then restart the bridge", look))
+                "CERT_EXPIRED", f"{key} expired at {when}: refused at the next "
+                "connection; renew the file in place, then restart the bridge", look))
         elif days < CERTIFICATE_DAYS:
             out.append(Problem(
                 "CERT_EXPIRING", f"{key} expires in {days:.1f} days ({when}): renew the "

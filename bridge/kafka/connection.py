@@ -174,9 +174,10 @@ class Connection:
     @staticmethod
     def _not_now(server: str, refusal: Refusal) -> str:
         if refusal.refused == "validity":
-            return (f"{server}: the broker's certificate is not valid now ({refusal.why}) by "
-                    "this host's clock; renew it in the listener's ssl.keystore, or set "
-                    "this host's clock right")
+            return (f"{server}: the broker's certificate (or a CA above it) is not valid now "
+                    f"({refusal.why}) by this host's clock; renew it in the listener's "
+                    "ssl.keystore (a CA: in kafka.ssl.cafile too), or set this host's clock "
+                    "right")
         return (f"{server} ends the TLS handshake ({refusal.why}): check that it is an SSL "
                 "listener and its ssl.enabled.protocols and ssl.cipher.suites")
 

@@ -90,9 +90,10 @@ def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
                     "must be in the servers' ssl.trustStore, and it must be valid now", True)
         if refusal.refused == "validity":
             # The servers' operator renews it (or this host's clock is wrong): retried.
-            return (f"ZooKeeper at {hostport}: its certificate is not valid now "
-                    f"({refusal.why}) by this host's clock; renew it in the servers' "
-                    "ssl.keyStore, or set this host's clock right", False)
+            return (f"ZooKeeper at {hostport}: its certificate (or a CA above it) is not "
+                    f"valid now ({refusal.why}) by this host's clock; renew it in the "
+                    "servers' ssl.keyStore (a CA: in zookeeper.tls.cafile too), or set this "
+                    "host's clock right", False)
         key = "check_hostname" if refusal.refused == "hostname" else "cafile"
         return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
                 f"check zookeeper.tls.{key}", True)

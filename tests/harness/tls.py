@@ -39,7 +39,8 @@ def _openssl(*args: str, cwd: Path) -> None:
 def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     key, cert = directory / f"{name}.key", directory / f"{name}.pem"
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-             "-out", str(cert), "-days", "2", "-subj", f"/CN=zkbridge test {name}",
+             # Long-lived, as CAs are: only the certificates they sign expire in tests.
+             "-out", str(cert), "-days", "400", "-subj", f"/CN=zkbridge test {name}",
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
     return key, cert

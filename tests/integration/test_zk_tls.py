@@ -237,6 +237,8 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
         # The certificate's expiry, as openssl reads it, and a warning: 2 days left.
         gauge = 'zkbridge_certificate_expiry_timestamp_seconds{key="zookeeper.tls.certfile"}'
         assert scrape(metrics)[gauge] == not_after(cert)
+        ca_gauge = gauge.replace("certfile", "cafile")
+        assert scrape(metrics)[ca_gauge] == not_after(files.ca_cert)
         expiring = [e for e in fed.events("r1") if e.get("event") == "certificate_expiring"]
         assert len(expiring) == 1 and 1.9 < float(expiring[0]["days_left"]) <= 2, expiring
         r1.client.create(r1.path("/before"), b"a")

@@ -93,7 +93,7 @@ def test_every_truncation_is_a_value_error_until_not_after_is_whole() -> None:
         raise AssertionError(f"read a time from the first {cut} of {len(der)} bytes")
 
 
-def test_the_configured_client_certificates_are_read_and_a_changed_file_is_named(
+def test_the_configured_certificates_and_cas_are_read_and_a_changed_file_is_named(
     tmp_path: Path,
 ) -> None:
     files = make_tls(tmp_path)
@@ -110,17 +110,26 @@ def test_the_configured_client_certificates_are_read_and_a_changed_file_is_named
                   "ssl": {"cafile": files.ca_cert.name, "certfile": kafka_cert.name,
                           "keyfile": kafka_key.name}},
     }
+    # Kafka's CA file a bundle: the old CA (expiring first) kept beside its successor.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(files.other_ca_cert.read_bytes() + UTC_TIME)
+    doc["kafka"]["ssl"]["cafile"] = bundle.name
     settings = parse_settings(doc, tmp_path, {})
     found, problems = read(settings)
     assert problems == []
+    assert not_after_pem(UTC_TIME) < not_after(files.other_ca_cert)
     assert {(e.key, e.path, e.not_after) for e in found} == {
         ("zookeeper.tls.certfile", str(zk_cert), not_after(zk_cert)),
+        ("zookeeper.tls.cafile", str(files.ca_cert), not_after(files.ca_cert)),
         ("kafka.ssl.certfile", str(kafka_cert), not_after(kafka_cert)),
+        # A bundle is of use until its last CA expires: the latest counts.
+        ("kafka.ssl.cafile", str(bundle), not_after(files.other_ca_cert)),
     }
     # Replaced by something else after the configuration was checked: named, not a crash.
     kafka_cert.write_text("not a certificate\n")
     found, problems = read(settings)
-    assert [e.key for e in found] == ["zookeeper.tls.certfile"]
+    assert [e.key for e in found] == ["zookeeper.tls.certfile", "zookeeper.tls.cafile",
+                                      "kafka.ssl.cafile"]
     assert problems == [f"kafka.ssl.certfile: cannot read its expiry from {kafka_cert}: "
                         "no PEM certificate"]
     # Without client certificates there is nothing to read.
@@ -143,4 +152,5 @@ def test_check_config_lists_each_certificate_and_says_which_expired(tmp_path: Pa
     assert describe(settings, end - 2.5 * 86400) == [
         f"zookeeper.tls.certfile {cert} expires {stamp} (in 2.5 days)"]
     assert describe(settings, end + 1) == [
-        f"zookeeper.tls.certfile {cert} expires {stamp} (EXPIRED: servers refuse it, renew it)"]
+        f"zookeeper.tls.certfile {cert} expires {stamp} "
+        "(EXPIRED: refused at the next connection, renew it)"]

@@ -194,6 +194,7 @@ def test_an_expired_server_certificate_is_the_servers_to_renew_and_retried(
         why, fatal = connect_failure(_zookeeper(port, files))
     assert not fatal
     assert "not valid now (certificate has expired)" in why, why
+    assert "zookeeper.tls.cafile" in why, why
     assert "ssl.keyStore" in why and "clock" in why, why
 
 

@@ -121,7 +121,7 @@ def test_client_certificates_due_for_renewal_or_expired_are_problems() -> None:
     v = verdict(record(peer(), certificates=certs))
     assert [p.kind for p in v.problems] == ["CERT_EXPIRED", "CERT_EXPIRING"]
     assert v.line.startswith("CERT_EXPIRED: zookeeper.tls.certfile expired at "
-                             "2027-01-15T07:59:00Z: the servers refuse it")
+                             "2027-01-15T07:59:00Z: refused at the next connection")
     assert "kafka.ssl.certfile expires in 3.5 days" in v.problems[1].text
     assert v.problems[0].look == "zkbridge check-config -c /etc/zkbridge/us-east.yaml"
     # Further off than the alert's 14 days: healthy; a record without the field reads so.
