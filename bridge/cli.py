@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check-config", help="validate a config file; exit 0 valid, 1 invalid")
     chk.add_argument("-c", "--config", required=True, metavar="FILE")
+    chk.add_argument("--connect", action="store_true",
+                     help="also connect to ZooKeeper and Kafka as the bridge would (TLS, "
+                          "client certificates, auth); exit 1 if either refuses or is "
+                          "unreachable")
 
     ver = sub.add_parser(
         "verify", help="compare replicated subtrees across regions (read-only); exit 1 if differ"
@@ -256,7 +260,7 @@ def _load(path: str) -> Settings:
         raise SystemExit(1) from None
 
 
-def _check_config(path: str) -> int:
+def _check_config(path: str, connect: bool) -> int:
     settings = _load(path)
     print(f"{path}: OK")
     print(describe(settings))
@@ -264,7 +268,15 @@ def _check_config(path: str) -> int:
 
     for line in certexpiry.describe(settings, time.time()):
         print(line)
-    return 0
+    if not connect:
+        return 0
+    from bridge.preflight import preflight
+
+    answers = asyncio.run(preflight(settings))
+    for a in answers:
+        print(f"{a.side}: {'OK' if a.ok else 'FAILED'}: {a.text}",
+              file=sys.stdout if a.ok else sys.stderr)
+    return 0 if all(a.ok for a in answers) else 1
 
 
 def _verify(paths: Sequence[str], meta: bool, as_json: bool) -> int:
@@ -307,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.enable()  # off while the entry point imported (bridge.__main__); run: bridge.daemon
     try:
         if args.command == "check-config":
-            return _check_config(args.config)
+            return _check_config(args.config, args.connect)
         if args.command == "verify":
             return _verify(args.config, args.meta, args.json)
         if args.command == "lag":

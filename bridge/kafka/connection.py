@@ -142,6 +142,12 @@ class Connection:
         # Down, unreachable or refusing until its operator acts: the caller retries.
         raise KafkaError("connect: " + "; ".join([*refusals, *unreachable]))
 
+    async def check_identity(self) -> None:
+        """The start's security check, asked anew (``zkbridge check-config --connect``):
+        FatalKafkaError naming the key to fix, KafkaError if no broker answered."""
+        self._secure_ok = False
+        await self._check_security()
+
     async def diagnose(self) -> str | None:
         """After a failure while running (a topic check without an answer), ask the
         brokers again whether they still take this bridge's identity; raise

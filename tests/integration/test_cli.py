@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ZkServers
+from tests.harness.broker import Broker
+from tests.harness.procs import free_port
 from tests.integration.federation import REPO
 
 GOOD = """
@@ -74,3 +77,28 @@ def test_lag_watch_needs_a_positive_interval(tmp_path: Path, value: str) -> None
     out = zkbridge("lag", "-c", str(cfg), "--watch", value)
     assert out.returncode == 2
     assert "argument --watch:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_config_connect_says_whether_the_servers_take_it(
+    tmp_path: Path, zk_servers: ZkServers, broker: Broker,
+) -> None:
+    cfg = tmp_path / "r1.yaml"
+    hosts = zk_servers.regions[0].hosts
+    cfg.write_text(GOOD.replace("127.0.0.1:2181", hosts)
+                   .replace("127.0.0.1:9092", broker.bootstrap)
+                   + f"state_path: /check-{tmp_path.name}\n")
+    out = zkbridge("check-config", "--connect", "-c", str(cfg))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"zookeeper: OK: {hosts}: connected (plain), session 0x" in out.stdout, out.stdout
+    assert "not made yet (the bridge's first start makes it)" in out.stdout, out.stdout
+    assert f"kafka: OK: {broker.bootstrap}: connected (PLAINTEXT), reachable" in out.stdout
+    # Nobody listening on either side: both named, exit 1, no traceback.
+    closed = [free_port(), free_port()]
+    cfg.write_text(GOOD.replace("127.0.0.1:2181", f"127.0.0.1:{closed[0]}")
+                   .replace('"}', '", connect_timeout: 2}', 1)
+                   .replace("127.0.0.1:9092", f"127.0.0.1:{closed[1]}"))
+    out = zkbridge("check-config", "--connect", "-c", str(cfg))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "zookeeper: FAILED: cannot connect to ZooKeeper" in out.stderr, out.stderr
+    assert f"kafka: FAILED: connect: 127.0.0.1:{closed[1]}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stdout + out.stderr

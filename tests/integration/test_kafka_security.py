@@ -257,6 +257,15 @@ def test_client_certificates_replicate_and_a_missing_or_untrusted_one_is_named(
                 "cafile": str(tls.ca_cert), **identity}})
             line = _stops_at_once(fed, "r3")
             assert says in line and "kafka.ssl.certfile" in line, line
+            # The pre-flight check says the same, without starting a bridge.
+            out = fed.cli("check-config", "--connect", "-c", str(fed["r3"].config_path))
+            assert out.returncode == 1, out.stdout + out.stderr
+            assert "kafka: FAILED: " in out.stderr and says in out.stderr, out.stderr
+            assert "zookeeper: OK: " in out.stdout, out.stdout
+        out = fed.cli("check-config", "--connect", "-c", str(fed["r1"].config_path))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "kafka: OK: " in out.stdout and "(SSL), this bridge's identity accepted" \
+            in out.stdout, out.stdout
         fed.assert_clean_logs(allowed={"bridge_stopped"})
     finally:
         fed.close()

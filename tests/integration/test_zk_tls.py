@@ -126,6 +126,11 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
         assert first.startswith("CERT_EXPIRING: zookeeper.tls.certfile expires in "), first
         assert "(+" not in first, first  # nothing else wrong
         assert "cert     zookeeper.tls.certfile expires " in out.stdout, out.stdout
+        # The pre-flight check an operator runs before restarting on renewed files.
+        out = fed.cli("check-config", "--connect", "-c", str(r1.config_path))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"zookeeper: OK: {secure}: connected (TLS), session 0x" in out.stdout, out.stdout
+        assert "readable" in out.stdout and "kafka: OK: " in out.stdout, out.stdout
         out = fed.cli("lag", "-c", str(r1.config_path), "--max-seconds", "30")
         assert out.returncode == 0, out.stdout + out.stderr
         fed.assert_clean_logs()
@@ -159,6 +164,11 @@ def test_a_region_reached_over_tls_replicates_and_a_wrong_ca_is_named(
             "cafile": str(files.ca_cert), "certfile": str(old), "keyfile": str(old_key)}})
         out = fed.cli("check-config", "-c", str(fed["r1"].config_path))
         assert out.returncode == 0 and "EXPIRED" in out.stdout, out.stdout + out.stderr
+        out = fed.cli("check-config", "--connect", "-c", str(fed["r1"].config_path))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "zookeeper: FAILED: " in out.stderr, out.stderr
+        assert "zookeeper.tls.certfile expired on " in out.stderr, out.stderr
+        assert "kafka: OK: " in out.stdout, out.stdout
         tail = assert_stops_naming(fed, "zookeeper.tls.certfile expired on "
                                    + time.strftime("%Y-%m-%d", time.gmtime(not_after(old))))
         assert "renew it in place" in tail, tail
