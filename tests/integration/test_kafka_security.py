@@ -304,7 +304,7 @@ def test_a_certificate_the_brokers_stop_trusting_while_running_is_named_and_a_ne
         configure("ca")
         _r1_to_r2(fed, "/before")
         # The broker's own certificate expired: its operator's to renew (or this host's
-        # clock to set right), so the bridges stay and say so (before: both stopped,
+        # clock to set right), so the bridges stay and say so (before: r1 stopped,
         # told to check kafka.ssl.cafile, which was right all along; the service
         # manager's restarts would have repeated that until the renewal).
         seen = {name: len(fed.events(name)) for name in ("r1", "r2")}
