@@ -134,7 +134,8 @@ def read(settings: Settings) -> tuple[tuple[Expiry, ...], list[str]]:
     return tuple(found), problems
 
 
-def _when(epoch: float) -> str:
+def when(epoch: float) -> str:
+    """An expiry as ISO 8601 UTC, as every line that names one prints it."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
@@ -146,7 +147,7 @@ def expired_on(path: str | Path, now: float | None = None) -> str | None:
         not_after = not_after_pem(Path(path).read_bytes())
     except (OSError, ValueError):
         return None
-    return _when(not_after) if not_after <= (time.time() if now is None else now) else None
+    return when(not_after) if not_after <= (time.time() if now is None else now) else None
 
 
 def describe(settings: Settings, now: float) -> list[str]:
@@ -157,7 +158,7 @@ def describe(settings: Settings, now: float) -> list[str]:
         days = e.days_left(now)
         state = (f"in {days:.1f} days" if days >= 0
                  else "EXPIRED: refused at the next connection, renew it")
-        lines.append(f"{e.key} {e.path} expires {_when(e.not_after)} ({state})")
+        lines.append(f"{e.key} {e.path} expires {when(e.not_after)} ({state})")
     return lines + problems
 
 
@@ -172,6 +173,6 @@ def announce(settings: Settings) -> tuple[Expiry, ...]:
         days = e.days_left(now)
         if days < WARN_DAYS:
             log.warning("certificate_expiring", key=e.key, path=e.path, days_left=round(days, 1),
-                        expires=_when(e.not_after),
+                        expires=when(e.not_after),
                         hint="renew the file in place, then restart the bridge")
     return found

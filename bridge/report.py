@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge import stateaccess, statecodec
+from bridge import certexpiry, stateaccess, statecodec
 from bridge.config import Settings
 from bridge.lag import read_status
 from bridge.model import Conflict, Version
@@ -130,8 +130,7 @@ def render_status(o: dict[str, Any]) -> str:
                          f"heartbeat {_ago(p['heartbeat_age_seconds'])}")
             lines.append(line)
     for key, not_after in sorted(o.get("certificates", {}).items()):
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
-        lines.append(f"cert     {key} expires {when}")
+        lines.append(f"cert     {key} expires {certexpiry.when(not_after)}")
     if o["counters"]:
         lines.append("counters " + ", ".join(f"{k}={v}" for k, v in sorted(o["counters"].items())))
     for problem in o["verdict"]["problems"][1:]:

@@ -7,10 +7,10 @@ without servers. Problems come out worst first; the first one is the verdict.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from bridge.certexpiry import when
 from bridge.status import INCIDENT_S, STATUS_INTERVAL, PeerStatus, Status
 
 # The leader rewrites the record every STATUS_INTERVAL: this many missed
@@ -135,15 +135,15 @@ def _certificate_problems(certificates: Mapping[str, float], now_ms: int,
     and the bridge then stops or waits) or is due for renewal."""
     out = []
     for key, not_after in sorted(certificates.items(), key=lambda kv: kv[1]):
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
+        at = when(not_after)
         days = (not_after * 1000 - now_ms) / 86_400_000
         if days <= 0:
             out.append(Problem(
-                "CERT_EXPIRED", f"{key} expired at {when}: refused at the next "
+                "CERT_EXPIRED", f"{key} expired at {at}: refused at the next "
                 "connection; renew the file in place, then restart the bridge", look))
         elif days < CERTIFICATE_DAYS:
             out.append(Problem(
-                "CERT_EXPIRING", f"{key} expires in {days:.1f} days ({when}): renew the "
+                "CERT_EXPIRING", f"{key} expires in {days:.1f} days ({at}): renew the "
                 "file in place, then restart the bridge", look))
     return out
 

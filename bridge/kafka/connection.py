@@ -168,9 +168,8 @@ class Connection:
                 or now - self._diagnosed_at < DIAGNOSE_INTERVAL):
             return None
         self._diagnosed_at, self._diagnosing = now, True
-        self._secure_ok = False
         try:
-            await self._check_security()
+            await self.check_identity()
         except KafkaError:  # unreachable: the retry goes on
             return "; ".join(self.refusals) or None
         finally:

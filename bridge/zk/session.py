@@ -203,9 +203,7 @@ class Session:
         connected = self._client.start_async()
         await asyncio.to_thread(connected.wait, self._settings.connect_timeout)
         if not self._client.connected and self._settings.tls is not None:
-            why, fatal = await asyncio.to_thread(connect_failure, self._settings)
-            if fatal:
-                raise ZooKeeperTlsError(why)
+            await self.diagnose()
 
     @property
     def connected(self) -> bool:
