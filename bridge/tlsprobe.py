@@ -20,7 +20,7 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 ALERT_WAIT_SECONDS = 1.0  # how long a finished handshake waits for a TLS 1.3 server's alert
 
@@ -29,6 +29,8 @@ _CLIENT_CERT_ALERT = re.compile(
     r"ALERT_(BAD_CERTIFICATE|CERTIFICATE_\w+|UNKNOWN_CA|UNSUPPORTED_CERTIFICATE)")
 # OpenSSL's verify codes for a certificate in the server's chain that is not valid now.
 _NOT_YET_VALID, _EXPIRED = 9, 10
+
+ACCEPTED: Final = "accepted"  # the handshake went through and no alert followed
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +63,9 @@ def verification_refusal(exc: ssl.SSLCertVerificationError) -> Refusal:
 
 
 def probe(host: str, port: int, context: ssl.SSLContext, *,
-          timeout: float = 5.0) -> Refusal | None:
-    """Why ``host:port`` refuses TLS with ``context``; None: accepted, or no answer."""
+          timeout: float = 5.0) -> Refusal | Literal["accepted"] | None:
+    """Why ``host:port`` refuses TLS with ``context``, ACCEPTED if it does not, None if
+    it does not answer (unreachable, or silent: no verdict either way)."""
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
     except (OSError, ValueError):
@@ -73,6 +76,7 @@ def probe(host: str, port: int, context: ssl.SSLContext, *,
             shaken = True
             tls.settimeout(ALERT_WAIT_SECONDS)
             tls.recv(1)  # a server waits for the client's first request: nothing comes
+        return ACCEPTED  # or it hung up without an alert, having taken the handshake
     except ssl.SSLCertVerificationError as exc:
         return verification_refusal(exc)
     except ssl.SSLError as exc:
@@ -84,6 +88,10 @@ def probe(host: str, port: int, context: ssl.SSLContext, *,
     except ConnectionError as exc:  # reset; a timeout is no answer, not a refusal
         if not shaken:
             return Refusal("handshake", type(exc).__name__)
+    except TimeoutError:
+        # The handshake's own timeout is no answer; the wait for an alert
+        # after it is the quiet of a server that took this client.
+        return ACCEPTED if shaken else None
     except (OSError, ValueError):
         pass
     return None

@@ -129,9 +129,9 @@ class Connection:
                     # A TLS 1.3 broker refuses a client certificate after the
                     # handshake: aiokafka sees only a closed connection.
                     refusal = await asyncio.to_thread(probe, host, port, context)
-                    if refusal is not None and refusal.curable_here:
+                    if isinstance(refusal, Refusal) and refusal.curable_here:
                         raise FatalKafkaError(self._refused(server, refusal)) from exc
-                    if refusal is not None:  # the broker's operator cures it
+                    if isinstance(refusal, Refusal):  # the broker's operator cures it
                         refusals.append(self._not_now(server, refusal))
                         continue
                 unreachable.append(f"{server}: {type(exc).__name__} {exc}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,10 +21,9 @@ from kazoo.client import KazooState
 from kazoo.protocol.states import EventType, WatchedEvent
 from kazoo.retry import KazooRetry
 
-from bridge.certexpiry import expired_on
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import ZooKeeperError, ZooKeeperTlsError
-from bridge.tlsprobe import host_and_port, probe, speaks_tls
+from bridge.zk.diagnosis import UNREACHED, connect_failure
 from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
@@ -41,63 +39,6 @@ from bridge.zk.wire import Client, Many
 log = structlog.get_logger("bridge.zk")
 
 EventType_CHILD = 4  # ZooKeeper's NodeChildrenChanged
-PROBE_TIMEOUT = 2.0  # per server, when a start failed: a blackholed one costs this much more
-_UNREACHED = "check zookeeper.hosts and that the ensemble is up"
-
-
-def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
-    """Why no session was had, asked once ourselves (kazoo only logs each failed try):
-    a line naming what to fix, and whether no retry can cure it (this bridge's
-    TLS settings are wrong, or missing for a server that speaks only TLS)."""
-    tls = settings.tls
-    if tls is None:
-        for hostport in settings.hosts.split(","):
-            if speaks_tls(*host_and_port(hostport, 2181), timeout=PROBE_TIMEOUT):
-                return (f"ZooKeeper at {hostport} speaks TLS (a secureClientPort): set "
-                        "zookeeper.tls, or name the servers' clientPort in zookeeper.hosts",
-                        True)
-        return _UNREACHED, False
-    try:
-        context = ssl.create_default_context(cafile=tls.cafile)
-        context.check_hostname = tls.check_hostname
-        if tls.certfile:
-            context.load_cert_chain(tls.certfile, tls.keyfile)
-    except (OSError, ValueError) as exc:  # changed since the configuration was loaded
-        return f"cannot load the zookeeper.tls files: {exc}", True
-    for hostport in settings.hosts.split(","):
-        refusal = probe(*host_and_port(hostport, 2181), context, timeout=PROBE_TIMEOUT)
-        if refusal is None:
-            continue
-        if refusal.refused == "handshake":
-            # The servers' operator cures it (or a rolling restart is under way).
-            return (f"ZooKeeper at {hostport} ends the TLS handshake ({refusal.why}): check "
-                    "that it is the servers' secureClientPort, and their ssl.protocol, "
-                    "ssl.enabledProtocols and ssl.ciphersuites (a TLSv1.3-only server needs "
-                    "TLS 1.3 suites in ssl.ciphersuites: ZooKeeper's default list has none)",
-                    False)
-        if refusal.refused == "client":
-            if not tls.certfile:
-                return (f"ZooKeeper at {hostport} requires a client certificate "
-                        f"({refusal.why}); set zookeeper.tls.certfile and keyfile to one "
-                        "signed by a CA in the servers' ssl.trustStore", True)
-            expired = expired_on(tls.certfile)
-            if expired:
-                return (f"ZooKeeper at {hostport} refuses this bridge's certificate "
-                        f"({refusal.why}): zookeeper.tls.certfile expired on {expired}; "
-                        "renew it in place and start the bridge again", True)
-            return (f"ZooKeeper at {hostport} refuses this bridge's certificate "
-                    f"({refusal.why}); check zookeeper.tls.certfile: the CA that signed it "
-                    "must be in the servers' ssl.trustStore, and it must be valid now", True)
-        if refusal.refused == "validity":
-            # The servers' operator renews it (or this host's clock is wrong): retried.
-            return (f"ZooKeeper at {hostport}: its certificate (or a CA above it) is not "
-                    f"valid now ({refusal.why}) by this host's clock; renew it in the "
-                    "servers' ssl.keyStore (a CA: in zookeeper.tls.cafile too), or set this "
-                    "host's clock right", False)
-        key = "check_hostname" if refusal.refused == "hostname" else "cafile"
-        return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
-                f"check zookeeper.tls.{key}", True)
-    return _UNREACHED, False
 
 
 def _tls_options(tls: ZooKeeperTls | None) -> dict[str, Any]:
@@ -174,7 +115,7 @@ class Session:
         why, fatal = await asyncio.to_thread(connect_failure, self._settings)
         if fatal:
             raise ZooKeeperTlsError(why)
-        return None if why == _UNREACHED else why
+        return None if why == UNREACHED else why
 
     async def stop(self) -> None:
         try:

@@ -17,8 +17,8 @@ import pytest
 
 from bridge.certexpiry import expired_on
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
-from bridge.tlsprobe import host_and_port, probe, speaks_tls
-from bridge.zk.session import connect_failure
+from bridge.tlsprobe import ACCEPTED, Refusal, host_and_port, probe, speaks_tls
+from bridge.zk.diagnosis import UNREACHED, connect_failure
 from tests.harness.tls import TlsFiles, make_client_cert, make_tls
 
 
@@ -210,10 +210,80 @@ def test_an_expired_client_certificate_is_named_with_its_date(tmp_path: Path) ->
         assert f"zookeeper.tls.certfile expired on {yesterday}T" in why, why
         assert "renew it in place" in why, why
         # A valid certificate the server takes: nothing refused.
-        assert probe("127.0.0.1", port, ssl.create_default_context(cafile=files.ca_cert),
-                     timeout=2) is not None  # no certificate shown: refused
+        bare = probe("127.0.0.1", port, ssl.create_default_context(cafile=files.ca_cert),
+                     timeout=2)  # no certificate shown: refused
+        assert isinstance(bare, Refusal) and bare.refused == "client", bare
         context = ssl.create_default_context(cafile=files.ca_cert)
         context.load_cert_chain(valid, valid_key)
-        assert probe("127.0.0.1", port, context, timeout=2) is None
+        assert probe("127.0.0.1", port, context, timeout=2) == ACCEPTED
     assert expired_on(expired) is not None and expired_on(valid) is None
     assert expired_on(tmp_path / "missing.pem") is None
+
+
+# -- several servers: a refusal is fatal only when every server refuses ------------------
+
+
+def _hosts(*ports: int) -> str:
+    return ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
+def test_one_server_refusing_while_another_takes_the_bridge_is_retried(
+    tmp_path: Path,
+) -> None:
+    # A rolling change of the servers' trust: one member already trusts only a new
+    # client CA, another still takes this bridge, a third is down for its restart.
+    files = make_tls(tmp_path)
+    other = make_tls(tmp_path / "other")
+    cert, key = make_client_cert(files, "bridge")
+    refusing = _server_context(files, clients_signed_by=other.ca_cert)
+    taking = _server_context(files, clients_signed_by=files.ca_cert)
+    with _listening(_tls_answer(refusing)) as no, _listening(_tls_answer(taking)) as yes, \
+            _listening(_closes) as down:
+        pass
+    with _listening(_tls_answer(refusing)) as no, _listening(_tls_answer(taking)) as yes:
+        settings = ZooKeeperSettings(_hosts(no, yes, down), tls=ZooKeeperTls(
+            cafile=str(files.ca_cert), certfile=str(cert), keyfile=str(key)))
+        why, fatal = connect_failure(settings)
+        assert not fatal, why
+        assert f"ZooKeeper at 127.0.0.1:{no} refuses this bridge's certificate" in why, why
+        assert "zookeeper.tls.certfile" in why, why
+        assert (f"(1 of 3 servers refuse; 127.0.0.1:{yes}: takes it; "
+                f"127.0.0.1:{down}: no answer; retrying the others)") in why, why
+        # Every server refusing: no retry can cure it.
+        with _listening(_tls_answer(refusing)) as also_no:
+            settings = ZooKeeperSettings(_hosts(no, also_no), tls=settings.tls)
+            why, fatal = connect_failure(settings)
+        assert fatal and "servers refuse" not in why, why
+
+
+def test_servers_refusing_while_the_others_do_not_answer_are_retried(
+    tmp_path: Path,
+) -> None:
+    files = make_tls(tmp_path)
+    other = make_tls(tmp_path / "other")
+    with _listening(_closes) as down:
+        pass
+    with _listening(_tls_answer(_server_context(other))) as untrusted:
+        tls = ZooKeeperTls(cafile=str(files.ca_cert))
+        why, fatal = connect_failure(ZooKeeperSettings(_hosts(untrusted, down), tls=tls))
+        assert not fatal, why
+        assert "check zookeeper.tls.cafile" in why, why
+        assert f"127.0.0.1:{down}: no answer" in why, why
+        why, fatal = connect_failure(ZooKeeperSettings(_hosts(untrusted), tls=tls))
+        assert fatal and "check zookeeper.tls.cafile" in why, why
+
+
+def test_a_plain_bridge_stops_only_when_every_server_speaks_tls_only(
+    tmp_path: Path,
+) -> None:
+    files = make_tls(tmp_path)
+    with _listening(_tls_answer(_server_context(files))) as secure, \
+            _listening(_closes) as plain:
+        why, fatal = connect_failure(ZooKeeperSettings(_hosts(secure, plain)))
+        assert not fatal, why
+        assert f"ZooKeeper at 127.0.0.1:{secure} speaks TLS" in why, why
+        assert f"(1 of 2 servers speak TLS; 127.0.0.1:{plain}: no TLS; retrying" in why, why
+        why, fatal = connect_failure(ZooKeeperSettings(_hosts(secure)))
+        assert fatal and "set zookeeper.tls" in why, why
+        why, fatal = connect_failure(ZooKeeperSettings(_hosts(plain)))
+        assert not fatal and why == UNREACHED, why
