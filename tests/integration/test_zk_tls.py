@@ -310,3 +310,74 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
         fed.assert_clean_logs(allowed={"bridge_stopped", "task_failed"})
     finally:
         fed.close()
+
+
+def test_a_server_that_refuses_the_bridge_while_another_member_may_take_it_is_waited_out(
+    tmp_path: Path, token: str, broker: Broker, zk_servers: ZkServers,
+) -> None:
+    # A rolling change of the servers' client trust: one server in zookeeper.hosts
+    # already trusts only a new CA, the one that still takes this bridge's certificate
+    # is down for its own restart. One session needs one server: the bridge waits for
+    # it, saying which refuses (before: it stopped at the first refusal, a restart
+    # loop under systemd until the other server was back). Two standalone servers
+    # stand in for the members; the bridge's data lives on the one that takes it.
+    files = make_tls(tmp_path / "tls")
+    ports = procs.free_port(), procs.free_port()
+    trusting = secure_config(files, ports[1])
+    refusing = ZooKeeperServer("r1-refusing", extra_config=[
+        f"ssl.trustStore.location={files.other_ca_cert}"
+        if line.startswith("ssl.trustStore.location=") else line
+        for line in secure_config(files, ports[0])])
+    taking = ZooKeeperServer("r1-taking", extra_config=trusting)
+    refusing.start()
+    taking.start()
+    cert, key = make_client_cert(files)
+    no, yes = (f"127.0.0.1:{port}" for port in ports)
+    fed = Federation(tmp_path, token, broker, {"r1": taking, "r2": zk_servers.regions[1]})
+    try:
+        fed.write_config("r1", zookeeper={
+            "hosts": f"{no},{yes}", "connect_timeout": 3,
+            "tls": {"cafile": str(files.ca_cert), "certfile": str(cert), "keyfile": str(key)}})
+        taking.stop()
+        fed.start("r1", wait=False)
+        fed.start("r2")
+        said = "refuses this bridge's certificate"
+        waited = f"(1 of 2 servers refuse; {yes}: no answer; retrying the others)"
+        wait_for(lambda: any(said in str(e.get("error")) and waited in str(e.get("error"))
+                             for e in fed.events("r1")), 30,
+                 message="r1's bridge did not say which server refuses it")
+        r1, r2 = fed["r1"], fed["r2"]
+        assert r1.proc is not None and r1.proc.poll() is None, "r1's bridge gave up"
+        taking.start()
+        fed.wait_ready("r1", timeout=60)
+        r1.client.create(r1.path("/through-the-other"), b"a")
+        wait_for(lambda: r2.client.exists(r2.path("/through-the-other")) is not None, 20)
+
+        # The same while running: the member it is connected to goes down for longer
+        # than the watchdog waits; the bridge says why it cannot reconnect, and stays.
+        seen = len(fed.events("r1"))
+        taking.stop()
+        wait_for(lambda: any(e.get("event") == "zookeeper_unreachable"
+                             and waited in str(e.get("error"))
+                             for e in fed.events("r1")[seen:]), 40,
+                 message="r1's bridge did not say which server refuses it while running")
+        assert r1.proc is not None and r1.proc.poll() is None, "r1's bridge gave up"
+        r2.client.create(r2.path("/while-down"), b"b")
+        taking.start()
+        wait_for(lambda: r1.client.exists(r1.path("/while-down")) is not None, 60)
+        fed.wait_converged()
+
+        # Every server refusing it: no retry cures that, the bridge stops naming the key.
+        proc, before = r1.proc, r1.log_path.stat().st_size
+        assert proc is not None
+        taking.extra_config = tuple(
+            f"ssl.trustStore.location={files.other_ca_cert}"
+            if line.startswith("ssl.trustStore.location=") else line for line in trusting)
+        taking.restart()
+        tail = assert_stopped_naming(fed, proc, before, "zookeeper.tls.certfile", timeout=90)
+        assert said in tail, tail
+        fed.assert_clean_logs(allowed={"bridge_stopped", "task_failed"})
+    finally:
+        fed.close()
+        taking.close()
+        refusing.close()
