@@ -218,6 +218,9 @@ class Bridge:
             for w in waits:
                 w.cancel()
             self.ready.set()
+            # The status record at once: `lag` and `status` read the heartbeats
+            # and positions of the catch-up from it.
+            self.reporter.due.set()
             log.info("bridge_ready", region=self.region, subtrees=list(self.stores),
                      peers=list(self.settings.peers), epoch=self.epoch)
             self.on_role(self.role)

@@ -305,10 +305,13 @@ class Inbound:
             self.queues[name].put_nowait(ready)
 
     async def _idle_positions(self) -> None:
-        """Store positions moved only by heartbeats or skipped records, now and then."""
+        """Store positions moved only by heartbeats or skipped records, now and then;
+        at once until caught up, so that ready means the stored positions reached the
+        ends (what ``zkbridge lag`` reads)."""
         now = time.monotonic()
+        every = IDLE_POSITION_SECONDS if self.caught_up.is_set() else 0.0
         for peer in self.peers.values():
-            if now - peer.stored_at < IDLE_POSITION_SECONDS:
+            if now - peer.stored_at < every:
                 continue
             resume = {p: a.resume_offset for p, a in peer.assemblers.items()}
             # Only when nothing fetched waits to be applied: the stored
@@ -333,11 +336,9 @@ class Inbound:
             peer = self.peers.get(topic)
             if peer is None:
                 continue
-            done = peer.positions.get(part, 0)
-            asm = peer.assemblers.get(part)
-            if asm is not None and not self.pending[peer.subtree]:
-                done = max(done, asm.resume_offset)  # the rest were heartbeats
-            if done < end:
+            # Stored positions only: heartbeats and skipped records past the
+            # last batch count once _idle_positions stored them.
+            if peer.positions.get(part, 0) < end:
                 return
         self.caught_up.set()
 
