@@ -55,6 +55,15 @@ class Demo:
         self.bridges: dict[str, subprocess.Popen[bytes]] = {}
         self.clients: dict[str, KazooClient] = {}
         self.configs: dict[str, Path] = {}
+        self.problems: list[str] = []  # what the tour showed that it should not have
+
+    def expect(self, rc: int, want: int, what: str, ok: str) -> None:
+        """Narrate a command's exit status: ``ok`` if it is ``want``, else a problem."""
+        if rc == want:
+            info(f"exit status {rc}: {ok}")
+            return
+        info(f"exit status {rc}, where {want} was expected: {what}")
+        self.problems.append(f"{what}: exit status {rc}, expected {want}")
 
     def up(self) -> None:
         step("Starting three regional ZooKeeper servers and a Kafka-compatible broker")
@@ -187,7 +196,7 @@ class Demo:
         print("  $ zkbridge verify --meta " + " ".join(f"-c {r}.yaml" for r in REGIONS))
         for line in (out.stdout + out.stderr).splitlines():
             info("  " + line)
-        info(f"exit status {out.returncode} ({'identical' if out.returncode == 0 else 'differ'})")
+        self.expect(out.returncode, 0, "zkbridge verify --meta", "identical")
 
     def lag_tour(self) -> None:
         us, eu = self.clients["us-east"], self.clients["eu-west"]
@@ -212,9 +221,9 @@ class Demo:
 
         wait_until(lambda: behind_for(3), 30)
         rc = self.zkbridge("lag", "-c", cfg, "--max-seconds", "3")
-        info(f"exit status {rc}: what a cron job or a monitoring check alerts on. It works with "
-             "the bridge stopped: positions come from ap-south's ZooKeeper, end offsets from "
-             "Kafka.")
+        self.expect(rc, 1, "zkbridge lag with ap-south's bridge stopped",
+                    "what a cron job or a monitoring check alerts on. It works with the bridge "
+                    "stopped: positions come from ap-south's ZooKeeper, end offsets from Kafka.")
 
         step("ap-south's bridge restarts and catches up from Kafka")
         t0 = time.monotonic()
@@ -223,8 +232,9 @@ class Demo:
         info(f"{GREEN}✓{RESET} ap-south  ready after {time.monotonic() - t0:.1f} s "
              f"(READY only once caught up)")
         rc = self.zkbridge("lag", "-c", cfg, "--max-seconds", "3")
-        info(f"exit status {rc}: the alert clears. `zkbridge lag --watch` shows this live, with "
-             "each row's trend.")
+        self.expect(rc, 0, "zkbridge lag right after ap-south's bridge is ready",
+                    "the alert clears. `zkbridge lag --watch` shows this live, with each "
+                    "row's trend.")
 
     def down(self) -> None:
         for c in self.clients.values():
@@ -266,6 +276,12 @@ def main() -> int:
 
             shutil.rmtree(workdir, ignore_errors=True)
         info("done")
+    if demo.problems:
+        print(f"\nThe tour showed {len(demo.problems)} thing(s) it should not have; please "
+              "report them with the bridges' logs (scripts/demo --keep keeps them):", flush=True)
+        for problem in demo.problems:
+            print(f"  - {problem}", flush=True)
+        return 1
     return 0
 
 
