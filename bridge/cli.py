@@ -256,7 +256,9 @@ def _load(path: str) -> Settings:
         return load_settings(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+            # The file's own problems (unreadable, bad YAML) already name it.
+            named = problem.startswith((f"{path}:", f"{path!r}:"))
+            print(problem if named else f"{path}: {problem}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

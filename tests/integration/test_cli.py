@@ -52,9 +52,18 @@ def test_bad_config_exits_1_with_message(tmp_path: Path, text: str, message: str
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    out = zkbridge("check-config", "-c", str(tmp_path / "nope.yaml"))
+    missing = tmp_path / "nope.yaml"
+    for command in ("check-config", "run"):
+        out = zkbridge(command, "-c", str(missing))
+        assert out.returncode == 1
+        # One line, the path named once (before: "PATH: PATH: cannot read: ...").
+        assert out.stderr == f"{missing}: cannot read: No such file or directory\n", out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("region: r1\nregion: r2\n" + GOOD.split("\n", 2)[2])
+    out = zkbridge("check-config", "-c", str(bad))
     assert out.returncode == 1
-    assert "cannot read" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"{bad}: duplicate key region at line 2"), out.stderr
+    assert f"{bad}: {bad}" not in out.stderr, out.stderr
 
 
 def test_good_config_exits_0_and_describes(tmp_path: Path) -> None:
