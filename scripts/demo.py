@@ -60,7 +60,8 @@ class Demo:
     def expect(self, rc: int, want: int, what: str, ok: str) -> None:
         """Narrate a command's exit status: ``ok`` if it is ``want``, else a problem."""
         if rc == want:
-            info(f"exit status {rc}: {ok}")
+            if ok:  # else the output speaks for itself
+                info(f"exit status {rc}: {ok}")
             return
         info(f"exit status {rc}, where {want} was expected: {what}")
         self.problems.append(f"{what}: exit status {rc}, expected {want}")
@@ -173,13 +174,15 @@ class Demo:
 
         self.lag_tour()
         step("zkbridge conflicts: the conflict just made, both versions and the winner")
-        self.zkbridge("conflicts", "-c", str(self.configs["eu-west"]), "--limit", "1")
+        rc = self.zkbridge("conflicts", "-c", str(self.configs["eu-west"]), "--limit", "1")
+        self.expect(rc, 0, "zkbridge conflicts", "")
         info("local = eu-west's own write, remote = us-east's; every region recorded the same "
              "winner by the same rule (lww).")
 
         step("zkbridge status: one region at a glance, verdict first")
-        self.zkbridge("status", "-c", str(self.configs["us-east"]),
-                      keep=lambda line: not line.startswith("counters "))
+        rc = self.zkbridge("status", "-c", str(self.configs["us-east"]),
+                           keep=lambda line: not line.startswith("counters "))
+        self.expect(rc, 0, "zkbridge status", "")
 
         step("A delete in ap-south")
         ap.delete("/critical/services", recursive=True)
