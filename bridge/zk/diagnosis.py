@@ -54,8 +54,9 @@ def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
     if curable:
         line = _refused(curable[0], refusals[curable[0]], tls)
         return _all_or_some(line, curable, hosts, lambda h: _said(answers[h]))
-    for hostport, refusal in refusals.items():
+    if refusals:
         # The servers' operator cures it (or a rolling restart is under way).
+        hostport, refusal = next(iter(refusals.items()))
         return _refused(hostport, refusal, tls), False
     return UNREACHED, False
 
@@ -69,7 +70,7 @@ def _ask_all(hosts: list[str], ask: Callable[[str], _Answer]) -> dict[str, _Answ
 def _all_or_some(line: str, refusing: list[str], hosts: list[str],
                  others: Callable[[str], str], *, verb: str = "refuse") -> tuple[str, bool]:
     """``line`` is fatal if every server refuses; else retried, saying what each of the
-    others ``others`` does ("takes it", "does not answer")."""
+    others answered (``others``: "takes it", "no answer")."""
     if len(refusing) == len(hosts):
         return line, True
     said: dict[str, list[str]] = {}

@@ -9,7 +9,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,12 @@ def secure_config(files: TlsFiles, port: int, *more: str) -> list[str]:
         "ssl.clientAuth=need",  # ZooKeeper's default: clients show a certificate
         *more,
     ]
+
+
+def trusting_only(config: Sequence[str], ca: Path) -> tuple[str, ...]:
+    """A server's zoo.cfg lines with its client trust moved to ``ca`` alone."""
+    return tuple(f"ssl.trustStore.location={ca}"
+                 if line.startswith("ssl.trustStore.location=") else line for line in config)
 
 
 @pytest.fixture
@@ -281,10 +287,7 @@ def test_a_certificate_the_servers_stop_trusting_while_running_is_named_and_a_ne
         # trust only the new one, and the running bridge's next connection is refused.
         # Before, the bridge reconnected for ever, its only hint "the ensemble may have
         # been wiped or restored".
-        server.extra_config = tuple(
-            f"ssl.trustStore.location={files.other_ca_cert}"
-            if line.startswith("ssl.trustStore.location=") else line
-            for line in trusting)
+        server.extra_config = trusting_only(trusting, files.other_ca_cert)
         before = r1.log_path.stat().st_size
         proc = r1.proc
         assert proc is not None
@@ -324,10 +327,8 @@ def test_a_server_that_refuses_the_bridge_while_another_member_may_take_it_is_wa
     files = make_tls(tmp_path / "tls")
     ports = procs.free_port(), procs.free_port()
     trusting = secure_config(files, ports[1])
-    refusing = ZooKeeperServer("r1-refusing", extra_config=[
-        f"ssl.trustStore.location={files.other_ca_cert}"
-        if line.startswith("ssl.trustStore.location=") else line
-        for line in secure_config(files, ports[0])])
+    refusing = ZooKeeperServer("r1-refusing", extra_config=trusting_only(
+        secure_config(files, ports[0]), files.other_ca_cert))
     taking = ZooKeeperServer("r1-taking", extra_config=trusting)
     refusing.start()
     taking.start()
@@ -370,9 +371,7 @@ def test_a_server_that_refuses_the_bridge_while_another_member_may_take_it_is_wa
         # Every server refusing it: no retry cures that, the bridge stops naming the key.
         proc, before = r1.proc, r1.log_path.stat().st_size
         assert proc is not None
-        taking.extra_config = tuple(
-            f"ssl.trustStore.location={files.other_ca_cert}"
-            if line.startswith("ssl.trustStore.location=") else line for line in trusting)
+        taking.extra_config = trusting_only(trusting, files.other_ca_cert)
         taking.restart()
         tail = assert_stopped_naming(fed, proc, before, "zookeeper.tls.certfile", timeout=90)
         assert said in tail, tail
