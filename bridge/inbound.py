@@ -146,6 +146,7 @@ class Inbound:
     async def start(self) -> dict[tuple[str, int], int | None]:
         """Read stored positions; returns where to assign each partition."""
         positions: dict[tuple[str, int], int | None] = {}
+        await self.bridge.reporter.carry_over()
         partitions = await self.bridge.retry("partitions of the topics", partial(
             self.bridge.kafka.partitions_of, [*self.peers, *self.own]))
         for topic, parts in partitions.items():
@@ -274,6 +275,8 @@ class Inbound:
                         detail="a null record carries an event that is not a delete")
             event = None
         if event is not None and event.op is Op.HEARTBEAT:
+            self.bridge.reporter.heartbeat(peer.subtree, peer.peer, peer.last_heartbeat_ms,
+                                           rec.timestamp_ms)
             peer.last_heartbeat_ms = max(peer.last_heartbeat_ms, rec.timestamp_ms)
             if event.applied is not None:  # one sent with no capture in flight
                 self.bridge.stability[peer.subtree].heard(peer.peer, rec.partition,

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge.errors import BridgeError, VersionConflict
-from bridge.status import STATUS_INTERVAL, PeerStatus, Status, health, now_ms
+from bridge.status import (
+    SILENT_HEARTBEATS,
+    STATUS_INTERVAL,
+    PeerStatus,
+    Status,
+    health,
+    now_ms,
+)
 from bridge.zk import Create, SetData
 from bridge.zk import Op as ZkOp
 
@@ -34,6 +41,9 @@ class Reporter:
         # the smallest is the least delayed, the best guess of the offset.
         self.clock_offsets: dict[str, deque[int]] = {}
         self._clock_said = ""
+        # (subtree, peer) → its last heartbeat when it was found silent: logged
+        # once when it goes silent and once when it is heard again.
+        self._silent: dict[tuple[str, str], int] = {}
 
     @property
     def path(self) -> str:
@@ -70,6 +80,50 @@ class Reporter:
         self._clock_said = said
         return said
 
+    # -- peers' liveness ------------------------------------------------------
+    async def carry_over(self) -> None:
+        """Take what the region's last record knew of each peer, at a process's first term.
+
+        The heartbeats and events an earlier process read are behind the
+        stored positions and are not read again. Without this, a peer silent
+        since before a restart had no heartbeat age at all: ``status`` said
+        HEALTHY, ``lag`` showed none and exited 0, the lag metric read 0 and
+        the heartbeat-age metric was absent, so every alert on it cleared.
+        """
+        node = await self.bridge.zk.get(self.path)
+        old = Status.decode(node.data) if node is not None and node.data else None
+        if old is None:
+            return
+        for p in self.bridge.peers.values():
+            if (was := old.peer(p.subtree, p.peer)) is not None:
+                p.last_heartbeat_ms = max(p.last_heartbeat_ms, was.last_heartbeat_ms)
+                p.last_event_ms = max(p.last_event_ms, was.last_event_ms)
+
+    def heartbeat(self, subtree: str, peer: str, previous_ms: int, at_ms: int) -> None:
+        """A peer's heartbeat was read: ``at_ms`` its time, ``previous_ms`` the last one's."""
+        went = self._silent.get((subtree, peer))
+        if went is not None and at_ms > went:  # not one of a backlog read again
+            del self._silent[(subtree, peer)]
+            log.info("peer_heard_again", subtree=subtree, peer=peer,
+                     silent_s=round((at_ms - went) / 1000, 1))
+            self.due.set()
+        elif previous_ms and at_ms - previous_ms > 2000 * self.bridge.settings.heartbeat_interval:
+            # Back after a pause: the record (``status``, ``lag``) says so now,
+            # not with the age it had before, up to STATUS_INTERVAL later.
+            self.due.set()
+
+    def _note_silent(self, peers: tuple[PeerStatus, ...], now: int) -> None:
+        bound = SILENT_HEARTBEATS * 1000 * self.bridge.settings.heartbeat_interval
+        for p in peers:
+            key = (p.subtree, p.peer)
+            heard = p.last_heartbeat_ms
+            if heard and now - heard > bound and key not in self._silent:
+                self._silent[key] = heard
+                log.warning("peer_silent", subtree=p.subtree, peer=p.peer,
+                            last_heartbeat_s=round((now - heard) / 1000, 1),
+                            hint=f"its bridge or its link to Kafka is down: run "
+                                 f"`zkbridge status` in {p.peer}")
+
     # -- the record ----------------------------------------------------------
     def status(self) -> Status:
         b = self.bridge
@@ -85,11 +139,13 @@ class Reporter:
         errors = tuple(b.errors)
         incidents = tuple(b.incidents)
         clock = self.clock_check()
+        now = now_ms()
+        self._note_silent(peers, now)
         return Status(
             region=b.region, identity=b.identity, epoch=b.epoch, role=b.role,
             health=health(errors, peers, b.settings.heartbeat_interval,
                           incidents=incidents, clock=clock),
-            started_ms=b.started_ms, updated_ms=now_ms(), counters=dict(b.stats),
+            started_ms=b.started_ms, updated_ms=now, counters=dict(b.stats),
             outbox={n: b.streams.backlog(n) for n in b.stores},
             oversized={n: sorted(st.oversized) for n, st in b.stores.items()},
             held_back={n: [f"{rel} ({what})" for rel, what in sorted(st.held_back.items())]

@@ -18,6 +18,8 @@ STATUS_INTERVAL = 2.0
 # bridge degraded this long after it was last seen: long enough for an
 # operator to notice, short enough that a healed federation reads healthy again.
 INCIDENT_S = 600.0
+# A peer heartbeats every heartbeat_interval; this many missed means silent.
+SILENT_HEARTBEATS = 10
 
 
 def now_ms() -> int:
@@ -143,7 +145,7 @@ def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
         return "degraded"
     if any(t - int(e.get("at_ms", 0)) < INCIDENT_S * 1000 for e in incidents):
         return "degraded"
-    silent_ms = 10 * heartbeat_interval * 1000
+    silent_ms = SILENT_HEARTBEATS * heartbeat_interval * 1000
     if any(p.last_heartbeat_ms and t - p.last_heartbeat_ms > silent_ms for p in peers):
         return "degraded"
     return "ok"

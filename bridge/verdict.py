@@ -11,14 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge.certexpiry import when
-from bridge.status import INCIDENT_S, STATUS_INTERVAL, PeerStatus, Status
+from bridge.status import INCIDENT_S, SILENT_HEARTBEATS, STATUS_INTERVAL, PeerStatus, Status
 
 # The leader rewrites the record every STATUS_INTERVAL: this many missed
 # rewrites means it is stuck, gone, or cut off from its ensemble.
 STALE_RECORD_S = 15 * STATUS_INTERVAL
-# A peer heartbeats every heartbeat_interval; this many missed means silent
-# (the same threshold as the record's own ``health``).
-SILENT_HEARTBEATS = 10
 # Events waiting while nothing was applied for this long: the inbound pipeline
 # is stuck rather than busy.
 STUCK_APPLY_S = 30.0

@@ -85,6 +85,59 @@ def test_lag_grows_while_stopped_and_returns_to_zero(federation: Federation) -> 
     fed.assert_clean_logs()
 
 
+def status_json(fed: Federation, name: str) -> dict[str, Any]:
+    out = fed.cli("status", "-c", str(fed[name].config_path), "--json")
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
+        federation: Federation) -> None:
+    """A bridge restarted while a peer is away still reports it: status, lag, metrics, log.
+
+    Before, the restarted bridge knew nothing of the heartbeats an earlier
+    process had read: `status` said HEALTHY "caught up with r2", `lag` showed
+    no heartbeat age and `--max-seconds` exited 0, the lag metric read 0 and
+    the heartbeat-age metric was absent, so the alerts on them cleared.
+    """
+    fed = federation
+    port = free_port()
+    for name in ("r1", "r2", "r3"):  # silent after 10 intervals: 5 s
+        fed.write_config(name, heartbeat_interval=0.5)
+    fed.write_config("r1", metrics={"listen": f"127.0.0.1:{port}"})
+    fed.start_all()
+    r1 = fed["r1"]
+    r1.client.create(r1.path("/x"), b"1")
+    fed.wait_converged()
+    assert fed.stop("r2") == 0
+    wait_for(lambda: any(e["event"] == "peer_silent" and e["peer"] == "r2"
+                         for e in fed.events("r1")), 30, message="r1 never logged r2 silent")
+    assert fed.stop("r1") == 0
+    fed.start("r1")
+    st = status_json(fed, "r1")
+    assert st["verdict"]["line"].startswith("SILENT: no heartbeat from r2"), st["verdict"]
+    ages = {p["peer"]: p["heartbeat_age_seconds"] for p in st["peers"]}
+    assert ages["r2"] is not None and ages["r2"] > 5, ages
+    age = next(r["heartbeat_age"] for r in lag_json(fed, "r1") if r["peer"] == "r2")
+    assert isinstance(age, float) and age > 5, age
+    assert fed.cli("lag", "-c", str(r1.config_path), "--max-seconds", "5").returncode == 1
+    metrics = scrape(port)
+    assert metrics['zkbridge_heartbeat_age_seconds{peer="r2",subtree="critical"}'] > 5
+    assert metrics['zkbridge_lag_seconds{peer="r2",subtree="critical"}'] > 5
+    # The restarted process says so in its own log too.
+    assert sum(e["event"] == "peer_silent" and e["peer"] == "r2" for e in fed.events("r1")) == 2
+    fed.start("r2")
+    wait_for(lambda: any(e["event"] == "peer_heard_again" and e["peer"] == "r2"
+                         for e in fed.events("r1")), 30, message="r1 never heard r2 again")
+    # When it is heard again is a unit test's (test_liveness.py): here, that the
+    # restarted process, which never heard r2 before, counts it back.
+    wait_for(lambda: status_json(fed, "r1")["verdict"]["healthy"], 10,
+             message=lambda: f"r1 still reports {status_json(fed, 'r1')['verdict']}")
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
 class Reader:
     """Collects a child's output on a thread, so a test can wait on it with a deadline."""
 

@@ -1,0 +1,117 @@
+"""A peer's liveness as the status record tells it: silent, heard again, and across a restart.
+
+No servers: a stand-in bridge with the reporter's inputs (the peers' states,
+the heartbeat interval, and a ZooKeeper that holds an earlier record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from bridge.inbound import PeerState
+from bridge.reporter import Reporter
+from bridge.status import PeerStatus, Status, now_ms
+
+INTERVAL = 0.5  # seconds: silent after 10 of them
+
+
+class RecordZk:
+    """Holds one status record, as an earlier process left it."""
+
+    def __init__(self, record: bytes | None) -> None:
+        self.record = record
+
+    async def get(self, path: str) -> Any:
+        return None if self.record is None else SimpleNamespace(data=self.record)
+
+
+def reporter(record: bytes | None = None) -> tuple[Reporter, PeerState]:
+    peer = PeerState("s", "r2", "zkb.s.r2")
+    settings = SimpleNamespace(heartbeat_interval=INTERVAL, state_path="/zkb")
+    bridge = SimpleNamespace(settings=settings, peers={peer.topic: peer}, zk=RecordZk(record))
+    return Reporter(bridge), peer  # type: ignore[arg-type]
+
+
+def as_status(peer: PeerState) -> tuple[PeerStatus, ...]:
+    return (PeerStatus(subtree=peer.subtree, peer=peer.peer, topic=peer.topic, positions={},
+                       highwater={}, last_heartbeat_ms=peer.last_heartbeat_ms,
+                       last_event_ms=peer.last_event_ms),)
+
+
+def record_of(last_heartbeat_ms: int, last_event_ms: int) -> bytes:
+    peer = PeerStatus(subtree="s", peer="r2", topic="zkb.s.r2", positions={0: 7},
+                      highwater={0: 7}, last_heartbeat_ms=last_heartbeat_ms,
+                      last_event_ms=last_event_ms, last_applied_ms=last_event_ms)
+    return Status(region="r1", identity="h:1", epoch=3, role="leader", health="degraded",
+                  started_ms=0, updated_ms=now_ms(), counters={}, outbox={}, oversized={},
+                  peers=(peer,)).encode()
+
+
+def test_heartbeats_on_time_do_not_rewrite_the_record() -> None:
+    rep, peer = reporter()
+    t = 1_000_000
+    for i in range(10):
+        rep.heartbeat("s", "r2", peer.last_heartbeat_ms, t + 500 * i)
+        peer.last_heartbeat_ms = t + 500 * i
+    assert not rep.due.is_set()
+
+
+def test_a_heartbeat_after_a_pause_rewrites_the_record_at_once() -> None:
+    rep, peer = reporter()
+    peer.last_heartbeat_ms = 1_000_000
+    rep.heartbeat("s", "r2", peer.last_heartbeat_ms, 1_000_000 + 1_200)  # > 2 intervals
+    assert rep.due.is_set()
+
+
+def test_silent_is_logged_once_and_heard_again_once_with_the_record_rewritten() -> None:
+    rep, peer = reporter()
+    now = now_ms()
+    peer.last_heartbeat_ms = now - 6_000  # 12 intervals ago
+    with capture_logs() as logs:
+        rep._note_silent(as_status(peer), now)
+        rep._note_silent(as_status(peer), now + 2_000)  # the next record: no second line
+        # A heartbeat older than the one the silence was counted from (a backlog
+        # read again by a new term) is not the peer coming back.
+        rep.heartbeat("s", "r2", peer.last_heartbeat_ms, now - 7_000)
+        assert not rep.due.is_set()
+        rep.heartbeat("s", "r2", peer.last_heartbeat_ms, now + 2_100)
+    events = [(e["event"], e.get("last_heartbeat_s"), e.get("silent_s")) for e in logs]
+    assert events == [("peer_silent", 6.0, None), ("peer_heard_again", None, 8.1)]
+    assert rep.due.is_set()
+
+
+def test_a_peer_never_heard_is_not_called_silent() -> None:
+    rep, peer = reporter()
+    with capture_logs() as logs:
+        rep._note_silent(as_status(peer), now_ms())
+    assert logs == []
+
+
+def test_a_new_process_takes_the_peers_last_heartbeat_from_the_region_s_record() -> None:
+    was = now_ms() - 60_000
+    rep, peer = reporter(record_of(last_heartbeat_ms=was, last_event_ms=was - 5_000))
+    asyncio.run(rep.carry_over())
+    assert (peer.last_heartbeat_ms, peer.last_event_ms) == (was, was - 5_000)
+    # Not when the stall would be an old record's: a batch applied is this process's news.
+    assert peer.last_applied_ms == 0
+    with capture_logs() as logs:
+        rep._note_silent(as_status(peer), now_ms())
+    assert [e["event"] for e in logs] == ["peer_silent"]
+
+
+def test_what_this_process_heard_is_not_taken_back_by_an_older_record() -> None:
+    rep, peer = reporter(record_of(last_heartbeat_ms=1_000, last_event_ms=1_000))
+    peer.last_heartbeat_ms = peer.last_event_ms = 5_000
+    asyncio.run(rep.carry_over())
+    assert (peer.last_heartbeat_ms, peer.last_event_ms) == (5_000, 5_000)
+
+
+def test_no_record_or_a_damaged_one_changes_nothing() -> None:
+    for record in (None, b"", b"{not json"):
+        rep, peer = reporter(record)
+        asyncio.run(rep.carry_over())
+        assert (peer.last_heartbeat_ms, peer.last_event_ms) == (0, 0)
