@@ -16,6 +16,7 @@ import structlog
 
 from bridge.errors import BridgeError, VersionConflict
 from bridge.status import (
+    INCIDENT_S,
     SILENT_HEARTBEATS,
     STATUS_INTERVAL,
     PeerStatus,
@@ -82,22 +83,30 @@ class Reporter:
 
     # -- peers' liveness ------------------------------------------------------
     async def carry_over(self) -> None:
-        """Take what the region's last record knew of each peer, at a process's first term.
+        """Take what the region's last record knew, at a term's start (a restart, a failover).
 
         The heartbeats and events an earlier process read are behind the
         stored positions and are not read again. Without this, a peer silent
         since before a restart had no heartbeat age at all: ``status`` said
         HEALTHY, ``lag`` showed none and exited 0, the lag metric read 0 and
         the heartbeat-age metric was absent, so every alert on it cleared.
+        Recent incidents (a skipped record's audit among them) were dropped
+        the same way.
         """
-        node = await self.bridge.zk.get(self.path)
+        b = self.bridge
+        node = await b.zk.get(self.path)
         old = Status.decode(node.data) if node is not None and node.data else None
         if old is None:
             return
-        for p in self.bridge.peers.values():
+        for p in b.peers.values():
             if (was := old.peer(p.subtree, p.peer)) is not None:
                 p.last_heartbeat_ms = max(p.last_heartbeat_ms, was.last_heartbeat_ms)
                 p.last_event_ms = max(p.last_event_ms, was.last_event_ms)
+        recent = now_ms() - INCIDENT_S * 1000
+        merged = {(int(i.get("at_ms", 0)), str(i.get("kind")), str(i.get("text"))): dict(i)
+                  for i in (*old.incidents, *b.incidents) if int(i.get("at_ms", 0)) > recent}
+        b.incidents.clear()
+        b.incidents.extend(merged[k] for k in sorted(merged))
 
     def heartbeat(self, subtree: str, peer: str, previous_ms: int, at_ms: int) -> None:
         """A peer's heartbeat was read: ``at_ms`` its time, ``previous_ms`` the last one's."""

@@ -79,6 +79,13 @@ def test_a_far_future_event_waits_and_never_poisons_the_clock(federation: Federa
         return any(i["kind"] == "SKIPPED" for i in doc["incidents"]) and not doc["waiting"]
 
     wait_for(audited, 30, message="status never listed the skip")
+    # The audit outlives the process that skipped: a restarted bridge keeps the
+    # region's recent incidents (before, its first record dropped them).
+    assert fed.stop("r2") == 0
+    fed.start("r2")
+    doc = json.loads(fed.cli("status", "-c", str(r2.config_path), "--json").stdout)
+    assert [i["kind"] for i in doc["incidents"]] == ["SKIPPED"], doc["incidents"]
+    assert any(p["kind"] == "SKIPPED" for p in doc["verdict"]["problems"]), doc["verdict"]
     fed.assert_clean_logs(allowed={"clock_skew_wait"})
 
 

@@ -1,12 +1,15 @@
-"""A peer's liveness as the status record tells it: silent, heard again, and across a restart.
+"""A peer's liveness as the status record tells it: silent, heard again, and across a restart
+(with the region's recent incidents).
 
 No servers: a stand-in bridge with the reporter's inputs (the peers' states,
-the heartbeat interval, and a ZooKeeper that holds an earlier record).
+the incidents, the heartbeat interval, and a ZooKeeper that holds an earlier
+record).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,10 +32,12 @@ class RecordZk:
         return None if self.record is None else SimpleNamespace(data=self.record)
 
 
-def reporter(record: bytes | None = None) -> tuple[Reporter, PeerState]:
+def reporter(record: bytes | None = None, incidents: tuple[dict[str, Any], ...] = ()
+             ) -> tuple[Reporter, PeerState]:
     peer = PeerState("s", "r2", "zkb.s.r2")
     settings = SimpleNamespace(heartbeat_interval=INTERVAL, state_path="/zkb")
-    bridge = SimpleNamespace(settings=settings, peers={peer.topic: peer}, zk=RecordZk(record))
+    bridge = SimpleNamespace(settings=settings, peers={peer.topic: peer}, zk=RecordZk(record),
+                             incidents=deque(incidents, maxlen=50))
     return Reporter(bridge), peer  # type: ignore[arg-type]
 
 
@@ -42,13 +47,14 @@ def as_status(peer: PeerState) -> tuple[PeerStatus, ...]:
                        last_event_ms=peer.last_event_ms),)
 
 
-def record_of(last_heartbeat_ms: int, last_event_ms: int) -> bytes:
+def record_of(last_heartbeat_ms: int, last_event_ms: int,
+              incidents: tuple[dict[str, Any], ...] = ()) -> bytes:
     peer = PeerStatus(subtree="s", peer="r2", topic="zkb.s.r2", positions={0: 7},
                       highwater={0: 7}, last_heartbeat_ms=last_heartbeat_ms,
                       last_event_ms=last_event_ms, last_applied_ms=last_event_ms)
     return Status(region="r1", identity="h:1", epoch=3, role="leader", health="degraded",
                   started_ms=0, updated_ms=now_ms(), counters={}, outbox={}, oversized={},
-                  peers=(peer,)).encode()
+                  peers=(peer,), incidents=incidents).encode()
 
 
 def test_heartbeats_on_time_do_not_rewrite_the_record() -> None:
@@ -115,3 +121,15 @@ def test_no_record_or_a_damaged_one_changes_nothing() -> None:
         rep, peer = reporter(record)
         asyncio.run(rep.carry_over())
         assert (peer.last_heartbeat_ms, peer.last_event_ms) == (0, 0)
+
+
+def test_recent_incidents_of_the_region_s_record_are_kept_once_and_in_order() -> None:
+    now = now_ms()
+    old = {"at_ms": now - 700_000, "kind": "TOPIC_RESET", "text": "past INCIDENT_S"}
+    skipped = {"at_ms": now - 60_000, "kind": "SKIPPED", "text": "ops skipped zkb.s.r2[0]@7"}
+    reset = {"at_ms": now - 30_000, "kind": "TOPIC_RESET", "text": "zkb.s.r3 rewound"}
+    mine = {"at_ms": now - 1_000, "kind": "REANNOUNCED", "text": "own topic lost records"}
+    # A second term of the same process finds its own incidents in the record too.
+    rep, _ = reporter(record_of(0, 0, (old, skipped, reset)), incidents=(reset, mine))
+    asyncio.run(rep.carry_over())
+    assert list(rep.bridge.incidents) == [skipped, reset, mine]
