@@ -58,7 +58,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_lag_seconds", "gauge", "how far behind a peer, in seconds",
          ("subtree", "peer")),
     Spec("zkbridge_heartbeat_age_seconds", "gauge",
-         "age of the last heartbeat applied from a peer", ("subtree", "peer")),
+         "age of the last heartbeat applied from a peer (never heard: seconds since this "
+         "bridge started)", ("subtree", "peer")),
     Spec("zkbridge_outbox_depth", "gauge", "local changes not yet acked by Kafka", ("subtree",)),
     Spec("zkbridge_outbox_age_seconds", "gauge",
          "age of the oldest local change not yet acked by Kafka (0: none)", ("subtree",)),
@@ -156,12 +157,17 @@ class BridgeCollector(Collector):
         lag_s = family("zkbridge_lag_seconds")
         hb = family("zkbridge_heartbeat_age_seconds")
         now = now_ms()
-        for subtree, peer, events, seconds in lag_of(b):
+        # The leader's only: a standby reads no peer topic (and the never-heard
+        # rule below would make its heartbeat ages grow).
+        leading = b.role == "leader"
+        for subtree, peer, events, seconds in lag_of(b) if leading else ():
             lag_e.add_metric([subtree, peer], events)
             lag_s.add_metric([subtree, peer], seconds)
-        for p in b.peers.values():
-            if p.last_heartbeat_ms:
-                hb.add_metric([p.subtree, p.peer], (now - p.last_heartbeat_ms) / 1000)
+        for p in b.peers.values() if leading else ():
+            # A peer never heard: the time since the start, so that its alert fires
+            # rather than the series being absent.
+            heard = p.last_heartbeat_ms or b.started_ms
+            hb.add_metric([p.subtree, p.peer], (now - heard) / 1000)
         yield from (lag_e, lag_s, hb)
         outbox = family("zkbridge_outbox_depth")
         for name in b.stores:

@@ -17,12 +17,12 @@ import structlog
 from bridge.errors import BridgeError, VersionConflict
 from bridge.status import (
     INCIDENT_S,
-    SILENT_HEARTBEATS,
     STATUS_INTERVAL,
     PeerStatus,
     Status,
     health,
     now_ms,
+    silent_for,
 )
 from bridge.zk import Create, SetData
 from bridge.zk import Op as ZkOp
@@ -114,7 +114,7 @@ class Reporter:
         if went is not None and at_ms > went:  # not one of a backlog read again
             del self._silent[(subtree, peer)]
             log.info("peer_heard_again", subtree=subtree, peer=peer,
-                     silent_s=round((at_ms - went) / 1000, 1))
+                     silent_s=round((at_ms - (went or self.bridge.started_ms)) / 1000, 1))
             self.due.set()
         elif previous_ms and at_ms - previous_ms > 2000 * self.bridge.settings.heartbeat_interval:
             # Back after a pause: the record (``status``, ``lag``) says so now,
@@ -122,16 +122,25 @@ class Reporter:
             self.due.set()
 
     def _note_silent(self, peers: tuple[PeerStatus, ...], now: int) -> None:
-        bound = SILENT_HEARTBEATS * 1000 * self.bridge.settings.heartbeat_interval
+        b = self.bridge
         for p in peers:
             key = (p.subtree, p.peer)
-            heard = p.last_heartbeat_ms
-            if heard and now - heard > bound and key not in self._silent:
-                self._silent[key] = heard
+            quiet = silent_for(p, b.started_ms, b.settings.heartbeat_interval, now)
+            if quiet is None or key in self._silent:
+                continue
+            # 0: never heard, so any heartbeat is the peer's first.
+            self._silent[key] = p.last_heartbeat_ms
+            if p.last_heartbeat_ms:
                 log.warning("peer_silent", subtree=p.subtree, peer=p.peer,
-                            last_heartbeat_s=round((now - heard) / 1000, 1),
+                            last_heartbeat_s=round(quiet, 1),
                             hint=f"its bridge or its link to Kafka is down: run "
                                  f"`zkbridge status` in {p.peer}")
+            else:
+                log.warning("peer_silent", subtree=p.subtree, peer=p.peer,
+                            never_heard_s=round(quiet, 1),
+                            hint=f"no heartbeat since this bridge started: {p.peer}'s bridge "
+                                 "never ran or cannot reach Kafka, or `peers` names a region "
+                                 "that does not exist")
 
     # -- the record ----------------------------------------------------------
     def status(self) -> Status:
@@ -153,7 +162,7 @@ class Reporter:
         return Status(
             region=b.region, identity=b.identity, epoch=b.epoch, role=b.role,
             health=health(errors, peers, b.settings.heartbeat_interval,
-                          incidents=incidents, clock=clock),
+                          incidents=incidents, clock=clock, started_ms=b.started_ms),
             started_ms=b.started_ms, updated_ms=now, counters=dict(b.stats),
             outbox={n: b.streams.backlog(n) for n in b.stores},
             oversized={n: sorted(st.oversized) for n, st in b.stores.items()},

@@ -135,9 +135,11 @@ class Status:
 
 def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
            heartbeat_interval: float, now: int | None = None,
-           incidents: tuple[Mapping[str, Any], ...] = (), clock: str = "") -> str:
-    """``ok``, or ``degraded``: a recent error or incident, a peer silent for 10 heartbeats,
-    this region's clock off against its peers'."""
+           incidents: tuple[Mapping[str, Any], ...] = (), clock: str = "",
+           started_ms: int = 0) -> str:
+    """``ok``, or ``degraded``: a recent error or incident, a peer silent for 10 heartbeats
+    (or never heard in as long since ``started_ms``), this region's clock off against its
+    peers'."""
     t = now or now_ms()
     if clock:
         return "degraded"
@@ -145,7 +147,26 @@ def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
         return "degraded"
     if any(t - int(e.get("at_ms", 0)) < INCIDENT_S * 1000 for e in incidents):
         return "degraded"
-    silent_ms = SILENT_HEARTBEATS * heartbeat_interval * 1000
-    if any(p.last_heartbeat_ms and t - p.last_heartbeat_ms > silent_ms for p in peers):
+    if any(silent_for(p, started_ms, heartbeat_interval, t) for p in peers):
         return "degraded"
     return "ok"
+
+
+def unheard_ms(p: PeerStatus, started_ms: int, now: int) -> int | None:
+    """How long no heartbeat has come from ``p``: since its last one or, if this bridge
+    never heard one, since it started (a lower bound); None when neither is known."""
+    since = p.last_heartbeat_ms or started_ms
+    return max(0, now - since) if since else None
+
+
+def silent_for(p: PeerStatus, started_ms: int, heartbeat_interval: float, now: int
+               ) -> float | None:
+    """Seconds without a heartbeat from ``p`` if it counts as silent, else None.
+
+    A peer never heard from counts too, once this bridge has waited as long:
+    its bridge never ran, or ``peers`` names a region that does not exist.
+    """
+    quiet = unheard_ms(p, started_ms, now)
+    if quiet is None or quiet <= SILENT_HEARTBEATS * heartbeat_interval * 1000:
+        return None
+    return quiet / 1000

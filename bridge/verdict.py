@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge.certexpiry import when
-from bridge.status import INCIDENT_S, SILENT_HEARTBEATS, STATUS_INTERVAL, PeerStatus, Status
+from bridge.status import INCIDENT_S, STATUS_INTERVAL, PeerStatus, Status, silent_for
 
 # The leader rewrites the record every STATUS_INTERVAL: this many missed
 # rewrites means it is stuck, gone, or cut off from its ensemble.
@@ -92,7 +92,8 @@ def judge(
             "STALE", f"leader {leader} is not reporting (status record {shown}): "
             "stuck, or cut off from ZooKeeper", logs))
     peers = status.peers if status and fresh else ()
-    problems += _peer_problems(peers, heartbeat_interval, now_ms, lag)
+    problems += _peer_problems(peers, status.started_ms if status else 0, heartbeat_interval,
+                               now_ms, lag)
     if status is not None:
         problems += _incident_problems(status, now_ms, logs)
     if status is not None and fresh and status.clock:
@@ -193,8 +194,8 @@ def _incident_problems(status: Status, now_ms: int, logs: str) -> list[Problem]:
     return out
 
 
-def _peer_problems(peers: Sequence[PeerStatus], heartbeat_interval: float, now_ms: int,
-                   lag: str) -> list[Problem]:
+def _peer_problems(peers: Sequence[PeerStatus], started_ms: int, heartbeat_interval: float,
+                   now_ms: int, lag: str) -> list[Problem]:
     stuck, silent, catching = [], [], []
     for p in peers:
         behind = events_behind(p)
@@ -208,10 +209,16 @@ def _peer_problems(peers: Sequence[PeerStatus], heartbeat_interval: float, now_m
         elif behind >= BACKLOG_EVENTS:
             catching.append(Problem("BEHIND", f"{behind} events from {name} not applied yet",
                                     lag))
-        if heartbeat is not None and heartbeat > SILENT_HEARTBEATS * heartbeat_interval:
+        quiet = silent_for(p, started_ms, heartbeat_interval, now_ms)
+        if quiet is not None and heartbeat is not None:
             silent.append(Problem(
-                "SILENT", f"no heartbeat from {name} for {heartbeat:.0f}s: its bridge or "
+                "SILENT", f"no heartbeat from {name} for {quiet:.0f}s: its bridge or "
                 "its link to Kafka is down", f"zkbridge status in {p.peer}; {lag}"))
+        elif quiet is not None:
+            silent.append(Problem(
+                "SILENT", f"no heartbeat from {name} since this bridge started {quiet:.0f}s "
+                f"ago: its bridge never ran or cannot reach Kafka, or `peers` names a region "
+                "that does not exist", f"zkbridge status in {p.peer}; the peers' region names"))
     return stuck + silent + catching
 
 

@@ -138,6 +138,38 @@ def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
     fed.assert_clean_logs()
 
 
+def test_a_peer_no_region_answers_for_is_reported_silent(federation: Federation) -> None:
+    """A name in `peers` that no bridge publishes as (a typo, a region never deployed).
+
+    Before, the bridge waited on its empty topic for ever and said HEALTHY "caught
+    up with r9", with no heartbeat age and no heartbeat-age series to alert on.
+    """
+    fed = federation
+    port = free_port()
+    fed.write_config("r1", peers=["r2", "r9"], heartbeat_interval=0.5,
+                     metrics={"listen": f"127.0.0.1:{port}"})
+    fed.start("r1")
+    fed.start("r2")
+    r1 = fed["r1"]
+    r1.client.create(r1.path("/x"), b"1")
+    fed.wait_converged(["r1", "r2"])
+    wait_for(lambda: any(e["event"] == "peer_silent" and e["peer"] == "r9"
+                         for e in fed.events("r1")), 30, message="r1 never logged r9 silent")
+    [said] = [e for e in fed.events("r1") if e["event"] == "peer_silent"]
+    assert said["never_heard_s"] > 5 and "names a region that does not exist" in said["hint"]
+
+    def verdict() -> str:
+        line: str = status_json(fed, "r1")["verdict"]["line"]
+        return line
+
+    wait_for(lambda: verdict().startswith("SILENT: no heartbeat from r9 (critical) since this "
+                                          "bridge started"), 10, message=verdict)
+    assert scrape(port)['zkbridge_heartbeat_age_seconds{peer="r9",subtree="critical"}'] > 5
+    # The peer that runs is not called silent.
+    assert "r2" not in verdict()
+    fed.assert_clean_logs()
+
+
 class Reader:
     """Collects a child's output on a thread, so a test can wait on it with a deadline."""
 

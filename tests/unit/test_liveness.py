@@ -9,6 +9,7 @@ record).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from bridge.inbound import PeerState
+from bridge.metrics import BridgeCollector
 from bridge.reporter import Reporter
 from bridge.status import PeerStatus, Status, now_ms
 
@@ -32,12 +34,13 @@ class RecordZk:
         return None if self.record is None else SimpleNamespace(data=self.record)
 
 
-def reporter(record: bytes | None = None, incidents: tuple[dict[str, Any], ...] = ()
-             ) -> tuple[Reporter, PeerState]:
+def reporter(record: bytes | None = None, incidents: tuple[dict[str, Any], ...] = (),
+             started_ms: int | None = None) -> tuple[Reporter, PeerState]:
     peer = PeerState("s", "r2", "zkb.s.r2")
     settings = SimpleNamespace(heartbeat_interval=INTERVAL, state_path="/zkb")
     bridge = SimpleNamespace(settings=settings, peers={peer.topic: peer}, zk=RecordZk(record),
-                             incidents=deque(incidents, maxlen=50))
+                             incidents=deque(incidents, maxlen=50),
+                             started_ms=now_ms() if started_ms is None else started_ms)
     return Reporter(bridge), peer  # type: ignore[arg-type]
 
 
@@ -90,11 +93,18 @@ def test_silent_is_logged_once_and_heard_again_once_with_the_record_rewritten() 
     assert rep.due.is_set()
 
 
-def test_a_peer_never_heard_is_not_called_silent() -> None:
-    rep, peer = reporter()
+def test_a_peer_never_heard_is_silent_once_the_bridge_has_waited_as_long() -> None:
+    now = now_ms()
+    rep, peer = reporter(started_ms=now - 4_000)  # 8 intervals: not yet
     with capture_logs() as logs:
-        rep._note_silent(as_status(peer), now_ms())
-    assert logs == []
+        rep._note_silent(as_status(peer), now)
+        assert logs == []
+        rep._note_silent(as_status(peer), now + 1_500)
+        rep.heartbeat("s", "r2", 0, now + 2_000)  # its first heartbeat, at last
+    assert [(e["event"], e.get("never_heard_s"), e.get("silent_s")) for e in logs] == [
+        ("peer_silent", 5.5, None), ("peer_heard_again", None, 6.0)]
+    assert "names a region that does not exist" in logs[0]["hint"]
+    assert rep.due.is_set()
 
 
 def test_a_new_process_takes_the_peers_last_heartbeat_from_the_region_s_record() -> None:
@@ -133,3 +143,22 @@ def test_recent_incidents_of_the_region_s_record_are_kept_once_and_in_order() ->
     rep, _ = reporter(record_of(0, 0, (old, skipped, reset)), incidents=(reset, mine))
     asyncio.run(rep.carry_over())
     assert list(rep.bridge.incidents) == [skipped, reset, mine]
+
+
+def test_only_the_leader_exports_the_peers_series_a_never_heard_one_included() -> None:
+    peer = PeerState("s", "r9", "zkb.s.r9")  # never heard
+    started = now_ms() - 90_000
+    kafka = SimpleNamespace(highwater=lambda topic, positions: {0: 0})
+    series: dict[str, list[tuple[list[str], float]]] = {}
+    for role in ("leader", "standby"):
+        bridge = SimpleNamespace(region="r1", role=role, peers={peer.topic: peer}, kafka=kafka,
+                                 started_ms=started)
+        families = itertools.islice(BridgeCollector(bridge).collect(), 5)  # type: ignore[arg-type]
+        series[role] = [(s.name, s.value) for f in families for s in f.samples
+                        if f.name.startswith(("zkbridge_lag", "zkbridge_heartbeat"))]
+    [age] = [v for n, v in series["leader"] if n == "zkbridge_heartbeat_age_seconds"]
+    assert 89 < age < 100
+    assert {s[0] for s in series["leader"]} == {"zkbridge_lag_events", "zkbridge_lag_seconds",
+                                                  "zkbridge_heartbeat_age_seconds"}
+    # A standby reads no peer topic: no series, rather than ages growing from its start.
+    assert series["standby"] == []

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bridge.status import PeerStatus, Status
+from bridge.status import PeerStatus, Status, health
 from bridge.verdict import BACKLOG_EVENTS, STALE_RECORD_S, STUCK_APPLY_S, judge
 
 NOW = 1_800_000_000_000
@@ -82,6 +82,20 @@ def test_silent_peer_after_ten_heartbeats() -> None:
     assert verdict(record(peer(heartbeat_s=49))).healthy
     v = verdict(record(peer(heartbeat_s=51)))
     assert v.problems[0].kind == "SILENT" and "no heartbeat from eu-west" in v.line
+
+
+def test_a_peer_never_heard_is_silent_once_the_bridge_waited_ten_heartbeats() -> None:
+    # A peer whose bridge never ran, or a name in `peers` no region has.
+    never = peer("eu-wset", heartbeat_s=None)
+    assert verdict(record(never, started_ms=NOW - 49_000)).healthy
+    v = verdict(record(never, started_ms=NOW - 51_000))
+    assert [p.kind for p in v.problems] == ["SILENT"]
+    assert v.line.startswith("SILENT: no heartbeat from eu-wset (critical) since this bridge "
+                             "started 51s ago") and "names a region that does not exist" in v.line
+    # The record's own health agrees.
+    assert health((), (never,), 5.0, now=NOW, started_ms=NOW - 51_000) == "degraded"
+    assert health((), (never,), 5.0, now=NOW, started_ms=NOW - 49_000) == "ok"
+    assert health((), (never,), 5.0, now=NOW) == "ok"  # an older record: no start known
 
 
 def test_worst_problem_first_and_the_rest_counted() -> None:
