@@ -93,6 +93,10 @@ class LagProbe:
                           if end > positions.get(tp[1], 0)}
                 peer_status = status.peer(st.name, peer) if status else None
                 hb_ms = peer_status.last_heartbeat_ms if peer_status else 0
+                if not hb_ms and not behind and status is not None:
+                    # Never heard, nothing published: no heartbeat since the bridge
+                    # started, as its metric counts it (a lower bound).
+                    hb_ms = status.started_ms
                 hb_age = (now - hb_ms) / 1000 if hb_ms else None
                 if behind:
                     oldest = await kafka.timestamps_at(

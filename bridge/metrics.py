@@ -134,8 +134,9 @@ def lag_of(bridge: Bridge) -> list[tuple[str, str, int, float]]:
                      for part, end in hw.items())
         # Behind: the newest applied event is at least this old. Caught up: the
         # peer's last heartbeat tells how fresh our view of it is.
+        # Never heard: since the bridge started, as the heartbeat age counts it.
         ref = p.last_event_ms if behind else max(p.last_heartbeat_ms, p.last_event_ms)
-        seconds = (now - ref) / 1000 if ref else 0.0
+        seconds = (now - (ref or bridge.started_ms)) / 1000
         out.append((p.subtree, p.peer, behind, max(0.0, seconds)))
     return out
 

@@ -123,6 +123,11 @@ class Reporter:
 
     def _note_silent(self, peers: tuple[PeerStatus, ...], now: int) -> None:
         b = self.bridge
+        if not b.inbound.caught_up.is_set():
+            # A term's first records come before its first fetch: the heartbeats
+            # carried over are as old as the bridge was away, and the peers'
+            # newer ones are not read yet.
+            return
         for p in peers:
             key = (p.subtree, p.peer)
             quiet = silent_for(p, b.started_ms, b.settings.heartbeat_interval, now)

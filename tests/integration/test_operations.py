@@ -110,6 +110,14 @@ def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
     r1 = fed["r1"]
     r1.client.create(r1.path("/x"), b"1")
     fed.wait_converged()
+    # r1 away longer than the silence bound while its peers run: back, it reads
+    # their heartbeats before it judges them (no false peer_silent at the start).
+    assert fed.stop("r1") == 0
+    time.sleep(6)
+    fed.start("r1")
+    time.sleep(2.5)  # the next record or two
+    assert not [e for e in fed.events("r1") if e["event"] == "peer_silent"]
+    assert status_json(fed, "r1")["verdict"]["healthy"]
     assert fed.stop("r2") == 0
     wait_for(lambda: any(e["event"] == "peer_silent" and e["peer"] == "r2"
                          for e in fed.events("r1")), 30, message="r1 never logged r2 silent")
@@ -164,7 +172,13 @@ def test_a_peer_no_region_answers_for_is_reported_silent(federation: Federation)
 
     wait_for(lambda: verdict().startswith("SILENT: no heartbeat from r9 (critical) since this "
                                           "bridge started"), 10, message=verdict)
-    assert scrape(port)['zkbridge_heartbeat_age_seconds{peer="r9",subtree="critical"}'] > 5
+    metrics = scrape(port)
+    assert metrics['zkbridge_heartbeat_age_seconds{peer="r9",subtree="critical"}'] > 5
+    assert metrics['zkbridge_lag_seconds{peer="r9",subtree="critical"}'] > 5
+    # `lag`, the cron check, counts it the same way.
+    age = next(r["heartbeat_age"] for r in lag_json(fed, "r1") if r["peer"] == "r9")
+    assert isinstance(age, float) and age > 5, age
+    assert fed.cli("lag", "-c", str(r1.config_path), "--max-seconds", "5").returncode == 1
     # The peer that runs is not called silent.
     assert "r2" not in verdict()
     fed.assert_clean_logs()

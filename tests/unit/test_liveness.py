@@ -38,8 +38,10 @@ def reporter(record: bytes | None = None, incidents: tuple[dict[str, Any], ...] 
              started_ms: int | None = None) -> tuple[Reporter, PeerState]:
     peer = PeerState("s", "r2", "zkb.s.r2")
     settings = SimpleNamespace(heartbeat_interval=INTERVAL, state_path="/zkb")
+    inbound = SimpleNamespace(caught_up=asyncio.Event())
+    inbound.caught_up.set()
     bridge = SimpleNamespace(settings=settings, peers={peer.topic: peer}, zk=RecordZk(record),
-                             incidents=deque(incidents, maxlen=50),
+                             incidents=deque(incidents, maxlen=50), inbound=inbound,
                              started_ms=now_ms() if started_ms is None else started_ms)
     return Reporter(bridge), peer  # type: ignore[arg-type]
 
@@ -156,9 +158,25 @@ def test_only_the_leader_exports_the_peers_series_a_never_heard_one_included() -
         families = itertools.islice(BridgeCollector(bridge).collect(), 5)  # type: ignore[arg-type]
         series[role] = [(s.name, s.value) for f in families for s in f.samples
                         if f.name.startswith(("zkbridge_lag", "zkbridge_heartbeat"))]
-    [age] = [v for n, v in series["leader"] if n == "zkbridge_heartbeat_age_seconds"]
-    assert 89 < age < 100
+    leader = dict(series["leader"])
+    assert 89 < leader["zkbridge_heartbeat_age_seconds"] < 100
+    assert 89 < leader["zkbridge_lag_seconds"] < 100
     assert {s[0] for s in series["leader"]} == {"zkbridge_lag_events", "zkbridge_lag_seconds",
                                                   "zkbridge_heartbeat_age_seconds"}
     # A standby reads no peer topic: no series, rather than ages growing from its start.
     assert series["standby"] == []
+
+
+def test_silence_is_not_judged_before_the_term_caught_up() -> None:
+    """A restart after a long stop: the carried-over heartbeats are old until the first fetch."""
+    now = now_ms()
+    rep, peer = reporter(started_ms=now - 600_000)
+    peer.last_heartbeat_ms = now - 600_000
+    rep.bridge.inbound.caught_up.clear()
+    with capture_logs() as logs:
+        rep._note_silent(as_status(peer), now)
+        assert logs == []
+        peer.last_heartbeat_ms = now - 300  # the backlog's heartbeats read
+        rep.bridge.inbound.caught_up.set()
+        rep._note_silent(as_status(peer), now)
+    assert logs == []
