@@ -94,6 +94,12 @@ def _peers(status: Status | None, now: int) -> list[dict[str, Any]]:
             for p in (status.peers if status else ())]
 
 
+def _unknown(state: dict[str, Any], origin: str) -> str:
+    """An unknown stable prefix, with who it waits on (absent in an older leader's record)."""
+    who = state.get("stable_prefix_waiting_on", {}).get(origin)
+    return f"unknown (no report from {', '.join(who)} yet)" if who else "unknown"
+
+
 def _ago(seconds: float | None) -> str:
     return "never" if seconds is None else f"{seconds:.1f}s ago"
 
@@ -111,8 +117,9 @@ def render_status(o: dict[str, Any]) -> str:
         lines.append(f"subtree  {name} at {st['mount']}: outbox {st['outbox']}")
         state = o.get("state", {}).get(name)
         if state:
-            ages = ", ".join(f"{r} {'unknown' if a is None else f'{a:.0f}s'}"
-                             for r, a in sorted(state["stable_prefix_age_seconds"].items()))
+            ages = ", ".join(
+                f"{r} {_unknown(state, r) if a is None else f'{a:.0f}s'}"
+                for r, a in sorted(state["stable_prefix_age_seconds"].items()))
             lines.append(f"  tombstones {state['tombstones']} held, "
                          f"{state['tombstones_collected']} collected; null records "
                          f"{state.get('nulls_published', 0)} published, "

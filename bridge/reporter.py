@@ -193,6 +193,9 @@ class Reporter:
             "stable_prefix_age_seconds": {
                 origin: None if at is None else round(max(0, now - at) / 1000, 1)
                 for origin, at in b.streams.stable_prefixes(subtree).items()},
+            # Why an age above is unknown: who has not reported applying that origin.
+            "stable_prefix_waiting_on": {o: list(w) for o, w in
+                                         b.streams.unreported(subtree).items()},
         }
 
     async def write(self) -> None:

@@ -94,6 +94,11 @@ class Stability:
             return self.own.get(origin)
         return self.reports.get(region, {}).get(origin)
 
+    def unreported(self, origin: str) -> tuple[str, ...]:
+        """The regions that ``stable(origin)`` waits on: none has reported applying it yet."""
+        return tuple(r for r in (self.region, *self.peers)
+                     if r != origin and self.applied_by(r, origin) is None)
+
     def stable(self, origin: str) -> int | None:
         """The HLC below which every region has applied ``origin``'s stream (None: nothing).
 

@@ -58,6 +58,12 @@ class Streams:
             out[origin] = None if prefix is None else min(hlc_to_ms(prefix), now_ms())
         return out
 
+    def unreported(self, subtree: str) -> dict[str, tuple[str, ...]]:
+        """Per origin whose stable prefix is not known, the regions not heard on it yet."""
+        stab = self.bridge.stability[subtree]
+        origins = (self.bridge.region, *self.bridge.settings.peers)
+        return {o: waits for o in origins if (waits := stab.unreported(o))}
+
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
         return self.bridge.outbound.queued[subtree]

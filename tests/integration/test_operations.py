@@ -181,6 +181,9 @@ def test_a_peer_no_region_answers_for_is_reported_silent(federation: Federation)
     assert fed.cli("lag", "-c", str(r1.config_path), "--max-seconds", "5").returncode == 1
     # The peer that runs is not called silent.
     assert "r2" not in verdict()
+    # Nor are tombstones collected while r9 never reports: status says whom it waits on.
+    human = fed.cli("status", "-c", str(r1.config_path)).stdout
+    assert "stable prefix age: r1 unknown (no report from r9 yet)" in human, human
     fed.assert_clean_logs()
 
 

@@ -41,6 +41,10 @@ def test_a_region_that_never_reported_keeps_everything_unstable() -> None:
     s.passed("r2", 0, 6)
     assert s.stable("r1") is None  # r3 said nothing yet
     assert s.stable("r2") is None  # nor about r2
+    # Status names who is awaited (a region down, or a name in peers nobody runs).
+    assert s.unreported("r1") == ("r3",)
+    assert s.unreported("r2") == ("r3",)
+    assert s.unreported("r3") == ("r1", "r2")  # r1 has not applied r3, r2 not said
 
 
 def test_a_silent_region_holds_the_minimum_where_it_was() -> None:
