@@ -208,7 +208,7 @@ def _resync(path: str, as_json: bool) -> int:
 
 def _skip(path: str, topic: str, partition: int, offset: int, timeout: float) -> int:
     from bridge import skip, stateaccess
-    from bridge.lag import read_status
+    from bridge.reporter import read_status
     from bridge.status import now_ms
     from bridge.verdict import STALE_RECORD_S
     from bridge.zk import ZooKeeper

@@ -15,7 +15,8 @@ from bridge.config import Settings
 from bridge.kafka import Kafka, topic_name
 from bridge.outbox import outbox_depth
 from bridge.positions import read_positions
-from bridge.status import Status, now_ms
+from bridge.reporter import read_status
+from bridge.status import now_ms, unheard_ms
 from bridge.store import Layout
 from bridge.zk import ZooKeeper
 
@@ -34,11 +35,6 @@ class LagRow:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-async def read_status(zk: ZooKeeper, settings: Settings) -> Status | None:
-    node = await zk.get(f"{settings.state_path}/status")
-    return Status.decode(node.data) if node and node.data else None
 
 
 class LagProbe:
@@ -93,11 +89,11 @@ class LagProbe:
                           if end > positions.get(tp[1], 0)}
                 peer_status = status.peer(st.name, peer) if status else None
                 hb_ms = peer_status.last_heartbeat_ms if peer_status else 0
-                if not hb_ms and not behind and status is not None:
-                    # Never heard, nothing published: no heartbeat since the bridge
-                    # started, as its metric counts it (a lower bound).
-                    hb_ms = status.started_ms
-                hb_age = (now - hb_ms) / 1000 if hb_ms else None
+                # Never heard and nothing published: no heartbeat since the bridge
+                # started, as its metric counts it (a lower bound).
+                started = status.started_ms if status is not None and not behind else 0
+                quiet = unheard_ms(hb_ms, started, now)
+                hb_age = None if quiet is None else quiet / 1000
                 if behind:
                     oldest = await kafka.timestamps_at(
                         {tp: positions.get(tp[1], 0) for tp in behind})

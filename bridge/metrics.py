@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from bridge.acl import HOLD
 from bridge.plan import WRITE_HOLDS
-from bridge.status import now_ms
+from bridge.status import now_ms, unheard_ms
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -167,8 +167,8 @@ class BridgeCollector(Collector):
         for p in b.peers.values() if leading else ():
             # A peer never heard: the time since the start, so that its alert fires
             # rather than the series being absent.
-            heard = p.last_heartbeat_ms or b.started_ms
-            hb.add_metric([p.subtree, p.peer], (now - heard) / 1000)
+            quiet = unheard_ms(p.last_heartbeat_ms, b.started_ms, now) or 0
+            hb.add_metric([p.subtree, p.peer], quiet / 1000)
         yield from (lag_e, lag_s, hb)
         outbox = family("zkbridge_outbox_depth")
         for name in b.stores:

@@ -9,10 +9,10 @@ from typing import Any
 
 from bridge import certexpiry, stateaccess, statecodec
 from bridge.config import Settings
-from bridge.lag import read_status
 from bridge.model import Conflict, Version
 from bridge.outbox import outbox_depth
 from bridge.positions import read_positions
+from bridge.reporter import read_status
 from bridge.status import Status, now_ms
 from bridge.store import Layout
 from bridge.verdict import STALE_RECORD_S, events_behind, judge

@@ -24,13 +24,24 @@ from bridge.status import (
     now_ms,
     silent_for,
 )
-from bridge.zk import Create, SetData
+from bridge.zk import Create, SetData, ZooKeeper
 from bridge.zk import Op as ZkOp
 
 if TYPE_CHECKING:
+    from bridge.config import Settings
     from bridge.engine import Bridge
 
 log = structlog.get_logger("bridge.reporter")
+
+
+def status_path(state_path: str) -> str:
+    return f"{state_path}/status"
+
+
+async def read_status(zk: ZooKeeper, settings: Settings) -> Status | None:
+    """The region's status record as its last leader wrote it (None: none, or unreadable)."""
+    node = await zk.get(status_path(settings.state_path))
+    return Status.decode(node.data) if node and node.data else None
 
 
 class Reporter:
@@ -48,7 +59,7 @@ class Reporter:
 
     @property
     def path(self) -> str:
-        return f"{self.bridge.settings.state_path}/status"
+        return status_path(self.bridge.settings.state_path)
 
     # -- clock ---------------------------------------------------------------
     def clock_sample(self, peer: str, stamp_ms: int) -> None:
@@ -94,8 +105,7 @@ class Reporter:
         the same way.
         """
         b = self.bridge
-        node = await b.zk.get(self.path)
-        old = Status.decode(node.data) if node is not None and node.data else None
+        old = await read_status(b.zk, b.settings)
         if old is None:
             return
         for p in b.peers.values():
@@ -135,17 +145,14 @@ class Reporter:
                 continue
             # 0: never heard, so any heartbeat is the peer's first.
             self._silent[key] = p.last_heartbeat_ms
-            if p.last_heartbeat_ms:
-                log.warning("peer_silent", subtree=p.subtree, peer=p.peer,
-                            last_heartbeat_s=round(quiet, 1),
-                            hint=f"its bridge or its link to Kafka is down: run "
-                                 f"`zkbridge status` in {p.peer}")
-            else:
-                log.warning("peer_silent", subtree=p.subtree, peer=p.peer,
-                            never_heard_s=round(quiet, 1),
-                            hint=f"no heartbeat since this bridge started: {p.peer}'s bridge "
-                                 "never ran or cannot reach Kafka, or `peers` names a region "
-                                 "that does not exist")
+            said = ({"last_heartbeat_s": round(quiet, 1),
+                     "hint": f"its bridge or its link to Kafka is down: run `zkbridge status` "
+                             f"in {p.peer}"} if p.last_heartbeat_ms else
+                    {"never_heard_s": round(quiet, 1),
+                     "hint": f"no heartbeat since this bridge started: {p.peer}'s bridge never "
+                             "ran or cannot reach Kafka, or `peers` names a region that does "
+                             "not exist"})
+            log.warning("peer_silent", subtree=p.subtree, peer=p.peer, **said)
 
     # -- the record ----------------------------------------------------------
     def status(self) -> Status:

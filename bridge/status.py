@@ -152,11 +152,11 @@ def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
     return "ok"
 
 
-def unheard_ms(p: PeerStatus, started_ms: int, now: int) -> int | None:
-    """How long no heartbeat has come from ``p``: since its last one or, if this bridge
+def unheard_ms(last_heartbeat_ms: int, started_ms: int, now: int) -> int | None:
+    """How long no heartbeat has come from a peer: since its last one or, if this bridge
     never heard one, since it started (a lower bound); None when neither is known."""
-    since = p.last_heartbeat_ms or started_ms
-    return max(0, now - since) if since else None
+    since = last_heartbeat_ms or started_ms
+    return now - since if since else None
 
 
 def silent_for(p: PeerStatus, started_ms: int, heartbeat_interval: float, now: int
@@ -166,7 +166,7 @@ def silent_for(p: PeerStatus, started_ms: int, heartbeat_interval: float, now: i
     A peer never heard from counts too, once this bridge has waited as long:
     its bridge never ran, or ``peers`` names a region that does not exist.
     """
-    quiet = unheard_ms(p, started_ms, now)
+    quiet = unheard_ms(p.last_heartbeat_ms, started_ms, now)
     if quiet is None or quiet <= SILENT_HEARTBEATS * heartbeat_interval * 1000:
         return None
     return quiet / 1000

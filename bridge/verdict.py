@@ -200,7 +200,6 @@ def _peer_problems(peers: Sequence[PeerStatus], started_ms: int, heartbeat_inter
     for p in peers:
         behind = events_behind(p)
         applied = _age(now_ms, p.last_applied_ms)
-        heartbeat = _age(now_ms, p.last_heartbeat_ms)
         name = f"{p.peer} ({p.subtree})"
         if behind and applied is not None and applied > STUCK_APPLY_S:
             stuck.append(Problem(
@@ -210,11 +209,13 @@ def _peer_problems(peers: Sequence[PeerStatus], started_ms: int, heartbeat_inter
             catching.append(Problem("BEHIND", f"{behind} events from {name} not applied yet",
                                     lag))
         quiet = silent_for(p, started_ms, heartbeat_interval, now_ms)
-        if quiet is not None and heartbeat is not None:
+        if quiet is None:
+            continue
+        if p.last_heartbeat_ms:
             silent.append(Problem(
                 "SILENT", f"no heartbeat from {name} for {quiet:.0f}s: its bridge or "
                 "its link to Kafka is down", f"zkbridge status in {p.peer}; {lag}"))
-        elif quiet is not None:
+        else:
             silent.append(Problem(
                 "SILENT", f"no heartbeat from {name} since this bridge started {quiet:.0f}s "
                 f"ago: its bridge never ran or cannot reach Kafka, or `peers` names a region "
