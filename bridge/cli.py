@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="leader, health, positions, counters, recent errors")
     st.add_argument("-c", "--config", required=True, metavar="FILE")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--check", action="store_true",
+                    help="exit 1 unless the verdict is HEALTHY (a health check's exit status)")
 
     cf = sub.add_parser("conflicts", help="recent conflicts: path, both versions, winner, rule")
     cf.add_argument("-c", "--config", required=True, metavar="FILE")
@@ -160,7 +162,7 @@ def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float,
     return 0
 
 
-def _status(path: str, as_json: bool) -> int:
+def _status(path: str, as_json: bool, check: bool) -> int:
     from bridge.report import read_overview, render_status
 
     settings = _load(path)
@@ -169,7 +171,7 @@ def _status(path: str, as_json: bool) -> int:
     except (BridgeError, TimeoutError, OSError) as exc:
         return _unreachable("status", exc)
     print(json.dumps(overview, indent=2) if as_json else render_status(overview))
-    return 0
+    return 1 if check and not overview["verdict"]["healthy"] else 0
 
 
 def _conflicts(path: str, limit: int, as_json: bool) -> int:
@@ -327,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "lag":
             return _lag(args.config, args.json, args.max_seconds, args.timeout, args.watch)
         if args.command == "status":
-            return _status(args.config, args.json)
+            return _status(args.config, args.json, args.check)
         if args.command == "conflicts":
             return _conflicts(args.config, args.limit, args.json)
         if args.command == "skip":

@@ -92,6 +92,13 @@ def status_json(fed: Federation, name: str) -> dict[str, Any]:
     return doc
 
 
+def check(fed: Federation, name: str) -> tuple[int, str]:
+    """`zkbridge status --check`: its exit status and the verdict's kind."""
+    out = fed.cli("status", "-c", str(fed[name].config_path), "--check")
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, out.stdout.split(":", 1)[0]
+
+
 def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
         federation: Federation) -> None:
     """A bridge restarted while a peer is away still reports it: status, lag, metrics, log.
@@ -118,11 +125,14 @@ def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
     time.sleep(2.5)  # the next record or two
     assert not [e for e in fed.events("r1") if e["event"] == "peer_silent"]
     assert status_json(fed, "r1")["verdict"]["healthy"]
+    assert check(fed, "r1") == (0, "HEALTHY")
     assert fed.stop("r2") == 0
     wait_for(lambda: any(e["event"] == "peer_silent" and e["peer"] == "r2"
                          for e in fed.events("r1")), 30, message="r1 never logged r2 silent")
     assert fed.stop("r1") == 0
+    assert check(fed, "r1") == (1, "DOWN")
     fed.start("r1")
+    assert check(fed, "r1") == (1, "SILENT")
     st = status_json(fed, "r1")
     assert st["verdict"]["line"].startswith("SILENT: no heartbeat from r2"), st["verdict"]
     ages = {p["peer"]: p["heartbeat_age_seconds"] for p in st["peers"]}
