@@ -21,7 +21,7 @@ resync); a receiver sets it right after the ``multi`` that wrote the content.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -63,6 +63,10 @@ class AclPolicy:
     def _known(self, rel: str, czxid: int, aversion: int) -> bool:
         seen = self._seen.get(rel)
         return seen is not None and seen.czxid == czxid and seen.aversion == aversion
+
+    def all_known(self, puts: Iterable[tuple[str, int, int]]) -> bool:
+        """Whether the ACL of every put (rel, czxid, aversion) is known: none to read."""
+        return all(self._known(rel, czxid, aversion) for rel, czxid, aversion in puts)
 
     async def announce_many(self, zk: ZooKeeper, puts: Sequence[tuple[str, str, int, int]]
                             ) -> list[tuple[str, ...] | str | None]:

@@ -242,14 +242,23 @@ class Capturing(StoreCore):
         idle for most of a start-up capture; on the capture's own session a
         read queued behind a piece's ``multi`` waits for its commit (tried),
         hence a second one. A small capture, or one without that session,
-        reads them all first on its own session, as one group.
+        reads them all first on its own session, as one group. A capture
+        whose ACLs are all known reads none: it goes a group at a time on its
+        own session, without the second one's ``sync`` (under a writer's
+        burst that round trip waited behind the writes, up to 100 ms).
         """
         reader, group = self.zk, max(len(changes), 1)
-        if len(changes) > ACL_GROUP and self.acl_reader and self.acl_reader.connected:
-            reader, group = self.acl_reader, ACL_GROUP
-            # Its server may lag the one that answered the capture's reads: a
-            # znode of the batch must not look gone to it.
-            await reader.sync(self.layout.mount)
+        known = self.acl.all_known(
+            (rel, node.stat.czxid, node.stat.aversion) for _, _, rel, node in changes
+            if node is not None)
+        second = self.acl_reader if self.acl_reader and self.acl_reader.connected else None
+        if len(changes) > ACL_GROUP and (known or second is not None):
+            group = ACL_GROUP
+            if not known and second is not None:
+                reader = second
+                # Its server may lag the one that answered the capture's reads: a
+                # znode of the batch must not look gone to it.
+                await reader.sync(self.layout.mount)
         groups = [changes[i:i + group] for i in range(0, len(changes), group)]
         reading: deque[asyncio.Future[list[tuple[str, ...] | str | None]]] = deque()
         started = 0

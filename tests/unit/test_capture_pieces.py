@@ -115,7 +115,7 @@ class Pieces:
         return None
 
     async def sync(self, path: str) -> None:
-        pass
+        self.log.append("sync")
 
     async def commit(self, ops: list[object]) -> tuple[list[object], int]:
         n = len([x for x in self.log if x.startswith("multi")])
@@ -155,6 +155,7 @@ def test_a_piece_goes_before_the_next_pieces_acls_are_read(
     store, reads = large_capture(monkeypatch, zk)
     batches: list[object] = []
     asyncio.run(asyncio.wait_for(store._capture(reads, batches.append), 10))
+    assert zk.log[0] == "sync"  # the second session, before its first ACL read
     assert zk.log.index("multi1") < zk.log.index("acl2")  # (acl3 is read ahead: no wait)
     assert [x for x in zk.log if x.startswith("multi")] == ["multi1", "multi2", "multi3"]
     assert len(batches) == 3
@@ -172,3 +173,33 @@ def test_acls_that_fail_after_a_piece_went_leave_that_piece_recorded(
     assert [x for x in zk.log if x.startswith("multi")] == ["multi1"]
     assert [e.path for b in batches for e in b.events] == ["/n0", "/n1"]
     assert set(store.metas) == {"/", "/n0", "/n1"}  # committed to the cache
+
+
+def test_a_large_capture_whose_acls_are_known_reads_none_and_asks_no_sync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Updates to znodes whose ACLs were read before: nothing to read, so no ``sync`` on
+    the second session either. Under a writer's burst that round trip waited behind its
+    writes (100 ms once, traced in `scripts/bench`'s steady phase). Still in pieces."""
+    zk = Pieces()
+    store, reads = large_capture(monkeypatch, zk)
+    for rel, node in reads.items():
+        assert isinstance(node, Node)
+        store.acl._seen[rel] = AclRead(WORLD_ALL, node.stat.aversion, node.stat.czxid)
+    batches: list[CapturedBatch] = []
+    asyncio.run(asyncio.wait_for(store._capture(reads, batches.append), 10))
+    assert zk.log == ["multi1", "multi2", "multi3"]
+    assert [[e.path for e in b.events] for b in batches] == [
+        ["/n0", "/n1"], ["/n2", "/n3"], ["/n4", "/n5"]]
+
+
+def test_one_unknown_acl_still_reads_on_the_second_session_after_a_sync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    zk = Pieces()
+    store, reads = large_capture(monkeypatch, zk)
+    for rel, node in reads.items():
+        assert isinstance(node, Node)
+        if rel != "/n5":  # the last one's ACL was never read
+            store.acl._seen[rel] = AclRead(WORLD_ALL, node.stat.aversion, node.stat.czxid)
+    asyncio.run(asyncio.wait_for(store._capture(reads, lambda _: None), 10))
+    assert zk.log[0] == "sync"
+    assert zk.groups == 1  # one read, the group holding /n5
