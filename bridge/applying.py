@@ -30,7 +30,9 @@ from bridge.clock import hlc_to_ms
 from bridge.errors import BridgeError
 from bridge.inbound import Inbound, PeerState, Ready
 from bridge.kafka import Record
-from bridge.model import Event, Op
+from bridge.layout import parent
+from bridge.model import Conflict, Event, Op
+from bridge.resolve import independent_sequential
 from bridge.store import Applied, LocalChanges, Outcome, SubtreeStore
 
 if TYPE_CHECKING:
@@ -45,6 +47,8 @@ class Applier:
     def __init__(self, bridge: Bridge, inbound: Inbound) -> None:
         self.bridge = bridge
         self.inbound = inbound
+        # (subtree, parent) whose sequential name collision was logged: once each.
+        self._sequences_told: set[tuple[str, str]] = set()
 
     async def apply_loop(self, name: str) -> None:
         queue = self.inbound.queues[name]
@@ -261,9 +265,37 @@ class Applier:
             b.stats[f"conflicts:{name}"] += 1
             log.info("conflict_resolved", subtree=name, path=c.path, winner=c.winner,
                      remote_writer=c.remote.writer, rule=c.rule)
+            if independent_sequential(c.path, c.local, c.remote):
+                self.sequence_collision(name, c)
             if b.stats[f"conflicts:{name}"] % 100 == 0:
                 b.background(b.retry("trim conflicts",
                                      lambda: store.trim_conflicts(CONFLICTS_KEPT)))
+
+    def sequence_collision(self, subtree: str, c: Conflict) -> None:
+        """Two different znodes under one sequential name: one of them is lost.
+
+        The conflict rule keeps one version, as for any concurrent writes, but
+        here the other was not an older value of the same thing (a queue's
+        item, say): its content is gone everywhere. Logged and made an
+        incident once per parent (a busy queue collides often), counted always.
+        """
+        b = self.bridge
+        b.stats[f"sequence_collisions:{subtree}"] += 1
+        where = (subtree, parent(c.path))
+        if where in self._sequences_told:
+            return
+        self._sequences_told.add(where)
+        kept, lost = ((c.remote, c.local) if c.winner == "remote" else (c.local, c.remote))
+        log.warning("sequential_name_collision", subtree=subtree, path=c.path,
+                    kept=kept.writer, lost=lost.writer,
+                    hint=f"applications in {kept.writer} and {lost.writer} each created a "
+                         f"sequential znode named {c.path}: each ensemble numbers children "
+                         "from its own counter. Only one content is kept everywhere; give "
+                         "each region's sequential znodes a prefix of their own, e.g. "
+                         f"{parent(c.path).rstrip('/')}/item-<region>-")
+        b.incident("SEQUENCE", f"{subtree}:{c.path} was created as a sequential znode in "
+                   f"{kept.writer} and in {lost.writer}; {lost.writer}'s content is lost "
+                   "(give each region's sequential znodes a prefix of their own)")
 
     def collision(self, store: SubtreeStore, event: Event) -> None:
         """Equal clocks, different content: the model's one rule broken, loudly."""

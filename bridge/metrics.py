@@ -87,6 +87,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_captured", "counter", "local changes captured", ("subtree",)),
     Spec("zkbridge_applied", "counter", "remote events processed", ("subtree", "outcome")),
     Spec("zkbridge_conflicts", "counter", "conflicts resolved", ("subtree",)),
+    Spec("zkbridge_sequence_collisions", "counter",
+         "sequential znodes created in two regions under one name: one content lost",
+         ("subtree",)),
     Spec("zkbridge_rejected", "counter", "records refused", ("reason",)),
     Spec("zkbridge_scans", "counter", "full scans", ("subtree",)),
     Spec("zkbridge_retries", "counter", "retried operations"),
@@ -181,7 +184,8 @@ class BridgeCollector(Collector):
             scan.add_metric([name], secs)
         yield scan
         families = {kind: family(f"zkbridge_{kind}") for kind in
-                    ("published", "captured", "applied", "conflicts", "rejected", "scans",
+                    ("published", "captured", "applied", "conflicts", "sequence_collisions",
+                     "rejected", "scans",
                      "topic_resets", "reannounced", "clock_collisions", "clock_skew_waits",
                      "operator_skips", "tombstones_collected", "nulls_published",
                      "nulls_applied", "nulls_ignored")}
@@ -190,8 +194,9 @@ class BridgeCollector(Collector):
             fam = families.get(kind)
             if fam is not None and rest:
                 fam.add_metric(rest.split(":"), value)
-        for kind in ("published", "applied", "conflicts", "reannounced", "tombstones_collected",
-                     "nulls_published", "nulls_applied", "nulls_ignored"):
+        for kind in ("published", "applied", "conflicts", "sequence_collisions", "reannounced",
+                     "tombstones_collected", "nulls_published", "nulls_applied",
+                     "nulls_ignored"):
             # Always present, so alerts and dashboards never see "no data" at 0.
             for name in b.stores:
                 if not any(k.startswith(f"{kind}:{name}") for k in b.stats):

@@ -17,6 +17,9 @@ from bridge.model import VectorClock, Version
 
 RULE_LWW = "lww"
 RULE_COLLISION = "collision"
+# ZooKeeper names a sequential znode after its parent's count of child
+# changes, zero-padded to ten digits.
+SEQUENCE_DIGITS = 10
 
 
 class Action(enum.Enum):
@@ -55,3 +58,22 @@ def decide(local: Version | None, remote: Version) -> Decision:
         return Decision(Action.APPLY, remote.vc, True)
     remote_wins = lww_key(remote) > lww_key(local)
     return Decision(Action.CONFLICT, merge(local.vc, remote.vc), remote_wins, RULE_LWW)
+
+
+def independent_sequential(path: str, local: Version, remote: Version) -> bool:
+    """Whether a conflict is two regions' sequential znodes that got the same name.
+
+    Each ensemble numbers a parent's sequential children from its own counter,
+    so applications in two regions creating one at about the same time get
+    the same name for two different znodes. Told apart from two writes to one
+    znode by the name's ten-digit suffix and by clocks that never saw each
+    other: each counts only its own writer's region (both were created, and
+    maybe updated, where they were written).
+    """
+    name = path.rpartition("/")[2]
+    if len(name) < SEQUENCE_DIGITS or not name[-SEQUENCE_DIGITS:].isdigit():
+        return False
+    if local.deleted or remote.deleted or local.writer == remote.writer:
+        return False
+    return (set(local.vc.as_dict()) == {local.writer}
+            and set(remote.vc.as_dict()) == {remote.writer})

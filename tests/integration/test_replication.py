@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import threading
+from typing import Any
 
 import pytest
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
-from tests.harness.procs import wait_for
-from tests.integration.federation import Federation
+from tests.harness.procs import free_port, wait_for
+from tests.integration.federation import Federation, scrape
 
 pytestmark = pytest.mark.every_zookeeper
 
@@ -163,6 +165,59 @@ def test_delete_against_concurrent_child_create_keeps_placeholder(
     fed.wait_converged()
     for name in fed.regions:
         assert "/p" not in fed.tree(name)
+    fed.assert_clean_logs()
+
+
+def test_two_regions_sequential_znodes_with_one_name_are_reported(
+        federation: Federation) -> None:
+    """A queue fed in two regions: each ensemble numbers `item-` from its own counter.
+
+    Both items get the same name; the conflict rule keeps one version
+    everywhere, as for any concurrent writes, and the other item is lost. Every
+    region says so once per parent (warning, incident, `status --check` exit 1),
+    counts each one, and converges.
+    """
+    fed = federation
+    port = free_port()
+    fed.write_config("r3", metrics={"listen": f"127.0.0.1:{port}"})
+    fed.start_all()
+    r1, r2, r3 = fed["r1"], fed["r2"], fed["r3"]
+    assert scrape(port)['zkbridge_sequence_collisions_total{subtree="critical"}'] == 0
+    r1.client.create(r1.path("/q"), b"")
+    fed.wait_converged()
+    assert fed.stop("r2") == 0
+    rel = [r.client.create(r.path("/q/item-"), f"from {r.name}".encode(), sequence=True
+                           ).removeprefix(r.path("")) for r in (r1, r2, r1, r2)]
+    assert rel[0] == rel[1] and rel[2] == rel[3], rel  # the same counters, the same names
+    wait_for(lambda: r3.client.exists(r3.path(rel[2])) is not None, 30,
+             message="r1's items never reached r3")
+    fed.start("r2")
+    fed.wait_converged()
+    for name in fed.regions:
+        told = [e for e in fed.events(name) if e["event"] == "sequential_name_collision"]
+        assert len(told) == 1, (name, told)  # once for /q, though two names collided
+        assert told[0]["path"] == rel[0] and {told[0]["kept"], told[0]["lost"]} == {"r1", "r2"}
+        assert "prefix of their own" in told[0]["hint"]
+
+        def status(n: str = name) -> dict[str, Any]:
+            out = fed.cli("status", "-c", str(fed[n].config_path), "--json")
+            doc: dict[str, Any] = json.loads(out.stdout)
+            return doc
+
+        # (the record is rewritten every 2 s)
+        wait_for(lambda: status()["counters"].get("sequence_collisions:critical") == 2, 10,
+                 message=lambda n=name: f"{n}: {status(n)['counters']}")
+        assert [i["kind"] for i in status()["incidents"]] == ["SEQUENCE"]
+        check = fed.cli("status", "-c", str(fed[name].config_path), "--check")
+        assert check.returncode == 1 and check.stdout.startswith("SEQUENCE:"), check.stdout
+    assert scrape(port)['zkbridge_sequence_collisions_total{subtree="critical"}'] == 2
+    # Ordinary concurrent writes to one znode are not called a sequence collision.
+    assert fed.stop("r2") == 0
+    for r in (r1, r2):
+        r.client.set(r.path(rel[0]), f"again from {r.name}".encode())
+    fed.start("r2")
+    fed.wait_converged()
+    assert sum(fed.count_events(n, "sequential_name_collision") for n in fed.regions) == 3
     fed.assert_clean_logs()
 
 

@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 from bridge.clock import merge
 from bridge.model import VectorClock, Version, content_hash
-from bridge.resolve import RULE_COLLISION, RULE_LWW, Action, decide, lww_key
+from bridge.resolve import (
+    RULE_COLLISION,
+    RULE_LWW,
+    Action,
+    decide,
+    independent_sequential,
+    lww_key,
+)
 
 
 def ver(
@@ -140,3 +147,28 @@ def test_decision_is_symmetric(x: Version, y: Version) -> None:
         assert kept_by_x == kept_by_y == y
     else:
         assert dy.action in (Action.APPLY, Action.SKIP)
+
+
+@pytest.mark.parametrize(
+    ("path", "local", "remote", "expected"),
+    [
+        # Created in each region without seeing the other: two queue items, one name.
+        ("/q/item-0000000007", ver({"a": 1}, writer="a"), ver({"b": 1}, writer="b"), True),
+        ("/0000000007", ver({"a": 3}, writer="a"), ver({"b": 1}, writer="b"), True),
+        # The same name written concurrently after both saw one version: one znode.
+        ("/q/item-0000000007", ver({"a": 2, "b": 1}, writer="a"),
+         ver({"a": 1, "b": 2}, writer="b"), False),
+        # Not a sequential name (nine digits, or not at the end).
+        ("/q/item-000000007", ver({"a": 1}, writer="a"), ver({"b": 1}, writer="b"), False),
+        ("/q/0000000007-x", ver({"a": 1}, writer="a"), ver({"b": 1}, writer="b"), False),
+        # A delete is not a second item.
+        ("/q/item-0000000007", ver({"a": 1}, writer="a", data=None),
+         ver({"b": 1}, writer="b"), False),
+        # A version relayed by a third region keeps its writer's clock.
+        ("/q/item-0000000007", ver({"c": 1}, writer="c"), ver({"b": 1}, writer="b"), True),
+    ],
+)
+def test_independent_sequential_names(path: str, local: Version, remote: Version,
+                                      expected: bool) -> None:
+    assert independent_sequential(path, local, remote) is expected
+    assert independent_sequential(path, remote, local) is expected
