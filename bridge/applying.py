@@ -288,11 +288,13 @@ class Applier:
         kept, lost = ((c.remote, c.local) if c.winner == "remote" else (c.local, c.remote))
         log.warning("sequential_name_collision", subtree=subtree, path=c.path,
                     kept=kept.writer, lost=lost.writer,
-                    hint=f"applications in {kept.writer} and {lost.writer} each created a "
-                         f"sequential znode named {c.path}: each ensemble numbers children "
-                         "from its own counter. Only one content is kept everywhere; give "
-                         "each region's sequential znodes a prefix of their own, e.g. "
-                         f"{parent(c.path).rstrip('/')}/item-<region>-")
+                    hint=f"applications in {kept.writer} and {lost.writer} each created "
+                         f"{c.path}, by its ten-digit suffix a sequential znode: each "
+                         "ensemble numbers a parent's sequential children from its own "
+                         f"counter, so two znodes got one name and only {kept.writer}'s "
+                         "content is kept everywhere. Give each region's sequential znodes "
+                         f"a prefix of their own, e.g. {parent(c.path).rstrip('/')}/item-"
+                         "<region>-")
         b.incident("SEQUENCE", f"{subtree}:{c.path} was created as a sequential znode in "
                    f"{kept.writer} and in {lost.writer}; {lost.writer}'s content is lost "
                    "(give each region's sequential znodes a prefix of their own)")
