@@ -240,9 +240,9 @@ def _spawn_cli(args: list[str], *, tty: bool) -> tuple[subprocess.Popen[bytes], 
     return proc, Reader(lambda: os.read(master, 65536))
 
 
-def _watch(fed: Federation, name: str, *extra: str, tty: bool
+def _watch(fed: Federation, name: str, *extra: str, tty: bool, every: str = "0.5"
            ) -> tuple[subprocess.Popen[bytes], Reader]:
-    return _spawn_cli(["lag", "-c", str(fed[name].config_path), "--watch", "0.5", *extra],
+    return _spawn_cli(["lag", "-c", str(fed[name].config_path), "--watch", every, *extra],
                       tty=tty)
 
 
@@ -265,11 +265,12 @@ def test_lag_watch_on_a_terminal_and_in_a_pipe(federation: Federation) -> None:
     fed.start_all()
     r1 = fed["r1"]
     assert fed.stop("r2") == 0
-    # Enough that r2's catch-up spans several 0.5 s samples (1,500 once took
-    # less than one, and the watch never saw it catching up).
-    backlog = 6000
+    # Enough that r2's catch-up spans several samples (1,500 once took less
+    # than one 0.5 s sample, and 6,000 once did on a CI run: the watch never
+    # saw it catching up). Hence also samples every 0.2 s while it catches up.
+    backlog = 10_000
     for i in range(backlog):
-        r1.client.create_async(r1.path(f"/w{i:04d}"), b"v")
+        r1.client.create_async(r1.path(f"/w{i:05d}"), b"v")
     wait_for(lambda: next(r for r in lag_json(fed, "r2") if r["peer"] == "r1")
              ["events_behind"] >= backlog, 60, message="r1's events never showed as lag")
     started: list[subprocess.Popen[bytes]] = []
@@ -295,7 +296,7 @@ def test_lag_watch_on_a_terminal_and_in_a_pipe(federation: Federation) -> None:
         assert {r["peer"] for r in docs[-1]["rows"]} == {"r1", "r3"}
         assert all(r["trend"] for d in docs for r in d["rows"])
         # A terminal: redrawn in place while r2 catches up.
-        proc, screen = _watch(fed, "r2", "--max-seconds", "5", tty=True)
+        proc, screen = _watch(fed, "r2", "--max-seconds", "5", tty=True, every="0.2")
         started.append(proc)
         wait_for(lambda: "falling behind" in screen.text, 30, message=lambda: screen.text)
         fed.start("r2")
