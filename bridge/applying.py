@@ -281,11 +281,11 @@ class Applier:
         """
         b = self.bridge
         b.stats[f"sequence_collisions:{subtree}"] += 1
-        where = (subtree, parent(c.path))
-        if where in self._sequences_told:
+        under = parent(c.path)
+        if (subtree, under) in self._sequences_told:
             return
-        self._sequences_told.add(where)
-        kept, lost = ((c.remote, c.local) if c.winner == "remote" else (c.local, c.remote))
+        self._sequences_told.add((subtree, under))
+        kept, lost = (c.remote, c.local) if c.winner == "remote" else (c.local, c.remote)
         log.warning("sequential_name_collision", subtree=subtree, path=c.path,
                     kept=kept.writer, lost=lost.writer,
                     hint=f"applications in {kept.writer} and {lost.writer} each created "
@@ -293,8 +293,7 @@ class Applier:
                          "ensemble numbers a parent's sequential children from its own "
                          f"counter, so two znodes got one name and only {kept.writer}'s "
                          "content is kept everywhere. Give each region's sequential znodes "
-                         f"a prefix of their own, e.g. {parent(c.path).rstrip('/')}/item-"
-                         "<region>-")
+                         f"a prefix of their own, e.g. {under.rstrip('/')}/item-<region>-")
         b.incident("SEQUENCE", f"{subtree}:{c.path} was created as a sequential znode in "
                    f"{kept.writer} and in {lost.writer}; {lost.writer}'s content is lost "
                    "(give each region's sequential znodes a prefix of their own)")

@@ -248,14 +248,12 @@ class Capturing(StoreCore):
         burst that round trip waited behind the writes, up to 100 ms).
         """
         reader, group = self.zk, max(len(changes), 1)
-        known = self.acl.all_known(
-            (rel, node.stat.czxid, node.stat.aversion) for _, _, rel, node in changes
-            if node is not None)
-        second = self.acl_reader if self.acl_reader and self.acl_reader.connected else None
-        if len(changes) > ACL_GROUP and (known or second is not None):
-            group = ACL_GROUP
-            if not known and second is not None:
-                reader = second
+        if len(changes) > ACL_GROUP:
+            if self.acl.all_known((rel, node.stat.czxid, node.stat.aversion)
+                                  for _, _, rel, node in changes if node is not None):
+                group = ACL_GROUP
+            elif self.acl_reader and self.acl_reader.connected:
+                reader, group = self.acl_reader, ACL_GROUP
                 # Its server may lag the one that answered the capture's reads: a
                 # znode of the batch must not look gone to it.
                 await reader.sync(self.layout.mount)
