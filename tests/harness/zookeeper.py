@@ -1,9 +1,11 @@
 """One real standalone ZooKeeper server in a temporary directory: Debian's 3.8 jars, or
-Apache ZooKeeper 3.9 resolved by mvn (``ZKBRIDGE_TEST_ZOOKEEPER=3.9``)."""
+an Apache ZooKeeper release resolved by mvn (``ZKBRIDGE_TEST_ZOOKEEPER=3.9``; 3.5 for
+the test that the bridge refuses it)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,28 +35,35 @@ NETTY_JARS = tuple(f"netty-{m}.jar" for m in (
     "buffer", "codec", "common", "handler", "resolver", "transport",
     "transport-native-unix-common"))
 
-# ZooKeeper 3.9 from Maven (scripts/bootstrap resolves tests/harness/zookeeper39/pom.xml),
-# with a logback configuration that logs as the 3.8 servers do.
-ZK39_LIB = Path(__file__).resolve().parents[2] / ".cache" / "zookeeper-3.9" / "lib"
-ZK39_CONF = Path(__file__).resolve().parent / "zookeeper39"
-VERSIONS = ("3.8", "3.9")
+# Releases from Maven (scripts/bootstrap resolves tests/harness/zookeeper-mvn/pom.xml
+# into .cache/zookeeper-<version>: 3.9, and 3.5), with a logback configuration that
+# logs as the 3.8 servers do.
+MVN_CONF = Path(__file__).resolve().parent / "zookeeper-mvn"
+DEBIAN = "3.8"
 
 
 def version() -> str:
     """The ZooKeeper the tests run: ZKBRIDGE_TEST_ZOOKEEPER, Debian's 3.8 by default."""
-    wanted = os.environ.get("ZKBRIDGE_TEST_ZOOKEEPER", "3.8")
-    if wanted not in VERSIONS:
-        raise ZooKeeperError(f"ZKBRIDGE_TEST_ZOOKEEPER={wanted}: not one of {', '.join(VERSIONS)}")
+    wanted = os.environ.get("ZKBRIDGE_TEST_ZOOKEEPER", DEBIAN)
+    if not re.fullmatch(r"3\.[0-9]+", wanted):
+        raise ZooKeeperError(f"ZKBRIDGE_TEST_ZOOKEEPER={wanted}: not a release line such as 3.9")
     return wanted
 
 
-def classpath(tls: bool = False) -> str:
-    """The server's (and zkCli's) class path for the chosen version."""
-    if version() == "3.9":
-        jars = sorted(ZK39_LIB.glob("*.jar"))
+def mvn_lib(release: str) -> Path:
+    return Path(__file__).resolve().parents[2] / ".cache" / f"zookeeper-{release}" / "lib"
+
+
+def classpath(tls: bool = False, release: str | None = None) -> str:
+    """The server's (and zkCli's) class path for ``release`` (default: ``version()``)."""
+    release = release or version()
+    if release != DEBIAN:
+        jars = sorted(mvn_lib(release).glob("*.jar"))
         if not jars:
-            raise ZooKeeperError(f"no ZooKeeper 3.9 jars in {ZK39_LIB}: run scripts/bootstrap")
-        return ":".join([*(str(j) for j in jars), str(ZK39_CONF)])
+            raise ZooKeeperError(f"no ZooKeeper {release} jars in {mvn_lib(release)}: run "
+                                 "scripts/bootstrap (3.9 and 3.5), or resolve that release "
+                                 "with tests/harness/zookeeper-mvn/pom.xml")
+        return ":".join([*(str(j) for j in jars), str(MVN_CONF)])
     jars = [*CLASSPATH_JARS, *(NETTY_JARS if tls else ())]
     return ":".join([*(str(JAVA_DIR / j) for j in jars), str(CONF_DIR)])
 
@@ -88,8 +97,10 @@ class ZooKeeperServer(ServerProcess):
         host: str = "127.0.0.1",
         prefix: Sequence[str] = (),
         extra_config: Sequence[str] = (),
+        release: str | None = None,
     ) -> None:
         self.name = name
+        self.release = release  # a release line other than the suite's (``version()``)
         self.extra_config = tuple(extra_config)  # more zoo.cfg lines, e.g. an auth provider
         self.tls = any(line.startswith("secureClientPort=") for line in self.extra_config)
         self.host = host
@@ -150,7 +161,7 @@ class ZooKeeperServer(ServerProcess):
             "-Dzookeeper.root.logger=INFO,CONSOLE",
             "-Dzookeeper.jmx.log4j.disable=true",
             "-cp",
-            classpath(self.tls),
+            classpath(self.tls, self.release),
             MAIN_CLASS,
             str(self.config_path),
         ]
