@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from bridge import __version__
 from bridge.config import Settings, describe
 from bridge.configload import load_settings
-from bridge.errors import BridgeError, ConfigError, StateAccessError
+from bridge.errors import BridgeError, ConfigError, StateAccessError, UnsupportedServerError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def _positive(text: str) -> float:
 
 
 def _unreachable(command: str, exc: BaseException) -> int:
-    if isinstance(exc, StateAccessError):
+    if isinstance(exc, StateAccessError | UnsupportedServerError):  # reached, and refused
         print(f"zkbridge {command}: {exc}", file=sys.stderr)
         return 2
     reason = str(exc) or type(exc).__name__

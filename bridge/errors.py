@@ -54,6 +54,11 @@ class StateAccessError(BridgeError):
     state (made under another credential, or none): no retry cures it."""
 
 
+class UnsupportedServerError(BridgeError):
+    """The ensemble lacks a request the bridge is built on (``multiRead`` and
+    ``addWatch``, ZooKeeper 3.6 and later): no retry cures it, an upgrade does."""
+
+
 class VersionConflict(ZooKeeperError):
     """A version check in a ``multi`` failed: someone wrote meanwhile; read again."""
 

@@ -11,6 +11,8 @@ and which do not.
 
 from __future__ import annotations
 
+import re
+import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,3 +122,32 @@ def _refused(hostport: str, refusal: Refusal, tls: ZooKeeperTls) -> str:
     key = "check_hostname" if kind == "hostname" else "cafile"
     return (f"ZooKeeper at {hostport}: its certificate is refused ({refusal.why}); "
             f"check zookeeper.tls.{key}")
+
+
+def server_versions(settings: ZooKeeperSettings) -> dict[str, str]:
+    """Each plain server's version as its ``srvr`` says it (ZooKeeper 3.5 and later allow
+    that four-letter word by default), for a message; servers that do not say are left out.
+    Not asked over TLS: the line then goes without it."""
+    if settings.tls is not None:
+        return {}
+    hosts = list(dict.fromkeys(h.strip() for h in settings.hosts.split(",") if h.strip()))
+    said = _ask_all(hosts, lambda h: _srvr_version(*host_and_port(h, 2181)))
+    return {h: v for h, v in said.items() if v}
+
+
+def _srvr_version(host: str, port: int) -> str | None:
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as s:
+            s.settimeout(PROBE_TIMEOUT)
+            s.sendall(b"srvr")
+            reply = s.recv(4096).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return version_said(reply)
+
+
+def version_said(srvr: str) -> str | None:
+    """The release in a ``srvr`` reply ("3.5.10" of "Zookeeper version:
+    3.5.10-a32c...13, built on ..."), without what a build appends; None if absent."""
+    found = re.search(r"Zookeeper version: ([0-9]+(?:\.[0-9]+)+)", srvr)
+    return found.group(1) if found else None

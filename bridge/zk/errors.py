@@ -15,6 +15,7 @@ from kazoo.exceptions import (
     OperationTimeoutError,
     QuotaExceededError,
     SessionExpiredError,
+    UnimplementedError,
     ZookeeperError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
@@ -26,6 +27,7 @@ from bridge.errors import (
     NoPermission,
     QuotaExceeded,
     Refused,
+    UnsupportedServerError,
     VersionConflict,
     ZooKeeperError,
 )
@@ -58,6 +60,8 @@ def translate(exc: BaseException, what: str) -> BaseException:
         return VersionConflict(f"{what}: {type(exc).__name__}")
     if isinstance(exc, ConnectionLoss | SessionExpiredError | OperationTimeoutError):
         return ZooKeeperError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, UnimplementedError):
+        return UnsupportedServerError(f"{what}: the server does not implement it")
     if isinstance(exc, KazooTimeoutError):
         return ZooKeeperError(f"{what}: timed out")
     if isinstance(exc, ZookeeperError | KazooException):

@@ -22,8 +22,8 @@ from kazoo.protocol.states import EventType, WatchedEvent
 from kazoo.retry import KazooRetry
 
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
-from bridge.errors import ZooKeeperError, ZooKeeperTlsError
-from bridge.zk.diagnosis import UNREACHED, connect_failure
+from bridge.errors import UnsupportedServerError, ZooKeeperError, ZooKeeperTlsError
+from bridge.zk.diagnosis import UNREACHED, connect_failure, server_versions
 from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
@@ -106,6 +106,29 @@ class Session:
             ) from exc
         self._session_id = self._client.client_id[0] if self._client.client_id else None
         self._client.add_listener(self._on_state)
+        await self._require_multi_read()
+
+    async def _require_multi_read(self) -> None:
+        """Refuse a server older than 3.6 at once, saying so.
+
+        Every capture reads with ``multiRead`` (3.6). A 3.4 or 3.5 server answers
+        it with Unimplemented and then drops the connection: without this
+        question the bridge retried its scan against those drops until kazoo's
+        connection thread died of a mismatched reply, a traceback and nothing
+        that said what to do.
+        """
+        try:
+            await self._await(self._call(self._client.multi_read_async, [("data", "/zookeeper")],
+                                         what="multiRead"), "multiRead /zookeeper")
+        except UnsupportedServerError as exc:
+            versions = await asyncio.to_thread(server_versions, self._settings)
+            await self.stop()
+            said = "; ".join(f"{h} runs {v}" for h, v in versions.items())
+            raise UnsupportedServerError(
+                f"ZooKeeper at {self._settings.hosts} does not implement multiRead"
+                + (f" ({said})" if said else "")
+                + ": zkbridge needs ZooKeeper 3.6 or later (multiRead and addWatch); "
+                "upgrade every server of the ensemble") from exc
 
     async def diagnose(self) -> str | None:
         """Ask the servers once why this session has no connection (kazoo only logs each

@@ -16,7 +16,6 @@ from kazoo.exceptions import (
     NoAuthError,
     NoNodeError,
     RolledBackError,
-    UnimplementedError,
 )
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import GetACL, SetACL
@@ -26,6 +25,7 @@ from bridge.errors import (
     FencedError,
     MissingNode,
     NoPermission,
+    UnsupportedServerError,
     VersionConflict,
     ZooKeeperError,
 )
@@ -156,10 +156,8 @@ class ZooKeeper(Session):
                            what=f"addWatch {path}"),
                 f"addWatch {path}",
             )
-        except ZooKeeperError as exc:
-            if isinstance(exc.__cause__, UnimplementedError) or "Unimplemented" in str(exc):
-                return False
-            raise
+        except UnsupportedServerError:
+            return False
         if path not in self._tree_roots:
             self._tree_roots = (*self._tree_roots, path)
         return True

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import ZkServers
 from tests.harness.broker import Broker
 from tests.harness.procs import free_port
+from tests.harness.zookeeper import ZooKeeperServer
 from tests.integration.federation import REPO
 
 GOOD = """
@@ -111,3 +112,41 @@ def test_check_config_connect_says_whether_the_servers_take_it(
     assert "zookeeper: FAILED: cannot connect to ZooKeeper" in out.stderr, out.stderr
     assert f"kafka: FAILED: connect: 127.0.0.1:{closed[1]}" in out.stderr, out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_zookeeper_older_than_3_6_is_refused_with_what_to_do(
+    tmp_path: Path, broker: Broker,
+) -> None:
+    """ZooKeeper 3.5 lacks multiRead and addWatch. Before, `run` fell back to per-znode
+    watches, retried its scan against the server's dropped connections and died of
+    kazoo's "xids do not match" with tracebacks; `check-config --connect` said OK."""
+    old = ZooKeeperServer("zk35", release="3.5")
+    try:
+        old.start()
+        assert "Zookeeper version: 3.5." in old.four_letter("srvr")
+        cfg = tmp_path / "r1.yaml"
+        cfg.write_text(GOOD.replace("127.0.0.1:2181", old.hosts)
+                       .replace("127.0.0.1:9092", broker.bootstrap))
+        needs = f"ZooKeeper at {old.hosts} does not implement multiRead ({old.hosts} runs 3.5."
+        upgrade = "zkbridge needs ZooKeeper 3.6 or later (multiRead and addWatch); upgrade"
+
+        out = zkbridge("run", "-c", str(cfg))
+        text = out.stdout + out.stderr
+        assert out.returncode == 1, text
+        assert '"event": "bridge_stopped"' in text and needs in text and upgrade in text, text
+        assert '"error_type": "UnsupportedServerError"' in text, text
+        assert "Traceback" not in text and "xids do not match" not in text, text
+        assert "persistent_watch_unsupported" not in text, text  # refused before any watch
+
+        out = zkbridge("check-config", "--connect", "-c", str(cfg))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"zookeeper: FAILED: {needs}" in out.stderr and upgrade in out.stderr, out.stderr
+        assert "kafka: OK:" in out.stdout, out.stdout
+
+        for command in ("status", "lag", "conflicts"):
+            out = zkbridge(command, "-c", str(cfg))
+            assert out.returncode == 2, (command, out.stdout, out.stderr)
+            assert out.stderr.startswith(f"zkbridge {command}: {needs}"), (command, out.stderr)
+            assert "cannot reach" not in out.stderr and "Traceback" not in out.stderr
+    finally:
+        old.close()
