@@ -151,3 +151,9 @@ def version_said(srvr: str) -> str | None:
     3.5.10-a32c...13, built on ..."), without what a build appends; None if absent."""
     found = re.search(r"Zookeeper version: ([0-9]+(?:\.[0-9]+)+)", srvr)
     return found.group(1) if found else None
+
+
+def supports_multi_read(release: str) -> bool:
+    """Whether a release ("3.5.10") has ``multiRead`` and ``addWatch`` (3.6 and later)."""
+    parts = tuple(int(p) for p in release.split(".")[:2])
+    return parts >= (3, 6)

@@ -23,7 +23,12 @@ from kazoo.retry import KazooRetry
 
 from bridge.config import ZooKeeperSettings, ZooKeeperTls
 from bridge.errors import UnsupportedServerError, ZooKeeperError, ZooKeeperTlsError
-from bridge.zk.diagnosis import UNREACHED, connect_failure, server_versions
+from bridge.zk.diagnosis import (
+    UNREACHED,
+    connect_failure,
+    server_versions,
+    supports_multi_read,
+)
 from bridge.zk.errors import translate
 from bridge.zk.values import (
     Check,
@@ -122,12 +127,16 @@ class Session:
                                          what="multiRead"), "multiRead /zookeeper")
         except UnsupportedServerError as exc:
             versions = await asyncio.to_thread(server_versions, self._settings)
-            await self.stop()
+            await asyncio.to_thread(self._client.stop)
             said = "; ".join(f"{h} runs {v}" for h, v in versions.items())
+            line = (f"ZooKeeper at {self._settings.hosts} does not implement multiRead"
+                    + (f" ({said})" if said else ""))
+            if any(supports_multi_read(v) for v in versions.values()):
+                # A rolling upgrade under way: another server may take the next session.
+                raise ZooKeeperError(f"{line}: the server this session reached is older than "
+                                     "3.6 (a rolling upgrade under way?)") from exc
             raise UnsupportedServerError(
-                f"ZooKeeper at {self._settings.hosts} does not implement multiRead"
-                + (f" ({said})" if said else "")
-                + ": zkbridge needs ZooKeeper 3.6 or later (multiRead and addWatch); "
+                f"{line}: zkbridge needs ZooKeeper 3.6 or later (multiRead and addWatch); "
                 "upgrade every server of the ensemble") from exc
 
     async def diagnose(self) -> str | None:

@@ -6,7 +6,7 @@ import pytest
 from kazoo.exceptions import ConnectionLoss, UnimplementedError
 
 from bridge.errors import UnsupportedServerError, ZooKeeperError
-from bridge.zk.diagnosis import version_said
+from bridge.zk.diagnosis import supports_multi_read, version_said
 from bridge.zk.errors import translate
 
 
@@ -41,3 +41,8 @@ def test_an_unimplemented_request_is_an_unsupported_server_never_retried() -> No
 )
 def test_the_release_is_read_from_srvr(srvr: str, release: str | None) -> None:
     assert version_said(srvr) == release
+
+
+def test_only_3_6_and_later_have_multi_read() -> None:
+    assert [r for r in ("3.4.14", "3.5.10", "3.6.0", "3.6.4", "3.8.0", "3.10.1", "4.0.0")
+            if supports_multi_read(r)] == ["3.6.0", "3.6.4", "3.8.0", "3.10.1", "4.0.0"]
