@@ -31,7 +31,7 @@ _Answer = TypeVar("_Answer")
 def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
     """A line naming what to fix, and whether no retry can cure it (this bridge's TLS
     settings are wrong for every server, or missing for servers that speak only TLS)."""
-    hosts = list(dict.fromkeys(h.strip() for h in settings.hosts.split(",") if h.strip()))
+    hosts = _servers(settings)
     tls = settings.tls
     if tls is None:
         speaking = _ask_all(hosts, lambda h: speaks_tls(*host_and_port(h, 2181),
@@ -61,6 +61,11 @@ def connect_failure(settings: ZooKeeperSettings) -> tuple[str, bool]:
         hostport, refusal = next(iter(refusals.items()))
         return _refused(hostport, refusal, tls), False
     return UNREACHED, False
+
+
+def _servers(settings: ZooKeeperSettings) -> list[str]:
+    """``zookeeper.hosts`` as its servers, each once, in order."""
+    return list(dict.fromkeys(h.strip() for h in settings.hosts.split(",") if h.strip()))
 
 
 def _ask_all(hosts: list[str], ask: Callable[[str], _Answer]) -> dict[str, _Answer]:
@@ -130,7 +135,7 @@ def server_versions(settings: ZooKeeperSettings) -> dict[str, str]:
     Not asked over TLS: the line then goes without it."""
     if settings.tls is not None:
         return {}
-    hosts = list(dict.fromkeys(h.strip() for h in settings.hosts.split(",") if h.strip()))
+    hosts = _servers(settings)
     said = _ask_all(hosts, lambda h: _srvr_version(*host_and_port(h, 2181)))
     return {h: v for h, v in said.items() if v}
 
