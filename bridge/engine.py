@@ -187,12 +187,7 @@ class Bridge:
         try:
             # Starts the publisher once the own-topic checks pass.
             await unless_lost(self._start(tasks), self._lost)
-            tasks += [
-                asyncio.create_task(self.guarded(
-                    "heartbeat", self.outbound.heartbeats,
-                    lambda: self.settings.heartbeat_interval)),
-                asyncio.create_task(self.guarded("status", self.reporter.run)),
-            ]
+            tasks.append(asyncio.create_task(self.guarded("status", self.reporter.run)))
             # Applying starts after the start-up scan (in _start), so the
             # mass-delete breaker sees local deletions before any remote event.
             tasks += [asyncio.create_task(self.guarded(f"capture[{n}]",
@@ -211,7 +206,7 @@ class Bridge:
             ]
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
-            waits = {asyncio.ensure_future(self.inbound.caught_up.wait()),
+            waits = {asyncio.ensure_future(self.inbound.wait_caught_up()),
                      asyncio.ensure_future(self._stop.wait()),
                      asyncio.ensure_future(self._lost.wait())}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -361,11 +356,18 @@ class Bridge:
         tasks.append(asyncio.create_task(self.guarded("publisher", self.outbound.publisher)))
         self.outbound.publishing.set()
         positions = await self.retry("read positions", self.inbound.start)
+        # Peers judge this region alive by its heartbeats alone: they go out
+        # from here, not once the start-up capture is done (minutes, for a
+        # large subtree, and its peers would call this region silent).
+        tasks.append(asyncio.create_task(self.guarded(
+            "heartbeat", self.outbound.heartbeats, lambda: self.settings.heartbeat_interval)))
         for tp, end in found.ends.items():  # the publisher's acks may be ahead already
             self.inbound.own_max_end[tp] = max(self.inbound.own_max_end.get(tp, 0), end)
         await self.kafka.assign({**positions, **found.ends})
-        # Caught up = applied what the peers had published when this term began
-        # (an empty fetch is not a usable signal: heartbeats never stop).
+        # Caught up, first = applied what the peers had published when this term
+        # began; then once more as far as they had when that was reached
+        # (Inbound.wait_caught_up). An empty fetch is not a usable signal:
+        # heartbeats never stop.
         self.inbound.catch_up_to = await self.retry(
             "end offsets", lambda: self.kafka.readable_ends(list(positions)))
         return found

@@ -332,6 +332,23 @@ class Inbound:
                 peer.positions = new
                 peer.stored_at = now
 
+    async def wait_caught_up(self) -> None:
+        """Until this term applied what its peers had published when its start-up ended.
+
+        The ends read as the term began are as old as its start-up took (a
+        large subtree's capture: minutes). Ready at those, the bridge would
+        serve with all that was published meanwhile unread, and judge its
+        peers by heartbeats as old as that: so, once there, it reads the
+        ends again and reaches those too.
+        """
+        await self.caught_up.wait()
+        b = self.bridge
+        ends = await b.retry("end offsets", lambda: b.kafka.readable_ends(list(self.catch_up_to)))
+        self.catch_up_to = ends
+        self.caught_up.clear()
+        self.check_caught_up()
+        await self.caught_up.wait()
+
     def check_caught_up(self) -> None:
         if self.caught_up.is_set():
             return

@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,59 @@ def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
     wait_for(lambda: status_json(fed, "r1")["verdict"]["healthy"], 10,
              message=lambda: f"r1 still reports {status_json(fed, 'r1')['verdict']}")
     fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> None:
+    """A bridge whose start-up capture outlasts the silence bound (10 heartbeats).
+
+    Before, a bridge sent its first heartbeat only once its start-up capture
+    was done, so its peers logged `peer_silent` ("its bridge never ran or
+    cannot reach Kafka") while it was capturing; and at `bridge_ready` it
+    judged its peers by the heartbeats it had read when its term began, so it
+    called them silent for as long as its own start had taken. It also said
+    ready with what its peers published during its start-up not applied yet.
+    """
+    fed = federation
+    fed.write_config("r1", peers=["r2"], heartbeat_interval=0.4)  # silent after 4 s
+    fed.write_config("r2", peers=["r1"], heartbeat_interval=0.4)
+    r1, r2 = fed["r1"], fed["r2"]
+    r1.client.create(r1.path("/big"), b"")
+    for k in range(80):
+        txn = r1.client.transaction()
+        for i in range(1000):
+            txn.create(r1.path(f"/big/n{k:02d}-{i:03d}"), b"v")
+        txn.commit()
+    fed.start("r2")
+    fed.start("r1", wait=False)
+
+    def at(event: str) -> float:
+        [e] = [e for e in fed.events("r1") if e["event"] == event]
+        return datetime.fromisoformat(e["timestamp"]).timestamp()
+
+    # While r1 captures its 80,000 znodes, r2's application writes.
+    wait_for(lambda: fed.count_events("r1", "scan_done") > 0, 120, message="r1 never scanned")
+    r2.client.create(r2.path("/during"), b"")
+    for k in range(5):
+        txn = r2.client.transaction()
+        for i in range(200):
+            txn.create(r2.path(f"/during/n{k}-{i:03d}"), b"w")
+        txn.commit()
+    written = r2.client.exists(r2.path("/during/n4-199")).ctime / 1000
+    fed.wait_ready("r1", timeout=300)
+    # What the test is about: r1's start took longer than the silence bound,
+    # and r2's writes came well before its end.
+    assert at("bridge_ready") - at("epoch_taken") > 4, "the start-up was too quick to tell"
+    assert at("bridge_ready") - written > 3, "r2 wrote too late to tell"
+    # Ready means caught up with them: applied before r1 said ready.
+    applied = r1.client.exists(r1.path("/during/n4-199"))
+    assert applied is not None and applied.ctime / 1000 <= at("bridge_ready")
+    fed.wait_converged(["r1", "r2"], timeout=300)
+    time.sleep(1)
+    for name in ("r1", "r2"):
+        assert not [e for e in fed.events(name) if e["event"] == "peer_silent"], name
+    assert status_json(fed, "r1")["verdict"]["healthy"]
+    assert status_json(fed, "r2")["verdict"]["healthy"]
     fed.assert_clean_logs()
 
 
