@@ -25,12 +25,10 @@ from bridge.errors import MassDeleteError, NoPermission
 from bridge.layout import Change, classify, join, parent
 from bridge.plan import MetaEntry
 from bridge.store import SubtreeStore
-from bridge.zk import ACL_CHUNK, Node, gather_limited
+from bridge.zk import ACL_CHUNK, Node
 
 log = structlog.get_logger("bridge.scan")
 
-CHUNK = 250  # reads per request
-CONCURRENCY = 4  # requests in flight
 ACLS_AHEAD = 4 * ACL_CHUNK  # ACLs of new znodes read ahead, per scan
 
 
@@ -61,11 +59,7 @@ class Scanner:
 
     async def _read(self, ops: list[tuple[str, str]]) -> tuple[list[Any], list[int]]:
         """The answers, and the frame of the reply that gave each."""
-        chunks = [ops[i : i + CHUNK] for i in range(0, len(ops), CHUNK)]
-        parts = await gather_limited([self.store.zk.read_many_framed(c) for c in chunks],
-                                     CONCURRENCY)
-        return ([r for got, _ in parts for r in got],
-                [frame for got, frame in parts for _ in got])
+        return await self.store.zk.read_all(ops)
 
     async def scan(self, *, allow_mass_delete: bool = False) -> ScanResult:
         self.store.rebuilding = True

@@ -10,7 +10,6 @@ two writes that matter on these.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from bridge import statecodec
@@ -22,14 +21,9 @@ from bridge.model import Event
 from bridge.outbox import Outbox
 from bridge.plan import MetaEntry, Plan, Planner
 from bridge.positions import Positions
-from bridge.zk import Create, Delete, Node, SetData, ZooKeeper, gather_limited
+from bridge.zk import Create, Delete, Node, SetData, ZooKeeper
 
 RETRIES = 20
-# Znodes per multiRead, and multiReads in flight: a reply holds each znode's
-# data (up to 1 MB each), so neither side buffers more than a few chunks.
-# The environment variable exists for tests of reads that take several replies.
-READ_CHUNK = int(os.environ.get("ZKBRIDGE_READ_CHUNK") or 500)
-READS_IN_FLIGHT = 4
 
 
 class StoreCore(Planner):
@@ -143,20 +137,11 @@ class StoreCore(Planner):
 
     async def _read_framed(self, rels: Iterable[str]
                            ) -> tuple[dict[str, Node | NoPermission | None], dict[str, int]]:
-        """The znodes, and the frame of the reply that read each (chunks of 500).
-
-        A few chunks are in flight at once; the session answers them in order.
-        """
+        """The znodes, and the frame of the reply that read each (``ZooKeeper.read_all``:
+        several replies, each a snapshot at its own zxid, answered in order)."""
         todo = sorted(set(rels))
-        parts = [todo[i : i + READ_CHUNK] for i in range(0, len(todo), READ_CHUNK)]
-        replies = await gather_limited([self.zk.read_many_framed(
-            [("data", self.layout.znode(r)) for r in part]) for part in parts], READS_IN_FLIGHT)
-        out: dict[str, Node | NoPermission | None] = {}
-        at: dict[str, int] = {}
-        for part, (nodes, frame) in zip(parts, replies, strict=True):
-            out.update(zip(part, nodes, strict=True))
-            at.update(dict.fromkeys(part, frame))
-        return out, at
+        nodes, frames = await self.zk.read_all([("data", self.layout.znode(r)) for r in todo])
+        return dict(zip(todo, nodes, strict=True)), dict(zip(todo, frames, strict=True))
 
     def unannounced(self, reads: Mapping[str, Node | NoPermission | None],
                     among: Iterable[str] | None = None) -> list[str]:

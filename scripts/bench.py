@@ -78,9 +78,9 @@ from bridge import codec, statecodec  # noqa: E402
 from bridge.batching import MAX_BATCH_EVENTS  # noqa: E402
 from bridge.configload import load_settings  # noqa: E402
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash  # noqa: E402
-from bridge.storecore import READ_CHUNK  # noqa: E402
 from bridge.verify import verify  # noqa: E402
 from bridge.zk import BatchedClient  # noqa: E402
+from bridge.zk.sizing import READS_MAX as READ_CHUNK  # noqa: E402
 from tests.harness import procs  # noqa: E402  (the same server management the tests use)
 from tests.harness.broker import make_broker  # noqa: E402
 from tests.harness.zookeeper import ZooKeeperServer, start_all  # noqa: E402

@@ -21,6 +21,7 @@ from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import GetACL, SetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
 
+from bridge.config import ZooKeeperSettings
 from bridge.errors import (
     FencedError,
     MissingNode,
@@ -31,6 +32,7 @@ from bridge.errors import (
 )
 from bridge.zk.errors import refusal
 from bridge.zk.session import Session
+from bridge.zk.sizing import ReplySizer
 from bridge.zk.values import (
     AclRead,
     Check,
@@ -50,6 +52,7 @@ from bridge.zk.wire import PERSISTENT_RECURSIVE, Multi
 # the adapter's timeout, so every attempt failed and started over.
 ACL_CHUNK = 1000
 ACL_CHUNKS_IN_FLIGHT = 4
+READS_IN_FLIGHT = 4  # multiReads of ``read_all`` in flight
 
 T = TypeVar("T")
 
@@ -61,6 +64,12 @@ class ZooKeeper(Session):
     to every multi: if another bridge has bumped the epoch since, the multi
     fails and ``FencedError`` is raised instead of writing.
     """
+
+    def __init__(self, settings: ZooKeeperSettings, *, read_only: bool = False,
+                 private_root: str | None = None) -> None:
+        super().__init__(settings, read_only=read_only, private_root=private_root)
+        # How many reads a multiRead of ``read_all`` carries (``bridge.zk.sizing``).
+        self.sizer = ReplySizer()
 
     def _create_acl(self, op: Create) -> list[ACL]:
         """The ACL a ``multi``'s create is sent with, as kazoo's ``create`` picks it."""
@@ -140,6 +149,47 @@ class ZooKeeper(Session):
             else:
                 out.append(list(res))
         return out, frame
+
+    async def read_all(self, ops: Sequence[tuple[str, str]],
+                       progress: Callable[[int], None] | None = None
+                       ) -> tuple[list[Any], list[int]]:
+        """``read_many_framed`` for any number of ops: per op its answer and its reply's frame.
+
+        As many reads per request as the znodes seen allow (``sizing``), a
+        few requests in flight: a whole level of a tree costs a few round
+        trips, and no reply is larger than the server can hold. ``progress(n)``
+        as each request's ``n`` answers arrive.
+        """
+        answers: list[Any] = [None] * len(ops)
+        frames = [0] * len(ops)
+        pending: set[asyncio.Future[tuple[int, list[Any], int]]] = set()
+
+        async def part(start: int, chunk: Sequence[tuple[str, str]]
+                       ) -> tuple[int, list[Any], int]:
+            got, frame = await self.read_many_framed(chunk)
+            return start, got, frame
+
+        sent = 0
+        try:
+            while sent < len(ops) or pending:
+                while sent < len(ops) and len(pending) < READS_IN_FLIGHT:
+                    chunk = ops[sent:sent + self.sizer.take(ops, sent)]
+                    pending.add(asyncio.ensure_future(part(sent, chunk)))
+                    sent += len(chunk)
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: t.exception() is None):
+                    start, got, frame = task.result()  # a failed one first: raised
+                    answers[start:start + len(got)] = got
+                    frames[start:start + len(got)] = [frame] * len(got)
+                    self.sizer.saw(ops[start:start + len(got)], got)
+                    if progress is not None:
+                        progress(len(got))
+        finally:
+            for task in pending:
+                task.cancel()
+            # Their outcome is of no use now, but must be taken (asyncio warns otherwise).
+            await asyncio.gather(*pending, return_exceptions=True)
+        return answers, frames
 
     async def add_recursive_watch(self, path: str) -> bool:
         """One persistent recursive watch on ``path``; False if the server lacks addWatch.

@@ -7,12 +7,15 @@ import json
 import os
 import random
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
+from tests.harness.broker import Broker
 from tests.harness.procs import free_port, wait_for
+from tests.harness.zookeeper import ZooKeeperServer
 from tests.integration.federation import Federation, scrape
 
 pytestmark = pytest.mark.every_zookeeper
@@ -82,6 +85,44 @@ def test_all_kinds_of_changes_arrive_everywhere(federation: Federation) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "identical" in out.stdout
     fed.assert_clean_logs()
+
+
+def test_large_znodes_are_read_in_replies_the_server_can_hold(
+        tmp_path: Path, token: str, broker: Broker) -> None:
+    """Forty znodes of 900 KB, read by the start-up scan, the capture and `verify`.
+
+    ZooKeeper builds a reply whole in its heap. Before, the scan asked for up
+    to 250 znodes per `multiRead` (captures and applies up to 500), so these
+    forty came in one reply of 36 MB, and the region's server (256 MB of heap,
+    as every server of these tests) ran out of memory and exited.
+    """
+    servers = {name: ZooKeeperServer(f"large-{name}") for name in ("r1", "r2")}
+    try:
+        for server in servers.values():
+            server.spawn()
+        for server in servers.values():
+            server.wait_ready()
+        fed = Federation(tmp_path, token, broker, servers)
+        try:
+            r1, r2 = fed["r1"], fed["r2"]
+            for i in range(40):
+                r1.client.create(r1.path(f"/blobs/b{i:02d}"), bytes([i]) * 900_000,
+                                 makepath=True)
+            fed.start_all()
+            wait_for(lambda: r2.client.exists(r2.path("/blobs/b39")) is not None, 120,
+                     message="the large znodes did not reach r2")
+            fed.wait_converged(timeout=120)
+            out = fed.cli("verify", "-c", str(r1.config_path), "-c", str(r2.config_path))
+            assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
+            for server in servers.values():
+                assert server.running, server.name
+                assert "OutOfMemoryError" not in server.log_path.read_text(), server.name
+            fed.assert_clean_logs()
+        finally:
+            fed.close()
+    finally:
+        for server in servers.values():
+            server.close()
 
 
 def test_verify_reports_differences(federation: Federation) -> None:

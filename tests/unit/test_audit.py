@@ -37,9 +37,9 @@ class Tree:
         self.nodes = {"/": "open", **nodes}
         self.ops: list[tuple[str, str]] = []
 
-    async def read_many_framed(self, ops: Sequence[tuple[str, str]]) -> tuple[list[Any], int]:
+    async def read_all(self, ops: Sequence[tuple[str, str]]) -> tuple[list[Any], list[int]]:
         self.ops += ops
-        return [self._answer(kind, path[len(MOUNT):] or "/") for kind, path in ops], 1
+        return [self._answer(kind, path[len(MOUNT):] or "/") for kind, path in ops], [1] * len(ops)
 
     def _answer(self, kind: str, rel: str) -> Any:
         what = self.nodes.get(rel)
