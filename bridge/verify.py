@@ -12,9 +12,7 @@ from bridge.errors import NoPermission
 from bridge.layout import Layout, is_excluded, join
 from bridge.model import NodeMeta
 from bridge.progress import QUIET, Progress, Task
-from bridge.zk import Node, Stat, ZooKeeper, gather_limited
-
-CONCURRENCY = 64
+from bridge.zk import Node, Stat, ZooKeeper
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,37 +34,25 @@ async def _walk(
     zk: ZooKeeper, path_of: Callable[[str], str], exclude: Sequence[str] = (),
     tick: Callable[[int], None] = _ignore,
 ) -> AsyncIterator[tuple[str, Node]]:
-    """Every node below ``path_of("/")``, level by level, reads pipelined: (rel path, node).
+    """Every node below ``path_of("/")``, level by level, many reads per request: (rel
+    path, node).
 
-    ``tick(1)`` as each node arrives, for progress bars.
+    ``tick(n)`` as ``n`` nodes arrive, for progress bars.
     """
-
-    async def get(rel: str) -> Node | None:
-        try:
-            node = await zk.get(path_of(rel))
-        except NoPermission:
-            # Named as a difference, never a crash: the path is held back somewhere.
-            node = Node(UNREADABLE, Stat(0, 0, 0, False, 0, 0))
-        tick(1)
-        return node
-
     level = ["/"]
     while level:
-
-        async def list_one(rel: str) -> list[str]:
-            try:
-                names = await zk.children(path_of(rel)) or []
-            except NoPermission:
-                names = []
-            return [join(rel, n) for n in names if not is_excluded(join(rel, n), exclude)]
-
-        rels = [r for names in await gather_limited([list_one(r) for r in level], CONCURRENCY)
-                for r in names]
-        nodes = await gather_limited([get(r) for r in rels], CONCURRENCY)
+        listings, _ = await zk.read_all([("children", path_of(r)) for r in level])
+        rels = [join(rel, n) for rel, names in zip(level, listings, strict=True)
+                if isinstance(names, list)  # gone (None), or not listable here
+                for n in names if not is_excluded(join(rel, n), exclude)]
+        nodes, _ = await zk.read_all([("data", path_of(r)) for r in rels], tick)
         level = []
         for rel, node in zip(rels, nodes, strict=True):
             if node is None:
                 continue
+            if isinstance(node, NoPermission):
+                # Named as a difference, never a crash: the path is held back somewhere.
+                node = Node(UNREADABLE, Stat(0, 0, 0, False, 0, 0))
             yield rel, node
             if node.stat.num_children:
                 level.append(rel)
