@@ -19,11 +19,8 @@ import structlog
 from bridge.config import Settings
 from bridge.errors import NoPermission, StateAccessError
 from bridge.zk import (
-    ACL_CHUNK,
-    ACL_CHUNKS_IN_FLIGHT,
     WORLD_ALL,
     ZooKeeper,
-    gather_limited,
     own_acl,
 )
 
@@ -59,18 +56,14 @@ async def ensure(zk: ZooKeeper, settings: Settings, *, tighten: bool) -> None:
 
 async def _tree(zk: ZooKeeper, root: str) -> list[str]:
     """Every path of the state, parents before their children, each level listed in
-    ``multiRead``s of ``ACL_CHUNK`` as a scan lists a subtree."""
+    ``multiRead``s as a scan lists a subtree."""
     out: list[str] = []
     level = [root]
     while level:
         out.extend(level)
-        parts = [level[i:i + ACL_CHUNK] for i in range(0, len(level), ACL_CHUNK)]
-        listed = await gather_limited(
-            [zk.read_many([("children", p) for p in part]) for part in parts],
-            ACL_CHUNKS_IN_FLIGHT)
-        names = [got for answers in listed for got in answers]
-        level = []
-        for parent, got in zip([p for part in parts for p in part], names, strict=True):
+        names, _ = await zk.read_all([("children", p) for p in level])
+        parents, level = level, []
+        for parent, got in zip(parents, names, strict=True):
             if isinstance(got, NoPermission):
                 raise got
             level.extend(f"{parent}/{name}" for name in got or ())  # None: gone meanwhile
