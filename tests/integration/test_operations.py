@@ -32,7 +32,7 @@ from bridge.lag import measure
 from bridge.zk import Create, ZooKeeper
 from tests.harness import procs
 from tests.harness.procs import free_port, wait_for
-from tests.integration.federation import REPO, Federation, scrape
+from tests.integration.federation import REPO, Federation, Region, scrape
 from tests.integration.test_faults import Stream, assert_nothing_lost
 from tests.integration.test_ordering import _counters
 
@@ -171,12 +171,16 @@ def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> Non
     fed.write_config("r1", peers=["r2"], heartbeat_interval=0.4)  # silent after 4 s
     fed.write_config("r2", peers=["r1"], heartbeat_interval=0.4)
     r1, r2 = fed["r1"], fed["r2"]
-    r1.client.create(r1.path("/big"), b"")
-    for k in range(80):
-        txn = r1.client.transaction()
-        for i in range(1000):
-            txn.create(r1.path(f"/big/n{k:02d}-{i:03d}"), b"v")
-        txn.commit()
+
+    def create(region: Region, parent: str, multis: int, each: int) -> None:
+        region.client.create(region.path(parent), b"")
+        for k in range(multis):
+            txn = region.client.transaction()
+            for i in range(each):
+                txn.create(region.path(f"{parent}/n{k:02d}-{i:03d}"), b"v")
+            txn.commit()
+
+    create(r1, "/big", 80, 1000)
     fed.start("r2")
     fed.start("r1", wait=False)
 
@@ -186,20 +190,15 @@ def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> Non
 
     # While r1 captures its 80,000 znodes, r2's application writes.
     wait_for(lambda: fed.count_events("r1", "scan_done") > 0, 120, message="r1 never scanned")
-    r2.client.create(r2.path("/during"), b"")
-    for k in range(5):
-        txn = r2.client.transaction()
-        for i in range(200):
-            txn.create(r2.path(f"/during/n{k}-{i:03d}"), b"w")
-        txn.commit()
-    written = r2.client.exists(r2.path("/during/n4-199")).ctime / 1000
+    create(r2, "/during", 5, 200)
+    written = r2.client.exists(r2.path("/during/n04-199")).ctime / 1000
     fed.wait_ready("r1", timeout=300)
     # What the test is about: r1's start took longer than the silence bound,
     # and r2's writes came well before its end.
     assert at("bridge_ready") - at("epoch_taken") > 4, "the start-up was too quick to tell"
     assert at("bridge_ready") - written > 3, "r2 wrote too late to tell"
     # Ready means caught up with them: applied before r1 said ready.
-    applied = r1.client.exists(r1.path("/during/n4-199"))
+    applied = r1.client.exists(r1.path("/during/n04-199"))
     assert applied is not None and applied.ctime / 1000 <= at("bridge_ready")
     fed.wait_converged(["r1", "r2"], timeout=300)
     time.sleep(1)
