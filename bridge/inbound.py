@@ -342,6 +342,8 @@ class Inbound:
         ends again and reaches those too.
         """
         await self.caught_up.wait()
+        if not self.catch_up_to:
+            return  # no peer to read
         b = self.bridge
         ends = await b.retry("end offsets", lambda: b.kafka.readable_ends(list(self.catch_up_to)))
         self.catch_up_to = ends
