@@ -14,7 +14,6 @@ about ten replies; one large znode makes the next requests small at once.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -48,7 +47,7 @@ class ReplySizer:
     def take(self, ops: Sequence[tuple[str, str]], start: int) -> int:
         """How many of ``ops[start:]`` the next request carries (at least one)."""
         total = count = 0
-        for kind, _path in itertools.islice(ops, start, start + READS_MAX):
+        for kind, _path in ops[start:start + READS_MAX]:
             total += self.largest[kind]
             if count and total > REPLY_BUDGET:
                 break

@@ -155,10 +155,11 @@ class ZooKeeper(Session):
                        ) -> tuple[list[Any], list[int]]:
         """``read_many_framed`` for any number of ops: per op its answer and its reply's frame.
 
-        As many reads per request as the znodes seen allow (``sizing``), a
-        few requests in flight: a whole level of a tree costs a few round
-        trips, and no reply is larger than the server can hold. ``progress(n)``
-        as each request's ``n`` answers arrive.
+        As many reads per request as the answers seen so far allow for a reply
+        of about 2 MB (``sizing``), a few requests in flight: a whole level of
+        a tree costs a few round trips, and a subtree of large znodes does not
+        make replies the server cannot hold. ``progress(n)`` as each request's
+        ``n`` answers arrive.
         """
         answers: list[Any] = [None] * len(ops)
         frames = [0] * len(ops)
