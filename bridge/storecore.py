@@ -128,7 +128,7 @@ class StoreCore(Planner):
     async def refresh_meta(self, rels: Iterable[str]) -> None:
         """Read metadata again after a failed multi (the cache may be behind)."""
         todo = sorted(set(rels))
-        nodes = await self.zk.read_many([("data", self.layout.meta(r)) for r in todo])
+        nodes, _ = await self.zk.read_all([("data", self.layout.meta(r)) for r in todo])
         for rel, node in zip(todo, nodes, strict=True):
             self.load_meta(rel, node if isinstance(node, Node) else None)
 
