@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec, collector, failpoints, owntopic, stateaccess, twin
+from bridge import codec, collector, failpoints, owntopic, startup, stateaccess, twin
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
 from bridge.certexpiry import Expiry
@@ -120,6 +120,7 @@ class Bridge:
         self.watching = Watching(self)
         self.reannounce = Reannouncer(self)
         self.reporter = Reporter(self)
+        self.start_up = startup.StartUp()
         self.clients = Clients(self, self._lost, self._stop)
         self.streams = Streams(self)
         self.peers = self.inbound.peers
@@ -181,13 +182,13 @@ class Bridge:
         """One leadership term: take the epoch, run both pipelines until it ends."""
         self._lost.clear()
         self.in_term = True
+        self.start_up.begin()
         self.kafka = Kafka(self.settings.kafka, client_id=f"zkbridge-{self.region}")
         tasks: list[asyncio.Task[None]] = []
         restart_after = 0.0
         try:
             # Starts the publisher once the own-topic checks pass.
             await unless_lost(self._start(tasks), self._lost)
-            tasks.append(asyncio.create_task(self.guarded("status", self.reporter.run)))
             # Applying starts after the start-up scan (in _start), so the
             # mass-delete breaker sees local deletions before any remote event.
             tasks += [asyncio.create_task(self.guarded(f"capture[{n}]",
@@ -206,16 +207,19 @@ class Bridge:
             ]
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
-            waits = {asyncio.ensure_future(self.inbound.wait_caught_up()),
+            waits = {asyncio.ensure_future(self.start_up.during(
+                         "catch-up", startup.catching_up(self), self.inbound.wait_caught_up())),
                      asyncio.ensure_future(self._stop.wait()),
                      asyncio.ensure_future(self._lost.wait())}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
+            self.start_up.end()
             self.ready.set()
-            # The status record at once: `lag` and `status` read the heartbeats
-            # and positions of the catch-up from it.
-            self.reporter.due.set()
+            # The status record before the log and systemd say ready: `status`
+            # and `lag` read it (the heartbeats and positions of the catch-up).
+            with contextlib.suppress(BridgeError):  # the reporter's loop writes it again
+                await self.reporter.write()
             log.info("bridge_ready", region=self.region, subtrees=list(self.stores),
                      peers=list(self.settings.peers), epoch=self.epoch)
             self.on_role(self.role)
@@ -257,6 +261,7 @@ class Bridge:
             for store in self.stores.values():
                 await store.acl.stop_reading_ahead()
             self._reset_term()
+            self.start_up.end()
             self.in_term = False
         if restart_after:
             with contextlib.suppress(TimeoutError):
@@ -299,6 +304,11 @@ class Bridge:
         for store in self.stores.values():
             store.incarnation = self.incarnation
             await self.retry(f"set up {store.layout.name}", store.setup)
+        # The status record and the log tell how the start goes from here: a
+        # large subtree's, or a new region's, takes minutes.
+        await self.reporter.carry_over()
+        tasks += [asyncio.create_task(self.guarded("status", self.reporter.run)),
+                  asyncio.create_task(self.guarded("start-up", self.start_up.log_progress))]
         for name, store in self.stores.items():
             # Left by an earlier term: published first, whole batches, in order,
             # streamed from the outbox by the feeder (Outbound.feed); this
@@ -317,14 +327,18 @@ class Bridge:
         # only Kafka: each waits on its own round trips, so they run at once.
         # The scan's capture waits for the publisher (Outbound.publishing),
         # which starts once the checks pass: nothing is published before them.
-        found, _ = await both(self._kafka_side(tasks, fresh), self._scan_all())
-        await owntopic.replay(self, found)
-        await self.reannounce.resume()
+        found, _ = await both(
+            self.start_up.during("kafka", startup.kafka_checks, self._kafka_side(tasks, fresh)),
+            self._scan_all())
+        with self.start_up.step("own", startup.own_topic):
+            await owntopic.replay(self, found)
+            await self.reannounce.resume()
         self.inbound.check_caught_up()
 
     async def _scan_all(self) -> None:
         for name in self.stores:
-            await self.watching.scan(name)
+            await self.start_up.during(f"scan:{name}", startup.scanning(self, name),
+                                       self.watching.scan(name))
 
     async def _kafka_side(self, tasks: list[asyncio.Task[None]], fresh: bool
                           ) -> owntopic.Survey:

@@ -146,7 +146,6 @@ class Inbound:
     async def start(self) -> dict[tuple[str, int], int | None]:
         """Read stored positions; returns where to assign each partition."""
         positions: dict[tuple[str, int], int | None] = {}
-        await self.bridge.reporter.carry_over()
         partitions = await self.bridge.retry("partitions of the topics", partial(
             self.bridge.kafka.partitions_of, [*self.peers, *self.own]))
         for topic, parts in partitions.items():
@@ -351,18 +350,20 @@ class Inbound:
         self.check_caught_up()
         await self.caught_up.wait()
 
-    def check_caught_up(self) -> None:
-        if self.caught_up.is_set():
-            return
+    def to_catch_up(self) -> int:
+        """Records between the stored positions and the ends to catch up to."""
+        total = 0
         for (topic, part), end in self.catch_up_to.items():
             peer = self.peers.get(topic)
-            if peer is None:
-                continue
-            # Stored positions only: heartbeats and skipped records past the
-            # last batch count once _idle_positions stored them.
-            if peer.positions.get(part, 0) < end:
-                return
-        self.caught_up.set()
+            if peer is not None:
+                # Stored positions only: heartbeats and skipped records past the
+                # last batch count once _idle_positions stored them.
+                total += max(0, end - peer.positions.get(part, 0))
+        return total
+
+    def check_caught_up(self) -> None:
+        if not self.caught_up.is_set() and not self.to_catch_up():
+            self.caught_up.set()
 
 
 def _one_partition(topic: str, parts: list[int]) -> None:

@@ -1,7 +1,8 @@
 """The bridge's status record, and what its peers' heartbeats say about this region's clock.
 
 The record lives under the state path, rewritten every ``STATUS_INTERVAL``
-and at once after an incident, so that ``zkbridge status`` and ``lag`` read
+from a term's start (``startup`` says what the start is doing), at once after
+an incident and when the term is ready, so that ``zkbridge status`` and ``lag`` read
 a fresh one from any host, also while the bridge is down.
 """
 
@@ -56,6 +57,7 @@ class Reporter:
         # (subtree, peer) → its last heartbeat when it was found silent: logged
         # once when it goes silent and once when it is heard again.
         self._silent: dict[tuple[str, str], int] = {}
+        self._writing = asyncio.Lock()
 
     @property
     def path(self) -> str:
@@ -171,10 +173,13 @@ class Reporter:
         clock = self.clock_check()
         now = now_ms()
         self._note_silent(peers, now)
+        starting = b.start_up.doing()
         return Status(
             region=b.region, identity=b.identity, epoch=b.epoch, role=b.role,
-            health=health(errors, peers, b.settings.heartbeat_interval,
-                          incidents=incidents, clock=clock, started_ms=b.started_ms),
+            # Starting: the peers' heartbeats and positions are not read up to now yet.
+            health="starting" if starting else health(
+                errors, peers, b.settings.heartbeat_interval, incidents=incidents, clock=clock,
+                started_ms=b.started_ms),
             started_ms=b.started_ms, updated_ms=now, counters=dict(b.stats),
             outbox={n: b.streams.backlog(n) for n in b.stores},
             oversized={n: sorted(st.oversized) for n, st in b.stores.items()},
@@ -184,6 +189,7 @@ class Reporter:
             clock=clock,
             state={n: self.state_of(n) for n in b.stores},
             certificates={e.key: e.not_after for e in b.certificates},
+            starting=starting, starting_since_ms=b.start_up.since_ms if starting else 0,
         )
 
     def state_of(self, subtree: str) -> dict[str, object]:
@@ -206,12 +212,17 @@ class Reporter:
         }
 
     async def write(self) -> None:
-        zk = self.bridge.zk
-        record = self.status().encode()
-        stat = await zk.exists(self.path)
-        op: ZkOp = SetData(self.path, record, stat.version) if stat else Create(self.path, record)
-        with contextlib.suppress(VersionConflict):  # a racing write of our own
-            await zk.multi([op])
+        # One at a time: a record written now is never overtaken by an older one
+        # still in flight (the one that says a term is ready, after the last
+        # that said it was starting).
+        async with self._writing:
+            zk = self.bridge.zk
+            record = self.status().encode()
+            stat = await zk.exists(self.path)
+            op: ZkOp = (SetData(self.path, record, stat.version) if stat
+                        else Create(self.path, record))
+            with contextlib.suppress(VersionConflict):  # written meanwhile: the next tick writes
+                await zk.multi([op])
 
     async def run(self) -> None:
         while True:

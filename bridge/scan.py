@@ -13,7 +13,7 @@ only lists the tree and compares it with that cache.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -56,10 +56,18 @@ class Scanner:
     def __init__(self, store: SubtreeStore, mass_delete: MassDeleteSettings) -> None:
         self.store = store
         self.mass_delete = mass_delete
+        # The scan under way or last run, for a start's progress: znodes and
+        # metadata records read so far, and the changes it found (None until done).
+        self.read = 0
+        self.found: int | None = None
 
-    async def _read(self, ops: list[tuple[str, str]]) -> tuple[list[Any], list[int]]:
+    async def _read(self, ops: list[tuple[str, str]], progress: Callable[[int], None] | None = None
+                    ) -> tuple[list[Any], list[int]]:
         """The answers, and the frame of the reply that gave each."""
-        return await self.store.zk.read_all(ops)
+        return await self.store.zk.read_all(ops, progress)
+
+    def _count(self, n: int) -> None:
+        self.read += n
 
     async def scan(self, *, allow_mass_delete: bool = False) -> ScanResult:
         self.store.rebuilding = True
@@ -70,6 +78,7 @@ class Scanner:
 
     async def _scan(self, allow_mass_delete: bool) -> ScanResult:
         started = time.monotonic()
+        self.read, self.found = 0, None
         store, lay = self.store, self.store.layout
         await store.zk.sync(lay.mount)
         store.metas = {"/": MetaEntry(None, 0)}
@@ -114,7 +123,7 @@ class Scanner:
             ops = [op for r in todo for op in (
                 (("data", lay.znode(r)),) if r in in_tree else ()) + (
                 (("data", lay.meta(r)),) if r in in_meta else ())]
-            answers = iter(zip(*await self._read(ops), strict=True))
+            answers = iter(zip(*await self._read(ops, self._count), strict=True))
             level = []
             for rel in todo:
                 node, frame = next(answers) if rel in in_tree else (None, 0)
@@ -147,6 +156,7 @@ class Scanner:
                 changed.append(rel)
         result = ScanResult(tuple(changed), znodes, replicated, deletes,
                             time.monotonic() - started, tuple(present), reads)
+        self.found = len(changed)
         self._breaker(result, allow_mass_delete)
         return result
 
@@ -164,6 +174,7 @@ class Scanner:
         once more by that capture.
         """
         started = time.monotonic()
+        self.read, self.found = 0, None
         store, lay = self.store, self.store.layout
         live: dict[str, list[str]] = {}
         for rel, entry in store.metas.items():

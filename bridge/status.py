@@ -68,6 +68,10 @@ class Status:
     # When the client certificates the leader loaded expire, by configuration key
     # (seconds since the epoch).
     certificates: Mapping[str, float] = field(default_factory=dict)
+    # While the leader's term is starting (scan, capture, catch-up): what it is
+    # doing, and since when; () and 0 once it is ready (and in older records).
+    starting: tuple[str, ...] = ()
+    starting_since_ms: int = 0
 
     def encode(self) -> bytes:
         doc = {
@@ -90,6 +94,8 @@ class Status:
             "clock": self.clock,
             "state": dict(self.state),
             "certificates": dict(self.certificates),
+            "starting": list(self.starting),
+            "starting_since_ms": self.starting_since_ms,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -122,6 +128,8 @@ class Status:
                 state=d.get("state", {}),
                 certificates={str(k): float(v)
                               for k, v in d.get("certificates", {}).items()},
+                starting=tuple(str(x) for x in d.get("starting", ())),
+                starting_since_ms=int(d.get("starting_since_ms", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

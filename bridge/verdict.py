@@ -91,7 +91,15 @@ def judge(
         problems.append(Problem(
             "STALE", f"leader {leader} is not reporting (status record {shown}): "
             "stuck, or cut off from ZooKeeper", logs))
-    peers = status.peers if status and fresh else ()
+    elif status is not None and status.starting:
+        since = _age(now_ms, status.starting_since_ms)
+        took = f" for {since:.0f}s" if since is not None else ""
+        problems.append(Problem(
+            "STARTING", f"leader {leader} is starting{took}: {'; '.join(status.starting)}",
+            logs))
+    # A starting leader has not read its peers' heartbeats and positions up to
+    # now: what it carried over from before would read as silence.
+    peers = status.peers if status and fresh and not status.starting else ()
     problems += _peer_problems(peers, status.started_ms if status else 0, heartbeat_interval,
                                now_ms, lag)
     if status is not None:

@@ -8,7 +8,7 @@ servers in test_acl.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.clock import HybridClock
@@ -37,8 +37,12 @@ class Tree:
         self.nodes = {"/": "open", **nodes}
         self.ops: list[tuple[str, str]] = []
 
-    async def read_all(self, ops: Sequence[tuple[str, str]]) -> tuple[list[Any], list[int]]:
+    async def read_all(self, ops: Sequence[tuple[str, str]],
+                       progress: Callable[[int], None] | None = None
+                       ) -> tuple[list[Any], list[int]]:
         self.ops += ops
+        if progress is not None:
+            progress(len(ops))
         return [self._answer(kind, path[len(MOUNT):] or "/") for kind, path in ops], [1] * len(ops)
 
     def _answer(self, kind: str, rel: str) -> Any:

@@ -1,12 +1,15 @@
-"""The two halves of a term's start (the ZooKeeper scan, the Kafka checks) run at once."""
+"""A term's start: its two halves (the ZooKeeper scan, the Kafka checks) run at once, and it
+says what it is doing."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.errors import BridgeError, FencedError
+from bridge.startup import StartUp
 from bridge.termsteps import both, unless_lost
 
 
@@ -110,3 +113,48 @@ def test_a_start_that_fails_raises_its_own_error() -> None:
             await unless_lost(start(), asyncio.Event())
 
     asyncio.run(main())
+
+
+# -- what a start says it is doing (status record, log) ----------------------------------
+
+
+def test_a_start_says_its_steps_while_they_run_and_nothing_once_done() -> None:
+    start = StartUp()
+    assert not start.running and start.doing() == ()
+    start.begin()
+    assert start.running and start.doing() == (
+        "taking over: the epoch, the region's state and outbox",)
+    counted = [0]
+
+    async def main() -> tuple[str, ...]:
+        async def scan() -> tuple[str, ...]:
+            counted[0] = 1234
+            return start.doing()
+
+        return await start.during("scan", lambda: f"scanning: {counted[0]:,} read", scan())
+
+    assert asyncio.run(main()) == ("scanning: 1,234 read",)  # said when asked, counts now
+    with start.step("kafka", lambda: "checking Kafka"), start.step("own", lambda: "own topic"):
+        assert start.doing() == ("checking Kafka", "own topic")
+    with pytest.raises(BridgeError), start.step("failing", lambda: "failing"):
+        raise BridgeError("x")
+    assert "failing" not in " ".join(start.doing())  # a step that failed is not shown
+    start.end()
+    assert not start.running and start.doing() == ()
+
+
+def test_a_long_start_logs_its_progress_until_it_ends() -> None:
+    start = StartUp()
+    start.begin()
+
+    async def main() -> None:
+        logging = asyncio.ensure_future(start.log_progress(every=0.01))
+        with start.step("scan", lambda: "scanning critical: 5 read"):
+            await asyncio.sleep(0.035)
+        start.end()
+        await asyncio.wait_for(logging, 1)  # it stops by itself once the start ended
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    lines = [e for e in logs if e["event"] == "start_up_progress"]
+    assert len(lines) >= 2 and lines[0]["doing"] == ["scanning critical: 5 read"], logs

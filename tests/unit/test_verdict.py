@@ -159,11 +159,34 @@ def test_last_applied_round_trips_and_old_records_still_read() -> None:
     assert old is not None and old.peers[0].last_applied_ms == 0
 
 
-@pytest.mark.parametrize("kind", ["DOWN", "STALE", "STUCK", "SILENT", "OUTBOX"])
+def test_a_starting_leader_says_what_it_is_doing_and_is_not_judged_by_old_peers() -> None:
+    doing = ("scanning critical: 40,000 znodes and metadata records read",
+             "connecting to Kafka and checking the topics")
+    # Its carried-over heartbeats are as old as the bridge was away: not silence.
+    st = record(peer(heartbeat_s=600, behind=5000, applied_s=600), health="starting",
+                starting=doing, starting_since_ms=NOW - 42_000)
+    v = verdict(st)
+    assert [p.kind for p in v.problems] == ["STARTING"] and not v.healthy
+    assert v.line.startswith("STARTING: leader host:1 is starting for 42s: scanning critical: "
+                             "40,000 znodes and metadata records read; connecting to Kafka")
+    assert "journalctl -u zkbridge@us-east" in v.line
+    back = Status.decode(st.encode())
+    assert back is not None and back.starting == doing and back.starting_since_ms == NOW - 42_000
+    # A record an older bridge wrote has no such fields: ready.
+    doc = json.loads(record(peer()).encode())
+    del doc["starting"], doc["starting_since_ms"]
+    old = Status.decode(json.dumps(doc).encode())
+    assert old is not None and old.starting == () and verdict(old).healthy
+    # A starting record that stopped being rewritten is stale like any other.
+    assert verdict(replace(st, updated_ms=NOW - 99_000)).problems[0].kind == "STALE"
+
+
+@pytest.mark.parametrize("kind", ["DOWN", "STALE", "STARTING", "STUCK", "SILENT", "OUTBOX"])
 def test_every_problem_suggests_a_command(kind: str) -> None:
     cases = {
         "DOWN": verdict(None, leader=None),
         "STALE": verdict(None),
+        "STARTING": verdict(record(starting=("scanning",), starting_since_ms=NOW - 1000)),
         "STUCK": verdict(record(peer(behind=1, applied_s=99))),
         "SILENT": verdict(record(peer(heartbeat_s=999))),
         "OUTBOX": verdict(record(peer()), outbox=10_000),

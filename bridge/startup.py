@@ -1,0 +1,107 @@
+"""What a leadership term's start is doing, for the status record and the log.
+
+A term's start (the Kafka checks, the start-up scan and its capture, the
+catch-up with what peers published meanwhile) takes seconds on a small
+subtree and minutes on a large one or a new region. Before, the status
+record was not written until it ended: ``status`` called the leader STALE,
+"stuck, or cut off from ZooKeeper" (or, after a restart, HEALTHY from the
+record the previous process left), and the log said nothing between
+``epoch_taken`` and ``bridge_ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+import structlog
+
+from bridge.status import now_ms
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+T = TypeVar("T")
+
+log = structlog.get_logger("bridge.startup")
+
+# How often a start still running says so in the log.
+PROGRESS_EVERY = 10.0
+
+
+class StartUp:
+    def __init__(self) -> None:
+        # Steps under way, each with what to say about it now (counts change).
+        self._steps: dict[str, Callable[[], str]] = {}
+        self.since_ms = 0  # the term's start; 0 when not starting
+
+    def begin(self) -> None:
+        self._steps.clear()
+        self.since_ms = now_ms()
+
+    def end(self) -> None:
+        self._steps.clear()
+        self.since_ms = 0
+
+    @property
+    def running(self) -> bool:
+        return self.since_ms > 0
+
+    @contextlib.contextmanager
+    def step(self, key: str, describe: Callable[[], str]) -> Iterator[None]:
+        self._steps[key] = describe
+        try:
+            yield
+        finally:
+            self._steps.pop(key, None)
+
+    async def during(self, key: str, describe: Callable[[], str], work: Awaitable[T]) -> T:
+        with self.step(key, describe):
+            return await work
+
+    def doing(self) -> tuple[str, ...]:
+        """The steps under way, said now; () once the term is started."""
+        if not self.running:
+            return ()
+        return (tuple(describe() for describe in self._steps.values())
+                or ("taking over: the epoch, the region's state and outbox",))
+
+    async def log_progress(self, every: float = PROGRESS_EVERY) -> None:
+        """A line every ``every`` seconds while the start runs: journalctl shows it moving."""
+        while self.running:
+            await asyncio.sleep(every)
+            if self.running:
+                log.info("start_up_progress", seconds=round((now_ms() - self.since_ms) / 1000),
+                         doing=list(self.doing()))
+
+
+def kafka_checks() -> str:
+    return "connecting to Kafka and checking the topics"
+
+
+def own_topic() -> str:
+    return "checking what this region published before"
+
+
+def scanning(bridge: Bridge, name: str) -> Callable[[], str]:
+    """The start-up scan of ``name``, then the capture of what it found."""
+    scanner, captured = bridge.scanners[name], f"captured:{name}"
+    before = bridge.stats[captured]
+
+    def say() -> str:
+        if scanner.found is None:
+            return f"scanning {name}: {scanner.read:,} znodes and metadata records read"
+        done = min(scanner.found, bridge.stats[captured] - before)
+        return f"capturing {name}: {done:,} of {scanner.found:,} changes the scan found"
+
+    return say
+
+
+def catching_up(bridge: Bridge) -> Callable[[], str]:
+    def say() -> str:
+        return (f"applying what peers published before this start: "
+                f"{bridge.inbound.to_catch_up():,} records to go")
+
+    return say
