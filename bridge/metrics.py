@@ -54,6 +54,8 @@ class Spec:
 SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_up", "gauge", "1 while the bridge process serves", ("region",)),
     Spec("zkbridge_leader", "gauge", "1 on the region's active bridge", ("region",)),
+    Spec("zkbridge_starting", "gauge",
+         "1 while the bridge's leadership term starts (scan, capture, catch-up)", ("region",)),
     Spec("zkbridge_lag_events", "gauge", "peer events not applied yet", ("subtree", "peer")),
     Spec("zkbridge_lag_seconds", "gauge", "how far behind a peer, in seconds",
          ("subtree", "peer")),
@@ -157,6 +159,9 @@ class BridgeCollector(Collector):
         leader = family("zkbridge_leader")
         leader.add_metric([region], 1 if b.role == "leader" else 0)
         yield leader
+        starting = family("zkbridge_starting")
+        starting.add_metric([region], 1 if b.start_up.running else 0)
+        yield starting
         lag_e = family("zkbridge_lag_events")
         lag_s = family("zkbridge_lag_seconds")
         hb = family("zkbridge_heartbeat_age_seconds")

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from bridge.inbound import PeerState
 from bridge.metrics import BridgeCollector
 from bridge.reporter import Reporter
+from bridge.startup import StartUp
 from bridge.status import PeerStatus, Status, now_ms
 
 INTERVAL = 0.5  # seconds: silent after 10 of them
@@ -154,8 +155,8 @@ def test_only_the_leader_exports_the_peers_series_a_never_heard_one_included() -
     series: dict[str, list[tuple[list[str], float]]] = {}
     for role in ("leader", "standby"):
         bridge = SimpleNamespace(region="r1", role=role, peers={peer.topic: peer}, kafka=kafka,
-                                 started_ms=started)
-        families = itertools.islice(BridgeCollector(bridge).collect(), 5)  # type: ignore[arg-type]
+                                 started_ms=started, start_up=StartUp())
+        families = itertools.islice(BridgeCollector(bridge).collect(), 6)  # type: ignore[arg-type]
         series[role] = [(s.name, s.value) for f in families for s in f.samples
                         if f.name.startswith(("zkbridge_lag", "zkbridge_heartbeat"))]
     leader = dict(series["leader"])
