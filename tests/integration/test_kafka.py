@@ -31,6 +31,7 @@ from tests.harness import procs
 from tests.harness.broker import Broker, KafkaBroker
 from tests.harness.procs import wait_for
 from tests.integration.federation import Federation
+from tests.integration.test_operations import status_json
 
 Report = Callable[[str], None]
 
@@ -465,6 +466,17 @@ def test_sigterm_in_a_retry_loop_ends_the_process_within_2s(
     # Each attempt waits out the request timeout: SIGTERM lands in the middle of one.
     wait_for(lambda: fed.count_events("r1", "retrying") >= 1, 60,
              message="the bridge never entered its retry loop")
+    # `status` names the step the start waits on, and why (before: "STALE ... stuck,
+    # or cut off from ZooKeeper", the status record not written until the start ended).
+    def verdict() -> dict[str, Any]:
+        said: dict[str, Any] = status_json(fed, "r1")["verdict"]
+        return said
+
+    wait_for(lambda: [p["kind"] for p in verdict()["problems"]] == ["STARTING", "ERRORS"],
+             10, message=verdict)  # the errors once the record is rewritten (every 2 s)
+    line = verdict()["line"]
+    assert line.startswith("STARTING: leader "), line
+    assert "connecting to Kafka and checking the topics" in line, line
     took = _sigterm_seconds(fed, "r1")
     harness_report(f"SIGTERM in a Kafka retry loop: exited after {took:.2f}s")
     assert took < 2.0

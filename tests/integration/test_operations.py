@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,51 @@ def test_a_peer_silent_since_before_a_restart_stays_silent_until_heard(
     fed.assert_clean_logs()
 
 
+@dataclass(frozen=True)
+class Sample:
+    asked: float
+    answered: float
+    line: str  # status's verdict
+    healthy: bool
+    starting: float | None  # zkbridge_starting, zkbridge_leader (None: not serving yet)
+    leader: float | None
+
+
+class StartWatch:
+    """`zkbridge status` and /metrics of a region, asked over and over while it starts."""
+
+    def __init__(self, fed: Federation, name: str, port: int) -> None:
+        self.fed, self.name, self.port = fed, name, port
+        self.seen: list[Sample] = []
+        self.failed: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            asked = time.time()
+            out = self.fed.cli("status", "-c", str(self.fed[self.name].config_path), "--json")
+            if out.returncode != 0:
+                self.failed.append(out.stderr)
+                continue
+            verdict = json.loads(out.stdout)["verdict"]
+            try:
+                metrics = scrape(self.port)
+            except OSError:
+                metrics = {}
+            self.seen.append(Sample(
+                asked, time.time(), verdict["line"], verdict["healthy"],
+                metrics.get(f'zkbridge_starting{{region="{self.name}"}}'),
+                metrics.get(f'zkbridge_leader{{region="{self.name}"}}')))
+
+    def stop(self) -> list[Sample]:
+        self._done.set()
+        self._thread.join(timeout=30)
+        assert not self.failed, self.failed
+        return self.seen
+
+
 def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> None:
     """A bridge whose start-up capture outlasts the silence bound (10 heartbeats).
 
@@ -166,9 +212,17 @@ def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> Non
     judged its peers by the heartbeats it had read when its term began, so it
     called them silent for as long as its own start had taken. It also said
     ready with what its peers published during its start-up not applied yet.
+
+    And nobody could tell how the start went: the status record was first
+    written once it was over, so `status` said "STALE: leader ... is not
+    reporting ... stuck, or cut off from ZooKeeper" all along (or HEALTHY, from
+    the record a previous process left), and `zkbridge_leader` read 0 as if no
+    bridge ran.
     """
     fed = federation
-    fed.write_config("r1", peers=["r2"], heartbeat_interval=0.4)  # silent after 4 s
+    port = free_port()
+    fed.write_config("r1", peers=["r2"], heartbeat_interval=0.4,  # silent after 4 s
+                     metrics={"listen": f"127.0.0.1:{port}"})
     fed.write_config("r2", peers=["r1"], heartbeat_interval=0.4)
     r1, r2 = fed["r1"], fed["r2"]
 
@@ -182,6 +236,7 @@ def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> Non
 
     create(r1, "/big", 80, 1000)
     fed.start("r2")
+    watching = StartWatch(fed, "r1", port)
     fed.start("r1", wait=False)
 
     def at(event: str) -> float:
@@ -193,9 +248,24 @@ def test_a_long_start_up_is_not_taken_for_silence(federation: Federation) -> Non
     create(r2, "/during", 5, 200)
     written = r2.client.exists(r2.path("/during/n04-199")).ctime / 1000
     fed.wait_ready("r1", timeout=300)
+    seen = watching.stop()
     # What the test is about: r1's start took longer than the silence bound,
     # and r2's writes came well before its end.
     assert at("bridge_ready") - at("epoch_taken") > 4, "the start-up was too quick to tell"
+    # `status` and /metrics said all along that r1 was starting, and how far it was.
+    during = [s for s in seen
+              if s.asked > at("epoch_taken") + 1 and s.answered < at("bridge_ready")]
+    assert len(during) >= 3, seen
+    for s in during:
+        assert s.line.startswith("STARTING: leader ") and not s.healthy, s
+        assert s.starting == 1, s
+    # Not a leader while it scans and captures, one while it catches up.
+    assert any(s.leader == 0 for s in during), during
+    assert any(re.search(r"capturing critical: [\d,]+ of 80,00\d changes", s.line)
+               for s in during), during
+    after = scrape(port)
+    assert after['zkbridge_starting{region="r1"}'] == 0
+    assert after['zkbridge_leader{region="r1"}'] == 1
     assert at("bridge_ready") - written > 3, "r2 wrote too late to tell"
     # Ready means caught up with them: applied before r1 said ready.
     applied = r1.client.exists(r1.path("/during/n04-199"))
