@@ -214,14 +214,15 @@ class Bridge:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
-            self.start_up.end()
+            took = self.start_up.end()
             self.ready.set()
             # The status record before the log and systemd say ready: `status`
             # and `lag` read it (the heartbeats and positions of the catch-up).
-            with contextlib.suppress(BridgeError):  # the reporter's loop writes it again
-                await self.reporter.write()
+            if not (self._lost.is_set() or self._stop.is_set()):
+                with contextlib.suppress(BridgeError):  # the reporter's loop writes it again
+                    await self.reporter.write()
             log.info("bridge_ready", region=self.region, subtrees=list(self.stores),
-                     peers=list(self.settings.peers), epoch=self.epoch)
+                     peers=list(self.settings.peers), epoch=self.epoch, start_seconds=took)
             self.on_role(self.role)
             ended = {asyncio.ensure_future(self._stop.wait()),
                      asyncio.ensure_future(self._lost.wait())}
@@ -306,7 +307,7 @@ class Bridge:
             await self.retry(f"set up {store.layout.name}", store.setup)
         # The status record and the log tell how the start goes from here: a
         # large subtree's, or a new region's, takes minutes.
-        await self.reporter.carry_over()
+        await self.retry("read the status record", self.reporter.carry_over)
         tasks += [asyncio.create_task(self.guarded("status", self.reporter.run)),
                   asyncio.create_task(self.guarded("start-up", self.start_up.log_progress))]
         for name, store in self.stores.items():

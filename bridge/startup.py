@@ -41,9 +41,12 @@ class StartUp:
         self._steps.clear()
         self.since_ms = now_ms()
 
-    def end(self) -> None:
+    def end(self) -> float:
+        """The start is over; returns how long it took, in seconds (0: none was running)."""
+        took = round((now_ms() - self.since_ms) / 1000, 1) if self.running else 0.0
         self._steps.clear()
         self.since_ms = 0
+        return took
 
     @property
     def running(self) -> bool:

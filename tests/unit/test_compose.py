@@ -405,7 +405,8 @@ def _rule_with(alert_rules: list[dict[str, Any]], expr: str) -> dict[str, Any]:
         ("zkbridge_lag_seconds > 60", "5m"),
         ("zkbridge_heartbeat_age_seconds > 30", "2m"),
         ("zkbridge_outbox_depth > 1000", "5m"),
-        ("max by (region) (zkbridge_leader + zkbridge_starting) == 0", "1m"),
+        ("max by (region) (zkbridge_leader) == 0 unless on (region) "
+         "max by (region) (zkbridge_starting) == 1", "1m"),
         ("max by (region) (zkbridge_starting) == 1", "15m"),
         ("sum by (region, subtree, reason) (zkbridge_held_back) > 0", "15m"),
         ("zkbridge_oversized > 0", "5m"),
