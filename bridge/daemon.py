@@ -36,6 +36,9 @@ DUPLICATE_REGION_EXIT = 4
 # stays in the outbox); at STOP_DEADLINE the process exits regardless.
 STOP_GRACE = 0.6
 STOP_DEADLINE = 1.5
+# How long systemd waits for the next sign of a moving start, once the start
+# outlasts TimeoutStartSec (EXTEND_TIMEOUT_USEC); the unit's WatchdogSec.
+START_EXTEND_S = 30.0
 # Allocations (less frees) before a young-generation collection; the default is 700.
 GC_THRESHOLD = 20_000
 
@@ -46,6 +49,7 @@ class Daemon:
         self.bridge = Bridge(settings, allow_mass_delete=allow_mass_delete)
         self.notifier = Notifier()
         self.bridge.on_role = self._on_role
+        self.bridge.start_up.on_progress = self._on_start_progress
         self._ready_sent = False
         self._run_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -59,6 +63,18 @@ class Daemon:
         else:
             self.notifier.ready(text)
             self._ready_sent = True
+
+    def _on_start_progress(self, text: str, moving: bool) -> None:
+        if self._ready_sent:
+            self.notifier.status(text)
+        elif moving:
+            # A leader is READY once caught up: a large subtree's start outlasts
+            # TimeoutStartSec, and systemd would kill it, restart it, and kill it
+            # again. Extended while it moves; one that stands still (waiting on
+            # Kafka, stuck) is timed out and restarted as before.
+            self.notifier.extend_start(text, START_EXTEND_S)
+        else:
+            self.notifier.status(text)
 
     def _stop(self, sig: signal.Signals) -> Callable[[], None]:
         def stop() -> None:

@@ -309,7 +309,7 @@ class Bridge:
         # large subtree's, or a new region's, takes minutes.
         await self.retry("read the status record", self.reporter.carry_over)
         tasks += [asyncio.create_task(self.guarded("status", self.reporter.run)),
-                  asyncio.create_task(self.guarded("start-up", self.start_up.log_progress))]
+                  asyncio.create_task(self.guarded("start-up", self.start_up.report))]
         for name, store in self.stores.items():
             # Left by an earlier term: published first, whole batches, in order,
             # streamed from the outbox by the feeder (Outbound.feed); this
@@ -331,9 +331,8 @@ class Bridge:
         found, _ = await both(
             self.start_up.during("kafka", startup.kafka_checks, self._kafka_side(tasks, fresh)),
             self._scan_all())
-        with self.start_up.step("own", startup.own_topic):
-            await owntopic.replay(self, found)
-            await self.reannounce.resume()
+        await owntopic.replay(self, found)
+        await self.reannounce.resume()
         self.inbound.check_caught_up()
 
     async def _scan_all(self) -> None:

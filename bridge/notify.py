@@ -41,6 +41,11 @@ class Notifier:
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
 
+    def extend_start(self, status: str, seconds: float) -> None:
+        """Still starting, and moving: allow ``seconds`` more (systemd >= 236; older ones
+        ignore it and keep to TimeoutStartSec)."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
+
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 

@@ -149,15 +149,24 @@ async def replay(bridge: Bridge, found: Survey) -> None:
             await reader.assign(dict(todo.start))
             done = dict(todo.start)
             records: list[Record] = []
-            while any(done[tp] < end for tp, end in todo.end.items()):
-                for rec in await reader.fetch(500, FETCH_MAX_RECORDS):
-                    tp = (rec.topic, rec.partition)
-                    done[tp] = max(done[tp], rec.offset + 1)
-                    if rec.offset < todo.end[tp]:  # not one published this term
-                        records.append(rec)
-                if len(records) >= FETCH_MAX_RECORDS:
-                    await b.applier.replay(store, records)
-                    records = []
-            await b.applier.replay(store, records)
+            with b.start_up.step(f"replay:{todo.subtree}", partial(replay_progress, todo, done)):
+                while any(done[tp] < end for tp, end in todo.end.items()):
+                    for rec in await reader.fetch(500, FETCH_MAX_RECORDS):
+                        tp = (rec.topic, rec.partition)
+                        done[tp] = max(done[tp], rec.offset + 1)
+                        if rec.offset < todo.end[tp]:  # not one published this term
+                            records.append(rec)
+                    if len(records) >= FETCH_MAX_RECORDS:
+                        await b.applier.replay(store, records)
+                        records = []
+                await b.applier.replay(store, records)
             await b.outbound.store_own_position(todo.subtree, {
                 p: min(o, todo.end[(t, p)]) for (t, p), o in done.items()})
+
+
+def replay_progress(todo: Replay, done: dict[tuple[str, int], int]) -> str:
+    """A start's progress through one replay (``status``, systemd)."""
+    total = sum(end - todo.start[tp] for tp, end in todo.end.items())
+    read = sum(min(done[tp], end) - todo.start[tp] for tp, end in todo.end.items())
+    return (f"replaying {todo.subtree} from this region's own topic: "
+            f"{read:,} of {total:,} records read")

@@ -1,12 +1,13 @@
-"""What a leadership term's start is doing, for the status record and the log.
+"""What a leadership term's start is doing, for the status record, the log and systemd.
 
 A term's start (the Kafka checks, the start-up scan and its capture, the
 catch-up with what peers published meanwhile) takes seconds on a small
 subtree and minutes on a large one or a new region. Before, the status
 record was not written until it ended: ``status`` called the leader STALE,
 "stuck, or cut off from ZooKeeper" (or, after a restart, HEALTHY from the
-record the previous process left), and the log said nothing between
-``epoch_taken`` and ``bridge_ready``.
+record the previous process left), the log said nothing between
+``epoch_taken`` and ``bridge_ready``, and systemd killed a start that
+outlasted ``TimeoutStartSec`` (READY=1 comes once caught up).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ T = TypeVar("T")
 
 log = structlog.get_logger("bridge.startup")
 
-# How often a start still running says so in the log.
+# How often a start still running says so in the log, and to systemd (STATUS=,
+# which `systemctl status` shows).
 PROGRESS_EVERY = 10.0
+NOTIFY_EVERY = 2.0
+# A start whose description (its step, its counts) has not changed for this
+# long is not moving: waiting on something, or stuck.
+STILL_AFTER = 30.0
 
 
 class StartUp:
@@ -36,6 +42,9 @@ class StartUp:
         # Steps under way, each with what to say about it now (counts change).
         self._steps: dict[str, Callable[[], str]] = {}
         self.since_ms = 0  # the term's start; 0 when not starting
+        # Told what the start is doing and whether it moved in the last STILL_AFTER
+        # seconds, every NOTIFY_EVERY (the daemon: systemd).
+        self.on_progress: Callable[[str, bool], None] = lambda text, moving: None
 
     def begin(self) -> None:
         self._steps.clear()
@@ -71,21 +80,28 @@ class StartUp:
         return (tuple(describe() for describe in self._steps.values())
                 or ("taking over: the epoch, the region's state and outbox",))
 
-    async def log_progress(self, every: float = PROGRESS_EVERY) -> None:
-        """A line every ``every`` seconds while the start runs: journalctl shows it moving."""
+    async def report(self, every: float = PROGRESS_EVERY, notify: float = NOTIFY_EVERY,
+                     still: float = STILL_AFTER) -> None:
+        """While the start runs: ``on_progress`` at once and every ``notify`` seconds, a log
+        line every ``every`` seconds (journalctl and `systemctl status` show it moving)."""
+        clock = asyncio.get_running_loop().time
+        logged = changed = clock()
+        said = ""
         while self.running:
-            await asyncio.sleep(every)
-            if self.running:
+            text = "starting: " + "; ".join(self.doing())
+            if text != said:
+                said, changed = text, clock()
+            self.on_progress(text, clock() - changed < still)
+            await asyncio.sleep(min(notify, every))
+            now = clock()
+            if self.running and now - logged >= every:
+                logged = now
                 log.info("start_up_progress", seconds=round((now_ms() - self.since_ms) / 1000),
                          doing=list(self.doing()))
 
 
 def kafka_checks() -> str:
     return "connecting to Kafka and checking the topics"
-
-
-def own_topic() -> str:
-    return "checking what this region published before"
 
 
 def scanning(bridge: Bridge, name: str) -> Callable[[], str]:

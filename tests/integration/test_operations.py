@@ -737,6 +737,13 @@ def test_sd_notify_ready_watchdog_stopping_and_reload(
     r1 = fed.start("r1", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}, wait=False)
     wait_for(lambda: any("READY=1" in m for m in drain()), 60, message="no READY=1")
     assert fed.count_events("r1", "bridge_ready") == 1  # READY only once caught up
+    # `systemctl status` showed what the start was doing before it was ready, and
+    # systemd was asked to wait on while it moved (TimeoutStartSec is 90 s).
+    ready = next(i for i, m in enumerate(received) if "READY=1" in m)
+    starting = [m for m in received[:ready] if "STATUS=starting: " in m]
+    assert starting and "EXTEND_TIMEOUT_USEC=30000000\n" in starting[0], received
+    assert "STATUS=leader in region r1, caught up" in received[ready], received
+    assert not any("EXTEND_TIMEOUT_USEC" in m for m in received[ready:]), received
     wait_for(lambda: sum("WATCHDOG=1" in m for m in drain()) >= 3, 10, message="no WATCHDOG=1")
     # Excluded: not replicated.
     r1.client.create(r1.path("/private/x"), b"secret", makepath=True)

@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from bridge.errors import BridgeError, FencedError
+from bridge.owntopic import Replay, replay_progress
 from bridge.startup import StartUp
 from bridge.termsteps import both, unless_lost
 
@@ -143,18 +144,56 @@ def test_a_start_says_its_steps_while_they_run_and_nothing_once_done() -> None:
     assert not start.running and start.doing() == () and start.end() == 0
 
 
-def test_a_long_start_logs_its_progress_until_it_ends() -> None:
+def test_a_long_start_logs_its_progress_and_tells_systemd_until_it_ends() -> None:
     start = StartUp()
+    told: list[str] = []
+    start.on_progress = lambda text, moving: told.append(text)
     start.begin()
 
     async def main() -> None:
-        logging = asyncio.ensure_future(start.log_progress(every=0.01))
+        reporting = asyncio.ensure_future(start.report(every=0.05, notify=0.01))
+        await asyncio.sleep(0)
         with start.step("scan", lambda: "scanning critical: 5 read"):
-            await asyncio.sleep(0.035)
+            await asyncio.sleep(0.12)
         start.end()
-        await asyncio.wait_for(logging, 1)  # it stops by itself once the start ended
+        await asyncio.wait_for(reporting, 1)  # it stops by itself once the start ended
 
     with capture_logs() as logs:
         asyncio.run(main())
     lines = [e for e in logs if e["event"] == "start_up_progress"]
-    assert len(lines) >= 2 and lines[0]["doing"] == ["scanning critical: 5 read"], logs
+    assert len(lines) >= 1 and lines[0]["doing"] == ["scanning critical: 5 read"], logs
+    # At once (before any step), then more often than the log.
+    assert told[0] == "starting: taking over: the epoch, the region's state and outbox", told
+    assert told.count("starting: scanning critical: 5 read") > len(lines), (told, lines)
+
+
+def test_a_start_whose_description_stands_still_is_not_moving() -> None:
+    start = StartUp()
+    seen: list[tuple[str, bool]] = []
+    start.on_progress = lambda text, moving: seen.append((text, moving))
+    start.begin()
+    count = [0]
+
+    async def main() -> None:
+        reporting = asyncio.ensure_future(start.report(every=10, notify=0.01, still=0.05))
+        with start.step("capture", lambda: f"capturing: {count[0]}"):
+            for _ in range(10):  # moving: the count changes at every tick
+                count[0] += 1
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # standing still
+        start.end()
+        await asyncio.wait_for(reporting, 1)
+
+    asyncio.run(main())
+    assert all(moving for text, moving in seen if text.endswith(("capturing: 1",
+                                                                 "capturing: 5")))
+    assert seen[-1] == ("starting: capturing: 10", False), seen
+
+
+def test_a_replay_of_the_own_topic_counts_the_records_read() -> None:
+    tp = ("zkb.critical.r1", 0)
+    todo = Replay("critical", {tp: 100}, {tp: 2600})
+    assert replay_progress(todo, {tp: 100}) == (
+        "replaying critical from this region's own topic: 0 of 2,500 records read")
+    # Records this term published past the end are read too, not counted.
+    assert replay_progress(todo, {tp: 2700}).endswith(": 2,500 of 2,500 records read")
