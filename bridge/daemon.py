@@ -65,9 +65,7 @@ class Daemon:
             self._ready_sent = True
 
     def _on_start_progress(self, text: str, moving: bool) -> None:
-        if self._ready_sent:
-            self.notifier.status(text)
-        elif moving:
+        if moving and not self._ready_sent:
             # A leader is READY once caught up: a large subtree's start outlasts
             # TimeoutStartSec, and systemd would kill it, restart it, and kill it
             # again. Extended while it moves; one that stands still (waiting on

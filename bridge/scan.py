@@ -174,7 +174,6 @@ class Scanner:
         once more by that capture.
         """
         started = time.monotonic()
-        self.read, self.found = 0, None
         store, lay = self.store, self.store.layout
         live: dict[str, list[str]] = {}
         for rel, entry in store.metas.items():
