@@ -7,11 +7,12 @@ ends the term on session loss or a fenced write, and retries what may pass.
 Retriable errors back off and retry; everything else stops the bridge
 (systemd restarts it).
 
-What each part does lives in its own module: ``watching`` (watches and
-scans), ``twin`` (this ensemble's incarnation, no second ensemble as this
-region), ``reannounce`` (the own topic lost records), ``reporter`` (the
-status record), ``clients`` (the ZooKeeper session, membership, closing the
-clients), ``streams`` (records decoded, applied and stable positions, backlog).
+What each part does lives in its own module: ``termstart`` (a term's start,
+up to the catch-up), ``watching`` (watches and scans), ``twin`` (this
+ensemble's incarnation, no second ensemble as this region), ``reannounce``
+(the own topic lost records), ``reporter`` (the status record), ``clients``
+(the ZooKeeper session, membership, closing the clients), ``streams``
+(records decoded, applied and stable positions, backlog).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import codec, collector, failpoints, owntopic, startup, stateaccess, twin
+from bridge import collector, failpoints, startup, stateaccess, termstart
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
 from bridge.certexpiry import Expiry
@@ -46,8 +47,7 @@ from bridge.stability import Stability
 from bridge.status import now_ms
 from bridge.store import Layout, SubtreeStore, is_excluded
 from bridge.streams import Streams
-from bridge.termsteps import both, unless_lost
-from bridge.topiccheck import check_configs
+from bridge.termsteps import unless_lost
 from bridge.watching import Watching
 from bridge.zk import ZooKeeper, own_acl
 
@@ -188,8 +188,8 @@ class Bridge:
         restart_after = 0.0
         try:
             # Starts the publisher once the own-topic checks pass.
-            await unless_lost(self._start(tasks), self._lost)
-            # Applying starts after the start-up scan (in _start), so the
+            await unless_lost(termstart.start(self, tasks), self._lost)
+            # Applying starts after the start-up scan (in termstart.start), so the
             # mass-delete breaker sees local deletions before any remote event.
             tasks += [asyncio.create_task(self.guarded(f"capture[{n}]",
                                                         self.outbound.capture_loop, n))
@@ -292,99 +292,6 @@ class Bridge:
                       exc_info=not isinstance(exc, BridgeError))
             self._fatal = exc
             self._stop.set()
-
-    async def _start(self, tasks: list[asyncio.Task[None]]) -> None:
-        s = self.settings
-        self.epoch = await self.zk.take_epoch(f"{s.state_path}/epoch", self.identity.encode())
-        failpoints.hit(failpoints.EPOCH_TAKEN)
-        log.info("epoch_taken", epoch=self.epoch, identity=self.identity,
-                 session=f"{self.zk.session_id or 0:#x}")
-        # A connection lost while starting is retried like any later one (a
-        # chaos round crashed a bridge on one: seed 885666).
-        fresh = await self.retry("read incarnation", lambda: twin.establish_incarnation(self))
-        for store in self.stores.values():
-            store.incarnation = self.incarnation
-            await self.retry(f"set up {store.layout.name}", store.setup)
-        # The status record and the log tell how the start goes from here: a
-        # large subtree's, or a new region's, takes minutes.
-        await self.retry("read the status record", self.reporter.carry_over)
-        tasks += [asyncio.create_task(self.guarded("status", self.reporter.run)),
-                  asyncio.create_task(self.guarded("start-up", self.start_up.report))]
-        for name, store in self.stores.items():
-            # Left by an earlier term: published first, whole batches, in order,
-            # streamed from the outbox by the feeder (Outbound.feed); this
-            # term's captures wait in the outbox behind them.
-            newest, pending = await self.retry("read outbox", store.outbox.open_after_pending)
-            for payload in newest:
-                # New batch ids must sort after the ones still pending.
-                with contextlib.suppress(BridgeError):
-                    event = codec.decode(payload)
-                    self.clock.observe(max(event.ts, event.batch or 0))
-            if pending:
-                self.outbound.spill(name, start=True)
-            # Else nothing is waiting: this term's captures (the start-up scan's
-            # first) are queued directly, not written and read back.
-        # The start-up scan needs only ZooKeeper, the checks before publishing
-        # only Kafka: each waits on its own round trips, so they run at once.
-        # The scan's capture waits for the publisher (Outbound.publishing),
-        # which starts once the checks pass: nothing is published before them.
-        found, _ = await both(
-            self.start_up.during("kafka", startup.kafka_checks, self._kafka_side(tasks, fresh)),
-            self._scan_all())
-        await owntopic.replay(self, found)
-        await self.reannounce.resume()
-        self.inbound.check_caught_up()
-
-    async def _scan_all(self) -> None:
-        for name in self.stores:
-            await self.start_up.during(f"scan:{name}", startup.scanning(self, name),
-                                       self.watching.scan(name))
-
-    async def _kafka_side(self, tasks: list[asyncio.Task[None]], fresh: bool
-                          ) -> owntopic.Survey:
-        """Topics, the twin check and the own-topic survey, then publishing and the consumer."""
-        s = self.settings
-        own = [self.topic(n, self.region) for n in self.stores]
-        created = await self.retry("create topics", lambda: self.kafka.ensure_topics(
-            own + list(self.peers)))
-        if created:
-            log.info("topics_created", topics=created)
-        self.background(check_configs(self, own + list(self.peers)))  # aside: warnings
-
-        async def checks() -> owntopic.Survey:
-            async with owntopic.own_reader(self) as reader:
-                ends = await twin.check(self, reader)
-                return await owntopic.survey(self, fresh, reader, ends)
-
-        async def connect() -> None:
-            await self.retry("start producer", self.kafka.start_producer)
-            await self.retry("start consumer", lambda: self.kafka.start_consumer(
-                f"{s.kafka.topic_prefix}.{self.region}", reset="none"))
-
-        # The producer and the consumer connect while the checks read: neither
-        # sends or reads anything before the checks passed (on Apache Kafka,
-        # one after the other, they were about a third of a start's checks).
-        found, _ = await both(checks(), connect())
-        # From here on, what is captured is published as it commits: peers
-        # apply the start-up capture while the rest of it is still written.
-        tasks.append(asyncio.create_task(self.guarded("publisher", self.outbound.publisher)))
-        self.outbound.publishing.set()
-        positions = await self.retry("read positions", self.inbound.start)
-        # Peers judge this region alive by its heartbeats alone: they go out
-        # from here, not once the start-up capture is done (minutes, for a
-        # large subtree, and its peers would call this region silent).
-        tasks.append(asyncio.create_task(self.guarded(
-            "heartbeat", self.outbound.heartbeats, lambda: self.settings.heartbeat_interval)))
-        for tp, end in found.ends.items():  # the publisher's acks may be ahead already
-            self.inbound.own_max_end[tp] = max(self.inbound.own_max_end.get(tp, 0), end)
-        await self.kafka.assign({**positions, **found.ends})
-        # Caught up, first = applied what the peers had published when this term
-        # began; then once more as far as they had when that was reached
-        # (Inbound.wait_caught_up). An empty fetch is not a usable signal:
-        # heartbeats never stop.
-        self.inbound.catch_up_to = await self.retry(
-            "end offsets", lambda: self.kafka.readable_ends(list(positions)))
-        return found
 
     def incident(self, kind: str, text: str) -> None:
         """Something happened to the replicated data: status shows it for a while."""
