@@ -94,6 +94,10 @@ class Outbox:
             out.append((-1, self.outbox))
         return sorted(out)
 
+    async def depth(self) -> int:
+        """Entries in the outbox (each bucket's count from its stat, not its listing)."""
+        return await _depth(self.zk, self.outbox)
+
     async def names(self, index: int, directory: str) -> list[str]:
         """The entries of one bucket (``index`` -1: the flat ones), in capture order."""
         names = await self.zk.children(directory) or []
@@ -145,10 +149,14 @@ class Outbox:
 
 async def outbox_depth(zk: ZooKeeper, layout: Layout) -> int:
     """Outbox entries (batches) recorded but not yet acknowledged by Kafka."""
-    names = await zk.children(layout.outbox) or []
+    return await _depth(zk, layout.outbox)
+
+
+async def _depth(zk: ZooKeeper, outbox: str) -> int:
+    names = await zk.children(outbox) or []
     depth = sum(1 for n in names if not n.startswith("q-"))
     stats = await gather_limited(
-        [zk.exists(f"{layout.outbox}/{n}") for n in names if n.startswith("q-")], 32)
+        [zk.exists(f"{outbox}/{n}") for n in names if n.startswith("q-")], 32)
     return depth + sum(int(st.num_children) for st in stats if st is not None)
 
 

@@ -52,6 +52,10 @@ class Outgoing:
     # the NULL_HEADER header (the collected delete) and the record's own is None.
     nulls: bool = False
 
+    def size(self) -> int:
+        """Bytes of its keys and values: what it holds in memory, give or take."""
+        return sum(len(k) + len(v) for k, v in self.records)
+
 
 
 class Publishing:
@@ -60,7 +64,9 @@ class Publishing:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
+        # Records and bytes of outbox entries queued and not yet acked, per subtree.
         self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
+        self.queued_bytes: dict[str, int] = dict.fromkeys(bridge.stores, 0)
         # outbox path → capture wall ms, until Kafka acknowledged the entry.
         self.unacked: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
         self._room = asyncio.Condition()
@@ -102,6 +108,7 @@ class Publishing:
                 b.stats["heartbeats_sent"] += 1
                 continue
             self.queued[u.subtree] -= len(u.records)
+            self.queued_bytes[u.subtree] -= u.size()
             self.unacked[u.subtree].pop(u.outbox_path, None)
             b.stats[f"{'nulls_published' if u.nulls else 'published'}:{u.subtree}"] += len(
                 u.records)

@@ -66,4 +66,4 @@ class Streams:
 
     def backlog(self, subtree: str) -> int:
         """Captured changes of ``subtree`` not yet acknowledged by Kafka."""
-        return self.bridge.outbound.queued[subtree]
+        return self.bridge.outbound.backlog(subtree)

@@ -16,7 +16,8 @@ from typing import Any
 
 from bridge import codec
 from bridge.model import Op
-from bridge.outbound import Outbound, Outgoing
+from bridge.outbound import Outbound
+from bridge.publishing import Outgoing
 
 
 class HangingStore:

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from bridge import codec, outbound, statecodec
+from bridge import codec, queueing, statecodec
 from bridge.model import Event, Op, VectorClock
-from bridge.outbound import START, Outbound
+from bridge.outbound import Outbound
 from bridge.outbox import outbox_key
+from bridge.queueing import START
 
 ROOT = "/zkbridge/subtrees/s/outbox"
 
@@ -41,6 +42,9 @@ class FakeOutbox:
     async def dirs(self) -> list[tuple[int, str]]:
         dirs = {p.rsplit("/", 1)[0] for p in self.entries}
         return sorted((-1 if d == ROOT else int(d.rsplit("-", 1)[1]), d) for d in dirs)
+
+    async def depth(self) -> int:
+        return len(self.entries)
 
     async def names(self, index: int, directory: str) -> list[str]:
         return sorted(p.rsplit("/", 1)[1] for p in self.entries if p.rsplit("/", 1)[0] == directory)
@@ -78,7 +82,7 @@ def test_keys_put_flat_entries_first_then_buckets_in_order() -> None:
 
 def test_a_full_queue_spills_and_later_entries_wait_for_the_feeder(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbound, "QUEUE_RECORDS", 2)
+    monkeypatch.setattr(queueing, "QUEUE_RECORDS", 2)
     out = Outbound(FakeBridge(FakeOutbox({})))  # type: ignore[arg-type]
     for seq in range(4):
         out.enqueue("s", entry(0, seq), [(b"/k", b"v")])
@@ -87,6 +91,72 @@ def test_a_full_queue_spills_and_later_entries_wait_for_the_feeder(
     assert out.cursor["s"] == outbox_key(ROOT, entry(0, 1))  # the feeder goes on after it
     out.enqueue("s", None, [(b"/", b"heartbeat")])  # not an outbox entry: queued
     assert queued_paths(out)[-1] is None
+
+
+def test_large_values_spill_by_bytes_long_before_the_record_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queueing, "QUEUE_BYTES", 1000)
+    out = Outbound(FakeBridge(FakeOutbox({})))  # type: ignore[arg-type]
+    big = b"x" * 398  # with its 2-byte key, 400 bytes a record
+    for seq in range(4):
+        out.enqueue("s", entry(0, seq), [(b"/k", big)] if seq != 1 else [(b"/k", big)] * 2)
+    # 400, then 800 more: past the bound, so the third entry spills (a batch over, never split).
+    assert queued_paths(out) == [entry(0, 0), entry(0, 1)]
+    assert out.queued["s"] == 3 and out.queued_bytes["s"] == 1200
+    assert out.draining["s"] and out.full("s")
+    out.enqueue("s", None, [(b"/", big * 10)])  # heartbeats and re-announcements: not counted
+    assert out.queued_bytes["s"] == 1200
+
+
+def test_the_feeder_waits_until_the_queue_is_half_empty_in_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queueing, "QUEUE_BYTES", 1000)
+    monkeypatch.setattr(queueing, "FEED_GROUP", 1)
+    paths = [entry(0, i) for i in range(3)]
+    store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
+    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    out.spill("s", start=True)
+
+    async def run() -> list[int]:
+        out.queued_bytes["s"] = 500  # half the bound: the feeder waits
+        task = asyncio.ensure_future(out._feed_pass("s", wait=True))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        waited = len(queued_paths(out))
+        out.queued_bytes["s"] = 0  # the publisher was acked
+        async with out._room:
+            out._room.notify_all()
+        await asyncio.wait_for(task, 5)
+        return [waited, len(queued_paths(out))]
+
+    assert asyncio.run(run()) == [0, 3]
+
+
+def test_while_spilled_the_backlog_counts_the_outbox_and_keeps_counting_while_waiting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queueing, "QUEUE_BYTES", 1000)
+    monkeypatch.setattr(queueing, "COUNT_EVERY", 0.01)
+    paths = [entry(0, i) for i in range(3)]
+    store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
+    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    out.enqueue("s", entry(0, 0), [(b"/k", b"x" * 2000)])  # over the bound: the next spills
+    out.enqueue("s", entry(0, 1), [(b"/k", b"v")])
+    assert out.draining["s"] and out.backlog("s") == 1  # not counted yet
+
+    async def run() -> list[int]:
+        task = asyncio.ensure_future(out._feed_pass("s", wait=True))  # Kafka is away
+        await asyncio.sleep(0.05)
+        seen = [out.backlog("s")]
+        for i in range(3, 8):  # captured meanwhile: only in the outbox
+            store.entries[entry(0, i)] = payload(i)
+        await asyncio.sleep(0.05)
+        seen.append(out.backlog("s"))
+        task.cancel()
+        return seen
+
+    assert asyncio.run(run()) == [3, 8]
+    out.draining["s"] = False
+    assert out.backlog("s") == 1  # caught up: the queue is the whole backlog
 
 
 def test_the_feeder_queues_what_follows_the_cursor_in_capture_order() -> None:
@@ -107,7 +177,7 @@ def test_the_feeder_queues_what_follows_the_cursor_in_capture_order() -> None:
 
 def test_the_feeder_catches_up_under_the_lock_and_direct_queueing_resumes(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbound, "FEED_CHUNK", 2)
+    monkeypatch.setattr(queueing, "FEED_CHUNK", 2)
     paths = [entry(0, i) for i in range(5)]
     store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
@@ -167,7 +237,7 @@ def test_the_feeder_reads_large_entries_a_few_at_a_time_as_room_appears() -> Non
         task = asyncio.ensure_future(out.feeder("s"))
         while out.draining["s"]:
             await asyncio.sleep(0)
-            if out.queued["s"] >= outbound.QUEUE_RECORDS // 2:
+            if out.queued["s"] >= queueing.QUEUE_RECORDS // 2:
                 # The publisher acknowledges everything queued so far.
                 while not out.queue.empty():
                     out.queue.get_nowait()
@@ -178,6 +248,6 @@ def test_the_feeder_reads_large_entries_a_few_at_a_time_as_room_appears() -> Non
 
     asyncio.run(run())
     assert sum(n for n, _ in reads) == 100
-    assert max(n for n, _ in reads) <= outbound.FEED_GROUP
+    assert max(n for n, _ in reads) <= queueing.FEED_GROUP
     # Each read waited for room: the queue never held much more than its bound.
-    assert all(queued < outbound.QUEUE_RECORDS // 2 for _, queued in reads[:-1])
+    assert all(queued < queueing.QUEUE_RECORDS // 2 for _, queued in reads[:-1])
