@@ -118,6 +118,19 @@ def peak_rss_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+def ten_keys_replicated(fed: Federation, env: dict[str, str]) -> list[str]:
+    """Both bridges started with ``env``; ten empty znodes made in r1 and seen in r2."""
+    fed.start("r1", env=env, wait=False)
+    fed.start("r2", env=env)
+    fed.wait_ready("r1")
+    r1, r2 = fed["r1"], fed["r2"]
+    keys = [f"/q/k{k}" for k in range(10)]
+    for rel in keys:
+        r1.client.create(r1.path(rel), b"", makepath=True)
+    wait_for(lambda: all(r2.client.exists(r2.path(rel)) for rel in keys), 30)
+    return keys
+
+
 def published_in_order(fed: Federation) -> list[int]:
     """The write numbers (``%08d:`` values) on r1's topic, asserted in capture order.
 
@@ -141,17 +154,11 @@ def test_a_large_outbox_left_by_a_stopped_bridge_is_drained_in_order(
         fed: Federation, harness_report: Callable[[str], None]) -> None:
     """The outbox grows, the subtree does not: ten znodes rewritten over and over,
     so the bridge's peak memory reflects the outbox, not a scan of a large tree."""
+    env = {"ZKBRIDGE_OUTBOX_BUCKET": str(BUCKET), "ZKBRIDGE_QUEUE_RECORDS": "1000"}
+    keys = ten_keys_replicated(fed, env)
+    r1, r2 = fed["r1"], fed["r2"]
     proxy = fed.broker.proxy
     assert proxy is not None
-    env = {"ZKBRIDGE_OUTBOX_BUCKET": str(BUCKET), "ZKBRIDGE_QUEUE_RECORDS": "1000"}
-    fed.start("r1", env=env, wait=False)
-    fed.start("r2", env=env)
-    fed.wait_ready("r1")
-    r1, r2 = fed["r1"], fed["r2"]
-    keys = [f"/q/k{k}" for k in range(10)]
-    for rel in keys:
-        r1.client.create(r1.path(rel), b"", makepath=True)
-    wait_for(lambda: all(r2.client.exists(r2.path(rel)) for rel in keys), 30)
     proxy.cut(stall=True)
     pad = b"x" * 2048
     for j in range(DRAIN_WRITES):
@@ -211,19 +218,12 @@ def test_large_values_in_an_outage_wait_in_the_outbox_not_in_memory(
     outage held every capture of it in the bridge's memory (4 GB at the
     bound). Here 80 writes of 200 KB (16 MB) meet a 2 MiB bound.
     """
-    proxy = fed.broker.proxy
-    assert proxy is not None
-    env = {"ZKBRIDGE_QUEUE_BYTES": str(QUEUE_BYTES)}
     port = free_port()
     fed.write_config("r1", metrics={"listen": f"127.0.0.1:{port}"})
-    fed.start("r1", env=env, wait=False)
-    fed.start("r2", env=env)
-    fed.wait_ready("r1")
+    keys = ten_keys_replicated(fed, {"ZKBRIDGE_QUEUE_BYTES": str(QUEUE_BYTES)})
     r1, r2 = fed["r1"], fed["r2"]
-    keys = [f"/q/k{k}" for k in range(10)]
-    for rel in keys:
-        r1.client.create(r1.path(rel), b"", makepath=True)
-    wait_for(lambda: all(r2.client.exists(r2.path(rel)) for rel in keys), 30)
+    proxy = fed.broker.proxy
+    assert proxy is not None
     proc = r1.proc
     assert proc is not None
     before, base = captured(fed), peak_rss_kb(proc.pid)

@@ -108,13 +108,17 @@ def test_large_values_spill_by_bytes_long_before_the_record_bound(
     assert out.queued_bytes["s"] == 1200
 
 
+def three_entries() -> tuple[FakeOutbox, Outbound]:
+    """An outbox holding three entries of bucket 0, and an Outbound over it."""
+    store = FakeOutbox({entry(0, i): payload(i) for i in range(3)})
+    return store, Outbound(FakeBridge(store))  # type: ignore[arg-type]
+
+
 def test_the_feeder_waits_until_the_queue_is_half_empty_in_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(queueing, "QUEUE_BYTES", 1000)
     monkeypatch.setattr(queueing, "FEED_GROUP", 1)
-    paths = [entry(0, i) for i in range(3)]
-    store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
-    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    _, out = three_entries()
     out.spill("s", start=True)
 
     async def run() -> list[int]:
@@ -136,9 +140,7 @@ def test_while_spilled_the_backlog_counts_the_outbox_and_keeps_counting_while_wa
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(queueing, "QUEUE_BYTES", 1000)
     monkeypatch.setattr(queueing, "COUNT_EVERY", 0.01)
-    paths = [entry(0, i) for i in range(3)]
-    store = FakeOutbox({p: payload(i) for i, p in enumerate(paths)})
-    out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
+    store, out = three_entries()
     out.enqueue("s", entry(0, 0), [(b"/k", b"x" * 2000)])  # over the bound: the next spills
     out.enqueue("s", entry(0, 1), [(b"/k", b"v")])
     assert out.draining["s"] and out.backlog("s") == 1  # not counted yet
