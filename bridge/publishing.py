@@ -51,10 +51,7 @@ class Outgoing:
     # Null-value records of collected tombstones: each record's value goes in
     # the NULL_HEADER header (the collected delete) and the record's own is None.
     nulls: bool = False
-
-    def size(self) -> int:
-        """Bytes of its keys and values: what it holds in memory, give or take."""
-        return sum(len(k) + len(v) for k, v in self.records)
+    size: int = 0  # bytes of an outbox entry's keys and values, counted against QUEUE_BYTES
 
 
 
@@ -108,7 +105,7 @@ class Publishing:
                 b.stats["heartbeats_sent"] += 1
                 continue
             self.queued[u.subtree] -= len(u.records)
-            self.queued_bytes[u.subtree] -= u.size()
+            self.queued_bytes[u.subtree] -= u.size
             self.unacked[u.subtree].pop(u.outbox_path, None)
             b.stats[f"{'nulls_published' if u.nulls else 'published'}:{u.subtree}"] += len(
                 u.records)

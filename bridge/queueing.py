@@ -100,13 +100,14 @@ class Queueing(Publishing):
             if self.full(subtree):
                 self.spill(subtree)
                 return
+        size = 0 if outbox_path is None else sum(len(k) + len(v) for k, v in records)
         unit = Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
-                        captured_ms or int(time.time() * 1000), nulls)
+                        captured_ms or int(time.time() * 1000), nulls, size)
         self.queue.put_nowait(unit)
         if outbox_path is not None:
             self.queued[subtree] += len(records)
-            self.queued_bytes[subtree] += unit.size()
-            self.unacked[subtree][outbox_path] = captured_ms or int(time.time() * 1000)
+            self.queued_bytes[subtree] += size
+            self.unacked[subtree][outbox_path] = unit.captured_ms
             self.cursor[subtree] = self.bridge.stores[subtree].outbox.key(outbox_path)
 
     def full(self, subtree: str, part: int = 1) -> bool:
