@@ -185,7 +185,15 @@ class Capturing(StoreCore):
                 if last_matters and nxt is None:
                     # Over the committed metadata: every earlier piece has committed.
                     self._cleanup_ops(plan, views, [*deleted, *cleanup], cleanup)
-                await self.outbox.entry_ops(plan.ops, statecodec.encode_outbox(enc))
+                marker = self.overflow
+                entry = marker is None
+                if marker is None:
+                    await self.outbox.entry_ops(plan.ops, statecodec.encode_outbox(enc))
+                elif not self.overflow_marked:
+                    # Before the first change that skips the outbox: a restart
+                    # then knows that the state must be published again.
+                    await self.zk.ensure_path(marker)
+                    self.overflow_marked = True
                 unbroken()
                 sending = asyncio.ensure_future(self._multi(plan))
                 failed: Exception | None = None  # raised once this piece is recorded
@@ -207,13 +215,14 @@ class Capturing(StoreCore):
                         results, _ = await sending
                         failpoints.hit(failpoints.CAPTURE_COMMITTED)
                     except ZooKeeperError:
-                        self.outbox.answer_lost(held_entry=True)
+                        self.outbox.answer_lost(held_entry=entry)
                         raise
                 # Recorded before anything else may fail: an entry that committed
                 # and was not queued would be published out of order.
                 self._commit(plan)
-                created = str(results[-1])
-                self.outbox.written(created)
+                created = str(results[-1]) if entry else None
+                if created is not None:
+                    self.outbox.written(created)
                 batch = CapturedBatch(tuple(part), tuple(enc), created)
                 for e in part:
                     self.oversized.pop(e.path, None)

@@ -51,9 +51,10 @@ async def collect_once(bridge: Bridge, name: str) -> int:
     """One collection round for subtree ``name``; returns tombstones collected."""
     store = bridge.stores[name]
     stab = bridge.stability[name]
-    if bridge.outbound.draining[name]:
+    if bridge.outbound.draining[name] or bridge.overflow.active(name):
         # Entries still in the outbox are not in the queue, where busy_paths
         # looks; stability alone would cover them, but wait for the feeder.
+        # Changes an overflow kept from the outbox are announced by its re-announce.
         return 0
     bridge.streams.applied_report(name)  # count the heartbeats applied past so far
     cutoff_ms = int(time.time() * 1000) - int(1000 * bridge.settings.tombstone_grace)
@@ -69,7 +70,8 @@ async def collect_once(bridge: Bridge, name: str) -> int:
         # Queued under the lock, as captures are: the queue keeps the outbox's order.
         bridge.outbound.recheck_outbox(store)
         for entry in done.nulls:
-            bridge.outbound.enqueue_nulls(name, entry.outbox_path, entry.events)
+            if entry.outbox_path is not None:  # always: a collection writes its entries
+                bridge.outbound.enqueue_nulls(name, entry.outbox_path, entry.events)
     if collected:
         bridge.stats[f"tombstones_collected:{name}"] += collected
         log.info("tombstones_collected", subtree=name, collected=collected,

@@ -293,6 +293,13 @@ class Settings:
     conflict_policy: Literal["lww"] = Field(default="lww", json_schema_extra=LIVE)
     """How concurrent writes are resolved; only lww (last writer wins on the hybrid logical clock)
     exists."""
+    outbox_max_mb: Positive = Field(default=256.0, json_schema_extra=LIVE)
+    """Megabytes of unpublished changes each subtree's outbox may hold in the local ensemble
+    (counted as each entry's data plus 256 bytes, roughly what it takes of ZooKeeper's heap).
+    Beyond that, changes update only the bridge's metadata, and once Kafka has taken the
+    outbox back below half of this, the subtree's whole state is published again (as by
+    zkbridge resync), so a long Kafka outage cannot run the ensemble out of memory. Keep the
+    sum over all subtrees well under the servers' heap."""
     max_data_bytes: Annotated[Count, Field(ge=1, le=MAX_DATA_BYTES)] = MAX_DATA_BYTES
     """Largest znode payload replicated, in bytes (at most ZooKeeper's default jute.maxbuffer);
     larger znodes are reported and not replicated."""

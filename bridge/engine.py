@@ -40,6 +40,7 @@ from bridge.errors import BridgeError, FencedError
 from bridge.inbound import Inbound
 from bridge.kafka import Kafka, topic_name
 from bridge.outbound import Outbound
+from bridge.overflow import Overflow
 from bridge.reannounce import Reannouncer
 from bridge.reporter import Reporter
 from bridge.scan import Scanner
@@ -119,6 +120,7 @@ class Bridge:
         self.applier = Applier(self, self.inbound)
         self.watching = Watching(self)
         self.reannounce = Reannouncer(self)
+        self.overflow = Overflow(self)
         self.reporter = Reporter(self)
         self.start_up = startup.StartUp()
         self.clients = Clients(self, self._lost, self._stop)
@@ -271,6 +273,7 @@ class Bridge:
     def _reset_term(self) -> None:
         """Forget in-memory work of a term: the next leader reads it back from ZooKeeper."""
         self.outbound.reset()
+        self.overflow.reset()
         self.inbound.reset()
         self.watching.reset()
         for name in self.stores:

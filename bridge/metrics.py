@@ -65,6 +65,12 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_outbox_depth", "gauge", "local changes not yet acked by Kafka", ("subtree",)),
     Spec("zkbridge_outbox_age_seconds", "gauge",
          "age of the oldest local change not yet acked by Kafka (0: none)", ("subtree",)),
+    Spec("zkbridge_outbox_bytes", "gauge",
+         "estimated bytes the outbox holds in the local ensemble, counted against "
+         "outbox_max_mb (leader only)", ("subtree",)),
+    Spec("zkbridge_outbox_overflowed", "gauge",
+         "1 from the outbox reaching outbox_max_mb until the whole state is published "
+         "again", ("subtree",)),
     Spec("zkbridge_tombstones", "gauge", "tombstones (deleted paths' metadata) held",
          ("subtree",)),
     Spec("zkbridge_tombstones_collected", "counter",
@@ -228,18 +234,23 @@ class BridgeCollector(Collector):
 
 
 def state_families(b: Bridge) -> Iterator[Metric]:
-    """Bounded-state gauges: outbox age, tombstones held, stable prefix age per origin."""
+    """Bounded-state gauges: outbox age, bytes and overflow, tombstones held, stable
+    prefix age per origin."""
     age = family("zkbridge_outbox_age_seconds")
+    size = family("zkbridge_outbox_bytes")
+    overflowed = family("zkbridge_outbox_overflowed")
     held = family("zkbridge_tombstones")
     stable = family("zkbridge_stable_prefix_age_seconds")
     now = now_ms()
     for name, store in b.stores.items():
         age.add_metric([name], b.outbound.oldest_age(name))
+        size.add_metric([name], b.overflow.bytes[name])
+        overflowed.add_metric([name], int(b.overflow.active(name)))
         held.add_metric([name], store.tombstones_held())
         for origin, prefix_ms in b.streams.stable_prefixes(name).items():
             if prefix_ms is not None:
                 stable.add_metric([name, origin], max(0.0, (now - prefix_ms) / 1000))
-    yield from (age, held, stable)
+    yield from (age, size, overflowed, held, stable)
 
 
 def unreplicated_families(b: Bridge) -> Iterator[Metric]:

@@ -198,6 +198,10 @@ class Outbound(Queueing):
         name = store.layout.name
         self.bridge.stats[f"captured:{name}"] += len(batch.events)
         failpoints.hit(failpoints.AFTER_OUTBOX_WRITE)
+        if batch.outbox_path is None:
+            # The outbox is full (bridge.overflow): published by the re-announce.
+            self.bridge.stats[f"captured_without_outbox:{name}"] += len(batch.events)
+            return
         self.enqueue(name, batch.outbox_path, [
             (e.key, p if e.inc == self.bridge.incarnation else self.stamp(e))
             for e, p in zip(batch.events, batch.payloads, strict=True)])
@@ -222,8 +226,9 @@ class Outbound(Queueing):
                 # heartbeat must not wait behind a long capture or apply.
                 # A spilled subtree has captures still in the outbox, stamped
                 # below this heartbeat and not ahead of it: liveness only.
+                # So has one whose outbox overflowed, until its re-announce is done.
                 applied = (None if self.capturing[name] or self.draining[name]
-                           else b.streams.applied_report(name))
+                           or b.overflow.active(name) else b.streams.applied_report(name))
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
                            inc=b.incarnation, applied=applied)

@@ -35,6 +35,7 @@ __all__ = ["OUTBOX_BUCKET", "Outbox", "outbox_depth", "outbox_key"]
 # variable exists for tests, which need several buckets from a few writes.
 OUTBOX_BUCKET = int(os.environ.get("ZKBRIDGE_OUTBOX_BUCKET") or 10_000)
 READ_GROUP = 500  # entries read per group, up to 64 reads in flight
+SIZE_GROUP = 5000  # entries stat'ed per group when measuring (``size``)
 
 
 class Outbox:
@@ -102,6 +103,20 @@ class Outbox:
         """The entries of one bucket (``index`` -1: the flat ones), in capture order."""
         names = await self.zk.children(directory) or []
         return sorted(n for n in names if index >= 0 or not n.startswith("q-"))
+
+    async def size(self) -> tuple[int, int]:
+        """Entries in the outbox and the bytes of their data (one ``exists`` each, pipelined)."""
+        entries = size = 0
+        for index, directory in await self.dirs():
+            names = await self.names(index, directory)
+            for i in range(0, len(names), SIZE_GROUP):
+                stats = await gather_limited(
+                    [self.zk.exists(f"{directory}/{n}") for n in names[i : i + SIZE_GROUP]], 64)
+                for stat in stats:
+                    if stat is not None:
+                        entries += 1
+                        size += stat.data_length
+        return entries, size
 
     async def read(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:
         """The payloads of entries (those still there), in the order given."""

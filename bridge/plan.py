@@ -66,11 +66,12 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CapturedBatch:
-    """A committed closed batch of local changes: its events and the outbox entry holding them."""
+    """A committed closed batch of local changes: its events and the outbox entry holding them
+    (None: written while the outbox was full, ``bridge.overflow``)."""
 
     events: tuple[Event, ...]
     payloads: tuple[bytes, ...]
-    outbox_path: str
+    outbox_path: str | None
 
 
 @dataclass(frozen=True, slots=True)

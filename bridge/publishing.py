@@ -106,6 +106,7 @@ class Publishing:
                 continue
             self.queued[u.subtree] -= len(u.records)
             self.queued_bytes[u.subtree] -= u.size
+            b.overflow.acked(u.subtree, u.size)
             self.unacked[u.subtree].pop(u.outbox_path, None)
             b.stats[f"{'nulls_published' if u.nulls else 'published'}:{u.subtree}"] += len(
                 u.records)

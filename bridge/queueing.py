@@ -94,13 +94,14 @@ class Queueing(Publishing):
                 records: list[tuple[bytes, bytes]], *, reannounce: bool = False,
                 done: asyncio.Event | None = None, captured_ms: int = 0,
                 nulls: bool = False, fed: bool = False) -> None:
+        size = 0 if outbox_path is None else sum(len(k) + len(v) for k, v in records)
         if outbox_path is not None and not fed:
+            self.bridge.overflow.written(subtree, size)
             if self.draining[subtree]:
                 return  # in the outbox: the feeder queues it in its place
             if self.full(subtree):
                 self.spill(subtree)
                 return
-        size = 0 if outbox_path is None else sum(len(k) + len(v) for k, v in records)
         unit = Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
                         captured_ms or int(time.time() * 1000), nulls, size)
         self.queue.put_nowait(unit)

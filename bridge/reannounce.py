@@ -9,6 +9,7 @@ znode survives restarts: a term that finds one finishes the job.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -27,6 +28,8 @@ class Reannouncer:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.running: dict[str, asyncio.Task[None]] = {}
+        # A step to run once the marker is written, kept across a start over.
+        self._before: dict[str, Callable[[], Awaitable[None]]] = {}
 
     def marker(self, name: str) -> str:
         return f"{self.bridge.settings.state_path}/reannounce/{name}"
@@ -35,12 +38,15 @@ class Reannouncer:
         """The running re-announces, forgotten here (the term ends: the caller cancels them)."""
         tasks = list(self.running.values())
         self.running.clear()
+        self._before.clear()
         return tasks
 
     async def resume(self) -> None:
         """Finish the re-announces an earlier term left unfinished (their markers remain)."""
         b = self.bridge
         for name in b.stores:
+            if self.busy(name):
+                continue  # started already this term (an overflow that ended at once)
             if await b.retry("read re-announce marker",
                              lambda n=name: b.zk.exists(self.marker(n))) is not None:  # type: ignore[misc]
                 self.start(name)
@@ -72,10 +78,21 @@ class Reannouncer:
         await b.retry("store topic id", lambda: positions.write_topic_id(b.region, new_id))
         b.inbound.own_ids[topic] = new_id
 
-    def start(self, name: str) -> None:
+    def busy(self, name: str) -> bool:
+        running = self.running.get(name)
+        return running is not None and not running.done()
+
+    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Re-announce ``name``; ``before`` runs once the marker is written (``bridge.overflow``).
+
+        A re-announce started over keeps the ``before`` of the one it replaces
+        if that has not run yet.
+        """
         running = self.running.get(name)
         if running is not None and not running.done():
             running.cancel()  # it may have read the state before this loss: start over
+        if before is not None:
+            self._before[name] = before
         self.running[name] = asyncio.create_task(
             self.bridge.guarded(f"reannounce[{name}]", self._run, name))
 
@@ -84,8 +101,11 @@ class Reannouncer:
         b = self.bridge
         store = b.stores[name]
         marker = self.marker(name)
-        if await b.zk.exists(marker) is None:
-            await b.zk.ensure_path(marker)
+        await b.retry("mark re-announce", lambda: b.zk.ensure_path(marker))
+        before = self._before.get(name)
+        if before is not None:
+            await before()
+            del self._before[name]
         metas = await b.retry(f"read metadata {name}", lambda: read_meta(b.zk, store.layout))
         counts: dict[str, int] = {}
         sent = 0

@@ -73,6 +73,10 @@ class StoreCore(Planner):
         # notifications up to that frame are of that write (``written``).
         self.settled: Callable[[set[str], int], None] = lambda rels, frame: None
         self.outbox = Outbox(zk, layout)
+        # The overflow marker while the outbox is full (``bridge.overflow``):
+        # captures then write no entry; and whether the marker is written yet.
+        self.overflow: str | None = None
+        self.overflow_marked = False
         self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.

@@ -54,6 +54,7 @@ async def start(b: Bridge, tasks: list[asyncio.Task[None]]) -> None:
             with contextlib.suppress(BridgeError):
                 event = codec.decode(payload)
                 b.clock.observe(max(event.ts, event.batch or 0))
+        await b.overflow.start_term(name, pending)
         if pending:
             b.outbound.spill(name, start=True)
         # Else nothing is waiting: this term's captures (the start-up scan's

@@ -27,6 +27,7 @@ class Stat:
     mzxid: int
     pzxid: int = 0
     aversion: int = 0
+    data_length: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,5 +133,6 @@ def stat_of(s: Any) -> Stat:
         mzxid=s.mzxid,
         pzxid=s.pzxid,
         aversion=s.aversion,
+        data_length=s.dataLength,
     )
 

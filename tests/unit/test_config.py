@@ -646,7 +646,7 @@ def test_readme_table_one_row_per_key_with_default_and_reload() -> None:
     assert {key for key, (_, reload, _) in rows.items() if reload == "live"} == {
         "heartbeat_interval", "audit_interval", "max_clock_skew", "tombstone_grace",
         "conflict_policy", "mass_delete.max_ratio", "mass_delete.min_nodes", "log.format",
-        "log.level", "subtrees[].exclude"}
+        "log.level", "subtrees[].exclude", "outbox_max_mb"}
     # The full example shows every key that has a default (optional blocks are comments).
     example = yaml.safe_load((ROOT / "schemas" / "examples" / "region-us-east.yaml").read_text())
     for key, (default, _, _) in rows.items():

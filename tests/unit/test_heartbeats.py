@@ -17,6 +17,7 @@ from typing import Any
 from bridge import codec
 from bridge.model import Op
 from bridge.outbound import Outbound
+from bridge.overflow import Overflow
 from bridge.publishing import Outgoing
 
 
@@ -28,6 +29,8 @@ class HangingStore:
         self.writes: list[tuple[str, dict[int, int]]] = []
         self.settled: Any = None
         self.outbox = SimpleNamespace(key=lambda path: (-1, path))
+        self.overflow: str | None = None
+        self.overflow_marked = False
         self.positions = SimpleNamespace(write=self.write_positions)
 
     async def write_positions(self, peer: str, parts: dict[int, int]) -> None:
@@ -58,6 +61,9 @@ class FakeBridge:
         self.stats: Counter[str] = Counter()
         self.clock = Clock()
         self.streams = FakeStreams()
+        self.settings = SimpleNamespace(outbox_max_mb=256.0, state_path="/zkbridge")
+        self.reannounce = SimpleNamespace(busy=lambda name: False)
+        self.overflow = Overflow(self)  # type: ignore[arg-type]
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         return await fn()

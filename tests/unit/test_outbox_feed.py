@@ -21,6 +21,7 @@ from bridge import codec, queueing, statecodec
 from bridge.model import Event, Op, VectorClock
 from bridge.outbound import Outbound
 from bridge.outbox import outbox_key
+from bridge.overflow import Overflow
 from bridge.queueing import START
 
 ROOT = "/zkbridge/subtrees/s/outbox"
@@ -59,9 +60,13 @@ class FakeBridge:
     incarnation = "ab12"
 
     def __init__(self, outbox: FakeOutbox) -> None:
-        self.stores: dict[str, Any] = {"s": SimpleNamespace(outbox=outbox)}
+        self.stores: dict[str, Any] = {"s": SimpleNamespace(outbox=outbox, overflow=None,
+                                                             overflow_marked=False)}
         self.locks = {"s": asyncio.Lock()}
         self.stats: Counter[str] = Counter()
+        self.settings = SimpleNamespace(outbox_max_mb=256.0, state_path="/zkbridge")
+        self.reannounce = SimpleNamespace(busy=lambda name: False)
+        self.overflow = Overflow(self)  # type: ignore[arg-type]
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         return await fn()

@@ -1,0 +1,152 @@
+"""The outbox's bound: what a long Kafka outage may take of the local ensemble's memory.
+
+Every outbox entry lives in ZooKeeper's heap until Kafka acknowledged it. A
+subtree whose unpublished entries reach ``outbox_max_mb`` *overflows*: from
+its next capture on, changes update only the bridge's metadata (their clocks,
+so conflict resolution still sees them) and no entry is written. A marker
+znode, written before the first capture without an entry, carries that
+across restarts.
+
+Once publishing has taken the outbox back below half the bound, the marker
+becomes a re-announce marker (``bridge.reannounce``) and the subtree's whole
+state is published again, as ``zkbridge resync`` does: every change the
+overflow kept from the outbox reaches the peers with the clock it was
+captured with. Until that is done, peers may see the changes of this region
+out of their capture order (each one resolves by its clock as usual), and
+this region's heartbeats carry no ``applied`` report, so no tombstone is
+taken as stable on its account.
+
+The bytes are counted as entries are written and acknowledged; at a term's
+start, what earlier terms left is measured with one ``exists`` per entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge.errors import VersionConflict
+from bridge.zk import Delete
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+
+log = structlog.get_logger("bridge.overflow")
+
+# An entry's znode, its name and its place in the server's maps take about
+# this much of ZooKeeper's heap beyond the entry's data (README: a day of
+# small entries was roughly 300 bytes each).
+ENTRY_OVERHEAD = 256
+
+
+def entry_cost(size: int) -> int:
+    """What an outbox entry of ``size`` bytes is counted as against ``outbox_max_mb``."""
+    return size + ENTRY_OVERHEAD
+
+
+class Overflow:
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        # Estimated bytes of each subtree's outbox (entry_cost of every entry).
+        self.bytes: dict[str, int] = dict.fromkeys(bridge.stores, 0)
+        self._leaving: set[str] = set()
+
+    def marker(self, name: str) -> str:
+        return f"{self.bridge.settings.state_path}/overflow/{name}"
+
+    def bound(self) -> int:
+        return int(self.bridge.settings.outbox_max_mb * (1 << 20))
+
+    def active(self, name: str) -> bool:
+        """Whether ``name``'s captures skip the outbox, or their re-announce is not done."""
+        return (self.bridge.stores[name].overflow is not None
+                or self.bridge.reannounce.busy(name))
+
+    def reset(self) -> None:
+        """At a term's end: the next term reads the marker and measures the outbox again."""
+        for name, store in self.bridge.stores.items():
+            self.bytes[name] = 0
+            store.overflow = None
+            store.overflow_marked = False
+        self._leaving.clear()
+
+    async def start_term(self, name: str, pending: bool) -> None:
+        """Read ``name``'s marker and measure what earlier terms left in its outbox."""
+        b = self.bridge
+        store = b.stores[name]
+        marker = self.marker(name)
+        if await b.retry("read overflow marker", lambda: b.zk.exists(marker)) is not None:
+            store.overflow, store.overflow_marked = marker, True
+            log.warning("outbox_overflowed", subtree=name, reason="left by an earlier term",
+                        hint="changes update only the metadata until Kafka has taken the outbox "
+                             "below half of outbox_max_mb; then the whole state is published")
+        if pending:
+            began = time.monotonic()
+            entries, size = await b.retry("measure outbox", store.outbox.size)
+            self.bytes[name] = size + entries * ENTRY_OVERHEAD
+            log.info("outbox_measured", subtree=name, entries=entries,
+                     megabytes=round(self.bytes[name] / (1 << 20), 1),
+                     bound_megabytes=b.settings.outbox_max_mb,
+                     seconds=round(time.monotonic() - began, 2))
+        self._check(name)
+
+    def written(self, name: str, size: int) -> None:
+        """An outbox entry of ``size`` bytes was written."""
+        self.bytes[name] += entry_cost(size)
+        self._check(name)
+
+    def acked(self, name: str, size: int) -> None:
+        """Kafka acknowledged an outbox entry of ``size`` bytes (its delete follows)."""
+        self.bytes[name] = max(0, self.bytes[name] - entry_cost(size))
+        self._check(name)
+
+    def _check(self, name: str) -> None:
+        store = self.bridge.stores[name]
+        if store.overflow is None:
+            if self.bytes[name] >= self.bound():
+                self._enter(name)
+        elif self.bytes[name] < self.bound() // 2 and name not in self._leaving:
+            self._leaving.add(name)
+            self.bridge.reannounce.start(name, before=lambda: self._leave(name))
+
+    def _enter(self, name: str) -> None:
+        # The next capture writes the marker first (``Capturing.capture``).
+        self.bridge.stores[name].overflow = self.marker(name)
+        megabytes = round(self.bytes[name] / (1 << 20), 1)
+        self.bridge.stats[f"outbox_overflows:{name}"] += 1
+        log.error("outbox_overflowed", subtree=name, megabytes=megabytes,
+                  bound_megabytes=self.bridge.settings.outbox_max_mb,
+                  hint="Kafka has been slow or away too long: further changes update only the "
+                       "metadata; once Kafka takes the outbox below half of outbox_max_mb the "
+                       "whole state is published again. Check Kafka; raise outbox_max_mb only "
+                       "if the ZooKeeper servers' heap allows")
+        self.bridge.incident("OUTBOX_OVERFLOWED",
+                             f"the outbox of {name} reached {megabytes} MB (outbox_max_mb); "
+                             "changes wait in the metadata until Kafka is back, then the "
+                             "whole state is published again")
+
+    async def _leave(self, name: str) -> None:
+        """The re-announce's first step, its marker written: captures use the outbox again.
+
+        Under the subtree's lock, so every capture without an entry is in the
+        metadata that the re-announce reads next. The overflow marker goes
+        only now: a crash before leaves both markers, and the next term
+        re-announces again (idempotent).
+        """
+        b = self.bridge
+        store = b.stores[name]
+        async with b.locks[name]:
+            if store.overflow_marked:
+                # Fenced: a deposed leader must not end the next one's overflow.
+                # Gone already: a retry after a lost answer.
+                with contextlib.suppress(VersionConflict):
+                    await b.retry("clear overflow marker",
+                                  lambda: b.zk.multi([Delete(self.marker(name))]))
+            store.overflow, store.overflow_marked = None, False
+        self._leaving.discard(name)
+        log.warning("outbox_overflow_ended", subtree=name,
+                    megabytes=round(self.bytes[name] / (1 << 20), 1),
+                    action="publishing the whole state again")

@@ -1,0 +1,155 @@
+"""The outbox's bound (bridge.overflow): when a subtree overflows, and how it ends.
+
+No servers: a stand-in bridge whose ZooKeeper records the writes it is asked
+for and whose re-announcer records the re-announces started. The capture
+side (no entry while overflowed) and the re-announce that follows run
+against real servers in tests/integration/test_outbox.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any
+
+from bridge.overflow import ENTRY_OVERHEAD, Overflow
+from bridge.zk import Delete
+
+MB = 1 << 20
+MARKER = "/zkbridge/overflow/s"
+
+
+class FakeZk:
+    def __init__(self, existing: set[str] | None = None) -> None:
+        self.existing = existing or set()
+        self.multis: list[list[Any]] = []
+
+    async def exists(self, path: str) -> object | None:
+        return object() if path in self.existing else None
+
+    async def multi(self, ops: list[Any]) -> list[Any]:
+        self.multis.append(ops)
+        return []
+
+
+class FakeOutbox:
+    def __init__(self, entries: int, size: int) -> None:
+        self.measured = (entries, size)
+
+    async def size(self) -> tuple[int, int]:
+        return self.measured
+
+
+class FakeReannounce:
+    def __init__(self) -> None:
+        self.started: list[tuple[str, Callable[[], Awaitable[None]] | None]] = []
+        self.running = False
+
+    def busy(self, name: str) -> bool:
+        return self.running
+
+    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.started.append((name, before))
+        self.running = True
+
+
+class FakeBridge:
+    def __init__(self, zk: FakeZk | None = None, outbox: FakeOutbox | None = None) -> None:
+        self.stores: dict[str, Any] = {"s": SimpleNamespace(
+            overflow=None, overflow_marked=False, outbox=outbox or FakeOutbox(0, 0))}
+        self.settings = SimpleNamespace(outbox_max_mb=1.0, state_path="/zkbridge")
+        self.stats: Counter[str] = Counter()
+        self.incidents: list[tuple[str, str]] = []
+        self.locks = {"s": asyncio.Lock()}
+        self.zk = zk or FakeZk()
+        self.reannounce = FakeReannounce()
+
+    def incident(self, kind: str, text: str) -> None:
+        self.incidents.append((kind, text))
+
+    async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        return await fn()
+
+
+def overflowed(size: int = MB) -> tuple[FakeBridge, Overflow]:
+    b = FakeBridge()
+    over = Overflow(b)  # type: ignore[arg-type]
+    over.written("s", size)
+    return b, over
+
+
+def test_an_outbox_at_its_bound_overflows_and_says_so() -> None:
+    b = FakeBridge()
+    over = Overflow(b)  # type: ignore[arg-type]
+    over.written("s", MB // 2)
+    over.written("s", MB // 2 - 2 * ENTRY_OVERHEAD - 1)
+    assert b.stores["s"].overflow is None and not over.active("s")
+    over.written("s", 1)
+    # The next capture writes the marker before its first batch without an entry.
+    assert b.stores["s"].overflow == MARKER and over.active("s")
+    assert [kind for kind, _ in b.incidents] == ["OUTBOX_OVERFLOWED"]
+    assert b.stats["outbox_overflows:s"] == 1
+    over.written("s", MB)  # once: no second incident
+    assert len(b.incidents) == 1
+
+
+def test_it_ends_below_half_the_bound_through_one_reannounce() -> None:
+    b, over = overflowed()
+    b.stores["s"].overflow_marked = True  # a capture without an entry committed
+    over.acked("s", MB // 2)  # at half: not yet
+    assert b.reannounce.started == []
+    over.acked("s", 1)
+    assert [name for name, _ in b.reannounce.started] == ["s"]
+    over.acked("s", 1)  # started once
+    assert len(b.reannounce.started) == 1
+    _, before = b.reannounce.started[0]
+    assert before is not None
+    asyncio.run(before())
+    # The re-announce wrote its own marker first; only then the overflow's goes.
+    assert b.zk.multis == [[Delete(MARKER)]]
+    assert b.stores["s"].overflow is None and not b.stores["s"].overflow_marked
+    # Until the whole state is out, heartbeats carry no `applied` and nothing is collected.
+    assert over.active("s")
+    b.reannounce.running = False
+    assert not over.active("s")
+
+
+def test_an_overflow_no_capture_marked_ends_without_a_write() -> None:
+    b, over = overflowed()
+    over.acked("s", MB)
+    [(_, before)] = b.reannounce.started
+    assert before is not None
+    asyncio.run(before())
+    assert b.zk.multis == [] and b.stores["s"].overflow is None
+
+
+def test_a_new_term_finds_the_marker_and_measures_what_was_left() -> None:
+    left = (3000, int(1.5 * MB))
+    b = FakeBridge(FakeZk({MARKER}), FakeOutbox(*left))
+    over = Overflow(b)  # type: ignore[arg-type]
+    asyncio.run(over.start_term("s", pending=True))
+    assert over.bytes["s"] == left[1] + left[0] * ENTRY_OVERHEAD
+    assert b.stores["s"].overflow == MARKER and b.stores["s"].overflow_marked
+    assert b.reannounce.started == []  # over half the bound: still overflowed
+    # Published meanwhile: the end starts with the acks that take it below half.
+    over.acked("s", MB)
+    assert b.reannounce.started == []
+    over.acked("s", MB)
+    assert [name for name, _ in b.reannounce.started] == ["s"]
+
+
+def test_a_new_term_with_the_marker_and_an_empty_outbox_ends_it_at_once() -> None:
+    b = FakeBridge(FakeZk({MARKER}))
+    over = Overflow(b)  # type: ignore[arg-type]
+    asyncio.run(over.start_term("s", pending=False))
+    assert [name for name, _ in b.reannounce.started] == ["s"]
+
+
+def test_a_term_end_forgets_it_all() -> None:
+    b, over = overflowed()
+    over.reset()
+    assert over.bytes["s"] == 0 and b.stores["s"].overflow is None
+    b.reannounce.running = False
+    assert not over.active("s")
