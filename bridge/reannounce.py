@@ -106,6 +106,7 @@ class Reannouncer:
         if before is not None:
             await before()
             del self._before[name]
+        cause = "outbox overflowed" if before is not None else "own topic lost records"
         metas = await b.retry(f"read metadata {name}", lambda: read_meta(b.zk, store.layout))
         counts: dict[str, int] = {}
         sent = 0
@@ -121,6 +122,6 @@ class Reannouncer:
         if last is not None:
             await last.wait()
         await b.retry("clear re-announce marker", lambda: b.zk.delete(marker))
-        log.warning("own_topic_reannounced", subtree=name, records=sent,
+        log.warning("own_topic_reannounced", subtree=name, records=sent, cause=cause,
                     uncaptured=counts.get("uncaptured", 0),
                     hint="every region converges as it reads them; nothing for an operator to do")

@@ -259,3 +259,92 @@ def test_large_values_in_an_outage_wait_in_the_outbox_not_in_memory(
                    f"(bound {QUEUE_BYTES >> 20} MiB); the bridge's peak RSS grew {grew:.1f} MiB; "
                    f"{len(numbers)} writes published in capture order after the cut")
     fed.assert_clean_logs(allowed={"retrying", "outbox_spilled"})
+
+
+OVERFLOW_WRITES = 60
+OVERFLOW_VALUE = 50_000  # 3 MB written against a 1 MB outbox
+
+
+def outbox_data_bytes(client: KazooClient, outbox: str) -> int:
+    """The bytes of data every outbox entry holds (what sits in the ensemble's heap)."""
+    total = 0
+    for bucket in client.get_children(outbox):
+        for name in client.get_children(f"{outbox}/{bucket}"):
+            stat = client.exists(f"{outbox}/{bucket}/{name}")
+            total += stat.dataLength if stat is not None else 0
+    return total
+
+
+@pytest.mark.timeout(900)
+def test_an_outage_past_outbox_max_mb_keeps_changes_in_the_metadata_then_republishes(
+        fed: Federation, harness_report: Callable[[str], None]) -> None:
+    """The outbox is bounded in the local ensemble too (``outbox_max_mb``).
+
+    Before, every change of a Kafka outage was an outbox entry in ZooKeeper's
+    heap, however long it lasted: a long enough outage would run the
+    ensemble out of memory. Here 3 MB of writes (and a create and a delete)
+    meet a 1 MB bound; the bridge is killed while overflowed and started again
+    once Kafka is back: the marker carries the overflow over, and the whole
+    state is published again once the outbox has drained.
+    """
+    port = free_port()
+    fed.write_config("r1", metrics={"listen": f"127.0.0.1:{port}"}, outbox_max_mb=1)
+    keys = ten_keys_replicated(fed, {"ZKBRIDGE_QUEUE_BYTES": str(256 << 10)})
+    r1, r2 = fed["r1"], fed["r2"]
+    proxy = fed.broker.proxy
+    assert proxy is not None
+    outbox = f"{fed.state_path}/subtrees/{fed.subtree}/outbox"
+    marker = f"{fed.state_path}/overflow/{fed.subtree}"
+    before = captured(fed)
+    proxy.cut(stall=True)
+    pad = b"x" * OVERFLOW_VALUE
+    for j in range(OVERFLOW_WRITES):
+        r1.client.set(r1.path(keys[j % 10]), b"%08d:" % j + pad)
+        time.sleep(0.05)
+    r1.client.create(r1.path("/q/born"), b"during the overflow")
+    r1.client.delete(r1.path(keys[0]))
+    wait_for(lambda: captured(fed) >= before + OVERFLOW_WRITES + 2, 120, interval=0.5,
+             message=lambda: f"captured {captured(fed) - before}")
+    [over] = [e for e in fed.events("r1") if e["event"] == "outbox_overflowed"]
+    held = outbox_data_bytes(r1.client, outbox)
+    # At most the bound and the entry that crossed it; the rest is in the metadata only.
+    assert held <= (1 << 20) + OVERFLOW_VALUE + 1000, held
+    assert r1.client.exists(marker) is not None
+    series = f'{{subtree="{fed.subtree}"}}'
+    assert scrape(port)[f"zkbridge_outbox_overflowed{series}"] == 1
+    assert scrape(port)[f"zkbridge_outbox_bytes{series}"] >= 1 << 20
+    status = json.loads(r1.client.get(f"{fed.state_path}/status")[0])
+    skipped = status["counters"].get(f"captured_without_outbox:{fed.subtree}", 0)
+    assert skipped > 0
+    # Killed while overflowed; Kafka back; started again.
+    fed.kill("r1")
+    proxy.restore()
+    fed.start("r1", wait=False)
+    final = {keys[j % 10]: b"%08d:" % j + pad
+             for j in range(OVERFLOW_WRITES - 10, OVERFLOW_WRITES) if j % 10}
+    final["/q/born"] = b"during the overflow"
+
+    def arrived() -> bool:
+        return (all(r2.client.exists(r2.path(rel)) is not None
+                    and r2.client.get(r2.path(rel))[0] == v for rel, v in final.items())
+                and r2.client.exists(r2.path(keys[0])) is None)
+
+    wait_for(arrived, 300, interval=0.5, message="the overflow's changes did not arrive")
+    fed.wait_ready("r1", timeout=120)
+    fed.wait_converged(timeout=300)
+    wait_for(lambda: scrape(port)[f"zkbridge_outbox_overflowed{series}"] == 0, 60,
+             message="still overflowed")
+    assert r1.client.exists(marker) is None
+    events = fed.events("r1")
+    names = [e["event"] for e in events]
+    again = [e for e in events if e["event"] == "outbox_overflowed"][1:]
+    assert again and again[0]["reason"] == "left by an earlier term", again
+    assert "outbox_measured" in names and "outbox_overflow_ended" in names
+    [done] = [e for e in events if e["event"] == "own_topic_reannounced"]
+    assert done["cause"] == "outbox overflowed"
+    harness_report(f"outbox overflow: {OVERFLOW_WRITES} writes of {OVERFLOW_VALUE // 1000} KB "
+                   f"while Kafka was cut, bound 1 MB: overflowed at "
+                   f"{over['megabytes']} MB, the outbox held {held / 2**20:.2f} MB of data; "
+                   f"{skipped} changes kept in the metadata only; after the kill and restart "
+                   f"the whole state ({done['records']} records) was published again")
+    fed.assert_clean_logs(allowed={"retrying", "outbox_spilled", "outbox_overflowed"})
