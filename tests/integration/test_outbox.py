@@ -14,6 +14,10 @@ to compare).
 
 The third fills the queue's byte bound with large values during an outage:
 they spill to the outbox instead of piling up in the bridge's memory.
+
+The fourth fills the outbox's own bound (``outbox_max_mb``) during an
+outage: further changes update only the metadata, and the whole state is
+published again once Kafka is back, across a SIGKILL while overflowed.
 """
 
 from __future__ import annotations
