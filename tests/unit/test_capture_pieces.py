@@ -117,9 +117,13 @@ class Pieces:
     async def sync(self, path: str) -> None:
         self.log.append("sync")
 
+    async def ensure_path(self, path: str) -> None:
+        self.log.append(f"mark {path}")
+
     async def commit(self, ops: list[object]) -> tuple[list[object], int]:
         n = len([x for x in self.log if x.startswith("multi")])
-        self.log.append(f"multi{n + 1}")
+        entry = any("/outbox/" in getattr(op, "path", "") for op in ops)
+        self.log.append(f"multi{n + 1}" + ("" if entry else " without an entry"))
         self.release.set()
         return [*([None] * (len(ops) - 1)), f"/zkbridge/s/outbox/q-0000000000/b-{n:010d}"], 1
 
@@ -203,3 +207,24 @@ def test_one_unknown_acl_still_reads_on_the_second_session_after_a_sync(
     asyncio.run(asyncio.wait_for(store._capture(reads, lambda _: None), 10))
     assert zk.log[0] == "sync"
     assert zk.groups == 1  # one read, the group holding /n5
+
+
+def test_pieces_after_the_outbox_overflowed_write_no_entry_and_the_marker_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first piece's entry takes the outbox to its bound (``Overflow`` sets
+    ``store.overflow`` when it is queued): the later pieces update only the metadata,
+    after the marker that tells a restart to publish the whole state again."""
+    zk = Pieces()
+    store, reads = large_capture(monkeypatch, zk)
+    batches: list[CapturedBatch] = []
+
+    def queued(batch: CapturedBatch) -> None:
+        batches.append(batch)
+        store.overflow = "/zkbridge/overflow/s"
+
+    asyncio.run(asyncio.wait_for(store._capture(reads, queued), 10))
+    assert [x for x in zk.log if not x.startswith(("acl", "sync"))] == [
+        "multi1", "mark /zkbridge/overflow/s", "multi2 without an entry",
+        "multi3 without an entry"]
+    assert [b.outbox_path is None for b in batches] == [False, True, True]
+    assert set(store.metas) == {"/", *reads}  # every piece's metadata committed
