@@ -117,16 +117,14 @@ class Overflow:
         self.bridge.stores[name].overflow = self.marker(name)
         megabytes = round(self.bytes[name] / (1 << 20), 1)
         self.bridge.stats[f"outbox_overflows:{name}"] += 1
+        # `status` says so (OVERFLOWED) for as long as ``active``: no incident,
+        # which would fade after ten minutes of a longer outage.
         log.error("outbox_overflowed", subtree=name, megabytes=megabytes,
                   bound_megabytes=self.bridge.settings.outbox_max_mb,
                   hint="Kafka has been slow or away too long: further changes update only the "
                        "metadata; once Kafka takes the outbox below half of outbox_max_mb the "
                        "whole state is published again. Check Kafka; raise outbox_max_mb only "
                        "if the ZooKeeper servers' heap allows")
-        self.bridge.incident("OUTBOX_OVERFLOWED",
-                             f"the outbox of {name} reached {megabytes} MB (outbox_max_mb); "
-                             "changes wait in the metadata until Kafka is back, then the "
-                             "whole state is published again")
 
     async def _leave(self, name: str) -> None:
         """The re-announce's first step, its marker written: captures use the outbox again.

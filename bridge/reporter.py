@@ -179,7 +179,8 @@ class Reporter:
             # Starting: the peers' heartbeats and positions are not read up to now yet.
             health="starting" if starting else health(
                 errors, peers, b.settings.heartbeat_interval, incidents=incidents, clock=clock,
-                started_ms=b.started_ms),
+                started_ms=b.started_ms,
+                overflowed=any(b.overflow.active(n) for n in b.stores)),
             started_ms=b.started_ms, updated_ms=now, counters=dict(b.stats),
             outbox={n: b.streams.backlog(n) for n in b.stores},
             oversized={n: sorted(st.oversized) for n, st in b.stores.items()},
@@ -203,6 +204,8 @@ class Reporter:
             "nulls_published": b.stats[f"nulls_published:{subtree}"],
             "nulls_applied": b.stats[f"nulls_applied:{subtree}"],
             "outbox_age_seconds": round(b.outbound.oldest_age(subtree), 1),
+            "outbox_megabytes": round(b.overflow.bytes[subtree] / (1 << 20), 1),
+            "outbox_overflowed": b.overflow.active(subtree),
             "stable_prefix_age_seconds": {
                 origin: None if at is None else round(max(0, now - at) / 1000, 1)
                 for origin, at in b.streams.stable_prefixes(subtree).items()},

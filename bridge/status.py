@@ -144,12 +144,12 @@ class Status:
 def health(errors: tuple[Mapping[str, Any], ...], peers: tuple[PeerStatus, ...],
            heartbeat_interval: float, now: int | None = None,
            incidents: tuple[Mapping[str, Any], ...] = (), clock: str = "",
-           started_ms: int = 0) -> str:
+           started_ms: int = 0, overflowed: bool = False) -> str:
     """``ok``, or ``degraded``: a recent error or incident, a peer silent for 10 heartbeats
     (or never heard in as long since ``started_ms``), this region's clock off against its
-    peers'."""
+    peers', an outbox overflowed (``bridge.overflow``)."""
     t = now or now_ms()
-    if clock:
+    if clock or overflowed:
         return "degraded"
     if any(t - int(e.get("at_ms", 0)) < 60_000 for e in errors):
         return "degraded"

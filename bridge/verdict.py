@@ -122,6 +122,13 @@ def judge(
                 f"zkbridge status -c {config} --json"))
         problems += _certificate_problems(status.certificates, now_ms,
                                           f"zkbridge check-config -c {config}")
+    for subtree, state in sorted((status.state if status and fresh else {}).items()):
+        if state.get("outbox_overflowed"):
+            problems.append(Problem(
+                "OVERFLOWED", f"the outbox of {subtree} reached outbox_max_mb "
+                f"({state.get('outbox_megabytes', '?')} MB now): changes wait in the metadata "
+                "only, and the whole state is published again once Kafka has taken the "
+                "outbox below half of it", lag))
     for subtree, depth in sorted(outbox.items()):
         if depth > OUTBOX_HIGH:
             problems.append(Problem(

@@ -320,6 +320,9 @@ def test_an_outage_past_outbox_max_mb_keeps_changes_in_the_metadata_then_republi
     status = json.loads(r1.client.get(f"{fed.state_path}/status")[0])
     skipped = status["counters"].get(f"captured_without_outbox:{fed.subtree}", 0)
     assert skipped > 0
+    # `status` says so for as long as it lasts (its first line, and the subtree's).
+    said = fed.cli("status", "-c", str(r1.config_path)).stdout
+    assert "OVERFLOWED: the outbox of" in said and "outbox OVERFLOWED" in said, said
     # Killed while overflowed; Kafka back; started again.
     fed.kill("r1")
     proxy.restore()

@@ -236,3 +236,13 @@ def test_incidents_survive_the_status_record_roundtrip() -> None:
     del old["incidents"]  # a record written before incidents existed
     legacy = Status.decode(json.dumps(old).encode())
     assert legacy is not None and legacy.incidents == ()
+
+
+def test_an_overflowed_outbox_is_a_problem_for_as_long_as_it_lasts() -> None:
+    state = {"critical": {"outbox_overflowed": True, "outbox_megabytes": 201.5}}
+    v = verdict(record(peer(), state=state))
+    assert [p.kind for p in v.problems] == ["OVERFLOWED"]
+    assert "201.5 MB" in v.line and "zkbridge lag" in v.line
+    # Older records have no such field; a record after the re-announce says False.
+    assert verdict(record(peer(), state={"critical": {"outbox_overflowed": False}})).healthy
+    assert health((), (), 5.0, now=NOW, overflowed=True) == "degraded"
