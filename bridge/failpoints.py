@@ -34,6 +34,10 @@ EPOCH_TAKEN = "epoch_taken"  # a term took the epoch (its first write)
 TOPIC_REWOUND = "topic_rewound"  # a lost topic's stream rewound, all of it stored
 REREAD_STORED = "reread_stored"  # a topic read again: its filter and rewound position stored
 OWN_TOPIC_SURVEY = "own_topic_survey"  # a term checks its own topics (after reading their ends)
+# An outbox overflow ends: the re-announce marker is written, the overflow's not yet
+# removed (ENDING); both done, the re-announce not yet read (ENDED).
+OVERFLOW_ENDING = "overflow_ending"
+OVERFLOW_ENDED = "overflow_ended"
 
 _rules: dict[str, tuple[str, float]] = {}
 _hits: dict[str, int] = {}

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from bridge import failpoints
 from bridge.errors import VersionConflict
 from bridge.zk import Delete
 
@@ -110,7 +111,8 @@ class Overflow:
                 self._enter(name)
         elif self.bytes[name] < self.bound() // 2 and name not in self._leaving:
             self._leaving.add(name)
-            self.bridge.reannounce.start(name, before=lambda: self._leave(name))
+            self.bridge.reannounce.start(name, before=lambda: self._leave(name),
+                                         cause="outbox overflowed")
 
     def _enter(self, name: str) -> None:
         # The next capture writes the marker first (``Capturing.capture``).
@@ -137,6 +139,7 @@ class Overflow:
         b = self.bridge
         store = b.stores[name]
         async with b.locks[name]:
+            failpoints.hit(failpoints.OVERFLOW_ENDING)
             if store.overflow_marked:
                 # Fenced: a deposed leader must not end the next one's overflow.
                 # Gone already: a retry after a lost answer.

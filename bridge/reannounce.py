@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import codec
+from bridge import codec, failpoints
 from bridge.resync import state_events
 from bridge.verify import read_meta
 
@@ -30,6 +30,7 @@ class Reannouncer:
         self.running: dict[str, asyncio.Task[None]] = {}
         # A step to run once the marker is written, kept across a start over.
         self._before: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._cause: dict[str, str] = {}  # why each re-announce runs, for its last log line
 
     def marker(self, name: str) -> str:
         return f"{self.bridge.settings.state_path}/reannounce/{name}"
@@ -39,17 +40,20 @@ class Reannouncer:
         tasks = list(self.running.values())
         self.running.clear()
         self._before.clear()
+        self._cause.clear()
         return tasks
 
     async def resume(self) -> None:
         """Finish the re-announces an earlier term left unfinished (their markers remain)."""
         b = self.bridge
         for name in b.stores:
-            if self.busy(name):
-                continue  # started already this term (an overflow that ended at once)
+            if self.busy(name) or b.stores[name].overflow is not None:
+                # Started already this term (an overflow that ended at once), or
+                # an overflow's end will: once is enough, and its marker is this one.
+                continue
             if await b.retry("read re-announce marker",
                              lambda n=name: b.zk.exists(self.marker(n))) is not None:  # type: ignore[misc]
-                self.start(name)
+                self.start(name, cause="left unfinished by an earlier term")
 
     def lost(self, name: str, topic: str, partition: int, published: int, end: int,
              why: str) -> None:
@@ -82,15 +86,19 @@ class Reannouncer:
         running = self.running.get(name)
         return running is not None and not running.done()
 
-    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None) -> None:
+    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None, *,
+              cause: str = "own topic lost records") -> None:
         """Re-announce ``name``; ``before`` runs once the marker is written (``bridge.overflow``).
 
-        A re-announce started over keeps the ``before`` of the one it replaces
-        if that has not run yet.
+        A re-announce started over keeps the ``before`` (and the cause) of the
+        one it replaces if that has not run yet.
         """
         running = self.running.get(name)
         if running is not None and not running.done():
             running.cancel()  # it may have read the state before this loss: start over
+            if self._cause.get(name, cause) != cause:
+                cause = f"{self._cause[name]}, then {cause}"
+        self._cause[name] = cause
         if before is not None:
             self._before[name] = before
         self.running[name] = asyncio.create_task(
@@ -105,8 +113,8 @@ class Reannouncer:
         before = self._before.get(name)
         if before is not None:
             await before()
+            failpoints.hit(failpoints.OVERFLOW_ENDED)
             del self._before[name]
-        cause = "outbox overflowed" if before is not None else "own topic lost records"
         metas = await b.retry(f"read metadata {name}", lambda: read_meta(b.zk, store.layout))
         counts: dict[str, int] = {}
         sent = 0
@@ -122,6 +130,7 @@ class Reannouncer:
         if last is not None:
             await last.wait()
         await b.retry("clear re-announce marker", lambda: b.zk.delete(marker))
-        log.warning("own_topic_reannounced", subtree=name, records=sent, cause=cause,
+        log.warning("own_topic_reannounced", subtree=name, records=sent,
+                    cause=self._cause.pop(name, "?"),
                     uncaptured=counts.get("uncaptured", 0),
                     hint="every region converges as it reads them; nothing for an operator to do")

@@ -50,7 +50,9 @@ class FakeReannounce:
     def busy(self, name: str) -> bool:
         return self.running
 
-    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None) -> None:
+    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None, *,
+              cause: str = "") -> None:
+        assert cause == "outbox overflowed"
         self.started.append((name, before))
         self.running = True
 
