@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from bridge import statecodec
 from bridge.errors import VersionConflict
@@ -104,18 +104,23 @@ class Outbox:
         names = await self.zk.children(directory) or []
         return sorted(n for n in names if index >= 0 or not n.startswith("q-"))
 
-    async def size(self) -> tuple[int, int]:
-        """Entries in the outbox and the bytes of their data (one ``exists`` each, pipelined)."""
+    async def size(self, progress: Callable[[int], None] = lambda entries: None
+                   ) -> tuple[int, int]:
+        """Entries in the outbox and the bytes of their data (one ``exists`` each, pipelined).
+
+        ``progress`` is told the entries measured so far after each group.
+        """
         entries = size = 0
         for index, directory in await self.dirs():
             names = await self.names(index, directory)
             for i in range(0, len(names), SIZE_GROUP):
-                stats = await gather_limited(
-                    [self.zk.exists(f"{directory}/{n}") for n in names[i : i + SIZE_GROUP]], 64)
+                stats = await self.zk.stats_many(
+                    [f"{directory}/{n}" for n in names[i : i + SIZE_GROUP]])
                 for stat in stats:
                     if stat is not None:
                         entries += 1
                         size += stat.data_length
+                progress(entries)
         return entries, size
 
     async def read(self, paths: Sequence[str]) -> list[tuple[str, list[bytes]]]:

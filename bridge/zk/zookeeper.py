@@ -18,7 +18,7 @@ from kazoo.exceptions import (
     RolledBackError,
 )
 from kazoo.protocol.paths import _prefix_root
-from kazoo.protocol.serialization import GetACL, SetACL
+from kazoo.protocol.serialization import Exists, GetACL, SetACL
 from kazoo.security import ACL, OPEN_ACL_UNSAFE
 
 from bridge.config import ZooKeeperSettings
@@ -241,6 +241,15 @@ class ZooKeeper(Session):
             return AclRead(shared.setdefault(entries, entries), stat.aversion, stat.czxid)
 
         return await self._each(paths, GetACL, read, "getACL")
+
+    async def stats_many(self, paths: Sequence[str]) -> list[Stat | None]:
+        """``exists`` of every path, pipelined as ``get_acls_many`` (None: gone)."""
+        def read(item: Any) -> Stat | None:
+            if item is None or isinstance(item, MissingNode):
+                return None
+            return stat_of(_answer(item))
+
+        return await self._each(paths, lambda path: Exists(path, None), read, "exists")
 
     async def set_acls_many(self, paths: Sequence[str], entries: Sequence[str]) -> None:
         """``set_acls`` of every path to ``entries``, pipelined; a path gone is passed over."""

@@ -19,7 +19,7 @@ from kazoo.exceptions import NoNodeError
 
 from bridge.config import ZooKeeperSettings
 from bridge.errors import NoPermission, VersionConflict
-from bridge.zk import Create, Node, SetData, ZooKeeper
+from bridge.zk import Create, Node, SetData, Stat, ZooKeeper
 from tests.conftest import ZkServers
 from tests.harness.zookeeper import KazooFactory
 
@@ -265,23 +265,26 @@ def test_batched_socket_io_matches_thousands_of_pipelined_replies(
     tx.commit()
     paths = [f"{root}/n{i}" for i in range(n)] + [f"{root}/missing{i}" for i in range(200)]
 
-    async def run() -> tuple[list[object], list[object]]:
+    async def run() -> tuple[list[object], list[object], list[Stat | None]]:
         adapter = _adapter(zk_servers)
         await adapter.start()
         try:
             acls = adapter.get_acls_many(paths)
+            stats = adapter.stats_many(paths)
             nodes = asyncio.gather(*(adapter.get(p) for p in paths))
-            return list(await acls), list(await nodes)
+            return list(await acls), list(await nodes), await stats
         finally:
             await adapter.stop()
 
-    acls, nodes = asyncio.run(run())
+    acls, nodes, stats = asyncio.run(run())
     for i in range(n):
         entry = acls[i]
         assert entry is not None and entry.entries == (f"{_perms(i)}:world:anyone",)
         node = nodes[i]
         assert isinstance(node, Node) and node.data == f"v{i}".encode() * (i % 50)
-    assert acls[n:] == [None] * 200 and nodes[n:] == [None] * 200
+        stat = stats[i]
+        assert stat is not None and stat.data_length == len(node.data)
+    assert acls[n:] == [None] * 200 and nodes[n:] == [None] * 200 and stats[n:] == [None] * 200
 
 
 BURST = 2000

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bridge.overflow import ENTRY_OVERHEAD, Overflow
+from bridge.startup import StartUp
 from bridge.zk import Delete
 
 MB = 1 << 20
@@ -38,7 +39,8 @@ class FakeOutbox:
     def __init__(self, entries: int, size: int) -> None:
         self.measured = (entries, size)
 
-    async def size(self) -> tuple[int, int]:
+    async def size(self, progress: Callable[[int], None]) -> tuple[int, int]:
+        progress(self.measured[0])
         return self.measured
 
 
@@ -66,6 +68,7 @@ class FakeBridge:
         self.locks = {"s": asyncio.Lock()}
         self.zk = zk or FakeZk()
         self.reannounce = FakeReannounce()
+        self.start_up = StartUp()
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         return await fn()
