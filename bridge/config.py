@@ -295,7 +295,7 @@ class Settings:
     exists."""
     outbox_max_mb: Positive = Field(default=256.0, json_schema_extra=LIVE)
     """Megabytes of unpublished changes each subtree's outbox may hold in the local ensemble
-    (counted as each entry's data plus 256 bytes, roughly what it takes of ZooKeeper's heap).
+    (counted as each entry's data plus 400 bytes, about what it takes of ZooKeeper's heap).
     Beyond that, changes update only the bridge's metadata, and once Kafka has taken the
     outbox back below half of this, the subtree's whole state is published again (as by
     zkbridge resync), so a long Kafka outage cannot run the ensemble out of memory. Keep the

@@ -126,7 +126,7 @@ def test_an_overflow_no_capture_marked_ends_without_a_write() -> None:
 
 
 def test_a_new_term_finds_the_marker_and_measures_what_was_left() -> None:
-    left = (3000, int(1.5 * MB))
+    left = (1000, int(1.5 * MB))
     b = FakeBridge(FakeZk({MARKER}), FakeOutbox(*left))
     over = Overflow(b)  # type: ignore[arg-type]
     asyncio.run(over.start_term("s", pending=True))
