@@ -51,7 +51,7 @@ async def collect_once(bridge: Bridge, name: str) -> int:
     """One collection round for subtree ``name``; returns tombstones collected."""
     store = bridge.stores[name]
     stab = bridge.stability[name]
-    if bridge.outbound.draining[name] or bridge.overflow.active(name):
+    if bridge.outbound.draining[name] or bridge.overflow.unannounced(name):
         # Entries still in the outbox are not in the queue, where busy_paths
         # looks; stability alone would cover them, but wait for the feeder.
         # Changes an overflow kept from the outbox are announced by its re-announce.

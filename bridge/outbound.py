@@ -226,9 +226,11 @@ class Outbound(Queueing):
                 # heartbeat must not wait behind a long capture or apply.
                 # A spilled subtree has captures still in the outbox, stamped
                 # below this heartbeat and not ahead of it: liveness only.
-                # So has one whose outbox overflowed, until its re-announce is done.
+                # So has one whose outbox overflowed, or that re-announces its
+                # state (after an overflow or after topic loss), until that is done.
                 applied = (None if self.capturing[name] or self.draining[name]
-                           or b.overflow.active(name) else b.streams.applied_report(name))
+                           or b.overflow.unannounced(name)
+                           else b.streams.applied_report(name))
                 hb = Event(origin=b.region, subtree=name, path="/", op=Op.HEARTBEAT,
                            vc=VectorClock(), ts=b.clock.now(), writer=b.region,
                            inc=b.incarnation, applied=applied)

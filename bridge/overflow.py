@@ -42,6 +42,7 @@ log = structlog.get_logger("bridge.overflow")
 # entries measured 376 (1 B of data) and 427 bytes (300 B) each, after a full
 # GC, on the harness's ZooKeeper 3.8 (README, "Kafka unreachable").
 ENTRY_OVERHEAD = 400
+OVERFLOWED = "outbox overflowed"  # the cause of the re-announce that ends an overflow
 
 
 def entry_cost(size: int) -> int:
@@ -54,7 +55,8 @@ class Overflow:
         self.bridge = bridge
         # Estimated bytes of each subtree's outbox (entry_cost of every entry).
         self.bytes: dict[str, int] = dict.fromkeys(bridge.stores, 0)
-        self._leaving: set[str] = set()
+        # Subtrees whose overflow is ending or ended: its re-announce is started once.
+        self._ending: set[str] = set()
 
     def marker(self, name: str) -> str:
         return f"{self.bridge.settings.state_path}/overflow/{name}"
@@ -63,7 +65,14 @@ class Overflow:
         return int(self.bridge.settings.outbox_max_mb * (1 << 20))
 
     def active(self, name: str) -> bool:
-        """Whether ``name``'s captures skip the outbox, or their re-announce is not done."""
+        """Whether ``name``'s captures skip the outbox, or their re-announce is not done
+        (what `status` and the gauge show; a re-announce after topic loss is no overflow)."""
+        return (self.bridge.stores[name].overflow is not None
+                or OVERFLOWED in (self.bridge.reannounce.cause(name) or ""))
+
+    def unannounced(self, name: str) -> bool:
+        """Whether changes of ``name`` stamped earlier may still be missing from its topic:
+        an overflow, or any re-announce under way (after one, or after topic loss)."""
         return (self.bridge.stores[name].overflow is not None
                 or self.bridge.reannounce.busy(name))
 
@@ -73,7 +82,7 @@ class Overflow:
             self.bytes[name] = 0
             store.overflow = None
             store.overflow_marked = False
-        self._leaving.clear()
+        self._ending.clear()
 
     async def start_term(self, name: str, pending: bool) -> None:
         """Read ``name``'s marker and measure what earlier terms left in its outbox."""
@@ -120,14 +129,15 @@ class Overflow:
         if store.overflow is None:
             if self.bytes[name] >= self.bound():
                 self._enter(name)
-        elif self.bytes[name] < self.bound() // 2 and name not in self._leaving:
-            self._leaving.add(name)
+        elif self.bytes[name] < self.bound() // 2 and name not in self._ending:
+            self._ending.add(name)
             self.bridge.reannounce.start(name, before=lambda: self._leave(name),
-                                         cause="outbox overflowed")
+                                         cause=OVERFLOWED)
 
     def _enter(self, name: str) -> None:
         # The next capture writes the marker first (``Capturing.capture``).
         self.bridge.stores[name].overflow = self.marker(name)
+        self._ending.discard(name)  # its end starts a re-announce again
         megabytes = round(self.bytes[name] / (1 << 20), 1)
         self.bridge.stats[f"outbox_overflows:{name}"] += 1
         # `status` says so (OVERFLOWED) for as long as ``active``: no incident,
@@ -158,7 +168,6 @@ class Overflow:
                     await b.retry("clear overflow marker",
                                   lambda: b.zk.multi([Delete(self.marker(name))]))
             store.overflow, store.overflow_marked = None, False
-        self._leaving.discard(name)
         log.warning("outbox_overflow_ended", subtree=name,
                     megabytes=round(self.bytes[name] / (1 << 20), 1),
                     action="publishing the whole state again")

@@ -86,6 +86,10 @@ class Reannouncer:
         running = self.running.get(name)
         return running is not None and not running.done()
 
+    def cause(self, name: str) -> str | None:
+        """Why ``name``'s re-announce runs (None: none runs)."""
+        return self._cause.get(name) if self.busy(name) else None
+
     def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None, *,
               cause: str = "own topic lost records") -> None:
         """Re-announce ``name``; ``before`` runs once the marker is written (``bridge.overflow``).

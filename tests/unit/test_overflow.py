@@ -48,15 +48,19 @@ class FakeReannounce:
     def __init__(self) -> None:
         self.started: list[tuple[str, Callable[[], Awaitable[None]] | None]] = []
         self.running = False
+        self.why: str | None = None
 
     def busy(self, name: str) -> bool:
         return self.running
+
+    def cause(self, name: str) -> str | None:
+        return self.why if self.running else None
 
     def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None, *,
               cause: str = "") -> None:
         assert cause == "outbox overflowed"
         self.started.append((name, before))
-        self.running = True
+        self.running, self.why = True, cause
 
 
 class FakeBridge:
@@ -153,3 +157,13 @@ def test_a_term_end_forgets_it_all() -> None:
     assert over.bytes["s"] == 0 and b.stores["s"].overflow is None
     b.reannounce.running = False
     assert not over.active("s")
+
+
+def test_a_reannounce_after_topic_loss_is_no_overflow_but_holds_applied_back() -> None:
+    b = FakeBridge()
+    over = Overflow(b)  # type: ignore[arg-type]
+    b.reannounce.running = True  # started by the own-topic checks, not by an overflow
+    assert not over.active("s")  # neither `status` nor the gauge says OVERFLOWED
+    assert over.unannounced("s")  # but heartbeats carry no `applied`, nothing is collected
+    b.reannounce.running = False
+    assert not over.unannounced("s")
