@@ -139,6 +139,9 @@ class ZooKeeperServer(ServerProcess):
                     "maxClientCnxns=0",
                     # Hard quotas (setquota -N/-B) are refused only when enforced.
                     "enforceQuota=true",
+                    # TTL znodes (createTTL) are refused unless extended types are on,
+                    # as an operator who uses them has it.
+                    "extendedTypesEnabled=true",
                     *self.extra_config,
                     "",
                 ]
@@ -160,6 +163,9 @@ class ZooKeeperServer(ServerProcess):
             f"-Dzookeeper.log.dir={self.base_dir}",
             "-Dzookeeper.root.logger=INFO,CONSOLE",
             "-Dzookeeper.jmx.log4j.disable=true",
+            # Empty containers and expired TTL znodes are removed at this interval
+            # (a minute by default): tests wait seconds, not minutes, for it.
+            "-Dznode.container.checkIntervalMs=500",
             "-cp",
             classpath(self.tls, self.release),
             MAIN_CLASS,
