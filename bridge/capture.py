@@ -21,7 +21,7 @@ from bridge.acl import HOLD
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, ancestors, classify, parent
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
-from bridge.plan import CapturedBatch, MetaEntry, NeedRead, Plan, view_of
+from bridge.plan import CapturedBatch, MetaEntry, NeedRead, Plan, View, view_of
 from bridge.storecore import RETRIES, StoreCore
 from bridge.zk import Node
 
@@ -112,6 +112,7 @@ class Capturing(StoreCore):
                        ) -> list[CapturedBatch]:
         changes: list[tuple[tuple[int, int, int, str], Op, str, Node | None]] = []
         cleanup: list[str] = []  # tombstoned placeholders left empty by local deletes
+        holders: set[str] = set()  # tombstoned placeholders above a gone znode, to read
         for rel, node in reads.items():
             if isinstance(node, NoPermission):
                 self.hold(rel, "read")
@@ -121,13 +122,22 @@ class Capturing(StoreCore):
             meta = self.meta(rel)
             change = classify(node, meta)
             if change is Change.MAYBE_PLACEHOLDER:
+                assert node is not None and meta is not None
                 live = self.live_children(rel)
                 missing = [c for c in live if c not in reads]
                 if missing:
                     raise NeedRead(missing)
-                change = Change.NONE if live else Change.PUT
-                if live:
+                if live or left_over(node, meta):
+                    change = Change.NONE
                     cleanup.append(rel)
+                else:
+                    change = Change.PUT
+            elif node is None and change is Change.NONE and (
+                    p := parent(rel)) != "/" and p not in reads and self._holds(p):
+                # An ephemeral znode (never in the metadata) is gone: the
+                # placeholder it kept may now be empty. (An excluded one's
+                # going is not captured; the next audit finds that.)
+                holders.add(p)
             if change is Change.PUT:
                 assert node is not None
                 if len(node.data) > self.max_data_bytes:
@@ -139,6 +149,8 @@ class Capturing(StoreCore):
                 changes.append((batching.order_key(Op.DELETE, rel, 0), Op.DELETE, rel, None))
             if change is not Change.PUT:
                 self.oversized.pop(rel, None)
+        if holders:
+            raise NeedRead(holders)
         if not changes and not cleanup:
             return []
         changes.sort(key=lambda c: c[0])
@@ -159,7 +171,11 @@ class Capturing(StoreCore):
         try:
             nxt = await anext(pieces, None)
             if nxt is None:
-                # Nothing to announce: a placeholder's cleanup rides on a later batch.
+                # Nothing to announce. Placeholders whose last children were
+                # never replicated go now; one whose child's delete is still
+                # to announce goes with the batch that announces it.
+                await self._remove_placeholders(
+                    views, [r for r in cleanup if not self.live_children(r)])
                 return []
 
             def prepare(part: list[Event], before: Mapping[str, MetaEntry]
@@ -241,6 +257,25 @@ class Capturing(StoreCore):
         finally:
             await pieces.aclose()
 
+    def _holds(self, rel: str) -> bool:
+        meta = self.meta(rel)
+        return meta is not None and meta.deleted and meta.placeholder
+
+    async def _remove_placeholders(self, views: dict[str, View | None],
+                                   cleanup: list[str]) -> None:
+        """Delete tombstoned placeholders with no child left, and such ancestors.
+
+        Their tombstones stay as they are: nothing to publish, no outbox entry.
+        """
+        plan = Plan()
+        self._cleanup_ops(plan, views, cleanup, cleanup)
+        if not plan.ops:
+            return
+        await self._multi(plan)
+        self._commit(plan)
+        log.info("placeholder_removed", subtree=self.layout.name,
+                 paths=[self.layout.rel_of(op.path) for op in plan.ops])
+
     async def _pieces(self, changes: Sequence[tuple[object, Op, str, Node | None]]
                       ) -> AsyncGenerator[list[Event], None]:
         """The events of ``changes`` (in order), cut into pieces within a ``multi``'s bounds.
@@ -316,3 +351,13 @@ class Capturing(StoreCore):
                                 acl=acl if isinstance(acl, tuple) else None,
                                 inc=self.incarnation))
         return events
+
+
+def left_over(node: Node, meta: NodeMeta) -> bool:
+    """Is this empty, childless znode over a tombstone the placeholder the bridge kept?
+
+    Its last children were never in the metadata (an application's ephemeral
+    znodes, excluded paths), so only its identity tells it from a znode an
+    application deleted and created again, which is a new write.
+    """
+    return meta.placeholder and meta.placeholder_czxid == node.stat.czxid != 0

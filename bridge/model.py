@@ -138,6 +138,9 @@ class NodeMeta:
     ``deleted`` marks a tombstone (kept so a stale put cannot resurrect the
     node). ``placeholder`` marks a znode the bridge created only to hold
     children: an absent parent, or a deleted node that still had live children.
+    ``placeholder_czxid`` is the latter's creation zxid in this region (0: not
+    known): the same znode found childless later is that placeholder left
+    over, one created anew is an application's.
     """
 
     vc: VectorClock
@@ -146,6 +149,7 @@ class NodeMeta:
     writer: str
     ts: int
     placeholder: bool = False
+    placeholder_czxid: int = 0
 
     def version(self) -> Version:
         return Version(

@@ -112,6 +112,7 @@ class View:
     children: int
     empty: bool
     ephemeral: bool = False
+    czxid: int = 0  # 0: created by this plan, not known yet
 
 
 @dataclass(slots=True)
@@ -126,7 +127,7 @@ def view_of(node: Node | None) -> View | None:
     if node is None:
         return None
     return View(node.stat.version, node.stat.num_children, node.data == b"",
-                 node.stat.ephemeral)
+                 node.stat.ephemeral, node.stat.czxid)
 
 
 class Planner:
@@ -362,7 +363,7 @@ class Planner:
             plan.ops.append(SetData(znode, b"", view.version))
             view.version += 1
             view.empty = True
-            meta = replace(meta, placeholder=True)
+            meta = replace(meta, placeholder=True, placeholder_czxid=view.czxid)
         self._meta_op(plan, rel, meta)
         return self._applied(decision.action), conflict
 

@@ -117,6 +117,7 @@ def encode_meta(meta: NodeMeta) -> bytes:
             "w": meta.writer,
             "ts": meta.ts,
             "ph": meta.placeholder,
+            **({"pz": meta.placeholder_czxid} if meta.placeholder_czxid else {}),
         }
     )
 
@@ -139,6 +140,9 @@ def decode_meta(raw: bytes) -> NodeMeta | None:
         ts=int_field(m, "ts", 0),
         # Absent in records written before placeholders existed.
         placeholder=bool_field(m, "ph") if "ph" in m else False,
+        # Absent in records written before it was kept: a leftover is then
+        # taken for a re-creation, as it was.
+        placeholder_czxid=int_field(m, "pz", 0) if "pz" in m else 0,
     )
 
 

@@ -19,10 +19,10 @@ from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, ZooKeeperError
 from bridge.layout import Layout
-from bridge.model import NodeMeta, VectorClock, content_hash
-from bridge.plan import CapturedBatch, MetaEntry, Plan, Planner
+from bridge.model import NodeMeta, Op, VectorClock, content_hash
+from bridge.plan import CapturedBatch, MetaEntry, NeedRead, Plan, Planner
 from bridge.store import SubtreeStore
-from bridge.zk import WORLD_ALL, AclRead, Create, Node, SetData, Stat
+from bridge.zk import WORLD_ALL, AclRead, Create, Delete, Node, SetData, Stat
 
 
 class FakePlanner(Planner):
@@ -95,6 +95,66 @@ def test_a_capture_with_only_a_placeholder_cleanup_due_writes_nothing() -> None:
     assert asyncio.run(store._capture(reads)) == []
     assert store.held_back == {"/p/c": "read"}
     assert store.metas["/p"].meta is not None and store.metas["/p"].meta.deleted
+
+
+class Commits:
+    """A ZooKeeper stand-in that records the ``multi``s it is given."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[object]] = []
+
+    async def commit(self, ops: list[object]) -> tuple[list[object], int]:
+        self.commits.append(list(ops))
+        return [*([None] * (len(ops) - 1)), "/zkbridge/s/outbox/q-0000000000/b-0000000000"], 1
+
+    async def children(self, path: str) -> list[str]:
+        return []
+
+    async def exists(self, path: str) -> None:
+        return None
+
+    async def get_acls_many(self, paths: list[str]) -> list[AclRead]:
+        return [AclRead(WORLD_ALL, 0, 1)] * len(paths)
+
+
+def placeholder_store(zk: object) -> SubtreeStore:
+    """/p: a tombstoned placeholder the bridge kept (znode czxid 5) for children that
+    were never in the metadata (an application's ephemeral znodes)."""
+    store = SubtreeStore(zk, Layout("/zkbridge", "s", "/app"),  # type: ignore[arg-type]
+                         region="r1", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+    store.metas = {"/": MetaEntry(None, 0),
+                   "/p": MetaEntry(replace(meta(1), deleted=True, placeholder=True,
+                                           placeholder_czxid=5), 3)}
+    return store
+
+
+def empty_node(czxid: int) -> Node:
+    return Node(b"", Stat(version=1, cversion=2, num_children=0, ephemeral=False, czxid=czxid,
+                          mzxid=czxid, pzxid=9))
+
+
+def test_a_placeholder_left_empty_by_an_ephemeral_child_is_removed_and_stays_deleted() -> None:
+    zk = Commits()
+    store = placeholder_store(zk)
+    assert asyncio.run(store._capture({"/p": empty_node(5)})) == []
+    assert zk.commits == [[Delete("/app/p", 1)]]  # no outbox entry, the tombstone unchanged
+    left = store.metas["/p"].meta
+    assert left is not None and left.deleted
+
+
+def test_an_empty_znode_created_anew_over_a_placeholders_tombstone_is_a_write() -> None:
+    zk = Commits()
+    store = placeholder_store(zk)
+    [batch] = asyncio.run(store._capture({"/p": empty_node(8)}))
+    assert [(e.op, e.path) for e in batch.events] == [(Op.PUT, "/p")]
+    assert not any(isinstance(op, Delete) for op in zk.commits[0])
+
+
+def test_the_child_that_goes_has_its_placeholder_parent_read() -> None:
+    store = placeholder_store(NoWrites())
+    with pytest.raises(NeedRead) as info:
+        asyncio.run(store._capture({"/p/eph": None}))
+    assert info.value.rels == {"/p"}
 
 
 class Pieces:

@@ -548,6 +548,7 @@ hashes = st.one_of(st.just(b""), st.binary(min_size=16, max_size=16))
         writer=st.one_of(st.just(""), regions),
         ts=stamps,
         placeholder=st.booleans(),
+        placeholder_czxid=st.integers(0, 2**63 - 1),
     )
 )
 def test_meta_round_trip(meta: NodeMeta) -> None:

@@ -167,6 +167,7 @@ def test_a_null_over_a_node_with_live_children_leaves_a_deleted_placeholder() ->
         f"{MOUNT}/k", b"", 7)
     left = plan.metas["/k"].meta
     assert left is not None and left.deleted and left.placeholder
+    assert left.placeholder_czxid == 1  # the znode kept: a leftover is told by it
 
 
 def test_a_null_after_a_put_of_the_same_batch_group_sees_that_put() -> None:
