@@ -23,6 +23,9 @@ from kazoo.security import OPEN_ACL_UNSAFE
 from tests.harness.procs import wait_for
 from tests.integration.federation import Federation, Region
 
+# Server behaviours (container and TTL removal): on every ZooKeeper line tested.
+pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
+
 CONTAINER = 4  # CreateMode flags
 PERSISTENT_WITH_TTL = 5
 
