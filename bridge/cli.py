@@ -141,7 +141,7 @@ def _lag_watch(settings: Settings, every: float, as_json: bool, max_seconds: flo
 
 def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float,
          every: float | None) -> int:
-    from bridge.lag import run_measure, table, worst_seconds
+    from bridge.lag import attention, run_measure, table
 
     settings = _load(path)
     if every is not None:
@@ -155,9 +155,10 @@ def _lag(path: str, as_json: bool, max_seconds: float | None, timeout: float,
                          indent=2))
     else:
         print(table(rows))
-    if max_seconds is not None and worst_seconds(rows) > max_seconds:
+    reasons = attention(rows, max_seconds) if max_seconds is not None else []
+    if reasons:
         if not as_json:
-            print(f"lag above {max_seconds:g}s", file=sys.stderr)
+            print("; ".join(reasons), file=sys.stderr)
         return 1
     return 0
 

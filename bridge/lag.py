@@ -16,7 +16,7 @@ from bridge.kafka import Kafka, topic_name
 from bridge.outbox import outbox_depth
 from bridge.positions import read_positions
 from bridge.reporter import read_status
-from bridge.status import now_ms, unheard_ms
+from bridge.status import Status, now_ms, unheard_ms
 from bridge.store import Layout
 from bridge.zk import ZooKeeper
 
@@ -29,6 +29,7 @@ class LagRow:
     seconds_behind: float | None  # None: never heard from the peer
     heartbeat_age: float | None
     outbox: int  # this region's own changes not yet published
+    outbox_overflowed: bool = False  # its changes since are not in the outbox (outbox_max_mb)
     # Set when the peer topic lost records (a stored position above its end):
     # the whole topic is then counted as behind, since the bridge rewinds.
     note: str = ""
@@ -71,6 +72,7 @@ class LagProbe:
         for st in settings.subtrees:
             layout = Layout(settings.state_path, st.name, st.path)
             outbox = await outbox_depth(zk, layout)
+            overflowed = await self._overflowed(layout, status)
             for peer in settings.peers:
                 topic = topic_name(settings.kafka.topic_prefix, st.name, peer)
                 positions = await read_positions(zk, layout, peer)
@@ -101,14 +103,37 @@ class LagProbe:
                     seconds: float | None = max(0.0, (now - ts) / 1000)
                 else:
                     seconds = hb_age
+                if overflowed and peer == settings.peers[0]:
+                    notes.append(OVERFLOW_NOTE)
                 rows.append(LagRow(st.name, peer, sum(behind.values()), seconds, hb_age, outbox,
-                                   "; ".join(notes)))
+                                   overflowed, "; ".join(notes)))
         return rows
+
+    async def _overflowed(self, layout: Layout, status: Status | None) -> bool:
+        # The marker is written by the first capture the overflow keeps out of
+        # the outbox; until then only the leader's status record knows.
+        if status is not None and status.state.get(layout.name, {}).get("outbox_overflowed"):
+            return True
+        return await self.zk.exists(layout.overflow_marker) is not None
 
 
 async def measure(settings: Settings) -> list[LagRow]:
     async with LagProbe(settings) as probe:
         return await probe.sample()
+
+
+OVERFLOW_NOTE = ("this region's outbox overflowed (outbox_max_mb): its changes since are "
+                 "published again in full once Kafka has taken the outbox below half; "
+                 "`zkbridge status` shows how far")
+
+
+def attention(rows: list[LagRow], max_seconds: float) -> list[str]:
+    """What ``--max-seconds`` exits 1 for: a lag or heartbeat age above it, an overflow."""
+    out = [f"lag above {max_seconds:g}s"] if worst_seconds(rows) > max_seconds else []
+    overflowed = sorted({r.subtree for r in rows if r.outbox_overflowed})
+    if overflowed:
+        out.append(f"outbox overflowed: {', '.join(overflowed)}")
+    return out
 
 
 def worst_seconds(rows: list[LagRow]) -> float:
@@ -123,14 +148,15 @@ def cells(r: LagRow) -> tuple[str, ...]:
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
 
+    outbox = f"{r.outbox} OVERFLOWED" if r.outbox_overflowed else str(r.outbox)
     return (r.subtree, r.peer, str(r.events_behind), fmt(r.seconds_behind),
-            fmt(r.heartbeat_age), str(r.outbox))
+            fmt(r.heartbeat_age), outbox)
 
 
 def table(rows: list[LagRow], extra: tuple[str, list[str]] | None = None) -> str:
     """Plain aligned columns; ``extra`` appends one more (heading, one cell per row).
 
-    Rows with a note (a topic that lost records) are followed by it, marked ``!``.
+    Rows with a note (a topic that lost records, an overflow) are followed by it, marked ``!``.
     """
     head = HEADINGS + ((extra[0],) if extra else ())
     body = [cells(r) + ((extra[1][i],) if extra else ()) for i, r in enumerate(rows)]

@@ -116,6 +116,9 @@ def summary(frame: Frame, max_seconds: float | None) -> str:
     over = [r.peer for r in frame.rows if max_seconds is not None and
             max(r.seconds_behind or 0.0, r.heartbeat_age or 0.0) > max_seconds]
     parts = []
+    overflowed = sorted({r.subtree for r in frame.rows if r.outbox_overflowed})
+    if overflowed:
+        parts.append(f"outbox overflowed: {', '.join(overflowed)}")
     if over:
         parts.append(f"above {max_seconds:g}s: {', '.join(sorted(set(over)))}")
     if worse:

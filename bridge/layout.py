@@ -93,6 +93,11 @@ class Layout:
         """Peer events waiting for permission to write their znode, kept across restarts."""
         return f"{self.base}/held"
 
+    @property
+    def overflow_marker(self) -> str:
+        """Present while the subtree's outbox is overflowed (``bridge.overflow``)."""
+        return f"{self.state_path}/overflow/{self.name}"
+
     def held_node(self, rel: str) -> str:
         return f"{self.held}/{hashlib.sha1(rel.encode()).hexdigest()}"
 

@@ -59,7 +59,7 @@ class Overflow:
         self._ending: set[str] = set()
 
     def marker(self, name: str) -> str:
-        return f"{self.bridge.settings.state_path}/overflow/{name}"
+        return self.bridge.stores[name].layout.overflow_marker
 
     def bound(self) -> int:
         return int(self.bridge.settings.outbox_max_mb * (1 << 20))

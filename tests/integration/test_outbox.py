@@ -337,6 +337,10 @@ def test_an_outage_past_outbox_max_mb_keeps_changes_in_the_metadata_then_republi
     # Killed while overflowed; Kafka back; started again (and killed as the overflow ends).
     fed.kill("r1")
     proxy.restore()
+    # So does `lag`, with the bridge stopped (from the marker), and --max-seconds exits 1.
+    lag = fed.cli("lag", "-c", str(r1.config_path), "--max-seconds", "86400")
+    assert lag.returncode == 1 and lag.stderr.strip() == "outbox overflowed: critical", lag
+    assert "OVERFLOWED" in lag.stdout and "outbox overflowed (outbox_max_mb)" in lag.stdout, lag
     if crash is not None:
         fed.crash_at("r1", f"{crash}=crash@1", timeout=120)
     fed.start("r1", wait=False)

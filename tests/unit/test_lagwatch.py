@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -89,9 +90,24 @@ def test_a_topic_that_lost_records_is_explained_under_the_table() -> None:
     from bridge.lag import table
 
     rows = [LagRow("critical", "r1", 12, 3.0, 1.0, 0,
-                   "zkb.critical.r1[0] lost records: position 500 above end 12; the bridge "
+                   note="zkb.critical.r1[0] lost records: position 500 above end 12; the bridge "
                    "rewinds to 0"), LagRow("critical", "r3", 0, 1.0, 1.0, 0)]
     text = table(rows)
     assert text.splitlines()[-1] == ("! critical/r1: zkb.critical.r1[0] lost records: position "
                                      "500 above end 12; the bridge rewinds to 0")
     assert len(text.splitlines()) == 4
+
+
+def test_an_overflowed_outbox_is_shown_explained_and_exits_1_under_max_seconds() -> None:
+    from bridge.lag import OVERFLOW_NOTE, attention, table
+
+    rows = [LagRow("critical", "r1", 0, 1.0, 1.0, 2500, True, OVERFLOW_NOTE),
+            LagRow("critical", "r3", 0, 1.0, 1.0, 2500, True)]
+    text = table(rows).splitlines()
+    assert text[1].split()[-2:] == ["2500", "OVERFLOWED"]
+    assert text[-1] == f"! critical/r1: {OVERFLOW_NOTE}" and len(text) == 4
+    assert attention(rows, 30.0) == ["outbox overflowed: critical"]
+    assert attention(rows, 0.5) == ["lag above 0.5s", "outbox overflowed: critical"]
+    assert attention([replace(r, outbox_overflowed=False) for r in rows], 30.0) == []
+    frame = Frame(0.0, rows, History().add(0.0, rows))
+    assert "outbox overflowed: critical" in summary(frame, None)

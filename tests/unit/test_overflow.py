@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
+from bridge.layout import Layout
 from bridge.overflow import ENTRY_OVERHEAD, Overflow
 from bridge.startup import StartUp
 from bridge.zk import Delete
@@ -66,7 +67,8 @@ class FakeReannounce:
 class FakeBridge:
     def __init__(self, zk: FakeZk | None = None, outbox: FakeOutbox | None = None) -> None:
         self.stores: dict[str, Any] = {"s": SimpleNamespace(
-            overflow=None, overflow_marked=False, outbox=outbox or FakeOutbox(0, 0))}
+            overflow=None, overflow_marked=False, outbox=outbox or FakeOutbox(0, 0),
+            layout=Layout("/zkbridge", "s", "/app"))}
         self.settings = SimpleNamespace(outbox_max_mb=1.0, state_path="/zkbridge")
         self.stats: Counter[str] = Counter()
         self.locks = {"s": asyncio.Lock()}
