@@ -207,7 +207,7 @@ class Capturing(StoreCore):
                     await self.outbox.entry_ops(plan.ops, statecodec.encode_outbox(enc))
                 elif not self.overflow_marked:
                     # Before the first change that skips the outbox: a restart
-                    # then knows that the state must be published again.
+                    # then knows that what changed must be published again.
                     await self.zk.ensure_path(marker)
                     self.overflow_marked = True
                 unbroken()

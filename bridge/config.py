@@ -297,8 +297,9 @@ class Settings:
     """Megabytes of unpublished changes each subtree's outbox may hold in the local ensemble
     (counted as each entry's data plus 400 bytes, about what it takes of ZooKeeper's heap).
     Beyond that, changes update only the bridge's metadata, and once Kafka has taken the
-    outbox back below half of this, the subtree's whole state is published again (as by
-    zkbridge resync), so a long Kafka outage cannot run the ensemble out of memory. Keep the
+    outbox back below half of this, every path changed meanwhile is published again (as
+    zkbridge resync does for all), so a long Kafka outage cannot run the ensemble out of
+    memory. Keep the
     sum over all subtrees well under the servers' heap."""
     max_data_bytes: Annotated[Count, Field(ge=1, le=MAX_DATA_BYTES)] = MAX_DATA_BYTES
     """Largest znode payload replicated, in bytes (at most ZooKeeper's default jute.maxbuffer);

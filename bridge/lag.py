@@ -122,8 +122,8 @@ async def measure(settings: Settings) -> list[LagRow]:
         return await probe.sample()
 
 
-OVERFLOW_NOTE = ("this region's outbox overflowed (outbox_max_mb): its changes since are "
-                 "published again in full once Kafka has taken the outbox below half; "
+OVERFLOW_NOTE = ("this region's outbox overflowed (outbox_max_mb): the paths it changes "
+                 "meanwhile are published again once Kafka has taken the outbox below half; "
                  "`zkbridge status` shows how far")
 
 

@@ -69,8 +69,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "estimated bytes the outbox holds in the local ensemble, counted against "
          "outbox_max_mb (leader only)", ("subtree",)),
     Spec("zkbridge_outbox_overflowed", "gauge",
-         "1 from the outbox reaching outbox_max_mb until the whole state is published "
-         "again", ("subtree",)),
+         "1 from the outbox reaching outbox_max_mb until what changed meanwhile is "
+         "published again", ("subtree",)),
     Spec("zkbridge_tombstones", "gauge", "tombstones (deleted paths' metadata) held",
          ("subtree",)),
     Spec("zkbridge_tombstones_collected", "counter",

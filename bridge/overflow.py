@@ -8,13 +8,14 @@ znode, written before the first capture without an entry, carries that
 across restarts.
 
 Once publishing has taken the outbox back below half the bound, the marker
-becomes a re-announce marker (``bridge.reannounce``) and the subtree's whole
-state is published again, as ``zkbridge resync`` does: every change the
-overflow kept from the outbox reaches the peers with the clock it was
-captured with. Until that is done, peers may see the changes of this region
-out of their capture order (each one resolves by its clock as usual), and
-this region's heartbeats carry no ``applied`` report, so no tombstone is
-taken as stable on its account.
+becomes a re-announce marker (``bridge.reannounce``) and every path whose
+metadata changed since the marker was created is published again, as
+``zkbridge resync`` does for all: every change the overflow kept from the
+outbox reaches the peers with the clock it was captured with. Until that
+is done, peers may see the changes of this region out of their capture
+order (each one resolves by its clock as usual), and this region's
+heartbeats carry no ``applied`` report, so no tombstone is taken as stable
+on its account.
 
 The bytes are counted as entries are written and acknowledged; at a term's
 start, what earlier terms left is measured with one ``exists`` per entry.
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge import failpoints
-from bridge.errors import VersionConflict
+from bridge.errors import MissingNode, VersionConflict
 from bridge.zk import Delete
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class Overflow:
             store.overflow, store.overflow_marked = marker, True
             log.warning("outbox_overflowed", subtree=name, reason="left by an earlier term",
                         hint="changes update only the metadata until Kafka has taken the outbox "
-                             "below half of outbox_max_mb; then the whole state is published")
+                             "below half of outbox_max_mb; then what changed is published")
         if pending:
             # One `exists` per entry, pipelined: 100,000 took 6.4 s here, so the
             # 380,000 small entries the default bound allows take about 25 s,
@@ -145,29 +146,44 @@ class Overflow:
         log.error("outbox_overflowed", subtree=name, megabytes=megabytes,
                   bound_megabytes=self.bridge.settings.outbox_max_mb,
                   hint="Kafka has been slow or away too long: further changes update only the "
-                       "metadata; once Kafka takes the outbox below half of outbox_max_mb the "
-                       "whole state is published again. Check Kafka; raise outbox_max_mb only "
-                       "if the ZooKeeper servers' heap allows")
+                       "metadata; once Kafka takes the outbox below half of outbox_max_mb "
+                       "what changed meanwhile is published again. Check Kafka; raise "
+                       "outbox_max_mb only if the ZooKeeper servers' heap allows")
 
-    async def _leave(self, name: str) -> None:
-        """The re-announce's first step, its marker written: captures use the outbox again.
+    async def _leave(self, name: str) -> int | None:
+        """The re-announce's first step: captures use the outbox again.
 
         Under the subtree's lock, so every capture without an entry is in the
-        metadata that the re-announce reads next. The overflow marker goes
-        only now: a crash before leaves both markers, and the next term
-        re-announces again (idempotent).
+        metadata that the re-announce reads next. One ``multi`` turns the
+        overflow marker into a re-announce marker asking for the metadata
+        changed since the overflow's marker was created (its ``czxid``), or
+        since an earlier re-announce's ask if that is older: a crash before
+        leaves the overflow, and the next term ends it again (idempotent).
+        Returns what the re-announce marker asks for (None: no capture was
+        kept out of the outbox and no re-announce is unfinished).
         """
         b = self.bridge
         store = b.stores[name]
+        reannounce = b.reannounce
         async with b.locks[name]:
             failpoints.hit(failpoints.OVERFLOW_ENDING)
+            since = prior = await reannounce.read_since(name)
             if store.overflow_marked:
+                marker = self.marker(name)
+                stat = await b.retry("read overflow marker", lambda: b.zk.exists(marker))
+                since = stat.czxid if stat is not None else 0
+                if prior is not None:
+                    since = min(since, prior)
+                ops = [reannounce.marker_op(name, prior, since), Delete(marker)]
+                await b.retry("mark re-announce",
+                              lambda: b.zk.ensure_path(reannounce.marker(name).rsplit("/", 1)[0]))
                 # Fenced: a deposed leader must not end the next one's overflow.
-                # Gone already: a retry after a lost answer.
-                with contextlib.suppress(VersionConflict):
-                    await b.retry("clear overflow marker",
-                                  lambda: b.zk.multi([Delete(self.marker(name))]))
+                # Refused: a retry after a lost answer, which committed.
+                with contextlib.suppress(VersionConflict, MissingNode):
+                    await b.retry("end overflow", lambda: b.zk.multi(ops))
             store.overflow, store.overflow_marked = None, False
         log.warning("outbox_overflow_ended", subtree=name,
                     megabytes=round(self.bytes[name] / (1 << 20), 1),
-                    action="publishing the whole state again")
+                    action="publishing again what changed during the overflow"
+                    if since is not None else "nothing was kept out of the outbox")
+        return since

@@ -127,8 +127,8 @@ def render_status(o: dict[str, Any]) -> str:
                          f"{state['outbox_age_seconds']:.0f}s; stable prefix age: {ages}")
             if state.get("outbox_overflowed"):
                 lines.append(f"  outbox OVERFLOWED ({state.get('outbox_megabytes', '?')} MB "
-                             "counted): changes wait in the metadata; the whole state is "
-                             "published again once Kafka is back")
+                             "counted): changes wait in the metadata; they are published "
+                             "again once Kafka is back")
         live = {p["peer"]: p for p in o["peers"] if p["subtree"] == name}
         for peer, pos in st["positions"].items():
             shown = ", ".join(f"p{p}@{off}" for p, off in sorted(pos.items())) or "not started"

@@ -68,11 +68,13 @@ async def read_tree(zk: ZooKeeper, mount: str, exclude: Sequence[str] = (),
 
 
 async def read_meta(zk: ZooKeeper, layout: Layout,
-                    tick: Callable[[int], None] = _ignore) -> dict[str, NodeMeta]:
-    """Every metadata record of a subtree: rel path → NodeMeta."""
+                    tick: Callable[[int], None] = _ignore, *, since: int = 0
+                    ) -> dict[str, NodeMeta]:
+    """Every metadata record of a subtree (written after zxid ``since``): rel path →
+    NodeMeta."""
     out: dict[str, NodeMeta] = {}
     async for rel, node in _walk(zk, layout.meta, tick=tick):
-        meta = statecodec.decode_meta(node.data)
+        meta = statecodec.decode_meta(node.data) if node.stat.mzxid > since else None
         if meta is not None:
             out[rel] = meta
     return out

@@ -29,7 +29,11 @@ class FakeZk:
         self.multis: list[list[Any]] = []
 
     async def exists(self, path: str) -> object | None:
-        return object() if path in self.existing else None
+        # The overflow marker was created at zxid 42.
+        return SimpleNamespace(czxid=42) if path in self.existing else None
+
+    async def ensure_path(self, path: str) -> None:
+        assert path == "/zkbridge/reannounce"
 
     async def multi(self, ops: list[Any]) -> list[Any]:
         self.multis.append(ops)
@@ -47,9 +51,19 @@ class FakeOutbox:
 
 class FakeReannounce:
     def __init__(self) -> None:
-        self.started: list[tuple[str, Callable[[], Awaitable[None]] | None]] = []
+        self.started: list[tuple[str, Callable[[], Awaitable[int | None]] | None]] = []
         self.running = False
         self.why: str | None = None
+        self.prior: int | None = None  # what a re-announce marker left asks for
+
+    async def read_since(self, name: str) -> int | None:
+        return self.prior
+
+    def marker(self, name: str) -> str:
+        return f"/zkbridge/reannounce/{name}"
+
+    def marker_op(self, name: str, prior: int | None, since: int) -> Any:
+        return ("mark", name, prior, since)
 
     def busy(self, name: str) -> bool:
         return self.running
@@ -57,7 +71,7 @@ class FakeReannounce:
     def cause(self, name: str) -> str | None:
         return self.why if self.running else None
 
-    def start(self, name: str, before: Callable[[], Awaitable[None]] | None = None, *,
+    def start(self, name: str, before: Callable[[], Awaitable[int | None]] | None = None, *,
               cause: str = "") -> None:
         assert cause == "outbox overflowed"
         self.started.append((name, before))
@@ -112,9 +126,11 @@ def test_it_ends_below_half_the_bound_through_one_reannounce() -> None:
     assert len(b.reannounce.started) == 1
     _, before = b.reannounce.started[0]
     assert before is not None
-    asyncio.run(before())
-    # The re-announce wrote its own marker first; only then the overflow's goes.
-    assert b.zk.multis == [[Delete(MARKER)]]
+    b.zk.existing.add(MARKER)
+    # One multi: the re-announce marker asks for what changed since the overflow's
+    # marker was created, which goes.
+    assert asyncio.run(before()) == 42
+    assert b.zk.multis == [[("mark", "s", None, 42), Delete(MARKER)]]
     assert b.stores["s"].overflow is None and not b.stores["s"].overflow_marked
     # Until the whole state is out, heartbeats carry no `applied` and nothing is collected.
     assert over.active("s")
@@ -122,13 +138,37 @@ def test_it_ends_below_half_the_bound_through_one_reannounce() -> None:
     assert not over.active("s")
 
 
+def test_an_unfinished_reannounce_asking_for_more_is_kept() -> None:
+    b, over = overflowed()
+    b.stores["s"].overflow_marked = True
+    b.zk.existing.add(MARKER)
+    b.reannounce.prior = 7  # an earlier overflow's re-announce, not finished
+    over.acked("s", MB)
+    [(_, before)] = b.reannounce.started
+    assert before is not None
+    assert asyncio.run(before()) == 7
+    assert b.zk.multis == [[("mark", "s", 7, 7), Delete(MARKER)]]
+
+    b, over = overflowed()  # ... or one of the whole state (after topic loss)
+    b.stores["s"].overflow_marked = True
+    b.zk.existing.add(MARKER)
+    b.reannounce.prior = 0
+    over.acked("s", MB)
+    [(_, before)] = b.reannounce.started
+    assert before is not None
+    assert asyncio.run(before()) == 0
+    assert b.zk.multis == [[("mark", "s", 0, 0), Delete(MARKER)]]
+
+
 def test_an_overflow_no_capture_marked_ends_without_a_write() -> None:
     b, over = overflowed()
     over.acked("s", MB)
     [(_, before)] = b.reannounce.started
     assert before is not None
-    asyncio.run(before())
+    assert asyncio.run(before()) is None  # nothing kept out: nothing to re-announce
     assert b.zk.multis == [] and b.stores["s"].overflow is None
+    b.reannounce.prior = 5  # but an unfinished re-announce is carried on
+    assert asyncio.run(before()) == 5 and b.zk.multis == []
 
 
 def test_a_new_term_finds_the_marker_and_measures_what_was_left() -> None:
