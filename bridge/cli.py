@@ -20,8 +20,9 @@ import time
 from collections.abc import Sequence
 
 from bridge import __version__
-from bridge.config import Settings, describe
+from bridge.config import Settings
 from bridge.configload import load_settings
+from bridge.configreload import describe
 from bridge.errors import BridgeError, ConfigError, StateAccessError, UnsupportedServerError
 
 

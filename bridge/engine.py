@@ -34,7 +34,8 @@ from bridge.applying import Applier
 from bridge.certexpiry import Expiry
 from bridge.clients import Clients
 from bridge.clock import HybridClock
-from bridge.config import Settings, reloaded
+from bridge.config import Settings
+from bridge.configreload import reloaded
 from bridge.election import Election
 from bridge.errors import BridgeError, FencedError
 from bridge.inbound import Inbound

@@ -8,12 +8,13 @@ real ``python -m bridge run`` processes so that crashes are real SIGKILLs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,19 @@ class Region:
 
     def path(self, rel: str = "") -> str:
         return self.mount + rel
+
+    @contextlib.contextmanager
+    def session(self, auth: str | None = None) -> Iterator[KazooClient]:
+        """A client of its own (an application's session; ``auth``: a digest
+        "user:password"), closed after use."""
+        client = KazooClient(hosts=self.hosts,
+                             auth_data=[("digest", auth)] if auth is not None else None)
+        client.start(timeout=15)
+        try:
+            yield client
+        finally:
+            client.stop()
+            client.close()
 
     @property
     def settings(self) -> Settings:

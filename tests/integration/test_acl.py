@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,17 +29,10 @@ BRIDGE_PW = "bridge-Pw-k2x9"
 ALICE = make_digest_acl("alice", ALICE_PW, all=True)
 
 
-@contextlib.contextmanager
 def _session(fed: Federation, name: str, user: str = "alice",
-             password: str = ALICE_PW) -> Iterator[KazooClient]:
+             password: str = ALICE_PW) -> contextlib.AbstractContextManager[KazooClient]:
     """A client of region ``name`` authenticated as a digest user, closed after use."""
-    client = KazooClient(hosts=fed[name].hosts, auth_data=[("digest", f"{user}:{password}")])
-    client.start(timeout=15)
-    try:
-        yield client
-    finally:
-        client.stop()
-        client.close()
+    return fed[name].session(f"{user}:{password}")
 
 
 def _status(fed: Federation, name: str) -> dict[str, object]:

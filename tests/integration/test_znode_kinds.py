@@ -10,8 +10,6 @@ TTL znode once it expired childless) and that delete is replicated like any.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import pytest
@@ -21,7 +19,7 @@ from kazoo.protocol.serialization import Create2, int_struct, write_buffer, writ
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from tests.harness.procs import wait_for
-from tests.integration.federation import Federation, Region
+from tests.integration.federation import Federation
 
 # Server behaviours (container and TTL removal): on every ZooKeeper line tested.
 pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
@@ -72,18 +70,6 @@ def create_ttl(client: KazooClient, path: str, data: bytes, ttl_ms: int) -> None
     _call(client, _CreateTtl(path, data, OPEN_ACL_UNSAFE, PERSISTENT_WITH_TTL, ttl_ms))
 
 
-@contextmanager
-def session(region: Region) -> Iterator[KazooClient]:
-    """An application's own session, for its ephemeral znodes."""
-    client = KazooClient(hosts=region.server.hosts)
-    client.start(timeout=15)
-    try:
-        yield client
-    finally:
-        client.stop()
-        client.close()
-
-
 def test_a_container_is_replicated_and_so_is_its_removal_by_the_origins_server(
     federation: Federation,
 ) -> None:
@@ -97,12 +83,7 @@ def test_a_container_is_replicated_and_so_is_its_removal_by_the_origins_server(
     fed.wait_converged()
     # Its last child gone, r1's server removes the container; r2 follows.
     r1.client.delete(r1.path("/flags/a"))
-    wait_for(lambda: not r1.client.exists(r1.path("/flags")), 30,
-             message="r1's server removes the empty container")
-    wait_for(lambda: not r2.client.exists(r2.path("/flags")), 30,
-             message="the removal reaches r2")
-    fed.wait_converged()
-    fed.assert_clean_logs()
+    _removed_by_r1s_server_then_in_r2(fed, "/flags")
 
 
 def test_a_ttl_znode_is_replicated_and_so_is_its_expiry(federation: Federation) -> None:
@@ -110,13 +91,17 @@ def test_a_ttl_znode_is_replicated_and_so_is_its_expiry(federation: Federation) 
     fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
     create_ttl(r1.client, r1.path("/lease"), b"held", ttl_ms=4000)
-    r1.client.create(r1.path("/marker"), b"m")
-    wait_for(lambda: r2.client.exists(r2.path("/marker")), 30, message="marker")
+    _round_trip(fed, "r1", "r2", "/marker")
     assert r2.client.get(r2.path("/lease"))[0] == b"held"
-    wait_for(lambda: not r1.client.exists(r1.path("/lease")), 30,
-             message="r1's server expires the TTL znode")
-    wait_for(lambda: not r2.client.exists(r2.path("/lease")), 30,
-             message="the expiry reaches r2")
+    _removed_by_r1s_server_then_in_r2(fed, "/lease")
+
+
+def _removed_by_r1s_server_then_in_r2(fed: Federation, rel: str) -> None:
+    r1, r2 = fed["r1"], fed["r2"]
+    wait_for(lambda: not r1.client.exists(r1.path(rel)), 30,
+             message=f"r1's server did not remove {rel}")
+    wait_for(lambda: not r2.client.exists(r2.path(rel)), 30,
+             message=f"{rel}'s removal did not reach r2")
     fed.wait_converged()
     fed.assert_clean_logs()
 
@@ -166,7 +151,7 @@ def test_service_discovery_under_containers_keeps_each_regions_members(
     for name in fed.regions:
         fed.wait_ready(name)
     r1, r2 = fed["r1"], fed["r2"]
-    with session(r1) as app1, session(r2) as app2:
+    with r1.session() as app1, r2.session() as app2:
         _register_both_then_leave_r1(fed, app1, app2, "/live")
         _register_both_then_leave_r1(fed, app1, app2, "/restarted")
         _round_trip(fed, "r1", "r2", "/marker-1")

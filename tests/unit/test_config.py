@@ -25,10 +25,9 @@ from bridge.config import (
     Settings,
     SubtreeSettings,
     ZooKeeperSettings,
-    describe,
-    reloaded,
 )
 from bridge.configload import load_settings, parse_settings
+from bridge.configreload import describe, reloaded
 from bridge.errors import ConfigError
 from tests.harness.tls import make_client_cert, make_tls
 
