@@ -130,10 +130,13 @@ OVERFLOW_NOTE = ("this region's outbox overflowed (outbox_max_mb): the paths it 
 def attention(rows: list[LagRow], max_seconds: float) -> list[str]:
     """What ``--max-seconds`` exits 1 for: a lag or heartbeat age above it, an overflow."""
     out = [f"lag above {max_seconds:g}s"] if worst_seconds(rows) > max_seconds else []
+    return out + overflow_reason(rows)
+
+
+def overflow_reason(rows: list[LagRow]) -> list[str]:
+    """"outbox overflowed: <subtrees>", if any overflowed (``--max-seconds``, ``--watch``)."""
     overflowed = sorted({r.subtree for r in rows if r.outbox_overflowed})
-    if overflowed:
-        out.append(f"outbox overflowed: {', '.join(overflowed)}")
-    return out
+    return [f"outbox overflowed: {', '.join(overflowed)}"] if overflowed else []
 
 
 def worst_seconds(rows: list[LagRow]) -> float:

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from bridge.config import Settings
 from bridge.errors import BridgeError
-from bridge.lag import HEADINGS, LagProbe, LagRow, cells, table
+from bridge.lag import HEADINGS, LagProbe, LagRow, cells, overflow_reason, table
 
 # Rates are measured over this much history: long enough to smooth out the
 # heartbeat that lands between two samples, short enough to follow a change.
@@ -115,10 +115,7 @@ def summary(frame: Frame, max_seconds: float | None) -> str:
              if t.state in ("falling behind", "stalled")]
     over = [r.peer for r in frame.rows if max_seconds is not None and
             max(r.seconds_behind or 0.0, r.heartbeat_age or 0.0) > max_seconds]
-    parts = []
-    overflowed = sorted({r.subtree for r in frame.rows if r.outbox_overflowed})
-    if overflowed:
-        parts.append(f"outbox overflowed: {', '.join(overflowed)}")
+    parts = overflow_reason(frame.rows)
     if over:
         parts.append(f"above {max_seconds:g}s: {', '.join(sorted(set(over)))}")
     if worse:
