@@ -302,7 +302,9 @@ def test_a_peer_no_region_answers_for_is_reported_silent(federation: Federation)
     fed.wait_converged(["r1", "r2"])
     wait_for(lambda: any(e["event"] == "peer_silent" and e["peer"] == "r9"
                          for e in fed.events("r1")), 30, message="r1 never logged r9 silent")
-    [said] = [e for e in fed.events("r1") if e["event"] == "peer_silent"]
+    # Only r9's: r2 counts as silent too if its bridge took longer to start than
+    # ten heartbeats of r1's, which a loaded machine sees.
+    [said] = [e for e in fed.events("r1") if e["event"] == "peer_silent" and e["peer"] == "r9"]
     assert said["never_heard_s"] > 5 and "names a region that does not exist" in said["hint"]
 
     def verdict() -> str:
