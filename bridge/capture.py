@@ -119,6 +119,8 @@ class Capturing(StoreCore):
                 continue
             if self.held_back.pop(rel, None) == "read":
                 log.info("znode_released", subtree=self.layout.name, path=rel)
+            if self.pre_join(rel, node):
+                continue  # published, if no peer has it, once the subtree has joined
             meta = self.meta(rel)
             change = classify(node, meta)
             if change is Change.MAYBE_PLACEHOLDER:

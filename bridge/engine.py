@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import structlog
 
-from bridge import collector, failpoints, startup, stateaccess, termstart
+from bridge import collector, failpoints, joining, startup, stateaccess, termstart
 from bridge.acl import AclPolicy
 from bridge.applying import Applier
 from bridge.certexpiry import Expiry
@@ -202,6 +202,9 @@ class Bridge:
             tasks += [asyncio.create_task(self.guarded(f"apply[{n}]",
                                                         self.applier.apply_loop, n))
                       for n in self.stores]
+            joins = [asyncio.create_task(self.guarded(f"join[{n}]", joining.finish, self, n))
+                     for n, st in self.stores.items() if st.joining is not None]
+            tasks += joins
             tasks += [
                 asyncio.create_task(self.guarded("fetcher", self.inbound.fetcher)),
                 asyncio.create_task(self.guarded("rescan", self.watching.rescanner)),
@@ -211,7 +214,7 @@ class Bridge:
             self.role = "leader"
             # Ready means caught up: serving the latest state, not replaying a backlog.
             waits = {asyncio.ensure_future(self.start_up.during(
-                         "catch-up", startup.catching_up(self), self.inbound.wait_caught_up())),
+                         "catch-up", startup.catching_up(self), self._caught_up(joins))),
                      asyncio.ensure_future(self._stop.wait()),
                      asyncio.ensure_future(self._lost.wait())}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -270,6 +273,12 @@ class Bridge:
         if restart_after:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), restart_after)
+
+    async def _caught_up(self, joins: list[asyncio.Task[None]]) -> None:
+        """Caught up with the peers, and what only this region held of a joining subtree
+        published (``bridge.joining``). A join that fails stops the bridge (guarded)."""
+        await self.inbound.wait_caught_up()
+        await asyncio.gather(*joins)
 
     def _reset_term(self) -> None:
         """Forget in-memory work of a term: the next leader reads it back from ZooKeeper."""

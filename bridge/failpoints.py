@@ -38,6 +38,8 @@ OWN_TOPIC_SURVEY = "own_topic_survey"  # a term checks its own topics (after rea
 # removed (ENDING); both done, the re-announce not yet read (ENDED).
 OVERFLOW_ENDING = "overflow_ending"
 OVERFLOW_ENDED = "overflow_ended"
+# A joining subtree's own znodes are published, its marker not yet removed.
+JOIN_ENDING = "join_ending"
 
 _rules: dict[str, tuple[str, float]] = {}
 _hits: dict[str, int] = {}

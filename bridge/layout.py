@@ -85,6 +85,12 @@ class Layout:
         return f"{self.base}/gc"
 
     @property
+    def joining(self) -> str:
+        """Present from the subtree's first start in this region until what only this
+        region held is published (``bridge.joining``)."""
+        return f"{self.base}/joining"
+
+    @property
     def conflicts(self) -> str:
         return f"{self.base}/conflicts"
 

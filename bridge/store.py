@@ -71,7 +71,13 @@ class Collected:
 class SubtreeStore(Chaining):
     async def setup(self) -> None:
         lay = self.layout
-        for path in (lay.mount, lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
+        await self.zk.ensure_path(lay.mount)
+        if await self.zk.exists(lay.meta_root) is None:
+            # The subtree's first start here: marked before its state is made, so
+            # a crash in between still finds it joining.
+            await self.zk.ensure_path(lay.joining)
+        self.joining = {} if await self.zk.exists(lay.joining) is not None else None
+        for path in (lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
                      lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)
         self.metas = {"/": MetaEntry(None, 0)}

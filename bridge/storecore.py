@@ -77,6 +77,11 @@ class StoreCore(Planner):
         # captures then write no entry; and whether the marker is written yet.
         self.overflow: str | None = None
         self.overflow_marked = False
+        # While the subtree joins the federation in this region (``bridge.joining``):
+        # the znodes it held unrecorded, each as the scan read it (and that
+        # reply's frame). The peers' versions are applied over them; whatever
+        # is left is published after that. None: not joining.
+        self.joining: dict[str, tuple[Node, int]] | None = None
         self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.
@@ -154,9 +159,19 @@ class StoreCore(Planner):
         return [r for r in (reads if among is None else among)
                 if not isinstance(n := reads[r], NoPermission)
                 and not self.excluded(r) and r not in self.oversized
-                and r not in self.held_back
+                and r not in self.held_back and not self.pre_join(r, n)
                 and classify(n, self.meta(r)) in (Change.PUT, Change.DELETE,
                                                    Change.MAYBE_PLACEHOLDER)]
+
+    def pre_join(self, rel: str, node: Node | None) -> bool:
+        """Is this znode one the subtree held, unrecorded and unchanged, from before it joined?
+
+        Not an application's write: a peer's version goes over it, and it is
+        published only if no peer has the path (``bridge.joining``).
+        """
+        if self.joining is None or node is None or (read := self.joining.get(rel)) is None:
+            return False
+        return read[0].stat.mzxid == node.stat.mzxid and self.meta(rel) is None
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from bridge import joining
 from bridge.errors import BridgeError
 from bridge.model import Event
 from bridge.plan import Applied, Outcome
@@ -221,7 +222,7 @@ class Watching:
         await b.outbound.publishing.wait()  # at a term's start: until the checks pass
         # Per-node watches were armed after the scan read: a change in between
         # was notified to nobody, so the capture must read everything again.
-        await b.outbound.flush(name, set(result.changed), since=gen,
+        await b.outbound.flush(name, joining.set_aside(store, result), since=gen,
                                prefetched=result.reads if self.tree_watch else None)
         if self.session_gen == gen:
             self.unseen.discard(name)

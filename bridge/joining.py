@@ -1,0 +1,86 @@
+"""A subtree's first start in a region: the peers' versions first, then what only it held.
+
+A region whose ensemble already holds the subtree when its bridge first
+starts (a copy made before, by hand or by another tool; every region when a
+subtree is added to the configuration) has no record of those znodes. Captured
+at once, each would be published as a write made now: concurrent with every
+peer's version and later than all of them, so the copy won every conflict
+and an old value replaced the federation's newest in every region, and
+paths the federation had deleted came back. Instead the start-up scan sets
+those znodes aside; the peers' topics are applied over them (a path with no
+record takes the peer's version, a delete removes it); once the bridge has
+caught up, what is left (the paths no peer has) is captured and published
+like any write. A marker znode (``Layout.joining``), made before the
+subtree's state, keeps a crash in between from publishing the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import structlog
+
+from bridge import failpoints
+from bridge.errors import MissingNode, VersionConflict
+from bridge.zk import Delete
+
+if TYPE_CHECKING:
+    from bridge.engine import Bridge
+    from bridge.scan import ScanResult
+    from bridge.store import SubtreeStore
+
+log = structlog.get_logger("bridge.joining")
+
+
+def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
+    """The paths of a scan to capture now; the rest wait for the subtree to have joined.
+
+    The first scan of a joining term sets aside every znode it found without
+    a record. A later one (after a reconnect) sets aside only those still
+    unchanged: any other is an application's write, captured as usual.
+    """
+    joining = store.joining
+    if joining is None:
+        return set(result.changed)
+    first = not joining
+    now: set[str] = set()
+    for rel in result.changed:
+        read = result.reads.get(rel)
+        node = read[0] if read is not None else None
+        if first and read is not None and store.meta(rel) is None:
+            joining[rel] = read
+        elif not store.pre_join(rel, node):
+            joining.pop(rel, None)
+            now.add(rel)
+    if first:
+        log.info("subtree_joining", subtree=store.layout.name, set_aside=len(joining),
+                 action="applying the peers' versions first; then publishing what no peer has")
+    return now
+
+
+async def finish(b: Bridge, name: str) -> None:
+    """Once caught up with the peers: publish what is left, then remove the marker.
+
+    Before the bridge reports ready, so a region's first start is over only
+    when its own znodes are on its topic.
+    """
+    store = b.stores[name]
+    if store.joining is None:
+        return
+    await b.inbound.caught_up.wait()
+    async with b.locks[name]:
+        # The rest took a peer's version (or were changed and captured meanwhile).
+        left = {r: read for r, read in store.joining.items() if store.meta(r) is None}
+        store.joining = None
+        # As the scan read them: one notified since is read again (``Outbound.flush``).
+        # Per-node watches were armed after that read: all are read again.
+        await b.outbound.flush(name, set(left),
+                               prefetched=left if b.watching.tree_watch else None)
+        failpoints.hit(failpoints.JOIN_ENDING)
+        # Fenced: a deposed leader must not end the next one's join. Refused: a
+        # retry after a lost answer, which committed.
+        with contextlib.suppress(VersionConflict, MissingNode):
+            await b.retry("end joining", lambda: b.zk.multi([Delete(store.layout.joining)]))
+    log.info("subtree_joined", subtree=name, published=len(left),
+             action="published the znodes no peer had; the others took the peers' versions")

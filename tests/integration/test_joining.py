@@ -1,0 +1,124 @@
+"""A region whose ensemble already holds the subtree joins the federation.
+
+Its first start applies the peers' versions over what it holds and then
+publishes only the paths no peer has (``bridge.joining``). Before, its start
+published every znode it held as a write made now, so an old copy won every
+conflict in every region: the federation's newest values were replaced by
+the copy's and its deleted paths came back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.federation import Federation
+
+pytestmark = pytest.mark.integration
+
+OLD = ("r1", "r2", "r3")
+# r4's copy, made some time ago: /flag and /list/a changed since, /gone was deleted.
+COPY = {"/flag": b"old", "/list": b"", "/list/a": b"1", "/gone": b"stale",
+        "/only-r4": b"mine", "/only-r4/deep": b"mine too"}
+
+
+def _federation_and_a_copy(make_federation: Callable[..., Federation]) -> Federation:
+    """r1..r3 replicate among themselves; r4's ensemble holds an old copy of the subtree."""
+    fed = make_federation(spare=True)
+    for name in OLD:
+        fed.write_config(name, peers=[p for p in OLD if p != name])
+        fed.start(name)
+    r1, r2, r4 = fed["r1"], fed["r2"], fed["r4"]
+    r1.client.create(r1.path("/flag"), b"new")
+    r1.client.create(r1.path("/list/a"), b"2", makepath=True)
+    r1.client.create(r1.path("/gone"), b"x")
+    r2.client.create(r2.path("/from-r2"), b"r2's")
+    fed.wait_converged(list(OLD))
+    r1.client.delete(r1.path("/gone"))  # a delete the federation knows of: a tombstone
+    fed.wait_converged(list(OLD))
+    for rel, data in COPY.items():
+        r4.client.create(r4.path(rel), data)
+    return fed
+
+
+def _expected(fed: Federation) -> dict[str, bytes]:
+    return {**fed.tree("r1"), "/only-r4": b"mine", "/only-r4/deep": b"mine too"}
+
+
+def _all_join(fed: Federation) -> None:
+    """r1..r3 add r4 to their peers, one after the other, as an operator would."""
+    for name in OLD:
+        fed.write_config(name, peers=[p for p in ("r1", "r2", "r3", "r4") if p != name])
+        fed.stop(name)
+        fed.start(name)
+    fed.wait_converged()
+
+
+@pytest.mark.parametrize("watches", ["recursive", "per-node"])
+def test_a_region_with_an_old_copy_takes_the_federation_s_versions(
+        make_federation: Callable[..., Federation], watches: str) -> None:
+    fed = _federation_and_a_copy(make_federation)
+    want = _expected(fed)
+    env = {"ZKBRIDGE_REFUSE_ADDWATCH": "1"} if watches == "per-node" else {}
+    fed.start("r4", env=env)  # ready: caught up, and what only r4 had is published
+    assert fed.tree("r4") == want
+    [joining] = [e for e in fed.events("r4") if e["event"] == "subtree_joining"]
+    assert joining["set_aside"] == len(COPY)
+    [joined] = [e for e in fed.events("r4") if e["event"] == "subtree_joined"]
+    assert joined["published"] == 2  # /only-r4 and /only-r4/deep
+    _all_join(fed)
+    for name in fed.regions:
+        assert fed.tree(name) == want, name
+    # Nothing was a conflict: r4's copy had no clock to be concurrent with.
+    assert not any(fed.count_events(n, "conflict_resolved") for n in fed.regions)
+    # Later starts are ordinary ones.
+    assert r4_marker_gone(fed)
+    fed.stop("r4")
+    fed.start("r4", env=env)
+    assert fed.count_events("r4", "subtree_joining") == 1
+    fed.wait_converged()
+    fed.assert_clean_logs()
+
+
+@pytest.mark.parametrize("crash", ["after_apply_before_position", "join_ending"])
+def test_a_join_cut_short_by_a_crash_still_keeps_the_copy_s_old_values(
+        make_federation: Callable[..., Federation], crash: str) -> None:
+    """Killed after its first apply (the marker keeps the next start joining), or after
+    publishing its own znodes (the next start finds nothing left to publish)."""
+    fed = _federation_and_a_copy(make_federation)
+    want = _expected(fed)
+    fed.crash_at("r4", f"{crash}=crash@1")
+    fed.start("r4")
+    assert fed.tree("r4") == want
+    assert r4_marker_gone(fed)
+    _all_join(fed)
+    for name in fed.regions:
+        assert fed.tree(name) == want, name
+    assert not any(fed.count_events(n, "conflict_resolved") for n in fed.regions)
+    fed.assert_clean_logs()
+
+
+def test_regions_holding_the_same_copy_record_no_conflicts(
+        make_federation: Callable[..., Federation]) -> None:
+    """A subtree every region already holds (added to the configuration later): the
+    first region's start publishes it, the others take its versions. Before, every
+    region published every znode and each path was a conflict in every region."""
+    fed = make_federation()
+    for name in fed.regions:
+        r = fed[name]
+        for i in range(20):
+            r.client.create(r.path(f"/shared/n{i}"), b"same", makepath=True)
+    for name in fed.regions:
+        fed.start(name)
+    fed.wait_converged()
+    assert not any(fed.count_events(n, "conflict_resolved") for n in fed.regions)
+    published = [e["published"] for n in fed.regions for e in fed.events(n)
+                 if e["event"] == "subtree_joined"]
+    assert sorted(published) == [0, 0, 21], published  # /shared and its 20 children, once
+    fed.assert_clean_logs()
+
+
+def r4_marker_gone(fed: Federation) -> bool:
+    r4 = fed["r4"]
+    return r4.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/joining") is None

@@ -1,0 +1,94 @@
+"""A joining subtree sets aside the znodes it held unrecorded (``bridge.joining``).
+
+No servers: the scan's result and the store's metadata cache are built by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge import joining
+from bridge.clock import HybridClock
+from bridge.layout import Layout
+from bridge.model import NodeMeta, VectorClock, content_hash
+from bridge.plan import MetaEntry
+from bridge.scan import ScanResult
+from bridge.store import SubtreeStore
+from bridge.zk import Node, Stat
+
+
+class NoWrites:
+    """A capture that reaches ZooKeeper fails the test."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"unexpected ZooKeeper call: {name}")
+
+
+def node(data: bytes, mzxid: int) -> Node:
+    return Node(data, Stat(version=0, cversion=0, num_children=0, ephemeral=False,
+                           czxid=mzxid, mzxid=mzxid))
+
+
+def store(joining_: bool) -> SubtreeStore:
+    s = SubtreeStore(NoWrites(), Layout("/zkbridge", "s", "/app"),  # type: ignore[arg-type]
+                     region="r4", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+    s.metas = {"/": MetaEntry(None, 0)}
+    s.joining = {} if joining_ else None
+    return s
+
+
+def recorded(data: bytes) -> NodeMeta:
+    return NodeMeta(vc=VectorClock.of({"r1": 1}), data_hash=content_hash(data), deleted=False,
+                    writer="r1", ts=1)
+
+
+def scan(**reads: Node) -> ScanResult:
+    rels = {f"/{k}": v for k, v in reads.items()}
+    return ScanResult(tuple(rels), len(rels), 0, 0, 0.1, tuple(rels),
+                      {r: (n, 7) for r, n in rels.items()})
+
+
+def test_a_subtree_not_joining_captures_everything_the_scan_found() -> None:
+    s = store(False)
+    assert joining.set_aside(s, scan(a=node(b"1", 5))) == {"/a"}
+    assert not s.pre_join("/a", node(b"1", 5))
+
+
+def test_the_first_scan_sets_aside_every_unrecorded_znode() -> None:
+    s = store(True)
+    s.metas["/changed"] = MetaEntry(recorded(b"before"), 0)  # a peer's version, then changed here
+    now = joining.set_aside(s, scan(a=node(b"1", 5), b=node(b"2", 6), changed=node(b"x", 8)))
+    assert now == {"/changed"}
+    assert s.joining == {"/a": (node(b"1", 5), 7), "/b": (node(b"2", 6), 7)}
+    assert s.pre_join("/a", node(b"1", 5))
+    # Written here since the scan (another mzxid): an application's write.
+    assert not s.pre_join("/a", node(b"1", 9))
+    assert not s.pre_join("/a", None)
+    # Once a peer's version is applied over it, it is recorded: no longer set aside.
+    s.metas["/b"] = MetaEntry(recorded(b"2"), 0)
+    assert not s.pre_join("/b", node(b"2", 6))
+
+
+def test_a_later_scan_sets_aside_only_what_is_unchanged() -> None:
+    """A rescan after a reconnect: /a is as the first scan read it, /b was written
+    meanwhile, /c was created meanwhile (neither notified, the connection was down)."""
+    s = store(True)
+    joining.set_aside(s, scan(a=node(b"1", 5), b=node(b"2", 6)))
+    now = joining.set_aside(s, scan(a=node(b"1", 5), b=node(b"3", 11), c=node(b"new", 12)))
+    assert now == {"/b", "/c"}
+    assert set(s.joining or {}) == {"/a"}
+
+
+def test_the_capture_leaves_a_set_aside_znode_alone_and_takes_a_changed_one() -> None:
+    """A capture that reads a set-aside znode (an audit's suspect, say) does not publish
+    it; one written since the scan it does (it goes on to ZooKeeper, which this store
+    refuses)."""
+    s = store(True)
+    joining.set_aside(s, scan(a=node(b"1", 5)))
+    assert asyncio.run(s._capture({"/a": node(b"1", 5)})) == []
+    assert s.unannounced({"/a": node(b"1", 5)}) == []  # an apply may write over it
+    assert s.unannounced({"/a": node(b"2", 9)}) == ["/a"]  # not over a write made here
+    with pytest.raises(AssertionError, match="unexpected ZooKeeper call"):
+        asyncio.run(s._capture({"/a": node(b"2", 9)}))
