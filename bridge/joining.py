@@ -43,7 +43,7 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     joining = store.joining
     if joining is None:
         return set(result.changed)
-    first = not joining
+    first, store.join_scanned = not store.join_scanned, True
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)

@@ -77,6 +77,7 @@ class SubtreeStore(Chaining):
             # a crash in between still finds it joining.
             await self.zk.ensure_path(lay.joining)
         self.joining = {} if await self.zk.exists(lay.joining) is not None else None
+        self.join_scanned = False
         for path in (lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
                      lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)

@@ -82,6 +82,7 @@ class StoreCore(Planner):
         # reply's frame). The peers' versions are applied over them; whatever
         # is left is published after that. None: not joining.
         self.joining: dict[str, tuple[Node, int]] | None = None
+        self.join_scanned = False  # whether this term's first scan set them aside
         self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.

@@ -92,3 +92,12 @@ def test_the_capture_leaves_a_set_aside_znode_alone_and_takes_a_changed_one() ->
     assert s.unannounced({"/a": node(b"2", 9)}) == ["/a"]  # not over a write made here
     with pytest.raises(AssertionError, match="unexpected ZooKeeper call"):
         asyncio.run(s._capture({"/a": node(b"2", 9)}))
+
+
+def test_after_a_first_scan_that_found_nothing_new_znodes_are_captured() -> None:
+    """An empty mount joins; a znode an application creates during the join (seen by a
+    rescan after a reconnect) is its write, not part of an old copy."""
+    s = store(True)
+    assert joining.set_aside(s, scan()) == set()
+    assert joining.set_aside(s, scan(c=node(b"new", 12))) == {"/c"}
+    assert s.joining == {}
