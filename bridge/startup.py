@@ -120,7 +120,10 @@ def scanning(bridge: Bridge, name: str) -> Callable[[], str]:
 
 def catching_up(bridge: Bridge) -> Callable[[], str]:
     def say() -> str:
+        joining = [f"{n} ({len(st.joining):,} znodes held before)"
+                   for n, st in bridge.stores.items() if st.joining is not None]
         return (f"applying what peers published before this start: "
-                f"{bridge.inbound.to_catch_up():,} records to go")
+                f"{bridge.inbound.to_catch_up():,} records to go"
+                + (f"; joining {', '.join(joining)}" if joining else ""))
 
     return say

@@ -6,10 +6,11 @@ No servers: the scan's result and the store's metadata cache are built by hand.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
-from bridge import joining
+from bridge import joining, startup
 from bridge.clock import HybridClock
 from bridge.layout import Layout
 from bridge.model import NodeMeta, VectorClock, content_hash
@@ -101,3 +102,13 @@ def test_after_a_first_scan_that_found_nothing_new_znodes_are_captured() -> None
     assert joining.set_aside(s, scan()) == set()
     assert joining.set_aside(s, scan(c=node(b"new", 12))) == {"/c"}
     assert s.joining == {}
+
+
+def test_status_says_which_subtrees_join_while_catching_up() -> None:
+    joined, joins = store(False), store(True)
+    joining.set_aside(joins, scan(a=node(b"1", 5), b=node(b"2", 6)))
+    bridge = SimpleNamespace(stores={"done": joined, "new": joins},
+                             inbound=SimpleNamespace(to_catch_up=lambda: 1200))
+    say = startup.catching_up(bridge)  # type: ignore[arg-type]
+    assert say() == ("applying what peers published before this start: 1,200 records to go; "
+                     "joining new (2 znodes held before)")
