@@ -17,7 +17,7 @@ from bridge import statecodec
 from bridge.clock import hlc_from_ms, hlc_to_ms
 from tests.harness.procs import wait_for
 from tests.integration.federation import Federation
-from tests.integration.test_faults import _produce
+from tests.integration.test_faults import produce
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +31,8 @@ def test_a_far_future_event_waits_and_never_poisons_the_clock(federation: Federa
     future = hlc_from_ms(int(time.time() * 1000) + TEN_YEARS_MS)
     event = dict(v=1, origin="r1", subtree=fed.subtree, path="/future", op="put",
                  data=b"from-the-future", vc={"r1": 1000}, ts=future, writer="r1")
-    _produce(fed.broker.bootstrap, f"{fed.prefix}.{fed.subtree}.r1",
-             [(b"/future", msgpack.packb(event))])
+    produce(fed.broker.bootstrap, f"{fed.prefix}.{fed.subtree}.r1",
+            [(b"/future", msgpack.packb(event))])
     wait_for(lambda: fed.count_events("r2", "clock_skew_wait") >= 1, 30,
              message="r2 did not report the far-future event")
     assert r2.client.exists(r2.path("/future")) is None  # not applied

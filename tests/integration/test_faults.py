@@ -287,7 +287,7 @@ def test_oversized_znode_is_reported_and_skipped(federation: Federation) -> None
     fed.assert_clean_logs(allowed={"znode_oversized"})
 
 
-def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
     async def go() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
         await producer.start()
@@ -315,7 +315,7 @@ def test_malformed_records_are_counted_and_skipped(federation: Federation) -> No
         msgpack.packb([1, 2, 3]),
         msgpack.packb({**good, "data": b"z" * 2_000_000})[:1_000_000],
     ]
-    _produce(fed.broker.bootstrap, topic, [(b"/x", b) for b in bad])
+    produce(fed.broker.bootstrap, topic, [(b"/x", b) for b in bad])
     # The partition keeps flowing: a real change published after the garbage arrives.
     r1, r2 = fed["r1"], fed["r2"]
     r1.client.create(r1.path("/after-garbage"), b"fine")
