@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import failpoints
+from bridge import failpoints, startup
 from bridge.errors import MissingNode, VersionConflict
 from bridge.zk import Delete
 
@@ -75,8 +75,11 @@ async def finish(b: Bridge, name: str) -> None:
         store.joining = None
         # As the scan read them: one notified since is read again (``Outbound.flush``).
         # Per-node watches were armed after that read: all are read again.
-        await b.outbound.flush(name, set(left),
-                               prefetched=left if b.watching.tree_watch else None)
+        await b.start_up.during(
+            f"join:{name}", startup.capturing(b, name, lambda: len(left),
+                                              "changes the scan found that no peer has"),
+            b.outbound.flush(name, set(left),
+                             prefetched=left if b.watching.tree_watch else None))
         failpoints.hit(failpoints.JOIN_ENDING)
         # Fenced: a deposed leader must not end the next one's join. Refused: a
         # retry after a lost answer, which committed.

@@ -106,14 +106,26 @@ def kafka_checks() -> str:
 
 def scanning(bridge: Bridge, name: str) -> Callable[[], str]:
     """The start-up scan of ``name``, then the capture of what it found."""
-    scanner, captured = bridge.scanners[name], f"captured:{name}"
-    before = bridge.stats[captured]
+    scanner = bridge.scanners[name]
+    captured = capturing(bridge, name, lambda: scanner.found or 0)
 
     def say() -> str:
         if scanner.found is None:
             return f"scanning {name}: {scanner.read:,} znodes and metadata records read"
-        done = min(scanner.found, bridge.stats[captured] - before)
-        return f"capturing {name}: {done:,} of {scanner.found:,} changes the scan found"
+        return captured()
+
+    return say
+
+
+def capturing(bridge: Bridge, name: str, total: Callable[[], int],
+              what: str = "changes the scan found") -> Callable[[], str]:
+    """A capture of ``total()`` changes of ``name`` under way, counted from now."""
+    key = f"captured:{name}"
+    before = bridge.stats[key]
+
+    def say() -> str:
+        done = min(total(), bridge.stats[key] - before)
+        return f"capturing {name}: {done:,} of {total():,} {what}"
 
     return say
 
