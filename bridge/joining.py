@@ -11,7 +11,9 @@ those znodes aside; the peers' topics are applied over them (a path with no
 record takes the peer's version, a delete removes it); once the bridge has
 caught up, what is left (the paths no peer has) is captured and published
 like any write. A marker znode (``Layout.joining``), made before the
-subtree's state, keeps a crash in between from publishing the copy.
+subtree's state, keeps a crash in between from publishing the copy; its
+czxid tells the copy (last written before it) from an application's writes
+made since, also across such a crash.
 """
 
 from __future__ import annotations
@@ -36,26 +38,26 @@ log = structlog.get_logger("bridge.joining")
 def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     """The paths of a scan to capture now; the rest wait for the subtree to have joined.
 
-    The first scan of a joining term sets aside every znode it found without
-    a record. A later one (after a reconnect) sets aside only those still
-    unchanged: any other is an application's write, captured as usual.
+    Set aside: every znode found without a record and last written before the
+    joining marker was made. Any other is an application's write, captured as
+    usual, whether this term's scan, a rescan after a reconnect or a scan after
+    a crash found it.
     """
     joining = store.joining
     if joining is None:
         return set(result.changed)
-    first, store.join_scanned = not store.join_scanned, True
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)
-        node = read[0] if read is not None else None
-        if first and read is not None and store.meta(rel) is None:
+        if (read is not None and store.meta(rel) is None
+                and read[0].stat.mzxid < store.join_zxid):
             joining[rel] = read
-        elif not store.pre_join(rel, node):
+        else:
             joining.pop(rel, None)
             now.add(rel)
-    if first:
-        log.info("subtree_joining", subtree=store.layout.name, set_aside=len(joining),
-                 action="applying the peers' versions first; then publishing what no peer has")
+    log.info("subtree_joining", subtree=store.layout.name, set_aside=len(joining),
+             since_zxid=hex(store.join_zxid),
+             action="applying the peers' versions first; then publishing what no peer has")
     return now
 
 

@@ -76,8 +76,9 @@ class SubtreeStore(Chaining):
             # The subtree's first start here: marked before its state is made, so
             # a crash in between still finds it joining.
             await self.zk.ensure_path(lay.joining)
-        self.joining = {} if await self.zk.exists(lay.joining) is not None else None
-        self.join_scanned = False
+        marker = await self.zk.exists(lay.joining)
+        self.joining = {} if marker is not None else None
+        self.join_zxid = marker.czxid if marker is not None else 0
         for path in (lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
                      lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)

@@ -82,7 +82,10 @@ class StoreCore(Planner):
         # reply's frame). The peers' versions are applied over them; whatever
         # is left is published after that. None: not joining.
         self.joining: dict[str, tuple[Node, int]] | None = None
-        self.join_scanned = False  # whether this term's first scan set them aside
+        # The joining marker's czxid. A znode last written before it is part of
+        # the copy; one written after is an application's write, even one made
+        # while a crashed join's bridge was down (the marker outlives the crash).
+        self.join_zxid = 0
         self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.
@@ -170,9 +173,9 @@ class StoreCore(Planner):
         Not an application's write: a peer's version goes over it, and it is
         published only if no peer has the path (``bridge.joining``).
         """
-        if self.joining is None or node is None or (read := self.joining.get(rel)) is None:
+        if self.joining is None or node is None or rel not in self.joining:
             return False
-        return read[0].stat.mzxid == node.stat.mzxid and self.meta(rel) is None
+        return node.stat.mzxid < self.join_zxid and self.meta(rel) is None
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)

@@ -99,6 +99,28 @@ def test_a_join_cut_short_by_a_crash_still_keeps_the_copy_s_old_values(
     fed.assert_clean_logs()
 
 
+def test_a_write_made_while_a_crashed_join_was_down_is_not_taken_for_the_copy(
+        make_federation: Callable[..., Federation]) -> None:
+    """r4's join is killed before its first apply; an application sets /flag in r4
+    before the bridge is back. That write is newer than every version the
+    federation has, and wins: the next start tells it from the copy by the joining
+    marker's czxid. Before, that start set it aside as part of the copy (the
+    first scan's reads died with the process) and r1's version went over it."""
+    fed = _federation_and_a_copy(make_federation)
+    fed.crash_at("r4", "before_apply=crash@1")
+    r4 = fed["r4"]
+    r4.client.set(r4.path("/flag"), b"written while down")
+    fed.start("r4")
+    want = {**_expected(fed), "/flag": b"written while down"}
+    assert fed.tree("r4") == want
+    *_, joining = [e for e in fed.events("r4") if e["event"] == "subtree_joining"]
+    assert joining["set_aside"] == len(COPY) - 1  # all but /flag
+    _all_join(fed)
+    for name in fed.regions:
+        assert fed.tree(name) == want, name
+    fed.assert_clean_logs()
+
+
 def test_regions_holding_the_same_copy_record_no_conflicts(
         make_federation: Callable[..., Federation]) -> None:
     """A subtree every region already holds (added to the configuration later): the
