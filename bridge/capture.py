@@ -122,7 +122,7 @@ class Capturing(StoreCore):
             if self.pre_join(rel, node):
                 continue  # published, if no peer has it, once the subtree has joined
             meta = self.meta(rel)
-            change = classify(node, meta)
+            change = Change.DELETE if self.join_gone(rel, node) else classify(node, meta)
             if change is Change.MAYBE_PLACEHOLDER:
                 assert node is not None and meta is not None
                 live = self.live_children(rel)

@@ -164,8 +164,9 @@ class StoreCore(Planner):
                 if not isinstance(n := reads[r], NoPermission)
                 and not self.excluded(r) and r not in self.oversized
                 and r not in self.held_back and not self.pre_join(r, n)
-                and classify(n, self.meta(r)) in (Change.PUT, Change.DELETE,
-                                                   Change.MAYBE_PLACEHOLDER)]
+                and (self.join_gone(r, n)
+                     or classify(n, self.meta(r)) in (Change.PUT, Change.DELETE,
+                                                      Change.MAYBE_PLACEHOLDER))]
 
     def pre_join(self, rel: str, node: Node | None) -> bool:
         """Is this znode one the subtree held, unrecorded and unchanged, from before it joined?
@@ -176,6 +177,17 @@ class StoreCore(Planner):
         if self.joining is None or node is None or rel not in self.joining:
             return False
         return node.stat.mzxid < self.join_zxid and self.meta(rel) is None
+
+    def join_gone(self, rel: str, node: Node | None) -> bool:
+        """Was this set-aside znode deleted here, by an application, during the join?
+
+        No peer's version or delete was applied to it (it has no record): the
+        delete is a write made after the join began, published like any other
+        (so it beats the versions the peers had, and the apply must not bring
+        a peer's back first).
+        """
+        return (self.joining is not None and node is None and rel in self.joining
+                and self.meta(rel) is None)
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)

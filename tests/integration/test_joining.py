@@ -9,10 +9,12 @@ the copy's and its deleted paths came back.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 import pytest
 
+from tests.harness import procs
 from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
@@ -115,6 +117,34 @@ def test_a_write_made_while_a_crashed_join_was_down_is_not_taken_for_the_copy(
     assert fed.tree("r4") == want
     *_, joining = [e for e in fed.events("r4") if e["event"] == "subtree_joining"]
     assert joining["set_aside"] == len(COPY) - 1  # all but /flag
+    _all_join(fed)
+    for name in fed.regions:
+        assert fed.tree(name) == want, name
+    fed.assert_clean_logs()
+
+
+def test_a_copy_s_znode_deleted_during_the_join_stays_deleted(
+        make_federation: Callable[..., Federation]) -> None:
+    """r4's join is paused after its scan set the copy aside and before its first
+    apply; an application deletes /flag in r4 meanwhile. That delete is newer than
+    every version the federation has: /flag goes in all four regions. Before, the
+    delete of a znode with no record announced nothing, and the apply brought r1's
+    version back."""
+    fed = _federation_and_a_copy(make_federation)
+    paused = fed.start("r4", env={"ZKBRIDGE_FAILPOINTS": "before_apply=stop@1"}, wait=False)
+    proc = paused.proc
+    assert proc is not None
+    try:
+        procs.wait_for(lambda: procs.stopped(proc.pid), 60,
+                       message="before_apply=stop@1 never stopped it")
+        assert fed.count_events("r4", "subtree_joining") == 1  # the copy is set aside
+        r4 = fed["r4"]
+        r4.client.delete(r4.path("/flag"))
+    finally:
+        proc.send_signal(signal.SIGCONT)  # well within its session timeout
+    fed.wait_ready("r4")
+    want = {r: d for r, d in _expected(fed).items() if r != "/flag"}
+    assert fed.tree("r4") == want
     _all_join(fed)
     for name in fed.regions:
         assert fed.tree(name) == want, name

@@ -99,6 +99,23 @@ def test_the_capture_leaves_a_set_aside_znode_alone_and_takes_a_changed_one() ->
         asyncio.run(s._capture({"/a": node(b"2", 11)}))
 
 
+def test_a_set_aside_znode_deleted_here_is_a_delete_to_publish() -> None:
+    """An application deleted /a during the join: the apply must not bring a peer's
+    version back first, and the capture publishes the delete (it goes on to
+    ZooKeeper, which this store refuses). Once a peer's delete or version is
+    recorded, the path is the apply's, not the application's."""
+    s = store(True)
+    joining.set_aside(s, scan(a=node(b"1", 5)))
+    assert s.join_gone("/a", None) and not s.join_gone("/a", node(b"1", 5))
+    assert s.unannounced({"/a": None}) == ["/a"]
+    with pytest.raises(AssertionError, match="unexpected ZooKeeper call"):
+        asyncio.run(s._capture({"/a": None}))
+    assert not s.join_gone("/b", None)  # not part of the copy
+    s.metas["/a"] = MetaEntry(NodeMeta(vc=VectorClock.of({"r1": 2}), data_hash=b"",
+                                       deleted=True, writer="r1", ts=2), 0)
+    assert not s.join_gone("/a", None) and s.unannounced({"/a": None}) == []
+
+
 def test_after_a_crash_a_write_made_while_the_bridge_was_down_is_not_taken_for_the_copy() -> None:
     """The join's bridge crashed; an application wrote /b and created /c before it
     started again. The new term's scan tells them from the copy by the marker's
