@@ -17,7 +17,7 @@ import pytest
 from tests.harness import procs
 from tests.integration.federation import Federation
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.every_zookeeper]
 
 OLD = ("r1", "r2", "r3")
 # r4's copy, made some time ago: /flag and /list/a changed since, /gone was deleted.
