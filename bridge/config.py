@@ -219,7 +219,8 @@ class SubtreeSettings:
     """Paths relative to the mount, written absolute-looking and normalised (e.g. /tmp), whose whole
     subtree is neither published nor applied. A reload rescans the subtree; a reload or restart that
     includes paths again also reads the peers' topics again from their start, for the events passed
-    over."""
+    over, and what this region holds there joins as a new region's copy does: the peers' versions
+    first, then what no peer has is published."""
     acl: Literal["copy", "open"] = "copy"
     """copy: each znode's ACL travels in its event and is applied in the receiving region, plus an
     entry for the bridge's own identity so it can keep managing the znode. open: ACLs are not

@@ -86,6 +86,9 @@ class Bridge:
         # From taking the epoch to the term's end: a lost session ends the term
         # then, also while it is still starting (role is "leader" only once it runs).
         self.in_term = False
+        # A term's joins (``bridge.joining``) and reloads that include paths again.
+        self.joins: dict[str, asyncio.Task[None]] = {}
+        self.includes: list[asyncio.Task[None]] = []
         self.epoch = 0
         self.started_ms = int(time.time() * 1000)
         self.errors: deque[dict[str, object]] = deque(maxlen=20)
@@ -202,9 +205,8 @@ class Bridge:
             tasks += [asyncio.create_task(self.guarded(f"apply[{n}]",
                                                         self.applier.apply_loop, n))
                       for n in self.stores]
-            joins = [asyncio.create_task(self.guarded(f"join[{n}]", joining.finish, self, n))
-                     for n, st in self.stores.items() if st.joining is not None]
-            tasks += joins
+            joins = [joining.start(self, n) for n, st in self.stores.items()
+                     if st.joining is not None]
             tasks += [
                 asyncio.create_task(self.guarded("fetcher", self.inbound.fetcher)),
                 asyncio.create_task(self.guarded("rescan", self.watching.rescanner)),
@@ -251,7 +253,9 @@ class Bridge:
                         action="standing again for leadership", delay_s=TERM_RESTART_DELAY)
             restart_after = TERM_RESTART_DELAY
         finally:
-            tasks += self.reannounce.take_tasks()
+            tasks += [*self.reannounce.take_tasks(), *self.joins.values(), *self.includes]
+            self.joins.clear()
+            self.includes.clear()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -348,14 +352,14 @@ class Bridge:
         for st in self.settings.subtrees:
             store = self.stores[st.name]
             if store.exclude != tuple(st.exclude):
-                included = [x for x in store.exclude if not is_excluded(x, st.exclude)]
-                store.exclude = tuple(st.exclude)
-                # Newly included paths were never watched: look at everything again.
-                self.watching.request()
-                # The peers' events for them were passed over: read those again (and
-                # store the exclude list the topics are read under).
-                before = self.inbound.read_again.get(st.name, ())
-                self.inbound.read_again[st.name] = (*before, *included)
+                included = tuple(x for x in store.exclude if not is_excluded(x, st.exclude))
+                if included and self.in_term:
+                    # What the region holds there joins (``bridge.joining``): marked first.
+                    self.includes.append(asyncio.create_task(self.guarded(
+                        f"include[{st.name}]", joining.include, self, st.name,
+                        tuple(st.exclude), included)))
+                else:
+                    self.exclude(st.name, tuple(st.exclude), included)
         for scanner in self.scanners.values():
             scanner.mass_delete = self.settings.mass_delete
         # Paths held back for want of permission are tried again (an ACL may have changed).
@@ -363,6 +367,16 @@ class Bridge:
             self.watching.request()
         self.watching.retime()
         return applied, restart
+
+    def exclude(self, name: str, exclude: tuple[str, ...], included: tuple[str, ...]) -> None:
+        """Take a reloaded exclude list in (``included``: paths it no longer holds)."""
+        self.stores[name].exclude = exclude
+        # Newly included paths were never watched: look at everything again.
+        self.watching.request()
+        # The peers' events for them were passed over: read those again (and
+        # store the exclude list the topics are read under).
+        before = self.inbound.read_again.get(name, ())
+        self.inbound.read_again[name] = (*before, *included)
 
     def background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -103,6 +103,7 @@ class Inbound:
         self.queued: dict[str, int] = {}  # the weight of what the queue holds
         self.room: dict[str, asyncio.Event] = {}  # set while below QUEUE_WEIGHT
         self.caught_up = asyncio.Event()
+        self.went_round = asyncio.Event()  # set (and made anew) at each round of the fetcher
         self.catch_up_to: dict[tuple[str, int], int] = {}
         # This region's own topics: read from their end, only to see who else
         # publishes there (a second ensemble as this region) and whether
@@ -173,14 +174,17 @@ class Inbound:
         for name, store in self.bridge.stores.items():
             # Paths excluded when the topics were last read and not now (a restart
             # with a new exclude list): read again, as a reload would.
-            try:
-                excluded = await store.positions.read_excluded()
-            except CodecError:
-                excluded = None
-            if excluded != store.exclude:
-                included = tuple(x for x in excluded or () if not is_excluded(x, store.exclude))
-                self.read_again[name] = (*self.read_again.get(name, ()), *included)
+            if store.read_under != store.exclude:
+                self.read_again[name] = (*self.read_again.get(name, ()), *store.included())
         return positions
+
+    def reread_done(self, name: str) -> bool:
+        """Has every peer's topic of ``name`` that is read again for included paths
+        been read up to where it was (``TopicCheck.read_again``)?"""
+        return name not in self.read_again and all(
+            peer.positions.get(part, 0) >= until
+            for peer in self.peers.values() if peer.subtree == name
+            for part, (until, _) in peer.only.items())
 
     def own_acked(self, topic: str, partition: int, end: int) -> None:
         """The publisher's acks: the own topic held at least this much."""
@@ -212,8 +216,13 @@ class Inbound:
                 for rec in records:
                     await self._take(rec)
                 while self.read_again:
-                    name, paths = self.read_again.popitem()
+                    # Taken off only once stored: until then the re-read is pending
+                    # (``reread_done``), and a reload meanwhile may add paths.
+                    name, paths = next(iter(self.read_again.items()))
                     await self.topics.read_again(name, paths)
+                    rest = tuple(p for p in self.read_again.pop(name, ()) if p not in paths)
+                    if rest:
+                        self.read_again[name] = rest
                 await self._idle_positions()
                 if asking is not None and asking.done():
                     answer, asking = asking.result(), None
@@ -221,6 +230,9 @@ class Inbound:
                 if asking is None and self.topics.due():
                     asking = asyncio.ensure_future(self.topics.ask())
                 self.check_caught_up()
+                # Once per fetch (100 ms at most): positions may have moved since.
+                went, self.went_round = self.went_round, asyncio.Event()
+                went.set()
         finally:
             if asking is not None:
                 asking.cancel()

@@ -18,6 +18,7 @@ made since, also across such a crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
@@ -49,16 +50,40 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)
-        if (read is not None and store.meta(rel) is None
+        if (read is not None and store.meta(rel) is None and store.joins(rel)
                 and read[0].stat.mzxid < store.join_zxid):
             joining[rel] = read
         else:
             joining.pop(rel, None)
             now.add(rel)
     log.info("subtree_joining", subtree=store.layout.name, set_aside=len(joining),
-             since_zxid=hex(store.join_zxid),
+             since_zxid=hex(store.join_zxid), paths=list(store.join_scope or ("/",)),
              action="applying the peers' versions first; then publishing what no peer has")
     return now
+
+
+def start(b: Bridge, name: str) -> asyncio.Task[None]:
+    """The task finishing ``name``'s join, started if none runs (one per term)."""
+    task = b.joins.get(name)
+    if task is None or task.done():
+        task = b.joins[name] = asyncio.create_task(b.guarded(f"join[{name}]", finish, b, name))
+    return task
+
+
+async def include(b: Bridge, name: str, exclude: tuple[str, ...],
+                  included: tuple[str, ...]) -> None:
+    """A reload that no longer excludes ``included``, in a term: once the term has
+    started, mark them joining, then take them in and finish the join."""
+    await b.ready.wait()
+    try:
+        async with b.locks[name]:
+            await b.retry(f"mark {name}'s included paths",
+                          lambda: b.stores[name].mark_joining(included))
+    finally:
+        # Also when the term ended first: its successor compares the exclude list
+        # the topics were read under with this one, and marks them.
+        b.exclude(name, exclude, included)
+    start(b, name)
 
 
 async def finish(b: Bridge, name: str) -> None:
@@ -71,10 +96,13 @@ async def finish(b: Bridge, name: str) -> None:
     if store.joining is None:
         return
     await b.inbound.caught_up.wait()
+    while not b.inbound.reread_done(name):  # the peers' events for included paths
+        await b.inbound.went_round.wait()
     async with b.locks[name]:
+        assert store.joining is not None
         # The rest took a peer's version (or were changed and captured meanwhile).
         left = {r: read for r, read in store.joining.items() if store.meta(r) is None}
-        store.joining = None
+        scope, store.joining, store.join_scope = store.join_scope, None, None
         # As the scan read them: one notified since is read again (``Outbound.flush``).
         # Per-node watches were armed after that read: all are read again.
         await b.start_up.during(
@@ -88,4 +116,5 @@ async def finish(b: Bridge, name: str) -> None:
         with contextlib.suppress(VersionConflict, MissingNode):
             await b.retry("end joining", lambda: b.zk.multi([Delete(store.layout.joining)]))
     log.info("subtree_joined", subtree=name, published=len(left),
+             paths=list(scope or ("/",)),
              action="published the znodes no peer had; the others took the peers' versions")

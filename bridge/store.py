@@ -76,18 +76,56 @@ class SubtreeStore(Chaining):
             # The subtree's first start here: marked before its state is made, so
             # a crash in between still finds it joining.
             await self.zk.ensure_path(lay.joining)
-        marker = await self.zk.exists(lay.joining)
-        self.joining = {} if marker is not None else None
-        self.join_zxid = marker.czxid if marker is not None else 0
         for path in (lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
                      lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)
+        try:
+            self.read_under = await self.positions.read_excluded()
+        except CodecError:
+            self.read_under = None
+        self.joining = None  # what a term set aside is read again by this term's scan
+        # Paths excluded when the peers' topics were last read and not now (a
+        # restart with a new exclude list) join like a new region's copy: marked
+        # before anything (the scan, the topics' re-read) takes them in.
+        await self.mark_joining(self.included())
         self.metas = {"/": MetaEntry(None, 0)}
         self.positions.forget()
         await self.load_held()
         self.outbox.reset()
         await self.read_gc()
 
+
+    def included(self) -> tuple[str, ...]:
+        """The paths excluded when the peers' topics were last read and not now."""
+        return tuple(x for x in self.read_under or () if not is_excluded(x, self.exclude))
+
+    async def mark_joining(self, paths: tuple[str, ...] = ()) -> None:
+        """Read the joining marker, first made or widened for ``paths`` (an exclude
+        list that no longer holds them): ``joining``, ``join_scope``, ``join_zxid``.
+
+        Its data is the paths that join, none for the whole mount (a first start).
+        Widened, it is made again: its czxid, the line between what the region
+        held before and the applications' writes since, moves to now.
+        """
+        lay = self.layout
+        node = await self.zk.get(lay.joining)
+        try:
+            scope = statecodec.decode_paths(node.data) if node is not None and node.data else None
+        except CodecError:
+            scope = None  # unreadable: all of the subtree joins, the safe side
+        if paths and (node is None or (scope is not None and not set(paths) <= set(scope))):
+            scope = tuple(sorted({*(scope or ()), *paths}))
+            ops = [Delete(lay.joining, node.stat.version)] if node is not None else []
+            await self.zk.multi([*ops, Create(lay.joining, statecodec.encode_paths(scope))])
+            node = await self.zk.get(lay.joining)
+            log.info("paths_joining", subtree=lay.name, paths=list(paths),
+                     action="the peers' versions of what this region holds there first")
+        if node is None:
+            self.joining, self.join_scope, self.join_zxid = None, None, 0
+            return
+        if self.joining is None:
+            self.joining = {}
+        self.join_scope, self.join_zxid = scope, node.stat.czxid
 
     async def read_gc(self) -> None:
         node = await self.zk.get(self.layout.gc)

@@ -16,7 +16,7 @@ from bridge import statecodec
 from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
-from bridge.layout import Change, Layout, classify
+from bridge.layout import Change, Layout, classify, is_excluded
 from bridge.model import Event
 from bridge.outbox import Outbox
 from bridge.plan import MetaEntry, Plan, Planner
@@ -86,6 +86,10 @@ class StoreCore(Planner):
         # the copy; one written after is an application's write, even one made
         # while a crashed join's bridge was down (the marker outlives the crash).
         self.join_zxid = 0
+        self.join_scope: tuple[str, ...] | None = None  # the paths that join; None: all
+        # The exclude list the peers' topics were read under, as the term began
+        # (None: not known).
+        self.read_under: tuple[str, ...] | None = None
         self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.
@@ -177,6 +181,12 @@ class StoreCore(Planner):
         if self.joining is None or node is None or rel not in self.joining:
             return False
         return node.stat.mzxid < self.join_zxid and self.meta(rel) is None
+
+    def joins(self, rel: str) -> bool:
+        """Is ``rel`` in what joins (``bridge.joining``): all of a joining subtree, or
+        a path that an exclude list no longer holds?"""
+        return self.joining is not None and (self.join_scope is None
+                                             or is_excluded(rel, self.join_scope))
 
     def join_gone(self, rel: str, node: Node | None) -> bool:
         """Was this set-aside znode deleted here, by an application, during the join?

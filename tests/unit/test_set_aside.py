@@ -126,6 +126,18 @@ def test_after_a_crash_a_write_made_while_the_bridge_was_down_is_not_taken_for_t
     assert set(s.joining or {}) == {"/a"}
 
 
+def test_paths_included_again_set_aside_only_what_is_under_them() -> None:
+    """A reload no longer excludes /tmp: what the region wrote there meanwhile is set
+    aside, an unrecorded znode elsewhere (a create not captured yet) is not."""
+    s = store(True)
+    s.join_scope = ("/tmp",)
+    now = joining.set_aside(s, scan(tmp=node(b"", 3), **{"tmp/a": node(b"1", 5)},
+                                    tmpfile=node(b"x", 6)))
+    assert now == {"/tmpfile"}
+    assert set(s.joining or {}) == {"/tmp", "/tmp/a"}
+    assert s.joins("/tmp/a") and not s.joins("/tmpfile") and not s.joins("/")
+
+
 def test_after_a_first_scan_that_found_nothing_new_znodes_are_captured() -> None:
     """An empty mount joins; a znode an application creates during the join (seen by a
     rescan after a reconnect) is its write, not part of an old copy."""
