@@ -26,6 +26,7 @@ import structlog
 
 from bridge import failpoints, startup
 from bridge.errors import MissingNode, VersionConflict
+from bridge.layout import Change, classify
 from bridge.zk import Delete
 
 if TYPE_CHECKING:
@@ -39,10 +40,10 @@ log = structlog.get_logger("bridge.joining")
 def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     """The paths of a scan to capture now; the rest wait for the subtree to have joined.
 
-    Set aside: every znode found without a record and last written before the
-    joining marker was made. Any other is an application's write, captured as
-    usual, whether this term's scan, a rescan after a reconnect or a scan after
-    a crash found it.
+    Set aside: every znode in what joins that differs from its record (none,
+    mostly) and was last written before the joining marker was made. Any other
+    is an application's write, captured as usual, whether this term's scan, a
+    rescan after a reconnect or a scan after a crash found it.
     """
     joining = store.joining
     if joining is None:
@@ -50,11 +51,14 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)
-        if (read is not None and store.meta(rel) is None and store.joins(rel)
-                and read[0].stat.mzxid < store.join_zxid):
+        meta = store.meta(rel)
+        if (read is not None and store.joins(rel) and read[0].stat.mzxid < store.join_zxid
+                and classify(read[0], meta) is Change.PUT):
             joining[rel] = read
+            store.join_records[rel] = meta
         else:
             joining.pop(rel, None)
+            store.join_records.pop(rel, None)
             now.add(rel)
     log.info("subtree_joining", subtree=store.layout.name, set_aside=len(joining),
              since_zxid=hex(store.join_zxid), paths=list(store.join_scope or ("/",)),
@@ -101,8 +105,9 @@ async def finish(b: Bridge, name: str) -> None:
     async with b.locks[name]:
         assert store.joining is not None
         # The rest took a peer's version (or were changed and captured meanwhile).
-        left = {r: read for r, read in store.joining.items() if store.meta(r) is None}
+        left = {r: read for r, read in store.joining.items() if store.untouched(r)}
         scope, store.joining, store.join_scope = store.join_scope, None, None
+        store.join_records.clear()
         # As the scan read them: one notified since is read again (``Outbound.flush``).
         # Per-node watches were armed after that read: all are read again.
         await b.start_up.during(

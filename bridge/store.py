@@ -84,6 +84,7 @@ class SubtreeStore(Chaining):
         except CodecError:
             self.read_under = None
         self.joining = None  # what a term set aside is read again by this term's scan
+        self.join_records.clear()
         # Paths excluded when the peers' topics were last read and not now (a
         # restart with a new exclude list) join like a new region's copy: marked
         # before anything (the scan, the topics' re-read) takes them in.

@@ -17,7 +17,7 @@ from bridge.acl import AclPolicy
 from bridge.clock import HybridClock
 from bridge.errors import NoPermission, VersionConflict, ZooKeeperError
 from bridge.layout import Change, Layout, classify, is_excluded
-from bridge.model import Event
+from bridge.model import Event, NodeMeta
 from bridge.outbox import Outbox
 from bridge.plan import MetaEntry, Plan, Planner
 from bridge.positions import Positions
@@ -87,6 +87,9 @@ class StoreCore(Planner):
         # while a crashed join's bridge was down (the marker outlives the crash).
         self.join_zxid = 0
         self.join_scope: tuple[str, ...] | None = None  # the paths that join; None: all
+        # The record of each set-aside znode then (None: none; a path included
+        # again may have one from before it was excluded).
+        self.join_records: dict[str, NodeMeta | None] = {}
         # The exclude list the peers' topics were read under, as the term began
         # (None: not known).
         self.read_under: tuple[str, ...] | None = None
@@ -178,9 +181,15 @@ class StoreCore(Planner):
         Not an application's write: a peer's version goes over it, and it is
         published only if no peer has the path (``bridge.joining``).
         """
-        if self.joining is None or node is None or rel not in self.joining:
+        if node is None or not self.untouched(rel):
             return False
-        return node.stat.mzxid < self.join_zxid and self.meta(rel) is None
+        return node.stat.mzxid < self.join_zxid
+
+    def untouched(self, rel: str) -> bool:
+        """Is ``rel`` set aside, and its record as it was then (no peer's version or
+        delete applied over it, no change of it captured since)?"""
+        return (self.joining is not None and rel in self.joining
+                and self.meta(rel) == self.join_records.get(rel))
 
     def joins(self, rel: str) -> bool:
         """Is ``rel`` in what joins (``bridge.joining``): all of a joining subtree, or
@@ -191,13 +200,13 @@ class StoreCore(Planner):
     def join_gone(self, rel: str, node: Node | None) -> bool:
         """Was this set-aside znode deleted here, by an application, during the join?
 
-        No peer's version or delete was applied to it (it has no record): the
-        delete is a write made after the join began, published like any other
-        (so it beats the versions the peers had, and the apply must not bring
-        a peer's back first).
+        No peer's version or delete was applied to it: the delete is a write
+        made after the join began, published like any other (so it beats the
+        versions the peers had, and the apply must not bring a peer's back first).
         """
-        return (self.joining is not None and node is None and rel in self.joining
-                and self.meta(rel) is None)
+        meta = self.meta(rel)
+        return (node is None and (meta is None or not meta.deleted)
+                and self.untouched(rel))
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)

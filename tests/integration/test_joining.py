@@ -179,23 +179,31 @@ def r4_marker_gone(fed: Federation) -> bool:
 @pytest.mark.parametrize("how", ["reload", "reload-killed", "restart"])
 def test_a_path_included_again_takes_the_federation_s_versions(
         make_federation: Callable[..., Federation], how: str) -> None:
-    """r2 excluded /tmp, and its applications wrote there meanwhile: an older value of
-    a path r1 has since written again, and a path of r2's own. Once r2 includes /tmp
-    again, r1's newer value stays in every region and r2's own path reaches them all,
+    """r2 excluded /tmp for a while, and its applications wrote there meanwhile: an
+    older value of a path r1 created later, an older change of a path replicated
+    before (r1 changed it later too), and a path of r2's own. Once r2 includes /tmp
+    again, r1's newer values stay in every region and r2's own path reaches them all,
     as when a region joins with a copy. Killed once the re-read is stored, the next
     start still finds /tmp joining (the marker was written before it)."""
     fed = make_federation()
     r1, r2 = fed["r1"], fed["r2"]
-    fed.write_exclude("r2", ["/tmp"])
     fed.start("r1", wait=False)
     fed.start("r3", wait=False)
     fed.start("r2", env={"ZKBRIDGE_FAILPOINTS": "reread_stored=crash@1"}
               if how == "reload-killed" else None)
     fed.wait_ready("r1")
     fed.wait_ready("r3")
-    r2.client.create(r2.path("/tmp/a"), b"r2, while excluded", makepath=True)
+    r1.client.create(r1.path("/tmp/r"), b"replicated", makepath=True)
+    fed.wait_converged()
+    fed.write_exclude("r2", ["/tmp"])
+    assert r2.proc is not None
+    r2.proc.send_signal(signal.SIGHUP)
+    procs.wait_for(lambda: fed.count_events("r2", "reloaded") == 1, 30)
+    r2.client.create(r2.path("/tmp/a"), b"r2, while excluded")
+    r2.client.set(r2.path("/tmp/r"), b"r2, while excluded")
     r2.client.create(r2.path("/tmp/own"), b"r2's own")
-    r1.client.create(r1.path("/tmp/a"), b"r1, newest", makepath=True)
+    r1.client.create(r1.path("/tmp/a"), b"r1, newest")
+    r1.client.set(r1.path("/tmp/r"), b"r1, newest")
     r1.client.create(r1.path("/kept"), b"k")
     procs.wait_for(lambda: r2.client.exists(r2.path("/kept")) is not None, 30)
     fed.write_exclude("r2")
@@ -213,10 +221,11 @@ def test_a_path_included_again_takes_the_federation_s_versions(
     fed.wait_converged()
     for name in fed.regions:
         assert fed.tree(name)["/tmp/a"] == b"r1, newest", name
+        assert fed.tree(name)["/tmp/r"] == b"r1, newest", name
         assert fed.tree(name)["/tmp/own"] == b"r2's own", name
     # Its first start joined the whole subtree; the include, /tmp.
     joined = [e for e in fed.events("r2") if e["event"] == "subtree_joined"]
     assert [e["paths"] for e in joined] == [["/"], ["/tmp"]]
-    assert joined[1]["published"] == 1  # /tmp/own: r1 has /tmp
+    assert joined[1]["published"] == 1  # /tmp/own: r1 has the others
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/joining") is None
     fed.assert_clean_logs()
