@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -148,6 +149,21 @@ class Federation:
         """``name``'s config with its subtree excluding ``exclude`` (nothing: the whole of it)."""
         st: dict[str, Any] = {"name": self.subtree, "path": self.regions[name].mount}
         return self.write_config(name, subtrees=[{**st, "exclude": list(exclude)}])
+
+    def exclude_by(self, name: str, how: str, exclude: Iterable[str] = ()) -> None:
+        """Give ``name`` a new exclude list by ``how``: "reload" (SIGHUP), "restart", or
+        "reload-killed" (SIGHUP to a bridge a failpoint kills there; then started again)."""
+        self.write_exclude(name, exclude)
+        r = self.regions[name]
+        if how == "restart":
+            assert self.stop(name) == 0
+            self.start(name)
+            return
+        assert r.proc is not None
+        r.proc.send_signal(signal.SIGHUP)
+        if how == "reload-killed":
+            assert r.proc.wait(timeout=30) == -signal.SIGKILL
+            self.start(name)
 
     # -- bridge processes ---------------------------------------------------
     def start(

@@ -206,16 +206,7 @@ def test_a_path_included_again_takes_the_federation_s_versions(
     r1.client.set(r1.path("/tmp/r"), b"r1, newest")
     r1.client.create(r1.path("/kept"), b"k")
     procs.wait_for(lambda: r2.client.exists(r2.path("/kept")) is not None, 30)
-    fed.write_exclude("r2")
-    if how == "restart":
-        fed.stop("r2")
-        fed.start("r2")
-    else:
-        assert r2.proc is not None
-        r2.proc.send_signal(signal.SIGHUP)
-    if how == "reload-killed":
-        assert r2.proc is not None and r2.proc.wait(timeout=30) == -signal.SIGKILL
-        fed.start("r2")
+    fed.exclude_by("r2", how)
     procs.wait_for(lambda: r1.client.exists(r1.path("/tmp/own")) is not None, 30,
                    message="r2's own path under /tmp never reached r1")
     fed.wait_converged()
