@@ -368,11 +368,13 @@ class Bridge:
         self.watching.retime()
         return applied, restart
 
-    def exclude(self, name: str, exclude: tuple[str, ...], included: tuple[str, ...]) -> None:
-        """Take a reloaded exclude list in (``included``: paths it no longer holds)."""
+    def exclude(self, name: str, exclude: tuple[str, ...], included: tuple[str, ...], *,
+                rescan: bool = True) -> None:
+        """Take a reloaded exclude list in (``included``: paths it no longer holds;
+        ``rescan``: whether the rescanner is to look at everything again)."""
         self.stores[name].exclude = exclude
-        # Newly included paths were never watched: look at everything again.
-        self.watching.request()
+        if rescan:  # newly included paths were never watched
+            self.watching.request()
         # The peers' events for them were passed over: read those again (and
         # store the exclude list the topics are read under).
         before = self.inbound.read_again.get(name, ())

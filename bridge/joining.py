@@ -1,4 +1,5 @@
-"""A subtree's first start in a region: the peers' versions first, then what only it held.
+"""A subtree's first start in a region, or a path taken out of ``exclude``: the peers'
+versions first, then what only this region held.
 
 A region whose ensemble already holds the subtree when its bridge first
 starts (a copy made before, by hand or by another tool; every region when a
@@ -14,6 +15,11 @@ like any write. A marker znode (``Layout.joining``), made before the
 subtree's state, keeps a crash in between from publishing the copy; its
 czxid tells the copy (last written before it) from an application's writes
 made since, also across such a crash.
+
+A path an exclude list no longer holds joins the same way: what the region
+wrote there while it was excluded has no record, or one older than its
+content, and the peers' topics are read again for it (``TopicCheck.read_again``).
+The marker then holds the paths that join.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import structlog
 
 from bridge import failpoints, startup
 from bridge.errors import MissingNode, VersionConflict
-from bridge.layout import Change, classify
 from bridge.zk import Delete
 
 if TYPE_CHECKING:
@@ -51,11 +56,9 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)
-        meta = store.meta(rel)
-        if (read is not None and store.joins(rel) and read[0].stat.mzxid < store.join_zxid
-                and classify(read[0], meta) is Change.PUT):
+        if read is not None and store.pre_join(rel, read[0]):
             joining[rel] = read
-            store.join_records[rel] = meta
+            store.join_records[rel] = store.meta(rel)
         else:
             joining.pop(rel, None)
             store.join_records.pop(rel, None)
@@ -79,14 +82,19 @@ async def include(b: Bridge, name: str, exclude: tuple[str, ...],
     """A reload that no longer excludes ``included``, in a term: once the term has
     started, mark them joining, then take them in and finish the join."""
     await b.ready.wait()
+    marked = False
     try:
         async with b.locks[name]:
             await b.retry(f"mark {name}'s included paths",
                           lambda: b.stores[name].mark_joining(included))
+        marked = True
     finally:
         # Also when the term ended first: its successor compares the exclude list
         # the topics were read under with this one, and marks them.
-        b.exclude(name, exclude, included)
+        b.exclude(name, exclude, included, rescan=not marked)
+    # The rescan that sets the paths aside, before the join is finished. An apply
+    # or a capture that meets one of them before it knows it by the marker.
+    await b.retry(f"rescan {name}", lambda: b.watching.scan(name, watched=True))
     start(b, name)
 
 

@@ -176,14 +176,15 @@ class StoreCore(Planner):
                                                       Change.MAYBE_PLACEHOLDER))]
 
     def pre_join(self, rel: str, node: Node | None) -> bool:
-        """Is this znode one the subtree held, unrecorded and unchanged, from before it joined?
+        """Is this znode one the region held, unlike its record, from before it joined?
 
         Not an application's write: a peer's version goes over it, and it is
-        published only if no peer has the path (``bridge.joining``).
+        published only if no peer has the path (``bridge.joining``). Told by
+        the znode alone (last written before the marker: neither an application
+        nor an apply wrote it since), also before a scan set it aside.
         """
-        if node is None or not self.untouched(rel):
-            return False
-        return node.stat.mzxid < self.join_zxid
+        return (node is not None and self.joins(rel) and node.stat.mzxid < self.join_zxid
+                and classify(node, self.meta(rel)) is Change.PUT)
 
     def untouched(self, rel: str) -> bool:
         """Is ``rel`` set aside, and its record as it was then (no peer's version or

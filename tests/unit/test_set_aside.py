@@ -156,7 +156,19 @@ def test_a_recorded_znode_changed_while_excluded_is_set_aside_until_a_peer_s_ver
     s.metas["/tmp/r"] = MetaEntry(NodeMeta(vc=VectorClock.of({"r1": 2}),
                                            data_hash=content_hash(b"peer's"), deleted=False,
                                            writer="r1", ts=2), 0)
-    assert not s.untouched("/tmp/r") and not s.pre_join("/tmp/r", node(b"changed here", 7))
+    assert not s.untouched("/tmp/r") and not s.pre_join("/tmp/r", node(b"peer's", 12))
+
+
+def test_a_znode_of_an_included_path_is_told_from_its_read_before_any_scan() -> None:
+    """A reload included /tmp; an apply (or a capture) meets /tmp/a before the rescan
+    set it aside: it is the region's copy by its mzxid and record alone."""
+    s = store(True)
+    s.join_scope = ("/tmp",)
+    assert s.pre_join("/tmp/a", node(b"old", 5))
+    assert s.unannounced({"/tmp/a": node(b"old", 5)}) == []
+    assert not s.pre_join("/tmp/a", node(b"new", 12))  # written since the marker
+    assert not s.pre_join("/other", node(b"x", 5))  # not in what joins
+    assert not s.join_gone("/tmp/b", None)  # never seen: nothing to publish
 
 
 def test_after_a_first_scan_that_found_nothing_new_znodes_are_captured() -> None:
