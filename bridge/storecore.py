@@ -205,9 +205,8 @@ class StoreCore(Planner):
         made after the join began, published like any other (so it beats the
         versions the peers had, and the apply must not bring a peer's back first).
         """
-        meta = self.meta(rel)
-        return (node is None and (meta is None or not meta.deleted)
-                and self.untouched(rel))
+        return (node is None and self.untouched(rel)
+                and ((meta := self.meta(rel)) is None or not meta.deleted))
 
     def _commit(self, plan: Plan) -> None:
         self.metas.update(plan.metas)
