@@ -56,7 +56,8 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)
-        if read is not None and store.pre_join(rel, read[0]):
+        if (read is not None and store.pre_join(rel, read[0])) or (
+                read is None and store.gone_before(rel, result.gone.get(rel))):
             joining[rel] = read
             store.join_records[rel] = store.meta(rel)
         else:
@@ -83,18 +84,25 @@ async def include(b: Bridge, name: str, exclude: tuple[str, ...],
     started, mark them joining, then take them in and finish the join."""
     await b.ready.wait()
     marked = False
-    try:
-        async with b.locks[name]:
+
+    async def mark() -> None:
+        nonlocal marked
+        if not marked:
             await b.retry(f"mark {name}'s included paths",
                           lambda: b.stores[name].mark_joining(included))
-        marked = True
+            marked = True
+            b.exclude(name, exclude, included, rescan=False)
+
+    try:
+        # The marker, the exclude list and the rescan that sets the paths aside, in
+        # one hold of the subtree's lock: no apply of a re-read event and no capture
+        # meets what joins before (a missing znode does not tell when it went).
+        await b.retry(f"rescan {name}", lambda: b.watching.scan(name, watched=True, first=mark))
     finally:
-        # Also when the term ended first: its successor compares the exclude list
-        # the topics were read under with this one, and marks them.
-        b.exclude(name, exclude, included, rescan=not marked)
-    # The rescan that sets the paths aside, before the join is finished. An apply
-    # or a capture that meets one of them before it knows it by the marker.
-    await b.retry(f"rescan {name}", lambda: b.watching.scan(name, watched=True))
+        if not marked:
+            # The term ended first: its successor compares the exclude list the
+            # topics were read under with this one, and marks them.
+            b.exclude(name, exclude, included)
     start(b, name)
 
 
@@ -118,11 +126,12 @@ async def finish(b: Bridge, name: str) -> None:
         store.join_records.clear()
         # As the scan read them: one notified since is read again (``Outbound.flush``).
         # Per-node watches were armed after that read: all are read again.
+        read = {r: v for r, v in left.items() if v is not None}
         await b.start_up.during(
             f"join:{name}", startup.capturing(b, name, lambda: len(left),
                                               "changes the scan found that no peer has"),
             b.outbound.flush(name, set(left),
-                             prefetched=left if b.watching.tree_watch else None))
+                             prefetched=read if b.watching.tree_watch else None))
         failpoints.hit(failpoints.JOIN_ENDING)
         # Fenced: a deposed leader must not end the next one's join. Refused: a
         # retry after a lost answer, which committed.

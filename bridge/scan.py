@@ -30,6 +30,9 @@ from bridge.zk import ACL_CHUNK, Node
 log = structlog.get_logger("bridge.scan")
 
 ACLS_AHEAD = 4 * ACL_CHUNK  # ACLs of new znodes read ahead, per scan
+# A delete's bound when none was read: above every marker, so the delete is
+# taken for an application's (``SubtreeStore.gone_before``).
+NEVER = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,9 @@ class ScanResult:
     # Changed znodes as the scan read them, each with its reply's frame: the
     # capture that follows reads again only what was notified since.
     reads: Mapping[str, tuple[Node, int]] = field(default_factory=dict)
+    # While joining: each recorded znode found missing, with a zxid at or above
+    # its delete's (``SubtreeStore.gone_before``).
+    gone: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +91,28 @@ class Scanner:
         changed: list[str] = []
         present: list[str] = []
         reads: dict[str, tuple[Node, int]] = {}
+        gone: dict[str, int] = {}
+        joining = store.joining is not None
         znodes = replicated = deletes = 0
         ahead = ACLS_AHEAD
-        # (rel, list its znode children?, list its metadata children?)
-        level: list[tuple[str, bool, bool]] = [("/", True, True)]
+        # (rel, list its znode children?, list its metadata children?, the zxid by
+        # which a missing child was deleted, if rel is missing too)
+        level: list[tuple[str, bool, bool, int]] = [("/", True, True, NEVER)]
         while level:
-            ops = [op for rel, zkids, mkids in level
+            # While joining, each parent of records is read again after its
+            # listings: its pzxid bounds the deletes of the children they lack.
+            ops = [op for rel, zkids, mkids, _ in level
                    for op in ((("children", lay.znode(rel)),) if zkids else ())
-                   + ((("children", lay.meta(rel)),) if mkids else ())]
+                   + ((("children", lay.meta(rel)),) if mkids else ())
+                   + ((("data", lay.znode(rel)),) if joining and mkids else ())]
             listings = iter((await self._read(ops))[0])
             # What a listing did not name is not read: the watch went first, so
             # a znode created since is notified; metadata changes only under
             # the subtree's lock, which the scan holds.
             in_tree: set[str] = set()
             in_meta: set[str] = set()
-            for rel, zkids, mkids in level:
+            bounds: dict[str, int] = {}
+            for rel, zkids, mkids, bound in level:
                 for want, into in ((zkids, in_tree), (mkids, in_meta)):
                     if not want:
                         continue
@@ -108,6 +121,10 @@ class Scanner:
                         store.hold(rel, "read")
                     elif names:
                         into.update(join(rel, n) for n in names)
+                if joining and mkids:
+                    again = next(listings)
+                    bounds[rel] = (again.stat.pzxid if isinstance(again, Node)
+                                   else bound if again is None else NEVER)
             todo = sorted(r for r in in_tree | in_meta if not store.excluded(r))
             # A znode without metadata is new here: the capture after the scan
             # announces it, with its ACL. The first few thousand are read ahead
@@ -145,17 +162,19 @@ class Scanner:
                         reads[rel] = (node, frame)
                 if change is Change.DELETE:
                     deletes += 1
+                    if joining:
+                        gone[rel] = bounds.get(parent(rel), NEVER)
                 zkids = node is not None and change is not Change.IGNORE and (
                     node.stat.num_children > 0)
                 mkids = isinstance(mnode, Node) and mnode.stat.num_children > 0
                 if zkids or mkids:
-                    level.append((rel, zkids, mkids))
+                    level.append((rel, zkids, mkids, bounds.get(parent(rel), NEVER)))
         # Held back for reading: looked at again by every scan.
         for rel in [r for r, what in store.held_back.items() if what == "read"]:
             if rel not in changed:
                 changed.append(rel)
         result = ScanResult(tuple(changed), znodes, replicated, deletes,
-                            time.monotonic() - started, tuple(present), reads)
+                            time.monotonic() - started, tuple(present), reads, gone)
         self.found = len(changed)
         self._breaker(result, allow_mass_delete)
         return result

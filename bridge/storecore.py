@@ -80,8 +80,9 @@ class StoreCore(Planner):
         # While the subtree joins the federation in this region (``bridge.joining``):
         # the znodes it held unrecorded, each as the scan read it (and that
         # reply's frame). The peers' versions are applied over them; whatever
-        # is left is published after that. None: not joining.
-        self.joining: dict[str, tuple[Node, int]] | None = None
+        # is left is published after that. None: not joining. A recorded znode
+        # deleted before the marker was made is set aside too, as None.
+        self.joining: dict[str, tuple[Node, int] | None] | None = None
         # The joining marker's czxid. A znode last written before it is part of
         # the copy; one written after is an application's write, even one made
         # while a crashed join's bridge was down (the marker outlives the crash).
@@ -183,8 +184,26 @@ class StoreCore(Planner):
         the znode alone (last written before the marker: neither an application
         nor an apply wrote it since), also before a scan set it aside.
         """
-        return (node is not None and self.joins(rel) and node.stat.mzxid < self.join_zxid
+        if node is None:  # still absent as the scan found it, before the marker
+            return self.untouched(rel) and self._set_aside_absent(rel)
+        return (self.joins(rel) and node.stat.mzxid < self.join_zxid
                 and classify(node, self.meta(rel)) is Change.PUT)
+
+    def gone_before(self, rel: str, bound: int | None) -> bool:
+        """Was this recorded znode, missing now, deleted before the joining marker?
+
+        ``bound``: its nearest present ancestor's pzxid, read after the listing
+        that lacked it (``ScanResult.gone``), at or above the zxid of the delete.
+        Such a delete was made while the path was excluded (or the subtree away):
+        like a changed znode of the copy, it is published only if no peer's
+        version lands over it meanwhile. Above the marker it may be an
+        application's delete since, captured as usual.
+        """
+        return (bound is not None and bound < self.join_zxid and self.joins(rel)
+                and (meta := self.meta(rel)) is not None and not meta.deleted)
+
+    def _set_aside_absent(self, rel: str) -> bool:
+        return self.joining is not None and self.joining.get(rel, False) is None
 
     def untouched(self, rel: str) -> bool:
         """Is ``rel`` set aside, and its record as it was then (no peer's version or
@@ -205,7 +224,7 @@ class StoreCore(Planner):
         made after the join began, published like any other (so it beats the
         versions the peers had, and the apply must not bring a peer's back first).
         """
-        return (node is None and self.untouched(rel)
+        return (node is None and self.untouched(rel) and not self._set_aside_absent(rel)
                 and ((meta := self.meta(rel)) is None or not meta.deleted))
 
     def _commit(self, plan: Plan) -> None:

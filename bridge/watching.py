@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -134,7 +135,8 @@ class Watching:
                     await b.outbound.flush(name, set(result.suspects))
                 await self._apply_held(name)
 
-    async def scan(self, name: str, *, watched: bool = False) -> None:
+    async def scan(self, name: str, *, watched: bool = False,
+                   first: Callable[[], Awaitable[None]] | None = None) -> None:
         """Watch the mount, read everything, capture what changed unseen (one batch or more).
 
         ``watched``: the subtree was watched since its last scan (a rescan a
@@ -146,6 +148,8 @@ class Watching:
         connection dropped since the last scan.
         """
         async with self.bridge.locks[name]:
+            if first is not None:  # (in the same hold of the lock)
+                await first()
             await self._rescan_locked(name, breaker=not watched or name in self.unseen)
             await self._apply_held(name)
 

@@ -181,10 +181,13 @@ def test_a_path_included_again_takes_the_federation_s_versions(
         make_federation: Callable[..., Federation], how: str) -> None:
     """r2 excluded /tmp for a while, and its applications wrote there meanwhile: an
     older value of a path r1 created later, an older change of a path replicated
-    before (r1 changed it later too), and a path of r2's own. Once r2 includes /tmp
-    again, r1's newer values stay in every region and r2's own path reaches them all,
-    as when a region joins with a copy. Killed once the re-read is stored, the next
-    start still finds /tmp joining (the marker was written before it)."""
+    before (r1 changed it later too), a path of r2's own, and the deletes of two
+    replicated paths (r1 changed one of them later). Once r2 includes /tmp again,
+    r1's newer values stay in every region, and r2's own path and its delete of the
+    path no one changed since reach them all, as when a region joins with a copy.
+    Killed once the re-read is stored, the next start still finds /tmp joining (the
+    marker was written before it). Before, r2's older delete removed r1's newer
+    /tmp/d everywhere."""
     fed = make_federation()
     r1, r2 = fed["r1"], fed["r2"]
     fed.start("r1", wait=False)
@@ -194,6 +197,8 @@ def test_a_path_included_again_takes_the_federation_s_versions(
     fed.wait_ready("r1")
     fed.wait_ready("r3")
     r1.client.create(r1.path("/tmp/r"), b"replicated", makepath=True)
+    r1.client.create(r1.path("/tmp/d"), b"replicated")
+    r1.client.create(r1.path("/tmp/gone"), b"replicated")
     fed.wait_converged()
     fed.write_exclude("r2", ["/tmp"])
     assert r2.proc is not None
@@ -202,7 +207,10 @@ def test_a_path_included_again_takes_the_federation_s_versions(
     r2.client.create(r2.path("/tmp/a"), b"r2, while excluded")
     r2.client.set(r2.path("/tmp/r"), b"r2, while excluded")
     r2.client.create(r2.path("/tmp/own"), b"r2's own")
+    r2.client.delete(r2.path("/tmp/d"))
+    r2.client.delete(r2.path("/tmp/gone"))
     r1.client.create(r1.path("/tmp/a"), b"r1, newest")
+    r1.client.set(r1.path("/tmp/d"), b"r1, newest")
     r1.client.set(r1.path("/tmp/r"), b"r1, newest")
     r1.client.create(r1.path("/kept"), b"k")
     procs.wait_for(lambda: r2.client.exists(r2.path("/kept")) is not None, 30)
@@ -214,9 +222,11 @@ def test_a_path_included_again_takes_the_federation_s_versions(
         assert fed.tree(name)["/tmp/a"] == b"r1, newest", name
         assert fed.tree(name)["/tmp/r"] == b"r1, newest", name
         assert fed.tree(name)["/tmp/own"] == b"r2's own", name
+        assert fed.tree(name).get("/tmp/d") == b"r1, newest", name
+        assert "/tmp/gone" not in fed.tree(name), name
     # Its first start joined the whole subtree; the include, /tmp.
     joined = [e for e in fed.events("r2") if e["event"] == "subtree_joined"]
     assert [e["paths"] for e in joined] == [["/"], ["/tmp"]]
-    assert joined[1]["published"] == 1  # /tmp/own: r1 has the others
+    assert joined[1]["published"] == 2  # /tmp/own, /tmp/gone's delete: r1 has the others
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/joining") is None
     fed.assert_clean_logs()

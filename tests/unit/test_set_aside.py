@@ -116,6 +116,31 @@ def test_a_set_aside_znode_deleted_here_is_a_delete_to_publish() -> None:
     assert not s.join_gone("/a", None) and s.unannounced({"/a": None}) == []
 
 
+def test_a_recorded_znode_deleted_before_the_marker_is_set_aside() -> None:
+    """Deleted while its path was excluded (its parent's pzxid, read after the listing
+    that lacked it, is below the marker): a peer's version goes over its absence, and
+    the delete is published only if none does. Above the marker, the delete may be an
+    application's since: captured now, like a write made then."""
+    s = store(True)
+    for rel in ("/old", "/new", "/unknown"):
+        s.metas[rel] = MetaEntry(recorded(b"v"), 0)
+    result = ScanResult(("/old", "/new", "/unknown"), 0, 3, 3, 0.1, (), {},
+                        {"/old": MARKER - 1, "/new": MARKER + 1})
+    assert joining.set_aside(s, result) == {"/new", "/unknown"}
+    assert s.joining == {"/old": None}
+    assert s.pre_join("/old", None) and not s.join_gone("/old", None)
+    assert s.unannounced({"/old": None}) == []  # a peer's version may be applied over it
+    assert asyncio.run(s._capture({"/old": None})) == []  # not published during the join
+    # Created again here since the marker: an application's write.
+    assert not s.pre_join("/old", node(b"again", MARKER + 2))
+    assert s.unannounced({"/old": node(b"again", MARKER + 2)}) == ["/old"]
+    # A peer's version landed: the apply's, no longer set aside.
+    s.metas["/old"] = MetaEntry(NodeMeta(vc=VectorClock.of({"r1": 2}),
+                                         data_hash=content_hash(b"p"), deleted=False,
+                                         writer="r1", ts=2), 0)
+    assert not s.pre_join("/old", None)
+
+
 def test_after_a_crash_a_write_made_while_the_bridge_was_down_is_not_taken_for_the_copy() -> None:
     """The join's bridge crashed; an application wrote /b and created /c before it
     started again. The new term's scan tells them from the copy by the marker's
