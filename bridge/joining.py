@@ -19,7 +19,11 @@ made since, also across such a crash.
 A path an exclude list no longer holds joins the same way: what the region
 wrote there while it was excluded has no record, or one older than its
 content, and the peers' topics are read again for it (``TopicCheck.read_again``).
-The marker then holds the paths that join.
+The marker then holds the paths that join. A recorded znode missing there,
+deleted before the marker (its nearest present ancestor's pzxid says so), is
+set aside too: a peer's later version goes over its absence, and the delete is
+published only if none does. A subtree configured again after starts without
+it (``mark_away``) joins whole in the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import structlog
 
 from bridge import failpoints, startup
 from bridge.errors import MissingNode, VersionConflict
-from bridge.zk import Delete
+from bridge.layout import Layout, subtrees_root
+from bridge.zk import Create, Delete
 
 if TYPE_CHECKING:
     from bridge.engine import Bridge
@@ -56,8 +61,10 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
     now: set[str] = set()
     for rel in result.changed:
         read = result.reads.get(rel)
-        if (read is not None and store.pre_join(rel, read[0])) or (
-                read is None and store.gone_before(rel, result.gone.get(rel))):
+        # (A missing one set aside before stays so: a later scan's bound may have
+        # moved past the marker with its siblings' changes.)
+        if (read is not None and store.pre_join(rel, read[0])) or (read is None and (
+                store.pre_join(rel, None) or store.gone_before(rel, result.gone.get(rel)))):
             joining[rel] = read
             store.join_records[rel] = store.meta(rel)
         else:
@@ -68,6 +75,27 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
              since_zxid=hex(store.join_zxid), paths=list(store.join_scope or ("/",)),
              action="applying the peers' versions first; then publishing what no peer has")
     return now
+
+
+async def mark_away(b: Bridge) -> None:
+    """Mark each subtree replicated here before and missing from the configuration now.
+
+    Its state stays. Its znodes are the applications' alone until it is
+    configured again; then what they changed there joins like a copy
+    (``SubtreeStore.setup``): captured as writes made then, each older value
+    and delete would win over the peers' later writes in every region.
+    """
+    state = b.settings.state_path
+    for name in sorted(set(await b.zk.children(subtrees_root(state)) or ()) - set(b.stores)):
+        lay = Layout(state, name, "")
+        if (await b.zk.exists(lay.meta_root) is None
+                or await b.zk.exists(lay.away) is not None):
+            continue
+        with contextlib.suppress(VersionConflict):  # made by a start that lost its answer
+            await b.zk.multi([Create(lay.away, b"")])
+        log.info("subtree_away", subtree=name,
+                 action="its state stays; configured again, what this region changed "
+                        "there meanwhile takes the peers' versions first")
 
 
 def start(b: Bridge, name: str) -> asyncio.Task[None]:

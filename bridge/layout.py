@@ -38,6 +38,11 @@ def join(rel: str, name: str) -> str:
     return f"/{name}" if rel == "/" else f"{rel}/{name}"
 
 
+def subtrees_root(state_path: str) -> str:
+    """Where each subtree's state lives, one child per subtree replicated here."""
+    return f"{state_path}/subtrees"
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Where one subtree's znodes and state live."""
@@ -48,7 +53,7 @@ class Layout:
 
     @property
     def base(self) -> str:
-        return f"{self.state_path}/subtrees/{self.name}"
+        return f"{subtrees_root(self.state_path)}/{self.name}"
 
     @property
     def meta_root(self) -> str:
@@ -89,6 +94,12 @@ class Layout:
         """Present from the subtree's first start in this region until what only this
         region held is published (``bridge.joining``)."""
         return f"{self.base}/joining"
+
+    @property
+    def away(self) -> str:
+        """Made by a start whose configuration lacks the subtree, replicated here
+        before: its next start here joins (``bridge.joining``)."""
+        return f"{self.base}/away"
 
     @property
     def conflicts(self) -> str:

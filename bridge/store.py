@@ -76,6 +76,8 @@ class SubtreeStore(Chaining):
             # The subtree's first start here: marked before its state is made, so
             # a crash in between still finds it joining.
             await self.zk.ensure_path(lay.joining)
+        elif (away := await self.zk.exists(lay.away)) is not None:
+            await self._back(away.version)
         for path in (lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
                      lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)
@@ -95,6 +97,19 @@ class SubtreeStore(Chaining):
         self.outbox.reset()
         await self.read_gc()
 
+
+    async def _back(self, version: int) -> None:
+        """Configured again after starts without it: what the region's applications
+        changed there meanwhile joins, the whole subtree (the marker made anew, its
+        czxid the line), as a path included again does."""
+        lay = self.layout
+        node = await self.zk.get(lay.joining)
+        await self.zk.multi([Delete(lay.away, version),
+                             *([Delete(lay.joining, node.stat.version)] if node else []),
+                             Create(lay.joining, b"")])
+        log.info("subtree_back", subtree=lay.name,
+                 action="the peers' versions of what this region changed there while "
+                        "away first")
 
     def included(self) -> tuple[str, ...]:
         """The paths excluded when the peers' topics were last read and not now."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import codec, failpoints, owntopic, startup, twin
+from bridge import codec, failpoints, joining, owntopic, startup, twin
 from bridge.errors import BridgeError
 from bridge.termsteps import both
 from bridge.topiccheck import check_configs
@@ -36,6 +36,7 @@ async def start(b: Bridge, tasks: list[asyncio.Task[None]]) -> None:
     # A connection lost while starting is retried like any later one (a
     # chaos round crashed a bridge on one: seed 885666).
     fresh = await b.retry("read incarnation", lambda: twin.establish_incarnation(b))
+    await b.retry("mark subtrees away", lambda: joining.mark_away(b))
     for store in b.stores.values():
         store.incarnation = b.incarnation
         await b.retry(f"set up {store.layout.name}", store.setup)

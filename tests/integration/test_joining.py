@@ -230,3 +230,61 @@ def test_a_path_included_again_takes_the_federation_s_versions(
     assert joined[1]["published"] == 2  # /tmp/own, /tmp/gone's delete: r1 has the others
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/joining") is None
     fed.assert_clean_logs()
+
+
+def test_a_subtree_added_back_takes_the_federation_s_versions(
+        make_federation: Callable[..., Federation]) -> None:
+    """r2 ran without the subtree "side" for a while (taken out of its configuration,
+    restarted), and its applications changed it meanwhile: an older change and an
+    older delete of paths r1 changed later, a path of r2's own, and the delete of a
+    path no one changed since. Once r2 has it in its configuration again, every
+    region ends with r1's newer values, r2's own path and that delete. Before, r2's
+    older change and delete, captured as writes made then, won over r1's newer ones
+    in every region."""
+    fed = make_federation()
+    r1, r2 = fed["r1"], fed["r2"]
+
+    def side(name: str, rel: str = "") -> str:
+        return f"/{fed.token}/{name}-side{rel}"
+
+    def both(name: str) -> list[dict[str, str]]:
+        return [{"name": fed.subtree, "path": fed[name].mount},
+                {"name": "side", "path": side(name)}]
+
+    for name in fed.regions:
+        fed.write_config(name, subtrees=both(name))
+        fed.start(name, wait=False)
+    for name in fed.regions:
+        fed.wait_ready(name)
+    for rel in ("/r", "/d", "/gone"):
+        r1.client.create(side("r1", rel), b"replicated", makepath=True)
+    for name in fed.regions:
+        procs.wait_for(lambda n=name: fed[n].client.exists(side(n, "/gone")) is not None, 30)
+    fed.write_config("r2", subtrees=both("r2")[:1])
+    assert fed.stop("r2") == 0
+    fed.start("r2")
+    r2.client.set(side("r2", "/r"), b"r2, while away")
+    r2.client.delete(side("r2", "/d"))
+    r2.client.delete(side("r2", "/gone"))
+    r2.client.create(side("r2", "/own"), b"r2's own")
+    r1.client.set(side("r1", "/r"), b"r1, newest")
+    r1.client.set(side("r1", "/d"), b"r1, newest")
+    procs.wait_for(lambda: fed["r3"].client.get(side("r3", "/d"))[0] == b"r1, newest", 30)
+    fed.write_config("r2", subtrees=both("r2"))
+    assert fed.stop("r2") == 0
+    fed.start("r2")
+
+    def tree(name: str) -> dict[str, bytes]:
+        client = fed[name].client
+        return {c: client.get(side(name, f"/{c}"))[0] for c in client.get_children(side(name))}
+
+    want = {"r": b"r1, newest", "d": b"r1, newest", "own": b"r2's own"}
+    procs.wait_for(lambda: all(tree(n) == want for n in fed.regions), 60,
+                   message=lambda: f"side differs: { {n: tree(n) for n in fed.regions} }")
+    joined = [e for e in fed.events("r2") if e["event"] == "subtree_joined"
+              and e["subtree"] == "side"]
+    assert [e["published"] for e in joined] == [0, 2]  # its first start; /own, /gone's delete
+    assert fed.count_events("r2", "subtree_away") == 1  # marked once, by the start without it
+    assert fed.count_events("r2", "subtree_back") == 1
+    assert r2.client.exists(f"{fed.state_path}/subtrees/side/joining") is None
+    fed.assert_clean_logs()

@@ -131,6 +131,9 @@ def test_a_recorded_znode_deleted_before_the_marker_is_set_aside() -> None:
     assert s.pre_join("/old", None) and not s.join_gone("/old", None)
     assert s.unannounced({"/old": None}) == []  # a peer's version may be applied over it
     assert asyncio.run(s._capture({"/old": None})) == []  # not published during the join
+    # A rescan after a reconnect, its bound moved past the marker by a sibling's create.
+    later = ScanResult(("/old",), 0, 3, 1, 0.1, (), {}, {"/old": MARKER + 5})
+    assert joining.set_aside(s, later) == set() and s.joining == {"/old": None}
     # Created again here since the marker: an application's write.
     assert not s.pre_join("/old", node(b"again", MARKER + 2))
     assert s.unannounced({"/old": node(b"again", MARKER + 2)}) == ["/old"]
