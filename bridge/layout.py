@@ -102,6 +102,12 @@ class Layout:
         return f"{self.base}/away"
 
     @property
+    def mount_record(self) -> str:
+        """The mount the subtree's state describes: where its last start here
+        scanned it, past the mass-delete breaker."""
+        return f"{self.base}/mount"
+
+    @property
     def conflicts(self) -> str:
         return f"{self.base}/conflicts"
 

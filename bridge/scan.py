@@ -177,6 +177,7 @@ class Scanner:
                             time.monotonic() - started, tuple(present), reads, gone)
         self.found = len(changed)
         self._breaker(result, allow_mass_delete)
+        await store.note_mount()
         return result
 
     async def audit(self) -> AuditResult:
@@ -233,6 +234,15 @@ class Scanner:
         if allow or result.deletes < max(md.min_nodes, 1):
             return
         if result.deletes > md.max_ratio * max(result.replicated, 1):
+            lay, before = self.store.layout, self.store.mount_before
+            if before is not None and before != lay.mount:
+                raise MassDeleteError(
+                    f"subtree {lay.name!r}: its mount here was {before} and is {lay.mount} "
+                    f"now, and {result.deletes} of its {result.replicated} replicated znodes "
+                    f"are missing there; refusing to announce their delete to every region. "
+                    f"Copy the tree from {before} to {lay.mount} first (znodes that match "
+                    f"the state are taken as they are), or configure {before} again."
+                )
             raise MassDeleteError(
                 f"subtree {self.store.layout.name!r}: the scan found {result.deletes} of "
                 f"{result.replicated} replicated znodes deleted locally (more than "

@@ -81,6 +81,12 @@ class SubtreeStore(Chaining):
         for path in (lay.meta_root, lay.outbox, lay.positions, lay.conflicts,
                      lay.held, lay.topic_ids, lay.rereads):
             await self.zk.ensure_path(path)
+        recorded = await self.zk.get(lay.mount_record)
+        self.mount_before = recorded.data.decode("utf-8", "replace") if recorded else None
+        if self.mount_before not in (None, lay.mount):
+            log.warning("subtree_moved", subtree=lay.name, before=self.mount_before,
+                        now=lay.mount, action="the start-up scan compares what is at the new "
+                        "mount with the state of the old one")
         try:
             self.read_under = await self.positions.read_excluded()
         except CodecError:
@@ -110,6 +116,18 @@ class SubtreeStore(Chaining):
         log.info("subtree_back", subtree=lay.name,
                  action="the peers' versions of what this region changed there while "
                         "away first")
+
+    async def note_mount(self) -> None:
+        """Record the mount the state now describes (after a scan passed the breaker)."""
+        lay = self.layout
+        if self.mount_before == lay.mount:
+            return
+        data = lay.mount.encode()
+        if self.mount_before is None and await self.zk.exists(lay.mount_record) is None:
+            await self.zk.multi([Create(lay.mount_record, data)])
+        else:
+            await self.zk.multi([SetData(lay.mount_record, data)])
+        self.mount_before = lay.mount
 
     def included(self) -> tuple[str, ...]:
         """The paths excluded when the peers' topics were last read and not now."""

@@ -94,6 +94,9 @@ class StoreCore(Planner):
         # The exclude list the peers' topics were read under, as the term began
         # (None: not known).
         self.read_under: tuple[str, ...] | None = None
+        # The mount the state describes (``Layout.mount_record``), None: not known
+        # (a release before kept none). Unlike the configured one: the mount moved.
+        self.mount_before: str | None = None
         self.positions = Positions(zk, layout)
         # Tombstone collection (see bridge.tombstones): own counters of new
         # paths start above ``gc_floor``; the record's version fences its update.
