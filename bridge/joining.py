@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import failpoints, startup
+from bridge import failpoints, joinlist, startup
 from bridge.errors import MissingNode, VersionConflict
 from bridge.layout import Layout, subtrees_root
 from bridge.zk import Create, Delete
@@ -71,6 +71,12 @@ def set_aside(store: SubtreeStore, result: ScanResult) -> set[str]:
             joining.pop(rel, None)
             store.join_records.pop(rel, None)
             now.add(rel)
+    if store.join_held:
+        # Set aside by an earlier run of the join and gone, no peer's version
+        # recorded: an application deleted it since, maybe while the bridge was down.
+        found = set(result.present)
+        now.update(r for r in store.join_held - found - joining.keys()
+                   if not store.excluded(r) and store.join_gone(r, None))
     log.info("subtree_joining", subtree=store.layout.name, set_aside=len(joining),
              since_zxid=hex(store.join_zxid), paths=list(store.join_scope or ("/",)),
              action="applying the peers' versions first; then publishing what no peer has")
@@ -161,6 +167,9 @@ async def finish(b: Bridge, name: str) -> None:
             b.outbound.flush(name, set(left),
                              prefetched=read if b.watching.tree_watch else None))
         failpoints.hit(failpoints.JOIN_ENDING)
+        if store.join_held:  # the list first: it never outlives its marker
+            await b.retry("forget the join's list", lambda: joinlist.drop(b.zk, store.layout))
+        store.join_held = None
         # Fenced: a deposed leader must not end the next one's join. Refused: a
         # retry after a lost answer, which committed.
         with contextlib.suppress(VersionConflict, MissingNode):

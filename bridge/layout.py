@@ -96,6 +96,11 @@ class Layout:
         return f"{self.base}/joining"
 
     @property
+    def aside(self) -> str:
+        """The unrecorded znodes a join set aside, while it runs (``bridge.joinlist``)."""
+        return f"{self.base}/aside"
+
+    @property
     def away(self) -> str:
         """Made by a start whose configuration lacks the subtree, replicated here
         before: its next start here joins (``bridge.joining``)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bridge import codec, statecodec, tombstones
+from bridge import codec, joinlist, statecodec, tombstones
 from bridge.chain import Chaining
 from bridge.clock import Order, compare
 from bridge.errors import CodecError, Refused, VersionConflict, ZooKeeperError
@@ -97,6 +97,7 @@ class SubtreeStore(Chaining):
         # restart with a new exclude list) join like a new region's copy: marked
         # before anything (the scan, the topics' re-read) takes them in.
         await self.mark_joining(self.included())
+        self.join_held = await joinlist.load(self.zk, lay) if self.joining is not None else None
         self.metas = {"/": MetaEntry(None, 0)}
         self.positions.forget()
         await self.load_held()
@@ -128,6 +129,16 @@ class SubtreeStore(Chaining):
         else:
             await self.zk.multi([SetData(lay.mount_record, data)])
         self.mount_before = lay.mount
+
+    async def save_join_held(self) -> None:
+        """Once per join, after its first scan: write the unrecorded znodes it set aside."""
+        if self.joining is None or self.join_held is not None:
+            return
+        held = frozenset(r for r, read in self.joining.items()
+                         if read is not None and self.join_records.get(r) is None)
+        if held:
+            await joinlist.save(self.zk, self.layout, sorted(held))
+        self.join_held = held
 
     def included(self) -> tuple[str, ...]:
         """The paths excluded when the peers' topics were last read and not now."""

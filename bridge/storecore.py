@@ -91,6 +91,9 @@ class StoreCore(Planner):
         # The record of each set-aside znode then (None: none; a path included
         # again may have one from before it was excluded).
         self.join_records: dict[str, NodeMeta | None] = {}
+        # The unrecorded znodes the join set aside, as its first scan wrote them
+        # (``bridge.joinlist``); None: not written yet.
+        self.join_held: frozenset[str] | None = None
         # The exclude list the peers' topics were read under, as the term began
         # (None: not known).
         self.read_under: tuple[str, ...] | None = None
@@ -227,7 +230,11 @@ class StoreCore(Planner):
         made after the join began, published like any other (so it beats the
         versions the peers had, and the apply must not bring a peer's back first).
         """
-        return (node is None and self.untouched(rel) and not self._set_aside_absent(rel)
+        if node is not None or self.joining is None:
+            return False
+        if rel not in self.joining:  # deleted while a crashed join's bridge was down
+            return rel in (self.join_held or ()) and self.meta(rel) is None
+        return (self.untouched(rel) and not self._set_aside_absent(rel)
                 and ((meta := self.meta(rel)) is None or not meta.deleted))
 
     def _commit(self, plan: Plan) -> None:

@@ -226,7 +226,9 @@ class Watching:
         await b.outbound.publishing.wait()  # at a term's start: until the checks pass
         # Per-node watches were armed after the scan read: a change in between
         # was notified to nobody, so the capture must read everything again.
-        await b.outbound.flush(name, joining.set_aside(store, result), since=gen,
+        now = joining.set_aside(store, result)
+        await store.save_join_held()  # before any apply: the lock is held
+        await b.outbound.flush(name, now, since=gen,
                                prefetched=result.reads if self.tree_watch else None)
         if self.session_gen == gen:
             self.unseen.discard(name)

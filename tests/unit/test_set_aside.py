@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from bridge import joining, startup
+from bridge import joining, joinlist, startup, statecodec
 from bridge.clock import HybridClock
 from bridge.layout import Layout
 from bridge.model import NodeMeta, VectorClock, content_hash
 from bridge.plan import MetaEntry
 from bridge.scan import ScanResult
+from bridge.statecodec import MAX_REREAD_PATHS
 from bridge.store import SubtreeStore
 from bridge.zk import Node, Stat
 
@@ -142,6 +143,34 @@ def test_a_recorded_znode_deleted_before_the_marker_is_set_aside() -> None:
                                          data_hash=content_hash(b"p"), deleted=False,
                                          writer="r1", ts=2), 0)
     assert not s.pre_join("/old", None)
+
+
+def test_a_znode_of_the_join_s_list_gone_after_a_crash_is_a_delete_to_publish() -> None:
+    """The join's first run set aside /a and /b and wrote them in its list, then died;
+    an application deleted /a before the bridge was back. The next scan does not find
+    /a: it is an application's delete, captured now (it goes on to ZooKeeper, which
+    this store refuses), and the apply must not bring a peer's version back first."""
+    s = store(True)
+    s.join_held = frozenset({"/a", "/b"})
+    assert joining.set_aside(s, scan(b=node(b"2", 5))) == {"/a"}
+    assert s.join_gone("/a", None) and s.unannounced({"/a": None}) == ["/a"]
+    with pytest.raises(AssertionError, match="unexpected ZooKeeper call"):
+        asyncio.run(s._capture({"/a": None}))
+    # A peer's version or delete recorded: the path is the apply's.
+    s.metas["/a"] = MetaEntry(recorded(b"p"), 0)
+    assert not s.join_gone("/a", None)
+    assert joining.set_aside(s, scan(b=node(b"2", 5))) == set()  # not the list's to capture
+
+
+def test_the_join_s_list_is_written_in_pieces_a_znode_can_hold() -> None:
+    paths = [f"/p{i:06d}" for i in range(10_000)]
+    pieces = list(joinlist.chunks(paths))
+    assert [p for piece in pieces for p in piece] == paths
+    assert all(len(piece) <= MAX_REREAD_PATHS for piece in pieces) and len(pieces) == 3
+    long = [f"/{'x' * 100_000}{i}" for i in range(12)]
+    pieces = list(joinlist.chunks(long))
+    assert all(len(statecodec.encode_paths(piece)) < 1_000_000 for piece in pieces)
+    assert [p for piece in pieces for p in piece] == long
 
 
 def test_after_a_crash_a_write_made_while_the_bridge_was_down_is_not_taken_for_the_copy() -> None:
