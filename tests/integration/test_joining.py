@@ -123,28 +123,38 @@ def test_a_write_made_while_a_crashed_join_was_down_is_not_taken_for_the_copy(
     fed.assert_clean_logs()
 
 
+@pytest.mark.parametrize("bridge", ["paused", "down"])
 def test_a_copy_s_znode_deleted_during_the_join_stays_deleted(
-        make_federation: Callable[..., Federation]) -> None:
+        make_federation: Callable[..., Federation], bridge: str) -> None:
     """r4's join is paused after its scan set the copy aside and before its first
-    apply; an application deletes /flag in r4 meanwhile. That delete is newer than
-    every version the federation has: /flag goes in all four regions. Before, the
-    delete of a znode with no record announced nothing, and the apply brought r1's
-    version back."""
+    apply, or killed there; an application deletes /flag in r4 meanwhile. That
+    delete is newer than every version the federation has: /flag goes in all four
+    regions. Before, the delete of a znode with no record announced nothing, and
+    the apply brought r1's version back; after a kill, the next start found no
+    trace of /flag (now the join's list of what it set aside has it)."""
     fed = _federation_and_a_copy(make_federation)
-    paused = fed.start("r4", env={"ZKBRIDGE_FAILPOINTS": "before_apply=stop@1"}, wait=False)
-    proc = paused.proc
-    assert proc is not None
-    try:
-        procs.wait_for(lambda: procs.stopped(proc.pid), 60,
-                       message="before_apply=stop@1 never stopped it")
-        assert fed.count_events("r4", "subtree_joining") == 1  # the copy is set aside
-        r4 = fed["r4"]
+    r4 = fed["r4"]
+    if bridge == "down":
+        fed.crash_at("r4", "before_apply=crash@1")
         r4.client.delete(r4.path("/flag"))
-    finally:
-        proc.send_signal(signal.SIGCONT)  # well within its session timeout
-    fed.wait_ready("r4")
+        fed.start("r4")
+    else:
+        paused = fed.start("r4", env={"ZKBRIDGE_FAILPOINTS": "before_apply=stop@1"},
+                           wait=False)
+        proc = paused.proc
+        assert proc is not None
+        try:
+            procs.wait_for(lambda: procs.stopped(proc.pid), 60,
+                           message="before_apply=stop@1 never stopped it")
+            assert fed.count_events("r4", "subtree_joining") == 1  # the copy is set aside
+            r4.client.delete(r4.path("/flag"))
+        finally:
+            proc.send_signal(signal.SIGCONT)  # well within its session timeout
+        fed.wait_ready("r4")
     want = {r: d for r, d in _expected(fed).items() if r != "/flag"}
     assert fed.tree("r4") == want
+    # The list goes with the marker.
+    assert r4.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/aside") is None
     _all_join(fed)
     for name in fed.regions:
         assert fed.tree(name) == want, name
@@ -270,6 +280,10 @@ def test_a_subtree_added_back_takes_the_federation_s_versions(
     r1.client.set(side("r1", "/r"), b"r1, newest")
     r1.client.set(side("r1", "/d"), b"r1, newest")
     procs.wait_for(lambda: fed["r3"].client.get(side("r3", "/d"))[0] == b"r1, newest", 30)
+    # Meanwhile the others hear nothing from r2 for that subtree, and say so.
+    procs.wait_for(lambda: any(e["event"] == "peer_silent" and e["subtree"] == "side"
+                               and e["peer"] == "r2" for e in fed.events("r1")), 30,
+                   message="r1 never said r2 was silent for the subtree it left")
     fed.write_config("r2", subtrees=both("r2"))
     assert fed.stop("r2") == 0
     fed.start("r2")
@@ -287,4 +301,4 @@ def test_a_subtree_added_back_takes_the_federation_s_versions(
     assert fed.count_events("r2", "subtree_away") == 1  # marked once, by the start without it
     assert fed.count_events("r2", "subtree_back") == 1
     assert r2.client.exists(f"{fed.state_path}/subtrees/side/joining") is None
-    fed.assert_clean_logs()
+    fed.assert_clean_logs(allowed={"peer_silent"})
