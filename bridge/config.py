@@ -210,11 +210,14 @@ class SubtreeSettings:
     """One replicated subtree."""
 
     name: SubtreeName
-    """a-z, 0-9, '_' or '-', unique, the same in every region (part of the topic name)."""
+    """a-z, 0-9, '_' or '-', unique, the same in every region (part of the topic name). A subtree
+    taken out of the configuration keeps its state; configured again, what this region changed
+    there meanwhile joins as a new region's copy does."""
     path: MountPath
     """Local mount point: absolute, normalised (no trailing '/', no '//', no '.' or '..'), not '/',
     not under /zookeeper. May differ per region. Mounts must not overlap each other or
-    state_path."""
+    state_path. Moved, the new mount must hold the tree first: a start that finds most of it
+    missing stops and names both mounts."""
     exclude: tuple[ZnodePath, ...] = Field(default=(), json_schema_extra=LIVE)
     """Paths relative to the mount, written absolute-looking and normalised (e.g. /tmp), whose whole
     subtree is neither published nor applied. A reload rescans the subtree; a reload or restart that
