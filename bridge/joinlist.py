@@ -28,11 +28,12 @@ def chunks(paths: Sequence[str]) -> Iterator[tuple[str, ...]]:
     piece: list[str] = []
     size = 0
     for p in paths:
-        if piece and (len(piece) >= MAX_REREAD_PATHS or size + len(p) + 8 > CHUNK_BYTES):
+        n = len(p.encode()) + 8  # with msgpack's header, generously
+        if piece and (len(piece) >= MAX_REREAD_PATHS or size + n > CHUNK_BYTES):
             yield tuple(piece)
             piece, size = [], 0
         piece.append(p)
-        size += len(p.encode()) + 8
+        size += n
     if piece:
         yield tuple(piece)
 

@@ -45,7 +45,7 @@ from bridge.plan import (
     Plan,
 )
 from bridge.storecore import RETRIES
-from bridge.zk import Create, Delete, SetData
+from bridge.zk import Create, Delete, Node, SetData
 
 __all__ = ["Applied", "CapturedBatch", "Change", "Collected", "Layout", "LocalChanges", "MetaEntry",
            "Outcome", "SubtreeStore", "classify", "is_excluded", "join"]
@@ -110,10 +110,8 @@ class SubtreeStore(Chaining):
         changed there meanwhile joins, the whole subtree (the marker made anew, its
         czxid the line), as a path included again does."""
         lay = self.layout
-        node = await self.zk.get(lay.joining)
         await self.zk.multi([Delete(lay.away, version),
-                             *([Delete(lay.joining, node.stat.version)] if node else []),
-                             Create(lay.joining, b"")])
+                             *self._new_marker(await self.zk.get(lay.joining), b"")])
         log.info("subtree_back", subtree=lay.name,
                  action="the peers' versions of what this region changed there while "
                         "away first")
@@ -160,8 +158,7 @@ class SubtreeStore(Chaining):
             scope = None  # unreadable: all of the subtree joins, the safe side
         if paths and (node is None or (scope is not None and not set(paths) <= set(scope))):
             scope = tuple(sorted({*(scope or ()), *paths}))
-            ops = [Delete(lay.joining, node.stat.version)] if node is not None else []
-            await self.zk.multi([*ops, Create(lay.joining, statecodec.encode_paths(scope))])
+            await self.zk.multi(self._new_marker(node, statecodec.encode_paths(scope)))
             node = await self.zk.get(lay.joining)
             log.info("paths_joining", subtree=lay.name, paths=list(paths),
                      action="the peers' versions of what this region holds there first")
@@ -171,6 +168,12 @@ class SubtreeStore(Chaining):
         if self.joining is None:
             self.joining = {}
         self.join_scope, self.join_zxid = scope, node.stat.czxid
+
+    def _new_marker(self, node: Node | None, data: bytes) -> list[Create | Delete]:
+        """The joining marker made anew (its czxid, the line, moves to now)."""
+        lay = self.layout
+        return [*([Delete(lay.joining, node.stat.version)] if node else []),
+                Create(lay.joining, data)]
 
     async def read_gc(self) -> None:
         node = await self.zk.get(self.layout.gc)
