@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,13 @@ from kazoo.client import KazooClient
 
 from bridge import codec, statecodec
 from bridge.clock import hlc_to_ms
+from tests.chaos.nemesis import Excluded
 from tests.chaos.topology import MOUNT, REGIONS, REPO, STATE_PATH, SUBTREE, Cluster
 from tests.chaos.workload import History, Op
 
+# A write this long before an exclude may still have been uncaptured (its bridge
+# down or paused by another fault) when it took effect, and so held back too.
+HELD_MARGIN_S = 30.0
 META_ROOT = f"{STATE_PATH}/subtrees/{SUBTREE}/meta"
 # Logged by a healthy bridge under faults only as warnings; any error-level
 # line or one of these is a finding.
@@ -153,10 +158,37 @@ def _allowed(ops: list[Op]) -> tuple[set[str | None], Op | None]:
     return allowed, (relevant[last_ok] if last_ok >= 0 else None)
 
 
-def check_lost_writes(history: History, snap: Snapshot, skew_ms: int = 0) -> Check:
+def _held(o: Op, excluded: Sequence[Excluded]) -> Excluded | None:
+    """The exclusion during which the region held this write back, if any.
+
+    From ``HELD_MARGIN_S`` before the exclude was written (a write the bridge had
+    not captured yet, down or paused by another fault, is held too) until the
+    include took effect (for ever when it was not seen).
+    """
+    for x in excluded:
+        if (x.region == o.region and (o.path == x.path or o.path.startswith(x.path + "/"))
+                and x.start - HELD_MARGIN_S <= o.start
+                and (x.end is None or o.start <= x.end)):
+            return x
+    return None
+
+
+def check_lost_writes(history: History, snap: Snapshot, skew_ms: int = 0,
+                      excluded: Sequence[Excluded] = ()) -> Check:
+    """Every path's final value allowed by the history.
+
+    A contended write a region made while its path was excluded there is
+    held back: once included, a peer's version written since the exclude goes
+    over it (it is not compared by last-writer-wins), and only such a version
+    may (``bridge.joining``). A single-writer path stays strict: what its
+    region wrote while excluded must come out once included.
+    """
     by_path: dict[str, dict[str, list[Op]]] = defaultdict(lambda: defaultdict(list))
+    by_value: dict[tuple[str, str], Op] = {}
     for o in history.ops:
         by_path[o.path][o.region].append(o)
+        if o.value is not None:
+            by_value[(o.path, o.value)] = o
     problems: list[str] = []
     single = contended = 0
     for path, per_region in sorted(by_path.items()):
@@ -198,7 +230,19 @@ def check_lost_writes(history: History, snap: Snapshot, skew_ms: int = 0) -> Che
         # it started, so LWW must have picked a ts no older than any of those.
         win_ms = hlc_to_ms(meta["ts"])
         for o in lasts:
-            if o.value != final_v and win_ms + skew_ms < int(o.start * 1000):
+            if o.value == final_v:
+                continue
+            held = _held(o, excluded)
+            if held is not None:
+                winner = by_value.get((path, final_v))
+                if winner is not None and winner.start < held.start - HELD_MARGIN_S:
+                    problems.append(
+                        f"{path}: {o.region}'s write {o.value!r}, held while {held.path} was "
+                        f"excluded there, lost to {final_v!r} sent at "
+                        f"{int(winner.start * 1000)}, before the exclude "
+                        f"({int(held.start * 1000)}): only a peer's version since may win")
+                continue
+            if win_ms + skew_ms < int(o.start * 1000):
                 problems.append(
                     f"{path}: winner {final_v!r} ts {win_ms} older than {o.region}'s last "
                     f"acknowledged write {o.value!r} sent at {int(o.start * 1000)} "

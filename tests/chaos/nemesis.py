@@ -32,11 +32,13 @@ FAILPOINTS = (
 
 KINDS_ALL = (
     "bridge_kill", "bridge_pause", "zk_kill_one", "zk_kill_majority", "session_expiry",
-    "region_cut", "broker_restart", "failpoint", "clock_jump",
+    "region_cut", "broker_restart", "failpoint", "clock_jump", "exclude",
 )
 # The bridges' max_clock_skew is the default, 60 s: jumps stay well inside it.
 CLOCK_JUMP_MAX_S = 40.0
 KAFKA_ONLY = ("region_cut", "broker_restart")
+# How long an include may take to show (a leader down meanwhile starts first).
+INCLUDE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,27 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...]) -> list[Fault]:
             duration = rng.uniform(10.0, 20.0)
         elif kind == "broker_restart":
             duration = 0.0
+        elif kind == "exclude":
+            # The region's own keys, the contended ones, or another region's.
+            other = rng.choice([r for r in REGIONS if r != region])
+            detail = rng.choice(("/shared", f"/{region}", f"/{other}"))
+            duration = rng.uniform(8.0, 20.0)
         if kind == "session_expiry":
             duration = SESSION_TIMEOUT * 1.5 + rng.uniform(1.0, 3.0)
         out.append(Fault(round(t, 1), kind, region, role, round(duration, 1), detail))
         t += rng.expovariate(1 / 4.0) + 0.5
     return out
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A path a region's configuration excluded, from ``start`` until its bridge took
+    it in again (``end``: its ``paths_joining``; None: not seen)."""
+
+    region: str
+    path: str
+    start: float
+    end: float | None
 
 
 @dataclass
@@ -113,6 +131,7 @@ class Nemesis:
         self._runner: threading.Thread | None = None
         self._supervisor: threading.Thread | None = None
         self.supervisor_restarts = 0
+        self.excluded: list[Excluded] = []
 
     # -- driving -------------------------------------------------------------
     def start(self) -> None:
@@ -354,3 +373,36 @@ class Nemesis:
             a.outcome = f"applied (down {time.monotonic() - t0:.1f}s)"
         finally:
             self._release("broker")
+
+    def _do_exclude(self, a: Applied) -> None:
+        region, path = a.fault.region, a.fault.detail
+        a.target = f"{region} {path}"
+        if not self._claim(f"exclude:{region}"):
+            a.outcome = "skipped: an exclude runs there"
+            return
+        try:
+            start = time.time()
+            self.cluster.set_exclude(region, (path,))
+            a.outcome = "applied"
+            self._sleep(a.fault.duration)
+            joined = self._joins(region)
+            self.cluster.set_exclude(region, ())
+            # The include takes effect when a leader marks the path joining (at
+            # once, or when one starts): the region's writes there before it are
+            # the ones it held while excluded.
+            end: float | None = None
+            deadline = time.monotonic() + INCLUDE_WAIT_S
+            while time.monotonic() < deadline:
+                if self._joins(region) > joined:
+                    end = time.time()
+                    break
+                time.sleep(0.5)
+            if end is None:
+                a.outcome = "applied (include not seen)"
+            self.excluded.append(Excluded(region, path, start, end))
+        finally:
+            self._release(f"exclude:{region}")
+
+    def _joins(self, region: str) -> int:
+        return sum(1 for b in self.cluster.regions[region].bridges for e in b.events()
+                   if e.get("event") == "paths_joining")

@@ -187,7 +187,9 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
                                      "the lag check did not finish"))
         if snaps:
             # Every region's final state, not one: unconverged regions differ.
-            per_region = [checkers.check_lost_writes(history, snaps[r]) for r in REGIONS]
+            excluded = nemesis.excluded if nemesis is not None else []
+            per_region = [checkers.check_lost_writes(history, snaps[r], excluded=excluded)
+                          for r in REGIONS]
             problems = [f"{r}: {p}" for r, c in zip(REGIONS, per_region, strict=True)
                         for p in c.details]
             checks.append(checkers.Check(

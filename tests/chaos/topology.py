@@ -131,6 +131,8 @@ class Cluster:
             else TansuBroker(folder / "tansu")
         )
         self.regions: dict[str, Region] = {}
+        # Paths (relative to the mount) each region's configuration excludes now.
+        self.excludes: dict[str, tuple[str, ...]] = {}
         for r in REGIONS:
             lan = nets.lans[r] if nets is not None else None
             ens = (ZooKeeperEnsemble(r, folder / f"zk-{r}", host=lan.ns_addr, prefix=lan.prefix)
@@ -174,6 +176,7 @@ class Cluster:
         return [b for r in self.regions.values() for b in r.bridges]
 
     def config_doc(self, b: Bridge) -> dict[str, Any]:
+        exclude = self.excludes.get(b.region, ())
         return {
             "region": b.region,
             "zookeeper": {
@@ -188,13 +191,24 @@ class Cluster:
                 "request_timeout": 10,
             },
             "peers": [r for r in REGIONS if r != b.region],
-            "subtrees": [{"name": SUBTREE, "path": MOUNT}],
+            "subtrees": [{"name": SUBTREE, "path": MOUNT,
+                          **({"exclude": list(exclude)} if exclude else {})}],
             "state_path": STATE_PATH,
             "heartbeat_interval": 1,
             # Audits (10 minutes by default) run amid the round's writes and faults.
             "audit_interval": 5,
             "log": {"format": "json", "level": "info"},
         }
+
+    def set_exclude(self, region: str, exclude: tuple[str, ...]) -> None:
+        """Rewrite the region's bridges' configuration and reload them (SIGHUP), as an
+        operator would; a bridge down meanwhile reads the file when it starts."""
+        self.excludes[region] = exclude
+        for b in self.regions[region].bridges:
+            b.config_path.write_text(yaml.safe_dump(self.config_doc(b)))
+        for b in self.regions[region].bridges:
+            if b.alive and b.proc is not None:
+                b.proc.send_signal(signal.SIGHUP)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bridge.clock import hlc_from_ms
 from tests.chaos.checkers import Snapshot, check_lost_writes
-from tests.chaos.nemesis import KINDS_ALL, schedule
+from tests.chaos.nemesis import KINDS_ALL, Excluded, schedule
 from tests.chaos.workload import History, Op
 
 
@@ -63,3 +63,38 @@ def test_contended_path_winner_must_be_consistent_with_lww() -> None:
     assert not check_lost_writes(h, _snap({"/shared/c": b"r1:1"}, early)).passed
     # A value nobody wrote last.
     assert not check_lost_writes(h, _snap({"/shared/c": b"r3:9"}, late)).passed
+
+
+def test_a_contended_write_held_while_excluded_may_lose_only_to_a_peer_s_version_since() -> None:
+    # r2 excluded /shared from t=1000 until its include took effect at t=1100.
+    held = [Excluded("r2", "/shared", 1000.0, 1100.0)]
+    h = _history(_op("r1", "/shared/c", "r1:1", t=1050.0), _op("r2", "/shared/c", "r2:1", t=1060.0))
+    r1_won = {"/shared/c": {"w": "r1", "ts": hlc_from_ms(1_050_500)}}
+    # r2's later write was held: r1's version since the exclude goes over it.
+    assert check_lost_writes(h, _snap({"/shared/c": b"r1:1"}, r1_won), excluded=held).passed
+    assert not check_lost_writes(h, _snap({"/shared/c": b"r1:1"}, r1_won)).passed
+    # Held, it may not lose to a version from well before the exclude.
+    old = _history(_op("r1", "/shared/c", "r1:1", t=900.0),
+                   _op("r2", "/shared/c", "r2:1", t=1060.0))
+    r1_old = {"/shared/c": {"w": "r1", "ts": hlc_from_ms(900_500)}}
+    lost = check_lost_writes(old, _snap({"/shared/c": b"r1:1"}, r1_old), excluded=held)
+    assert not lost.passed and "before the exclude" in lost.details[0]
+    # After the include took effect, a write is compared as any other.
+    after = _history(_op("r1", "/shared/c", "r1:1", t=1050.0),
+                     _op("r2", "/shared/c", "r2:1", t=1200.0))
+    assert not check_lost_writes(after, _snap({"/shared/c": b"r1:1"}, r1_won),
+                                 excluded=held).passed
+
+
+def test_a_single_writer_path_excluded_for_a_while_still_ends_at_its_last_write() -> None:
+    held = [Excluded("r2", "/r2", 1000.0, None)]
+    h = _history(_op("r2", "/r2/k", "r2:1", t=990.0), _op("r2", "/r2/k", "r2:2", t=1010.0))
+    assert check_lost_writes(h, _snap({"/r2/k": b"r2:2"}), excluded=held).passed
+    assert not check_lost_writes(h, _snap({"/r2/k": b"r2:1"}), excluded=held).passed
+
+
+def test_an_exclude_fault_names_a_path_of_the_workload() -> None:
+    faults = [f for seed in range(40) for f in schedule(seed, 120, ("exclude",))]
+    assert faults and all(f.kind == "exclude" for f in faults)
+    assert {f.detail for f in faults} >= {"/shared", "/r1", "/r2", "/r3"}
+    assert all(8.0 <= f.duration <= 20.0 for f in faults)
