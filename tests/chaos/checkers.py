@@ -190,7 +190,7 @@ def check_lost_writes(history: History, snap: Snapshot, skew_ms: int = 0,
         if o.value is not None:
             by_value[(o.path, o.value)] = o
     problems: list[str] = []
-    single = contended = 0
+    single = contended = yielded = 0
     for path, per_region in sorted(by_path.items()):
         final = snap.data.get(path)
         final_v = final.decode(errors="replace") if final is not None else None
@@ -241,6 +241,8 @@ def check_lost_writes(history: History, snap: Snapshot, skew_ms: int = 0,
                         f"excluded there, lost to {final_v!r} sent at "
                         f"{int(winner.start * 1000)}, before the exclude "
                         f"({int(held.start * 1000)}): only a peer's version since may win")
+                elif win_ms + skew_ms < int(o.start * 1000):
+                    yielded += 1  # last-writer-wins would have kept it
                 continue
             if win_ms + skew_ms < int(o.start * 1000):
                 problems.append(
@@ -249,8 +251,10 @@ def check_lost_writes(history: History, snap: Snapshot, skew_ms: int = 0,
                     f"(LWW should have kept the later one)")
     ok = not problems
     return Check("no lost acknowledged write", ok,
-                 f"{single} single-writer and {contended} contended paths checked; "
-                 f"{len(problems)} problems", problems)
+                 f"{single} single-writer and {contended} contended paths checked"
+                 + (f" ({yielded} later writes, held while excluded, took a peer's version)"
+                    if yielded else "")
+                 + f"; {len(problems)} problems", problems)
 
 
 def check_ephemerals(history: History, snaps: dict[str, Snapshot]) -> Check:

@@ -98,3 +98,11 @@ def test_an_exclude_fault_names_a_path_of_the_workload() -> None:
     assert faults and all(f.kind == "exclude" for f in faults)
     assert {f.detail for f in faults} >= {"/shared", "/r1", "/r2", "/r3"}
     assert all(8.0 <= f.duration <= 20.0 for f in faults)
+
+
+def test_the_summary_counts_held_writes_that_took_a_peer_s_version() -> None:
+    held = [Excluded("r2", "/shared", 1000.0, 1100.0)]
+    h = _history(_op("r1", "/shared/c", "r1:1", t=1050.0), _op("r2", "/shared/c", "r2:1", t=1060.0))
+    r1_won = {"/shared/c": {"w": "r1", "ts": hlc_from_ms(1_050_500)}}
+    check = check_lost_writes(h, _snap({"/shared/c": b"r1:1"}, r1_won), excluded=held)
+    assert "1 later writes, held while excluded" in check.summary
