@@ -385,7 +385,8 @@ class Nemesis:
             self.cluster.set_exclude(region, (path,))
             a.outcome = "applied"
             self._sleep(a.fault.duration)
-            joined = self._joins(region)
+            marked = self._events(region, "paths_joining")
+            joined = self._events(region, "subtree_joined")
             self.cluster.set_exclude(region, ())
             # The include takes effect when a leader marks the path joining (at
             # once, or when one starts): the region's writes there before it are
@@ -393,8 +394,11 @@ class Nemesis:
             end: float | None = None
             deadline = time.monotonic() + INCLUDE_WAIT_S
             while time.monotonic() < deadline:
-                if self._joins(region) > joined:
+                if end is None and self._events(region, "paths_joining", since=marked):
                     end = time.time()
+                if end is not None and (done := self._events(region, "subtree_joined",
+                                                             since=joined)):
+                    a.outcome = f"applied (joined, published {done[-1].get('published')})"
                     break
                 time.sleep(0.5)
             if end is None:
@@ -403,6 +407,13 @@ class Nemesis:
         finally:
             self._release(f"exclude:{region}")
 
-    def _joins(self, region: str) -> int:
-        return sum(1 for b in self.cluster.regions[region].bridges for e in b.events()
-                   if e.get("event") == "paths_joining")
+    def _events(self, region: str, event: str,
+                since: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The region's bridges' log events named ``event`` (after those in ``since``,
+        an earlier answer: each log only grows)."""
+        out = []
+        for b in self.cluster.regions[region].bridges:
+            seen = sum(1 for e in since or () if e["bridge"] == b.name)
+            out += [{**e, "bridge": b.name} for e in b.events()
+                    if e.get("event") == event][seen:]
+        return out
