@@ -34,6 +34,7 @@ __all__ = [
     "Rereads",
     "decode_conflict",
     "decode_gc",
+    "decode_marker",
     "decode_meta",
     "decode_outbox",
     "decode_paths",
@@ -41,6 +42,7 @@ __all__ = [
     "decode_rereads",
     "encode_conflict",
     "encode_gc",
+    "encode_marker",
     "encode_meta",
     "encode_null_entry",
     "encode_outbox",
@@ -195,6 +197,31 @@ def decode_paths(raw: bytes) -> tuple[str, ...]:
                                             for p in obj):
         raise CodecError(BAD_FIELD, "paths: must be a list of absolute paths")
     return tuple(obj)
+
+
+def encode_marker(paths: tuple[str, ...], lines: Mapping[str, int]) -> bytes:
+    """The joining marker's paths; one that joined before the marker was made again
+    as ``[path, line]``, the zxid its join began at (``SubtreeStore.mark_joining``)."""
+    return pack([[p, int(lines[p])] if p in lines else p for p in paths])
+
+
+def decode_marker(raw: bytes) -> tuple[tuple[str, ...], dict[str, int]]:
+    obj = unpack_bounded(raw, max_bytes=DEFAULT_MAX_BYTES, max_array_len=MAX_REREAD_PATHS)
+    if not isinstance(obj, list):
+        raise CodecError(BAD_FIELD, "joining marker: must be a list of paths")
+    paths: list[str] = []
+    lines: dict[str, int] = {}
+    for entry in obj:
+        if isinstance(entry, list) and len(entry) == 2:
+            entry, line = entry
+            if not isinstance(line, int) or isinstance(line, bool) or line < 0:
+                raise CodecError(BAD_FIELD, "joining marker: a line must be a zxid")
+            if isinstance(entry, str):
+                lines[entry] = line
+        if not isinstance(entry, str) or not entry.startswith("/"):
+            raise CodecError(BAD_FIELD, "joining marker: entries must be absolute paths")
+        paths.append(entry)
+    return tuple(paths), lines
 
 
 def decode_positions(raw: bytes) -> dict[int, int]:

@@ -110,6 +110,9 @@ class SubtreeStore(Chaining):
         changed there meanwhile joins, the whole subtree (the marker made anew, its
         czxid the line), as a path included again does."""
         lay = self.layout
+        # A join crashed before it left starts over whole: its list goes first (a
+        # znode of it deleted while away was deleted while not replicated).
+        await joinlist.drop(self.zk, lay)
         await self.zk.multi([Delete(lay.away, version),
                              *self._new_marker(await self.zk.get(lay.joining), b"")])
         log.info("subtree_back", subtree=lay.name,
@@ -129,14 +132,17 @@ class SubtreeStore(Chaining):
         self.mount_before = lay.mount
 
     async def save_join_held(self) -> None:
-        """Once per join, after its first scan: write the unrecorded znodes it set aside."""
-        if self.joining is None or self.join_held is not None:
+        """After a join's first scan, and after one of a join widened since: write the
+        unrecorded znodes it set aside (a widened one's list again, whole)."""
+        if self.joining is None or (self.join_held is not None and not self.join_list_stale):
             return
+        if self.join_list_stale:
+            await joinlist.drop(self.zk, self.layout)
         held = frozenset(r for r, read in self.joining.items()
                          if read is not None and self.join_records.get(r) is None)
         if held:
             await joinlist.save(self.zk, self.layout, sorted(held))
-        self.join_held = held
+        self.join_held, self.join_list_stale = held, False
 
     def included(self) -> tuple[str, ...]:
         """The paths excluded when the peers' topics were last read and not now."""
@@ -148,26 +154,38 @@ class SubtreeStore(Chaining):
 
         Its data is the paths that join, none for the whole mount (a first start).
         Widened, it is made again: its czxid, the line between what the region
-        held before and the applications' writes since, moves to now.
+        held before and the applications' writes since, is now for the new
+        paths; those joining already keep theirs in its data (``join_lines``).
         """
         lay = self.layout
         node = await self.zk.get(lay.joining)
+        scope: tuple[str, ...] | None = None
+        lines: dict[str, int] = {}
         try:
-            scope = statecodec.decode_paths(node.data) if node is not None and node.data else None
+            if node is not None and node.data:
+                scope, lines = statecodec.decode_marker(node.data)
         except CodecError:
-            scope = None  # unreadable: all of the subtree joins, the safe side
+            scope, lines = None, {}  # unreadable: all of the subtree joins, the safe side
         if paths and (node is None or (scope is not None and not set(paths) <= set(scope))):
+            if node is not None and scope is not None:
+                # The paths joining already keep their line: a write an application
+                # made there since their join began (a crashed one's bridge down)
+                # is no part of what the region held before.
+                lines = {p: lines.get(p, node.stat.czxid) for p in scope}
             scope = tuple(sorted({*(scope or ()), *paths}))
-            await self.zk.multi(self._new_marker(node, statecodec.encode_paths(scope)))
+            await self.zk.multi(self._new_marker(node, statecodec.encode_marker(scope, lines)))
+            self.join_list_stale = node is not None
             node = await self.zk.get(lay.joining)
             log.info("paths_joining", subtree=lay.name, paths=list(paths),
                      action="the peers' versions of what this region holds there first")
         if node is None:
             self.joining, self.join_scope, self.join_zxid = None, None, 0
+            self.join_lines = {}
             return
         if self.joining is None:
             self.joining = {}
         self.join_scope, self.join_zxid = scope, node.stat.czxid
+        self.join_lines = lines if scope is not None else {}
 
     def _new_marker(self, node: Node | None, data: bytes) -> list[Create | Delete]:
         """The joining marker made anew (its czxid, the line, moves to now)."""

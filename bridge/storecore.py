@@ -88,12 +88,18 @@ class StoreCore(Planner):
         # while a crashed join's bridge was down (the marker outlives the crash).
         self.join_zxid = 0
         self.join_scope: tuple[str, ...] | None = None  # the paths that join; None: all
+        # A path of ``join_scope`` whose join began before the marker was last made
+        # (widened for another): the line it has kept, instead of ``join_zxid``.
+        self.join_lines: dict[str, int] = {}
         # The record of each set-aside znode then (None: none; a path included
         # again may have one from before it was excluded).
         self.join_records: dict[str, NodeMeta | None] = {}
         # The unrecorded znodes the join set aside, as its first scan wrote them
         # (``bridge.joinlist``); None: not written yet.
         self.join_held: frozenset[str] | None = None
+        # The marker was widened since the list was written: the next scan writes
+        # it again with the paths that now join.
+        self.join_list_stale = False
         # The exclude list the peers' topics were read under, as the term began
         # (None: not known).
         self.read_under: tuple[str, ...] | None = None
@@ -192,7 +198,7 @@ class StoreCore(Planner):
         """
         if node is None:  # still absent as the scan found it, before the marker
             return self.untouched(rel) and self._set_aside_absent(rel)
-        return (self.joins(rel) and node.stat.mzxid < self.join_zxid
+        return (self.joins(rel) and node.stat.mzxid < self.join_line(rel)
                 and classify(node, self.meta(rel)) is Change.PUT)
 
     def gone_before(self, rel: str, bound: int | None) -> bool:
@@ -205,8 +211,18 @@ class StoreCore(Planner):
         version lands over it meanwhile. Above the marker it may be an
         application's delete since, captured as usual.
         """
-        return (bound is not None and bound < self.join_zxid and self.joins(rel)
+        return (bound is not None and bound < self.join_line(rel) and self.joins(rel)
                 and (meta := self.meta(rel)) is not None and not meta.deleted)
+
+    def join_line(self, rel: str) -> int:
+        """The zxid before which a znode at ``rel`` was written before its path joined:
+        the marker's czxid, or an earlier one that a joining path kept when the
+        marker was widened. Of nested joining paths, the later line: the inner path
+        stayed excluded until then."""
+        if self.join_scope is None:
+            return self.join_zxid
+        return max((self.join_lines.get(s, self.join_zxid) for s in self.join_scope
+                    if is_excluded(rel, (s,))), default=self.join_zxid)
 
     def _set_aside_absent(self, rel: str) -> bool:
         return self.joining is not None and self.joining.get(rel, False) is None

@@ -613,6 +613,25 @@ def test_paths_round_trip(paths: tuple[str, ...]) -> None:
     assert statecodec.decode_paths(statecodec.encode_paths(paths)) == paths
 
 
+@SETTINGS
+@given(st.dictionaries(rel_paths, st.one_of(st.none(), st.integers(0, 2**63 - 1)), max_size=10))
+def test_joining_marker_round_trip(entries: dict[str, int | None]) -> None:
+    paths = tuple(sorted(entries))
+    lines = {p: line for p, line in entries.items() if line is not None}
+    assert statecodec.decode_marker(statecodec.encode_marker(paths, lines)) == (paths, lines)
+
+
+def test_a_joining_marker_of_paths_alone_reads_as_before() -> None:
+    # Written by a release before lines were kept.
+    assert statecodec.decode_marker(statecodec.encode_paths(("/a", "/b"))) == (("/a", "/b"), {})
+    for raw in (b"\xc1", msgpack.packb({0: 1}), msgpack.packb(["tmp"]), msgpack.packb([1]),
+                msgpack.packb([["/a", -1]]), msgpack.packb([["/a", True]]),
+                msgpack.packb([["tmp", 3]]), msgpack.packb([[3, 3]]),
+                msgpack.packb([["/a", 3, 4]])):
+        with pytest.raises(CodecError):
+            statecodec.decode_marker(raw)
+
+
 def test_rereads_and_paths_garbage() -> None:
     assert statecodec.decode_rereads(b"") == {}
     for raw in (b"\xc1", msgpack.packb([1]), msgpack.packb({0: [1]}),

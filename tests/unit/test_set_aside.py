@@ -18,7 +18,7 @@ from bridge.plan import MetaEntry
 from bridge.scan import ScanResult
 from bridge.statecodec import MAX_REREAD_PATHS
 from bridge.store import SubtreeStore
-from bridge.zk import Node, Stat
+from bridge.zk import Create, Delete, Node, SetData, Stat
 
 
 class NoWrites:
@@ -214,6 +214,102 @@ def test_a_recorded_znode_changed_while_excluded_is_set_aside_until_a_peer_s_ver
                                            data_hash=content_hash(b"peer's"), deleted=False,
                                            writer="r1", ts=2), 0)
     assert not s.untouched("/tmp/r") and not s.pre_join("/tmp/r", node(b"peer's", 12))
+
+
+def test_a_path_joining_before_the_marker_was_widened_keeps_its_line() -> None:
+    """/tmp began joining at zxid 10; the marker was made again at 20 for /etc (and
+    /tmp/x, excluded apart until then). A write under /tmp at 15 is an application's,
+    made since /tmp's join began; under /etc or /tmp/x it was made while excluded."""
+    s = store(True)
+    s.join_scope, s.join_zxid, s.join_lines = ("/etc", "/tmp", "/tmp/x"), 20, {"/tmp": MARKER}
+    assert [s.join_line(r) for r in ("/tmp/a", "/etc/a", "/tmp/x/a", "/other")] == [
+        MARKER, 20, 20, 20]
+    assert not s.pre_join("/tmp/a", node(b"since", 15))
+    assert s.pre_join("/tmp/a", node(b"before", 5))
+    assert s.pre_join("/etc/a", node(b"while excluded", 15))
+    assert s.pre_join("/tmp/x/a", node(b"while excluded", 15))
+    s.metas["/tmp/d"] = MetaEntry(recorded(b"replicated"), 0)
+    s.metas["/etc/d"] = MetaEntry(recorded(b"replicated"), 0)
+    assert not s.gone_before("/tmp/d", 15) and s.gone_before("/etc/d", 15)
+
+
+class MemZk:
+    """The state's znodes in memory: what marking, the join's list and its drop do."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, tuple[bytes, int]] = {}
+        self.zxid = 0
+
+    async def get(self, path: str) -> Node | None:
+        n = self.nodes.get(path)
+        return None if n is None else node(n[0], n[1])
+
+    async def exists(self, path: str) -> Stat | None:
+        n = await self.get(path)
+        return None if n is None else n.stat
+
+    async def children(self, path: str) -> list[str]:
+        return [p[len(path) + 1:] for p in self.nodes
+                if p.startswith(path + "/") and "/" not in p[len(path) + 1:]]
+
+    async def read_all(self, ops: list[tuple[str, str]]) -> tuple[list[Node | None], list[int]]:
+        return [await self.get(p) for _, p in ops], [0] * len(ops)
+
+    async def multi(self, ops: list[object]) -> None:
+        for op in ops:
+            self.zxid += 1
+            if isinstance(op, Create):
+                self.nodes[op.path] = (op.data, self.zxid)
+            elif isinstance(op, SetData):
+                self.nodes[op.path] = (op.data, self.nodes[op.path][1])
+            elif isinstance(op, Delete):
+                del self.nodes[op.path]
+
+    def under(self, path: str) -> set[str]:
+        return {p for p in self.nodes if p.startswith(path + "/")}
+
+
+def test_widening_the_marker_keeps_the_lines_of_the_paths_joining_already() -> None:
+    zk = MemZk()
+    s = SubtreeStore(zk, Layout("/zkbridge", "s", "/app"),  # type: ignore[arg-type]
+                     region="r4", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+    lay = s.layout
+    asyncio.run(s.mark_joining(("/tmp",)))
+    first = s.join_zxid
+    assert (s.join_scope, s.join_lines) == (("/tmp",), {})
+    assert not s.join_list_stale  # a first marker: no list to write again
+    asyncio.run(s.mark_joining(("/etc",)))
+    assert s.join_zxid > first
+    assert statecodec.decode_marker(zk.nodes[lay.joining][0]) == (("/etc", "/tmp"),
+                                                                  {"/tmp": first})
+    assert (s.join_scope, s.join_lines) == (("/etc", "/tmp"), {"/tmp": first})
+    made = zk.zxid
+    asyncio.run(s.mark_joining(("/tmp",)))  # nothing new: not made again
+    assert zk.zxid == made
+
+
+def test_a_widened_join_writes_its_list_again_with_the_new_paths() -> None:
+    """The join of /tmp wrote its list; /etc included since: the next scan's list has
+    both (before, it kept the first, and a znode of /etc deleted while a crashed
+    join's bridge was down left no trace)."""
+    zk = MemZk()
+    s = SubtreeStore(zk, Layout("/zkbridge", "s", "/app"),  # type: ignore[arg-type]
+                     region="r4", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+    lay = s.layout
+    asyncio.run(s.mark_joining(("/tmp",)))
+    assert s.joining is not None
+    s.joining["/tmp/a"] = (node(b"1", 1), 7)
+    asyncio.run(s.save_join_held())
+    assert asyncio.run(joinlist.load(zk, lay)) == {"/tmp/a"}
+    asyncio.run(s.mark_joining(("/etc",)))
+    assert s.join_list_stale
+    s.joining["/etc/b"] = (node(b"2", 1), 7)
+    asyncio.run(s.save_join_held())
+    assert asyncio.run(joinlist.load(zk, lay)) == {"/tmp/a", "/etc/b"}
+    assert not s.join_list_stale
+    pieces = zk.under(lay.aside)
+    asyncio.run(s.save_join_held())  # written: not again
+    assert zk.under(lay.aside) == pieces
 
 
 def test_a_znode_of_an_included_path_is_told_from_its_read_before_any_scan() -> None:
