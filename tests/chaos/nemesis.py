@@ -398,7 +398,10 @@ class Nemesis:
                     end = time.time()
                 if end is not None and (done := self._events(region, "subtree_joined",
                                                              since=joined)):
-                    a.outcome = f"applied (joined, published {done[-1].get('published')})"
+                    # A start killed during the join (another fault) marks it again.
+                    marks = len(self._events(region, "paths_joining", since=marked))
+                    a.outcome = (f"applied (marked {marks}x, joined, "
+                                 f"published {done[-1].get('published')})")
                     break
                 time.sleep(0.5)
             if end is None:
