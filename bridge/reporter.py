@@ -22,6 +22,7 @@ from bridge.status import (
     PeerStatus,
     Status,
     health,
+    heard_elsewhere,
     now_ms,
     silent_for,
 )
@@ -147,13 +148,15 @@ class Reporter:
                 continue
             # 0: never heard, so any heartbeat is the peer's first.
             self._silent[key] = p.last_heartbeat_ms
-            said = ({"last_heartbeat_s": round(quiet, 1),
+            said: dict[str, object] = ({"last_heartbeat_s": round(quiet, 1),
                      "hint": f"its bridge or its link to Kafka is down: run `zkbridge status` "
                              f"in {p.peer}"} if p.last_heartbeat_ms else
                     {"never_heard_s": round(quiet, 1),
                      "hint": f"no heartbeat since this bridge started: {p.peer}'s bridge never "
                              "ran or cannot reach Kafka, or `peers` names a region that does "
                              "not exist"})
+            if (cause := heard_elsewhere(p, peers, b.settings.heartbeat_interval, now)):
+                said["hint"] = cause
             log.warning("peer_silent", subtree=p.subtree, peer=p.peer, **said)
 
     # -- the record ----------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,8 @@ STATUS_INTERVAL = 2.0
 INCIDENT_S = 600.0
 # A peer heartbeats every heartbeat_interval; this many missed means silent.
 SILENT_HEARTBEATS = 10
+# Heard on a subtree: its last heartbeat there at most this many intervals old.
+HEARD_HEARTBEATS = 3
 
 
 def now_ms() -> int:
@@ -178,3 +180,19 @@ def silent_for(p: PeerStatus, started_ms: int, heartbeat_interval: float, now: i
     if quiet is None or quiet <= SILENT_HEARTBEATS * heartbeat_interval * 1000:
         return None
     return quiet / 1000
+
+
+def heard_elsewhere(p: PeerStatus, peers: Sequence[PeerStatus],
+                    heartbeat_interval: float, now: int) -> str | None:
+    """Why ``p``, silent, may be: its region is heard on other subtrees now, so its bridge
+    runs and reaches Kafka; this subtree is missing from its configuration (taken
+    out, or not added there yet), or its topic refuses it. None if it is not heard."""
+    # Heard lately, not merely not silent yet: a region whose bridge went down goes
+    # silent on each subtree a little apart, as its last heartbeats went out.
+    fresh_ms = HEARD_HEARTBEATS * heartbeat_interval * 1000
+    heard = sorted({q.subtree for q in peers if q.peer == p.peer and q.subtree != p.subtree
+                    and q.last_heartbeat_ms and now - q.last_heartbeat_ms <= fresh_ms})
+    if not heard:
+        return None
+    return (f"{p.peer} is heard on {', '.join(heard)}, so its bridge runs: `{p.subtree}` is "
+            f"missing from its configuration, or it cannot write that subtree's topic")

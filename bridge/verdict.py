@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge.certexpiry import when
-from bridge.status import INCIDENT_S, STATUS_INTERVAL, PeerStatus, Status, silent_for
+from bridge.status import (
+    INCIDENT_S,
+    STATUS_INTERVAL,
+    PeerStatus,
+    Status,
+    heard_elsewhere,
+    silent_for,
+)
 
 # The leader rewrites the record every STATUS_INTERVAL: this many missed
 # rewrites means it is stuck, gone, or cut off from its ensemble.
@@ -226,15 +233,21 @@ def _peer_problems(peers: Sequence[PeerStatus], started_ms: int, heartbeat_inter
         quiet = silent_for(p, started_ms, heartbeat_interval, now_ms)
         if quiet is None:
             continue
-        if p.last_heartbeat_ms:
+        since = (f"for {quiet:.0f}s" if p.last_heartbeat_ms
+                 else f"since this bridge started {quiet:.0f}s ago")
+        if (cause := heard_elsewhere(p, peers, heartbeat_interval, now_ms)):
             silent.append(Problem(
-                "SILENT", f"no heartbeat from {name} for {quiet:.0f}s: its bridge or "
-                "its link to Kafka is down", f"zkbridge status in {p.peer}; {lag}"))
+                "SILENT", f"no heartbeat from {name} {since}: {cause}",
+                f"zkbridge status in {p.peer}; the subtrees of its configuration"))
+        elif p.last_heartbeat_ms:
+            silent.append(Problem(
+                "SILENT", f"no heartbeat from {name} {since}: its bridge or its link to "
+                "Kafka is down", f"zkbridge status in {p.peer}; {lag}"))
         else:
             silent.append(Problem(
-                "SILENT", f"no heartbeat from {name} since this bridge started {quiet:.0f}s "
-                f"ago: its bridge never ran or cannot reach Kafka, or `peers` names a region "
-                "that does not exist", f"zkbridge status in {p.peer}; the peers' region names"))
+                "SILENT", f"no heartbeat from {name} {since}: its bridge never ran or cannot "
+                "reach Kafka, or `peers` names a region that does not exist",
+                f"zkbridge status in {p.peer}; the peers' region names"))
     return stuck + silent + catching
 
 

@@ -284,6 +284,12 @@ def test_a_subtree_added_back_takes_the_federation_s_versions(
     procs.wait_for(lambda: any(e["event"] == "peer_silent" and e["subtree"] == "side"
                                and e["peer"] == "r2" for e in fed.events("r1")), 30,
                    message="r1 never said r2 was silent for the subtree it left")
+    # Heard on the other subtree: named for its configuration, not as down.
+    [silent] = [e for e in fed.events("r1") if e["event"] == "peer_silent"
+                and e["subtree"] == "side" and e["peer"] == "r2"]
+    assert "`side` is missing from its configuration" in silent["hint"], silent
+    status = fed.cli("status", "-c", str(fed["r1"].config_path)).stdout
+    assert "no heartbeat from r2 (side)" in status and "r2 is heard on" in status, status
     fed.write_config("r2", subtrees=both("r2"))
     assert fed.stop("r2") == 0
     fed.start("r2")

@@ -246,3 +246,29 @@ def test_an_overflowed_outbox_is_a_problem_for_as_long_as_it_lasts() -> None:
     # Older records have no such field; a record after the re-announce says False.
     assert verdict(record(peer(), state={"critical": {"outbox_overflowed": False}})).healthy
     assert health((), (), 5.0, now=NOW, overflowed=True) == "degraded"
+
+
+def test_a_peer_silent_on_one_subtree_but_heard_on_another_is_named_for_its_config() -> None:
+    """Its bridge runs and reaches Kafka: the subtree is missing from its configuration
+    (taken out, or not added there yet), or its topic refuses it; not "down"."""
+    heard = peer("eu-west", heartbeat_s=1.0)
+    away = replace(peer("eu-west", heartbeat_s=120), subtree="flags",
+                   topic="zkbridge.flags.eu-west")
+    v = verdict(record(heard, away))
+    assert [p.kind for p in v.problems] == ["SILENT"]
+    assert v.line.startswith("SILENT: no heartbeat from eu-west (flags) for 120s: eu-west is "
+                             "heard on critical, so its bridge runs: `flags` is missing from "
+                             "its configuration, or it cannot write that subtree's topic")
+    assert "the subtrees of its configuration" in v.line
+    never = replace(away, last_heartbeat_ms=0)
+    v = verdict(record(heard, never, started_ms=NOW - 51_000))
+    assert "since this bridge started 51s ago: eu-west is heard on critical" in v.line
+    # Silent everywhere: down, as before.
+    v = verdict(record(replace(heard, last_heartbeat_ms=NOW - 120_000), away))
+    assert "its bridge or its link to Kafka is down" in v.line
+    # Its bridge just went down: the other subtree's last heartbeat, a little
+    # younger, is not silent yet but not fresh either (3 intervals: 15 s here).
+    going = replace(away, last_heartbeat_ms=NOW - 51_000)
+    v = verdict(record(replace(heard, last_heartbeat_ms=NOW - 46_000), going))
+    assert [p.kind for p in v.problems] == ["SILENT"]
+    assert "its bridge or its link to Kafka is down" in v.line
