@@ -158,7 +158,6 @@ async def finish(b: Bridge, name: str) -> None:
         left = {r: read for r, read in store.joining.items() if store.untouched(r)}
         scope, store.joining, store.join_scope = store.join_scope, None, None
         store.join_records.clear()
-        store.join_lines = {}
         # As the scan read them: one notified since is read again (``Outbound.flush``).
         # Per-node watches were armed after that read: all are read again.
         read = {r: v for r, v in left.items() if v is not None}

@@ -212,14 +212,15 @@ def decode_marker(raw: bytes) -> tuple[tuple[str, ...], dict[str, int]]:
     paths: list[str] = []
     lines: dict[str, int] = {}
     for entry in obj:
+        line = None
         if isinstance(entry, list) and len(entry) == 2:
             entry, line = entry
             if not isinstance(line, int) or isinstance(line, bool) or line < 0:
                 raise CodecError(BAD_FIELD, "joining marker: a line must be a zxid")
-            if isinstance(entry, str):
-                lines[entry] = line
         if not isinstance(entry, str) or not entry.startswith("/"):
             raise CodecError(BAD_FIELD, "joining marker: entries must be absolute paths")
+        if line is not None:
+            lines[entry] = line
         paths.append(entry)
     return tuple(paths), lines
 

@@ -180,12 +180,11 @@ class SubtreeStore(Chaining):
                      action="the peers' versions of what this region holds there first")
         if node is None:
             self.joining, self.join_scope, self.join_zxid = None, None, 0
-            self.join_lines = {}
             return
         if self.joining is None:
             self.joining = {}
         self.join_scope, self.join_zxid = scope, node.stat.czxid
-        self.join_lines = lines if scope is not None else {}
+        self.join_lines = lines
 
     def _new_marker(self, node: Node | None, data: bytes) -> list[Create | Delete]:
         """The joining marker made anew (its czxid, the line, moves to now)."""

@@ -89,7 +89,8 @@ class StoreCore(Planner):
         self.join_zxid = 0
         self.join_scope: tuple[str, ...] | None = None  # the paths that join; None: all
         # A path of ``join_scope`` whose join began before the marker was last made
-        # (widened for another): the line it has kept, instead of ``join_zxid``.
+        # (widened for another): the line it has kept, instead of ``join_zxid``
+        # (read only while ``join_scope`` is set).
         self.join_lines: dict[str, int] = {}
         # The record of each set-aside znode then (None: none; a path included
         # again may have one from before it was excluded).

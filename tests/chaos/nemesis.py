@@ -417,6 +417,6 @@ class Nemesis:
         out = []
         for b in self.cluster.regions[region].bridges:
             seen = sum(1 for e in since or () if e["bridge"] == b.name)
-            out += [{**e, "bridge": b.name} for e in b.events()
+            out += [{**e, "bridge": b.name} for e in b.events(event)
                     if e.get("event") == event][seen:]
         return out

@@ -72,14 +72,16 @@ class Bridge:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The log's JSON lines; with ``name``, only those that may be that event (the
+        others are not parsed: a nemesis polls logs of a few MB)."""
         out: list[dict[str, Any]] = []
         try:
             text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return out
         for line in text.splitlines():
-            if line.startswith("{"):
+            if line.startswith("{") and (name is None or name in line):
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError:
