@@ -38,6 +38,10 @@ OWN_TOPIC_SURVEY = "own_topic_survey"  # a term checks its own topics (after rea
 # removed (ENDING); both done, the re-announce not yet read (ENDED).
 OVERFLOW_ENDING = "overflow_ending"
 OVERFLOW_ENDED = "overflow_ended"
+# A joining marker made or widened, before the scan that sets its paths aside.
+JOIN_MARKED = "join_marked"
+# A join's list added to, not yet marked whole for its marker.
+JOIN_LISTED = "join_listed"
 # A joining subtree's own znodes are published, its marker not yet removed.
 JOIN_ENDING = "join_ending"
 

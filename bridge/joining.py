@@ -167,9 +167,9 @@ async def finish(b: Bridge, name: str) -> None:
             b.outbound.flush(name, set(left),
                              prefetched=read if b.watching.tree_watch else None))
         failpoints.hit(failpoints.JOIN_ENDING)
-        if store.join_held:  # the list first: it never outlives its marker
-            await b.retry("forget the join's list", lambda: joinlist.drop(b.zk, store.layout))
-        store.join_held = None
+        # The list first: it never outlives its marker.
+        await b.retry("forget the join's list", lambda: joinlist.drop(b.zk, store.layout))
+        store.join_held, store.join_list_line = None, None
         # Fenced: a deposed leader must not end the next one's join. Refused: a
         # retry after a lost answer, which committed.
         with contextlib.suppress(VersionConflict, MissingNode):

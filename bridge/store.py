@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from bridge import codec, joinlist, statecodec, tombstones
+from bridge import codec, failpoints, joinlist, statecodec, tombstones
 from bridge.chain import Chaining
 from bridge.clock import Order, compare
 from bridge.errors import CodecError, Refused, VersionConflict, ZooKeeperError
@@ -97,7 +97,8 @@ class SubtreeStore(Chaining):
         # restart with a new exclude list) join like a new region's copy: marked
         # before anything (the scan, the topics' re-read) takes them in.
         await self.mark_joining(self.included())
-        self.join_held = await joinlist.load(self.zk, lay) if self.joining is not None else None
+        self.join_held, self.join_list_line = (await joinlist.load(self.zk, lay)
+                                               if self.joining is not None else (None, None))
         self.metas = {"/": MetaEntry(None, 0)}
         self.positions.forget()
         await self.load_held()
@@ -132,17 +133,16 @@ class SubtreeStore(Chaining):
         self.mount_before = lay.mount
 
     async def save_join_held(self) -> None:
-        """After a join's first scan, and after one of a join widened since: write the
-        unrecorded znodes it set aside (a widened one's list again, whole)."""
-        if self.joining is None or (self.join_held is not None and not self.join_list_stale):
+        """After a scan of a join whose list is not whole for its marker (its first; one
+        after the marker was widened, or after a crash while the list was written):
+        add the unrecorded znodes it set aside."""
+        if self.joining is None or self.join_list_line == self.join_zxid:
             return
-        if self.join_list_stale:
-            await joinlist.drop(self.zk, self.layout)
         held = frozenset(r for r, read in self.joining.items()
                          if read is not None and self.join_records.get(r) is None)
-        if held:
-            await joinlist.save(self.zk, self.layout, sorted(held))
-        self.join_held, self.join_list_stale = held, False
+        listed = self.join_held or frozenset()
+        await joinlist.save(self.zk, self.layout, sorted(held - listed), self.join_zxid)
+        self.join_held, self.join_list_line = listed | held, self.join_zxid
 
     def included(self) -> tuple[str, ...]:
         """The paths excluded when the peers' topics were last read and not now."""
@@ -174,10 +174,10 @@ class SubtreeStore(Chaining):
                 lines = {p: lines.get(p, node.stat.czxid) for p in scope}
             scope = tuple(sorted({*(scope or ()), *paths}))
             await self.zk.multi(self._new_marker(node, statecodec.encode_marker(scope, lines)))
-            self.join_list_stale = node is not None
             node = await self.zk.get(lay.joining)
             log.info("paths_joining", subtree=lay.name, paths=list(paths),
                      action="the peers' versions of what this region holds there first")
+            failpoints.hit(failpoints.JOIN_MARKED)
         if node is None:
             self.joining, self.join_scope, self.join_zxid = None, None, 0
             return

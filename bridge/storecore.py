@@ -95,12 +95,12 @@ class StoreCore(Planner):
         # The record of each set-aside znode then (None: none; a path included
         # again may have one from before it was excluded).
         self.join_records: dict[str, NodeMeta | None] = {}
-        # The unrecorded znodes the join set aside, as its first scan wrote them
-        # (``bridge.joinlist``); None: not written yet.
+        # The unrecorded znodes the join's scans set aside, as listed in the region's
+        # ensemble (``bridge.joinlist``); None: no list yet.
         self.join_held: frozenset[str] | None = None
-        # The marker was widened since the list was written: the next scan writes
-        # it again with the paths that now join.
-        self.join_list_stale = False
+        # The marker's czxid the list is whole for: not ``join_zxid`` (none yet, the
+        # marker widened since, a crash while it was written), the next scan adds to it.
+        self.join_list_line: int | None = None
         # The exclude list the peers' topics were read under, as the term began
         # (None: not known).
         self.read_under: tuple[str, ...] | None = None

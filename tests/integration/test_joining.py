@@ -361,3 +361,78 @@ def test_a_join_widened_after_a_crash_keeps_the_writes_made_since_it_began(
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/joining") is None
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/aside") is None
     fed.assert_clean_logs()
+
+
+def test_a_crash_right_after_the_join_was_widened_still_lists_the_new_path(
+        make_federation: Callable[..., Federation]) -> None:
+    """r2 excluded /tmp and /etc. A restart took /tmp in again and was killed before
+    its first apply, its list written. The next start widened the marker for /etc
+    and was killed at once; the one after set /etc/b aside (r2 created it while
+    excluded, r1 has a version) and was killed before its first apply. An
+    application deletes /etc/b in r2 meanwhile, then r2 starts for good: the
+    delete wins in every region. Before, the start after the widening took the
+    list for whole, /etc/b was never listed, and r1's version came back."""
+    fed = make_federation()
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.start_all()
+    r1.client.create(r1.path("/tmp/r"), b"replicated", makepath=True)
+    r1.client.create(r1.path("/etc/x"), b"replicated", makepath=True)
+    fed.wait_converged()
+    fed.exclude_by("r2", "restart", ["/tmp", "/etc"])
+    r2.client.create(r2.path("/tmp/own"), b"r2's own")  # /tmp's join lists it
+    r2.client.create(r2.path("/etc/b"), b"r2, while excluded")
+    r1.client.set(r1.path("/tmp/r"), b"r1, while r2 excluded it")
+    r1.client.create(r1.path("/etc/b"), b"r1's")
+    r1.client.create(r1.path("/kept"), b"k")
+    procs.wait_for(lambda: r2.client.exists(r2.path("/kept")) is not None, 30)
+    assert fed.stop("r2") == 0
+    fed.write_exclude("r2", ["/etc"])
+    fed.crash_at("r2", "before_apply=crash@1")  # /tmp joining, its list written
+    fed.write_exclude("r2", [])
+    fed.crash_at("r2", "join_marked=crash@1")  # widened for /etc, no scan yet
+    fed.crash_at("r2", "before_apply=crash@1")  # /etc/b set aside, not applied
+    r2.client.delete(r2.path("/etc/b"))
+    fed.start("r2")
+    procs.wait_for(lambda: r1.client.exists(r1.path("/etc/b")) is None, 30,
+                   message="r2's delete of /etc/b never reached r1")
+    fed.wait_converged()
+    for name in fed.regions:
+        tree = fed.tree(name)
+        assert "/etc/b" not in tree, name
+        assert tree["/tmp/own"] == b"r2's own", name
+        assert tree["/tmp/r"] == b"r1, while r2 excluded it", name
+    marked = [e["paths"] for e in fed.events("r2") if e["event"] == "paths_joining"]
+    assert marked == [["/tmp"], ["/etc"]], marked
+    assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/aside") is None
+    fed.assert_clean_logs()
+
+
+def test_a_join_s_list_left_unfinished_by_a_crash_is_kept(
+        make_federation: Callable[..., Federation]) -> None:
+    """r2 excluded /etc and created /etc/b there (r1 has a version). Taken in again
+    by a restart killed after its list's pieces were written, before the list was
+    marked whole; an application deletes /etc/b in r2, then r2 starts for good: the
+    delete wins in every region. Before, the unfinished list was dropped, and
+    r1's version came back."""
+    fed = make_federation()
+    r1, r2 = fed["r1"], fed["r2"]
+    fed.start_all()
+    r1.client.create(r1.path("/etc/x"), b"replicated", makepath=True)
+    fed.wait_converged()
+    fed.exclude_by("r2", "restart", ["/etc"])
+    r2.client.create(r2.path("/etc/b"), b"r2, while excluded")
+    r1.client.create(r1.path("/etc/b"), b"r1's")
+    r1.client.create(r1.path("/kept"), b"k")
+    procs.wait_for(lambda: r2.client.exists(r2.path("/kept")) is not None, 30)
+    assert fed.stop("r2") == 0
+    fed.write_exclude("r2", [])
+    fed.crash_at("r2", "join_listed=crash@1")
+    r2.client.delete(r2.path("/etc/b"))
+    fed.start("r2")
+    procs.wait_for(lambda: r1.client.exists(r1.path("/etc/b")) is None, 30,
+                   message="r2's delete of /etc/b never reached r1")
+    fed.wait_converged()
+    for name in fed.regions:
+        assert "/etc/b" not in fed.tree(name), name
+    assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/aside") is None
+    fed.assert_clean_logs()

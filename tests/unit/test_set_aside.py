@@ -248,7 +248,9 @@ class MemZk:
         n = await self.get(path)
         return None if n is None else n.stat
 
-    async def children(self, path: str) -> list[str]:
+    async def children(self, path: str) -> list[str] | None:
+        if path not in self.nodes:
+            return None
         return [p[len(path) + 1:] for p in self.nodes
                 if p.startswith(path + "/") and "/" not in p[len(path) + 1:]]
 
@@ -277,7 +279,7 @@ def test_widening_the_marker_keeps_the_lines_of_the_paths_joining_already() -> N
     asyncio.run(s.mark_joining(("/tmp",)))
     first = s.join_zxid
     assert (s.join_scope, s.join_lines) == (("/tmp",), {})
-    assert not s.join_list_stale  # a first marker: no list to write again
+    assert s.join_list_line is None  # no list yet
     asyncio.run(s.mark_joining(("/etc",)))
     assert s.join_zxid > first
     assert statecodec.decode_marker(zk.nodes[lay.joining][0]) == (("/etc", "/tmp"),
@@ -288,7 +290,7 @@ def test_widening_the_marker_keeps_the_lines_of_the_paths_joining_already() -> N
     assert zk.zxid == made
 
 
-def test_a_widened_join_writes_its_list_again_with_the_new_paths() -> None:
+def test_a_widened_join_adds_the_new_paths_to_its_list() -> None:
     """The join of /tmp wrote its list; /etc included since: the next scan's list has
     both (before, it kept the first, and a znode of /etc deleted while a crashed
     join's bridge was down left no trace)."""
@@ -300,16 +302,71 @@ def test_a_widened_join_writes_its_list_again_with_the_new_paths() -> None:
     assert s.joining is not None
     s.joining["/tmp/a"] = (node(b"1", 1), 7)
     asyncio.run(s.save_join_held())
-    assert asyncio.run(joinlist.load(zk, lay)) == {"/tmp/a"}
+    assert asyncio.run(joinlist.load(zk, lay)) == ({"/tmp/a"}, s.join_zxid)
     asyncio.run(s.mark_joining(("/etc",)))
-    assert s.join_list_stale
+    assert s.join_list_line != s.join_zxid
     s.joining["/etc/b"] = (node(b"2", 1), 7)
     asyncio.run(s.save_join_held())
-    assert asyncio.run(joinlist.load(zk, lay)) == {"/tmp/a", "/etc/b"}
-    assert not s.join_list_stale
+    assert asyncio.run(joinlist.load(zk, lay)) == ({"/tmp/a", "/etc/b"}, s.join_zxid)
+    assert s.join_list_line == s.join_zxid
     pieces = zk.under(lay.aside)
-    asyncio.run(s.save_join_held())  # written: not again
+    asyncio.run(s.save_join_held())  # whole: not again
     assert zk.under(lay.aside) == pieces
+
+
+def test_a_start_after_a_crash_between_widening_and_the_list_adds_to_it() -> None:
+    """The marker was widened for /etc and the bridge killed before its scan: the
+    next start reads a list whole for the marker before and adds /etc's znodes
+    (before, nothing told it the list lacked them). A list a crash left unfinished
+    keeps what it holds and is added to, not dropped."""
+    zk = MemZk()
+    lay = Layout("/zkbridge", "s", "/app")
+
+    def fresh() -> SubtreeStore:
+        return SubtreeStore(zk, lay,  # type: ignore[arg-type]
+                            region="r4", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+
+    s = fresh()
+    asyncio.run(s.mark_joining(("/tmp",)))
+    assert s.joining is not None
+    s.joining["/tmp/a"] = (node(b"1", 1), 7)
+    asyncio.run(s.save_join_held())
+    asyncio.run(s.mark_joining(("/etc",)))  # killed here
+    s = fresh()  # the next start: the marker holds /etc already, not widened again
+    asyncio.run(s.mark_joining(("/etc",)))
+    s.join_held, s.join_list_line = asyncio.run(joinlist.load(zk, lay))
+    assert s.join_held == {"/tmp/a"} and s.join_list_line != s.join_zxid
+    assert s.joining is not None
+    s.joining["/etc/b"] = (node(b"2", 1), 7)
+    asyncio.run(s.save_join_held())
+    assert asyncio.run(joinlist.load(zk, lay)) == ({"/tmp/a", "/etc/b"}, s.join_zxid)
+    # Unfinished (a crash before the list was marked whole): kept, and added to.
+    zk.nodes[lay.aside] = (b"", zk.nodes[lay.aside][1])
+    s = fresh()
+    asyncio.run(s.mark_joining())
+    s.join_held, s.join_list_line = asyncio.run(joinlist.load(zk, lay))
+    assert s.join_held == {"/tmp/a", "/etc/b"} and s.join_list_line is None
+    assert s.joining is not None
+    s.joining["/etc/c"] = (node(b"3", 1), 7)
+    asyncio.run(s.save_join_held())
+    assert asyncio.run(joinlist.load(zk, lay)) == ({"/tmp/a", "/etc/b", "/etc/c"}, s.join_zxid)
+
+
+def test_the_list_s_whole_mark_names_its_marker() -> None:
+    assert joinlist.whole_for(joinlist.whole(0x1_0000_002A)) == 0x1_0000_002A
+    for data in (b"", joinlist.WHOLE, b"whole:", b"whole:x1", b"half:12", b"\xff:1"):
+        assert joinlist.whole_for(data) is None, data
+
+
+def test_an_unreadable_list_is_dropped_and_no_list_is_made_for_nothing() -> None:
+    zk = MemZk()
+    lay = Layout("/zkbridge", "s", "/app")
+    asyncio.run(joinlist.save(zk, lay, [], 5))
+    assert lay.aside not in zk.nodes
+    asyncio.run(joinlist.save(zk, lay, ["/a"], 5))
+    zk.nodes[f"{lay.aside}/000000"] = (b"\xc1garbage", 1)
+    assert asyncio.run(joinlist.load(zk, lay)) == (None, None)
+    assert not zk.under(lay.aside) and lay.aside not in zk.nodes
 
 
 def test_a_znode_of_an_included_path_is_told_from_its_read_before_any_scan() -> None:
