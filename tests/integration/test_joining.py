@@ -310,20 +310,10 @@ def test_a_subtree_added_back_takes_the_federation_s_versions(
     fed.assert_clean_logs(allowed={"peer_silent"})
 
 
-def test_a_join_widened_after_a_crash_keeps_the_writes_made_since_it_began(
-        make_federation: Callable[..., Federation]) -> None:
-    """r2 excluded /tmp and /etc. A restart took /tmp in again and was killed before
-    its first apply: /tmp is still joining, and its list holds /tmp/own, which r2
-    created while excluded. An application sets /tmp/r in r2 while the bridge is
-    down, after r1's version. The next start takes /etc in too and is killed the
-    same way; an application deletes /etc/b in r2, which r2 created while /etc was
-    excluded (r1 has a version of it). Then r2 starts for good. Both writes, made
-    after their paths' joins began, win in every region, while what r2 wrote in
-    /etc while excluded takes r1's later version. Before, widening the marker for
-    /etc moved /tmp's line with it, so r2's newer /tmp/r was taken for a write made
-    while excluded and r1's older version went over it; and the join's list kept
-    only what /tmp's scan set aside, so r1's /etc/b came back over r2's delete."""
-    fed = make_federation()
+def _join_tmp_and_crash(fed: Federation) -> None:
+    """r2 excludes /tmp and /etc and writes there (r1 too); a restart takes /tmp in
+    again and is killed before its first apply: /tmp joins, its list written
+    (/tmp/own), and /etc stays excluded."""
     r1, r2 = fed["r1"], fed["r2"]
     fed.start_all()
     r1.client.create(r1.path("/tmp/r"), b"replicated", makepath=True)
@@ -341,6 +331,24 @@ def test_a_join_widened_after_a_crash_keeps_the_writes_made_since_it_began(
     assert fed.stop("r2") == 0
     fed.write_exclude("r2", ["/etc"])
     fed.crash_at("r2", "before_apply=crash@1")  # /tmp's re-read, not applied
+
+
+def test_a_join_widened_after_a_crash_keeps_the_writes_made_since_it_began(
+        make_federation: Callable[..., Federation]) -> None:
+    """r2 excluded /tmp and /etc. A restart took /tmp in again and was killed before
+    its first apply: /tmp is still joining, and its list holds /tmp/own, which r2
+    created while excluded. An application sets /tmp/r in r2 while the bridge is
+    down, after r1's version. The next start takes /etc in too and is killed the
+    same way; an application deletes /etc/b in r2, which r2 created while /etc was
+    excluded (r1 has a version of it). Then r2 starts for good. Both writes, made
+    after their paths' joins began, win in every region, while what r2 wrote in
+    /etc while excluded takes r1's later version. Before, widening the marker for
+    /etc moved /tmp's line with it, so r2's newer /tmp/r was taken for a write made
+    while excluded and r1's older version went over it; and the join's list kept
+    only what /tmp's scan set aside, so r1's /etc/b came back over r2's delete."""
+    fed = make_federation()
+    r1, r2 = fed["r1"], fed["r2"]
+    _join_tmp_and_crash(fed)
     r2.client.set(r2.path("/tmp/r"), b"r2, while down")
     fed.write_exclude("r2", [])
     fed.crash_at("r2", "before_apply=crash@1")  # /etc set aside too, not applied
@@ -363,6 +371,19 @@ def test_a_join_widened_after_a_crash_keeps_the_writes_made_since_it_began(
     fed.assert_clean_logs()
 
 
+def _delete_etc_b_and_start(fed: Federation) -> None:
+    """An application deletes /etc/b in r2 while its bridge is down; once it runs,
+    the delete holds in every region."""
+    r1, r2 = fed["r1"], fed["r2"]
+    r2.client.delete(r2.path("/etc/b"))
+    fed.start("r2")
+    procs.wait_for(lambda: r1.client.exists(r1.path("/etc/b")) is None, 30,
+                   message="r2's delete of /etc/b never reached r1")
+    fed.wait_converged()
+    for name in fed.regions:
+        assert "/etc/b" not in fed.tree(name), name
+
+
 def test_a_crash_right_after_the_join_was_widened_still_lists_the_new_path(
         make_federation: Callable[..., Federation]) -> None:
     """r2 excluded /tmp and /etc. A restart took /tmp in again and was killed before
@@ -373,34 +394,17 @@ def test_a_crash_right_after_the_join_was_widened_still_lists_the_new_path(
     delete wins in every region. Before, the start after the widening took the
     list for whole, /etc/b was never listed, and r1's version came back."""
     fed = make_federation()
-    r1, r2 = fed["r1"], fed["r2"]
-    fed.start_all()
-    r1.client.create(r1.path("/tmp/r"), b"replicated", makepath=True)
-    r1.client.create(r1.path("/etc/x"), b"replicated", makepath=True)
-    fed.wait_converged()
-    fed.exclude_by("r2", "restart", ["/tmp", "/etc"])
-    r2.client.create(r2.path("/tmp/own"), b"r2's own")  # /tmp's join lists it
-    r2.client.create(r2.path("/etc/b"), b"r2, while excluded")
-    r1.client.set(r1.path("/tmp/r"), b"r1, while r2 excluded it")
-    r1.client.create(r1.path("/etc/b"), b"r1's")
-    r1.client.create(r1.path("/kept"), b"k")
-    procs.wait_for(lambda: r2.client.exists(r2.path("/kept")) is not None, 30)
-    assert fed.stop("r2") == 0
-    fed.write_exclude("r2", ["/etc"])
-    fed.crash_at("r2", "before_apply=crash@1")  # /tmp joining, its list written
+    r2 = fed["r2"]
+    _join_tmp_and_crash(fed)
     fed.write_exclude("r2", [])
     fed.crash_at("r2", "join_marked=crash@1")  # widened for /etc, no scan yet
     fed.crash_at("r2", "before_apply=crash@1")  # /etc/b set aside, not applied
-    r2.client.delete(r2.path("/etc/b"))
-    fed.start("r2")
-    procs.wait_for(lambda: r1.client.exists(r1.path("/etc/b")) is None, 30,
-                   message="r2's delete of /etc/b never reached r1")
-    fed.wait_converged()
+    _delete_etc_b_and_start(fed)
     for name in fed.regions:
         tree = fed.tree(name)
-        assert "/etc/b" not in tree, name
         assert tree["/tmp/own"] == b"r2's own", name
         assert tree["/tmp/r"] == b"r1, while r2 excluded it", name
+        assert tree["/etc/x"] == b"r1, newest", name
     marked = [e["paths"] for e in fed.events("r2") if e["event"] == "paths_joining"]
     assert marked == [["/tmp"], ["/etc"]], marked
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/aside") is None
@@ -427,12 +431,6 @@ def test_a_join_s_list_left_unfinished_by_a_crash_is_kept(
     assert fed.stop("r2") == 0
     fed.write_exclude("r2", [])
     fed.crash_at("r2", "join_listed=crash@1")
-    r2.client.delete(r2.path("/etc/b"))
-    fed.start("r2")
-    procs.wait_for(lambda: r1.client.exists(r1.path("/etc/b")) is None, 30,
-                   message="r2's delete of /etc/b never reached r1")
-    fed.wait_converged()
-    for name in fed.regions:
-        assert "/etc/b" not in fed.tree(name), name
+    _delete_etc_b_and_start(fed)
     assert r2.client.exists(f"{fed.state_path}/subtrees/{fed.subtree}/aside") is None
     fed.assert_clean_logs()
