@@ -49,6 +49,12 @@ class ScanResult:
     # While joining: each recorded znode found missing, with a zxid at or above
     # its delete's (``SubtreeStore.gone_before``).
     gone: Mapping[str, int] = field(default_factory=dict)
+    # At a mount moved since the last start (``SubtreeStore.mount_before``): the
+    # znodes that differ from their record and were last written before it (a
+    # copy made before the bridge's last writes at the old mount), and the
+    # recorded ones missing.
+    older: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +99,9 @@ class Scanner:
         reads: dict[str, tuple[Node, int]] = {}
         gone: dict[str, int] = {}
         joining = store.joining is not None
+        moved = store.mount_before not in (None, lay.mount)
+        older: list[str] = []
+        missing: list[str] = []
         znodes = replicated = deletes = 0
         ahead = ACLS_AHEAD
         # (rel, list its znode children?, list its metadata children?, the zxid by
@@ -160,8 +169,13 @@ class Scanner:
                     changed.append(rel)
                     if isinstance(node, Node):
                         reads[rel] = (node, frame)
+                if moved and change is Change.PUT and isinstance(node, Node) and (
+                        isinstance(mnode, Node) and node.stat.mzxid < mnode.stat.mzxid):
+                    older.append(rel)
                 if change is Change.DELETE:
                     deletes += 1
+                    if moved:
+                        missing.append(rel)
                     if joining:
                         gone[rel] = bounds.get(parent(rel), NEVER)
                 zkids = node is not None and change is not Change.IGNORE and (
@@ -174,7 +188,8 @@ class Scanner:
             if rel not in changed:
                 changed.append(rel)
         result = ScanResult(tuple(changed), znodes, replicated, deletes,
-                            time.monotonic() - started, tuple(present), reads, gone)
+                            time.monotonic() - started, tuple(present), reads, gone,
+                            tuple(older), tuple(missing))
         self.found = len(changed)
         self._breaker(result, allow_mass_delete)
         await store.note_mount()
@@ -231,18 +246,12 @@ class Scanner:
 
     def _breaker(self, result: ScanResult, allow: bool) -> None:
         md = self.mass_delete
+        lay, before = self.store.layout, self.store.mount_before
+        if before is not None and before != lay.mount:
+            self._moved(result, allow, before)
         if allow or result.deletes < max(md.min_nodes, 1):
             return
         if result.deletes > md.max_ratio * max(result.replicated, 1):
-            lay, before = self.store.layout, self.store.mount_before
-            if before is not None and before != lay.mount:
-                raise MassDeleteError(
-                    f"subtree {lay.name!r}: its mount here was {before} and is {lay.mount} "
-                    f"now, and {result.deletes} of its {result.replicated} replicated znodes "
-                    f"are missing there; refusing to announce their delete to every region. "
-                    f"Copy the tree from {before} to {lay.mount} first (znodes that match "
-                    f"the state are taken as they are), or configure {before} again."
-                )
             raise MassDeleteError(
                 f"subtree {self.store.layout.name!r}: the scan found {result.deletes} of "
                 f"{result.replicated} replicated znodes deleted locally (more than "
@@ -250,3 +259,38 @@ class Scanner:
                 "If the deletion is intended, start once with `zkbridge run --allow-mass-delete`; "
                 "if the local ensemble lost data, restore it instead."
             )
+
+    def _moved(self, result: ScanResult, allow: bool, before: str) -> None:
+        """At a moved mount, only a tree the state describes goes on: one copied while
+        the bridge still applied the peers' writes at the old mount holds older
+        values and lacks their creates, and announced, they would go over the
+        federation's newer versions in every region."""
+        md, mount = self.mass_delete, self.store.layout.mount
+        head = f"subtree {self.store.layout.name!r}: its mount here was {before} and is {mount} now"
+        again = (f"Copy the tree from {before} to {mount} again with this bridge stopped "
+                 f"(znodes that match the state are taken as they are), or configure "
+                 f"{before} again.")
+        if result.older:
+            raise MassDeleteError(
+                f"{head}, and {len(result.older)} znodes there were written before the "
+                f"versions the state records ({_some(result.older)}): a copy made while "
+                f"the bridge still wrote at {before}; refusing to announce older values "
+                f"to every region. {again}")
+        if allow or not result.missing:
+            return
+        if result.deletes > md.max_ratio * max(result.replicated, 1):
+            raise MassDeleteError(
+                f"{head}, and {result.deletes} of its {result.replicated} replicated znodes "
+                f"are missing there; refusing to announce their delete to every region. "
+                f"Copy the tree from {before} to {mount} first (znodes that match "
+                f"the state are taken as they are), or configure {before} again.")
+        raise MassDeleteError(
+            f"{head}, and {len(result.missing)} of its {result.replicated} replicated "
+            f"znodes are missing there ({_some(result.missing)}); refusing to announce "
+            f"their delete to every region. {again} If your applications deleted them "
+            f"at {mount} since the move, start once with `zkbridge run --allow-mass-delete`.")
+
+
+def _some(paths: tuple[str, ...], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more

@@ -445,6 +445,67 @@ def test_a_mount_moved_to_an_empty_path_is_named_and_one_copied_there_goes_on(
     fed.assert_clean_logs(allowed={"mass_delete_refused", "subtree_moved"})
 
 
+def _refused_at(fed: Federation, name: str) -> str:
+    """Start ``name``'s bridge, expect it to stop with exit 3; its refusal's message."""
+    before = fed.count_events(name, "mass_delete_refused")
+    fed.start(name, wait=False)
+    proc = fed[name].proc
+    assert proc is not None
+    wait_for(lambda: proc.poll() is not None, 60, message="the bridge did not stop")
+    assert proc.returncode == 3
+    fed[name].proc = None
+    refused = [e for e in fed.events(name) if e["event"] == "mass_delete_refused"]
+    assert len(refused) == before + 1, refused
+    return str(refused[-1]["error"])
+
+
+def test_a_mount_moved_onto_a_copy_made_while_the_bridge_still_applied_is_refused(
+        federation: Federation) -> None:
+    """r2's tree is copied to a new path while its bridge still runs at the old one;
+    r1 then sets /m0, deletes /m1 and creates /m40, which r2 applies at the old
+    mount. Moved onto the copy, r2's start stops and names the znodes older than
+    their records; with those copied again, it names the one missing (a delete
+    it would announce, which --allow-mass-delete would let through); copied
+    whole, it goes on. Every region keeps r1's versions throughout. Before, the
+    start announced the copy: r1's /m0 went back to its older value, /m1 came
+    back, and /m40 was deleted, in every region."""
+    fed = federation
+    fed.start_all()
+    r1, r2 = fed["r1"], fed["r2"]
+    for i in range(40):
+        r1.client.create(r1.path(f"/m{i}"), f"v{i}".encode())
+    fed.wait_converged()
+    old, new = r2.mount, f"{r2.mount}-moved"
+    for i in range(40):
+        r2.client.create(f"{new}/m{i}", r2.client.get(f"{old}/m{i}")[0], makepath=True)
+    r1.client.set(r1.path("/m0"), b"after the copy")
+    r1.client.delete(r1.path("/m1"))
+    r1.client.create(r1.path("/m40"), b"after the copy")
+    fed.wait_converged()
+    assert fed.stop("r2") == 0
+    r2.mount = new
+    fed.write_config("r2")
+    error = _refused_at(fed, "r2")
+    assert f"its mount here was {old} and is {new} now, and 2 znodes there were written " \
+           f"before the versions the state records (/m0, /m1)" in error, error
+    assert "--allow-mass-delete" not in error
+    r2.client.set(f"{new}/m0", b"after the copy")
+    r2.client.delete(f"{new}/m1")
+    error = _refused_at(fed, "r2")
+    assert "1 of its 40 replicated znodes are missing there (/m40)" in error, error
+    assert "--allow-mass-delete" in error
+    r2.client.create(f"{new}/m40", b"after the copy")
+    fed.start("r2")
+    r1.client.set(r1.path("/m2"), b"after the move")
+    fed.wait_converged()
+    for name in fed.regions:
+        tree = fed.tree(name)
+        assert (tree["/m0"], tree["/m2"], tree["/m40"]) == (
+            b"after the copy", b"after the move", b"after the copy"), name
+        assert "/m1" not in tree and len(tree) == 40, name
+    fed.assert_clean_logs(allowed={"mass_delete_refused", "subtree_moved"})
+
+
 def test_a_rescan_by_reload_during_a_live_mass_delete_does_not_stop_the_bridge(
     federation: Federation,
 ) -> None:
