@@ -16,6 +16,7 @@ would hit every process.
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ CLOCK_JUMP_MAX_S = 40.0
 KAFKA_ONLY = ("region_cut", "broker_restart")
 # How long an include may take to show (a leader down meanwhile starts first).
 INCLUDE_WAIT_S = 60.0
+# How an exclude fault takes its path in again: a reload (SIGHUP), as most
+# operators would, or a restart of the region's bridges, with each new process
+# armed to die once at a step of the join (``bridge/failpoints.py``).
+JOIN_CRASHES = ("join_marked", "join_listed", "join_ending")
+INCLUDES = ("reload", "reload", "restart", *(f"crash at {fp}" for fp in JOIN_CRASHES))
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...]) -> list[Fault]:
         elif kind == "exclude":
             # The region's own keys, the contended ones, or another region's.
             other = rng.choice([r for r in REGIONS if r != region])
-            detail = rng.choice(("/shared", f"/{region}", f"/{other}"))
+            detail = f"{rng.choice(('/shared', f'/{region}', f'/{other}'))} {rng.choice(INCLUDES)}"
             duration = rng.uniform(8.0, 20.0)
         if kind == "session_expiry":
             duration = SESSION_TIMEOUT * 1.5 + rng.uniform(1.0, 3.0)
@@ -100,6 +106,32 @@ class Excluded:
     path: str
     start: float
     end: float | None
+
+
+@dataclass
+class Armed:
+    """A region's bridges restarted with a failpoint ("": none), as started."""
+
+    failpoint: str
+    procs: list[tuple[Bridge, subprocess.Popen[bytes]]]
+    crashed: int = 0
+
+    def revive(self, cluster: Cluster) -> None:
+        """Start unarmed each one the failpoint killed (as the supervisor would)."""
+        for b, proc in self.procs:
+            if b.proc is proc and proc.poll() is not None:
+                self.crashed += proc.returncode == -9
+                b.proc = None
+                cluster.start_bridge(b)
+
+    def disarm(self, cluster: Cluster) -> None:
+        """Restart unarmed each armed one still running: a failpoint never outlives
+        its fault."""
+        self.revive(cluster)
+        for b, proc in self.procs:
+            if self.failpoint and b.proc is proc:
+                cluster.kill_bridge(b)
+                cluster.start_bridge(b)
 
 
 @dataclass
@@ -375,11 +407,12 @@ class Nemesis:
             self._release("broker")
 
     def _do_exclude(self, a: Applied) -> None:
-        region, path = a.fault.region, a.fault.detail
+        region, (path, how) = a.fault.region, a.fault.detail.split(" ", 1)
         a.target = f"{region} {path}"
         if not self._claim(f"exclude:{region}"):
             a.outcome = "skipped: an exclude runs there"
             return
+        armed: Armed | None = None
         try:
             start = time.time()
             self.cluster.set_exclude(region, (path,))
@@ -387,13 +420,20 @@ class Nemesis:
             self._sleep(a.fault.duration)
             marked = self._events(region, "paths_joining")
             joined = self._events(region, "subtree_joined")
-            self.cluster.set_exclude(region, ())
+            if how != "reload":
+                armed = self._restart_armed(region, how.removeprefix("crash at "))
+                a.notes.append(f"included by {how}" if armed else
+                               "bridges busy: included by reload")
+            if armed is None:
+                self.cluster.set_exclude(region, ())
             # The include takes effect when a leader marks the path joining (at
             # once, or when one starts): the region's writes there before it are
             # the ones it held while excluded.
             end: float | None = None
             deadline = time.monotonic() + INCLUDE_WAIT_S
             while time.monotonic() < deadline:
+                if armed is not None:
+                    armed.revive(self.cluster)
                 if end is None and self._events(region, "paths_joining", since=marked):
                     end = time.time()
                 if end is not None and (done := self._events(region, "subtree_joined",
@@ -408,7 +448,30 @@ class Nemesis:
                 a.outcome = "applied (include not seen)"
             self.excluded.append(Excluded(region, path, start, end))
         finally:
+            if armed is not None:
+                armed.disarm(self.cluster)
+                if armed.failpoint:
+                    a.outcome += f", {armed.crashed} crashed at {armed.failpoint}"
+                for b, _ in armed.procs:
+                    self._release(f"bridge:{b.name}")
             self._release(f"exclude:{region}")
+
+    def _restart_armed(self, region: str, how: str) -> Armed | None:
+        """Include by restarting the region's bridges with its exclude list gone, each
+        armed (unless ``how`` is "restart") to die once at that failpoint. None if
+        another fault holds one of them; else they stay claimed until disarmed."""
+        bridges = self.cluster.regions[region].bridges
+        claimed = [b for b in bridges if self._claim(f"bridge:{b.name}")]
+        if len(claimed) < len(bridges):
+            for b in claimed:
+                self._release(f"bridge:{b.name}")
+            return None
+        self.cluster.set_exclude(region, (), reload=False)
+        fp = "" if how == "restart" else how
+        for b in bridges:
+            self.cluster.kill_bridge(b)
+            self.cluster.start_bridge(b, failpoints=f"{fp}=crash@1" if fp else None)
+        return Armed(fp, [(b, b.proc) for b in bridges if b.proc is not None])
 
     def _events(self, region: str, event: str,
                 since: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:

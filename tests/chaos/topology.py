@@ -202,13 +202,13 @@ class Cluster:
             "log": {"format": "json", "level": "info"},
         }
 
-    def set_exclude(self, region: str, exclude: tuple[str, ...]) -> None:
+    def set_exclude(self, region: str, exclude: tuple[str, ...], reload: bool = True) -> None:
         """Rewrite the region's bridges' configuration and reload them (SIGHUP), as an
         operator would; a bridge down meanwhile reads the file when it starts."""
         self.excludes[region] = exclude
         for b in self.regions[region].bridges:
             b.config_path.write_text(yaml.safe_dump(self.config_doc(b)))
-        for b in self.regions[region].bridges:
+        for b in self.regions[region].bridges if reload else ():
             if b.alive and b.proc is not None:
                 b.proc.send_signal(signal.SIGHUP)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bridge.clock import hlc_from_ms
 from tests.chaos.checkers import Snapshot, check_lost_writes
-from tests.chaos.nemesis import KINDS_ALL, Excluded, schedule
+from tests.chaos.nemesis import INCLUDES, KINDS_ALL, Excluded, schedule
 from tests.chaos.workload import History, Op
 
 
@@ -96,7 +96,8 @@ def test_a_single_writer_path_excluded_for_a_while_still_ends_at_its_last_write(
 def test_an_exclude_fault_names_a_path_of_the_workload() -> None:
     faults = [f for seed in range(40) for f in schedule(seed, 120, ("exclude",))]
     assert faults and all(f.kind == "exclude" for f in faults)
-    assert {f.detail for f in faults} >= {"/shared", "/r1", "/r2", "/r3"}
+    assert {f.detail.split(" ", 1)[0] for f in faults} >= {"/shared", "/r1", "/r2", "/r3"}
+    assert {f.detail.split(" ", 1)[1] for f in faults} == set(INCLUDES)
     assert all(8.0 <= f.duration <= 20.0 for f in faults)
 
 
