@@ -44,6 +44,8 @@ INCLUDE_WAIT_S = 60.0
 # operators would, or a restart of the region's bridges, with each new process
 # armed to die once at a step of the join (``bridge/failpoints.py``).
 JOIN_CRASHES = ("join_marked", "join_listed", "join_ending")
+# How long such a restart waits for other faults to let go of the bridges.
+CLAIM_WAIT_S = 20.0
 INCLUDES = ("reload", "reload", "restart", *(f"crash at {fp}" for fp in JOIN_CRASHES))
 
 
@@ -422,9 +424,8 @@ class Nemesis:
             joined = self._events(region, "subtree_joined")
             if how != "reload":
                 armed = self._restart_armed(region, how.removeprefix("crash at "))
-                a.notes.append(f"included by {how}" if armed else
-                               "bridges busy: included by reload")
             if armed is None:
+                how = "reload" if how == "reload" else "reload (bridges busy)"
                 self.cluster.set_exclude(region, ())
             # The include takes effect when a leader marks the path joining (at
             # once, or when one starts): the region's writes there before it are
@@ -440,18 +441,20 @@ class Nemesis:
                                                              since=joined)):
                     # A start killed during the join (another fault) marks it again.
                     marks = len(self._events(region, "paths_joining", since=marked))
-                    a.outcome = (f"applied (marked {marks}x, joined, "
-                                 f"published {done[-1].get('published')})")
+                    a.outcome = (f"applied (by {how}; marked {marks}x, joined, "
+                                 f"published {done[-1].get('published')}")
                     break
                 time.sleep(0.5)
             if end is None:
-                a.outcome = "applied (include not seen)"
+                a.outcome = f"applied (by {how}; include not seen"
             self.excluded.append(Excluded(region, path, start, end))
         finally:
             if armed is not None:
                 armed.disarm(self.cluster)
                 if armed.failpoint:
-                    a.outcome += f", {armed.crashed} crashed at {armed.failpoint}"
+                    a.outcome += f"; {armed.crashed} of {len(armed.procs)} crashed"
+            if a.outcome.startswith("applied ("):
+                a.outcome += ")"
                 for b, _ in armed.procs:
                     self._release(f"bridge:{b.name}")
             self._release(f"exclude:{region}")
@@ -461,11 +464,16 @@ class Nemesis:
         armed (unless ``how`` is "restart") to die once at that failpoint. None if
         another fault holds one of them; else they stay claimed until disarmed."""
         bridges = self.cluster.regions[region].bridges
-        claimed = [b for b in bridges if self._claim(f"bridge:{b.name}")]
-        if len(claimed) < len(bridges):
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            claimed = [b for b in bridges if self._claim(f"bridge:{b.name}")]
+            if len(claimed) == len(bridges):
+                break
             for b in claimed:
                 self._release(f"bridge:{b.name}")
-            return None
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
         self.cluster.set_exclude(region, (), reload=False)
         fp = "" if how == "restart" else how
         for b in bridges:
