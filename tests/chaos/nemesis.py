@@ -453,10 +453,10 @@ class Nemesis:
                 armed.disarm(self.cluster)
                 if armed.failpoint:
                     a.outcome += f"; {armed.crashed} of {len(armed.procs)} crashed"
-            if a.outcome.startswith("applied ("):
-                a.outcome += ")"
                 for b, _ in armed.procs:
                     self._release(f"bridge:{b.name}")
+            if a.outcome.startswith("applied ("):
+                a.outcome += ")"
             self._release(f"exclude:{region}")
 
     def _restart_armed(self, region: str, how: str) -> Armed | None:
