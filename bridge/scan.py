@@ -245,50 +245,48 @@ class Scanner:
         return AuditResult(tuple(sorted(suspects)), listed, time.monotonic() - started)
 
     def _breaker(self, result: ScanResult, allow: bool) -> None:
-        md = self.mass_delete
         lay, before = self.store.layout, self.store.mount_before
         if before is not None and before != lay.mount:
             self._moved(result, allow, before)
-        if allow or result.deletes < max(md.min_nodes, 1):
+        if allow or result.deletes < max(self.mass_delete.min_nodes, 1):
             return
-        if result.deletes > md.max_ratio * max(result.replicated, 1):
+        if self._mass(result):
             raise MassDeleteError(
                 f"subtree {self.store.layout.name!r}: the scan found {result.deletes} of "
                 f"{result.replicated} replicated znodes deleted locally (more than "
-                f"{md.max_ratio:.0%}); refusing to announce a mass delete to every region. "
-                "If the deletion is intended, start once with `zkbridge run --allow-mass-delete`; "
-                "if the local ensemble lost data, restore it instead."
+                f"{self.mass_delete.max_ratio:.0%}); refusing to announce a mass delete to "
+                "every region. If the deletion is intended, start once with `zkbridge run "
+                "--allow-mass-delete`; if the local ensemble lost data, restore it instead."
             )
+
+    def _mass(self, result: ScanResult) -> bool:
+        return result.deletes > self.mass_delete.max_ratio * max(result.replicated, 1)
 
     def _moved(self, result: ScanResult, allow: bool, before: str) -> None:
         """At a moved mount, only a tree the state describes goes on: one copied while
         the bridge still applied the peers' writes at the old mount holds older
         values and lacks their creates, and announced, they would go over the
         federation's newer versions in every region."""
-        md, mount = self.mass_delete, self.store.layout.mount
+        mount = self.store.layout.mount
         head = f"subtree {self.store.layout.name!r}: its mount here was {before} and is {mount} now"
-        again = (f"Copy the tree from {before} to {mount} again with this bridge stopped "
-                 f"(znodes that match the state are taken as they are), or configure "
-                 f"{before} again.")
+        copy = (f"Copy the tree from {before} to {mount} with this bridge stopped (znodes "
+                f"that match the state are taken as they are), or configure {before} again.")
         if result.older:
             raise MassDeleteError(
                 f"{head}, and {len(result.older)} znodes there were written before the "
                 f"versions the state records ({_some(result.older)}): a copy made while "
                 f"the bridge still wrote at {before}; refusing to announce older values "
-                f"to every region. {again}")
+                f"to every region. {copy}")
         if allow or not result.missing:
             return
-        if result.deletes > md.max_ratio * max(result.replicated, 1):
-            raise MassDeleteError(
-                f"{head}, and {result.deletes} of its {result.replicated} replicated znodes "
-                f"are missing there; refusing to announce their delete to every region. "
-                f"Copy the tree from {before} to {mount} first (znodes that match "
-                f"the state are taken as they are), or configure {before} again.")
+        # Most of it missing: not the applications' deletes, no override offered.
+        offer = "" if self._mass(result) else (
+            f" If your applications deleted them at {mount} since the move, start once "
+            f"with `zkbridge run --allow-mass-delete`.")
         raise MassDeleteError(
             f"{head}, and {len(result.missing)} of its {result.replicated} replicated "
             f"znodes are missing there ({_some(result.missing)}); refusing to announce "
-            f"their delete to every region. {again} If your applications deleted them "
-            f"at {mount} since the move, start once with `zkbridge run --allow-mass-delete`.")
+            f"their delete to every region. {copy}{offer}")
 
 
 def _some(paths: tuple[str, ...], shown: int = 3) -> str:

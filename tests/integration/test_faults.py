@@ -20,7 +20,7 @@ from bridge.model import Event, Op, VectorClock
 from tests.harness import procs
 from tests.harness.procs import wait_for
 from tests.harness.proxy import TcpProxy
-from tests.integration.federation import Federation, scrape
+from tests.integration.federation import Federation, Region, scrape
 
 
 class Stream:
@@ -404,45 +404,14 @@ def test_mass_delete_breaker_stops_and_can_be_overridden(federation: Federation)
     fed.assert_clean_logs(allowed={"mass_delete_refused"})
 
 
-def test_a_mount_moved_to_an_empty_path_is_named_and_one_copied_there_goes_on(
-        federation: Federation) -> None:
-    """r2's mount is moved to a new, empty path: its start stops with the two mounts
-    named and no --allow-mass-delete offered (that would delete the subtree in every
-    region). With the tree copied to the new path, it starts, announces nothing and
-    replicates there. Before, the message was the mass delete's."""
-    fed = federation
+def _forty_replicated(fed: Federation) -> tuple[Region, Region]:
+    """r1 creates /m0../m39 and every region has them."""
     fed.start_all()
     r1, r2 = fed["r1"], fed["r2"]
     for i in range(40):
         r1.client.create(r1.path(f"/m{i}"), f"v{i}".encode())
     fed.wait_converged()
-    old = r2.mount
-    assert fed.stop("r2") == 0
-    r2.mount = f"{old}-moved"
-    r2.client.ensure_path(r2.mount)
-    fed.write_config("r2")
-    fed.start("r2", wait=False)
-    proc = r2.proc
-    assert proc is not None
-    wait_for(lambda: proc.poll() is not None, 60, message="the bridge did not stop")
-    assert proc.returncode == 3
-    refused = [e for e in fed.events("r2") if e["event"] == "mass_delete_refused"]
-    assert len(refused) == 1 and f"its mount here was {old} and is {r2.mount} now" in str(
-        refused[0]), refused
-    assert "--allow-mass-delete" not in str(refused[0])
-    assert len(fed.tree("r1")) == 40  # nothing was announced
-    r2.proc = None
-    for i in range(40):
-        r2.client.create(r2.path(f"/m{i}"), r2.client.get(f"{old}/m{i}")[0])
-    fed.start("r2")
-    r1.client.set(r1.path("/m0"), b"after the move")
-    fed.wait_converged()
-    assert fed.tree("r2")["/m0"] == b"after the move"
-    assert len(fed.tree("r3")) == 40
-    assert fed.count_events("r2", "subtree_moved") == 2  # each start at the new mount
-    assert all(fed.tree(n)[f"/m{i}"] == f"v{i}".encode() for n in fed.regions
-               for i in range(1, 40))
-    fed.assert_clean_logs(allowed={"mass_delete_refused", "subtree_moved"})
+    return r1, r2
 
 
 def _refused_at(fed: Federation, name: str) -> str:
@@ -459,6 +428,36 @@ def _refused_at(fed: Federation, name: str) -> str:
     return str(refused[-1]["error"])
 
 
+def test_a_mount_moved_to_an_empty_path_is_named_and_one_copied_there_goes_on(
+        federation: Federation) -> None:
+    """r2's mount is moved to a new, empty path: its start stops with the two mounts
+    named and no --allow-mass-delete offered (that would delete the subtree in every
+    region). With the tree copied to the new path, it starts, announces nothing and
+    replicates there. Before, the message was the mass delete's."""
+    fed = federation
+    r1, r2 = _forty_replicated(fed)
+    old = r2.mount
+    assert fed.stop("r2") == 0
+    r2.mount = f"{old}-moved"
+    r2.client.ensure_path(r2.mount)
+    fed.write_config("r2")
+    error = _refused_at(fed, "r2")
+    assert f"its mount here was {old} and is {r2.mount} now" in error, error
+    assert "--allow-mass-delete" not in error
+    assert len(fed.tree("r1")) == 40  # nothing was announced
+    for i in range(40):
+        r2.client.create(r2.path(f"/m{i}"), r2.client.get(f"{old}/m{i}")[0])
+    fed.start("r2")
+    r1.client.set(r1.path("/m0"), b"after the move")
+    fed.wait_converged()
+    assert fed.tree("r2")["/m0"] == b"after the move"
+    assert len(fed.tree("r3")) == 40
+    assert fed.count_events("r2", "subtree_moved") == 2  # each start at the new mount
+    assert all(fed.tree(n)[f"/m{i}"] == f"v{i}".encode() for n in fed.regions
+               for i in range(1, 40))
+    fed.assert_clean_logs(allowed={"mass_delete_refused", "subtree_moved"})
+
+
 def test_a_mount_moved_onto_a_copy_made_while_the_bridge_still_applied_is_refused(
         federation: Federation) -> None:
     """r2's tree is copied to a new path while its bridge still runs at the old one;
@@ -470,11 +469,7 @@ def test_a_mount_moved_onto_a_copy_made_while_the_bridge_still_applied_is_refuse
     start announced the copy: r1's /m0 went back to its older value, /m1 came
     back, and /m40 was deleted, in every region."""
     fed = federation
-    fed.start_all()
-    r1, r2 = fed["r1"], fed["r2"]
-    for i in range(40):
-        r1.client.create(r1.path(f"/m{i}"), f"v{i}".encode())
-    fed.wait_converged()
+    r1, r2 = _forty_replicated(fed)
     old, new = r2.mount, f"{r2.mount}-moved"
     for i in range(40):
         r2.client.create(f"{new}/m{i}", r2.client.get(f"{old}/m{i}")[0], makepath=True)
