@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from kazoo.client import KazooClient
 
 from bridge import codec, statecodec
 from bridge.clock import hlc_to_ms
+from bridge.layout import Layout
 from tests.chaos.nemesis import Excluded
 from tests.chaos.topology import MOUNT, REGIONS, REPO, STATE_PATH, SUBTREE, Cluster
 from tests.chaos.workload import History, Op
@@ -58,10 +59,19 @@ class Snapshot:
     meta: dict[str, dict[str, Any]]  # rel -> decoded metadata (None entries skipped)
 
 
-def snapshot(hosts: str) -> Snapshot:
+@contextlib.contextmanager
+def _client(hosts: str) -> Iterator[KazooClient]:
     client = KazooClient(hosts=hosts, timeout=10.0, read_only=False)
     client.start(timeout=30)
     try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
+
+
+def snapshot(hosts: str) -> Snapshot:
+    with _client(hosts) as client:
         client.sync(MOUNT)
         data: dict[str, bytes] = {}
         children: dict[str, list[str]] = {}
@@ -98,9 +108,6 @@ def snapshot(hosts: str) -> Snapshot:
         if client.exists(META_ROOT):
             walk_meta("/")
         return Snapshot(data, children, ephemerals, meta)
-    finally:
-        client.stop()
-        client.close()
 
 
 def snapshots(cluster: Cluster) -> dict[str, Snapshot]:
@@ -352,6 +359,28 @@ def check_echo(cluster: Cluster, history: History) -> Check:
         f"{r['region']} {r['distinct_events']} events (+{r['re_announced']} re-announced, "
         f"{r['heartbeats']} heartbeats) for {r['local_writes']} writes" for r in rows)
     return Check("no echo", not problems, summary, problems + rows)
+
+
+def check_joins_ended(cluster: Cluster, timeout: float = 60.0) -> Check:
+    """No region keeps a joining marker or a join's list once the federation has
+    converged (waited for a while: a join whose own znodes every peer has already
+    may end just after): a join left running holds back what only its region has."""
+    lay = Layout(STATE_PATH, SUBTREE, MOUNT)
+    deadline = time.monotonic() + timeout
+    while True:
+        left: dict[str, list[str]] = {}
+        for r in REGIONS:
+            with _client(cluster.regions[r].ensemble.hosts) as client:
+                if found := [p for p in (lay.joining, lay.aside) if client.exists(p)]:
+                    left[r] = found
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    problems = [f"{r}: {', '.join(found)} still there {timeout:.0f}s after convergence"
+                for r, found in left.items()]
+    return Check("joins ended", not problems,
+                 "no joining marker or join's list left in any region"
+                 if not problems else f"{len(left)} regions still joining", problems)
 
 
 # -- recovery: lag ------------------------------------------------------------------

@@ -181,6 +181,8 @@ def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, ke
         for rd in readers:
             rd.join(30)
         checks = [conv]
+        if conv.passed:
+            checks.append(checkers.check_joins_ended(cluster))
         lag_thread.join(120)
         checks.append(lag_result[0] if lag_result else
                       checkers.Check("lag --max-seconds 10 within 60s of heal", False,
