@@ -44,9 +44,9 @@ INCLUDE_WAIT_S = 60.0
 # operators would, or a restart of the region's bridges, with each new process
 # armed to die once at a step of the join (``bridge/failpoints.py``).
 JOIN_CRASHES = ("join_marked", "join_listed", "join_ending")
+INCLUDES = ("reload", "reload", "restart", *(f"crash at {fp}" for fp in JOIN_CRASHES))
 # How long such a restart waits for other faults to let go of the bridges.
 CLAIM_WAIT_S = 20.0
-INCLUDES = ("reload", "reload", "restart", *(f"crash at {fp}" for fp in JOIN_CRASHES))
 
 
 @dataclass(frozen=True)
