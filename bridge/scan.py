@@ -99,7 +99,7 @@ class Scanner:
         reads: dict[str, tuple[Node, int]] = {}
         gone: dict[str, int] = {}
         joining = store.joining is not None
-        moved = store.mount_before not in (None, lay.mount)
+        moved = store.moved_from is not None
         older: list[str] = []
         missing: list[str] = []
         znodes = replicated = deletes = 0
@@ -245,8 +245,7 @@ class Scanner:
         return AuditResult(tuple(sorted(suspects)), listed, time.monotonic() - started)
 
     def _breaker(self, result: ScanResult, allow: bool) -> None:
-        lay, before = self.store.layout, self.store.mount_before
-        if before is not None and before != lay.mount:
+        if (before := self.store.moved_from) is not None:
             self._moved(result, allow, before)
         if allow or result.deletes < max(self.mass_delete.min_nodes, 1):
             return

@@ -83,8 +83,8 @@ class SubtreeStore(Chaining):
             await self.zk.ensure_path(path)
         recorded = await self.zk.get(lay.mount_record)
         self.mount_before = recorded.data.decode("utf-8", "replace") if recorded else None
-        if self.mount_before not in (None, lay.mount):
-            log.warning("subtree_moved", subtree=lay.name, before=self.mount_before,
+        if self.moved_from is not None:
+            log.warning("subtree_moved", subtree=lay.name, before=self.moved_from,
                         now=lay.mount, action="the start-up scan compares what is at the new "
                         "mount with the state of the old one")
         try:

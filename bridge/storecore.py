@@ -116,6 +116,11 @@ class StoreCore(Planner):
         self._suspect: set[str] = set()  # metadata a lost multi may have changed
         self._suspect_peers: set[str] = set()
 
+    @property
+    def moved_from(self) -> str | None:
+        """The mount the state describes, if the subtree's configured mount differs."""
+        return self.mount_before if self.mount_before not in (None, self.layout.mount) else None
+
     def _replicable(self, rel: str) -> bool:
         return rel != "/" and not self.excluded(rel)
 

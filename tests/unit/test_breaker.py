@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from bridge.clock import HybridClock
 from bridge.config import MassDeleteSettings
 from bridge.errors import MassDeleteError
 from bridge.layout import Layout
 from bridge.scan import Scanner, ScanResult
+from bridge.store import SubtreeStore
 
 
 def scanner(before: str | None, mount: str = "/app") -> Scanner:
-    store = SimpleNamespace(layout=Layout("/zkbridge", "s", mount), mount_before=before)
-    return Scanner(store, MassDeleteSettings())  # type: ignore[arg-type]
+    store = SubtreeStore(None, Layout("/zkbridge", "s", mount),  # type: ignore[arg-type]
+                         region="r1", clock=HybridClock(lambda: 1), max_data_bytes=1 << 20)
+    store.mount_before = before
+    return Scanner(store, MassDeleteSettings())
 
 
 def result(replicated: int, deletes: int = 0, older: tuple[str, ...] = (),
