@@ -14,17 +14,23 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from kazoo.client import KazooClient
 
 from bridge import codec, statecodec
 from bridge.clock import hlc_to_ms
 from bridge.layout import Layout
 from tests.chaos.nemesis import Excluded
-from tests.chaos.topology import MOUNT, REGIONS, REPO, STATE_PATH, SUBTREE, Cluster
+from tests.chaos.topology import (
+    MOUNT,
+    REGIONS,
+    REPO,
+    STATE_PATH,
+    SUBTREE,
+    Cluster,
+    zk_client,
+)
 from tests.chaos.workload import History, Op
 
 # A write this long before an exclude may still have been uncaptured (its bridge
@@ -59,19 +65,8 @@ class Snapshot:
     meta: dict[str, dict[str, Any]]  # rel -> decoded metadata (None entries skipped)
 
 
-@contextlib.contextmanager
-def _client(hosts: str) -> Iterator[KazooClient]:
-    client = KazooClient(hosts=hosts, timeout=10.0, read_only=False)
-    client.start(timeout=30)
-    try:
-        yield client
-    finally:
-        client.stop()
-        client.close()
-
-
 def snapshot(hosts: str) -> Snapshot:
-    with _client(hosts) as client:
+    with zk_client(hosts) as client:
         client.sync(MOUNT)
         data: dict[str, bytes] = {}
         children: dict[str, list[str]] = {}
@@ -367,15 +362,17 @@ def check_joins_ended(cluster: Cluster, timeout: float = 60.0) -> Check:
     may end just after): a join left running holds back what only its region has."""
     lay = Layout(STATE_PATH, SUBTREE, MOUNT)
     deadline = time.monotonic() + timeout
-    while True:
-        left: dict[str, list[str]] = {}
-        for r in REGIONS:
-            with _client(cluster.regions[r].ensemble.hosts) as client:
+    with contextlib.ExitStack() as stack:
+        clients = {r: stack.enter_context(zk_client(cluster.regions[r].ensemble.hosts))
+                   for r in REGIONS}
+        while True:
+            left: dict[str, list[str]] = {}
+            for r, client in clients.items():
                 if found := [p for p in (lay.joining, lay.aside) if client.exists(p)]:
                     left[r] = found
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
     problems = [f"{r}: {', '.join(found)} still there {timeout:.0f}s after convergence"
                 for r, found in left.items()]
     return Check("joins ended", not problems,

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kazoo.client import KazooClient
-
 from tests.chaos import checkers
 from tests.chaos.nemesis import KAFKA_ONLY, KINDS_ALL, Nemesis, schedule
-from tests.chaos.topology import MOUNT, REGIONS, Cluster
+from tests.chaos.topology import MOUNT, REGIONS, Cluster, zk_client
 from tests.chaos.workload import OWN_KEYS, SHARED_KEYS, History, Op, PointerReader, Writer
 from tests.harness import procs
 
@@ -87,9 +85,7 @@ def _wait_leaders(cluster: Cluster, timeout: float) -> None:
 def _setup_tree(cluster: Cluster, history: History) -> None:
     """The skeleton every writer needs, written before any fault and replicated first."""
     for region in REGIONS:
-        client = KazooClient(hosts=cluster.regions[region].ensemble.hosts, timeout=10.0)
-        client.start(timeout=30)
-        try:
+        with zk_client(cluster.regions[region].ensemble.hosts) as client:
             rels = [f"/{region}", f"/{region}/tree", f"/{region}/ptr", f"/{region}/ptr/data"]
             rels += [f"/{region}/k{k}" for k in range(OWN_KEYS)]
             if region == REGIONS[0]:
@@ -102,9 +98,6 @@ def _setup_tree(cluster: Cluster, history: History) -> None:
                 zstat = client.exists(stat)
                 history.add(Op(region, rel, "put", value, "ok",
                                zstat.mzxid if zstat else None, t0, time.time(), "setup"))
-        finally:
-            client.stop()
-            client.close()
 
 
 def run_round(seed: int, *, fault_seconds: float, broker: str, out_dir: Path, keep: bool,

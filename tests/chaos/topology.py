@@ -21,10 +21,12 @@ schedule.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,18 @@ def region_kafka(base_dir: Path, nets: RegionNetworks) -> KafkaBroker:
     # A loaded 2-core machine running nine ZooKeeper JVMs next to it can take
     # well over the default 90 s to bring KRaft back.
     return KafkaBroker(base_dir, extra_listeners=listeners, start_timeout=300.0)
+
+
+@contextlib.contextmanager
+def zk_client(hosts: str) -> Iterator[KazooClient]:
+    """A harness client of one ensemble (its applications' side), closed after use."""
+    client = KazooClient(hosts=hosts, timeout=10.0)
+    client.start(timeout=30)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
 
 
 @dataclass
@@ -223,13 +237,8 @@ class Cluster:
         for e in ensembles:
             e.start_members(list(e))
             # The mount exists before any bridge starts, as in production.
-            client = KazooClient(hosts=e.hosts, timeout=10.0)
-            client.start(timeout=30)
-            try:
+            with zk_client(e.hosts) as client:
                 client.ensure_path(MOUNT)
-            finally:
-                client.stop()
-                client.close()
         for b in self.bridges:
             for p in b.zk_proxies:
                 p.start()
