@@ -276,10 +276,15 @@ class Scanner:
                 f"versions the state records ({_some(result.older)}): a copy made while "
                 f"the bridge still wrote at {before}; refusing to announce older values "
                 f"to every region. {copy}")
-        if allow or not result.missing:
+        if not result.missing:
             return
-        # Most of it missing: not the applications' deletes, no override offered.
-        offer = "" if self._mass(result) else (
+        # Most of it missing is a copy not made (yet), not the applications' deletes:
+        # no override, or a mistyped path would delete the subtree in every region.
+        mass = self._mass(result)
+        if allow and not mass:
+            return
+        offer = (f" `--allow-mass-delete` does not apply at a moved mount: to delete most "
+                 f"of the subtree, do it at {before} before the move.") if mass else (
             f" If your applications deleted them at {mount} since the move, start once "
             f"with `zkbridge run --allow-mass-delete`.")
         raise MassDeleteError(

@@ -6,7 +6,7 @@ import asyncio
 import random
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import msgpack
 import pytest
@@ -414,10 +414,10 @@ def _forty_replicated(fed: Federation) -> tuple[Region, Region]:
     return r1, r2
 
 
-def _refused_at(fed: Federation, name: str) -> str:
+def _refused_at(fed: Federation, name: str, args: Iterable[str] = ()) -> str:
     """Start ``name``'s bridge, expect it to stop with exit 3; its refusal's message."""
     before = fed.count_events(name, "mass_delete_refused")
-    fed.start(name, wait=False)
+    fed.start(name, wait=False, args=args)
     proc = fed[name].proc
     assert proc is not None
     wait_for(lambda: proc.poll() is not None, 60, message="the bridge did not stop")
@@ -431,9 +431,10 @@ def _refused_at(fed: Federation, name: str) -> str:
 def test_a_mount_moved_to_an_empty_path_is_named_and_one_copied_there_goes_on(
         federation: Federation) -> None:
     """r2's mount is moved to a new, empty path: its start stops with the two mounts
-    named and no --allow-mass-delete offered (that would delete the subtree in every
-    region). With the tree copied to the new path, it starts, announces nothing and
-    replicates there. Before, the message was the mass delete's."""
+    named and no --allow-mass-delete offered or taken (it would delete the subtree
+    in every region). With the tree copied to the new path, it starts, announces
+    nothing and replicates there. Before, the message was the mass delete's, and
+    --allow-mass-delete let the delete through."""
     fed = federation
     r1, r2 = _forty_replicated(fed)
     old = r2.mount
@@ -441,9 +442,11 @@ def test_a_mount_moved_to_an_empty_path_is_named_and_one_copied_there_goes_on(
     r2.mount = f"{old}-moved"
     r2.client.ensure_path(r2.mount)
     fed.write_config("r2")
-    error = _refused_at(fed, "r2")
-    assert f"its mount here was {old} and is {r2.mount} now" in error, error
-    assert "--allow-mass-delete" not in error
+    for args in ((), ("--allow-mass-delete",)):
+        error = _refused_at(fed, "r2", args)
+        assert f"its mount here was {old} and is {r2.mount} now" in error, error
+        assert "`--allow-mass-delete` does not apply at a moved mount" in error, error
+        assert "start once with" not in error
     assert len(fed.tree("r1")) == 40  # nothing was announced
     for i in range(40):
         r2.client.create(r2.path(f"/m{i}"), r2.client.get(f"{old}/m{i}")[0])
@@ -452,7 +455,7 @@ def test_a_mount_moved_to_an_empty_path_is_named_and_one_copied_there_goes_on(
     fed.wait_converged()
     assert fed.tree("r2")["/m0"] == b"after the move"
     assert len(fed.tree("r3")) == 40
-    assert fed.count_events("r2", "subtree_moved") == 2  # each start at the new mount
+    assert fed.count_events("r2", "subtree_moved") == 3  # each start at the new mount
     assert all(fed.tree(n)[f"/m{i}"] == f"v{i}".encode() for n in fed.regions
                for i in range(1, 40))
     fed.assert_clean_logs(allowed={"mass_delete_refused", "subtree_moved"})

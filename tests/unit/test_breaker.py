@@ -58,11 +58,15 @@ def test_a_moved_mount_refuses_any_missing_znode_and_offers_the_override_below_t
     assert "--allow-mass-delete" in str(info.value)
     s._breaker(result(100, deletes=1, missing=("/m40",)), allow=True)
     gone = tuple(f"/m{i}" for i in range(60))
-    with pytest.raises(MassDeleteError) as info:  # most of it: no override offered
-        s._breaker(result(100, deletes=60, missing=gone), allow=False)
-    assert "60 of its 100 replicated znodes are missing there (/m0, /m1, /m2 and 57 more)" \
-        in str(info.value)
-    assert "--allow-mass-delete" not in str(info.value)
+    for allow in (False, True):  # most of it: no override offered, none taken
+        with pytest.raises(MassDeleteError) as info:
+            s._breaker(result(100, deletes=60, missing=gone), allow=allow)
+        text = str(info.value)
+        assert "60 of its 100 replicated znodes are missing there (/m0, /m1, /m2 and 57 " \
+            "more)" in text
+        assert "`--allow-mass-delete` does not apply at a moved mount: to delete most of " \
+            "the subtree, do it at /old before the move." in text
+        assert "start once with" not in text
 
 
 def test_an_unmoved_or_unknown_mount_is_not_held_to_the_copy_s_rules() -> None:
