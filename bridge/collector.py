@@ -39,9 +39,8 @@ async def run(bridge: Bridge) -> None:
 def busy_paths(bridge: Bridge, name: str) -> set[str]:
     """Paths with a local change or an event pending in either pipeline."""
     busy = set(bridge.outbound.dirty[name])
-    for unit in list(bridge.outbound.queue._queue):  # type: ignore[attr-defined]
-        if unit.subtree == name:
-            busy.update(k.decode("utf-8", "replace") for k, _ in unit.records)
+    for unit in list(bridge.outbound.queues[name]._queue):  # type: ignore[attr-defined]
+        busy.update(k.decode("utf-8", "replace") for k, _ in unit.records)
     for ready in list(bridge.inbound.queues[name]._queue):  # type: ignore[attr-defined]
         busy.update(e.path for e in ready.batch.events)
     return busy

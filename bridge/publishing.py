@@ -1,10 +1,15 @@
 """Publishing: the outbound queue's units to Kafka, in order, and what follows each ack.
 
-Ordering invariant: one publisher takes units from the queue in the order
-they were queued (``bridge.outbound``), several at a time, and sends them as
-one ordered run of records; only after Kafka acknowledged all of them are
-their outbox entries deleted (grouped, in the background) and the own topic's
-position advanced, so a restart republishes whole batches, never a part.
+Ordering invariant: a subtree's publisher takes units from its queue in the
+order they were queued (``bridge.outbound``), several at a time, and sends
+them as one ordered run of records; only after Kafka acknowledged all of them
+are their outbox entries deleted (grouped, in the background) and the own
+topic's position advanced, so a restart republishes whole batches, never a part.
+
+Each subtree has its own queue and publisher, as it has its own topic: a topic
+Kafka cannot take (its partition without a leader, say) holds back that
+subtree's changes and heartbeats only. With one publisher for all, it held
+every subtree's, and the peers called the whole region silent.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ class Publishing:
 
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.queue: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.queues: dict[str, asyncio.Queue[Outgoing]] = {
+            n: asyncio.Queue() for n in bridge.stores}
         # Records and bytes of outbox entries queued and not yet acked, per subtree.
         self.queued: dict[str, int] = dict.fromkeys(bridge.stores, 0)
         self.queued_bytes: dict[str, int] = dict.fromkeys(bridge.stores, 0)
@@ -75,11 +81,22 @@ class Publishing:
         self._own_writer: asyncio.Future[None] | None = None
 
     async def publisher(self) -> None:
+        """Every subtree's publisher; one that fails ends them all (the term's end),
+        its error raised as itself (fenced, a fatal Kafka error), not in a group."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name in self.queues:
+                    group.create_task(self._publish_from(name))
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+
+    async def _publish_from(self, name: str) -> None:
+        queue = self.queues[name]
         while True:
-            batch = [await self.queue.get()]
+            batch = [await queue.get()]
             size = len(batch[0].records)
-            while not self.queue.empty() and size < PUBLISH_MAX_RECORDS:
-                nxt = self.queue.get_nowait()
+            while not queue.empty() and size < PUBLISH_MAX_RECORDS:
+                nxt = queue.get_nowait()
                 batch.append(nxt)
                 size += len(nxt.records)
             await self.publish(batch)
@@ -94,7 +111,9 @@ class Publishing:
                 if u.nulls:
                     headers[len(records)] = [(codec.NULL_HEADER, v)]
                 records.append((topic, k, None if u.nulls else v))
-        ends = await b.retry("publish", lambda: b.kafka.send_all(records, headers))
+        subtrees = sorted({u.subtree for u in units})
+        ends = await b.retry(f"publish {', '.join(subtrees)}",
+                             lambda: b.kafka.send_all(records, headers))
         for u in units:
             if u.done is not None:
                 u.done.set()
@@ -198,18 +217,37 @@ class Publishing:
                 raise
 
     async def drain(self, deadline: float = 10.0) -> None:
-        """On shutdown, publish what is queued; what is left stays in the outbox."""
-        units: list[Outgoing] = []
-        while not self.queue.empty():
-            units.append(self.queue.get_nowait())
-        units = [u for u in units if u.outbox_path is not None]
+        """On shutdown, publish what is queued; what is left stays in the outbox.
+
+        Each subtree's on its own: one whose topic Kafka cannot take does not
+        keep the others' from being acknowledged (and published again later)."""
+        left: dict[str, int] = {}
+
+        async def one(name: str) -> None:
+            queue = self.queues[name]
+            units: list[Outgoing] = []
+            while not queue.empty():
+                units.append(queue.get_nowait())
+            units = [u for u in units if u.outbox_path is not None]
+            if units:
+                left[name] = len(units)
+                await self.publish(units)
+                del left[name]
+
         try:
             async with asyncio.timeout(deadline):
-                if units:
-                    await self.publish(units)
+                results = await asyncio.gather(*(one(n) for n in self.queues),
+                                               return_exceptions=True)
                 await self.settle()
                 if self._own_ends:
                     await self._write_own_positions()
+            errors = [r for r in results if isinstance(r, BaseException)]
+            for error in errors:
+                if not isinstance(error, BridgeError):
+                    raise error
+            if errors:
+                raise errors[0]
         except (TimeoutError, BridgeError) as exc:
-            log.warning("drain_incomplete", left=len(units), error=str(exc),
+            log.warning("drain_incomplete", left=sum(left.values()), subtrees=sorted(left),
+                        error=str(exc) or type(exc).__name__,
                         hint="kept in the outbox; published at next start")

@@ -78,7 +78,7 @@ class Queueing(Publishing):
 
     def reset(self) -> None:
         """At a term's end: the next term reads the outbox back from the start."""
-        self.queue = asyncio.Queue()
+        self.queues = {n: asyncio.Queue() for n in self.queues}
         for name in self.queued:
             self.queued[name] = self.queued_bytes[name] = self.in_outbox[name] = 0
             self.unacked[name].clear()
@@ -104,7 +104,7 @@ class Queueing(Publishing):
                 return
         unit = Outgoing(subtree, tuple(records), outbox_path, reannounce, done,
                         captured_ms or int(time.time() * 1000), nulls, size)
-        self.queue.put_nowait(unit)
+        self.queues[subtree].put_nowait(unit)
         if outbox_path is not None:
             self.queued[subtree] += len(records)
             self.queued_bytes[subtree] += size

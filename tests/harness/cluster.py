@@ -130,6 +130,24 @@ class KafkaCluster(Broker):
 
         return asyncio.run(go())
 
+    def create_topic(self, name: str, replicas: list[int], configs: dict[str, str]) -> None:
+        """One partition of ``name`` placed on ``replicas`` (node ids), as an operator
+        who makes a topic by hand might."""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        async def go() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.internal_bootstrap)
+            await admin.start()
+            try:
+                resp = await admin.create_topics([NewTopic(
+                    name=name, num_partitions=-1, replication_factor=-1,
+                    replica_assignments={0: replicas}, topic_configs=configs)])
+                assert all(err[1] == 0 for err in resp.topic_errors), resp.topic_errors
+            finally:
+                await admin.close()
+
+        asyncio.run(go())
+
     def __repr__(self) -> str:
         pids = ", ".join(str(n.pid) for n in self.nodes)
         return f"KafkaCluster({self.bootstrap}, pids {pids})"

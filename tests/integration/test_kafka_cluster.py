@@ -146,3 +146,68 @@ def test_a_rolling_restart_of_the_kafka_cluster_under_load_loses_nothing_and_ala
             f"{len(before)} topics ended elsewhere; {retries} retrying lines")
     finally:
         fed.close()
+
+
+
+def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
+    cluster: KafkaCluster, tmp_path: Path, token: str, zk_servers: ZkServers,
+) -> None:
+    """r2's topic for the subtree `side` was made by hand with one replica, and the
+    node holding it stops. r2's other subtree goes on reaching r1, and r1 says that
+    r2 is silent on `side` only, heard elsewhere, so its bridge runs and cannot
+    write that topic. With the node back, what r2 wrote on `side` meanwhile
+    arrives. Before, r2's one publisher waited on `side` with everything behind it:
+    r1 got nothing more from r2 and called it silent on both subtrees."""
+    fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
+                                                        strict=False)))
+    try:
+        r1, r2 = fed["r1"], fed["r2"]
+
+        def side(name: str, rel: str = "") -> str:
+            return f"/{fed.token}/{name}-side{rel}"
+
+        def got(path: str) -> bool:
+            return r1.client.exists(path) is not None
+
+        node = cluster.nodes[2]
+        cluster.create_topic(f"{fed.prefix}.side.r2", [node.node_id],
+                             {"cleanup.policy": "compact"})
+        for name in fed.regions:
+            fed[name].client.ensure_path(side(name))
+            fed.write_config(name, subtrees=[{"name": fed.subtree, "path": fed[name].mount},
+                                             {"name": "side", "path": side(name)}])
+            fed.start(name, wait=False)
+        for name in fed.regions:
+            fed.wait_ready(name)
+        r2.client.create(side("r2", "/before"), b"1")
+        wait_for(lambda: got(side("r1", "/before")), 30)
+        node.stop()
+        try:
+            r2.client.create(side("r2", "/while"), b"2")
+            for i in range(3):
+                r2.client.create(r2.path(f"/while-{i}"), b"2")
+                wait_for(lambda i=i: got(r1.path(f"/while-{i}")), 60,  # type: ignore[misc]
+                         message=f"r2's write {i} on {fed.subtree} never reached r1")
+                time.sleep(5)
+            wait_for(lambda: fed.count_events("r1", "peer_silent") > 0, 30,
+                     message="r1 never said r2 was silent on side")
+            [silent] = [e for e in fed.events("r1") if e["event"] == "peer_silent"]
+            assert (silent["peer"], silent["subtree"]) == ("r2", "side"), silent
+            assert "r2 is heard on critical, so its bridge runs" in silent["hint"], silent
+            assert "cannot write that subtree's topic" in silent["hint"], silent
+            status = fed.cli("status", "-c", str(r1.config_path)).stdout
+            assert "SILENT: no heartbeat from r2 (side)" in status, status
+            mine = json.loads(fed.cli("status", "-c", str(r2.config_path), "--json").stdout)
+            depth = {n: st["outbox"] for n, st in mine["subtrees"].items()}
+            assert depth["side"] >= 1 and depth[fed.subtree] == 0, depth
+            assert not got(side("r1", "/while"))
+        finally:
+            node.start()
+        wait_for(lambda: got(side("r1", "/while")), 90,
+                 message="r2's write on side never arrived once the node was back")
+        wait_for(lambda: fed.count_events("r1", "peer_heard_again") > 0, 30)
+        fed.wait_converged(timeout=60)
+        fed.assert_clean_logs(allowed={"peer_silent", "retrying", "producer_reset",
+                                       "drain_incomplete"})
+    finally:
+        fed.close()

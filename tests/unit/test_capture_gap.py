@@ -87,7 +87,7 @@ def test_a_capture_interrupted_by_a_drop_commits_nothing_and_leaves_its_paths_pe
         assert b.store.committed == 0
         assert out.dirty["s"] == {"/data/d25", "/ptr"}
         assert b.stats["captures_deferred:s"] == 1
-        assert out.queue.empty()
+        assert out.queues["s"].empty()
 
     asyncio.run(main())
 

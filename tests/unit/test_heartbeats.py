@@ -70,7 +70,7 @@ class FakeBridge:
 
 
 def queued(out: Outbound) -> list[Outgoing]:
-    return list(out.queue._queue)  # type: ignore[attr-defined]
+    return list(out.queues["s"]._queue)  # type: ignore[attr-defined]
 
 
 async def beats(out: Outbound, rounds: int) -> None:

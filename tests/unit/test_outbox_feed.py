@@ -77,7 +77,7 @@ def entry(bucket: int | None, seq: int) -> str:
 
 
 def queued_paths(out: Outbound) -> list[str | None]:
-    return [u.outbox_path for u in out.queue._queue]  # type: ignore[attr-defined]
+    return [u.outbox_path for u in out.queues["s"]._queue]  # type: ignore[attr-defined]
 
 
 def test_keys_put_flat_entries_first_then_buckets_in_order() -> None:
@@ -212,7 +212,7 @@ def test_null_entries_are_queued_as_null_records() -> None:
     out = Outbound(FakeBridge(store))  # type: ignore[arg-type]
     nulls = statecodec.decode_outbox(statecodec.encode_null_entry([tomb]))
     out.enqueue_pending("s", [(entry(0, 0), nulls)])
-    unit = out.queue.get_nowait()
+    unit = out.queues["s"].get_nowait()
     assert unit.nulls and unit.records[0][0] == b"/gone"
     assert codec.decode(unit.records[0][1]).vc == tomb.vc
 
@@ -246,8 +246,8 @@ def test_the_feeder_reads_large_entries_a_few_at_a_time_as_room_appears() -> Non
             await asyncio.sleep(0)
             if out.queued["s"] >= queueing.QUEUE_RECORDS // 2:
                 # The publisher acknowledges everything queued so far.
-                while not out.queue.empty():
-                    out.queue.get_nowait()
+                while not out.queues["s"].empty():
+                    out.queues["s"].get_nowait()
                 async with out._room:
                     out.queued["s"] = 0
                     out._room.notify_all()
