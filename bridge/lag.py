@@ -69,6 +69,11 @@ class LagProbe:
         status = await read_status(zk, settings)
         rows = []
         now = now_ms()
+        # Offsets of a partition without a leader are asked in vain until the
+        # request times out, which took every row with it.
+        leaderless = (await kafka.topic_ids([
+            topic_name(settings.kafka.topic_prefix, st.name, peer)
+            for st in settings.subtrees for peer in settings.peers])).leaderless
         for st in settings.subtrees:
             layout = Layout(settings.state_path, st.name, st.path)
             outbox = await outbox_depth(zk, layout)
@@ -77,9 +82,12 @@ class LagProbe:
                 topic = topic_name(settings.kafka.topic_prefix, st.name, peer)
                 positions = await read_positions(zk, layout, peer)
                 parts = await kafka.partitions(topic)
-                ends = await kafka.readable_ends([(topic, p) for p in parts])
-                begins = await kafka.beginning_offsets(list(ends))
-                notes = []
+                down = [p for p in parts if (topic, p) in leaderless]
+                asked = [(topic, p) for p in parts if p not in down]
+                ends = await kafka.readable_ends(asked) if asked else {}
+                begins = await kafka.beginning_offsets(list(ends)) if ends else {}
+                notes = [f"{topic}[{p}] has no leader (every node holding a replica is "
+                         "down): its backlog is unknown" for p in down]
                 for (t, p), end in ends.items():
                     if positions.get(p, 0) > end:
                         # Never a negative backlog, nor a clamped 0: all of

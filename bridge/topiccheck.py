@@ -47,6 +47,7 @@ class Answer:
     peer_tps: list[tuple[str, int]]
     since: int  # wall-clock ms the check before this one started
     started_ms: int
+    leaderless: frozenset[tuple[str, int]] = frozenset()  # not asked: no leader to answer
 
 
 class TopicCheck:
@@ -58,6 +59,8 @@ class TopicCheck:
         self._checked = 0.0
         self._checked_ms = 0  # wall clock of the last topic check's start
         self._check_failures = 0  # consecutive topic checks that failed
+        self._leaderless: frozenset[tuple[str, int]] = frozenset()  # at the last check
+        self._leaderless_noted = 0.0
 
     def reset(self) -> None:
         self._own_suspect.clear()
@@ -97,9 +100,16 @@ class TopicCheck:
             if missing:
                 # Asking for its offsets would only wait out a request timeout.
                 raise KafkaError(f"topics missing: {', '.join(missing)}")
-            async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
-                ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
-                                                    b.kafka.beginning_offsets(tps))
+            # The others are checked meanwhile: one partition down (its only
+            # replica's node stopped) timed every check out, for every topic.
+            leaderless = ids.leaderless & set(tps)
+            tps = [tp for tp in tps if tp not in leaderless]
+            ends: dict[tuple[str, int], int] = {}
+            begins: dict[tuple[str, int], int] = {}
+            if tps:
+                async with asyncio.timeout(TOPIC_CHECK_TIMEOUT):
+                    ends, begins = await asyncio.gather(b.kafka.end_offsets(tps),
+                                                        b.kafka.beginning_offsets(tps))
         except TimeoutError as exc:
             # A connection that had requests in flight through a network cut
             # may wait out TCP's retransmission backoff (seconds, growing
@@ -108,7 +118,8 @@ class TopicCheck:
             return exc
         except KafkaError as exc:
             return exc
-        return Answer(ids.ids, ends, begins, acked, peer_tps, since, started_ms)
+        return Answer(ids.ids, ends, begins, acked, [tp for tp in peer_tps if tp in ends],
+                      since, started_ms, leaderless)
 
     async def _diagnose(self) -> None:
         b = self.inbound.bridge
@@ -147,6 +158,7 @@ class TopicCheck:
         if self._check_failures:
             log.info("topic_check_recovered", failed_checks=self._check_failures)
             self._check_failures = 0
+        self._name_leaderless(answer.leaderless)
         replaced = await self._replaced(answer.ids)
         ends, begins, acked = dict(answer.ends), answer.begins, answer.acked
         self._checked_ms = answer.started_ms
@@ -218,6 +230,25 @@ class TopicCheck:
                 continue
             await self.rewind(peer, part, pos=pos, begin=begin, end=end, why=why)
             failpoints.hit(failpoints.TOPIC_REWOUND)
+
+    def _name_leaderless(self, now: frozenset[tuple[str, int]]) -> None:
+        """Partitions without a leader: in ``status`` while it lasts, logged as it
+        starts and ends. Their records wait in Kafka or in the outbox; nothing is lost."""
+        b = self.inbound.bridge
+        before, self._leaderless = self._leaderless, now
+        named = ", ".join(f"{t} partition {p}" for t, p in sorted(now))
+        # Noted now and then, not at every check: status keeps the last 20 errors.
+        if now and (now != before or time.monotonic() - self._leaderless_noted >= 10):
+            self._leaderless_noted = time.monotonic()
+            b.note_error("topic check", f"no leader for {named}: every node holding a "
+                         "replica is down; its records wait until one is back")
+        if now - before:
+            log.warning("partition_leaderless", partitions=named,
+                        hint="start a Kafka node that holds a replica of it; its subtree's "
+                             "records wait meanwhile (nothing is lost), the others flow")
+        if before - now:
+            log.info("partition_leader_back", partitions=", ".join(
+                f"{t} partition {p}" for t, p in sorted(before - now)))
 
     async def _replaced(self, ids: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         """Topics whose id changed: topic → (old id, new id). First sightings are stored."""

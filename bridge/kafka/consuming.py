@@ -132,12 +132,15 @@ class Consuming(Connection):
             return TopicIds()
         ids: dict[str, str] = {}
         missing: set[str] = set()
-        for error_code, name, topic_id, *_ in resp.topics:
+        leaderless: set[tuple[str, int]] = set()
+        for error_code, name, topic_id, _, partitions, *_ in resp.topics:
             if error_code == _UNKNOWN_TOPIC:
                 missing.add(name)
             elif error_code == 0 and topic_id != _ZERO_ID:
                 ids[name] = _id_text(topic_id)
-        return TopicIds(ids, frozenset(missing), resp.cluster_id)
+            leaderless.update((name, index) for _, index, leader, *_ in partitions
+                              if leader < 0)
+        return TopicIds(ids, frozenset(missing), resp.cluster_id, frozenset(leaderless))
 
     async def timestamps_at(
         self, offsets: dict[tuple[str, int], int], within: float = 10.0

@@ -37,6 +37,9 @@ class TopicIds:
     ids: Mapping[str, str] = field(default_factory=dict)
     missing: frozenset[str] = frozenset()
     cluster_id: str | None = None
+    # Partitions without a leader (every node holding a replica is down): asking
+    # for their offsets would wait out the request timeout, and the whole check.
+    leaderless: frozenset[tuple[str, int]] = frozenset()
 
 
 # Metadata v12 (KIP-516 topic ids), which aiokafka does not request: its own

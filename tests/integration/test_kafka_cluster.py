@@ -155,9 +155,11 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     """r2's topic for the subtree `side` was made by hand with one replica, and the
     node holding it stops. r2's other subtree goes on reaching r1, and r1 says that
     r2 is silent on `side` only, heard elsewhere, so its bridge runs and cannot
-    write that topic. With the node back, what r2 wrote on `side` meanwhile
+    write that topic. Both regions name the partition without a leader, and `lag`
+    measures the rest. With the node back, what r2 wrote on `side` meanwhile
     arrives. Before, r2's one publisher waited on `side` with everything behind it:
-    r1 got nothing more from r2 and called it silent on both subtrees."""
+    r1 got nothing more from r2 and called it silent on both subtrees; every topic
+    check timed out (status: "no answer within 5s"), and `lag` failed (exit 2)."""
     fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
                                                         strict=False)))
     try:
@@ -201,11 +203,24 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             depth = {n: st["outbox"] for n, st in mine["subtrees"].items()}
             assert depth["side"] >= 1 and depth[fed.subtree] == 0, depth
             assert not got(side("r1", "/while"))
+            # Named where each region looks, and `lag` still measures the rest.
+            topic = f"{fed.prefix}.side.r2"
+            said = f"no leader for {topic} partition 0"
+            assert any(said in e["error"] for e in mine["recent_errors"]), mine
+            for name in fed.regions:
+                [line] = [e for e in fed.events(name) if e["event"] == "partition_leaderless"]
+                assert line["partitions"] == f"{topic} partition 0", line
+            lag = fed.cli("lag", "-c", str(r1.config_path))
+            assert lag.returncode == 0, lag.stderr
+            assert f"! side/r2: {topic}[0] has no leader" in lag.stdout, lag.stdout
+            assert f"\n{fed.subtree}  r2 " in lag.stdout, lag.stdout
         finally:
             node.start()
         wait_for(lambda: got(side("r1", "/while")), 90,
                  message="r2's write on side never arrived once the node was back")
         wait_for(lambda: fed.count_events("r1", "peer_heard_again") > 0, 30)
+        for name in fed.regions:
+            wait_for(lambda n=name: fed.count_events(n, "partition_leader_back") == 1, 30)
         fed.wait_converged(timeout=60)
         fed.assert_clean_logs(allowed={"peer_silent", "retrying", "producer_reset",
                                        "drain_incomplete"})

@@ -1,0 +1,75 @@
+"""A topic check with a partition that has no leader: the other partitions are still
+asked and checked, and the one without is named (status, log) while it lasts.
+
+No servers: a stand-in Kafka whose offsets for a leaderless partition would never
+come (as aiokafka waits out its request timeout for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+
+from bridge.kafka.topicids import TopicIds
+from bridge.topiccheck import Answer, TopicCheck
+
+TP = tuple[str, int]
+
+
+class Kafka:
+    def __init__(self) -> None:
+        self.leaderless: frozenset[TP] = frozenset({("p.side.r2", 0)})
+        self.asked: list[TP] = []
+
+    async def topic_ids(self, topics: Sequence[str]) -> TopicIds:
+        return TopicIds({t: f"id-{t}" for t in topics}, leaderless=self.leaderless)
+
+    async def end_offsets(self, tps: Sequence[TP]) -> dict[TP, int]:
+        self.asked += tps
+        if any(tp in self.leaderless for tp in tps):
+            await asyncio.sleep(3600)
+        return dict.fromkeys(tps, 5)
+
+    async def beginning_offsets(self, tps: Sequence[TP]) -> dict[TP, int]:
+        return dict.fromkeys(tps, 0)
+
+
+def check() -> tuple[TopicCheck, Kafka, list[tuple[str, str]]]:
+    kafka, errors = Kafka(), []
+    bridge = SimpleNamespace(kafka=kafka, note_error=lambda what, e: errors.append((what, e)))
+    peer = SimpleNamespace(assemblers={0: None})
+    inbound = SimpleNamespace(bridge=bridge, peers={"p.main.r2": peer, "p.side.r2": peer},
+                              own={"p.main.r1": "main"}, own_max_end={("p.main.r1", 0): 3})
+    return TopicCheck(inbound), kafka, errors  # type: ignore[arg-type]
+
+
+def test_a_leaderless_partition_is_not_asked_and_the_others_are() -> None:
+    tc, kafka, _ = check()
+
+    async def go() -> Any:
+        async with asyncio.timeout(2):
+            return await tc.ask()
+
+    answer = asyncio.run(go())
+    assert isinstance(answer, Answer), answer
+    assert sorted(kafka.asked) == [("p.main.r1", 0), ("p.main.r2", 0)]
+    assert answer.leaderless == {("p.side.r2", 0)}
+    assert answer.peer_tps == [("p.main.r2", 0)]  # only what has an answer is judged
+
+
+def test_a_leaderless_partition_is_named_while_it_lasts() -> None:
+    tc, _, errors = check()
+    side = frozenset({("p.side.r2", 0)})
+    with structlog.testing.capture_logs() as logs:
+        tc._name_leaderless(side)
+        tc._name_leaderless(side)  # the same, a second later: neither noted nor logged again
+        tc._name_leaderless(frozenset())
+    assert errors == [("topic check", "no leader for p.side.r2 partition 0: every node "
+                       "holding a replica is down; its records wait until one is back")]
+    assert [(e["event"], e["partitions"]) for e in logs] == [
+        ("partition_leaderless", "p.side.r2 partition 0"),
+        ("partition_leader_back", "p.side.r2 partition 0")]
