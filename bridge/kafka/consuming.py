@@ -6,13 +6,14 @@ offsets and topic ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import IncompatibleBrokerVersion, OffsetOutOfRangeError
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaTimeoutError, OffsetOutOfRangeError
 
 from bridge.errors import KafkaError, OffsetOutOfRange
 from bridge.kafka.boundary import _close, _guard, _started
@@ -220,9 +221,8 @@ class Consuming(Connection):
 
     async def end_offsets(self, tps: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
         consumer = await self._querier()
-        res = await _guard(
-            "end offsets", consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
-        )
+        res = await self._offsets("end offsets", tps, consumer.end_offsets(
+            [TopicPartition(t, p) for t, p in tps]))
         return {(tp.topic, tp.partition): off for tp, off in res.items()}
 
     async def beginning_offsets(
@@ -230,11 +230,27 @@ class Consuming(Connection):
     ) -> dict[tuple[str, int], int]:
         """Log start offset per partition: what a reader from the start begins with."""
         consumer = await self._querier()
-        res = await _guard(
-            "beginning offsets",
-            consumer.beginning_offsets([TopicPartition(t, p) for t, p in tps]),
-        )
+        res = await self._offsets("beginning offsets", tps, consumer.beginning_offsets(
+            [TopicPartition(t, p) for t, p in tps]))
         return {(tp.topic, tp.partition): off for tp, off in res.items()}
+
+    async def _offsets(self, what: str, tps: Sequence[tuple[str, int]],
+                       asked: Awaitable[dict[TopicPartition, int]]
+                       ) -> dict[TopicPartition, int]:
+        """``asked``; a timeout caused by a partition without a leader says so (aiokafka
+        only says it got no offsets in time)."""
+        try:
+            return await _guard(what, asked)
+        except KafkaError as exc:
+            if not isinstance(exc.__cause__, KafkaTimeoutError):
+                raise
+            down: frozenset[tuple[str, int]] = frozenset()
+            with contextlib.suppress(KafkaError):
+                down = (await self.topic_ids(sorted({t for t, _ in tps}))).leaderless
+            if named := ", ".join(f"{t} partition {p}" for t, p in sorted(down) if (t, p) in tps):
+                raise KafkaError(f"{what}: no leader for {named}: every node holding a "
+                                 "replica is down; waiting for one") from exc
+            raise
 
     async def reset_queries(self) -> None:
         """Close the query connection: the next query opens a new one.

@@ -156,10 +156,11 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     node holding it stops. r2's other subtree goes on reaching r1, and r1 says that
     r2 is silent on `side` only, heard elsewhere, so its bridge runs and cannot
     write that topic. Both regions name the partition without a leader, and `lag`
-    measures the rest. With the node back, what r2 wrote on `side` meanwhile
-    arrives. Before, r2's one publisher waited on `side` with everything behind it:
-    r1 got nothing more from r2 and called it silent on both subtrees; every topic
-    check timed out (status: "no answer within 5s"), and `lag` failed (exit 2)."""
+    measures the rest. r2 restarted meanwhile waits in its start, naming the
+    partition. With the node back, what r2 wrote on `side` meanwhile arrives.
+    Before, r2's one publisher waited on `side` with everything behind it: r1 got
+    nothing more from r2 and called it silent on both subtrees; every topic check
+    timed out (status: "no answer within 5s"), and `lag` failed (exit 2)."""
     fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
                                                         strict=False)))
     try:
@@ -214,13 +215,19 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             assert lag.returncode == 0, lag.stderr
             assert f"! side/r2: {topic}[0] has no leader" in lag.stdout, lag.stdout
             assert f"\n{fed.subtree}  r2 " in lag.stdout, lag.stdout
+            # A start meanwhile waits for the partition (see README), saying why.
+            assert fed.stop("r2") == 0
+            fed.start("r2", wait=False)
+            wait_for(lambda: any(e["event"] == "retrying" and said in e["error"]
+                                 for e in fed.events("r2")), 60,
+                     message="r2's start did not name the partition without a leader")
         finally:
             node.start()
         wait_for(lambda: got(side("r1", "/while")), 90,
                  message="r2's write on side never arrived once the node was back")
+        fed.wait_ready("r2", timeout=60)
         wait_for(lambda: fed.count_events("r1", "peer_heard_again") > 0, 30)
-        for name in fed.regions:
-            wait_for(lambda n=name: fed.count_events(n, "partition_leader_back") == 1, 30)
+        wait_for(lambda: fed.count_events("r1", "partition_leader_back") == 1, 30)
         fed.wait_converged(timeout=60)
         fed.assert_clean_logs(allowed={"peer_silent", "retrying", "producer_reset",
                                        "drain_incomplete"})
