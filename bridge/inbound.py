@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -105,6 +105,9 @@ class Inbound:
         self.caught_up = asyncio.Event()
         self.went_round = asyncio.Event()  # set (and made anew) at each round of the fetcher
         self.catch_up_to: dict[tuple[str, int], int] = {}
+        # Partitions without a leader as the term began: their ends are unknown until
+        # a topic check reads them (``TopicCheck``); caught up waits for those too.
+        self.catch_up_unknown: set[tuple[str, int]] = set()
         # This region's own topics: read from their end, only to see who else
         # publishes there (a second ensemble as this region) and whether
         # they lost what we published.
@@ -126,6 +129,7 @@ class Inbound:
 
     def reset(self) -> None:
         self.caught_up.clear()
+        self.catch_up_unknown.clear()
         self.own_max_end.clear()
         self.own_ids.clear()
         self.topics.reset()
@@ -374,8 +378,16 @@ class Inbound:
         return total
 
     def check_caught_up(self) -> None:
-        if not self.caught_up.is_set() and not self.to_catch_up():
+        if not self.caught_up.is_set() and not self.to_catch_up() and not self.catch_up_unknown:
             self.caught_up.set()
+
+    def ends_known(self, ends: Mapping[tuple[str, int], int]) -> None:
+        """A topic check's ends: those of partitions that had no leader as the term
+        began become what catching up waits for."""
+        for tp in self.catch_up_unknown & ends.keys():
+            self.catch_up_to[tp] = ends[tp]
+            self.catch_up_unknown.discard(tp)
+            self.check_caught_up()
 
 
 def _one_partition(topic: str, parts: list[int]) -> None:

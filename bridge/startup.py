@@ -134,8 +134,11 @@ def catching_up(bridge: Bridge) -> Callable[[], str]:
     def say() -> str:
         joining = [f"{n} ({len(st.joining):,} znodes held before)"
                    for n, st in bridge.stores.items() if st.joining is not None]
+        unknown = sorted(bridge.inbound.catch_up_unknown)
+        waiting = ", ".join(f"{t} partition {p}" for t, p in unknown)
         return (f"applying what peers published before this start: "
                 f"{bridge.inbound.to_catch_up():,} records to go"
+                + (f", and waiting for a leader of {waiting}" if waiting else "")
                 + (f"; joining {', '.join(joining)}" if joining else ""))
 
     return say

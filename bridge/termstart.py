@@ -120,6 +120,12 @@ async def _kafka_side(b: Bridge, tasks: list[asyncio.Task[None]], fresh: bool
     # began; then once more as far as they had when that was reached
     # (Inbound.wait_caught_up). An empty fetch is not a usable signal:
     # heartbeats never stop.
+    # A peer's partition without a leader does not hold the term's start up: the
+    # rest is applied meanwhile, and catching up waits for its end (a topic check
+    # reads it once it has a leader again).
+    ids = await b.retry("topic ids", lambda: b.kafka.topic_ids(list(b.inbound.peers)))
+    b.inbound.catch_up_unknown = {tp for tp in positions if tp in ids.leaderless}
+    known = [tp for tp in positions if tp not in ids.leaderless]
     b.inbound.catch_up_to = await b.retry(
-        "end offsets", lambda: b.kafka.readable_ends(list(positions)))
+        "end offsets", lambda: b.kafka.readable_ends(known)) if known else {}
     return found

@@ -168,6 +168,7 @@ class TopicCheck:
             # answered since the last check is what reading really finds; a
             # fetch refused after a loss leaves it older than that, unused.
             ends[tp] = max(ends[tp], hw)
+        self.inbound.ends_known(ends)
         for topic, (old, new) in replaced.items():
             why = f"topic id changed from {old} to {new} (deleted and re-created, or rebuilt)"
             if topic in self.inbound.own:

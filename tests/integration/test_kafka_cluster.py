@@ -156,11 +156,14 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     node holding it stops. r2's other subtree goes on reaching r1, and r1 says that
     r2 is silent on `side` only, heard elsewhere, so its bridge runs and cannot
     write that topic. Both regions name the partition without a leader, and `lag`
-    measures the rest. r2 restarted meanwhile waits in its start, naming the
-    partition. With the node back, what r2 wrote on `side` meanwhile arrives.
+    measures the rest. r1 restarted meanwhile applies r2's other subtree at once
+    and waits for the partition only to say it is ready; r2 restarted meanwhile
+    waits in its start, naming its own partition. With the node back, what r2
+    wrote on `side` meanwhile arrives.
     Before, r2's one publisher waited on `side` with everything behind it: r1 got
     nothing more from r2 and called it silent on both subtrees; every topic check
-    timed out (status: "no answer within 5s"), and `lag` failed (exit 2)."""
+    timed out (status: "no answer within 5s"), `lag` failed (exit 2), and a
+    restarted r1 applied nothing until the node was back."""
     fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
                                                         strict=False)))
     try:
@@ -215,7 +218,21 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             assert lag.returncode == 0, lag.stderr
             assert f"! side/r2: {topic}[0] has no leader" in lag.stdout, lag.stdout
             assert f"\n{fed.subtree}  r2 " in lag.stdout, lag.stdout
-            # A start meanwhile waits for the partition (see README), saying why.
+            # r1 restarted meanwhile applies the rest at once, and is ready once the
+            # partition it reads has a leader again.
+            assert fed.stop("r1") == 0
+            fed.start("r1", wait=False)
+            r2.client.create(r2.path("/r1-restarted"), b"3")
+            wait_for(lambda: got(r1.path("/r1-restarted")), 60,
+                     message="restarted, r1 applied nothing while a partition had no leader")
+            shown: list[str] = []
+
+            def waiting() -> bool:
+                shown[:] = [fed.cli("status", "-c", str(r1.config_path)).stdout]
+                return f"waiting for a leader of {topic} partition 0" in shown[0]
+
+            wait_for(waiting, 30, interval=1, message=lambda: f"r1's status: {shown}")
+            # r2's start waits for its own partition (see README), saying why.
             assert fed.stop("r2") == 0
             fed.start("r2", wait=False)
             wait_for(lambda: any(e["event"] == "retrying" and said in e["error"]
@@ -225,9 +242,9 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             node.start()
         wait_for(lambda: got(side("r1", "/while")), 90,
                  message="r2's write on side never arrived once the node was back")
-        fed.wait_ready("r2", timeout=60)
+        for name in fed.regions:
+            fed.wait_ready(name, timeout=60)
         wait_for(lambda: fed.count_events("r1", "peer_heard_again") > 0, 30)
-        wait_for(lambda: fed.count_events("r1", "partition_leader_back") == 1, 30)
         fed.wait_converged(timeout=60)
         fed.assert_clean_logs(allowed={"peer_silent", "retrying", "producer_reset",
                                        "drain_incomplete"})

@@ -1,5 +1,6 @@
 """A topic check with a partition that has no leader: the other partitions are still
-asked and checked, and the one without is named (status, log) while it lasts.
+asked and checked, and the one without is named (status, log) while it lasts. A
+term that began while it had none is caught up only once its end is known.
 
 No servers: a stand-in Kafka whose offsets for a leaderless partition would never
 come (as aiokafka waits out its request timeout for them).
@@ -14,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from bridge.inbound import Inbound
 from bridge.kafka.topicids import TopicIds
 from bridge.topiccheck import Answer, TopicCheck
 
@@ -73,3 +75,25 @@ def test_a_leaderless_partition_is_named_while_it_lasts() -> None:
     assert [(e["event"], e["partitions"]) for e in logs] == [
         ("partition_leaderless", "p.side.r2 partition 0"),
         ("partition_leader_back", "p.side.r2 partition 0")]
+
+
+def test_caught_up_waits_for_the_end_of_a_partition_that_had_no_leader() -> None:
+    bridge = SimpleNamespace(region="r1", stores={"main": None, "side": None},
+                             settings=SimpleNamespace(peers=["r2"]),
+                             topic=lambda subtree, region: f"p.{subtree}.{region}")
+    inbound = Inbound(bridge)  # type: ignore[arg-type]
+    for peer in inbound.peers.values():
+        peer.positions = {0: 7}
+    inbound.catch_up_to = {("p.main.r2", 0): 7}  # applied up to its end already
+    inbound.catch_up_unknown = {("p.side.r2", 0)}
+    inbound.check_caught_up()
+    assert not inbound.caught_up.is_set()
+    inbound.ends_known({("p.main.r2", 0): 9})  # a known one's end is not moved
+    assert inbound.catch_up_to == {("p.main.r2", 0): 7}
+    assert not inbound.caught_up.is_set()
+    inbound.ends_known({("p.side.r2", 0): 12})  # its leader is back: 5 to apply
+    assert inbound.catch_up_unknown == set()
+    assert inbound.to_catch_up() == 5 and not inbound.caught_up.is_set()
+    inbound.peers["p.side.r2"].positions = {0: 12}
+    inbound.check_caught_up()
+    assert inbound.caught_up.is_set()
