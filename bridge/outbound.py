@@ -57,6 +57,8 @@ class Outbound(Queueing):
     def reset(self) -> None:
         super().reset()
         self.publishing.clear()
+        for ready in self.surveyed.values():
+            ready.clear()
         w, self._own_writer = self._own_writer, None
         if w is not None:
             w.cancel()  # the next leader reads the position back

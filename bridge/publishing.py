@@ -73,6 +73,11 @@ class Publishing:
         # outbox path → capture wall ms, until Kafka acknowledged the entry.
         self.unacked: dict[str, dict[str, int]] = {n: {} for n in bridge.stores}
         self._room = asyncio.Condition()
+        # Set once the subtree's own topic was surveyed this term (``bridge.owntopic``):
+        # nothing of it is published before, so that nothing this term publishes
+        # can pass for what the topic kept or lost. A survey waits for its
+        # partition's leader; the other subtrees publish meanwhile.
+        self.surveyed: dict[str, asyncio.Event] = {n: asyncio.Event() for n in bridge.stores}
         self._own_ends: dict[str, dict[int, int]] = {}
         self._own_written = 0.0
         self._own_lock = asyncio.Lock()
@@ -92,6 +97,7 @@ class Publishing:
 
     async def _publish_from(self, name: str) -> None:
         queue = self.queues[name]
+        await self.surveyed[name].wait()
         while True:
             batch = [await queue.get()]
             size = len(batch[0].records)
@@ -229,6 +235,10 @@ class Publishing:
             while not queue.empty():
                 units.append(queue.get_nowait())
             units = [u for u in units if u.outbox_path is not None]
+            if units and not self.surveyed[name].is_set():
+                left[name] = len(units)
+                raise BridgeError(f"{name}: its own topic had no leader since the start, "
+                                  "so it was not surveyed and publishes nothing")
             if units:
                 left[name] = len(units)
                 await self.publish(units)

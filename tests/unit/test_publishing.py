@@ -62,6 +62,15 @@ class Bridge:
         return await fn()
 
 
+def publishing(b: Bridge, held: tuple[str, ...] = ()) -> Publishing:
+    """A term's publishing, every subtree surveyed but ``held`` (``bridge.owntopic``)."""
+    pub = Publishing(b)  # type: ignore[arg-type]
+    for name, ready in pub.surveyed.items():
+        if name not in held:
+            ready.set()
+    return pub
+
+
 def put(pub: Publishing, subtree: str, key: str, outbox: bool = True) -> Outgoing:
     unit = Outgoing(subtree, ((key.encode(), b"v"),),
                     f"/outbox/{key}" if outbox else None, done=asyncio.Event())
@@ -74,7 +83,7 @@ def put(pub: Publishing, subtree: str, key: str, outbox: bool = True) -> Outgoin
 def test_a_subtree_whose_topic_waits_holds_back_no_other() -> None:
     async def go() -> None:
         b = Bridge()
-        pub = Publishing(b)  # type: ignore[arg-type]
+        pub = publishing(b)
         task = asyncio.ensure_future(pub.publisher())
         try:
             stuck = put(pub, "b", "/b1")
@@ -102,7 +111,7 @@ def test_a_subtree_whose_topic_waits_holds_back_no_other() -> None:
 def test_a_drain_publishes_each_subtree_it_can_and_names_the_one_it_cannot() -> None:
     async def go() -> None:
         b = Bridge()
-        pub = Publishing(b)  # type: ignore[arg-type]
+        pub = publishing(b)
         put(pub, "a", "/a1")
         put(pub, "b", "/b1")
         put(pub, "b", "/b2")
@@ -120,7 +129,7 @@ def test_a_drain_publishes_each_subtree_it_can_and_names_the_one_it_cannot() -> 
 def test_a_drain_with_nothing_left_says_nothing(stuck: bool) -> None:
     async def go() -> None:
         b = Bridge()
-        pub = Publishing(b)  # type: ignore[arg-type]
+        pub = publishing(b)
         put(pub, "a", "/a1")
         if stuck:
             put(pub, "b", "/hb", outbox=False)  # a heartbeat is not drained
@@ -135,7 +144,7 @@ def test_a_drain_with_nothing_left_says_nothing(stuck: bool) -> None:
 def test_a_publisher_that_fails_for_good_ends_the_others_with_its_own_error() -> None:
     async def go() -> None:
         b = Bridge()
-        pub = Publishing(b)  # type: ignore[arg-type]
+        pub = publishing(b)
         b.kafka.refuse = b.topic("a", "r1")
         put(pub, "b", "/b1")  # waits on its topic meanwhile
         put(pub, "a", "/a1")
@@ -143,5 +152,49 @@ def test_a_publisher_that_fails_for_good_ends_the_others_with_its_own_error() ->
             async with asyncio.timeout(2):
                 await pub.publisher()
         assert b.kafka.sent == []
+
+    asyncio.run(go())
+
+
+def test_a_subtree_not_surveyed_publishes_nothing_until_it_is() -> None:
+    async def go() -> None:
+        b = Bridge()
+        b.kafka.stuck = ""
+        pub = publishing(b, held=("b",))
+        task = asyncio.ensure_future(pub.publisher())
+        try:
+            held = [put(pub, "b", "/b1"), put(pub, "b", "/hb", outbox=False)]
+            mine = put(pub, "a", "/a1")
+            async with asyncio.timeout(2):
+                assert mine.done is not None
+                await mine.done.wait()
+            await asyncio.sleep(0.05)
+            assert b.kafka.sent == ["/a1"]
+            pub.surveyed["b"].set()
+            async with asyncio.timeout(2):
+                for u in held:
+                    assert u.done is not None
+                    await u.done.wait()
+            assert b.kafka.sent == ["/a1", "/b1", "/hb"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(go())
+
+
+def test_a_drain_leaves_a_subtree_not_surveyed_in_the_outbox() -> None:
+    async def go() -> None:
+        b = Bridge()
+        b.kafka.stuck = ""
+        pub = publishing(b, held=("b",))
+        put(pub, "a", "/a1")
+        put(pub, "b", "/b1")
+        with structlog.testing.capture_logs() as logs:
+            await pub.drain(deadline=0.3)
+        assert b.kafka.sent == ["/a1"]
+        [line] = [e for e in logs if e["event"] == "drain_incomplete"]
+        assert (line["left"], line["subtrees"]) == (1, ["b"]), line
+        assert "not surveyed" in line["error"], line
 
     asyncio.run(go())
