@@ -108,6 +108,9 @@ class Inbound:
         # Partitions without a leader as the term began: their ends are unknown until
         # a topic check reads them (``TopicCheck``); caught up waits for those too.
         self.catch_up_unknown: set[tuple[str, int]] = set()
+        # Subtrees whose own topic had a partition without a leader as the term began:
+        # not surveyed yet (``owntopic.when_led``); caught up waits for those too.
+        self.own_unsurveyed: set[str] = set()
         # This region's own topics: read from their end, only to see who else
         # publishes there (a second ensemble as this region) and whether
         # they lost what we published.
@@ -130,6 +133,7 @@ class Inbound:
     def reset(self) -> None:
         self.caught_up.clear()
         self.catch_up_unknown.clear()
+        self.own_unsurveyed.clear()
         self.own_max_end.clear()
         self.own_ids.clear()
         self.topics.reset()
@@ -378,7 +382,8 @@ class Inbound:
         return total
 
     def check_caught_up(self) -> None:
-        if not self.caught_up.is_set() and not self.to_catch_up() and not self.catch_up_unknown:
+        if not (self.caught_up.is_set() or self.to_catch_up() or self.catch_up_unknown
+                or self.own_unsurveyed):
             self.caught_up.set()
 
     def ends_known(self, ends: Mapping[tuple[str, int], int]) -> None:

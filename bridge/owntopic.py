@@ -7,11 +7,18 @@ the topic kept or lost. Publishing then starts, and the start-up capture is
 published while it is still being written. ``replay`` runs after the scan
 (which rebuilt the metadata cache and showed the mass-delete breaker the local
 deletions first) and re-applies the records up to the ends the survey saw.
+
+A subtree whose own topic has a partition without a leader as the term
+begins cannot be surveyed: it is left out of both steps, publishes nothing,
+and ``when_led`` does both for it once the partition has a leader. The other
+subtrees, and everything the peers publish, go on meanwhile; the bridge is
+ready only after.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge import failpoints
+from bridge import failpoints, twin
 from bridge.inbound import FETCH_MAX_RECORDS
 from bridge.kafka import Kafka, Record
 
@@ -27,6 +34,9 @@ if TYPE_CHECKING:
     from bridge.engine import Bridge
 
 log = structlog.get_logger("bridge.owntopic")
+
+# Seconds between asking whether a held subtree's own partition has a leader again.
+LEADER_POLL = 1.0
 
 TopicPartition = tuple[str, int]
 
@@ -57,9 +67,9 @@ async def own_reader(b: Bridge) -> AsyncIterator[Kafka]:
         await reader.stop()
 
 
-async def survey(bridge: Bridge, fresh: bool, reader: Kafka,
+async def survey(bridge: Bridge, fresh: bool, reader: Kafka, names: Collection[str],
                  seen: Mapping[TopicPartition, int] | None = None) -> Survey:
-    """Check every own topic against what this region stored; the replays still to do.
+    """Check these subtrees' own topics against what this region stored; the replays to do.
 
     ``seen``: every own partition's end, read just before (by the twin
     check; this term published nothing since, but a bridge that led while
@@ -76,8 +86,9 @@ async def survey(bridge: Bridge, fresh: bool, reader: Kafka,
     all_ends: dict[TopicPartition, int] = {}
     replays: list[Replay] = []
     ids = await b.retry("topic ids", lambda: reader.topic_ids(
-        [b.topic(n, b.region) for n in b.stores]))
-    for name, store in b.stores.items():
+        [b.topic(n, b.region) for n in names]))
+    for name in names:
+        store = b.stores[name]
         topic = b.topic(name, b.region)
         stored = {} if fresh else await b.retry(
             "read publish position", partial(store.positions.read, b.region))
@@ -170,3 +181,46 @@ def replay_progress(todo: Replay, done: dict[tuple[str, int], int]) -> str:
     read = sum(min(done[tp], end) - todo.start[tp] for tp, end in todo.end.items())
     return (f"replaying {todo.subtree} from this region's own topic: "
             f"{read:,} of {total:,} records read")
+
+
+async def held_back(b: Bridge, reader: Kafka) -> set[str]:
+    """Subtrees whose own topic has a partition without a leader: surveyed later."""
+    own = {b.topic(n, b.region): n for n in b.stores}
+    ids = await b.retry("topic ids", lambda: reader.topic_ids(list(own)))
+    held = {own[t] for t, _ in ids.leaderless if t in own}
+    for name in sorted(held):
+        parts = sorted(p for t, p in ids.leaderless if t == b.topic(name, b.region))
+        log.warning("own_topic_leaderless", subtree=name, topic=b.topic(name, b.region),
+                    partitions=parts,
+                    hint="every node holding a replica is down: this subtree publishes "
+                         "nothing until one is back; the others go on")
+    return held
+
+
+async def when_led(b: Bridge, fresh: bool) -> None:
+    """Survey and replay each held subtree (``held_back``) once its partition has a leader.
+
+    Only then may it publish (``Publishing.surveyed``). The twin check of its
+    topic runs first, as at a start: the other subtrees' checks did not read it.
+    """
+    held = b.inbound.own_unsurveyed
+    while held:
+        own = {b.topic(n, b.region): n for n in held}
+        ids = await b.retry("topic ids", partial(b.kafka.topic_ids, list(own)))
+        led = sorted(held - {own[t] for t, _ in ids.leaderless if t in own})
+        if not led:
+            await asyncio.sleep(LEADER_POLL)
+            continue
+        async with own_reader(b) as reader:
+            ends = await twin.check(b, reader, led)
+            found = await survey(b, fresh, reader, led, ends)
+        await replay(b, found)
+        for tp, end in found.ends.items():
+            b.inbound.own_max_end[tp] = max(b.inbound.own_max_end.get(tp, 0), end)
+        for name in led:
+            held.discard(name)
+            b.outbound.surveyed[name].set()
+        log.info("own_topic_surveyed", subtrees=led,
+                 replayed=sum(e - r.start[tp] for r in found.replays for tp, e in r.end.items()),
+                 action="publishing what these subtrees captured meanwhile")
+        b.inbound.check_caught_up()

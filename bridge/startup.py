@@ -136,6 +136,10 @@ def catching_up(bridge: Bridge) -> Callable[[], str]:
                    for n, st in bridge.stores.items() if st.joining is not None]
         unknown = sorted(bridge.inbound.catch_up_unknown)
         waiting = ", ".join(f"{t} partition {p}" for t, p in unknown)
+        held = ", ".join(f"{bridge.topic(n, bridge.region)} (this region's own: {n} "
+                         "publishes nothing until then)"
+                         for n in sorted(bridge.inbound.own_unsurveyed))
+        waiting = ", ".join(w for w in (waiting, held) if w)
         return (f"applying what peers published before this start: "
                 f"{bridge.inbound.to_catch_up():,} records to go"
                 + (f", and waiting for a leader of {waiting}" if waiting else "")

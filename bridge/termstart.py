@@ -69,6 +69,9 @@ async def start(b: Bridge, tasks: list[asyncio.Task[None]]) -> None:
         _scan_all(b))
     await owntopic.replay(b, found)
     await b.reannounce.resume()
+    if b.inbound.own_unsurveyed:
+        tasks.append(asyncio.create_task(b.guarded(
+            "own-topic survey", owntopic.when_led, b, fresh)))
     b.inbound.check_caught_up()
 
 
@@ -91,8 +94,15 @@ async def _kafka_side(b: Bridge, tasks: list[asyncio.Task[None]], fresh: bool
 
     async def checks() -> owntopic.Survey:
         async with owntopic.own_reader(b) as reader:
-            ends = await twin.check(b, reader)
-            return await owntopic.survey(b, fresh, reader, ends)
+            # A subtree whose own partition has no leader is surveyed once it has
+            # one (owntopic.when_led): it held every subtree's start up before.
+            held = await owntopic.held_back(b, reader)
+            b.inbound.own_unsurveyed = held
+            names = [n for n in b.stores if n not in held]
+            if not names:
+                return owntopic.Survey({}, ())
+            ends = await twin.check(b, reader, names)
+            return await owntopic.survey(b, fresh, reader, names, ends)
 
     async def connect() -> None:
         await b.retry("start producer", b.kafka.start_producer)
@@ -106,6 +116,9 @@ async def _kafka_side(b: Bridge, tasks: list[asyncio.Task[None]], fresh: bool
     # From here on, what is captured is published as it commits: peers
     # apply the start-up capture while the rest of it is still written.
     tasks.append(asyncio.create_task(b.guarded("publisher", b.outbound.publisher)))
+    for name in b.stores:
+        if name not in b.inbound.own_unsurveyed:
+            b.outbound.surveyed[name].set()
     b.outbound.publishing.set()
     positions = await b.retry("read positions", b.inbound.start)
     # Peers judge this region alive by its heartbeats alone: they go out

@@ -257,6 +257,8 @@ class TopicCheck:
         out: dict[str, tuple[str, str]] = {}
         for topic, new in ids.items():
             if topic in self.inbound.own:
+                if self.inbound.own[topic] in self.inbound.own_unsurveyed:
+                    continue  # its survey compares the id stored with this one first
                 old = self.inbound.own_ids.get(topic)
                 if old is None:
                     name = self.inbound.own[topic]

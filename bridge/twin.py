@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Collection
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -68,8 +69,9 @@ def marker(raw: bytes) -> str:
     return text if _INC.fullmatch(text) else uuid.uuid5(uuid.NAMESPACE_OID, text).hex
 
 
-async def check(b: Bridge, reader: Kafka) -> dict[TopicPartition, int] | None:
-    """Refuse to start while another ensemble is publishing as this region.
+async def check(b: Bridge, reader: Kafka, names: Collection[str]
+                ) -> dict[TopicPartition, int] | None:
+    """Refuse to start while another ensemble is publishing as these subtrees' region.
 
     Returns the own partitions' ends it read, for the own-topic survey to
     go on from, unless it watched the topics (then they are old: None).
@@ -84,7 +86,7 @@ async def check(b: Bridge, reader: Kafka) -> dict[TopicPartition, int] | None:
     """
     window = 3 * b.settings.heartbeat_interval + 1.0
     tps = []
-    for name in b.stores:
+    for name in names:
         topic = b.topic(name, b.region)
         tps += [(topic, p) for p in await b.retry(
             f"partitions of {topic}", partial(reader.partitions, topic))]

@@ -158,12 +158,13 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     write that topic. Both regions name the partition without a leader, and `lag`
     measures the rest. r1 restarted meanwhile applies r2's other subtree at once
     and waits for the partition only to say it is ready; r2 restarted meanwhile
-    waits in its start, naming its own partition. With the node back, what r2
+    publishes and applies its other subtree at once, and surveys `side` (whose own
+    topic it is) once the partition has a leader. With the node back, what r2
     wrote on `side` meanwhile arrives.
     Before, r2's one publisher waited on `side` with everything behind it: r1 got
     nothing more from r2 and called it silent on both subtrees; every topic check
     timed out (status: "no answer within 5s"), `lag` failed (exit 2), and a
-    restarted r1 applied nothing until the node was back."""
+    restarted r1 or r2 applied nothing until the node was back."""
     fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
                                                         strict=False)))
     try:
@@ -232,16 +233,39 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
                 return f"waiting for a leader of {topic} partition 0" in shown[0]
 
             wait_for(waiting, 30, interval=1, message=lambda: f"r1's status: {shown}")
-            # r2's start waits for its own partition (see README), saying why.
+            # r2 restarted meanwhile, whose own partition has none: its other subtree
+            # publishes and applies at once, and `side` waits for its survey.
             assert fed.stop("r2") == 0
             fed.start("r2", wait=False)
-            wait_for(lambda: any(e["event"] == "retrying" and said in e["error"]
-                                 for e in fed.events("r2")), 60,
-                     message="r2's start did not name the partition without a leader")
+            r1.client.create(r1.path("/r2-restarted"), b"4")
+            wait_for(lambda: r2.client.exists(r2.path("/r2-restarted")) is not None, 60,
+                     message="restarted, r2 applied nothing while its own partition had "
+                             "no leader")
+            r2.client.create(r2.path("/r2-publishes"), b"5")
+            r2.client.create(side("r2", "/after"), b"6")
+            wait_for(lambda: got(r1.path("/r2-publishes")), 60,
+                     message="restarted, r2 published nothing while its own partition had "
+                             "no leader")
+            [held] = [e for e in fed.events("r2") if e["event"] == "own_topic_leaderless"]
+            assert (held["subtree"], held["topic"], held["partitions"]) == (
+                "side", topic, [0]), held
+
+            def own_waiting() -> bool:
+                shown[:] = [fed.cli("status", "-c", str(r2.config_path)).stdout]
+                return (f"waiting for a leader of {topic} (this region's own: side "
+                        "publishes nothing until then)") in shown[0]
+
+            wait_for(own_waiting, 30, interval=1, message=lambda: f"r2's status: {shown}")
+            assert not got(side("r1", "/while")) and not got(side("r1", "/after"))
         finally:
             node.start()
-        wait_for(lambda: got(side("r1", "/while")), 90,
-                 message="r2's write on side never arrived once the node was back")
+        for rel in ("/while", "/after"):
+            wait_for(lambda rel=rel: got(side("r1", rel)), 90,  # type: ignore[misc]
+                     message=f"r2's write {rel} on side never arrived once the node was back")
+        wait_for(lambda: fed.count_events("r2", "own_topic_surveyed") > 0, 30,
+                 message="r2 never surveyed its own topic of side")
+        [surveyed] = [e for e in fed.events("r2") if e["event"] == "own_topic_surveyed"]
+        assert surveyed["subtrees"] == ["side"], surveyed
         for name in fed.regions:
             fed.wait_ready(name, timeout=60)
 

@@ -393,12 +393,19 @@ def test_after_a_first_scan_that_found_nothing_new_znodes_are_captured() -> None
 def test_status_says_which_subtrees_join_while_catching_up() -> None:
     joined, joins = store(False), store(True)
     joining.set_aside(joins, scan(a=node(b"1", 5), b=node(b"2", 6)))
-    inbound = SimpleNamespace(to_catch_up=lambda: 1200, catch_up_unknown=set())
-    bridge = SimpleNamespace(stores={"done": joined, "new": joins}, inbound=inbound)
+    inbound = SimpleNamespace(to_catch_up=lambda: 1200, catch_up_unknown=set(),
+                              own_unsurveyed=set())
+    bridge = SimpleNamespace(stores={"done": joined, "new": joins}, inbound=inbound,
+                             region="r1", topic=lambda n, r: f"p.{n}.{r}")
     say = startup.catching_up(bridge)  # type: ignore[arg-type]
     assert say() == ("applying what peers published before this start: 1,200 records to go; "
                      "joining new (2 znodes held before)")
     inbound.catch_up_unknown = {("p.new.r2", 0)}  # a partition without a leader
     assert say() == ("applying what peers published before this start: 1,200 records to go, "
                      "and waiting for a leader of p.new.r2 partition 0; joining new (2 znodes "
+                     "held before)")
+    inbound.own_unsurveyed = {"done"}  # this region's own partition has none
+    assert say() == ("applying what peers published before this start: 1,200 records to go, "
+                     "and waiting for a leader of p.new.r2 partition 0, p.done.r1 (this "
+                     "region's own: done publishes nothing until then); joining new (2 znodes "
                      "held before)")
