@@ -4,11 +4,15 @@ says what it is doing."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import pytest
 from structlog.testing import capture_logs
 
+from bridge import owntopic, twin
 from bridge.errors import BridgeError, FencedError
+from bridge.kafka.topicids import TopicIds
 from bridge.owntopic import Replay, replay_progress
 from bridge.startup import StartUp
 from bridge.termsteps import both, unless_lost
@@ -197,3 +201,60 @@ def test_a_replay_of_the_own_topic_counts_the_records_read() -> None:
         "replaying critical from this region's own topic: 0 of 2,500 records read")
     # Records this term published past the end are read too, not counted.
     assert replay_progress(todo, {tp: 2700}).endswith(": 2,500 of 2,500 records read")
+
+
+# -- a subtree whose own partition had no leader as the term began ------------------------
+
+
+def test_a_held_subtree_is_surveyed_once_its_partition_has_a_leader_then_publishes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing of it is checked or published before; the others are not waited for."""
+    tp = ("zkb.side.r1", 0)
+    steps: list[str] = []
+    asks = [0]
+
+    async def topic_ids(topics: list[str]) -> TopicIds:
+        asks[0] += 1
+        return TopicIds(leaderless=frozenset({tp} if asks[0] < 3 else set()))
+
+    @asynccontextmanager
+    async def reader(b: object):  # type: ignore[no-untyped-def]
+        yield "reader"
+
+    async def check(b: object, r: object, names: list[str]) -> dict[tuple[str, int], int]:
+        steps.append(f"twin check {names}")
+        return {tp: 7}
+
+    async def survey(b: object, fresh: bool, r: object, names: list[str],
+                     ends: dict[tuple[str, int], int]) -> owntopic.Survey:
+        steps.append(f"survey {names} {ends}")
+        return owntopic.Survey(ends, (owntopic.Replay("side", {tp: 5}, {tp: 7}),))
+
+    async def replay(b: object, found: owntopic.Survey) -> None:
+        steps.append(f"replay {len(found.replays)}")
+        assert not surveyed["side"].is_set()  # publishing waits for the replay
+
+    async def retry(what: str, fn):  # type: ignore[no-untyped-def]
+        return await fn()
+
+    monkeypatch.setattr(owntopic, "LEADER_POLL", 0.01)
+    monkeypatch.setattr(owntopic, "own_reader", reader)
+    monkeypatch.setattr(twin, "check", check)
+    monkeypatch.setattr(owntopic, "survey", survey)
+    monkeypatch.setattr(owntopic, "replay", replay)
+    surveyed = {"main": asyncio.Event(), "side": asyncio.Event()}
+    caught: list[bool] = []
+    inbound = SimpleNamespace(own_unsurveyed={"side"}, own_max_end={},
+                              check_caught_up=lambda: caught.append(True))
+    b = SimpleNamespace(region="r1", kafka=SimpleNamespace(topic_ids=topic_ids), retry=retry,
+                        inbound=inbound, outbound=SimpleNamespace(surveyed=surveyed),
+                        topic=lambda n, r: f"zkb.{n}.{r}")
+    with capture_logs() as logs:
+        asyncio.run(asyncio.wait_for(owntopic.when_led(b, False), 2))  # type: ignore[arg-type]
+    assert asks[0] == 3  # asked until the partition had a leader
+    assert steps == ["twin check ['side']", "survey ['side'] {('zkb.side.r1', 0): 7}",
+                     "replay 1"]
+    assert surveyed["side"].is_set() and not surveyed["main"].is_set()
+    assert inbound.own_unsurveyed == set() and inbound.own_max_end == {tp: 7} and caught
+    [line] = [e for e in logs if e["event"] == "own_topic_surveyed"]
+    assert line["subtrees"] == ["side"] and line["replayed"] == 2, line
