@@ -245,7 +245,7 @@ class Inbound:
             if asking is not None:
                 asking.cancel()
 
-    def _own_record(self, rec: Record) -> None:
+    def own_record(self, rec: Record) -> None:
         """A record on this region's own topic: ours, or a second ensemble's."""
         b = self.bridge
         if rec.value is None:
@@ -270,7 +270,7 @@ class Inbound:
 
     async def _take(self, rec: Record) -> None:
         if rec.topic in self.own:
-            self._own_record(rec)
+            self.own_record(rec)
             return
         peer = self.peers[rec.topic]
         asm = peer.assemblers.setdefault(rec.partition, Assembler(rec.offset))

@@ -8,7 +8,7 @@ topic mean a second ensemble runs as this region: the bridge refuses to
 start, or stops, with exit status 4. A restore is told apart by time: the
 old incarnation's records stop when its ensemble (and its bridge) is gone,
 while a twin keeps heartbeating. Once running, the inbound pipeline watches
-the own topic's tail (``Inbound._own_record``).
+the own topic's tail (``Inbound.own_record``).
 """
 
 from __future__ import annotations

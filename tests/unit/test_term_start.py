@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from bridge import owntopic, twin
-from bridge.errors import BridgeError, FencedError
+from bridge.errors import BridgeError, DuplicateRegionError, FencedError
 from bridge.kafka.topicids import TopicIds
 from bridge.owntopic import Replay, replay_progress
 from bridge.startup import StartUp
@@ -205,56 +205,104 @@ def test_a_replay_of_the_own_topic_counts_the_records_read() -> None:
 
 # -- a subtree whose own partition had no leader as the term began ------------------------
 
+TP = ("zkb.side.r1", 0)
+
+
+class Held:
+    """Stand-ins around ``owntopic.when_led``: the partition gets a leader at the
+    third ask; the own reader then returns ``records`` once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, records: list[str]) -> None:
+        self.steps: list[str] = []
+        self.asks = 0
+        self.records = records
+        self.surveyed = {"main": asyncio.Event(), "side": asyncio.Event()}
+        self.caught: list[bool] = []
+        self.read = asyncio.Event()
+        self.inbound = SimpleNamespace(own_unsurveyed={"side"}, own_max_end={},
+                                       check_caught_up=lambda: self.caught.append(True),
+                                       own_record=self.own_record)
+        kafka = SimpleNamespace(topic_ids=self.topic_ids)
+        self.bridge = SimpleNamespace(region="r1", kafka=kafka, retry=self.retry,
+                                      inbound=self.inbound,
+                                      outbound=SimpleNamespace(surveyed=self.surveyed),
+                                      topic=lambda n, r: f"zkb.{n}.{r}")
+        monkeypatch.setattr(owntopic, "LEADER_POLL", 0.01)
+        monkeypatch.setattr(owntopic, "own_reader", self.reader)
+        monkeypatch.setattr(twin, "check", self.check)
+        monkeypatch.setattr(owntopic, "survey", self.survey)
+        monkeypatch.setattr(owntopic, "replay", self.replay)
+
+    async def topic_ids(self, topics: list[str]) -> TopicIds:
+        self.asks += 1
+        return TopicIds(leaderless=frozenset({TP} if self.asks < 3 else set()))
+
+    @asynccontextmanager
+    async def reader(self, b: object):  # type: ignore[no-untyped-def]
+        async def assign(positions: dict[tuple[str, int], int]) -> None:
+            self.steps.append(f"read on from {positions}")
+
+        async def fetch(timeout_ms: int, most: int) -> list[str]:
+            await asyncio.sleep(0.01)
+            out, self.records = self.records, []
+            return out
+
+        yield SimpleNamespace(assign=assign, fetch=fetch)
+
+    async def check(self, b: object, r: object, names: list[str]) -> dict[tuple[str, int], int]:
+        self.steps.append(f"twin check {names}")
+        return {TP: 7}
+
+    async def survey(self, b: object, fresh: bool, r: object, names: list[str],
+                     ends: dict[tuple[str, int], int]) -> owntopic.Survey:
+        self.steps.append(f"survey {names} {ends}")
+        return owntopic.Survey(ends, (owntopic.Replay("side", {TP: 5}, {TP: 7}),))
+
+    async def replay(self, b: object, found: owntopic.Survey) -> None:
+        self.steps.append(f"replay {len(found.replays)}")
+        assert not self.surveyed["side"].is_set()  # publishing waits for the replay
+
+    async def retry(self, what: str, fn):  # type: ignore[no-untyped-def]
+        return await fn()
+
+    def own_record(self, rec: str) -> None:
+        self.steps.append(f"own record {rec}")
+        self.read.set()
+        if rec == "twin":
+            raise DuplicateRegionError("a second ensemble publishes as r1")
+
 
 def test_a_held_subtree_is_surveyed_once_its_partition_has_a_leader_then_publishes(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing of it is checked or published before; the others are not waited for."""
-    tp = ("zkb.side.r1", 0)
-    steps: list[str] = []
-    asks = [0]
+    """Nothing of it is checked or published before; the others are not waited for.
+    Its topic is then read on for a second ensemble's records."""
+    held = Held(monkeypatch, ["ours"])
 
-    async def topic_ids(topics: list[str]) -> TopicIds:
-        asks[0] += 1
-        return TopicIds(leaderless=frozenset({tp} if asks[0] < 3 else set()))
+    async def main() -> None:
+        task = asyncio.ensure_future(owntopic.when_led(held.bridge, False))  # type: ignore[arg-type]
+        async with asyncio.timeout(2):
+            await held.surveyed["side"].wait()
+            await held.read.wait()
+        assert not task.done()  # it reads on for the rest of the term
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
-    @asynccontextmanager
-    async def reader(b: object):  # type: ignore[no-untyped-def]
-        yield "reader"
-
-    async def check(b: object, r: object, names: list[str]) -> dict[tuple[str, int], int]:
-        steps.append(f"twin check {names}")
-        return {tp: 7}
-
-    async def survey(b: object, fresh: bool, r: object, names: list[str],
-                     ends: dict[tuple[str, int], int]) -> owntopic.Survey:
-        steps.append(f"survey {names} {ends}")
-        return owntopic.Survey(ends, (owntopic.Replay("side", {tp: 5}, {tp: 7}),))
-
-    async def replay(b: object, found: owntopic.Survey) -> None:
-        steps.append(f"replay {len(found.replays)}")
-        assert not surveyed["side"].is_set()  # publishing waits for the replay
-
-    async def retry(what: str, fn):  # type: ignore[no-untyped-def]
-        return await fn()
-
-    monkeypatch.setattr(owntopic, "LEADER_POLL", 0.01)
-    monkeypatch.setattr(owntopic, "own_reader", reader)
-    monkeypatch.setattr(twin, "check", check)
-    monkeypatch.setattr(owntopic, "survey", survey)
-    monkeypatch.setattr(owntopic, "replay", replay)
-    surveyed = {"main": asyncio.Event(), "side": asyncio.Event()}
-    caught: list[bool] = []
-    inbound = SimpleNamespace(own_unsurveyed={"side"}, own_max_end={},
-                              check_caught_up=lambda: caught.append(True))
-    b = SimpleNamespace(region="r1", kafka=SimpleNamespace(topic_ids=topic_ids), retry=retry,
-                        inbound=inbound, outbound=SimpleNamespace(surveyed=surveyed),
-                        topic=lambda n, r: f"zkb.{n}.{r}")
     with capture_logs() as logs:
-        asyncio.run(asyncio.wait_for(owntopic.when_led(b, False), 2))  # type: ignore[arg-type]
-    assert asks[0] == 3  # asked until the partition had a leader
-    assert steps == ["twin check ['side']", "survey ['side'] {('zkb.side.r1', 0): 7}",
-                     "replay 1"]
-    assert surveyed["side"].is_set() and not surveyed["main"].is_set()
-    assert inbound.own_unsurveyed == set() and inbound.own_max_end == {tp: 7} and caught
+        asyncio.run(main())
+    assert held.asks == 3  # asked until the partition had a leader
+    assert held.steps == ["twin check ['side']", "survey ['side'] {('zkb.side.r1', 0): 7}",
+                          "replay 1", "read on from {('zkb.side.r1', 0): 7}",
+                          "own record ours"]
+    assert held.surveyed["side"].is_set() and not held.surveyed["main"].is_set()
+    assert held.inbound.own_unsurveyed == set() and held.inbound.own_max_end == {TP: 7}
+    assert held.caught
     [line] = [e for e in logs if e["event"] == "own_topic_surveyed"]
     assert line["subtrees"] == ["side"] and line["replayed"] == 2, line
+
+
+def test_a_second_ensemble_seen_later_on_a_held_subtree_s_topic_ends_the_term(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised as itself (the bridge exits 4), not inside an exception group."""
+    held = Held(monkeypatch, ["twin"])
+    with pytest.raises(DuplicateRegionError, match="second ensemble"):
+        asyncio.run(asyncio.wait_for(owntopic.when_led(held.bridge, False), 2))  # type: ignore[arg-type]
