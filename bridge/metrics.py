@@ -62,6 +62,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("zkbridge_heartbeat_age_seconds", "gauge",
          "age of the last heartbeat applied from a peer (never heard: seconds since this "
          "bridge started)", ("subtree", "peer")),
+    Spec("zkbridge_partitions_leaderless", "gauge",
+         "partitions of a topic this bridge reads or writes without a leader at the last "
+         "topic check (every node holding a replica down); leader only", ("topic",)),
     Spec("zkbridge_outbox_depth", "gauge", "local changes not yet acked by Kafka", ("subtree",)),
     Spec("zkbridge_outbox_age_seconds", "gauge",
          "age of the oldest local change not yet acked by Kafka (0: none)", ("subtree",)),
@@ -184,6 +187,11 @@ class BridgeCollector(Collector):
             quiet = unheard_ms(p.last_heartbeat_ms, b.started_ms, now) or 0
             hb.add_metric([p.subtree, p.peer], quiet / 1000)
         yield from (lag_e, lag_s, hb)
+        nolead = family("zkbridge_partitions_leaderless")
+        counts = Counter(t for t, _ in b.inbound.topics.leaderless)
+        for topic in sorted([*b.inbound.peers, *b.inbound.own]) if b.in_term else ():
+            nolead.add_metric([topic], counts[topic])
+        yield nolead
         outbox = family("zkbridge_outbox_depth")
         for name in b.stores:
             outbox.add_metric([name], b.streams.backlog(name))

@@ -232,6 +232,11 @@ class TopicCheck:
             await self.rewind(peer, part, pos=pos, begin=begin, end=end, why=why)
             failpoints.hit(failpoints.TOPIC_REWOUND)
 
+    @property
+    def leaderless(self) -> frozenset[tuple[str, int]]:
+        """The partitions without a leader at the last check that answered."""
+        return self._leaderless
+
     def _name_leaderless(self, now: frozenset[tuple[str, int]]) -> None:
         """Partitions without a leader: in ``status`` while it lasts, logged as it
         starts and ends. Their records wait in Kafka or in the outbox; nothing is lost."""

@@ -23,8 +23,8 @@ import pytest
 
 from tests.conftest import ZkServers
 from tests.harness.cluster import REPLICATION, KafkaCluster, wait_in_sync
-from tests.harness.procs import wait_for
-from tests.integration.federation import Federation
+from tests.harness.procs import free_port, wait_for
+from tests.integration.federation import Federation, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -179,10 +179,13 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
         node = cluster.nodes[2]
         cluster.create_topic(f"{fed.prefix}.side.r2", [node.node_id],
                              {"cleanup.policy": "compact"})
+        port = free_port()
         for name in fed.regions:
             fed[name].client.ensure_path(side(name))
             fed.write_config(name, subtrees=[{"name": fed.subtree, "path": fed[name].mount},
-                                             {"name": "side", "path": side(name)}])
+                                             {"name": "side", "path": side(name)}],
+                             **({"metrics": {"listen": f"127.0.0.1:{port}"}}
+                                if name == "r1" else {}))
             fed.start(name, wait=False)
         for name in fed.regions:
             fed.wait_ready(name)
@@ -215,6 +218,10 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             for name in fed.regions:
                 [line] = [e for e in fed.events(name) if e["event"] == "partition_leaderless"]
                 assert line["partitions"] == f"{topic} partition 0", line
+            gauge = 'zkbridge_partitions_leaderless{{topic="{}"}}'.format
+            seen = scrape(port)
+            assert (seen[gauge(topic)], seen[gauge(f"{fed.prefix}.{fed.subtree}.r2")]) == (
+                1, 0), seen
             lag = fed.cli("lag", "-c", str(r1.config_path))
             assert lag.returncode == 0, lag.stderr
             assert f"! side/r2: {topic}[0] has no leader" in lag.stdout, lag.stdout
@@ -274,6 +281,8 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             return "SILENT" not in {p["kind"] for p in doc["verdict"]["problems"]}
 
         wait_for(heard, 30, interval=1, message="r1 still calls r2 silent")
+        wait_for(lambda: scrape(port)[gauge(topic)] == 0, 10,
+                 message="the gauge still counts the partition without a leader")
         fed.wait_converged(timeout=60)
         fed.assert_clean_logs(allowed={"peer_silent", "retrying", "producer_reset",
                                        "drain_incomplete"})

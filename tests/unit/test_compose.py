@@ -410,6 +410,7 @@ def _rule_with(alert_rules: list[dict[str, Any]], expr: str) -> dict[str, Any]:
         ("max by (region) (zkbridge_starting) == 1", "15m"),
         ("sum by (region, subtree, reason) (zkbridge_held_back) > 0", "15m"),
         ("zkbridge_oversized > 0", "5m"),
+        ("max by (region, topic) (zkbridge_partitions_leaderless) > 0", "2m"),
     ],
 )
 def test_required_alerts(alert_rules: list[dict[str, Any]], expr: str, duration: str) -> None:
