@@ -128,15 +128,15 @@ async def _kafka_side(b: Bridge, tasks: list[asyncio.Task[None]], fresh: bool
         "heartbeat", b.outbound.heartbeats, lambda: b.settings.heartbeat_interval)))
     for tp, end in found.ends.items():  # the publisher's acks may be ahead already
         b.inbound.own_max_end[tp] = max(b.inbound.own_max_end.get(tp, 0), end)
-    await b.kafka.assign({**positions, **found.ends})
-    # Caught up, first = applied what the peers had published when this term
-    # began; then once more as far as they had when that was reached
-    # (Inbound.wait_caught_up). An empty fetch is not a usable signal:
-    # heartbeats never stop.
     # A peer's partition without a leader does not hold the term's start up: the
     # rest is applied meanwhile, and catching up waits for its end (a topic check
     # reads it once it has a leader again).
     ids = await b.retry("topic ids", lambda: b.kafka.topic_ids(list(b.inbound.peers)))
+    await b.kafka.assign({**positions, **found.ends}, ids.leaderless)
+    # Caught up, first = applied what the peers had published when this term
+    # began; then once more as far as they had when that was reached
+    # (Inbound.wait_caught_up). An empty fetch is not a usable signal:
+    # heartbeats never stop.
     b.inbound.catch_up_unknown = {tp for tp in positions if tp in ids.leaderless}
     known = [tp for tp in positions if tp not in ids.leaderless]
     b.inbound.catch_up_to = await b.retry(

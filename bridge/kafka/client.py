@@ -23,6 +23,8 @@ class Kafka(TopicAdmin, Producing, Consuming):
         unreachable broker would otherwise hold a stopping process for a
         whole request timeout.
         """
+        for seeking in list(self._pending_seeks):
+            seeking.cancel()
         closers = [_close(what, c) for what, c in
                    (("producer", self._producer), ("consumer", self._consumer),
                     ("query consumer", self._probe)) if c is not None]

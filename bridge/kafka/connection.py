@@ -42,6 +42,8 @@ class Connection:
         self._probe: AIOKafkaConsumer | None = None
         self._probe_lock = asyncio.Lock()
         self._probe_fetch = asyncio.Lock()  # readable_ends assigns the query consumer
+        # Seeks to the start of partitions without a leader, done once one answers.
+        self._pending_seeks: set[asyncio.Future[bool]] = set()
         self._secure_ok = False
         self._diagnosed_at = float("-inf")
         self._diagnosing = False

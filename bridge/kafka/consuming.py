@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import structlog
@@ -73,16 +73,32 @@ class Consuming(Connection):
         consumer = await self._querier()
         return await _guard("partitions of the topics", _partitions(consumer, topics))
 
-    async def assign(self, positions: dict[tuple[str, int], int | None]) -> None:
-        """Assign partitions and seek to each stored position (None: from the start)."""
+    async def assign(self, positions: dict[tuple[str, int], int | None],
+                     leaderless: Collection[tuple[str, int]] = ()) -> None:
+        """Assign partitions and seek to each stored position (None: from the start).
+
+        The start of a partition in ``leaderless`` is not waited for: aiokafka
+        asks for it once the partition has a leader, and nothing is fetched
+        from it before. Waiting held a start up by a request timeout (30 s by
+        default) for each such partition of a region that had no position yet.
+        """
         consumer = self._need_consumer()
         tps = {TopicPartition(t, p): off for (t, p), off in positions.items()}
         consumer.assign(list(tps))
         for tp, off in tps.items():
-            if off is None:
-                await _guard("seek", consumer.seek_to_beginning(tp))
-            else:
+            if off is not None:
                 consumer.seek(tp, off)
+        start = [tp for tp, off in tps.items() if off is None]
+        later = [tp for tp in start if (tp.topic, tp.partition) in leaderless]
+        now = [tp for tp in start if tp not in later]
+        if later:
+            # Marked for the reset at once (before its first wait), so no fetch
+            # position is taken from elsewhere meanwhile.
+            seeking = asyncio.ensure_future(consumer.seek_to_beginning(*later))
+            self._pending_seeks.add(seeking)
+            seeking.add_done_callback(_settled(self._pending_seeks))
+        if now:
+            await _guard("seek", consumer.seek_to_beginning(*now))
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self._need_consumer().seek(TopicPartition(topic, partition), offset)
@@ -290,3 +306,13 @@ async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]
         cluster = await consumer._client.fetch_all_metadata()
         known = {t: parts or cluster.partitions_for_topic(t) for t, parts in known.items()}
     return {t: sorted(parts or {0}) for t, parts in known.items()}
+
+
+def _settled(pending: set[asyncio.Future[bool]]) -> Callable[[asyncio.Future[bool]], None]:
+    """A done callback: forget the seek, its outcome taken (a failed one is only
+    logged: the fetch that follows meets the same error and reports it)."""
+    def done(seeking: asyncio.Future[bool]) -> None:
+        pending.discard(seeking)
+        if not seeking.cancelled() and (exc := seeking.exception()) is not None:
+            log.info("seek_failed", error=f"{type(exc).__name__}: {exc}")
+    return done

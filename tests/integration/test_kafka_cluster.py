@@ -227,8 +227,12 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             assert f"! side/r2: {topic}[0] has no leader" in lag.stdout, lag.stdout
             assert f"\n{fed.subtree}  r2 " in lag.stdout, lag.stdout
             # r1 restarted meanwhile applies the rest at once, and is ready once the
-            # partition it reads has a leader again.
+            # partition it reads has a leader again. Without a position for it (a
+            # new region's start), nor does finding the partition's start hold it
+            # up: it waited the request timeout (made longer than the wait below).
             assert fed.stop("r1") == 0
+            r1.client.delete(f"{fed.state_path}/subtrees/side/positions/r2")
+            fed.write_config("r1", kafka={"request_timeout": 90})
             fed.start("r1", wait=False)
             r2.client.create(r2.path("/r1-restarted"), b"3")
             wait_for(lambda: got(r1.path("/r1-restarted")), 60,
