@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -71,6 +72,23 @@ def publishing(b: Bridge, held: tuple[str, ...] = ()) -> Publishing:
     return pub
 
 
+@asynccontextmanager
+async def running(pub: Publishing) -> AsyncIterator[None]:
+    task = asyncio.ensure_future(pub.publisher())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def acked(*units: Outgoing) -> None:
+    async with asyncio.timeout(2):
+        for u in units:
+            assert u.done is not None
+            await u.done.wait()
+
+
 def put(pub: Publishing, subtree: str, key: str, outbox: bool = True) -> Outgoing:
     unit = Outgoing(subtree, ((key.encode(), b"v"),),
                     f"/outbox/{key}" if outbox else None, done=asyncio.Event())
@@ -84,26 +102,17 @@ def test_a_subtree_whose_topic_waits_holds_back_no_other() -> None:
     async def go() -> None:
         b = Bridge()
         pub = publishing(b)
-        task = asyncio.ensure_future(pub.publisher())
-        try:
+        async with running(pub):
             stuck = put(pub, "b", "/b1")
             await asyncio.sleep(0.01)
-            units = [put(pub, "a", "/a1"), put(pub, "a", "/hb", outbox=False),
-                     put(pub, "a", "/a2")]
-            async with asyncio.timeout(2):
-                for u in units:
-                    assert u.done is not None
-                    await u.done.wait()
+            await acked(put(pub, "a", "/a1"), put(pub, "a", "/hb", outbox=False),
+                        put(pub, "a", "/a2"))
             assert b.kafka.sent == ["/a1", "/hb", "/a2"]
             assert stuck.done is not None and not stuck.done.is_set()
             assert (pub.queued["a"], pub.queued["b"]) == (0, 1)
             b.kafka.release.set()
-            async with asyncio.timeout(2):
-                await stuck.done.wait()
+            await acked(stuck)
             assert pub.queued["b"] == 0 and b.stats["published:b"] == 1
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(go())
 
@@ -161,24 +170,14 @@ def test_a_subtree_not_surveyed_publishes_nothing_until_it_is() -> None:
         b = Bridge()
         b.kafka.stuck = ""
         pub = publishing(b, held=("b",))
-        task = asyncio.ensure_future(pub.publisher())
-        try:
+        async with running(pub):
             held = [put(pub, "b", "/b1"), put(pub, "b", "/hb", outbox=False)]
-            mine = put(pub, "a", "/a1")
-            async with asyncio.timeout(2):
-                assert mine.done is not None
-                await mine.done.wait()
+            await acked(put(pub, "a", "/a1"))
             await asyncio.sleep(0.05)
             assert b.kafka.sent == ["/a1"]
             pub.surveyed["b"].set()
-            async with asyncio.timeout(2):
-                for u in held:
-                    assert u.done is not None
-                    await u.done.wait()
+            await acked(*held)
             assert b.kafka.sent == ["/a1", "/b1", "/hb"]
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(go())
 
