@@ -23,7 +23,7 @@ from bridge.layout import Change, ancestors, classify, parent
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
 from bridge.plan import CapturedBatch, MetaEntry, NeedRead, Plan, View, view_of
 from bridge.storecore import RETRIES, StoreCore
-from bridge.zk import Node
+from bridge.zk import Delete, Node
 
 log = structlog.get_logger("bridge.capture")
 
@@ -134,6 +134,8 @@ class Capturing(StoreCore):
                     cleanup.append(rel)
                 else:
                     change = Change.PUT
+            elif node is None and change is Change.NONE and self._holds(rel):
+                cleanup.append(rel)  # the application deleted a placeholder: unmarked
             elif node is None and change is Change.NONE and (
                     p := parent(rel)) != "/" and p not in reads and self._holds(p):
                 # An ephemeral znode (never in the metadata) is gone: the
@@ -267,7 +269,8 @@ class Capturing(StoreCore):
                                    cleanup: list[str]) -> None:
         """Delete tombstoned placeholders with no child left, and such ancestors.
 
-        Their tombstones stay as they are: nothing to publish, no outbox entry.
+        Their tombstones stay deleted, only no longer marked as placeholders:
+        nothing to publish, no outbox entry.
         """
         plan = Plan()
         self._cleanup_ops(plan, views, cleanup, cleanup)
@@ -275,8 +278,9 @@ class Capturing(StoreCore):
             return
         await self._multi(plan)
         self._commit(plan)
-        log.info("placeholder_removed", subtree=self.layout.name,
-                 paths=[self.layout.rel_of(op.path) for op in plan.ops])
+        removed = [self.layout.rel_of(op.path) for op in plan.ops if isinstance(op, Delete)]
+        if removed:
+            log.info("placeholder_removed", subtree=self.layout.name, paths=removed)
 
     async def _pieces(self, changes: Sequence[tuple[object, Op, str, Node | None]]
                       ) -> AsyncGenerator[list[Event], None]:

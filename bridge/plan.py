@@ -241,6 +241,9 @@ class Planner:
             if rel in placeholders:
                 view = views.get(rel)
                 if view is None:
+                    # The application deleted the placeholder itself.
+                    self._drop_placeholder(plan, views, rel)
+                    self._drop_placeholder(plan, views, parent(rel))
                     continue
                 view.children = 0
                 self._drop_placeholder(plan, views, rel)
@@ -253,17 +256,33 @@ class Planner:
     def _drop_placeholder(self, plan: Plan, views: dict[str, View | None], rel: str) -> None:
         while rel != "/":
             view = views.get(rel)
+            if view is None:
+                if rel in views:  # gone already
+                    self._unmark_placeholder(plan, rel)
+                return
             meta = (plan.metas.get(rel) or self.metas.get(rel) or MetaEntry(None, 0)).meta
-            if (view is None or view.children > 0 or not view.empty or meta is None
-                    or not meta.deleted):
+            if view.children > 0 or not view.empty or meta is None or not meta.deleted:
                 return
             plan.ops.append(Delete(self.layout.znode(rel), view.version))
             views[rel] = None
+            self._unmark_placeholder(plan, rel)
             rel = parent(rel)
             pv = views.get(rel)
             if pv is None:
                 return
             pv.children -= 1
+
+
+    def _unmark_placeholder(self, plan: Plan, rel: str) -> None:
+        """Its znode gone, a tombstone is no longer a placeholder.
+
+        Whether a delete left one depends on whether this region held children
+        then, so a flag left set here would keep the tombstones of regions
+        that agree on everything else different (seen in a fault campaign).
+        """
+        meta = (plan.metas.get(rel) or self.metas.get(rel) or MetaEntry(None, 0)).meta
+        if meta is not None and meta.deleted and meta.placeholder:
+            self._meta_op(plan, rel, replace(meta, placeholder=False, placeholder_czxid=0))
 
 
     def _plan_apply(self, events: Sequence[Event],

@@ -137,9 +137,31 @@ def test_a_placeholder_left_empty_by_an_ephemeral_child_is_removed_and_stays_del
     zk = Commits()
     store = placeholder_store(zk)
     assert asyncio.run(store._capture({"/p": empty_node(5)})) == []
-    assert zk.commits == [[Delete("/app/p", 1)]]  # no outbox entry, the tombstone unchanged
+    [[delete, unmark]] = zk.commits  # no outbox entry
+    assert delete == Delete("/app/p", 1)
+    assert isinstance(unmark, SetData) and unmark.version == 3
     left = store.metas["/p"].meta
     assert left is not None and left.deleted
+    # Whether a delete left a placeholder depends on each region's children then;
+    # once the znode is gone, the tombstone must not say so (seed 6514's difference).
+    assert not left.placeholder and left.placeholder_czxid == 0
+    assert left.vc == meta(1).vc
+
+
+def test_a_placeholder_the_application_deleted_itself_is_unmarked() -> None:
+    zk = Commits()
+    store = placeholder_store(zk)
+    assert asyncio.run(store._capture({"/p": None})) == []
+    [[unmark]] = zk.commits
+    assert isinstance(unmark, SetData) and unmark.path == store.layout.meta("/p")
+    left = store.metas["/p"].meta
+    assert left is not None and left.deleted and not left.placeholder
+
+
+def test_an_absent_tombstone_not_a_placeholder_writes_nothing() -> None:
+    store = placeholder_store(NoWrites())
+    store.metas["/p"] = MetaEntry(replace(meta(1), deleted=True), 3)
+    assert asyncio.run(store._capture({"/p": None})) == []
 
 
 def test_an_empty_znode_created_anew_over_a_placeholders_tombstone_is_a_write() -> None:
