@@ -28,7 +28,7 @@ import structlog
 
 from bridge import failpoints, twin
 from bridge.inbound import FETCH_MAX_RECORDS
-from bridge.kafka import Kafka, Record
+from bridge.kafka import Kafka, Record, TopicIds
 
 if TYPE_CHECKING:
     from bridge.engine import Bridge
@@ -68,12 +68,14 @@ async def own_reader(b: Bridge) -> AsyncIterator[Kafka]:
 
 
 async def survey(bridge: Bridge, fresh: bool, reader: Kafka, names: Collection[str],
-                 seen: Mapping[TopicPartition, int] | None = None) -> Survey:
+                 seen: Mapping[TopicPartition, int] | None = None,
+                 ids: TopicIds | None = None) -> Survey:
     """Check these subtrees' own topics against what this region stored; the replays to do.
 
     ``seen``: every own partition's end, read just before (by the twin
     check; this term published nothing since, but a bridge that led while
-    this one's session expired may have); read here when None.
+    this one's session expired may have); read here when None. ``ids``: the
+    topics' ids, read just before (by ``held_back``); read here when None.
 
     A wiped or restored ensemble lost writes that only its own topic still
     records (peers applied them but never re-publish): they are replayed from
@@ -85,8 +87,9 @@ async def survey(bridge: Bridge, fresh: bool, reader: Kafka, names: Collection[s
     failpoints.hit(failpoints.OWN_TOPIC_SURVEY)
     all_ends: dict[TopicPartition, int] = {}
     replays: list[Replay] = []
-    ids = await b.retry("topic ids", lambda: reader.topic_ids(
-        [b.topic(n, b.region) for n in names]))
+    if ids is None:
+        ids = await b.retry("topic ids", lambda: reader.topic_ids(
+            [b.topic(n, b.region) for n in names]))
     for name in names:
         store = b.stores[name]
         topic = b.topic(name, b.region)
@@ -183,8 +186,9 @@ def replay_progress(todo: Replay, done: dict[tuple[str, int], int]) -> str:
             f"{read:,} of {total:,} records read")
 
 
-async def held_back(b: Bridge, reader: Kafka) -> set[str]:
-    """Subtrees whose own topic has a partition without a leader: surveyed later."""
+async def held_back(b: Bridge, reader: Kafka) -> tuple[set[str], TopicIds]:
+    """Subtrees whose own topic has a partition without a leader, surveyed later;
+    and every own topic's id, for the survey of the others."""
     own = {b.topic(n, b.region): n for n in b.stores}
     ids = await b.retry("topic ids", lambda: reader.topic_ids(list(own)))
     held = {own[t] for t, _ in ids.leaderless if t in own}
@@ -194,7 +198,7 @@ async def held_back(b: Bridge, reader: Kafka) -> set[str]:
                     partitions=parts,
                     hint="every node holding a replica is down: this subtree publishes "
                          "nothing until one is back; the others go on")
-    return held
+    return held, ids
 
 
 async def when_led(b: Bridge, fresh: bool) -> None:
@@ -216,7 +220,7 @@ async def when_led(b: Bridge, fresh: bool) -> None:
                     continue
                 async with own_reader(b) as reader:
                     ends = await twin.check(b, reader, led)
-                    found = await survey(b, fresh, reader, led, ends)
+                    found = await survey(b, fresh, reader, led, ends, ids)
                 await replay(b, found)
                 for tp, end in found.ends.items():
                     b.inbound.own_max_end[tp] = max(b.inbound.own_max_end.get(tp, 0), end)

@@ -96,13 +96,13 @@ async def _kafka_side(b: Bridge, tasks: list[asyncio.Task[None]], fresh: bool
         async with owntopic.own_reader(b) as reader:
             # A subtree whose own partition has no leader is surveyed once it has
             # one (owntopic.when_led): it held every subtree's start up before.
-            held = await owntopic.held_back(b, reader)
+            held, ids = await owntopic.held_back(b, reader)
             b.inbound.own_unsurveyed = held
             names = [n for n in b.stores if n not in held]
             if not names:
                 return owntopic.Survey({}, ())
             ends = await twin.check(b, reader, names)
-            return await owntopic.survey(b, fresh, reader, names, ends)
+            return await owntopic.survey(b, fresh, reader, names, ends, ids)
 
     async def connect() -> None:
         await b.retry("start producer", b.kafka.start_producer)

@@ -254,7 +254,9 @@ class Held:
         return {TP: 7}
 
     async def survey(self, b: object, fresh: bool, r: object, names: list[str],
-                     ends: dict[tuple[str, int], int]) -> owntopic.Survey:
+                     ends: dict[tuple[str, int], int], ids: TopicIds) -> owntopic.Survey:
+        # The ids the poll read (the one that found a leader) serve the survey.
+        assert not ids.leaderless and self.asks == 3
         self.steps.append(f"survey {names} {ends}")
         return owntopic.Survey(ends, (owntopic.Replay("side", {TP: 5}, {TP: 7}),))
 
