@@ -417,7 +417,12 @@ class Planner:
             plan.ops.append(Create(self.layout.znode(anc), b""))
             self._child_count(views, anc, +1)
             views[anc] = View(0, 0, True)
-            if (plan.metas.get(anc) or self.metas.get(anc) or MetaEntry(None, 0)).meta is None:
+            known = (plan.metas.get(anc) or self.metas.get(anc) or MetaEntry(None, 0)).meta
+            if known is None:
                 self._meta_op(plan, anc, NodeMeta(vc=VectorClock(), data_hash=content_hash(b""),
                                                   deleted=False, writer="", ts=0,
                                                   placeholder=True))
+            elif known.deleted and not known.placeholder:
+                # Over a tombstone, as a delete applied over children leaves it in
+                # other regions: marked the same (its czxid unknown until created).
+                self._meta_op(plan, anc, replace(known, placeholder=True))

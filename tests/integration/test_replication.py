@@ -7,12 +7,16 @@ import json
 import os
 import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
+from bridge import statecodec
+from bridge.layout import Layout
+from bridge.model import NodeMeta
 from tests.harness.broker import Broker
 from tests.harness.procs import free_port, wait_for
 from tests.harness.zookeeper import ZooKeeperServer
@@ -200,13 +204,31 @@ def test_delete_against_concurrent_child_create_keeps_placeholder(
         assert tree.get("/p") == b"", (name, tree)
         assert tree.get("/p/new") == b"new"
         assert "/p/old" not in tree
+    # r2 applied the delete over a child, the others created the parent again
+    # over the tombstone: the same mark everywhere all the same.
+    kept = _tombstones(fed, "/p")
+    assert all(m.placeholder for m in kept.values()), kept
+    assert len({replace(m, placeholder_czxid=0) for m in kept.values()}) == 1, kept
     # When the last child goes, the placeholder goes with it, everywhere.
     r3 = fed["r3"]
     r3.client.delete(r3.path("/p/new"))
     fed.wait_converged()
     for name in fed.regions:
         assert "/p" not in fed.tree(name)
+    gone = _tombstones(fed, "/p")
+    assert len(set(gone.values())) == 1, gone  # chaos seed 6514: one region's stayed marked
+    assert not next(iter(gone.values())).placeholder
     fed.assert_clean_logs()
+
+
+def _tombstones(fed: Federation, rel: str) -> dict[str, NodeMeta]:
+    out = {}
+    for name, region in fed.regions.items():
+        layout = Layout(fed.state_path, fed.subtree, region.mount)
+        meta = statecodec.decode_meta(region.client.get(layout.meta(rel))[0])
+        assert meta is not None and meta.deleted, (name, meta)
+        out[name] = meta
+    return out
 
 
 def test_two_regions_sequential_znodes_with_one_name_are_reported(

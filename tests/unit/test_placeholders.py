@@ -4,7 +4,8 @@ No servers. A delete applied over a znode with children keeps it as an empty
 placeholder; whether it does depends on what this region held at the time,
 so two regions can apply the same deletes, one with a placeholder on the
 way and one without. Once the znode is gone their tombstones must be the
-same (a fault campaign, seed 6514, found one left marked).
+same (a fault campaign, seed 6514, found one left marked); while it stands,
+a parent created again over its tombstone is marked as well.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from bridge.clock import HybridClock
 from bridge.layout import Layout
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
 from bridge.plan import MetaEntry, Planner
-from bridge.zk import Delete, Node, SetData, Stat
+from bridge.zk import Create, Delete, Node, SetData, Stat
 
 
 class FakePlanner(Planner):
@@ -82,3 +83,17 @@ def test_regions_that_did_and_did_not_keep_a_placeholder_end_with_the_same_tombs
                                                        ephemeral=False, czxid=9, mzxid=9))})
     apply(r2, delete("/t", 2), {"/t": node(children=0)})
     assert r1.metas["/t"].meta == r2.metas["/t"].meta
+
+
+def test_a_parent_created_again_over_its_tombstone_is_marked_as_a_placeholder() -> None:
+    gone = NodeMeta(vc=VectorClock.of({"r3": 2}), data_hash=content_hash(None), deleted=True,
+                    writer="r3", ts=102)
+    p = FakePlanner({"/t": MetaEntry(gone, 4)})
+    put = Event(origin="r2", subtree="s", path="/t/new", op=Op.PUT,
+                vc=VectorClock.of({"r2": 1}), ts=50, writer="r2", data=b"new")
+    ops = apply(p, put, {"/t/new": None, "/t": None})
+    assert ops[0] == Create("/app/t", b"")
+    kept = p.metas["/t"].meta
+    assert kept is not None and kept.deleted and kept.placeholder
+    assert kept.placeholder_czxid == 0  # not known before the create commits
+    assert kept.vc == gone.vc and kept.ts == gone.ts
