@@ -381,6 +381,11 @@ class Inbound:
                 total += max(0, end - peer.positions.get(part, 0))
         return total
 
+    def waits_on_leaders(self) -> bool:
+        """Caught up but for partitions without a leader (peers', or this region's own)."""
+        return (not self.caught_up.is_set() and bool(self.catch_up_unknown or self.own_unsurveyed)
+                and not self.to_catch_up())
+
     def check_caught_up(self) -> None:
         if not (self.caught_up.is_set() or self.to_catch_up() or self.catch_up_unknown
                 or self.own_unsurveyed):

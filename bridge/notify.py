@@ -26,6 +26,10 @@ class Notifier:
         # Ping at half the deadline, as sd_watchdog_enabled(3) recommends.
         self.watchdog_interval = int(usec) / 2e6 if wanted else None
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
     def send(self, *fields: str) -> None:
         if not self.address:
             return

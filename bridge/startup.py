@@ -45,6 +45,9 @@ class StartUp:
         # Told what the start is doing and whether it moved in the last STILL_AFTER
         # seconds, every NOTIFY_EVERY (the daemon: systemd).
         self.on_progress: Callable[[str, bool], None] = lambda text, moving: None
+        # Whether what is left to wait for is an outage: partitions without a
+        # leader (set by the engine).
+        self.outage: Callable[[], bool] = lambda: False
 
     def begin(self) -> None:
         self._steps.clear()
@@ -72,6 +75,15 @@ class StartUp:
     async def during(self, key: str, describe: Callable[[], str], work: Awaitable[T]) -> T:
         with self.step(key, describe):
             return await work
+
+    def waits_on_outage(self) -> bool:
+        """Only the catch-up is left, and it waits on partitions without a leader alone.
+
+        A restart cannot mend that: under systemd such a start is reported
+        ready (``Daemon``), not timed out and restarted, over and over, for as
+        long as the outage lasts, each time dropping what it applies meanwhile.
+        """
+        return self.running and set(self._steps) == {"catch-up"} and self.outage()
 
     def doing(self) -> tuple[str, ...]:
         """The steps under way, said now; () once the term is started."""

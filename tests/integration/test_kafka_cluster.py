@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import ZkServers
 from tests.harness.cluster import REPLICATION, KafkaCluster, wait_in_sync
 from tests.harness.procs import free_port, wait_for
+from tests.harness.sdnotify import NotifySocket
 from tests.integration.federation import Federation, scrape
 
 pytestmark = pytest.mark.integration
@@ -167,6 +168,7 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     restarted r1 or r2 applied nothing until the node was back."""
     fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
                                                         strict=False)))
+    notify = {n: NotifySocket(tmp_path / f"{n}.notify") for n in REGIONS[:2]}
     try:
         r1, r2 = fed["r1"], fed["r2"]
 
@@ -233,7 +235,8 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             assert fed.stop("r1") == 0
             r1.client.delete(f"{fed.state_path}/subtrees/side/positions/r2")
             fed.write_config("r1", kafka={"request_timeout": 90})
-            fed.start("r1", wait=False)
+            ready_before = fed.count_events("r1", "bridge_ready")
+            fed.start("r1", wait=False, env={"NOTIFY_SOCKET": notify["r1"].path})
             r2.client.create(r2.path("/r1-restarted"), b"3")
             wait_for(lambda: got(r1.path("/r1-restarted")), 60,
                      message="restarted, r1 applied nothing while a partition had no leader")
@@ -244,10 +247,14 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
                 return f"waiting for a leader of {topic} partition 0" in shown[0]
 
             wait_for(waiting, 30, interval=1, message=lambda: f"r1's status: {shown}")
+            # Restarting it could not mend that: systemd hears it is ready, and is not
+            # left to time the start out and restart it over and over.
+            notify["r1"].wait_ready(f"waiting for a leader of {topic} partition 0")
+            assert fed.count_events("r1", "bridge_ready") == ready_before
             # r2 restarted meanwhile, whose own partition has none: its other subtree
             # publishes and applies at once, and `side` waits for its survey.
             assert fed.stop("r2") == 0
-            fed.start("r2", wait=False)
+            fed.start("r2", wait=False, env={"NOTIFY_SOCKET": notify["r2"].path})
             r1.client.create(r1.path("/r2-restarted"), b"4")
             wait_for(lambda: r2.client.exists(r2.path("/r2-restarted")) is not None, 60,
                      message="restarted, r2 applied nothing while its own partition had "
@@ -267,6 +274,7 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
                         "publishes nothing until then)") in shown[0]
 
             wait_for(own_waiting, 30, interval=1, message=lambda: f"r2's status: {shown}")
+            notify["r2"].wait_ready(f"waiting for a leader of {topic} (this region's own")
             assert not got(side("r1", "/while")) and not got(side("r1", "/after"))
         finally:
             node.start()
@@ -279,6 +287,10 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
         assert surveyed["subtrees"] == ["side"], surveyed
         for name in fed.regions:
             fed.wait_ready(name, timeout=60)
+        for name, n in notify.items():
+            wait_for(lambda n=n, name=name: any(  # type: ignore[misc]
+                f"STATUS=leader in region {name}, caught up" in m for m in n.drain()), 10,
+                message=f"{name} did not tell systemd it caught up")
 
         def heard() -> bool:  # r1 restarted while r2 was silent: no SILENT left
             doc = json.loads(fed.cli("status", "-c", str(r1.config_path), "--json").stdout)
@@ -292,3 +304,5 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
                                        "drain_incomplete"})
     finally:
         fed.close()
+        for n in notify.values():
+            n.close()

@@ -9,7 +9,6 @@ import os
 import pty
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from bridge.lag import measure
 from bridge.zk import Create, ZooKeeper
 from tests.harness import procs
 from tests.harness.procs import free_port, wait_for
+from tests.harness.sdnotify import NotifySocket
 from tests.integration.federation import REPO, Federation, Region, scrape
 from tests.integration.test_faults import Stream, assert_nothing_lost
 from tests.integration.test_ordering import _counters
@@ -723,30 +723,19 @@ def test_deposed_leader_cannot_write(federation: Federation) -> None:
 
 
 @pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.2)
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
     try:
-        yield sock, path
+        yield sock
     finally:
         sock.close()
 
 
 def test_sd_notify_ready_watchdog_stopping_and_reload(
-    federation: Federation, notify_socket: tuple[socket.socket, str]
+    federation: Federation, notify_socket: NotifySocket
 ) -> None:
     fed = federation
-    sock, path = notify_socket
-    received: list[str] = []
-
-    def drain() -> list[str]:
-        while True:
-            try:
-                received.append(sock.recv(4096).decode())
-            except TimeoutError:
-                return received
+    path, received, drain = notify_socket.path, notify_socket.received, notify_socket.drain
 
     fed.write_exclude("r1", ["/private"])
     fed.start("r2")

@@ -4,7 +4,9 @@ says what it is doing."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -192,6 +194,54 @@ def test_a_start_whose_description_stands_still_is_not_moving() -> None:
     assert all(moving for text, moving in seen if text.endswith(("capturing: 1",
                                                                  "capturing: 5")))
     assert seen[-1] == ("starting: capturing: 10", False), seen
+
+
+def test_only_a_catch_up_waiting_on_partitions_without_a_leader_is_an_outage() -> None:
+    start = StartUp()
+    outage = [True]
+    start.outage = lambda: outage[0]
+    assert not start.waits_on_outage()  # not starting
+    start.begin()
+    with start.step("catch-up", lambda: "applying"):
+        assert start.waits_on_outage()
+        with start.step("scan:side", lambda: "scanning"):
+            assert not start.waits_on_outage()  # work a restart would redo, but still work
+        outage[0] = False
+        assert not start.waits_on_outage()
+
+
+def test_systemd_hears_ready_from_a_start_that_waits_on_an_outage_alone(
+        tmp_path: Path) -> None:
+    """Timed out instead, systemd restarted it every TimeoutStartSec for as long as the
+    partition had no leader, and each restart dropped what it applied meanwhile."""
+    from bridge.daemon import Daemon
+    from bridge.notify import Notifier
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(0.5)
+        start = StartUp()
+        outage = [False]
+        start.outage = lambda: outage[0]
+        daemon = Daemon.__new__(Daemon)
+        daemon.notifier = Notifier({"NOTIFY_SOCKET": path})
+        daemon.bridge = SimpleNamespace(start_up=start)  # type: ignore[assignment]
+        daemon._ready_sent = False
+        start.begin()
+        with start.step("catch-up", lambda: "applying"), capture_logs() as logs:
+            daemon._on_start_progress("starting: applying: 3 to go", True)
+            assert sock.recv(4096).decode() == (
+                "EXTEND_TIMEOUT_USEC=30000000\nSTATUS=starting: applying: 3 to go")
+            daemon._on_start_progress("starting: applying: 0 to go, waiting", False)
+            assert sock.recv(4096).decode() == "STATUS=starting: applying: 0 to go, waiting"
+            outage[0] = True
+            daemon._on_start_progress("starting: applying: 0 to go, waiting", False)
+            assert sock.recv(4096).decode() == (
+                "READY=1\nSTATUS=starting: applying: 0 to go, waiting")
+            daemon._on_start_progress("starting: applying: 0 to go, waiting", False)
+            assert sock.recv(4096).decode() == "STATUS=starting: applying: 0 to go, waiting"
+        assert [e["event"] for e in logs] == ["systemd_ready_before_caught_up"]
 
 
 def test_a_replay_of_the_own_topic_counts_the_records_read() -> None:

@@ -88,12 +88,14 @@ def test_caught_up_waits_for_the_end_of_a_partition_that_had_no_leader() -> None
     inbound.catch_up_unknown = {("p.side.r2", 0)}
     inbound.check_caught_up()
     assert not inbound.caught_up.is_set()
+    assert inbound.waits_on_leaders()  # the rest applied: systemd hears READY=1
     inbound.ends_known({("p.main.r2", 0): 9})  # a known one's end is not moved
     assert inbound.catch_up_to == {("p.main.r2", 0): 7}
     assert not inbound.caught_up.is_set()
     inbound.ends_known({("p.side.r2", 0): 12})  # its leader is back: 5 to apply
     assert inbound.catch_up_unknown == set()
     assert inbound.to_catch_up() == 5 and not inbound.caught_up.is_set()
+    assert not inbound.waits_on_leaders()
     inbound.peers["p.side.r2"].positions = {0: 12}
     inbound.check_caught_up()
     assert inbound.caught_up.is_set()
@@ -118,10 +120,10 @@ def test_an_own_topic_not_surveyed_holds_caught_up_and_its_id_is_left_to_the_sur
     inbound = Inbound(bridge)  # type: ignore[arg-type]
     inbound.own_unsurveyed = {"side"}
     inbound.check_caught_up()
-    assert not inbound.caught_up.is_set()
+    assert not inbound.caught_up.is_set() and inbound.waits_on_leaders()
     asyncio.run(inbound.topics._replaced({"p.main.r1": "id-m", "p.side.r1": "id-s"}))
     assert written == [("r1", "id-m")]
     assert inbound.own_ids == {"p.main.r1": "id-m"}
     inbound.own_unsurveyed.clear()  # owntopic.when_led, once surveyed
     inbound.check_caught_up()
-    assert inbound.caught_up.is_set()
+    assert inbound.caught_up.is_set() and not inbound.waits_on_leaders()
