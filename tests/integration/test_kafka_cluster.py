@@ -17,12 +17,13 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ZkServers
-from tests.harness.cluster import REPLICATION, KafkaCluster, wait_in_sync
+from tests.harness.cluster import REPLICATION, ClusterNode, KafkaCluster, wait_in_sync
 from tests.harness.procs import free_port, wait_for
 from tests.harness.sdnotify import NotifySocket
 from tests.integration.federation import Federation, scrape
@@ -172,25 +173,13 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     try:
         r1, r2 = fed["r1"], fed["r2"]
 
-        def side(name: str, rel: str = "") -> str:
-            return f"/{fed.token}/{name}-side{rel}"
+        side = partial(_side, fed)
 
         def got(path: str) -> bool:
             return r1.client.exists(path) is not None
 
-        node = cluster.nodes[2]
-        cluster.create_topic(f"{fed.prefix}.side.r2", [node.node_id],
-                             {"cleanup.policy": "compact"})
         port = free_port()
-        for name in fed.regions:
-            fed[name].client.ensure_path(side(name))
-            fed.write_config(name, subtrees=[{"name": fed.subtree, "path": fed[name].mount},
-                                             {"name": "side", "path": side(name)}],
-                             **({"metrics": {"listen": f"127.0.0.1:{port}"}}
-                                if name == "r1" else {}))
-            fed.start(name, wait=False)
-        for name in fed.regions:
-            fed.wait_ready(name)
+        node = _side_on_one_node(fed, cluster, port)
         r2.client.create(side("r2", "/before"), b"1")
         wait_for(lambda: got(side("r1", "/before")), 30)
         node.stop()
@@ -306,3 +295,81 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
         fed.close()
         for n in notify.values():
             n.close()
+
+
+def _side(fed: Federation, name: str, rel: str = "") -> str:
+    return f"/{fed.token}/{name}-side{rel}"
+
+
+def _side_on_one_node(fed: Federation, cluster: KafkaCluster, metrics_port: int = 0
+                      ) -> ClusterNode:
+    """Two subtrees, `critical` and `side`, r2's topic for `side` made by hand with one
+    replica, on the cluster's third node (returned); the bridges started and ready."""
+    node = cluster.nodes[2]
+    cluster.create_topic(f"{fed.prefix}.side.r2", [node.node_id], {"cleanup.policy": "compact"})
+    for name in fed.regions:
+        fed[name].client.ensure_path(_side(fed, name))
+        fed.write_config(name, subtrees=[{"name": fed.subtree, "path": fed[name].mount},
+                                         {"name": "side", "path": _side(fed, name)}],
+                         **({"metrics": {"listen": f"127.0.0.1:{metrics_port}"}}
+                            if name == "r1" and metrics_port else {}))
+        fed.start(name, wait=False)
+    for name in fed.regions:
+        fed.wait_ready(name)
+    return node
+
+
+def test_a_region_wiped_while_its_own_partition_has_no_leader_replays_it_once_led(
+    cluster: KafkaCluster, tmp_path: Path, token: str, zk_servers: ZkServers,
+) -> None:
+    """r2's ensemble loses everything (a lost disk) while its topic for `side` has no
+    leader, and r2 starts again. `critical` is rebuilt at once: r2's own writes are
+    replayed from its own topic, r1's applied. `side` applies r1's writes, but r2's
+    own, which only its own topic still has, wait for the survey; once the partition
+    has a leader they are replayed in the middle of the term, under way for the rest."""
+    fed = Federation(tmp_path, token, cluster, dict(zip(REGIONS[:2], zk_servers.regions,
+                                                        strict=False)))
+    try:
+        r1, r2 = fed["r1"], fed["r2"]
+        side = partial(_side, fed)
+        node = _side_on_one_node(fed, cluster)
+        r2.client.create(side("r2", "/mine"), b"side of r2")
+        r2.client.create(r2.path("/mine"), b"critical of r2")
+        r1.client.create(side("r1", "/theirs"), b"side of r1")
+        r1.client.create(r1.path("/theirs"), b"critical of r1")
+        for path in (side("r1", "/mine"), r1.path("/mine")):
+            wait_for(lambda path=path: r1.client.exists(path) is not None,  # type: ignore[misc]
+                     30, message=f"{path} never reached r1")
+        assert fed.stop("r2") == 0
+        node.stop()
+        try:
+            r2.server.wipe()
+            r2.client.restart()  # one that saw later zxids is refused by the wiped server
+            wait_for(lambda: r2.client.connected and r2.client.exists("/") is not None, 30)
+            r2.client.ensure_path(r2.mount)
+            r2.client.ensure_path(side("r2"))
+            fed.start("r2", wait=False)
+
+            def has(path: str, data: bytes) -> bool:
+                return r2.client.exists(path) is not None and r2.client.get(path)[0] == data
+
+            for path, data in ((r2.path("/mine"), b"critical of r2"),
+                               (r2.path("/theirs"), b"critical of r1"),
+                               (side("r2", "/theirs"), b"side of r1")):
+                wait_for(lambda p=path, d=data: has(p, d), 90,  # type: ignore[misc]
+                         message=f"r2 never got {path} back while its side topic had no leader")
+            wait_for(lambda: fed.count_events("r2", "own_topic_leaderless") > 0, 10)
+            assert not r2.client.exists(side("r2", "/mine"))  # only the held topic has it
+            assert fed.count_events("r2", "own_topic_surveyed") == 0
+        finally:
+            node.start()
+        wait_for(lambda: has(side("r2", "/mine"), b"side of r2"), 90,
+                 message="r2's own write on side was not replayed once the node was back")
+        [surveyed] = [e for e in fed.events("r2") if e["event"] == "own_topic_surveyed"]
+        assert surveyed["subtrees"] == ["side"] and surveyed["replayed"] >= 1, surveyed
+        for name in fed.regions:
+            fed.wait_ready(name, timeout=60)
+        fed.wait_converged(timeout=60)
+        fed.assert_clean_logs(allowed={"peer_silent", "retrying", "producer_reset"})
+    finally:
+        fed.close()
