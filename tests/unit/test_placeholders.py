@@ -10,25 +10,10 @@ a parent created again over its tombstone is marked as well.
 
 from __future__ import annotations
 
-from bridge.acl import AclPolicy
-from bridge.clock import HybridClock
-from bridge.layout import Layout
 from bridge.model import Event, NodeMeta, Op, VectorClock, content_hash
-from bridge.plan import MetaEntry, Planner
+from bridge.plan import MetaEntry
 from bridge.zk import Create, Delete, Node, SetData, Stat
-
-
-class FakePlanner(Planner):
-    def __init__(self, metas: dict[str, MetaEntry]) -> None:
-        self.layout = Layout("/zkbridge", "s", "/app")
-        self.clock = HybridClock(lambda: 1)
-        self.max_data_bytes = 1 << 20
-        self.exclude = ()
-        self.acl = AclPolicy("copy", None)
-        self.metas = {"/": MetaEntry(None, 0), **metas}
-        self.oversized = {}
-        self.held_back = {}
-        self.held_events = {}
+from tests.unit.test_null_records import FakePlanner
 
 
 def live(writer: str, n: int) -> MetaEntry:
