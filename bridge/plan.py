@@ -242,7 +242,7 @@ class Planner:
                 view = views.get(rel)
                 if view is None:
                     # The application deleted the placeholder itself.
-                    self._drop_placeholder(plan, views, rel)
+                    self._unmark_placeholder(plan, rel)
                     self._drop_placeholder(plan, views, parent(rel))
                     continue
                 view.children = 0
@@ -260,7 +260,7 @@ class Planner:
                 if rel in views:  # gone already
                     self._unmark_placeholder(plan, rel)
                 return
-            meta = (plan.metas.get(rel) or self.metas.get(rel) or MetaEntry(None, 0)).meta
+            meta = self._current_meta(plan, rel)
             if view.children > 0 or not view.empty or meta is None or not meta.deleted:
                 return
             plan.ops.append(Delete(self.layout.znode(rel), view.version))
@@ -273,6 +273,11 @@ class Planner:
             pv.children -= 1
 
 
+    def _current_meta(self, plan: Plan, rel: str) -> NodeMeta | None:
+        """``rel``'s metadata as the plan so far leaves it."""
+        return (plan.metas.get(rel) or self.metas.get(rel) or MetaEntry(None, 0)).meta
+
+
     def _unmark_placeholder(self, plan: Plan, rel: str) -> None:
         """Its znode gone, a tombstone is no longer a placeholder.
 
@@ -280,7 +285,7 @@ class Planner:
         then, so a flag left set here would keep the tombstones of regions
         that agree on everything else different (seen in a fault campaign).
         """
-        meta = (plan.metas.get(rel) or self.metas.get(rel) or MetaEntry(None, 0)).meta
+        meta = self._current_meta(plan, rel)
         if meta is not None and meta.deleted and meta.placeholder:
             self._meta_op(plan, rel, replace(meta, placeholder=False, placeholder_czxid=0))
 
@@ -417,7 +422,7 @@ class Planner:
             plan.ops.append(Create(self.layout.znode(anc), b""))
             self._child_count(views, anc, +1)
             views[anc] = View(0, 0, True)
-            known = (plan.metas.get(anc) or self.metas.get(anc) or MetaEntry(None, 0)).meta
+            known = self._current_meta(plan, anc)
             if known is None:
                 self._meta_op(plan, anc, NodeMeta(vc=VectorClock(), data_hash=content_hash(b""),
                                                   deleted=False, writer="", ts=0,
