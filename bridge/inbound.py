@@ -223,11 +223,11 @@ class Inbound:
                     continue
                 for rec in records:
                     await self._take(rec)
-                while self.read_again:
+                for name, paths in list(self.read_again.items()):
                     # Taken off only once stored: until then the re-read is pending
                     # (``reread_done``), and a reload meanwhile may add paths.
-                    name, paths = next(iter(self.read_again.items()))
-                    await self.topics.read_again(name, paths)
+                    if not await self.topics.read_again(name, paths):
+                        continue  # a partition without a leader: the others flow
                     rest = tuple(p for p in self.read_again.pop(name, ()) if p not in paths)
                     if rest:
                         self.read_again[name] = rest

@@ -61,6 +61,7 @@ class TopicCheck:
         self._check_failures = 0  # consecutive topic checks that failed
         self._leaderless: frozenset[tuple[str, int]] = frozenset()  # at the last check
         self._leaderless_noted = 0.0
+        self._reread_waits: set[str] = set()  # subtrees whose re-read waits for a leader
 
     def reset(self) -> None:
         self._own_suspect.clear()
@@ -293,10 +294,11 @@ class TopicCheck:
         peer.suspect.pop(part, None)
         self.inbound.bridge.kafka.seek(peer.topic, part, begin)
 
-    async def read_again(self, subtree: str, paths: tuple[str, ...]) -> None:
+    async def read_again(self, subtree: str, paths: tuple[str, ...]) -> bool:
         """Read every peer's topic of ``subtree`` again from its start, for ``paths``
         (no longer excluded here: their events were passed over); none: only store
-        the exclude list the topics are read under from now on.
+        the exclude list the topics are read under from now on. False: not now, one
+        of those partitions has no leader (asked again at the next call).
 
         Up to where each partition was, only those paths' events are applied:
         the others were applied when first read, and a put whose tombstone this
@@ -309,6 +311,8 @@ class TopicCheck:
         store = b.stores[subtree]
         peers = [p for p in self.inbound.peers.values() if p.subtree == subtree] if paths else []
         tps = [(peer.topic, part) for peer in peers for part in peer.assemblers]
+        if tps and await self._leaderless_among(subtree, tps):
+            return False
         begins = await b.retry("beginning offsets",
                                lambda: b.kafka.beginning_offsets(tps)) if tps else {}
         async with b.locks[subtree]:
@@ -348,6 +352,25 @@ class TopicCheck:
                 b.stats[f"topic_rereads:{subtree}:{peer.peer}"] += 1
         if plans:
             failpoints.hit(failpoints.REREAD_STORED)
+        self._reread_waits.discard(subtree)
+        return True
+
+    async def _leaderless_among(self, subtree: str, tps: list[tuple[str, int]]) -> bool:
+        """Whether a partition of ``tps`` has no leader: its start cannot be asked for
+        (the fetcher, every subtree's, would wait in a retry loop for the outage)."""
+        down = self._leaderless & set(tps)
+        if not down:
+            # The last check may be a second old: asked, Metadata alone answers.
+            b = self.inbound.bridge
+            ids = await b.retry("topic ids", lambda: b.kafka.topic_ids(sorted({t for t, _ in tps})))
+            down = ids.leaderless & set(tps)
+        if down and subtree not in self._reread_waits:
+            self._reread_waits.add(subtree)
+            log.info("topic_read_again_waits", subtree=subtree,
+                     partitions=", ".join(f"{t} partition {p}" for t, p in sorted(down)),
+                     action="read again for the paths no longer excluded once it has a "
+                            "leader; the other topics are read meanwhile")
+        return bool(down)
 
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
                      why: str) -> None:

@@ -127,3 +127,38 @@ def test_an_own_topic_not_surveyed_holds_caught_up_and_its_id_is_left_to_the_sur
     inbound.own_unsurveyed.clear()  # owntopic.when_led, once surveyed
     inbound.check_caught_up()
     assert inbound.caught_up.is_set() and not inbound.waits_on_leaders()
+
+
+def test_a_re_read_waits_while_a_partition_of_its_subtree_has_no_leader() -> None:
+    """Asked for that partition's start instead, the fetcher (every subtree's) waited in
+    a retry loop for as long as the outage lasted (seen on three Kafka nodes: a restart
+    that included paths of a subtree whose peer partition had no leader)."""
+    kafka = Kafka()
+    begins: list[TP] = []
+
+    async def beginning_offsets(tps: Sequence[TP]) -> dict[TP, int]:
+        begins.extend(tps)
+        raise AssertionError("asked for the start of a partition without a leader")
+
+    kafka.beginning_offsets = beginning_offsets  # type: ignore[method-assign]
+
+    async def retry(what: str, fn: Any) -> Any:
+        return await fn()
+
+    bridge = SimpleNamespace(kafka=kafka, stores={"side": object()}, retry=retry)
+    side = SimpleNamespace(subtree="side", topic="p.side.r2", assemblers={0: None})
+    main = SimpleNamespace(subtree="main", topic="p.main.r2", assemblers={0: None})
+    inbound = SimpleNamespace(bridge=bridge, peers={"p.side.r2": side, "p.main.r2": main})
+    tc = TopicCheck(inbound)  # type: ignore[arg-type]
+
+    async def go() -> list[bool]:
+        async with asyncio.timeout(2):
+            first = await tc.read_again("side", ("/local",))  # the last check saw it led
+            tc._leaderless = frozenset({("p.side.r2", 0)})
+            return [first, await tc.read_again("side", ("/local",))]
+
+    with structlog.testing.capture_logs() as logs:
+        assert asyncio.run(go()) == [False, False]
+    assert begins == []
+    assert [(e["event"], e["subtree"], e["partitions"]) for e in logs] == [
+        ("topic_read_again_waits", "side", "p.side.r2 partition 0")]  # once per wait
