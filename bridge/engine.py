@@ -127,8 +127,8 @@ class Bridge:
         self.overflow = Overflow(self)
         self.reporter = Reporter(self)
         self.start_up = startup.StartUp()
-        self.start_up.outage = lambda: self.inbound.waits_on_leaders() and not any(
-            st.joining is not None for st in self.stores.values())
+        # A join waiting on it too: its marker outlives a restart, which would wait the same.
+        self.start_up.outage = self.inbound.waits_on_leaders
         self.clients = Clients(self, self._lost, self._stop)
         self.streams = Streams(self)
         self.peers = self.inbound.peers

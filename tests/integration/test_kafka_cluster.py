@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,8 +159,9 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     node holding it stops. r2's other subtree goes on reaching r1, and r1 says that
     r2 is silent on `side` only, heard elsewhere, so its bridge runs and cannot
     write that topic. Both regions name the partition without a leader, and `lag`
-    measures the rest. r1 restarted meanwhile applies r2's other subtree at once
-    and waits for the partition only to say it is ready; r2 restarted meanwhile
+    measures the rest. r1 restarted meanwhile (`/local` no longer excluded, so
+    joining) applies r2's other subtree at once and waits for the partition only to
+    say it is ready, and to publish what joins; r2 restarted meanwhile
     publishes and applies its other subtree at once, and surveys `side` (whose own
     topic it is) once the partition has a leader. With the node back, what r2
     wrote on `side` meanwhile arrives.
@@ -179,7 +181,8 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             return r1.client.exists(path) is not None
 
         port = free_port()
-        node = _side_on_one_node(fed, cluster, port)
+        node = _side_on_one_node(fed, cluster, port, r1_excludes=("/local",))
+        r1.client.create(side("r1", "/local"), b"r1 only")  # excluded: not replicated
         r2.client.create(side("r2", "/before"), b"1")
         wait_for(lambda: got(side("r1", "/before")), 30)
         node.stop()
@@ -221,10 +224,14 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             # partition it reads has a leader again. Without a position for it (a
             # new region's start), nor does finding the partition's start hold it
             # up: it waited the request timeout (made longer than the wait below).
+            # Its exclude list no longer holds `/local`, which so joins: published once
+            # the peers' versions are read, r2's from the partition without a leader too.
             assert fed.stop("r1") == 0
             r1.client.delete(f"{fed.state_path}/subtrees/side/positions/r2")
-            fed.write_config("r1", kafka={"request_timeout": 90})
+            fed.write_config("r1", kafka={"request_timeout": 90},
+                             subtrees=_side_subtrees(fed, "r1"))
             ready_before = fed.count_events("r1", "bridge_ready")
+            joined_before = fed.count_events("r1", "subtree_joined")
             fed.start("r1", wait=False, env={"NOTIFY_SOCKET": notify["r1"].path})
             r2.client.create(r2.path("/r1-restarted"), b"3")
             wait_for(lambda: got(r1.path("/r1-restarted")), 60,
@@ -237,9 +244,16 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
 
             wait_for(waiting, 30, interval=1, message=lambda: f"r1's status: {shown}")
             # Restarting it could not mend that: systemd hears it is ready, and is not
-            # left to time the start out and restart it over and over.
+            # left to time the start out and restart it over and over; nor while a join
+            # waits on that partition too.
             notify["r1"].wait_ready(f"waiting for a leader of {topic} partition 0")
             assert fed.count_events("r1", "bridge_ready") == ready_before
+            assert fed.count_events("r1", "subtree_joined") == joined_before
+            # The re-read of `side` for `/local` waits. It held every topic's fetch up
+            # for as long as the node was down (`/r2-publishes` below never arrived).
+            [waits] = [e for e in fed.events("r1") if e["event"] == "topic_read_again_waits"]
+            assert waits["partitions"] == f"{topic} partition 0", waits
+            assert r2.client.exists(side("r2", "/local")) is None
             # r2 restarted meanwhile, whose own partition has none: its other subtree
             # publishes and applies at once, and `side` waits for its survey.
             assert fed.stop("r2") == 0
@@ -270,6 +284,11 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
         for rel in ("/while", "/after"):
             wait_for(lambda rel=rel: got(side("r1", rel)), 90,  # type: ignore[misc]
                      message=f"r2's write {rel} on side never arrived once the node was back")
+        wait_for(lambda: r2.client.exists(side("r2", "/local")) is not None, 60,
+                 message="r1's joined path never reached r2 once the node was back")
+        joined = [e for e in fed.events("r1") if e["event"] == "subtree_joined"][-1]
+        assert (joined["subtree"], joined["published"], joined["paths"]) == (
+            "side", 1, ["/local"]), joined
         wait_for(lambda: fed.count_events("r2", "own_topic_surveyed") > 0, 30,
                  message="r2 never surveyed its own topic of side")
         [surveyed] = [e for e in fed.events("r2") if e["event"] == "own_topic_surveyed"]
@@ -301,16 +320,23 @@ def _side(fed: Federation, name: str, rel: str = "") -> str:
     return f"/{fed.token}/{name}-side{rel}"
 
 
-def _side_on_one_node(fed: Federation, cluster: KafkaCluster, metrics_port: int = 0
-                      ) -> ClusterNode:
-    """Two subtrees, `critical` and `side`, r2's topic for `side` made by hand with one
-    replica, on the cluster's third node (returned); the bridges started and ready."""
+def _side_subtrees(fed: Federation, name: str, exclude: tuple[str, ...] = ()
+                   ) -> list[dict[str, Any]]:
+    return [{"name": fed.subtree, "path": fed[name].mount},
+            {"name": "side", "path": _side(fed, name), "exclude": list(exclude)}]
+
+
+def _side_on_one_node(fed: Federation, cluster: KafkaCluster, metrics_port: int = 0,
+                      r1_excludes: tuple[str, ...] = ()) -> ClusterNode:
+    """Two subtrees, `critical` and `side` (r1's excluding ``r1_excludes``), r2's topic
+    for `side` made by hand with one replica, on the cluster's third node (returned);
+    the bridges started and ready."""
     node = cluster.nodes[2]
     cluster.create_topic(f"{fed.prefix}.side.r2", [node.node_id], {"cleanup.policy": "compact"})
     for name in fed.regions:
         fed[name].client.ensure_path(_side(fed, name))
-        fed.write_config(name, subtrees=[{"name": fed.subtree, "path": fed[name].mount},
-                                         {"name": "side", "path": _side(fed, name)}],
+        fed.write_config(name, subtrees=_side_subtrees(
+                             fed, name, r1_excludes if name == "r1" else ()),
                          **({"metrics": {"listen": f"127.0.0.1:{metrics_port}"}}
                             if name == "r1" and metrics_port else {}))
         fed.start(name, wait=False)
