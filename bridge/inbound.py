@@ -364,8 +364,14 @@ class Inbound:
         if not self.catch_up_to:
             return  # no peer to read
         b = self.bridge
-        ends = await b.retry("end offsets", lambda: b.kafka.readable_ends(list(self.catch_up_to)))
-        self.catch_up_to = ends
+        # One that lost its leader since the term began: its end is waited for as
+        # at the start (``ends_known``), not asked for in a retry loop that says
+        # nothing of the outage and holds every other partition's end back.
+        down = self.topics.leaderless & self.catch_up_to.keys()
+        known = [tp for tp in self.catch_up_to if tp not in down]
+        self.catch_up_to = await b.retry(
+            "end offsets", lambda: b.kafka.readable_ends(known)) if known else {}
+        self.catch_up_unknown |= down
         self.caught_up.clear()
         self.check_caught_up()
         await self.caught_up.wait()

@@ -162,3 +162,46 @@ def test_a_re_read_waits_while_a_partition_of_its_subtree_has_no_leader() -> Non
     assert begins == []
     assert [(e["event"], e["subtree"], e["partitions"]) for e in logs] == [
         ("topic_read_again_waits", "side", "p.side.r2 partition 0")]  # once per wait
+
+
+def test_a_partition_that_lost_its_leader_during_the_start_is_waited_for_as_at_its_start(
+) -> None:
+    """The second round of catching up (the ends as the start-up ended) asked for every
+    end in a retry loop: one partition without a leader held it up, and the start said
+    nothing of the outage, so systemd timed it out."""
+    asked: list[list[TP]] = []
+
+    async def readable_ends(tps: Sequence[TP]) -> dict[TP, int]:
+        asked.append(list(tps))
+        return dict.fromkeys(tps, 9)
+
+    async def retry(what: str, fn: Any) -> Any:
+        return await fn()
+
+    bridge = SimpleNamespace(region="r1", stores={"main": None, "side": None}, retry=retry,
+                             kafka=SimpleNamespace(readable_ends=readable_ends),
+                             settings=SimpleNamespace(peers=["r2"]),
+                             topic=lambda subtree, region: f"p.{subtree}.{region}")
+    inbound = Inbound(bridge)  # type: ignore[arg-type]
+    for peer in inbound.peers.values():
+        peer.positions = {0: 7}
+    inbound.catch_up_to = {("p.main.r2", 0): 7, ("p.side.r2", 0): 7}
+    inbound.check_caught_up()
+    inbound.topics._leaderless = frozenset({("p.side.r2", 0)})
+
+    async def go() -> None:
+        waiting = asyncio.create_task(inbound.wait_caught_up())
+        await asyncio.sleep(0.05)
+        assert asked == [[("p.main.r2", 0)]]
+        assert inbound.catch_up_to == {("p.main.r2", 0): 9}
+        assert inbound.catch_up_unknown == {("p.side.r2", 0)}
+        inbound.peers["p.main.r2"].positions = {0: 9}
+        inbound.check_caught_up()
+        assert inbound.waits_on_leaders() and not waiting.done()
+        inbound.ends_known({("p.side.r2", 0): 8})  # its leader is back
+        inbound.peers["p.side.r2"].positions = {0: 8}
+        inbound.check_caught_up()
+        async with asyncio.timeout(1):
+            await waiting
+
+    asyncio.run(go())
