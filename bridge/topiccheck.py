@@ -311,7 +311,7 @@ class TopicCheck:
         store = b.stores[subtree]
         peers = [p for p in self.inbound.peers.values() if p.subtree == subtree] if paths else []
         tps = [(peer.topic, part) for peer in peers for part in peer.assemblers]
-        if tps and await self._leaderless_among(subtree, tps):
+        if tps and await self._not_answerable(subtree, tps):
             return False
         begins = await b.retry("beginning offsets",
                                lambda: b.kafka.beginning_offsets(tps)) if tps else {}
@@ -355,21 +355,23 @@ class TopicCheck:
         self._reread_waits.discard(subtree)
         return True
 
-    async def _leaderless_among(self, subtree: str, tps: list[tuple[str, int]]) -> bool:
-        """Whether a partition of ``tps`` has no leader: its start cannot be asked for
-        (the fetcher, every subtree's, would wait in a retry loop for the outage)."""
+    async def _not_answerable(self, subtree: str, tps: list[tuple[str, int]]) -> bool:
+        """Whether a partition of ``tps`` has no leader, or its topic is missing (until
+        its origin makes it again): its start cannot be asked for, and the fetcher,
+        every subtree's, would wait in a retry loop for as long as that lasts."""
         down = self._leaderless & set(tps)
         if not down:
             # The last check may be a second old: asked, Metadata alone answers.
             b = self.inbound.bridge
             ids = await b.retry("topic ids", lambda: b.kafka.topic_ids(sorted({t for t, _ in tps})))
-            down = ids.leaderless & set(tps)
+            down = (ids.leaderless & set(tps)) | {tp for tp in tps if tp[0] in ids.missing}
         if down and subtree not in self._reread_waits:
             self._reread_waits.add(subtree)
             log.info("topic_read_again_waits", subtree=subtree,
                      partitions=", ".join(f"{t} partition {p}" for t, p in sorted(down)),
                      action="read again for the paths no longer excluded once it has a "
-                            "leader; the other topics are read meanwhile")
+                            "leader (a missing topic: once it is made again); the other "
+                            "topics are read meanwhile")
         return bool(down)
 
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,

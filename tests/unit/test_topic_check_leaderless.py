@@ -159,6 +159,16 @@ def test_a_re_read_waits_while_a_partition_of_its_subtree_has_no_leader() -> Non
 
     with structlog.testing.capture_logs() as logs:
         assert asyncio.run(go()) == [False, False]
+        # A missing topic (deleted; its origin makes it again) cannot be asked either.
+        tc._leaderless = frozenset()
+        kafka.leaderless = frozenset()
+        missing = TopicIds({}, missing=frozenset({"p.side.r2"}))
+
+        async def topic_ids(topics: Sequence[str]) -> TopicIds:
+            return missing
+
+        kafka.topic_ids = topic_ids  # type: ignore[method-assign]
+        assert asyncio.run(tc.read_again("side", ("/local",))) is False
     assert begins == []
     assert [(e["event"], e["subtree"], e["partitions"]) for e in logs] == [
         ("topic_read_again_waits", "side", "p.side.r2 partition 0")]  # once per wait
