@@ -61,7 +61,8 @@ class TopicCheck:
         self._check_failures = 0  # consecutive topic checks that failed
         self._leaderless: frozenset[tuple[str, int]] = frozenset()  # at the last check
         self._leaderless_noted = 0.0
-        self._reread_waits: set[str] = set()  # subtrees whose re-read waits for a leader
+        # Subtrees whose re-read waits for a leader or a topic: when last asked.
+        self._reread_waits: dict[str, float] = {}
 
     def reset(self) -> None:
         self._own_suspect.clear()
@@ -298,7 +299,8 @@ class TopicCheck:
         """Read every peer's topic of ``subtree`` again from its start, for ``paths``
         (no longer excluded here: their events were passed over); none: only store
         the exclude list the topics are read under from now on. False: not now, one
-        of those partitions has no leader (asked again at the next call).
+        of those partitions has no leader or its topic is missing (asked again at a
+        later call).
 
         Up to where each partition was, only those paths' events are applied:
         the others were applied when first read, and a put whose tombstone this
@@ -352,7 +354,7 @@ class TopicCheck:
                 b.stats[f"topic_rereads:{subtree}:{peer.peer}"] += 1
         if plans:
             failpoints.hit(failpoints.REREAD_STORED)
-        self._reread_waits.discard(subtree)
+        self._reread_waits.pop(subtree, None)
         return True
 
     async def _not_answerable(self, subtree: str, tps: list[tuple[str, int]]) -> bool:
@@ -360,19 +362,25 @@ class TopicCheck:
         its origin makes it again): its start cannot be asked for, and the fetcher,
         every subtree's, would wait in a retry loop for as long as that lasts."""
         down = self._leaderless & set(tps)
+        asked = self._reread_waits.get(subtree)
         if not down:
+            if asked is not None and time.monotonic() - asked < TOPIC_CHECK_SECONDS:
+                return True  # the fetcher calls every round: Metadata once a second will do
             # The last check may be a second old: asked, Metadata alone answers.
             b = self.inbound.bridge
-            ids = await b.retry("topic ids", lambda: b.kafka.topic_ids(sorted({t for t, _ in tps})))
+            ids = await b.retry("topic ids",
+                                lambda: b.kafka.topic_ids(sorted({t for t, _ in tps})))
             down = (ids.leaderless & set(tps)) | {tp for tp in tps if tp[0] in ids.missing}
-        if down and subtree not in self._reread_waits:
-            self._reread_waits.add(subtree)
+            if not down:
+                return False
+        if asked is None:
             log.info("topic_read_again_waits", subtree=subtree,
                      partitions=", ".join(f"{t} partition {p}" for t, p in sorted(down)),
                      action="read again for the paths no longer excluded once it has a "
                             "leader (a missing topic: once it is made again); the other "
                             "topics are read meanwhile")
-        return bool(down)
+        self._reread_waits[subtree] = time.monotonic()
+        return True
 
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
                      why: str) -> None:

@@ -160,15 +160,19 @@ def test_a_re_read_waits_while_a_partition_of_its_subtree_has_no_leader() -> Non
     with structlog.testing.capture_logs() as logs:
         assert asyncio.run(go()) == [False, False]
         # A missing topic (deleted; its origin makes it again) cannot be asked either.
+        # Metadata is asked once a second at most, not at every fetch round.
         tc._leaderless = frozenset()
-        kafka.leaderless = frozenset()
-        missing = TopicIds({}, missing=frozenset({"p.side.r2"}))
+        tc._reread_waits["side"] -= 1.0
+        asked: list[Sequence[str]] = []
 
         async def topic_ids(topics: Sequence[str]) -> TopicIds:
-            return missing
+            asked.append(topics)
+            return TopicIds({}, missing=frozenset({"p.side.r2"}))
 
         kafka.topic_ids = topic_ids  # type: ignore[method-assign]
         assert asyncio.run(tc.read_again("side", ("/local",))) is False
+        assert asyncio.run(tc.read_again("side", ("/local",))) is False
+        assert asked == [["p.side.r2"]]
     assert begins == []
     assert [(e["event"], e["subtree"], e["partitions"]) for e in logs] == [
         ("topic_read_again_waits", "side", "p.side.r2 partition 0")]  # once per wait
