@@ -313,10 +313,9 @@ class TopicCheck:
         store = b.stores[subtree]
         peers = [p for p in self.inbound.peers.values() if p.subtree == subtree] if paths else []
         tps = [(peer.topic, part) for peer in peers for part in peer.assemblers]
-        if tps and await self._not_answerable(subtree, tps):
+        begins = await self._starts(subtree, tps) if tps else {}
+        if begins is None:
             return False
-        begins = await b.retry("beginning offsets",
-                               lambda: b.kafka.beginning_offsets(tps)) if tps else {}
         async with b.locks[subtree]:
             plans = []
             for peer in peers:
@@ -354,33 +353,41 @@ class TopicCheck:
                 b.stats[f"topic_rereads:{subtree}:{peer.peer}"] += 1
         if plans:
             failpoints.hit(failpoints.REREAD_STORED)
-        self._reread_waits.pop(subtree, None)
         return True
 
-    async def _not_answerable(self, subtree: str, tps: list[tuple[str, int]]) -> bool:
-        """Whether a partition of ``tps`` has no leader, or its topic is missing (until
-        its origin makes it again): its start cannot be asked for, and the fetcher,
-        every subtree's, would wait in a retry loop for as long as that lasts."""
+    async def _starts(self, subtree: str, tps: list[tuple[str, int]]
+                      ) -> dict[tuple[str, int], int] | None:
+        """The log start of each partition of ``tps``; None: not now, one has no leader,
+        its topic is missing (until its origin makes it again) or the broker did not
+        answer. Asked once, not in a retry loop: that held the fetcher, every
+        subtree's, for as long as the outage lasted. Asked again a second later."""
         down = self._leaderless & set(tps)
         asked = self._reread_waits.get(subtree)
-        if not down:
-            if asked is not None and time.monotonic() - asked < TOPIC_CHECK_SECONDS:
-                return True  # the fetcher calls every round: Metadata once a second will do
-            # The last check may be a second old: asked, Metadata alone answers.
+        why = ""
+        if down:
+            why = "no leader"
+        elif asked is not None and time.monotonic() - asked < TOPIC_CHECK_SECONDS:
+            return None  # the fetcher calls every round: once a second will do
+        else:
             b = self.inbound.bridge
-            ids = await b.retry("topic ids",
-                                lambda: b.kafka.topic_ids(sorted({t for t, _ in tps})))
-            down = (ids.leaderless & set(tps)) | {tp for tp in tps if tp[0] in ids.missing}
-            if not down:
-                return False
+            try:
+                # The last check may be a second old: Metadata alone answers.
+                ids = await b.kafka.topic_ids(sorted({t for t, _ in tps}))
+                down = (ids.leaderless & set(tps)) | {tp for tp in tps if tp[0] in ids.missing}
+                if not down:
+                    starts = await b.kafka.beginning_offsets(tps)
+                    self._reread_waits.pop(subtree, None)
+                    return starts
+                why = "no leader, or the topic is missing"
+            except KafkaError as exc:
+                why = str(exc)
         if asked is None:
-            log.info("topic_read_again_waits", subtree=subtree,
+            log.info("topic_read_again_waits", subtree=subtree, why=why,
                      partitions=", ".join(f"{t} partition {p}" for t, p in sorted(down)),
-                     action="read again for the paths no longer excluded once it has a "
-                            "leader (a missing topic: once it is made again); the other "
-                            "topics are read meanwhile")
+                     action="read again for the paths no longer excluded once their "
+                            "starts can be asked for; the other topics are read meanwhile")
         self._reread_waits[subtree] = time.monotonic()
-        return True
+        return None
 
     async def rewind(self, peer: PeerState, part: int, *, pos: int, begin: int, end: int,
                      why: str) -> None:

@@ -14,6 +14,7 @@ stream rewound to its start, an alarm in ``status``).
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -159,9 +160,11 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
     node holding it stops. r2's other subtree goes on reaching r1, and r1 says that
     r2 is silent on `side` only, heard elsewhere, so its bridge runs and cannot
     write that topic. Both regions name the partition without a leader, and `lag`
-    measures the rest. r1 restarted meanwhile (`/local` no longer excluded, so
-    joining) applies r2's other subtree at once and waits for the partition only to
-    say it is ready, and to publish what joins; r2 restarted meanwhile
+    measures the rest. r1, reloaded with `/later` no longer excluded, reads `side`
+    again for it only once the partition has a leader, and the rest meanwhile. r1
+    restarted meanwhile (`/local` no longer excluded either, so both join) applies
+    r2's other subtree at once and waits for the partition only to say it is ready,
+    and to publish what joins; r2 restarted meanwhile
     publishes and applies its other subtree at once, and surveys `side` (whose own
     topic it is) once the partition has a leader. With the node back, what r2
     wrote on `side` meanwhile arrives.
@@ -181,12 +184,22 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             return r1.client.exists(path) is not None
 
         port = free_port()
-        node = _side_on_one_node(fed, cluster, port, r1_excludes=("/local",))
-        r1.client.create(side("r1", "/local"), b"r1 only")  # excluded: not replicated
+        node = _side_on_one_node(fed, cluster, port, r1_excludes=("/local", "/later"))
+        for rel in ("/local", "/later"):  # excluded: not replicated
+            r1.client.create(side("r1", rel), b"r1 only")
         r2.client.create(side("r2", "/before"), b"1")
         wait_for(lambda: got(side("r1", "/before")), 30)
         node.stop()
         try:
+            # A reload takes `/later` out of r1's exclude list: `side` is read again for
+            # it once r2's partition has a leader, and every other topic meanwhile
+            # (r2's writes on critical below). Before, asking for that partition's
+            # start held r1's fetching of every topic up until the node was back.
+            fed.write_config("r1", subtrees=_side_subtrees(fed, "r1", ("/local",)))
+            assert r1.proc is not None
+            r1.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: fed.count_events("r1", "topic_read_again_waits") == 1, 30,
+                     message="r1's re-read for /later did not wait for the partition")
             r2.client.create(side("r2", "/while"), b"2")
             for i in range(3):
                 r2.client.create(r2.path(f"/while-{i}"), b"2")
@@ -224,8 +237,9 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             # partition it reads has a leader again. Without a position for it (a
             # new region's start), nor does finding the partition's start hold it
             # up: it waited the request timeout (made longer than the wait below).
-            # Its exclude list no longer holds `/local`, which so joins: published once
-            # the peers' versions are read, r2's from the partition without a leader too.
+            # Its exclude list no longer holds `/local` either, which joins with `/later`:
+            # published once the peers' versions are read, r2's from the partition
+            # without a leader too.
             assert fed.stop("r1") == 0
             r1.client.delete(f"{fed.state_path}/subtrees/side/positions/r2")
             fed.write_config("r1", kafka={"request_timeout": 90},
@@ -249,10 +263,9 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             notify["r1"].wait_ready(f"waiting for a leader of {topic} partition 0")
             assert fed.count_events("r1", "bridge_ready") == ready_before
             assert fed.count_events("r1", "subtree_joined") == joined_before
-            # The re-read of `side` for `/local` waits. It held every topic's fetch up
-            # for as long as the node was down (`/r2-publishes` below never arrived).
-            [waits] = [e for e in fed.events("r1") if e["event"] == "topic_read_again_waits"]
-            assert waits["partitions"] == f"{topic} partition 0", waits
+            # The re-read of `side` waits again (`/r2-publishes` below arrives meanwhile).
+            waits = [e for e in fed.events("r1") if e["event"] == "topic_read_again_waits"]
+            assert len(waits) == 2 and waits[-1]["partitions"] == f"{topic} partition 0", waits
             assert r2.client.exists(side("r2", "/local")) is None
             # r2 restarted meanwhile, whose own partition has none: its other subtree
             # publishes and applies at once, and `side` waits for its survey.
@@ -284,11 +297,13 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
         for rel in ("/while", "/after"):
             wait_for(lambda rel=rel: got(side("r1", rel)), 90,  # type: ignore[misc]
                      message=f"r2's write {rel} on side never arrived once the node was back")
-        wait_for(lambda: r2.client.exists(side("r2", "/local")) is not None, 60,
-                 message="r1's joined path never reached r2 once the node was back")
+        for rel in ("/local", "/later"):
+            wait_for(lambda rel=rel: r2.client.exists(  # type: ignore[misc]
+                side("r2", rel)) is not None, 60,
+                message=f"r1's joined path {rel} never reached r2 once the node was back")
         joined = [e for e in fed.events("r1") if e["event"] == "subtree_joined"][-1]
-        assert (joined["subtree"], joined["published"], joined["paths"]) == (
-            "side", 1, ["/local"]), joined
+        assert (joined["subtree"], joined["published"], sorted(joined["paths"])) == (
+            "side", 2, ["/later", "/local"]), joined
         wait_for(lambda: fed.count_events("r2", "own_topic_surveyed") > 0, 30,
                  message="r2 never surveyed its own topic of side")
         [surveyed] = [e for e in fed.events("r2") if e["event"] == "own_topic_surveyed"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from bridge.errors import KafkaError
 from bridge.inbound import Inbound
 from bridge.kafka.topicids import TopicIds
 from bridge.topiccheck import Answer, TopicCheck
@@ -141,11 +142,7 @@ def test_a_re_read_waits_while_a_partition_of_its_subtree_has_no_leader() -> Non
         raise AssertionError("asked for the start of a partition without a leader")
 
     kafka.beginning_offsets = beginning_offsets  # type: ignore[method-assign]
-
-    async def retry(what: str, fn: Any) -> Any:
-        return await fn()
-
-    bridge = SimpleNamespace(kafka=kafka, stores={"side": object()}, retry=retry)
+    bridge = SimpleNamespace(kafka=kafka, stores={"side": object()})
     side = SimpleNamespace(subtree="side", topic="p.side.r2", assemblers={0: None})
     main = SimpleNamespace(subtree="main", topic="p.main.r2", assemblers={0: None})
     inbound = SimpleNamespace(bridge=bridge, peers={"p.side.r2": side, "p.main.r2": main})
@@ -219,3 +216,25 @@ def test_a_partition_that_lost_its_leader_during_the_start_is_waited_for_as_at_i
             await waiting
 
     asyncio.run(go())
+
+
+def test_a_re_read_whose_starts_are_not_answered_waits_rather_than_retrying() -> None:
+    """A partition that lost its leader after the last check: the broker does not
+    answer for its start (aiokafka times out), and the fetcher goes on."""
+    kafka = Kafka()
+    kafka.leaderless = frozenset()  # not yet seen by the controller
+    calls: list[TP] = []
+
+    async def beginning_offsets(tps: Sequence[TP]) -> dict[TP, int]:
+        calls.extend(tps)
+        raise KafkaError("beginning offsets: no answer within 5s")
+
+    kafka.beginning_offsets = beginning_offsets  # type: ignore[method-assign]
+    side = SimpleNamespace(subtree="side", topic="p.side.r2", assemblers={0: None})
+    bridge = SimpleNamespace(kafka=kafka, stores={"side": object()})
+    tc = TopicCheck(SimpleNamespace(bridge=bridge, peers={"p.side.r2": side}))  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        assert asyncio.run(tc.read_again("side", ("/local",))) is False
+    assert calls == [("p.side.r2", 0)]
+    assert [(e["event"], e["why"]) for e in logs] == [
+        ("topic_read_again_waits", "beginning offsets: no answer within 5s")]
