@@ -125,6 +125,10 @@ def render_status(o: dict[str, Any]) -> str:
                          f"{state.get('nulls_published', 0)} published, "
                          f"{state.get('nulls_applied', 0)} applied; oldest outbox entry "
                          f"{state['outbox_age_seconds']:.0f}s; stable prefix age: {ages}")
+            if state.get("joining"):
+                lines.append(f"  joining {', '.join(state['joining'])}: "
+                             f"{state.get('joining_set_aside', 0)} znodes set aside, "
+                             "published once the peers' versions are read, if none has one")
             if state.get("outbox_overflowed"):
                 lines.append(f"  outbox OVERFLOWED ({state.get('outbox_megabytes', '?')} MB "
                              "counted): changes wait in the metadata; they are published "

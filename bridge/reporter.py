@@ -212,6 +212,9 @@ class Reporter:
             "stable_prefix_age_seconds": {
                 origin: None if at is None else round(max(0, now - at) / 1000, 1)
                 for origin, at in b.streams.stable_prefixes(subtree).items()},
+            # A join under way (``bridge.joining``): what joins, and how much it set aside.
+            "joining": [] if store.joining is None else list(store.join_scope or ("/",)),
+            "joining_set_aside": len(store.joining or {}),
             # Why an age above is unknown: who has not reported applying that origin.
             "stable_prefix_waiting_on": {o: list(w) for o, w in
                                          b.streams.unreported(subtree).items()},

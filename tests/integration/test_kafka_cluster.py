@@ -200,6 +200,13 @@ def test_a_topic_whose_only_replica_is_down_holds_back_its_subtree_only(
             r1.proc.send_signal(signal.SIGHUP)
             wait_for(lambda: fed.count_events("r1", "topic_read_again_waits") == 1, 30,
                      message="r1's re-read for /later did not wait for the partition")
+            said: list[str] = []
+
+            def shows_join() -> bool:
+                said[:] = [fed.cli("status", "-c", str(r1.config_path)).stdout]
+                return "joining /later: 1 znodes set aside, published once" in said[0]
+
+            wait_for(shows_join, 15, interval=1, message=lambda: f"r1's status: {said}")
             r2.client.create(side("r2", "/while"), b"2")
             for i in range(3):
                 r2.client.create(r2.path(f"/while-{i}"), b"2")
