@@ -66,6 +66,7 @@ class TopicCheck:
 
     def reset(self) -> None:
         self._own_suspect.clear()
+        self._reread_waits.clear()  # a new term asks at once, and says it waits again
 
     def due(self) -> bool:
         return time.monotonic() - self._checked >= TOPIC_CHECK_SECONDS
